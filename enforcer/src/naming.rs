@@ -1,0 +1,428 @@
+//! Every kernel object name the agent uses: iptables chains, ipsets, and
+//! the short per-PU form they embed. Nothing else in the crate spells a
+//! `TRI-` name, so cleanup by prefix finds everything the agent made.
+//!
+//! Per-PU names follow the seed (`puPortSetName`): the first four
+//! characters of the PU id, then the first four characters of the URL-safe
+//! base64 of the id's 64-bit murmur3 hash. Four base64 characters are only
+//! 24 bits, so two ids with the same first four characters collide about
+//! 2–3 times in 10,000 PUs; [`NameRegistry`] hands out the short forms and
+//! resolves collisions instead of letting two PUs share a chain or set.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE;
+
+use crate::policy::{IpFamily, PuId};
+
+/// Longest iptables chain name: `XT_EXTENSION_MAXNAMELEN` (29) less the NUL.
+pub const MAX_CHAIN_NAME_LEN: usize = 28;
+
+/// Longest ipset name: `IPSET_MAXNAMELEN` (32) less the NUL.
+pub const MAX_SET_NAME_LEN: usize = 31;
+
+/// Every chain the agent creates starts with this.
+pub const CHAIN_PREFIX: &str = "TRI-";
+
+/// A chain for each direction: `app` for traffic a PU sends, `net` for
+/// traffic it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainPair<S = &'static str> {
+    pub app: S,
+    pub net: S,
+}
+
+/// The main chains, entered from mangle OUTPUT / INPUT.
+pub const MAIN_CHAINS: ChainPair = ChainPair {
+    app: "TRI-App",
+    net: "TRI-Net",
+};
+/// linux-process PUs (cgroup match).
+pub const PROCESS_CHAINS: ChainPair = ChainPair {
+    app: "TRI-Pid-App",
+    net: "TRI-Pid-Net",
+};
+/// host-service PUs.
+pub const HOST_SERVICE_CHAINS: ChainPair = ChainPair {
+    app: "TRI-Svc-App",
+    net: "TRI-Svc-Net",
+};
+/// The host PU.
+pub const HOST_CHAINS: ChainPair = ChainPair {
+    app: "TRI-Hst-App",
+    net: "TRI-Hst-Net",
+};
+/// uid PUs (owner match).
+pub const UID_CHAINS: ChainPair = ChainPair {
+    app: "TRI-UID-App",
+    net: "TRI-UID-Net",
+};
+/// Proxy traffic, first in the main chains (mangle).
+pub const PROXY_CHAINS: ChainPair = ChainPair {
+    app: "TRI-Prx-App",
+    net: "TRI-Prx-Net",
+};
+/// Redirection to the proxy (nat OUTPUT / PREROUTING).
+pub const REDIRECT_CHAINS: ChainPair = ChainPair {
+    app: "TRI-Redir-App",
+    net: "TRI-Redir-Net",
+};
+
+/// Every global chain pair, for `run` and `cleanup`.
+pub const GLOBAL_CHAINS: [ChainPair; 7] = [
+    MAIN_CHAINS,
+    PROCESS_CHAINS,
+    HOST_SERVICE_CHAINS,
+    HOST_CHAINS,
+    UID_CHAINS,
+    PROXY_CHAINS,
+    REDIRECT_CHAINS,
+];
+
+/// A PU's own chains under policy `version`: `TRI-App-<short>-<version>`
+/// and `TRI-Net-<short>-<version>`. An update installs `version` beside
+/// `version ^ 1`, so the two generations never share a name.
+pub fn pu_chains(short: &ShortName, version: u32) -> ChainPair<String> {
+    ChainPair {
+        app: format!("{}-{short}-{version}", MAIN_CHAINS.app),
+        net: format!("{}-{short}-{version}", MAIN_CHAINS.net),
+    }
+}
+
+// Naming owns kernel names, so the family's set prefix is defined here
+// rather than in `policy`, which owns the type.
+impl IpFamily {
+    /// Every set of this family starts with it; `cleanup` destroys by it.
+    pub const fn set_prefix(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "TRI-v4-",
+            IpFamily::V6 => "TRI-v6-",
+        }
+    }
+}
+
+/// The sets that exist once per family, whatever the PUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GlobalSet {
+    TargetTcp,
+    TargetUdp,
+    Excluded,
+}
+
+impl GlobalSet {
+    pub const ALL: [GlobalSet; 3] = [
+        GlobalSet::TargetTcp,
+        GlobalSet::TargetUdp,
+        GlobalSet::Excluded,
+    ];
+
+    /// `TRI-v4-TargetTCP`, `TRI-v6-Excluded`, …
+    pub fn name(self, family: IpFamily) -> String {
+        let suffix = match self {
+            GlobalSet::TargetTcp => "TargetTCP",
+            GlobalSet::TargetUdp => "TargetUDP",
+            GlobalSet::Excluded => "Excluded",
+        };
+        format!("{}{suffix}", family.set_prefix())
+    }
+}
+
+/// A PU's port set: the listening ports that identify its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortSet {
+    /// Of a uid PU.
+    Uid,
+    /// Of a linux-process PU.
+    Process,
+}
+
+impl PortSet {
+    /// `TRI-v4-UID-Port-<short>` or `TRI-v4-ProcPort-<short>`.
+    pub fn name(self, family: IpFamily, short: &ShortName) -> String {
+        let kind = match self {
+            PortSet::Uid => "UID-Port-",
+            PortSet::Process => "ProcPort-",
+        };
+        set_name(family, kind, short)
+    }
+}
+
+const PROXY_SET_PREFIX: &str = "Proxy-";
+
+/// A PU's two proxy sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySets {
+    /// `hash:net,port`: dependent services, redirected on the way out.
+    pub destinations: String,
+    /// The PU's exposed service ports, redirected on the way in.
+    pub server_ports: String,
+}
+
+/// `TRI-v4-Proxy-<short>-dst` and `…-srv`. The seed put `dst-`/`srv-` in
+/// front, outside the family prefix; as suffixes they stay under it, so
+/// cleanup by prefix removes them too.
+pub fn proxy_sets(family: IpFamily, short: &ShortName) -> ProxySets {
+    let base = set_name(family, PROXY_SET_PREFIX, short);
+    ProxySets {
+        destinations: format!("{base}-dst"),
+        server_ports: format!("{base}-srv"),
+    }
+}
+
+/// The seed's `puPortSetName` with the family prefix in front. The seed cut
+/// the prefix to 16 characters; every prefix here is at most 16 (tested),
+/// so nothing is cut.
+fn set_name(family: IpFamily, kind: &str, short: &ShortName) -> String {
+    format!("{}{kind}{short}", family.set_prefix())
+}
+
+/// The per-PU part of chain and set names: at most 8 characters from
+/// `A-Z a-z 0-9 _ . -`, handed out by a [`NameRegistry`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShortName(String);
+
+impl ShortName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ShortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The short form of `id` with collision `salt`: the id's first four
+/// characters and four characters of its hash. Salt 0 hashes the id
+/// itself, exactly as the seed; salt `k` hashes `<id>#<k>` (`#` cannot
+/// occur in an id).
+fn short_form(id: &PuId, salt: u32) -> ShortName {
+    let input: Cow<'_, str> = match salt {
+        0 => id.as_str().into(),
+        k => format!("{id}#{k}").into(),
+    };
+    let hash = murmur3::murmur3_x64_128(&mut input.as_bytes(), 0)
+        .expect("reading from a byte slice cannot fail");
+    // Go's murmur3.New64().Sum(nil) is h1 written big-endian; this crate
+    // returns h2 << 64 | h1, so h1 is the low half.
+    let h1 = hash as u64;
+    let encoded = URL_SAFE.encode(h1.to_be_bytes());
+    // PuId is ASCII, so cutting at byte 4 cuts at a character.
+    let head = &id.as_str()[..id.as_str().len().min(4)];
+    ShortName(format!("{head}{}", &encoded[..4]))
+}
+
+/// How many salts [`NameRegistry::assign`] tries before giving up. Each
+/// try fails only if its name is taken, with odds of (PUs sharing the
+/// first four id characters) / 2^24, so this bound is never reached in
+/// practice; it exists so that the loop provably ends.
+const MAX_SALT: u32 = 1023;
+
+/// Why no name could be handed out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamingError {
+    #[error("no free short name for PU {id:?} after {} attempts", MAX_SALT + 1)]
+    Exhausted { id: PuId },
+}
+
+/// Hands out the [`ShortName`] of each live PU and keeps them unique.
+///
+/// The rule: an id gets the seed's short form (salt 0) unless another live
+/// id holds it; then it takes the first free salted form, salt 1, 2, ….
+/// So the first of two colliding ids keeps the seed's name, the later one
+/// gets a different name, an id asks again and gets back the name it
+/// holds, and [`release`](Self::release) frees a name for reuse. Names
+/// depend on the order ids arrive; that is safe while `run` removes every
+/// leftover object at start-up, and has to be revisited with
+/// adopt-and-reconcile.
+#[derive(Debug, Default)]
+pub struct NameRegistry {
+    by_id: HashMap<PuId, ShortName>,
+    by_name: HashMap<ShortName, PuId>,
+}
+
+impl NameRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The name `id` holds, or a new unique one.
+    pub fn assign(&mut self, id: &PuId) -> Result<ShortName, NamingError> {
+        if let Some(name) = self.by_id.get(id) {
+            return Ok(name.clone());
+        }
+        let name = (0..=MAX_SALT)
+            .map(|salt| short_form(id, salt))
+            .find(|name| !self.by_name.contains_key(name))
+            .ok_or_else(|| NamingError::Exhausted { id: id.clone() })?;
+        self.by_id.insert(id.clone(), name.clone());
+        self.by_name.insert(name.clone(), id.clone());
+        Ok(name)
+    }
+
+    /// The name `id` holds, if any.
+    pub fn get(&self, id: &PuId) -> Option<&ShortName> {
+        self.by_id.get(id)
+    }
+
+    /// Frees the name of `id` (after its objects are gone); returns it.
+    pub fn release(&mut self, id: &PuId) -> Option<ShortName> {
+        let name = self.by_id.remove(id)?;
+        self.by_name.remove(&name);
+        Some(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(text: &str) -> PuId {
+        PuId::new(text).unwrap()
+    }
+
+    #[test]
+    fn seed_vectors() {
+        let pu1 = short_form(&id("pu1"), 0);
+        assert_eq!(
+            set_name(IpFamily::V4, "ProcPort-", &pu1),
+            "TRI-v4-ProcPort-pu19gtV"
+        );
+        assert_eq!(
+            PortSet::Process.name(IpFamily::V4, &pu1),
+            "TRI-v4-ProcPort-pu19gtV"
+        );
+        let web = short_form(&id("web-frontend-7d9f"), 0);
+        assert_eq!(
+            set_name(IpFamily::V6, PROXY_SET_PREFIX, &web),
+            "TRI-v6-Proxy-web-D_vK"
+        );
+        assert_eq!(
+            proxy_sets(IpFamily::V6, &web),
+            ProxySets {
+                destinations: "TRI-v6-Proxy-web-D_vK-dst".into(),
+                server_ports: "TRI-v6-Proxy-web-D_vK-srv".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_fresh_registry_hands_out_the_seed_form() {
+        let mut registry = NameRegistry::new();
+        let name = registry.assign(&id("pu1")).unwrap();
+        assert_eq!(name.as_str(), "pu19gtV");
+        assert_eq!(
+            pu_chains(&name, 1),
+            ChainPair {
+                app: "TRI-App-pu19gtV-1".to_owned(),
+                net: "TRI-Net-pu19gtV-1".to_owned(),
+            }
+        );
+    }
+
+    #[test]
+    fn global_names_are_the_seeds_and_within_limits() {
+        let mut seen = std::collections::HashSet::new();
+        for pair in GLOBAL_CHAINS {
+            for chain in [pair.app, pair.net] {
+                assert!(chain.starts_with(CHAIN_PREFIX) && chain.len() <= MAX_CHAIN_NAME_LEN);
+                assert!(seen.insert(chain), "{chain} twice");
+            }
+        }
+        assert_eq!(seen.len(), 14);
+        let sets: Vec<_> = GlobalSet::ALL
+            .iter()
+            .map(|s| s.name(IpFamily::V6))
+            .collect();
+        assert_eq!(
+            sets,
+            ["TRI-v6-TargetTCP", "TRI-v6-TargetUDP", "TRI-v6-Excluded"]
+        );
+        assert_eq!(GlobalSet::Excluded.name(IpFamily::V4), "TRI-v4-Excluded");
+    }
+
+    #[test]
+    fn longest_names_fit_the_kernel_limits() {
+        let short = short_form(&id("abcdefgh"), 0);
+        assert_eq!(short.as_str().len(), 8);
+        let chains = pu_chains(&short, u32::MAX);
+        assert!(chains.app.len() <= MAX_CHAIN_NAME_LEN, "{}", chains.app);
+        assert!(chains.net.len() <= MAX_CHAIN_NAME_LEN, "{}", chains.net);
+        for family in IpFamily::ALL {
+            // The seed cut prefixes to 16 characters; ours never need it.
+            for kind in ["UID-Port-", "ProcPort-", PROXY_SET_PREFIX] {
+                assert!(family.set_prefix().len() + kind.len() <= 16, "{kind}");
+            }
+            let proxy = proxy_sets(family, &short);
+            let mut names = vec![proxy.destinations, proxy.server_ports];
+            names.extend([PortSet::Uid, PortSet::Process].map(|s| s.name(family, &short)));
+            names.extend(GlobalSet::ALL.map(|s| s.name(family)));
+            for name in names {
+                assert!(name.starts_with(family.set_prefix()), "{name}");
+                assert!(name.len() <= MAX_SET_NAME_LEN, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn short_ids_are_kept_whole() {
+        let short = short_form(&id("ab"), 0);
+        assert!(short.as_str().starts_with("ab"));
+        assert_eq!(short.as_str().len(), 6);
+    }
+
+    /// Two different ids with the same seed short form. The ids share
+    /// their first four characters, so only the 24 hash bits differ: by
+    /// the birthday bound a pair turns up within a few thousand ids.
+    fn colliding_ids() -> (PuId, PuId) {
+        let mut seen = HashMap::new();
+        (0u32..100_000)
+            .find_map(|n| {
+                let later = id(&format!("web-{n}"));
+                seen.insert(short_form(&later, 0), later.clone())
+                    .map(|first| (first, later))
+            })
+            .expect("24-bit hashes collide long before 100,000 ids")
+    }
+
+    #[test]
+    fn colliding_ids_get_different_stable_names() {
+        let (first, later) = colliding_ids();
+        assert_ne!(first, later);
+        assert_eq!(short_form(&first, 0), short_form(&later, 0));
+
+        let mut registry = NameRegistry::new();
+        let first_name = registry.assign(&first).unwrap();
+        let later_name = registry.assign(&later).unwrap();
+        assert_eq!(
+            first_name,
+            short_form(&first, 0),
+            "the first keeps the seed's form"
+        );
+        assert_ne!(later_name, first_name);
+        assert!(later_name.as_str().starts_with("web-"));
+        assert_eq!(later_name.as_str().len(), 8);
+        assert!(pu_chains(&later_name, 1).app.len() <= MAX_CHAIN_NAME_LEN);
+        assert!(PortSet::Uid.name(IpFamily::V6, &later_name).len() <= MAX_SET_NAME_LEN);
+
+        // Asking again gives the same answers, in any order.
+        assert_eq!(registry.assign(&later).unwrap(), later_name);
+        assert_eq!(registry.assign(&first).unwrap(), first_name);
+        assert_eq!(registry.get(&later), Some(&later_name));
+
+        // Releasing the first frees its name; the later one keeps its own.
+        assert_eq!(registry.release(&first), Some(first_name.clone()));
+        assert_eq!(registry.get(&first), None);
+        assert_eq!(registry.assign(&later).unwrap(), later_name);
+        assert_eq!(registry.release(&first), None);
+
+        // In a registry where the later id comes first, it gets the seed's form.
+        let mut other = NameRegistry::new();
+        assert_eq!(other.assign(&later).unwrap(), first_name);
+        assert_ne!(other.assign(&first).unwrap(), first_name);
+    }
+}

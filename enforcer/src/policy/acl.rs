@@ -1,0 +1,235 @@
+//! ACLs: the per-PU rules for peers outside the target networks (and for
+//! protocols without a handshake), and the port ranges they and the
+//! services use.
+
+use std::fmt;
+use std::num::NonZeroU16;
+
+use ipnet::IpNet;
+
+use super::error::Problem;
+use super::pu::PolicyId;
+
+/// One ACL. Application ACLs match the *destinations* of a PU's outgoing
+/// traffic, network ACLs the *sources* of its incoming traffic. When
+/// several ACLs cover an address, the SPEC's bucket order (by action and
+/// observe mode) decides, not the longest prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acl {
+    /// Peers it matches; IPv4 and IPv6 mixed, host bits cleared.
+    pub networks: Vec<IpNet>,
+    /// Protocols it matches; never empty, and `any` stands alone.
+    pub protocols: Vec<Protocol>,
+    /// Peer ports for TCP/UDP; empty means every port.
+    pub ports: Vec<PortRange>,
+    pub action: Action,
+    /// Log each decision (NFLOG or ring-buffer event).
+    pub log: bool,
+    pub observe: ObserveMode,
+    /// Carried into flow logs so a decision can be traced to its policy.
+    pub policy_id: PolicyId,
+}
+
+/// The protocols an ACL can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    /// Every protocol; evaluated after the specific-protocol ACLs.
+    Any,
+}
+
+keywords!(Protocol {
+    Tcp = "tcp",
+    Udp = "udp",
+    Icmp = "icmp",
+    Icmpv6 = "icmpv6",
+    Any = "any",
+});
+
+impl Protocol {
+    /// Whether the protocol has ports an ACL can match on. `any` has none:
+    /// a port match would silently narrow it to TCP and UDP.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// What an ACL does with what it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Accept,
+    Reject,
+}
+
+keywords!(Action {
+    Accept = "accept",
+    Reject = "reject",
+});
+
+/// Whether an ACL is enforced or only observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ObserveMode {
+    /// Enforced.
+    #[default]
+    None,
+    /// Logged as if it applied, then evaluation continues.
+    Continue,
+    /// Logged, and applied.
+    Apply,
+}
+
+keywords!(ObserveMode {
+    None = "none",
+    Continue = "observe-continue",
+    Apply = "observe-apply",
+});
+
+/// An inclusive range of ports, `start..=end`, never containing port 0.
+/// A single port is the range `p..=p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    start: u16,
+    end: u16,
+}
+
+impl PortRange {
+    /// The range `start..=end`; refuses port 0 and a reversed range.
+    pub fn new(start: u16, end: u16) -> Result<Self, Problem> {
+        if start == 0 || end == 0 {
+            Err(Problem::PortOutOfRange)
+        } else if start > end {
+            Err(Problem::ReversedPortRange)
+        } else {
+            Ok(Self { start, end })
+        }
+    }
+
+    /// The one-port range `port..=port`.
+    pub fn single(port: NonZeroU16) -> Self {
+        Self {
+            start: port.get(),
+            end: port.get(),
+        }
+    }
+
+    pub fn start(self) -> u16 {
+        self.start
+    }
+
+    pub fn end(self) -> u16 {
+        self.end
+    }
+
+    pub fn is_single(self) -> bool {
+        self.start == self.end
+    }
+
+    /// Parses `"80"`, `"8000:8080"` (the seed's and iptables' spelling) or
+    /// `"8000-8080"`.
+    pub(crate) fn parse(text: &str) -> Result<Self, Problem> {
+        match text.split_once([':', '-']) {
+            Some((start, end)) => Self::new(parse_port(start)?, parse_port(end)?),
+            None => {
+                let port = parse_port(text)?;
+                Self::new(port, port)
+            }
+        }
+    }
+
+    /// A port written as a TOML integer.
+    pub(crate) fn from_number(number: i64) -> Result<Self, Problem> {
+        u16::try_from(number)
+            .ok()
+            .and_then(NonZeroU16::new)
+            .map(Self::single)
+            .ok_or(Problem::PortOutOfRange)
+    }
+}
+
+/// Formats as `80` or `8000:8080`, the spelling iptables' multiport takes.
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}:{}", self.start, self.end)
+        }
+    }
+}
+
+/// Decimal digits only: `u32::from_str` would also take `+80`.
+fn parse_port(text: &str) -> Result<u16, Problem> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Problem::InvalidPortSyntax);
+    }
+    // All digits: a number too long for u32 is simply too large a port.
+    text.parse::<u32>()
+        .ok()
+        .and_then(|n| u16::try_from(n).ok())
+        .ok_or(Problem::PortOutOfRange)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Keyword;
+
+    #[test]
+    fn port_ranges_parse_in_every_accepted_spelling() {
+        assert_eq!(PortRange::parse("80"), PortRange::new(80, 80));
+        assert_eq!(PortRange::parse("8000:8080"), PortRange::new(8000, 8080));
+        assert_eq!(PortRange::parse("8000-8080"), PortRange::new(8000, 8080));
+        assert_eq!(PortRange::parse("65535"), PortRange::new(65535, 65535));
+        assert_eq!(PortRange::from_number(443), PortRange::new(443, 443));
+    }
+
+    #[test]
+    fn bad_ports_are_refused_with_the_right_problem() {
+        for bad in ["0", "65536", "99999999999", "0:80"] {
+            assert_eq!(PortRange::parse(bad), Err(Problem::PortOutOfRange), "{bad}");
+        }
+        for bad in [
+            "", "http", "+80", " 80", "80:", ":80", "1:2:3", "1-2-3", "1:2-3",
+        ] {
+            assert_eq!(
+                PortRange::parse(bad),
+                Err(Problem::InvalidPortSyntax),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            PortRange::parse("9000:8000"),
+            Err(Problem::ReversedPortRange)
+        );
+        for bad in [0, -1, 65536] {
+            assert_eq!(PortRange::from_number(bad), Err(Problem::PortOutOfRange));
+        }
+    }
+
+    #[test]
+    fn port_ranges_display_in_the_seed_spelling() {
+        assert_eq!(
+            PortRange::parse("8000-8080").unwrap().to_string(),
+            "8000:8080"
+        );
+        assert_eq!(PortRange::parse("53").unwrap().to_string(), "53");
+    }
+
+    #[test]
+    fn keywords_round_trip_and_only_tcp_udp_have_ports() {
+        for name in Protocol::NAMES {
+            let protocol = Protocol::from_name(name).unwrap();
+            assert_eq!(protocol.as_str(), *name);
+            assert_eq!(protocol.has_ports(), matches!(*name, "tcp" | "udp"));
+        }
+        assert_eq!(Protocol::from_name("TCP"), None);
+        assert_eq!(
+            ObserveMode::from_name("observe-apply"),
+            Some(ObserveMode::Apply)
+        );
+        assert_eq!(Action::NAMES, ["accept", "reject"]);
+    }
+}

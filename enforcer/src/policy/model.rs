@@ -1,0 +1,327 @@
+//! The agent's whole configuration and its settings: mode, datapath
+//! choice, target and excluded networks, NFQUEUE layout, marks, flow-log
+//! output, and the PUs. The public entry points for loading and checking
+//! a configuration are the methods of [`Configuration`].
+
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use super::error::{Errors, FieldPath, PolicyError, ValidationErrors};
+use super::family::{IpFamily, split_zero_prefix};
+use super::host::HostFacts;
+use super::pu::{Pu, PuKind};
+use super::{file, validate};
+
+/// Everything the agent is told to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configuration {
+    pub mode: Mode,
+    pub datapath: DatapathChoice,
+    pub networks: NetworkSettings,
+    pub queues: QueueSettings,
+    pub marks: MarkSettings,
+    pub flow_log: FlowLogOutput,
+    pub pus: Vec<Pu>,
+}
+
+impl Configuration {
+    /// Parses a TOML config and checks everything that needs no host:
+    /// every field's syntax and range, and the cross-field rules
+    /// (duplicate ids, kinds the mode refuses, kind-specific fields, mark
+    /// and queue layout). Every problem found is returned at once, in file
+    /// order. Call [`Configuration::validate`] (or use
+    /// [`Configuration::load`]) before applying it.
+    pub fn from_toml_str(text: &str) -> Result<Self, PolicyError> {
+        file::parse(text, None)
+    }
+
+    /// [`Configuration::from_toml_str`] plus the host checks of
+    /// [`Configuration::validate`], all problems reported together: what
+    /// the agent calls on start-up.
+    pub fn load(text: &str, host: &dyn HostFacts) -> Result<Self, PolicyError> {
+        file::parse(text, Some(host))
+    }
+
+    /// Checks the cross-field rules and, through `host`, that every
+    /// linux-process PU's cgroup directory exists. Field syntax is already
+    /// guaranteed by the types, so this is the whole check for a
+    /// configuration built in code (e.g. from a control request); for a
+    /// parsed one it re-runs the cheap structural rules and adds the host
+    /// checks. Collects every problem.
+    pub fn validate(&self, host: &dyn HostFacts) -> Result<(), ValidationErrors> {
+        let mut errs = Errors::default();
+        validate::settings(&self.queues, &self.marks, &mut errs);
+        validate::pus_across(Some(self.mode), self.pus.iter().enumerate(), &mut errs);
+        let list = FieldPath::root("pus");
+        for (i, pu) in self.pus.iter().enumerate() {
+            validate::pu_within(pu, &list.index(i), &mut errs);
+        }
+        validate::host(self.pus.iter().enumerate(), host, &mut errs);
+        errs.finish()
+    }
+
+    /// The configuration in the file format, every default written out;
+    /// [`Configuration::from_toml_str`] reads it back to an equal value.
+    pub fn to_toml_string(&self) -> Result<String, toml::ser::Error> {
+        file::render(self)
+    }
+}
+
+/// How the agent is deployed, which decides the PU kinds it manages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// In the host's namespace, for linux-process, uid, host and
+    /// host-service PUs.
+    LocalServer,
+    /// Inside one container's network namespace, for that container.
+    RemoteContainer,
+    /// As `RemoteContainer`, beside a proxy sharing the namespace; DNS is
+    /// let through.
+    Sidecar,
+}
+
+keywords!(Mode {
+    LocalServer = "local-server",
+    RemoteContainer = "remote-container",
+    Sidecar = "sidecar",
+});
+
+impl Mode {
+    /// The PU kinds (their config spellings) this mode manages.
+    pub fn accepted_kinds(self) -> &'static [&'static str] {
+        match self {
+            Mode::LocalServer => &["linux-process", "uid", "host", "host-service"],
+            Mode::RemoteContainer | Mode::Sidecar => &["container"],
+        }
+    }
+
+    pub fn accepts(self, kind: &PuKind) -> bool {
+        self.accepted_kinds().contains(&kind.name())
+    }
+}
+
+/// Which datapath to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DatapathChoice {
+    /// eBPF when the kernel has every feature needed, else iptables.
+    #[default]
+    Auto,
+    /// eBPF, or a clear error naming the missing kernel feature.
+    Ebpf,
+    /// iptables + ipset, the seed's datapath.
+    Iptables,
+}
+
+keywords!(DatapathChoice {
+    Auto = "auto",
+    Ebpf = "ebpf",
+    Iptables = "iptables",
+});
+
+/// Target and excluded networks as configured: IPv4 and IPv6 mixed, host
+/// bits cleared, possibly empty. Datapaths take [`NetworkSettings::for_family`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkSettings {
+    /// Peers whose TCP connections take part in the identity handshake.
+    pub target_tcp: Vec<IpNet>,
+    /// Peers whose UDP flows take part in the identity handshake.
+    pub target_udp: Vec<IpNet>,
+    /// Never touched: no trap, no policy, no log.
+    pub excluded: Vec<IpNet>,
+}
+
+/// One family's share of the [`NetworkSettings`], ready for the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyNetworks {
+    pub target_tcp: Vec<IpNet>,
+    pub target_udp: Vec<IpNet>,
+    pub excluded: Vec<IpNet>,
+}
+
+impl NetworkSettings {
+    /// The entries of `family`, as `set_target_networks` applies them:
+    /// an empty target list means everything (for TCP and, as the seed's
+    /// fork added, UDP), and a /0 becomes its two /1 halves because ipset
+    /// refuses /0. As in the seed, "empty" is judged before the family
+    /// split: a target list naming only IPv4 networks traps no IPv6.
+    pub fn for_family(&self, family: IpFamily) -> FamilyNetworks {
+        let entries = |list: &[IpNet]| -> Vec<IpNet> {
+            family
+                .select(list)
+                .copied()
+                .flat_map(split_zero_prefix)
+                .collect()
+        };
+        let targets = |list: &[IpNet]| {
+            if list.is_empty() {
+                family.everything().to_vec()
+            } else {
+                entries(list)
+            }
+        };
+        FamilyNetworks {
+            target_tcp: targets(&self.target_tcp),
+            target_udp: targets(&self.target_udp),
+            excluded: entries(&self.excluded),
+        }
+    }
+}
+
+/// The NFQUEUE layout of the trap (the seed's `fqconfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// One range of queues per trapped packet type (SYN, ACK, SYN-ACK,
+    /// service) and direction; when off, one range per direction.
+    pub separation: bool,
+    /// Queues in each range; rules balance over a range.
+    pub queues_per_range: u16,
+    /// The first queue number; application ranges come first, then network.
+    pub first_queue: u16,
+    /// Packets each queue holds.
+    pub queue_length: u32,
+    /// `--queue-bypass`: accept when no program listens on the queue.
+    pub bypass: bool,
+    /// `NFQA_CFG_F_FAIL_OPEN`: accept when the queue is full. With both
+    /// this and `bypass` off the trap fails closed.
+    pub fail_open: bool,
+}
+
+impl Default for QueueSettings {
+    /// The seed's defaults: separated, 4 queues per range from queue 0,
+    /// 500 packets each, `--queue-bypass`, not fail-open.
+    fn default() -> Self {
+        Self {
+            separation: true,
+            queues_per_range: 4,
+            first_queue: 0,
+            queue_length: 500,
+            bypass: true,
+            fail_open: false,
+        }
+    }
+}
+
+impl QueueSettings {
+    /// How many ranges the layout has: four packet types per direction
+    /// with separation, else one per direction.
+    pub fn range_count(&self) -> u32 {
+        if self.separation { 8 } else { 2 }
+    }
+
+    /// How many queues the layout uses, from `first_queue` on.
+    pub fn total_queues(&self) -> u32 {
+        self.range_count() * u32::from(self.queues_per_range)
+    }
+}
+
+/// A packet or connection mark: the bits of `value` under `mask`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl Mark {
+    /// A mark matched as a whole value, as the seed matches all of them.
+    pub const fn whole(value: u32) -> Self {
+        Self {
+            value,
+            mask: u32::MAX,
+        }
+    }
+}
+
+/// The marks the agent sets and matches. Defaults are the seed's whole
+/// values; a later issue fits them into one documented bit layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkSettings {
+    /// A connection authorised by the handshake (0xEEEE).
+    pub handshake: Mark,
+    /// An external flow accepted by an ACL (0xEEEF).
+    pub external_accepted: Mark,
+    /// Proxy traffic, never redirected again (0x40).
+    pub proxy: Mark,
+    /// Packets the agent injects itself (0x40000062).
+    pub injected: Mark,
+    /// Base of the per-PU marks (0x1111; the seed's net_cls class ids).
+    pub pu_base: u32,
+}
+
+impl Default for MarkSettings {
+    fn default() -> Self {
+        Self {
+            handshake: Mark::whole(0xEEEE),
+            external_accepted: Mark::whole(0xEEEF),
+            proxy: Mark::whole(0x40),
+            injected: Mark::whole(0x4000_0062),
+            pu_base: 0x1111,
+        }
+    }
+}
+
+/// Where flow-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FlowLogOutput {
+    #[default]
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn empty_targets_mean_everything_in_both_families() {
+        let settings = NetworkSettings::default();
+        for family in IpFamily::ALL {
+            let per = settings.for_family(family);
+            assert_eq!(per.target_tcp, family.everything().to_vec());
+            assert_eq!(per.target_udp, family.everything().to_vec());
+            assert!(per.excluded.is_empty());
+        }
+    }
+
+    #[test]
+    fn targets_are_split_by_family_and_zero_prefixes_halved() {
+        let settings = NetworkSettings {
+            target_tcp: nets(&["10.0.0.0/8", "fd00::/8"]),
+            target_udp: nets(&["0.0.0.0/0"]),
+            excluded: nets(&["127.0.0.0/8", "::1/128", "::/0"]),
+        };
+        let v4 = settings.for_family(IpFamily::V4);
+        assert_eq!(v4.target_tcp, nets(&["10.0.0.0/8"]));
+        assert_eq!(v4.target_udp, nets(&["0.0.0.0/1", "128.0.0.0/1"]));
+        assert_eq!(v4.excluded, nets(&["127.0.0.0/8"]));
+        let v6 = settings.for_family(IpFamily::V6);
+        assert_eq!(v6.target_tcp, nets(&["fd00::/8"]));
+        // Only IPv4 UDP targets were given: the seed traps no IPv6 UDP then.
+        assert_eq!(v6.target_udp, Vec::<IpNet>::new());
+        assert_eq!(v6.excluded, nets(&["::1/128", "::/1", "8000::/1"]));
+    }
+
+    #[test]
+    fn queue_layout_counts_ranges_as_the_seed() {
+        let separated = QueueSettings::default();
+        assert_eq!(separated.total_queues(), 32);
+        let shared = QueueSettings {
+            separation: false,
+            ..QueueSettings::default()
+        };
+        assert_eq!(shared.total_queues(), 8);
+    }
+
+    #[test]
+    fn modes_accept_their_kinds_only() {
+        assert!(Mode::LocalServer.accepts(&PuKind::Host));
+        assert!(!Mode::LocalServer.accepts(&PuKind::Container));
+        assert!(Mode::Sidecar.accepts(&PuKind::Container));
+        assert!(!Mode::RemoteContainer.accepts(&PuKind::HostService));
+    }
+}

@@ -1,0 +1,537 @@
+//! The rules that span fields or PUs, run on the typed model: whatever a
+//! single field's type cannot guarantee on its own. Field syntax (CIDRs,
+//! ports, keywords, ids) is checked where the file is converted; these run
+//! for parsed and hand-built configurations alike.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::Hash;
+
+use super::acl::{Acl, Protocol};
+use super::error::{Errors, FieldPath, Problem};
+use super::host::HostFacts;
+use super::model::{Mark, MarkSettings, Mode, QueueSettings};
+use super::pu::{Pu, PuKind};
+
+/// Queue layout and marks.
+pub(super) fn settings(queues: &QueueSettings, marks: &MarkSettings, errs: &mut Errors) {
+    let path = FieldPath::root("queues");
+    // Queue numbers are u16: the whole layout must fit below 65536.
+    let max_per_range = 65536 / queues.range_count();
+    if !(1..=max_per_range).contains(&u32::from(queues.queues_per_range)) {
+        let problem = Problem::OutOfRange {
+            min: 1,
+            max: max_per_range.into(),
+        };
+        errs.bad(
+            &path.key("queues_per_range"),
+            queues.queues_per_range,
+            problem,
+        );
+    } else if u32::from(queues.first_queue) + queues.total_queues() > 65536 {
+        let problem = Problem::OutOfRange {
+            min: 0,
+            max: i64::from(65536 - queues.total_queues()),
+        };
+        errs.bad(&path.key("first_queue"), queues.first_queue, problem);
+    }
+    if queues.queue_length == 0 {
+        let problem = Problem::OutOfRange {
+            min: 1,
+            max: u32::MAX.into(),
+        };
+        errs.bad(&path.key("queue_length"), 0, problem);
+    }
+
+    let path = FieldPath::root("marks");
+    let named = [
+        ("handshake", marks.handshake),
+        ("external_accepted", marks.external_accepted),
+        ("proxy", marks.proxy),
+        ("injected", marks.injected),
+    ];
+    for (name, Mark { value, mask }) in named {
+        let path = path.key(name).key("value");
+        if value == 0 {
+            errs.bad(&path, format_args!("{value:#x}"), Problem::ZeroMark);
+        } else if value & !mask != 0 {
+            errs.bad(
+                &path,
+                format_args!("{value:#x}"),
+                Problem::MarkOutsideMask { mask },
+            );
+        }
+    }
+    if marks.pu_base == 0 {
+        errs.bad(&path.key("pu_base"), "0x0", Problem::ZeroMark);
+    }
+}
+
+/// Rules across PUs and between a PU and the mode: `pus` yields each PU
+/// with its index in the file (a parsed config passes every PU whose id
+/// and kind converted). `mode` is `None` when it failed to parse; the
+/// pairing is then skipped.
+pub(super) fn pus_across<'a>(
+    mode: Option<Mode>,
+    pus: impl IntoIterator<Item = (usize, &'a Pu)>,
+    errs: &mut Errors,
+) {
+    let mut ids = HashMap::new();
+    let mut cgroups = HashMap::new();
+    let mut users = HashMap::new();
+    let mut singletons = HashMap::new();
+    let list = FieldPath::root("pus");
+
+    for (i, pu) in pus {
+        let path = list.index(i);
+        if let Some(first) = first_seen(&mut ids, &pu.id, i) {
+            errs.bad(&path.key("id"), &pu.id, duplicate_of(&list, first));
+        }
+
+        let kind = pu.kind.name();
+        match mode {
+            Some(mode) if !mode.accepts(&pu.kind) => {
+                errs.bad(&path.key("kind"), kind, Problem::KindNotAccepted { mode });
+            }
+            _ if pu.kind.is_singleton() => {
+                if let Some(first) = first_seen(&mut singletons, kind, i) {
+                    let first = list.index(first).to_string();
+                    errs.bad(
+                        &path.key("kind"),
+                        kind,
+                        Problem::SecondSingleton { kind, first },
+                    );
+                }
+            }
+            _ => {}
+        }
+        match &pu.kind {
+            PuKind::LinuxProcess { cgroup } => {
+                if let Some(first) = first_seen(&mut cgroups, cgroup, i) {
+                    errs.bad(&path.key("cgroup"), cgroup, duplicate_of(&list, first));
+                }
+            }
+            PuKind::Uid { user } => {
+                if let Some(first) = first_seen(&mut users, user, i) {
+                    errs.bad(&path.key("uid"), user, duplicate_of(&list, first));
+                }
+            }
+            PuKind::Container | PuKind::Host | PuKind::HostService => {}
+        }
+    }
+}
+
+/// Rules within one PU at `path`.
+pub(super) fn pu_within(pu: &Pu, path: &FieldPath, errs: &mut Errors) {
+    if pu.kind == PuKind::HostService && pu.tcp_ports.is_empty() && pu.udp_ports.is_empty() {
+        errs.field(path, Problem::NoServicePorts);
+    }
+    if pu.proxy_port.is_none() {
+        for (key, used) in [
+            ("dependent_services", !pu.dependent_services.is_empty()),
+            ("exposed_services", !pu.exposed_services.is_empty()),
+        ] {
+            if used {
+                errs.field(&path.key(key), Problem::NeedsProxyPort);
+            }
+        }
+    }
+    for (k, service) in pu.dependent_services.iter().enumerate() {
+        if service.ports.is_empty() {
+            let path = path.key("dependent_services").index(k).key("ports");
+            errs.field(&path, Problem::Empty);
+        }
+    }
+    for (key, acls) in [
+        ("application_acls", &pu.application_acls),
+        ("network_acls", &pu.network_acls),
+    ] {
+        for (j, acl) in acls.iter().enumerate() {
+            acl_rules(acl, &path.key(key).index(j), errs);
+        }
+    }
+}
+
+/// An ACL matches something, and only asks for ports where there are ports.
+fn acl_rules(acl: &Acl, path: &FieldPath, errs: &mut Errors) {
+    if acl.networks.is_empty() {
+        errs.field(&path.key("networks"), Problem::Empty);
+    }
+    if acl.protocols.is_empty() {
+        errs.field(&path.key("protocols"), Problem::Empty);
+    }
+    let protocols = path.key("protocols");
+    for (p, &protocol) in acl.protocols.iter().enumerate() {
+        if protocol == Protocol::Any && acl.protocols.len() > 1 {
+            // `any` is evaluated after every specific-protocol ACL; mixed
+            // with others it would have to sit in two places at once.
+            errs.bad(&protocols.index(p), protocol, Problem::AnyWithOthers);
+        } else if !protocol.has_ports() && !acl.ports.is_empty() {
+            errs.bad(&protocols.index(p), protocol, Problem::NoPortsForProtocol);
+        }
+    }
+}
+
+/// Host facts: every linux-process PU's cgroup directory exists.
+pub(super) fn host<'a>(
+    pus: impl IntoIterator<Item = (usize, &'a Pu)>,
+    host: &dyn HostFacts,
+    errs: &mut Errors,
+) {
+    for (i, pu) in pus {
+        if let PuKind::LinuxProcess { cgroup } = &pu.kind
+            && !host.cgroup_dir_exists(cgroup)
+        {
+            let path = FieldPath::root("pus").index(i).key("cgroup");
+            errs.bad(&path, cgroup, Problem::CgroupMissing);
+        }
+    }
+}
+
+/// Remembers where `key` was first seen; returns that index on a repeat.
+fn first_seen<K: Eq + Hash>(seen: &mut HashMap<K, usize>, key: K, i: usize) -> Option<usize> {
+    match seen.entry(key) {
+        Entry::Occupied(first) => Some(*first.get()),
+        Entry::Vacant(slot) => {
+            slot.insert(i);
+            None
+        }
+    }
+}
+
+fn duplicate_of(list: &FieldPath, first: usize) -> Problem {
+    Problem::Duplicate {
+        first: list.index(first).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::test_support::{
+        FakeHost, assert_has, assert_refused, refusals, with_process_pu,
+    };
+    use crate::policy::{Configuration, PuId};
+
+    fn acl(keys: &str) -> String {
+        with_process_pu(&format!(
+            "[[pus.application_acls]]\naction = \"accept\"\npolicy_id = \"p\"\n{keys}"
+        ))
+    }
+
+    #[test]
+    fn duplicate_ids_cgroups_and_users_are_refused() {
+        let text = format!(
+            "{}\n[[pus]]\nid = \"web\"\nkind = \"linux-process\"\ncgroup = \"enforcer/web\"",
+            with_process_pu("")
+        );
+        let errors = refusals(&text);
+        let first = "pus[0]".to_owned();
+        assert_has(
+            &errors,
+            "pus[1].id",
+            Some("web"),
+            Problem::Duplicate {
+                first: first.clone(),
+            },
+        );
+        assert_has(
+            &errors,
+            "pus[1].cgroup",
+            Some("enforcer/web"),
+            Problem::Duplicate {
+                first: first.clone(),
+            },
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!(
+            errors[0].to_string(),
+            r#"pus[1].id: "web" is also used by pus[0]"#
+        );
+
+        let uid =
+            |id: &str| format!("[[pus]]\nid = \"{id}\"\nkind = \"uid\"\nuid = \"www-data\"\n");
+        let text = format!("mode = \"local-server\"\n{}{}", uid("a"), uid("b"));
+        assert_refused(
+            &text,
+            "pus[1].uid",
+            Some("www-data"),
+            Problem::Duplicate { first },
+        );
+    }
+
+    #[test]
+    fn kinds_the_mode_does_not_manage_are_refused() {
+        let text = "mode = \"local-server\"\n[[pus]]\nid = \"c\"\nkind = \"container\"";
+        assert_refused(
+            text,
+            "pus[0].kind",
+            Some("container"),
+            Problem::KindNotAccepted {
+                mode: Mode::LocalServer,
+            },
+        );
+        assert_eq!(
+            refusals(text)[0].to_string(),
+            "pus[0].kind: \"container\" is a PU kind that mode local-server does not accept \
+             (it accepts: linux-process, uid, host, host-service)"
+        );
+        let sidecar = with_process_pu("").replace("local-server", "sidecar");
+        assert_refused(
+            &sidecar,
+            "pus[0].kind",
+            Some("linux-process"),
+            Problem::KindNotAccepted {
+                mode: Mode::Sidecar,
+            },
+        );
+        for kind in ["host", "host-service", "uid"] {
+            let text = format!(
+                "mode = \"remote-container\"\n[[pus]]\nid = \"h\"\nkind = \"{kind}\"\ntcp_ports = [22]"
+            );
+            let text = if kind == "uid" {
+                format!("{text}\nuid = 0")
+            } else {
+                text
+            };
+            let mode = Mode::RemoteContainer;
+            assert_refused(
+                &text,
+                "pus[0].kind",
+                Some(kind),
+                Problem::KindNotAccepted { mode },
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_container_or_host_pu_is_refused() {
+        let text = "mode = \"remote-container\"\n[[pus]]\nid = \"a\"\nkind = \"container\"\n\
+                    [[pus]]\nid = \"b\"\nkind = \"container\"";
+        let problem = Problem::SecondSingleton {
+            kind: "container",
+            first: "pus[0]".into(),
+        };
+        assert_refused(text, "pus[1].kind", Some("container"), problem);
+        let text = "mode = \"local-server\"\n[[pus]]\nid = \"a\"\nkind = \"host\"\n\
+                    [[pus]]\nid = \"b\"\nkind = \"host-service\"\ntcp_ports = [22]\n\
+                    [[pus]]\nid = \"c\"\nkind = \"host\"";
+        let problem = Problem::SecondSingleton {
+            kind: "host",
+            first: "pus[0]".into(),
+        };
+        assert_refused(text, "pus[2].kind", Some("host"), problem);
+    }
+
+    #[test]
+    fn a_host_service_needs_ports() {
+        let text = "mode = \"local-server\"\n[[pus]]\nid = \"ssh\"\nkind = \"host-service\"";
+        assert_refused(text, "pus[0]", None, Problem::NoServicePorts);
+        let udp_only = format!("{text}\nudp_ports = [53]");
+        assert!(Configuration::from_toml_str(&udp_only).is_ok());
+    }
+
+    #[test]
+    fn services_need_a_proxy_port_and_dependent_services_need_ports() {
+        let service = "[[pus.dependent_services]]\naddress = \"10.0.0.0/24\"";
+        let errors = refusals(&with_process_pu(&format!(
+            "exposed_services = [8443]\n{service}"
+        )));
+        assert_has(
+            &errors,
+            "pus[0].dependent_services",
+            None,
+            Problem::NeedsProxyPort,
+        );
+        assert_has(
+            &errors,
+            "pus[0].exposed_services",
+            None,
+            Problem::NeedsProxyPort,
+        );
+        assert_has(
+            &errors,
+            "pus[0].dependent_services[0].ports",
+            None,
+            Problem::Empty,
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+    }
+
+    #[test]
+    fn acls_must_match_something() {
+        let errors = refusals(&acl(""));
+        assert_has(
+            &errors,
+            "pus[0].application_acls[0].networks",
+            None,
+            Problem::Empty,
+        );
+        assert_has(
+            &errors,
+            "pus[0].application_acls[0].protocols",
+            None,
+            Problem::Empty,
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+    }
+
+    #[test]
+    fn a_bad_value_is_not_blamed_again_through_its_consequences() {
+        // The only network is bad: "networks must not be empty" would be noise.
+        let text = acl("networks = [\"10.0.0.0/33\"]\nprotocols = [\"tcp\"]");
+        assert_refused(
+            &text,
+            "pus[0].application_acls[0].networks[0]",
+            Some("10.0.0.0/33"),
+            Problem::InvalidCidr,
+        );
+    }
+
+    #[test]
+    fn ports_only_go_with_tcp_and_udp() {
+        let path = "pus[0].application_acls[0].protocols";
+        for protocol in ["icmp", "icmpv6", "any"] {
+            let text = acl(&format!(
+                "networks = [\"10.0.0.0/8\"]\nprotocols = [\"{protocol}\"]\nports = [80]"
+            ));
+            assert_refused(
+                &text,
+                &format!("{path}[0]"),
+                Some(protocol),
+                Problem::NoPortsForProtocol,
+            );
+        }
+        let text = acl(
+            "networks = [\"10.0.0.0/8\"]\nprotocols = [\"tcp\", \"icmp\"]\nports = [\"1:1024\"]",
+        );
+        assert_refused(
+            &text,
+            &format!("{path}[1]"),
+            Some("icmp"),
+            Problem::NoPortsForProtocol,
+        );
+        let text = acl("networks = [\"10.0.0.0/8\"]\nprotocols = [\"udp\", \"any\"]");
+        assert_refused(
+            &text,
+            &format!("{path}[1]"),
+            Some("any"),
+            Problem::AnyWithOthers,
+        );
+        let fine = acl("networks = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\", \"icmpv6\"]");
+        assert!(Configuration::from_toml_str(&fine).is_ok());
+    }
+
+    #[test]
+    fn queue_layouts_must_fit_the_queue_numbers() {
+        let queues = |keys: &str| format!("mode = \"sidecar\"\n[queues]\n{keys}");
+        assert_refused(
+            &queues("queues_per_range = 0"),
+            "queues.queues_per_range",
+            Some("0"),
+            Problem::OutOfRange { min: 1, max: 8192 },
+        );
+        // 8 ranges of 4 queues from 65505 would end at queue 65536.
+        assert_refused(
+            &queues("first_queue = 65505"),
+            "queues.first_queue",
+            Some("65505"),
+            Problem::OutOfRange { min: 0, max: 65504 },
+        );
+        assert!(Configuration::from_toml_str(&queues("first_queue = 65504")).is_ok());
+        assert!(
+            Configuration::from_toml_str(&queues("first_queue = 65505\nseparation = false"))
+                .is_ok()
+        );
+        assert_refused(
+            &queues("queue_length = 0"),
+            "queues.queue_length",
+            Some("0"),
+            Problem::OutOfRange {
+                min: 1,
+                max: u32::MAX.into(),
+            },
+        );
+    }
+
+    #[test]
+    fn marks_must_be_non_zero_and_within_their_mask() {
+        let marks = |keys: &str| format!("mode = \"sidecar\"\n[marks]\n{keys}");
+        assert_refused(
+            &marks("handshake = { value = 0 }"),
+            "marks.handshake.value",
+            Some("0x0"),
+            Problem::ZeroMark,
+        );
+        assert_refused(
+            &marks("injected = { value = 0x40000062, mask = 0xffff }"),
+            "marks.injected.value",
+            Some("0x40000062"),
+            Problem::MarkOutsideMask { mask: 0xffff },
+        );
+        assert_refused(
+            &marks("pu_base = 0"),
+            "marks.pu_base",
+            Some("0x0"),
+            Problem::ZeroMark,
+        );
+        let config =
+            Configuration::from_toml_str(&marks("proxy = { value = 0x40, mask = 0x40 }")).unwrap();
+        assert_eq!(
+            config.marks.proxy,
+            Mark {
+                value: 0x40,
+                mask: 0x40
+            }
+        );
+    }
+
+    #[test]
+    fn validate_checks_a_configuration_built_in_code() {
+        let mut config = Configuration::from_toml_str(&with_process_pu("")).unwrap();
+        let host = FakeHost(&["enforcer/web"]);
+        assert_eq!(config.validate(&host), Ok(()));
+
+        let mut twin = config.pus[0].clone();
+        twin.kind = PuKind::Container;
+        config.pus.push(twin);
+        let mut other = config.pus[0].clone();
+        other.id = PuId::new("other").unwrap();
+        other.kind = PuKind::LinuxProcess {
+            cgroup: crate::policy::CgroupPath::new("enforcer/gone").unwrap(),
+        };
+        config.pus.push(other);
+        config.queues.queues_per_range = 0;
+
+        let errors = config.validate(&host).unwrap_err();
+        let errors = errors.as_slice();
+        assert_has(
+            errors,
+            "queues.queues_per_range",
+            Some("0"),
+            Problem::OutOfRange { min: 1, max: 8192 },
+        );
+        assert_has(
+            errors,
+            "pus[1].id",
+            Some("web"),
+            Problem::Duplicate {
+                first: "pus[0]".into(),
+            },
+        );
+        let mode = Mode::LocalServer;
+        assert_has(
+            errors,
+            "pus[1].kind",
+            Some("container"),
+            Problem::KindNotAccepted { mode },
+        );
+        assert_has(
+            errors,
+            "pus[2].cgroup",
+            Some("enforcer/gone"),
+            Problem::CgroupMissing,
+        );
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+    }
+}

@@ -1,0 +1,125 @@
+//! What a privileged test needs, checked once per test.
+//!
+//! A privileged test starts with
+//! `let Some(_env) = enforcer_tests::privilege::require() else { return };`.
+//! When something is missing it panics with a message listing exactly
+//! what — unless `ENFORCER_SKIP_PRIVILEGED=1` is set, in which case it
+//! prints a loud `SKIPPED` line and returns `None`. CI never sets it.
+
+use std::path::{Path, PathBuf};
+
+/// The opt-out variable for machines that cannot run kernel tests.
+pub const OPT_OUT_VAR: &str = "ENFORCER_SKIP_PRIVILEGED";
+
+/// Tools the harness and the tests run.
+const TOOLS: &[&str] = &[
+    "ip",
+    "iptables",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables",
+    "ip6tables-save",
+    "ip6tables-restore",
+    "ipset",
+    "conntrack",
+];
+
+/// Facts about the machine a privileged test may rely on.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Where cgroup v2 is mounted (`/sys/fs/cgroup/unified` in the hybrid
+    /// layout, `/sys/fs/cgroup` in the unified one).
+    pub cgroup2: PathBuf,
+    /// Where bpffs is mounted.
+    pub bpffs: PathBuf,
+}
+
+/// Checks root, tools, bpffs and cgroup v2. See the module docs.
+pub fn require() -> Option<Env> {
+    match check() {
+        Ok(env) => Some(env),
+        Err(missing) => {
+            let list = missing.join("\n  - ");
+            if std::env::var(OPT_OUT_VAR).is_ok_and(|v| v == "1") {
+                eprintln!("SKIPPED ({OPT_OUT_VAR}=1): this privileged test needs:\n  - {list}");
+                None
+            } else {
+                panic!(
+                    "this privileged test cannot run; missing:\n  - {list}\n\
+                     Run `cargo xtask setup` as root (or set {OPT_OUT_VAR}=1 to skip \
+                     privileged tests on purpose; CI never does)."
+                );
+            }
+        }
+    }
+}
+
+fn check() -> Result<Env, Vec<String>> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (kernel tests create namespaces, programs and rules)".to_string());
+    }
+    for tool in TOOLS {
+        if !on_path(tool) {
+            missing.push(format!(
+                "the `{tool}` command (apt-get install iptables ipset conntrack iproute2)"
+            ));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let cgroup2 = mount_of_type(&mounts, "cgroup2");
+    if cgroup2.is_none() {
+        missing.push("a cgroup v2 mount".to_string());
+    }
+    let bpffs = mount_of_type(&mounts, "bpf");
+    if bpffs.is_none() {
+        missing.push("bpffs mounted (mount -t bpf bpf /sys/fs/bpf)".to_string());
+    }
+    match (cgroup2, bpffs) {
+        (Some(cgroup2), Some(bpffs)) if missing.is_empty() => Ok(Env { cgroup2, bpffs }),
+        _ => Err(missing),
+    }
+}
+
+/// The first mount point of a filesystem type in `/proc/self/mounts` text.
+pub fn mount_of_type(mounts: &str, fstype: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_src, dir, ty) = (fields.next()?, fields.next()?, fields.next()?);
+        (ty == fstype).then(|| PathBuf::from(dir))
+    })
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| is_executable(&dir.join(tool))))
+        .unwrap_or(false)
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_cgroup2_mount() {
+        let mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      bpf /sys/fs/bpf bpf rw 0 0\n";
+        assert_eq!(
+            mount_of_type(mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            mount_of_type(mounts, "bpf"),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
+        assert_eq!(mount_of_type(mounts, "tmpfs"), None);
+    }
+}

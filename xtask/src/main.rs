@@ -1,0 +1,110 @@
+//! `cargo xtask`: the project's developer and CI commands, in Rust so that
+//! they run wherever cargo does. `cargo xtask test` is what CI runs;
+//! `cargo xtask build-and-load` builds the agent and runs its demo.
+
+mod build;
+mod cmd;
+mod lint;
+mod setup;
+mod test;
+mod workspace;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::workspace::Workspace;
+
+#[derive(Parser)]
+#[command(
+    bin_name = "cargo xtask",
+    about = "Set up, build, lint, test and run the enforcer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Check and install what building and testing need (idempotent)
+    Setup,
+    /// Set up, then build every host crate (the agent embeds the eBPF programs)
+    Build {
+        /// Build with the release profile
+        #[arg(long)]
+        release: bool,
+    },
+    /// cargo fmt --check, and clippy -D warnings on the host and eBPF crates
+    Lint,
+    /// What CI runs: setup, lint, then all tests (kernel tests need root)
+    Test {
+        /// Passed to `cargo test`, e.g. a test name filter
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Set up, build for release, then run `enforcer demo ARGS...`
+    BuildAndLoad {
+        /// Arguments for `enforcer demo`, e.g. --duration 20 --datapath iptables
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (not implemented yet)
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let ws = Workspace::locate()?;
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build::build(&ws, release),
+        Task::Lint => lint::run(&ws),
+        Task::Test { cargo_test_args } => test::run(&ws, &cargo_test_args),
+        Task::BuildAndLoad { args } => build::build_and_load(&ws, &args),
+        Task::Bench => {
+            eprintln!("cargo xtask bench: not implemented yet; benchmarks are tracked in issue 8");
+            std::process::exit(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Task};
+
+    fn parse(argv: &[&str]) -> Task {
+        Cli::try_parse_from(argv).expect("arguments parse").task
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_everything_after_the_separator_to_cargo_test() {
+        let Task::Test { cargo_test_args } =
+            parse(&["xtask", "test", "--", "kernel_facts", "--", "--nocapture"])
+        else {
+            panic!("not the test task");
+        };
+        assert_eq!(cargo_test_args, ["kernel_facts", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn build_and_load_forwards_options_to_the_demo() {
+        let argv = [
+            "xtask",
+            "build-and-load",
+            "--duration",
+            "20",
+            "--datapath",
+            "iptables",
+        ];
+        let Task::BuildAndLoad { args } = parse(&argv) else {
+            panic!("not the build-and-load task");
+        };
+        assert_eq!(args, argv[2..]);
+    }
+}
