@@ -107,10 +107,13 @@ impl Drop for TcpEchoServer {
     }
 }
 
+/// A datagram as received: sender and payload.
+type Datagram = (SocketAddr, Vec<u8>);
+
 /// A UDP socket inside a namespace that records every datagram it gets.
 pub struct UdpReceiver {
     addr: SocketAddr,
-    got: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Datagram>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<Result<()>>>>,
 }

@@ -51,7 +51,7 @@ pub fn run(ws: &Workspace, cargo_test_args: &[String]) -> Result<()> {
         }));
         // Every kernel test cleans up after itself; prove it for the run.
         phases.push(phase("leftovers", || {
-            cmd::run(ws.cargo([
+            cmd::run(&mut ws.cargo([
                 "run",
                 "--quiet",
                 "-p",
