@@ -3,5 +3,6 @@
 //! over it.
 
 pub mod bpf;
+pub mod datapath;
 pub mod naming;
 pub mod policy;

@@ -30,6 +30,46 @@ pub struct Acl {
     pub policy_id: PolicyId,
 }
 
+/// SPEC's evaluation order for ACLs that cover the same peer: all rejects
+/// before all accepts, and within each, observe-continue (which only logs),
+/// then enforced, then observe-apply. Declaration order breaks ties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Bucket {
+    RejectObserveContinue,
+    Reject,
+    RejectObserveApply,
+    AcceptObserveContinue,
+    Accept,
+    AcceptObserveApply,
+}
+
+impl Acl {
+    pub fn bucket(&self) -> Bucket {
+        match (self.action, self.observe) {
+            (Action::Reject, ObserveMode::Continue) => Bucket::RejectObserveContinue,
+            (Action::Reject, ObserveMode::None) => Bucket::Reject,
+            (Action::Reject, ObserveMode::Apply) => Bucket::RejectObserveApply,
+            (Action::Accept, ObserveMode::Continue) => Bucket::AcceptObserveContinue,
+            (Action::Accept, ObserveMode::None) => Bucket::Accept,
+            (Action::Accept, ObserveMode::Apply) => Bucket::AcceptObserveApply,
+        }
+    }
+
+    /// Whether this ACL matches every protocol (evaluated after the trap
+    /// rules) rather than specific ones.
+    pub fn is_protocol_any(&self) -> bool {
+        self.protocols.contains(&Protocol::Any)
+    }
+}
+
+/// `acls` in SPEC's bucket order (a stable sort: declaration order within
+/// a bucket). Both datapaths evaluate ACLs in exactly this order.
+pub fn in_bucket_order<'a>(acls: impl IntoIterator<Item = &'a Acl>) -> Vec<&'a Acl> {
+    let mut ordered: Vec<&Acl> = acls.into_iter().collect();
+    ordered.sort_by_key(|acl| acl.bucket());
+    ordered
+}
+
 /// The protocols an ACL can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -176,6 +216,44 @@ fn parse_port(text: &str) -> Result<u16, Problem> {
 mod tests {
     use super::*;
     use crate::policy::Keyword;
+
+    fn acl(action: Action, observe: ObserveMode, id: &str) -> Acl {
+        Acl {
+            networks: vec!["10.0.0.0/8".parse().unwrap()],
+            protocols: vec![Protocol::Tcp],
+            ports: vec![],
+            action,
+            log: false,
+            observe,
+            policy_id: PolicyId::new(id).unwrap(),
+        }
+    }
+
+    /// SPEC, "Order of evaluation inside a PU": reject observe-continue,
+    /// reject, reject observe-apply, accept observe-continue, accept,
+    /// accept observe-apply; written out by hand, not derived from Bucket.
+    #[test]
+    fn bucket_order_is_specs() {
+        use Action::*;
+        use ObserveMode::*;
+        let acls = [
+            acl(Accept, Apply, "a-apply"),
+            acl(Accept, None, "a1"),
+            acl(Reject, None, "r1"),
+            acl(Accept, Continue, "a-cont"),
+            acl(Reject, Apply, "r-apply"),
+            acl(Accept, None, "a2"),
+            acl(Reject, Continue, "r-cont"),
+        ];
+        let order: Vec<&str> = in_bucket_order(&acls)
+            .iter()
+            .map(|a| a.policy_id.as_str())
+            .collect();
+        assert_eq!(
+            order,
+            ["r-cont", "r1", "r-apply", "a-cont", "a1", "a2", "a-apply"]
+        );
+    }
 
     #[test]
     fn port_ranges_parse_in_every_accepted_spelling() {

@@ -1,0 +1,146 @@
+//! The datapath: where policy becomes kernel state.
+//!
+//! [`Datapath`] carries the seed's operations; two implementations give
+//! the same observable behaviour (SPEC, "The two datapaths"):
+//! - `iptables`: the fallback — ipsets and `TRI-` chains applied with
+//!   `iptables-restore --noflush` / `ipset restore`, one commit per change;
+//! - `ebpf`: cgroup and TC programs that classify into mark bits
+//!   ([`enforcer_common::marks`]) and look up LPM tries and hash maps, plus
+//!   a fixed handful of netfilter rules for conntrack state and NFQUEUE.
+//!
+//! Both queue trapped packets to the same NFQUEUE numbers and honour the
+//! same verdict contract (see [`crate::trap`]): the consumer accepts a
+//! packet by setting the kind [`Kind::Authorised`] in its mark and
+//! returning NF_REPEAT; the first rule each datapath puts on the path
+//! saves that kind into the connection mark, and the next accepts every
+//! packet of a connection whose mark carries it, so no later packet of the
+//! connection is queued.
+//!
+//! [`Kind::Authorised`]: enforcer_common::marks::Kind::Authorised
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use enforcer_common::marks::MarkLayout;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Mode, NetworkSettings, Pu, PuId, QueueSettings};
+
+/// Which datapath runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    Ebpf,
+    Iptables,
+}
+
+impl std::fmt::Display for DatapathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatapathKind::Ebpf => "ebpf",
+            DatapathKind::Iptables => "iptables",
+        })
+    }
+}
+
+/// What every datapath needs to know beyond the policy itself.
+#[derive(Debug, Clone)]
+pub struct DatapathSettings {
+    pub mode: Mode,
+    pub queues: QueueSettings,
+    pub marks: MarkLayout,
+    /// Where cgroup v2 is mounted; PU cgroup paths are relative to it.
+    pub cgroup2: PathBuf,
+    /// This agent instance's own directory on bpffs (pins live there and
+    /// nowhere else; `run` and `cleanup` remove it whole).
+    pub pin_dir: PathBuf,
+}
+
+/// Packets a datapath counted, as the kernel counted them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketCounts {
+    /// Sent to user space over NFQUEUE.
+    pub trapped: u64,
+    /// Accepted by an ACL.
+    pub accepted: u64,
+    /// Dropped or refused by an ACL or the final drop.
+    pub dropped: u64,
+}
+
+impl std::ops::AddAssign for PacketCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.trapped += other.trapped;
+        self.accepted += other.accepted;
+        self.dropped += other.dropped;
+    }
+}
+
+/// Counters of the whole datapath and of each configured PU.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub total: PacketCounts,
+    pub per_pu: BTreeMap<String, PacketCounts>,
+}
+
+/// Errors of datapath operations. Each says what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// A map or set has no room: never a silent drop of entries.
+    #[error("{what} is full ({capacity} entries)")]
+    Full { what: String, capacity: usize },
+    /// The operation names a PU the datapath does not have.
+    #[error("no PU {0} is configured")]
+    UnknownPu(PuId),
+    /// The PU kind or a policy feature is not supported by this datapath
+    /// yet; refused before anything changed.
+    #[error("{0} is not supported by the {1} datapath")]
+    Unsupported(String, DatapathKind),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// The seed's operations (SPEC, "Operations"). Every mutating operation is
+/// all or nothing: on error the previous state stays in force.
+pub trait Datapath: Send {
+    fn kind(&self) -> DatapathKind;
+
+    /// Removes whatever a previous instance left (it may have crashed),
+    /// then creates the global sets/maps, chains/programs and the rules
+    /// that steer traffic into them. Idempotent.
+    fn run(&mut self) -> Result<()>;
+
+    /// Applies the difference to the target TCP, target UDP and excluded
+    /// networks; an empty target list means everything.
+    fn set_target_networks(&mut self, networks: &NetworkSettings) -> Result<()>;
+
+    /// Installs a new PU's policy under `version` and hooks it.
+    fn configure(&mut self, version: u8, pu: &Pu) -> Result<()>;
+
+    /// Replaces a PU's policy with no gap: `new` under `version`, then the
+    /// old one (under `version ^ 1`) removed, in one commit.
+    fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()>;
+
+    /// Best-effort, idempotent removal of whatever of the PU exists.
+    fn delete(&mut self, version: u8, pu: &Pu) -> Result<()>;
+
+    /// Removes every chain, rule, set, program, map and pin this datapath
+    /// made, and nothing else.
+    fn cleanup(&mut self) -> Result<()>;
+
+    /// The kernel's counters, total and per PU.
+    fn counters(&self) -> Result<Counters>;
+}
+
+pub mod ebpf;
+pub mod iptables;
+pub mod probe;
+
+/// Opens the datapath of `kind`; nothing in the kernel changes before
+/// [`Datapath::run`].
+pub fn open(kind: DatapathKind, settings: DatapathSettings) -> Result<Box<dyn Datapath>> {
+    Ok(match kind {
+        DatapathKind::Ebpf => Box::new(ebpf::EbpfDatapath::new(settings)?),
+        DatapathKind::Iptables => Box::new(iptables::IptablesDatapath::new(settings)?),
+    })
+}
