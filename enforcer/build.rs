@@ -41,9 +41,11 @@ fn main() -> anyhow::Result<()> {
     // model) nothing is built; leave empty objects so the crate still
     // compiles. Loading one fails with a clear error (see src/bpf.rs).
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
-    let path = out_dir.join("enforcer-facts");
-    if !path.exists() {
-        std::fs::write(&path, []).with_context(|| format!("writing {}", path.display()))?;
+    for object in ["enforcer", "enforcer-facts"] {
+        let path = out_dir.join(object);
+        if !path.exists() {
+            std::fs::write(&path, []).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }

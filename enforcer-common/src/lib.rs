@@ -7,4 +7,5 @@
 #![no_std]
 
 pub mod facts;
+pub mod maps;
 pub mod marks;

@@ -5,6 +5,14 @@
 
 use anyhow::{Result, bail};
 
+/// The datapath's programs (`enforcer-ebpf/src/main.rs`).
+pub fn datapath_object() -> Result<&'static [u8]> {
+    non_empty(
+        "enforcer",
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer")),
+    )
+}
+
 /// The kernel-facts probes (`enforcer-ebpf/src/facts.rs`): small programs
 /// that prove each kernel mechanism the eBPF datapath relies on.
 pub fn kernel_facts_object() -> Result<&'static [u8]> {

@@ -8,6 +8,9 @@
 //! 24 bits, so two ids with the same first four characters collide about
 //! 2–3 times in 10,000 PUs; [`NameRegistry`] hands out the short forms and
 //! resolves collisions instead of letting two PUs share a chain or set.
+//!
+//! NFLOG prefixes ([`nflog_prefix`]) are built here too: they carry the
+//! same short names into the kernel, under a length limit of their own.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -16,7 +19,8 @@ use std::fmt;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE;
 
-use crate::policy::{IpFamily, PuId};
+use crate::datapath::queues::Direction;
+use crate::policy::{Bucket, IpFamily, PolicyId, PuId};
 
 /// Longest iptables chain name: `XT_EXTENSION_MAXNAMELEN` (29) less the NUL.
 pub const MAX_CHAIN_NAME_LEN: usize = 28;
@@ -24,8 +28,24 @@ pub const MAX_CHAIN_NAME_LEN: usize = 28;
 /// Longest ipset name: `IPSET_MAXNAMELEN` (32) less the NUL.
 pub const MAX_SET_NAME_LEN: usize = 31;
 
+/// Longest NFLOG prefix: `NF_LOG_PREFIXLEN` (64) less the NUL.
+pub const MAX_NFLOG_PREFIX_LEN: usize = 63;
+
 /// Every chain the agent creates starts with this.
 pub const CHAIN_PREFIX: &str = "TRI-";
+
+/// Whether `chain` is one the agent made (cleanup removes exactly these).
+pub fn is_agent_chain(chain: &str) -> bool {
+    chain.starts_with(CHAIN_PREFIX)
+}
+
+/// Whether `set` is one the agent made: every set name starts with its
+/// family's [`IpFamily::set_prefix`].
+pub fn is_agent_set(set: &str) -> bool {
+    IpFamily::ALL
+        .iter()
+        .any(|family| set.starts_with(family.set_prefix()))
+}
 
 /// A chain for each direction: `app` for traffic a PU sends, `net` for
 /// traffic it receives.
@@ -33,6 +53,16 @@ pub const CHAIN_PREFIX: &str = "TRI-";
 pub struct ChainPair<S = &'static str> {
     pub app: S,
     pub net: S,
+}
+
+impl<S> ChainPair<S> {
+    /// The chain of `direction`.
+    pub fn get(&self, direction: Direction) -> &S {
+        match direction {
+            Direction::App => &self.app,
+            Direction::Net => &self.net,
+        }
+    }
 }
 
 /// The main chains, entered from mangle OUTPUT / INPUT.
@@ -135,19 +165,57 @@ impl GlobalSet {
 pub enum PortSet {
     /// Of a uid PU.
     Uid,
-    /// Of a linux-process PU.
+    /// The TCP ports of a linux-process PU (the seed's set).
     Process,
+    /// The UDP ports of a linux-process PU. The seed matched them with
+    /// `multiport` in the hook rule; a set of their own lets them change at
+    /// run time like the TCP ones, without touching a rule.
+    ProcessUdp,
 }
 
 impl PortSet {
-    /// `TRI-v4-UID-Port-<short>` or `TRI-v4-ProcPort-<short>`.
+    /// `TRI-v4-UID-Port-<short>`, `TRI-v4-ProcPort-<short>` or
+    /// `TRI-v4-ProcUDP-<short>`.
     pub fn name(self, family: IpFamily, short: &ShortName) -> String {
         let kind = match self {
             PortSet::Uid => "UID-Port-",
             PortSet::Process => "ProcPort-",
+            PortSet::ProcessUdp => "ProcUDP-",
         };
         set_name(family, kind, short)
     }
+}
+
+const ACL_SET_KIND: &str = "Acl-";
+
+/// The set of one ACL's networks in one family:
+/// `TRI-v4-Acl-<short>-<version><a|n><index>`, e.g. `TRI-v4-Acl-pu19gtV-1a0`
+/// for the first application ACL (in declaration order) under version 1.
+/// The version keeps an update's new sets apart from the old ones it
+/// replaces. The longest (version 255, index 65535) has 29 characters.
+pub fn acl_set(
+    family: IpFamily,
+    short: &ShortName,
+    version: u8,
+    direction: Direction,
+    index: u16,
+) -> String {
+    let side = match direction {
+        Direction::App => 'a',
+        Direction::Net => 'n',
+    };
+    format!(
+        "{}-{version}{side}{index}",
+        set_name(family, ACL_SET_KIND, short)
+    )
+}
+
+/// Whether `set` is an ACL set ([`acl_set`]) of either family.
+pub fn is_acl_set(set: &str) -> bool {
+    IpFamily::ALL.iter().any(|family| {
+        set.strip_prefix(family.set_prefix())
+            .is_some_and(|rest| rest.starts_with(ACL_SET_KIND))
+    })
 }
 
 const PROXY_SET_PREFIX: &str = "Proxy-";
@@ -205,15 +273,72 @@ fn short_form(id: &PuId, salt: u32) -> ShortName {
         0 => id.as_str().into(),
         k => format!("{id}#{k}").into(),
     };
-    let hash = murmur3::murmur3_x64_128(&mut input.as_bytes(), 0)
+    // PuId is ASCII, so cutting at byte 4 cuts at a character.
+    let head = &id.as_str()[..id.as_str().len().min(4)];
+    ShortName(format!("{head}{}", hash_tag(&input)))
+}
+
+/// The seed's 24-bit tag of `text`: the first four characters of the
+/// URL-safe base64 of its 64-bit murmur3 hash (`A-Z a-z 0-9 - _`).
+fn hash_tag(text: &str) -> String {
+    let hash = murmur3::murmur3_x64_128(&mut text.as_bytes(), 0)
         .expect("reading from a byte slice cannot fail");
     // Go's murmur3.New64().Sum(nil) is h1 written big-endian; this crate
     // returns h2 << 64 | h1, so h1 is the low half.
     let h1 = hash as u64;
-    let encoded = URL_SAFE.encode(h1.to_be_bytes());
-    // PuId is ASCII, so cutting at byte 4 cuts at a character.
-    let head = &id.as_str()[..id.as_str().len().min(4)];
-    ShortName(format!("{head}{}", &encoded[..4]))
+    let mut encoded = URL_SAFE.encode(h1.to_be_bytes());
+    encoded.truncate(4);
+    encoded
+}
+
+/// What an NFLOG line records: the middle field of [`nflog_prefix`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogTag {
+    /// An ACL's decision, by its bucket.
+    Acl(Bucket),
+    /// The PU's final drop of a new connection that no rule accepted.
+    DefaultNew,
+    /// The PU's final drop of any other packet.
+    DefaultOther,
+}
+
+impl LogTag {
+    /// `accept`, `reject`, with `-oc` (observe-continue: logged as if it
+    /// applied, not applied) or `-oa` (observe-apply: logged and applied);
+    /// `default` and `default-other` for the final drop.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogTag::Acl(Bucket::RejectObserveContinue) => "reject-oc",
+            LogTag::Acl(Bucket::Reject) => "reject",
+            LogTag::Acl(Bucket::RejectObserveApply) => "reject-oa",
+            LogTag::Acl(Bucket::AcceptObserveContinue) => "accept-oc",
+            LogTag::Acl(Bucket::Accept) => "accept",
+            LogTag::Acl(Bucket::AcceptObserveApply) => "accept-oa",
+            LogTag::DefaultNew => "default",
+            LogTag::DefaultOther => "default-other",
+        }
+    }
+}
+
+/// The NFLOG prefix of a PU's log rule: `<short>:<tag>:<policy id>`, e.g.
+/// `pu19gtV:accept:web-to-api`; the policy is empty for the final drop.
+/// Every part is a validated token (`A-Z a-z 0-9 _ . -` and the `:`
+/// separators), so the prefix needs no quoting in a restore file. The
+/// whole must fit [`MAX_NFLOG_PREFIX_LEN`]: a policy id too long for the
+/// room left is cut, and `~` (which no id contains) plus the id's 24-bit
+/// [hash tag](hash_tag) mark the cut, so two long ids with the same
+/// beginning still log apart.
+pub fn nflog_prefix(short: &ShortName, tag: LogTag, policy: Option<&PolicyId>) -> String {
+    let head = format!("{short}:{}:", tag.as_str());
+    let policy = policy.map_or("", PolicyId::as_str);
+    let room = MAX_NFLOG_PREFIX_LEN - head.len();
+    if policy.len() <= room {
+        format!("{head}{policy}")
+    } else {
+        // PolicyId is ASCII, so any byte index is a character boundary.
+        let kept = &policy[..room - 5];
+        format!("{head}{kept}~{}", hash_tag(policy))
+    }
 }
 
 /// How many salts [`NameRegistry::assign`] tries before giving up. Each
@@ -354,18 +479,70 @@ mod tests {
         assert!(chains.net.len() <= MAX_CHAIN_NAME_LEN, "{}", chains.net);
         for family in IpFamily::ALL {
             // The seed cut prefixes to 16 characters; ours never need it.
-            for kind in ["UID-Port-", "ProcPort-", PROXY_SET_PREFIX] {
+            for kind in ["UID-Port-", "ProcPort-", "ProcUDP-", PROXY_SET_PREFIX] {
                 assert!(family.set_prefix().len() + kind.len() <= 16, "{kind}");
             }
             let proxy = proxy_sets(family, &short);
             let mut names = vec![proxy.destinations, proxy.server_ports];
-            names.extend([PortSet::Uid, PortSet::Process].map(|s| s.name(family, &short)));
+            names.extend(
+                [PortSet::Uid, PortSet::Process, PortSet::ProcessUdp]
+                    .map(|s| s.name(family, &short)),
+            );
             names.extend(GlobalSet::ALL.map(|s| s.name(family)));
+            names.push(acl_set(family, &short, u8::MAX, Direction::Net, u16::MAX));
             for name in names {
                 assert!(name.starts_with(family.set_prefix()), "{name}");
                 assert!(name.len() <= MAX_SET_NAME_LEN, "{name}");
             }
         }
+    }
+
+    #[test]
+    fn acl_sets_name_family_pu_version_side_and_index() {
+        let pu1 = short_form(&id("pu1"), 0);
+        assert_eq!(
+            acl_set(IpFamily::V4, &pu1, 1, Direction::App, 0),
+            "TRI-v4-Acl-pu19gtV-1a0"
+        );
+        let longest = acl_set(IpFamily::V6, &pu1, 255, Direction::Net, 65535);
+        assert_eq!(longest, "TRI-v6-Acl-pu19gtV-255n65535");
+        assert!(is_acl_set(&longest) && is_agent_set(&longest));
+        assert!(!is_acl_set(&PortSet::Process.name(IpFamily::V4, &pu1)));
+        assert!(!is_acl_set("Acl-x") && !is_agent_set("TRI-v5-Acl-x"));
+        assert!(is_agent_chain(MAIN_CHAINS.app) && !is_agent_chain("OUTPUT"));
+    }
+
+    #[test]
+    fn nflog_prefixes_fit_and_keep_long_policy_ids_apart() {
+        let pu1 = short_form(&id("pu1"), 0);
+        let policy = PolicyId::new("web-to-api").unwrap();
+        assert_eq!(
+            nflog_prefix(&pu1, LogTag::Acl(Bucket::Accept), Some(&policy)),
+            "pu19gtV:accept:web-to-api"
+        );
+        assert_eq!(
+            nflog_prefix(&pu1, LogTag::DefaultNew, None),
+            "pu19gtV:default:"
+        );
+        // The longest short name and tag leave 40 characters for the id.
+        let long = short_form(&id("abcdefgh"), 0);
+        let tag = LogTag::DefaultOther;
+        let fits = PolicyId::new("p".repeat(40)).unwrap();
+        assert_eq!(
+            nflog_prefix(&long, tag, Some(&fits)).len(),
+            MAX_NFLOG_PREFIX_LEN
+        );
+        let a = PolicyId::new(format!("{}a", "p".repeat(63))).unwrap();
+        let b = PolicyId::new(format!("{}b", "p".repeat(63))).unwrap();
+        let (pa, pb) = (
+            nflog_prefix(&long, tag, Some(&a)),
+            nflog_prefix(&long, tag, Some(&b)),
+        );
+        assert_eq!(pa.len(), MAX_NFLOG_PREFIX_LEN);
+        assert_eq!(pb.len(), MAX_NFLOG_PREFIX_LEN);
+        assert_ne!(pa, pb);
+        assert!(pa.starts_with(&format!("{long}:default-other:pppp")));
+        assert!(pa.contains('~'));
     }
 
     #[test]

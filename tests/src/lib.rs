@@ -13,11 +13,13 @@
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 
+pub mod agent;
 pub mod cgroup;
 pub mod leftovers;
 pub mod netfilter;
 pub mod netns;
 pub mod privilege;
+pub mod seccomp;
 pub mod traffic;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -135,6 +135,7 @@ pub trait Datapath: Send {
 pub mod ebpf;
 pub mod iptables;
 pub mod probe;
+pub mod queues;
 
 /// Opens the datapath of `kind`; nothing in the kernel changes before
 /// [`Datapath::run`].

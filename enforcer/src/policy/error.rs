@@ -133,10 +133,6 @@ pub enum Problem {
     NoServicePorts,
     #[error("needs proxy_port to be set")]
     NeedsProxyPort,
-    #[error("is 0, the mark of unmarked packets")]
-    ZeroMark,
-    #[error("has bits outside its mask {mask:#x}")]
-    MarkOutsideMask { mask: u32 },
 }
 
 /// A field path under construction, e.g. `pus[1].application_acls[0]`.

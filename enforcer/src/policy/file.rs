@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
+use enforcer_common::marks::MAX_SHIFT;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +20,7 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, Mark, MarkSettings, NetworkSettings,
-    QueueSettings,
+    Configuration, DatapathChoice, FlowLogOutput, MarkSettings, NetworkSettings, QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
@@ -67,18 +67,7 @@ struct RawQueues {
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawMarks {
-    handshake: Option<RawMark>,
-    external_accepted: Option<RawMark>,
-    proxy: Option<RawMark>,
-    injected: Option<RawMark>,
-    pu_base: Option<i64>,
-}
-
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct RawMark {
-    value: Option<i64>,
-    mask: Option<i64>,
+    shift: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -357,46 +346,14 @@ fn convert_queues(raw: &RawQueues, errs: &mut Errors) -> QueueSettings {
     }
 }
 
-/// Absent marks take the seed's values; an absent mask means the whole value.
+/// An absent shift takes the default. The range is the one
+/// `validate::settings` enforces on configurations built in code, so the
+/// message is the same either way.
 fn convert_marks(raw: &RawMarks, errs: &mut Errors) -> MarkSettings {
-    let path = FieldPath::root("marks");
+    let path = FieldPath::root("marks").key("shift");
     let default = MarkSettings::default();
-    let mut mark = |key: &str, raw: &Option<RawMark>, default: Mark| {
-        let Some(raw) = raw else { return default };
-        let path = path.key(key);
-        let value = required(errs, &path.key("value"), &raw.value)
-            .and_then(|&n| int(errs, &path.key("value"), n, 0, u32::MAX));
-        let mask = raw.mask.map_or(Some(u32::MAX), |n| {
-            int(errs, &path.key("mask"), n, 0, u32::MAX)
-        });
-        match (value, mask) {
-            (Some(value), Some(mask)) => Mark { value, mask },
-            _ => default,
-        }
-    };
-    let handshake = mark("handshake", &raw.handshake, default.handshake);
-    let external_accepted = mark(
-        "external_accepted",
-        &raw.external_accepted,
-        default.external_accepted,
-    );
-    let proxy = mark("proxy", &raw.proxy, default.proxy);
-    let injected = mark("injected", &raw.injected, default.injected);
-    let pu_base = optional_int(
-        errs,
-        &path.key("pu_base"),
-        raw.pu_base,
-        default.pu_base,
-        0,
-        u32::MAX,
-    );
-    MarkSettings {
-        handshake,
-        external_accepted,
-        proxy,
-        injected,
-        pu_base,
-    }
+    let shift = optional_int(errs, &path, raw.shift, default.shift, 0, MAX_SHIFT);
+    MarkSettings { shift }
 }
 
 /// `"stdout"` or a file path (write `./stdout` for a file of that name).
@@ -573,10 +530,6 @@ pub(super) fn render(config: &Configuration) -> Result<String, toml::ser::Error>
 impl From<&Configuration> for RawConfiguration {
     fn from(config: &Configuration) -> Self {
         let nets = |list: &[IpNet]| list.iter().map(IpNet::to_string).collect();
-        let mark = |mark: Mark| RawMark {
-            value: Some(mark.value.into()),
-            mask: Some(mark.mask.into()),
-        };
         let (queues, marks) = (&config.queues, &config.marks);
         RawConfiguration {
             mode: Some(config.mode.as_str().to_owned()),
@@ -595,11 +548,7 @@ impl From<&Configuration> for RawConfiguration {
                 fail_open: Some(queues.fail_open),
             },
             marks: RawMarks {
-                handshake: Some(mark(marks.handshake)),
-                external_accepted: Some(mark(marks.external_accepted)),
-                proxy: Some(mark(marks.proxy)),
-                injected: Some(mark(marks.injected)),
-                pu_base: Some(marks.pu_base.into()),
+                shift: Some(marks.shift.into()),
             },
             flow_log: RawFlowLog {
                 output: Some(match &config.flow_log {
@@ -806,17 +755,8 @@ mod tests {
                 fail_open: false,
             }
         );
-        assert_eq!(
-            config.marks.handshake,
-            Mark {
-                value: 0xEEEE,
-                mask: u32::MAX
-            }
-        );
-        assert_eq!(config.marks.external_accepted.value, 0xEEEF);
-        assert_eq!(config.marks.proxy.value, 0x40);
-        assert_eq!(config.marks.injected.value, 0x4000_0062);
-        assert_eq!(config.marks.pu_base, 0x1111);
+        assert_eq!(config.marks, MarkSettings { shift: 8 });
+        assert_eq!(config.marks.layout().field_mask(), 0x3f00);
         assert_eq!(config.flow_log, FlowLogOutput::Stdout);
         assert!(config.pus.is_empty());
     }
@@ -1035,12 +975,6 @@ mod tests {
             Problem::Missing,
         );
         assert_eq!(errors.len(), 2, "{errors:#?}");
-        assert_refused(
-            "mode = \"sidecar\"\n[marks]\nproxy = { mask = 0xff }",
-            "marks.proxy.value",
-            None,
-            Problem::Missing,
-        );
     }
 
     #[test]
@@ -1135,21 +1069,35 @@ mod tests {
             Some("-1"),
             u16_range,
         );
-        let u32_range = Problem::OutOfRange {
-            min: 0,
-            max: u32::MAX.into(),
-        };
-        assert_refused(
-            "mode = \"sidecar\"\n[marks]\nproxy = { value = 0x100000000 }",
-            "marks.proxy.value",
-            Some("4294967296"),
-            u32_range,
-        );
+        let shift_range = Problem::OutOfRange { min: 0, max: 26 };
+        for bad in ["27", "-1", "4294967296"] {
+            assert_refused(
+                &format!("mode = \"sidecar\"\n[marks]\nshift = {bad}"),
+                "marks.shift",
+                Some(bad),
+                shift_range.clone(),
+            );
+        }
+        let config =
+            Configuration::from_toml_str("mode = \"sidecar\"\n[marks]\nshift = 26").unwrap();
+        assert_eq!(config.marks.layout().field_mask(), 0xfc00_0000);
         assert_refused(
             "mode = \"sidecar\"\n[flow_log]\noutput = \"\"",
             "flow_log.output",
             None,
             Problem::Empty,
+        );
+    }
+
+    #[test]
+    fn the_seeds_whole_mark_values_are_no_longer_accepted() {
+        // A config written for the old format must not load with its marks
+        // silently replaced by the layout's.
+        let err = Configuration::from_toml_str("mode = \"sidecar\"\n[marks]\nhandshake = 0xEEEE")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `handshake`"),
+            "{err}"
         );
     }
 

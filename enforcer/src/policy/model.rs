@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use enforcer_common::marks::{self, MarkLayout};
 use ipnet::IpNet;
 
 use super::error::{Errors, FieldPath, PolicyError, ValidationErrors};
@@ -215,48 +216,35 @@ impl QueueSettings {
     }
 }
 
-/// A packet or connection mark: the bits of `value` under `mask`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Mark {
-    pub value: u32,
-    pub mask: u32,
+/// Where the enforcer's mark field sits in the 32-bit packet and
+/// connection marks. The field's layout (kind and class sub-fields, their
+/// values) is fixed in [`enforcer_common::marks`]; only its position is
+/// configurable, to move it out of the way of another system's bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkSettings {
+    /// The field occupies bits `shift ..= shift + 5`; at most
+    /// [`marks::MAX_SHIFT`].
+    pub shift: u32,
 }
 
-impl Mark {
-    /// A mark matched as a whole value, as the seed matches all of them.
-    pub const fn whole(value: u32) -> Self {
+impl Default for MarkSettings {
+    /// Bits 8–13 (mask 0x3f00): clear of kube-proxy (0x4000, 0x8000) and
+    /// Calico (0xffff0000).
+    fn default() -> Self {
         Self {
-            value,
-            mask: u32::MAX,
+            shift: marks::DEFAULT_SHIFT,
         }
     }
 }
 
-/// The marks the agent sets and matches. Defaults are the seed's whole
-/// values; a later issue fits them into one documented bit layout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MarkSettings {
-    /// A connection authorised by the handshake (0xEEEE).
-    pub handshake: Mark,
-    /// An external flow accepted by an ACL (0xEEEF).
-    pub external_accepted: Mark,
-    /// Proxy traffic, never redirected again (0x40).
-    pub proxy: Mark,
-    /// Packets the agent injects itself (0x40000062).
-    pub injected: Mark,
-    /// Base of the per-PU marks (0x1111; the seed's net_cls class ids).
-    pub pu_base: u32,
-}
-
-impl Default for MarkSettings {
-    fn default() -> Self {
-        Self {
-            handshake: Mark::whole(0xEEEE),
-            external_accepted: Mark::whole(0xEEEF),
-            proxy: Mark::whole(0x40),
-            injected: Mark::whole(0x4000_0062),
-            pu_base: 0x1111,
-        }
+impl MarkSettings {
+    /// The layout every datapath and the trap derive their values from.
+    ///
+    /// # Panics
+    /// If `shift` exceeds [`marks::MAX_SHIFT`]; validation refuses such a
+    /// configuration, so a loaded or validated one never panics.
+    pub fn layout(&self) -> MarkLayout {
+        MarkLayout::new(self.shift).expect("marks.shift is validated to fit the 32-bit mark")
     }
 }
 

@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
+use enforcer_common::marks::{MAX_SHIFT, MarkLayout};
+
 use super::acl::{Acl, Protocol};
 use super::error::{Errors, FieldPath, Problem};
 use super::host::HostFacts;
-use super::model::{Mark, MarkSettings, Mode, QueueSettings};
+use super::model::{MarkSettings, Mode, QueueSettings};
 use super::pu::{Pu, PuKind};
 
 /// Queue layout and marks.
@@ -43,27 +45,14 @@ pub(super) fn settings(queues: &QueueSettings, marks: &MarkSettings, errs: &mut 
         errs.bad(&path.key("queue_length"), 0, problem);
     }
 
-    let path = FieldPath::root("marks");
-    let named = [
-        ("handshake", marks.handshake),
-        ("external_accepted", marks.external_accepted),
-        ("proxy", marks.proxy),
-        ("injected", marks.injected),
-    ];
-    for (name, Mark { value, mask }) in named {
-        let path = path.key(name).key("value");
-        if value == 0 {
-            errs.bad(&path, format_args!("{value:#x}"), Problem::ZeroMark);
-        } else if value & !mask != 0 {
-            errs.bad(
-                &path,
-                format_args!("{value:#x}"),
-                Problem::MarkOutsideMask { mask },
-            );
-        }
-    }
-    if marks.pu_base == 0 {
-        errs.bad(&path.key("pu_base"), "0x0", Problem::ZeroMark);
+    // The conversion of a parsed file already refuses a bad shift with the
+    // same problem; this covers configurations built in code.
+    if MarkLayout::new(marks.shift).is_none() {
+        let problem = Problem::OutOfRange {
+            min: 0,
+            max: MAX_SHIFT.into(),
+        };
+        errs.bad(&FieldPath::root("marks").key("shift"), marks.shift, problem);
     }
 }
 
@@ -455,38 +444,6 @@ mod tests {
     }
 
     #[test]
-    fn marks_must_be_non_zero_and_within_their_mask() {
-        let marks = |keys: &str| format!("mode = \"sidecar\"\n[marks]\n{keys}");
-        assert_refused(
-            &marks("handshake = { value = 0 }"),
-            "marks.handshake.value",
-            Some("0x0"),
-            Problem::ZeroMark,
-        );
-        assert_refused(
-            &marks("injected = { value = 0x40000062, mask = 0xffff }"),
-            "marks.injected.value",
-            Some("0x40000062"),
-            Problem::MarkOutsideMask { mask: 0xffff },
-        );
-        assert_refused(
-            &marks("pu_base = 0"),
-            "marks.pu_base",
-            Some("0x0"),
-            Problem::ZeroMark,
-        );
-        let config =
-            Configuration::from_toml_str(&marks("proxy = { value = 0x40, mask = 0x40 }")).unwrap();
-        assert_eq!(
-            config.marks.proxy,
-            Mark {
-                value: 0x40,
-                mask: 0x40
-            }
-        );
-    }
-
-    #[test]
     fn validate_checks_a_configuration_built_in_code() {
         let mut config = Configuration::from_toml_str(&with_process_pu("")).unwrap();
         let host = FakeHost(&["enforcer/web"]);
@@ -502,6 +459,7 @@ mod tests {
         };
         config.pus.push(other);
         config.queues.queues_per_range = 0;
+        config.marks.shift = 27;
 
         let errors = config.validate(&host).unwrap_err();
         let errors = errors.as_slice();
@@ -510,6 +468,12 @@ mod tests {
             "queues.queues_per_range",
             Some("0"),
             Problem::OutOfRange { min: 1, max: 8192 },
+        );
+        assert_has(
+            errors,
+            "marks.shift",
+            Some("27"),
+            Problem::OutOfRange { min: 0, max: 26 },
         );
         assert_has(
             errors,
@@ -532,6 +496,6 @@ mod tests {
             Some("enforcer/gone"),
             Problem::CgroupMissing,
         );
-        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert_eq!(errors.len(), 5, "{errors:#?}");
     }
 }

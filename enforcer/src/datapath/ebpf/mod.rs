@@ -1,17 +1,325 @@
-//! The eBPF datapath (being written).
+//! The eBPF datapath: programs classify, a fixed handful of netfilter
+//! rules applies conntrack state and queues (ARCHITECTURE.md).
+//!
+//! - One object (`enforcer-ebpf/src/main.rs`) loaded once by `run`, with
+//!   the mark layout patched in; its maps pinned under
+//!   `<pin_dir>/maps/`.
+//! - Each linux-process PU gets a *slot*: `PU_BY_CGROUP` maps its cgroup
+//!   id to the slot, the connect hooks are attached to its cgroup (links
+//!   pinned under `<pin_dir>/links/`, so enforcement outlives a crashed
+//!   agent), and its ACLs are written as LPM entries under the scope of
+//!   (slot, generation).
+//! - `update` writes the new policy under the other generation, flips the
+//!   slot's generation with one map write, then removes the old entries:
+//!   every connection is judged wholly by the old or wholly by the new
+//!   policy.
+//! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
+//!   ACLs or networks.
 
-use super::{Counters, Datapath, DatapathKind, DatapathSettings, Result};
-use crate::policy::{NetworkSettings, Pu};
+mod entries;
+mod netfilter;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+};
+use enforcer_common::maps::{
+    AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS, MAP_PU_GENERATION,
+    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_CONNECT4, PROG_CONNECT6, PuCounts,
+    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, acl_scope,
+};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use super::{
+    Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
+    iptables::exec as nf,
+};
+use crate::policy::{IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
+
+/// The loaded object and its maps, present between `run` and `cleanup`.
+struct Loaded {
+    bpf: Ebpf,
+    nets: LpmTrie<MapData, NetKey, u8>,
+    acls: LpmTrie<MapData, NetKey, AclEntry>,
+    pu_by_cgroup: HashMap<MapData, u64, u32>,
+    generation: Array<MapData, u32>,
+    counts: PerCpuArray<MapData, PuCounts>,
+}
+
+/// What the datapath holds for one configured PU.
+struct PuState {
+    slot: u32,
+    generation: u32,
+    cgroup_id: u64,
+    /// Prefixes written under (slot, generation).
+    prefixes: BTreeSet<IpNet>,
+    links: Vec<PinnedLink>,
+}
 
 pub struct EbpfDatapath {
-    _settings: DatapathSettings,
+    settings: DatapathSettings,
+    loaded: Option<Loaded>,
+    /// Entries of each global set, as written.
+    sets: BTreeMap<u32, BTreeSet<IpNet>>,
+    pus: BTreeMap<PuId, PuState>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    /// Policy ids get small numbers carried in the rules, for logs.
+    policy_ids: BTreeMap<String, u32>,
+    acl_prefixes: usize,
 }
 
 impl EbpfDatapath {
     pub fn new(settings: DatapathSettings) -> Result<Self> {
         Ok(Self {
-            _settings: settings,
+            settings,
+            loaded: None,
+            sets: BTreeMap::new(),
+            pus: BTreeMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
+            policy_ids: BTreeMap::new(),
+            acl_prefixes: 0,
         })
+    }
+
+    fn loaded(&mut self) -> Result<&mut Loaded> {
+        self.loaded
+            .as_mut()
+            .ok_or_else(|| anyhow!("the eBPF datapath is not running (call run first)").into())
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.settings.pin_dir.join("maps")
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.settings.pin_dir.join("links")
+    }
+
+    /// Loads the object with the mark layout patched in, pins its maps.
+    fn load(&self) -> anyhow::Result<Loaded> {
+        let object = crate::bpf::datapath_object()?;
+        let shift = self.settings.marks.shift();
+        let mut bpf = EbpfLoader::new()
+            .override_global(enforcer_common::maps::GLOBAL_MARK_SHIFT, &shift, true)
+            .load(object)
+            .context("loading the eBPF datapath object")?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading program {name}"))?;
+        }
+        let maps_dir = self.maps_dir();
+        std::fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating {}", maps_dir.display()))?;
+        std::fs::create_dir_all(self.links_dir())
+            .with_context(|| format!("creating {}", self.links_dir().display()))?;
+        let mut take = |name: &str| -> anyhow::Result<aya::maps::Map> {
+            let map = bpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+            map.pin(maps_dir.join(name))
+                .with_context(|| format!("pinning map {name}"))?;
+            Ok(map)
+        };
+        Ok(Loaded {
+            nets: take(MAP_NETS)?.try_into()?,
+            acls: take(MAP_ACLS)?.try_into()?,
+            pu_by_cgroup: take(MAP_PU_BY_CGROUP)?.try_into()?,
+            generation: take(MAP_PU_GENERATION)?.try_into()?,
+            counts: take(MAP_PU_COUNTS)?.try_into()?,
+            bpf,
+        })
+    }
+
+    fn policy_index(&mut self, id: &str) -> u32 {
+        let next = self.policy_ids.len() as u32;
+        *self.policy_ids.entry(id.to_string()).or_insert(next)
+    }
+
+    /// Builds a PU's application-side ACL entries.
+    fn entries_for(&mut self, pu: &Pu) -> Result<BTreeMap<IpNet, AclEntry>> {
+        let ids: Vec<String> = pu.application_acls.iter().map(|a| a.policy_id.as_str().to_string()).collect();
+        let indexes: BTreeMap<String, u32> = ids.iter().map(|id| (id.clone(), self.policy_index(id))).collect();
+        entries::acl_entries(&pu.application_acls, |acl| indexes[acl.policy_id.as_str()])
+    }
+
+    /// Refuses what this datapath cannot enforce yet, before any change.
+    fn check_supported(&self, pu: &Pu) -> Result<()> {
+        if self.settings.mode != Mode::LocalServer {
+            return Err(DatapathError::Unsupported(format!("mode {}", self.settings.mode), DatapathKind::Ebpf));
+        }
+        match &pu.kind {
+            PuKind::LinuxProcess { .. } => Ok(()),
+            other => Err(DatapathError::Unsupported(format!("PU kind {}", other.name()), DatapathKind::Ebpf)),
+        }
+    }
+
+    fn cgroup_path(&self, pu: &Pu) -> Result<PathBuf> {
+        match &pu.kind {
+            PuKind::LinuxProcess { cgroup } => Ok(self.settings.cgroup2.join(cgroup.as_path())),
+            other => Err(DatapathError::Unsupported(format!("PU kind {}", other.name()), DatapathKind::Ebpf)),
+        }
+    }
+
+    /// Writes ACL entries under a scope; on failure removes what it wrote.
+    fn write_acls(&mut self, scope: u32, entries: &BTreeMap<IpNet, AclEntry>) -> Result<()> {
+        if self.acl_prefixes + entries.len() > MAX_ACL_PREFIXES as usize {
+            return Err(DatapathError::Full {
+                what: "the ACL map".into(),
+                capacity: MAX_ACL_PREFIXES as usize,
+            });
+        }
+        let loaded = self.loaded()?;
+        let mut written = Vec::new();
+        for (net, entry) in entries {
+            let (bits, data) = entries::net_key(scope, *net);
+            let key = Key::new(bits, data);
+            if let Err(e) = loaded.acls.insert(&key, entry, 0) {
+                for key in &written {
+                    let _ = loaded.acls.remove(key);
+                }
+                return Err(anyhow!(e).context(format!("writing the ACL entry for {net}")).into());
+            }
+            written.push(key);
+        }
+        self.acl_prefixes += entries.len();
+        Ok(())
+    }
+
+    fn remove_acls(&mut self, scope: u32, prefixes: &BTreeSet<IpNet>) {
+        let Ok(loaded) = self.loaded() else { return };
+        for net in prefixes {
+            let (bits, data) = entries::net_key(scope, *net);
+            if let Err(e) = loaded.acls.remove(&Key::new(bits, data)) {
+                debug!("removing ACL entry {net}: {e}");
+            }
+        }
+        self.acl_prefixes = self.acl_prefixes.saturating_sub(prefixes.len());
+    }
+
+    /// Attaches both connect hooks to a cgroup and pins the links.
+    fn attach(&mut self, slot: u32, cgroup: &Path) -> Result<Vec<PinnedLink>> {
+        let links_dir = self.links_dir();
+        let loaded = self.loaded()?;
+        let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut pinned = Vec::new();
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = loaded
+                .bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()
+                .map_err(anyhow::Error::from)?;
+            let attached = prog
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()));
+            let link = attached.and_then(|id| Ok(prog.take_link(id)?));
+            let link = link.and_then(|link| Ok(FdLink::try_from(link)?));
+            let path = links_dir.join(format!("pu{slot}-{name}"));
+            match link.and_then(|link| Ok(link.pin(&path)?)) {
+                Ok(p) => pinned.push(p),
+                Err(e) => {
+                    detach(pinned);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(pinned)
+    }
+
+    fn take_slot(&mut self) -> Result<u32> {
+        if let Some(slot) = self.free_slots.pop() {
+            return Ok(slot);
+        }
+        if self.next_slot >= MAX_PUS {
+            return Err(DatapathError::Full {
+                what: "the PU table".into(),
+                capacity: MAX_PUS as usize,
+            });
+        }
+        self.next_slot += 1;
+        Ok(self.next_slot - 1)
+    }
+
+    /// Zeroes a slot's counters so a reused slot starts from nothing.
+    fn reset_counts(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let zeros = PerCpuValues::try_from(vec![PuCounts::default(); cpus]).map_err(anyhow::Error::from)?;
+        self.loaded()?
+            .counts
+            .set(slot, zeros, 0)
+            .context("resetting PU counters")?;
+        Ok(())
+    }
+
+    fn write_set(&mut self, scope: u32, wanted: BTreeSet<IpNet>) -> Result<()> {
+        let current = self.sets.get(&scope).cloned().unwrap_or_default();
+        let added: Vec<IpNet> = wanted.difference(&current).copied().collect();
+        let removed: Vec<IpNet> = current.difference(&wanted).copied().collect();
+        let total: usize = self.sets.values().map(BTreeSet::len).sum();
+        if total + added.len() > MAX_NETS as usize + removed.len() {
+            return Err(DatapathError::Full {
+                what: "the network sets map".into(),
+                capacity: MAX_NETS as usize,
+            });
+        }
+        let loaded = self.loaded()?;
+        // Add first, then remove: a failed add is rolled back and the
+        // previous set stays in force.
+        for (i, net) in added.iter().enumerate() {
+            let (bits, data) = entries::net_key(scope, *net);
+            if let Err(e) = loaded.nets.insert(&Key::new(bits, data), 1, 0) {
+                for net in &added[..i] {
+                    let (bits, data) = entries::net_key(scope, *net);
+                    let _ = loaded.nets.remove(&Key::new(bits, data));
+                }
+                return Err(anyhow!(e).context(format!("adding {net} to set {scope}")).into());
+            }
+        }
+        for net in &removed {
+            let (bits, data) = entries::net_key(scope, *net);
+            loaded
+                .nets
+                .remove(&Key::new(bits, data))
+                .with_context(|| format!("removing {net} from set {scope}"))?;
+        }
+        self.sets.insert(scope, wanted);
+        Ok(())
+    }
+
+    fn slot_counts(&self, slot: u32) -> Result<PacketCounts> {
+        let loaded = self.loaded.as_ref().ok_or_else(|| anyhow!("not running"))?;
+        let values = loaded.counts.get(&slot, 0).context("reading PU counters")?;
+        let mut sum = PacketCounts::default();
+        for c in values.iter() {
+            sum += PacketCounts {
+                trapped: c.trapped,
+                accepted: c.accepted,
+                dropped: c.dropped,
+            };
+        }
+        Ok(sum)
+    }
+}
+
+/// Unpins links; dropping the last reference detaches the program.
+fn detach(links: Vec<PinnedLink>) {
+    for link in links {
+        if let Err(e) = link.unpin() {
+            warn!("unpinning a link: {e}");
+        }
     }
 }
 
@@ -19,25 +327,198 @@ impl Datapath for EbpfDatapath {
     fn kind(&self) -> DatapathKind {
         DatapathKind::Ebpf
     }
+
     fn run(&mut self) -> Result<()> {
-        todo!()
+        self.cleanup()?;
+        let loaded = self.load()?;
+        self.loaded = Some(loaded);
+        let rules = netfilter::render(self.settings.marks, &self.settings.queues);
+        for family in IpFamily::ALL {
+            nf::restore(family, &rules).with_context(|| format!("installing the fixed {family} rules"))?;
+        }
+        info!(pin_dir = %self.settings.pin_dir.display(), "eBPF datapath loaded");
+        Ok(())
     }
-    fn set_target_networks(&mut self, _networks: &NetworkSettings) -> Result<()> {
-        todo!()
+
+    fn set_target_networks(&mut self, networks: &NetworkSettings) -> Result<()> {
+        let mut wanted: BTreeMap<u32, BTreeSet<IpNet>> = BTreeMap::new();
+        for family in IpFamily::ALL {
+            let nets = networks.for_family(family);
+            for (scope, list) in [
+                (SCOPE_TARGET_TCP, nets.target_tcp),
+                (SCOPE_TARGET_UDP, nets.target_udp),
+                (SCOPE_EXCLUDED, nets.excluded),
+            ] {
+                wanted.entry(scope).or_default().extend(list);
+            }
+        }
+        let before = self.sets.clone();
+        for (scope, nets) in wanted {
+            if let Err(e) = self.write_set(scope, nets) {
+                // Put back the sets already switched, so the operation is
+                // all or nothing.
+                for (scope, nets) in before {
+                    let _ = self.write_set(scope, nets);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
-    fn configure(&mut self, _version: u8, _pu: &Pu) -> Result<()> {
-        todo!()
+
+    fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
+        self.check_supported(pu)?;
+        if self.pus.contains_key(&pu.id) {
+            return Err(anyhow!("PU {} is already configured", pu.id).into());
+        }
+        let cgroup = self.cgroup_path(pu)?;
+        let cgroup_id = std::fs::metadata(&cgroup)
+            .with_context(|| format!("cgroup {} of PU {}", cgroup.display(), pu.id))?
+            .ino();
+        let entries = self.entries_for(pu)?;
+        let generation = u32::from(version & 1);
+        let slot = self.take_slot()?;
+        let undo_slot = |this: &mut Self| this.free_slots.push(slot);
+        if let Err(e) = self.reset_counts(slot) {
+            undo_slot(self);
+            return Err(e);
+        }
+        if let Err(e) = self.write_acls(acl_scope(slot, generation), &entries) {
+            undo_slot(self);
+            return Err(e);
+        }
+        let prefixes: BTreeSet<IpNet> = entries.keys().copied().collect();
+        let undo_acls = |this: &mut Self| {
+            this.remove_acls(acl_scope(slot, generation), &prefixes);
+            this.free_slots.push(slot);
+        };
+        let published = self.loaded().and_then(|l| {
+            l.generation.set(slot, generation, 0).context("setting the PU generation")?;
+            l.pu_by_cgroup.insert(cgroup_id, slot, 0).context("registering the PU cgroup")?;
+            Ok(())
+        });
+        if let Err(e) = published {
+            undo_acls(self);
+            return Err(e);
+        }
+        let links = match self.attach(slot, &cgroup) {
+            Ok(links) => links,
+            Err(e) => {
+                if let Ok(l) = self.loaded() {
+                    let _ = l.pu_by_cgroup.remove(&cgroup_id);
+                }
+                undo_acls(self);
+                return Err(e);
+            }
+        };
+        self.pus.insert(
+            pu.id.clone(),
+            PuState {
+                slot,
+                generation,
+                cgroup_id,
+                prefixes,
+                links,
+            },
+        );
+        info!(pu = %pu.id, slot, cgroup = %cgroup.display(), "PU configured");
+        Ok(())
     }
-    fn update(&mut self, _version: u8, _new: &Pu, _old: &Pu) -> Result<()> {
-        todo!()
+
+    fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
+        self.check_supported(new)?;
+        if self.cgroup_path(new)? != self.cgroup_path(old)? {
+            // A new cgroup is a different attachment: replace the PU.
+            self.configure_replacing(version, new, old)?;
+            return Ok(());
+        }
+        let state = self.pus.get(&old.id).ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
+        let (slot, old_generation) = (state.slot, state.generation);
+        let old_prefixes = state.prefixes.clone();
+        let generation = u32::from(version & 1);
+        if generation == old_generation {
+            return Err(anyhow!("update of PU {} to version {version}: that generation is in force", new.id).into());
+        }
+        let entries = self.entries_for(new)?;
+        self.write_acls(acl_scope(slot, generation), &entries)?;
+        let prefixes: BTreeSet<IpNet> = entries.keys().copied().collect();
+        // The switch: one map write.
+        if let Err(e) = self.loaded().and_then(|l| Ok(l.generation.set(slot, generation, 0).context("flipping the PU generation")?)) {
+            self.remove_acls(acl_scope(slot, generation), &prefixes);
+            return Err(e);
+        }
+        self.remove_acls(acl_scope(slot, old_generation), &old_prefixes);
+        let state = self.pus.get_mut(&old.id).expect("checked above");
+        state.generation = generation;
+        state.prefixes = prefixes;
+        info!(pu = %new.id, slot, generation, "PU updated");
+        Ok(())
     }
-    fn delete(&mut self, _version: u8, _pu: &Pu) -> Result<()> {
-        todo!()
+
+    fn delete(&mut self, _version: u8, pu: &Pu) -> Result<()> {
+        let Some(state) = self.pus.remove(&pu.id) else {
+            return Ok(());
+        };
+        detach(state.links);
+        if let Ok(l) = self.loaded() {
+            if let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id) {
+                debug!("removing PU cgroup entry: {e}");
+            }
+        }
+        self.remove_acls(acl_scope(state.slot, state.generation), &state.prefixes);
+        self.free_slots.push(state.slot);
+        info!(pu = %pu.id, "PU deleted");
+        Ok(())
     }
+
     fn cleanup(&mut self) -> Result<()> {
-        todo!()
+        for (_, state) in std::mem::take(&mut self.pus) {
+            detach(state.links);
+        }
+        self.loaded = None;
+        self.sets.clear();
+        self.free_slots.clear();
+        self.next_slot = 0;
+        self.acl_prefixes = 0;
+        // Pinned maps and links of this or an earlier (crashed) instance:
+        // removing the pins releases them and detaches the programs.
+        match std::fs::remove_dir_all(&self.settings.pin_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow!(e).context(format!("removing {}", self.settings.pin_dir.display())).into()),
+        }
+        nf::cleanup_all().context("removing netfilter rules")?;
+        Ok(())
     }
+
     fn counters(&self) -> Result<Counters> {
-        todo!()
+        let mut counters = Counters::default();
+        for (id, state) in &self.pus {
+            let counts = self.slot_counts(state.slot)?;
+            counters.total += counts;
+            counters.per_pu.insert(id.to_string(), counts);
+        }
+        Ok(counters)
+    }
+}
+
+impl EbpfDatapath {
+    /// `update` across cgroups: configure the new attachment, then delete
+    /// the old, so the PU is never without a policy.
+    fn configure_replacing(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
+        let state = self.pus.remove(&old.id).ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
+        match self.configure(version, new) {
+            Ok(()) => {
+                let new_state = self.pus.remove(&new.id).expect("just configured");
+                self.pus.insert(old.id.clone(), state);
+                self.delete(version ^ 1, old)?;
+                self.pus.insert(new.id.clone(), new_state);
+                Ok(())
+            }
+            Err(e) => {
+                self.pus.insert(old.id.clone(), state);
+                Err(e)
+            }
+        }
     }
 }

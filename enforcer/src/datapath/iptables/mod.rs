@@ -1,43 +1,750 @@
-//! The iptables + ipset fallback datapath (being written).
+//! The iptables + ipset fallback datapath: the seed's `TRI-` chains and
+//! sets, applied in batches with `iptables-restore --noflush` and
+//! `ipset restore` in the agent's network namespace.
+//!
+//! Rendering is pure and lives beside the executor, not in it:
+//! - [`rules`]: the restore-file vocabulary (tables, mark and queue
+//!   fragments) shared by
+//! - [`global`]: the target/excluded sets, the `TRI-` chains and the
+//!   steering rules that `run` installs, and
+//! - [`pu`]: one linux-process PU's sets, chains and hooks;
+//! - [`sets`]: `ipset restore` text; [`save`]: reading `iptables-save`;
+//! - [`exec`]: running the tools (the only I/O).
+//!
+//! IPv4 and IPv6 are one implementation: every renderer takes the family
+//! as a parameter ([`rules::Ctx`]), and each operation loops over
+//! [`IpFamily::ALL`].
+//!
+//! This module keeps what the kernel holds — each PU's policy, short name
+//! and version (every chain and set name derives from those three), and
+//! the target networks per family — and makes every change all or
+//! nothing: sets first (nothing else happens if that fails), then one
+//! `iptables-restore` per family; a later failure undoes the earlier
+//! steps. This slice handles `local-server` mode and linux-process PUs;
+//! anything else is refused before any change.
 
-use super::{Counters, Datapath, DatapathKind, DatapathSettings, Result};
-use crate::policy::{NetworkSettings, Pu};
+pub mod exec;
+pub mod global;
+pub mod pu;
+pub mod rules;
+pub mod save;
+pub mod sets;
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, anyhow};
+use tracing::warn;
+
+use self::exec::{Netfilter, System};
+use self::pu::PuPlan;
+use self::rules::{Ctx, Table, section};
+use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
+use crate::naming::{GlobalSet, MAIN_CHAINS, NameRegistry, ShortName};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId};
+
+// TEMPORARY, until `policy` gives IpFamily a Display of its own (the eBPF
+// datapath's messages need it too); remove then.
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// A PU as installed.
+#[derive(Debug)]
+struct Installed {
+    pu: Pu,
+    short: ShortName,
+    version: u8,
+}
+
+impl Installed {
+    fn plan(&self) -> Result<PuPlan<'_>> {
+        PuPlan::new(&self.pu, &self.short, self.version)
+    }
+}
 
 pub struct IptablesDatapath {
-    _settings: DatapathSettings,
+    settings: DatapathSettings,
+    nf: Box<dyn Netfilter>,
+    names: NameRegistry,
+    pus: BTreeMap<PuId, Installed>,
+    /// What the global sets hold; `None` until `run` has created them.
+    targets: Option<PerFamily<FamilyNetworks>>,
 }
 
 impl IptablesDatapath {
     pub fn new(settings: DatapathSettings) -> Result<Self> {
-        Ok(Self {
-            _settings: settings,
-        })
+        Ok(Self::with_netfilter(settings, Box::new(System)))
     }
+
+    fn with_netfilter(settings: DatapathSettings, nf: Box<dyn Netfilter>) -> Self {
+        Self {
+            settings,
+            nf,
+            names: NameRegistry::new(),
+            pus: BTreeMap::new(),
+            targets: None,
+        }
+    }
+
+    fn ctx(&self, family: IpFamily) -> Ctx<'_> {
+        Ctx {
+            family,
+            mode: self.settings.mode,
+            marks: self.settings.marks,
+            queues: &self.settings.queues,
+        }
+    }
+
+    /// Refuses what this slice cannot install, before anything changes.
+    fn check_supported(&self, pu: &Pu) -> Result<()> {
+        if self.settings.mode != Mode::LocalServer {
+            let what = format!("mode {}", self.settings.mode);
+            return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
+        }
+        if self.targets.is_none() {
+            return Err(not_running());
+        }
+        pu::check(pu).map(drop)
+    }
+
+    /// Applies `rendered(family)` to each family's mangle table in turn;
+    /// if one fails, applies `undo(family)` to those already done. Returns
+    /// the failure, with the undo's own failures attached.
+    fn apply_per_family(
+        &self,
+        rendered: impl Fn(&Ctx) -> Vec<String>,
+        undo: impl Fn(&Ctx) -> Vec<String>,
+    ) -> anyhow::Result<()> {
+        for (done, family) in IpFamily::ALL.into_iter().enumerate() {
+            let text = section(Table::Mangle, &rendered(&self.ctx(family)));
+            if let Err(e) = self.nf.restore(family, &text) {
+                let mut e = e.context(format!("applying the {family} rules"));
+                for earlier in &IpFamily::ALL[..done] {
+                    let text = section(Table::Mangle, &undo(&self.ctx(*earlier)));
+                    if let Err(undo) = self.nf.restore(*earlier, &text) {
+                        e = e.context(format!(
+                            "undoing the {earlier} rules also failed, they stay: {undo:#}"
+                        ));
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys those of `names` that exist. For undoing a step and for
+    /// `delete`: a set that is already gone is not an error.
+    fn destroy_sets(&self, names: &[String]) -> anyhow::Result<()> {
+        let existing = self.nf.ipset_names()?;
+        let doomed: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| existing.iter().any(|e| e == name))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        self.nf.ipset_restore(&sets::destroy(doomed))
+    }
+
+    /// Undoes a set step after a later failure; the failure `e` stays the
+    /// error, with the undo's failure attached.
+    fn undo_sets(&self, e: anyhow::Error, undo: anyhow::Result<()>) -> DatapathError {
+        match undo {
+            Ok(()) => e.into(),
+            Err(undo) => e
+                .context(format!("undoing the set changes also failed: {undo:#}"))
+                .into(),
+        }
+    }
+
+    /// configure's steps once the name is assigned.
+    fn install(&self, plan: &PuPlan) -> Result<()> {
+        let specs: Vec<sets::SetSpec> = IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)).collect();
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        if let Err(e) = self.nf.ipset_restore(&sets::create(&specs)) {
+            // ipset restore stops at the failing line: some sets exist.
+            let e = e.context("creating the PU's sets");
+            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+        }
+        if let Err(e) = self.apply_per_family(|ctx| plan.install(ctx), |ctx| plan.remove(ctx)) {
+            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+        }
+        Ok(())
+    }
+
+    /// update's steps: new ACL sets and port changes, then per family one
+    /// commit that installs the new version and removes the old.
+    fn replace(&self, new: &PuPlan, old: &PuPlan) -> Result<()> {
+        let new_sets: Vec<sets::SetSpec> =
+            IpFamily::ALL.iter().flat_map(|&f| new.acl_sets(f)).collect();
+        let new_names: Vec<String> = new_sets.iter().map(|s| s.name.clone()).collect();
+        let port_changes = |from: &PuPlan, to: &PuPlan| -> String {
+            let mut text = String::new();
+            for family in IpFamily::ALL {
+                for ((name, old), (_, new)) in from.port_sets(family).into_iter().zip(to.port_sets(family)) {
+                    text += &sets::port_diff(&name, old, new);
+                }
+            }
+            text
+        };
+        let forward = sets::create(&new_sets) + &port_changes(old, new);
+        let undo_sets = || -> anyhow::Result<()> {
+            // A difference with -exist applies cleanly over a partial one.
+            let back = port_changes(new, old);
+            if !back.is_empty() {
+                self.nf.ipset_restore(&back)?;
+            }
+            self.destroy_sets(&new_names)
+        };
+        if let Err(e) = self.nf.ipset_restore(&forward) {
+            let e = e.context("creating the new sets");
+            return Err(self.undo_sets(e, undo_sets()));
+        }
+        let swap = |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
+        if let Err(e) = self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx)) {
+            return Err(self.undo_sets(e, undo_sets()));
+        }
+        let old_names: Vec<String> = IpFamily::ALL
+            .iter()
+            .flat_map(|&f| old.acl_sets(f))
+            .map(|s| s.name)
+            .collect();
+        if let Err(e) = self.destroy_sets(&old_names) {
+            // The new policy is in force; the old sets are only litter,
+            // which the next `run` or `cleanup` removes.
+            warn!("the old ACL sets stay after the update: {e:#}");
+        }
+        Ok(())
+    }
+
+    /// delete's kernel part, every piece best effort: per family, the
+    /// PU's chains of both versions found in the save and whatever jumps
+    /// to them, then the PU's sets that exist.
+    fn uninstall(&self, plans: &[PuPlan]) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        let chains: Vec<String> = plans
+            .iter()
+            .flat_map(|plan| {
+                let pair = plan.chains();
+                [pair.app, pair.net]
+            })
+            .collect();
+        for family in IpFamily::ALL {
+            let attempt = || -> anyhow::Result<()> {
+                let saved = self.nf.save(family, Table::Mangle, false)?;
+                let lines = save::teardown(&saved, |chain| chains.iter().any(|c| c == chain));
+                if !lines.is_empty() {
+                    self.nf.restore(family, &section(Table::Mangle, &lines))?;
+                }
+                Ok(())
+            };
+            if let Err(e) = attempt() {
+                failures.push(format!("removing the {family} chains: {e:#}"));
+            }
+        }
+        let names: Vec<String> = plans
+            .iter()
+            .flat_map(|plan| IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)))
+            .map(|s| s.name)
+            .collect();
+        if let Err(e) = self.destroy_sets(&names) {
+            failures.push(format!("destroying the sets: {e:#}"));
+        }
+        match failures.is_empty() {
+            true => Ok(()),
+            false => Err(anyhow!(failures.join("; "))),
+        }
+    }
+
+    fn forget_everything(&mut self) {
+        self.pus.clear();
+        self.names = NameRegistry::new();
+        self.targets = None;
+    }
+}
+
+fn not_running() -> DatapathError {
+    anyhow!("the iptables datapath is not running (call run first)").into()
+}
+
+fn no_networks() -> FamilyNetworks {
+    FamilyNetworks {
+        target_tcp: Vec::new(),
+        target_udp: Vec::new(),
+        excluded: Vec::new(),
+    }
+}
+
+/// `ipset restore` text turning the global sets from `from` into `to`.
+fn network_changes(from: &PerFamily<FamilyNetworks>, to: &PerFamily<FamilyNetworks>) -> String {
+    let lists = |n: &FamilyNetworks| {
+        [
+            (GlobalSet::TargetTcp, n.target_tcp.clone()),
+            (GlobalSet::TargetUdp, n.target_udp.clone()),
+            (GlobalSet::Excluded, n.excluded.clone()),
+        ]
+    };
+    let mut text = String::new();
+    for family in IpFamily::ALL {
+        for ((set, old), (_, new)) in lists(from.get(family)).into_iter().zip(lists(to.get(family))) {
+            text += &sets::network_diff(&set.name(family), &old, &new);
+        }
+    }
+    text
 }
 
 impl Datapath for IptablesDatapath {
     fn kind(&self) -> DatapathKind {
         DatapathKind::Iptables
     }
+
     fn run(&mut self) -> Result<()> {
-        todo!()
+        self.forget_everything();
+        exec::remove_everything(self.nf.as_ref())
+            .context("removing what a previous instance left")?;
+        let install = || -> anyhow::Result<()> {
+            let specs: Vec<sets::SetSpec> = IpFamily::ALL.into_iter().flat_map(global::sets).collect();
+            self.nf
+                .ipset_restore(&sets::create(&specs))
+                .context("creating the global sets")?;
+            for family in IpFamily::ALL {
+                self.nf
+                    .restore(family, &global::rules(&self.ctx(family)))
+                    .with_context(|| format!("installing the global {family} rules"))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = install() {
+            // Leave nothing half-installed behind.
+            if let Err(undo) = exec::remove_everything(self.nf.as_ref()) {
+                return Err(e.context(format!("and removing it again failed: {undo:#}")).into());
+            }
+            return Err(e.into());
+        }
+        self.targets = Some(PerFamily {
+            v4: no_networks(),
+            v6: no_networks(),
+        });
+        Ok(())
     }
-    fn set_target_networks(&mut self, _networks: &NetworkSettings) -> Result<()> {
-        todo!()
+
+    fn set_target_networks(&mut self, networks: &NetworkSettings) -> Result<()> {
+        let current = self.targets.as_ref().ok_or_else(not_running)?;
+        let wanted = PerFamily {
+            v4: networks.for_family(IpFamily::V4),
+            v6: networks.for_family(IpFamily::V6),
+        };
+        let forward = network_changes(current, &wanted);
+        if forward.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.nf.ipset_restore(&forward) {
+            let e = e.context("changing the target and excluded networks");
+            // Every line carries -exist: the reverse difference restores
+            // the previous content however far the failed one got.
+            let undo = self.nf.ipset_restore(&network_changes(&wanted, current));
+            return Err(self.undo_sets(e, undo));
+        }
+        self.targets = Some(wanted);
+        Ok(())
     }
-    fn configure(&mut self, _version: u8, _pu: &Pu) -> Result<()> {
-        todo!()
+
+    fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
+        self.check_supported(pu)?;
+        if self.pus.contains_key(&pu.id) {
+            let message = format!("PU {} is already configured (update it instead)", pu.id);
+            return Err(anyhow!(message).into());
+        }
+        let short = self.names.assign(&pu.id).map_err(anyhow::Error::from)?;
+        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&plan));
+        if let Err(e) = result {
+            self.names.release(&pu.id);
+            return Err(e);
+        }
+        let installed = Installed {
+            pu: pu.clone(),
+            short,
+            version,
+        };
+        self.pus.insert(pu.id.clone(), installed);
+        Ok(())
     }
-    fn update(&mut self, _version: u8, _new: &Pu, _old: &Pu) -> Result<()> {
-        todo!()
+
+    /// `old` names the PU; what it replaces is what was installed, which
+    /// the datapath knows better than the caller.
+    fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
+        self.check_supported(new)?;
+        if new.id != old.id {
+            let message = format!("an update cannot change a PU's id ({} to {})", old.id, new.id);
+            return Err(anyhow!(message).into());
+        }
+        let installed = self
+            .pus
+            .get(&new.id)
+            .ok_or_else(|| DatapathError::UnknownPu(new.id.clone()))?;
+        if installed.version == version {
+            let message = format!(
+                "PU {} is already installed under version {version}; an update needs the other one",
+                new.id
+            );
+            return Err(anyhow!(message).into());
+        }
+        let old_plan = installed.plan()?;
+        let new_plan = PuPlan::new(new, &installed.short, version)?;
+        self.replace(&new_plan, &old_plan)?;
+        let short = installed.short.clone();
+        self.pus.insert(
+            new.id.clone(),
+            Installed {
+                pu: new.clone(),
+                short,
+                version,
+            },
+        );
+        Ok(())
     }
-    fn delete(&mut self, _version: u8, _pu: &Pu) -> Result<()> {
-        todo!()
+
+    fn delete(&mut self, version: u8, pu: &Pu) -> Result<()> {
+        let Some(installed) = self.pus.get(&pu.id) else {
+            // Nothing of an unknown PU exists: `run` removed every
+            // leftover, and a failed configure undid itself.
+            return Ok(());
+        };
+        let mut plans = vec![installed.plan()?];
+        if version != installed.version {
+            // Also whatever the caller believes is installed.
+            plans.push(PuPlan::new(pu, &installed.short, version)?);
+        }
+        self.uninstall(&plans)
+            .with_context(|| format!("deleting PU {}", pu.id))?;
+        self.pus.remove(&pu.id);
+        self.names.release(&pu.id);
+        Ok(())
     }
+
     fn cleanup(&mut self) -> Result<()> {
-        todo!()
+        self.forget_everything();
+        exec::remove_everything(self.nf.as_ref())?;
+        Ok(())
     }
+
     fn counters(&self) -> Result<Counters> {
-        todo!()
+        let mut counters = Counters::default();
+        for family in IpFamily::ALL {
+            let saved = self.nf.save(family, Table::Mangle, true)?;
+            counters.total += save::count(&saved, &[MAIN_CHAINS.app, MAIN_CHAINS.net]);
+            for (id, installed) in &self.pus {
+                let chains = installed.plan()?.chains();
+                let counts = save::count(&saved, &[&chains.app, &chains.net]);
+                counters.total += counts;
+                *counters.per_pu.entry(id.to_string()).or_default() += counts;
+            }
+        }
+        Ok(counters)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The operations' order and their undo, against a fake that records
+    //! every tool call, keeps track of which sets exist, and fails the
+    //! calls a test picks (an `ipset restore` fails half-way, as the tool
+    //! stops at its first bad line).
+
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use enforcer_common::marks::MarkLayout;
+
+    use super::*;
+    use crate::policy::{Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, PuKind, QueueSettings};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Restore(IpFamily, String),
+        Save(IpFamily),
+        Ipset(String),
+    }
+
+    type Failure = fn(&Call) -> bool;
+
+    #[derive(Default)]
+    struct State {
+        calls: Vec<Call>,
+        sets: BTreeSet<String>,
+        fail: Option<Failure>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<State>>);
+
+    impl Fake {
+        fn call(&self, call: Call) -> anyhow::Result<()> {
+            let mut state = self.0.lock().unwrap();
+            let failing = state.fail.is_some_and(|fail| fail(&call));
+            if let Call::Ipset(text) = &call {
+                let lines: Vec<&str> = text.lines().collect();
+                let applied = if failing { &lines[..lines.len() / 2] } else { &lines[..] };
+                for line in applied {
+                    match line.split(' ').collect::<Vec<_>>()[..] {
+                        ["create", name, ..] => drop(state.sets.insert(name.to_owned())),
+                        ["destroy", name] => drop(state.sets.remove(name)),
+                        _ => {}
+                    }
+                }
+            }
+            state.calls.push(call);
+            if failing { Err(anyhow!("injected failure")) } else { Ok(()) }
+        }
+
+        fn fail_when(&self, fail: Failure) {
+            self.0.lock().unwrap().fail = Some(fail);
+        }
+
+        /// The calls so far, forgetting them.
+        fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut self.0.lock().unwrap().calls)
+        }
+
+        fn sets(&self) -> BTreeSet<String> {
+            self.0.lock().unwrap().sets.clone()
+        }
+    }
+
+    impl Netfilter for Fake {
+        fn restore(&self, family: IpFamily, text: &str) -> anyhow::Result<()> {
+            self.call(Call::Restore(family, text.to_owned()))
+        }
+        fn save(&self, family: IpFamily, _: Table, _: bool) -> anyhow::Result<String> {
+            self.call(Call::Save(family)).map(|()| "*mangle\nCOMMIT\n".to_owned())
+        }
+        fn ipset_restore(&self, text: &str) -> anyhow::Result<()> {
+            self.call(Call::Ipset(text.to_owned()))
+        }
+        fn ipset_names(&self) -> anyhow::Result<Vec<String>> {
+            Ok(self.sets().into_iter().collect())
+        }
+    }
+
+    fn settings(mode: Mode) -> DatapathSettings {
+        DatapathSettings {
+            mode,
+            queues: QueueSettings::default(),
+            marks: MarkLayout::default(),
+            cgroup2: PathBuf::from("/sys/fs/cgroup"),
+            pin_dir: PathBuf::from("/sys/fs/bpf/enforcer-test"),
+        }
+    }
+
+    /// A datapath after `run`, and its fake with the calls of `run` taken.
+    fn running() -> (IptablesDatapath, Fake) {
+        let fake = Fake::default();
+        let mut dp = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        dp.run().unwrap();
+        fake.take();
+        (dp, fake)
+    }
+
+    fn web(tcp_port: u16, acl_net: &str) -> Pu {
+        Pu {
+            id: PuId::new("web").unwrap(),
+            kind: PuKind::LinuxProcess {
+                cgroup: CgroupPath::new("enforcer/web").unwrap(),
+            },
+            labels: Default::default(),
+            tcp_ports: vec![PortRange::new(tcp_port, tcp_port).unwrap()],
+            udp_ports: vec![],
+            application_acls: vec![Acl {
+                networks: vec![acl_net.parse().unwrap()],
+                protocols: vec![Protocol::Tcp],
+                ports: vec![],
+                action: Action::Accept,
+                log: false,
+                observe: ObserveMode::None,
+                policy_id: PolicyId::new("p").unwrap(),
+            }],
+            network_acls: vec![],
+            proxy_port: None,
+            dns_proxy_port: None,
+            dependent_services: vec![],
+            exposed_services: vec![],
+        }
+    }
+
+    fn global_sets() -> BTreeSet<String> {
+        IpFamily::ALL
+            .into_iter()
+            .flat_map(|f| GlobalSet::ALL.map(|s| s.name(f)))
+            .collect()
+    }
+
+    fn is_v6_restore(call: &Call) -> bool {
+        matches!(call, Call::Restore(IpFamily::V6, _))
+    }
+
+    #[test]
+    fn run_removes_leftovers_then_installs_sets_and_both_families() {
+        let fake = Fake::default();
+        let mut dp = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        dp.run().unwrap();
+        let calls = fake.take();
+        // Leftovers: a save of each table of each family (nothing found).
+        assert_eq!(calls[..4], [Call::Save(IpFamily::V4), Call::Save(IpFamily::V4), Call::Save(IpFamily::V6), Call::Save(IpFamily::V6)]);
+        assert!(matches!(&calls[4], Call::Ipset(text) if text.starts_with("create TRI-v4-TargetTCP")));
+        assert!(matches!(&calls[5], Call::Restore(IpFamily::V4, text) if text.contains("-j TRI-App")));
+        assert!(matches!(&calls[6], Call::Restore(IpFamily::V6, text) if text.contains("TRI-v6-Excluded")));
+        assert_eq!(calls.len(), 7);
+        assert_eq!(fake.sets(), global_sets());
+    }
+
+    #[test]
+    fn refusals_come_before_any_change() {
+        let (mut dp, fake) = running();
+        let uid = Pu {
+            kind: PuKind::Host,
+            ..web(80, "10.0.0.0/8")
+        };
+        assert!(matches!(dp.configure(0, &uid), Err(DatapathError::Unsupported(..))));
+        let mut sidecar = IptablesDatapath::with_netfilter(settings(Mode::Sidecar), Box::new(fake.clone()));
+        sidecar.run().unwrap();
+        fake.take();
+        let err = sidecar.configure(0, &web(80, "10.0.0.0/8")).unwrap_err();
+        assert_eq!(err.to_string(), "mode sidecar is not supported by the iptables datapath");
+        let stopped = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        assert!(stopped.check_supported(&web(80, "10.0.0.0/8")).is_err());
+        assert_eq!(fake.take(), []);
+    }
+
+    #[test]
+    fn configure_stops_at_a_set_failure_and_removes_the_sets_it_made() {
+        let (mut dp, fake) = running();
+        fake.fail_when(|call| matches!(call, Call::Ipset(text) if text.starts_with("create TRI-v4-ProcPort")));
+        assert!(dp.configure(0, &web(80, "10.0.0.0/8")).is_err());
+        let calls = fake.take();
+        assert!(calls.iter().all(|c| !matches!(c, Call::Restore(..))), "{calls:#?}");
+        assert!(matches!(calls.last(), Some(Call::Ipset(text)) if text.starts_with("destroy ")));
+        assert_eq!(fake.sets(), global_sets());
+    }
+
+    #[test]
+    fn configure_undoes_ipv4_when_ipv6_fails() {
+        let (mut dp, fake) = running();
+        fake.fail_when(is_v6_restore);
+        let pu = web(80, "10.0.0.0/8");
+        let err = dp.configure(0, &pu).unwrap_err();
+        assert_eq!(format!("{err}"), "applying the IPv6 rules");
+        let calls = fake.take();
+        let short = NameRegistry::new().assign(&pu.id).unwrap();
+        let plan = PuPlan::new(&pu, &short, 0).unwrap();
+        let ctx = dp.ctx(IpFamily::V4);
+        assert_eq!(calls[1], Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.install(&ctx))));
+        assert_eq!(calls[3], Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.remove(&ctx))));
+        assert_eq!(fake.sets(), global_sets());
+        // Nothing was recorded: configuring again works, under the same name.
+        fake.0.lock().unwrap().fail = None;
+        dp.configure(0, &pu).unwrap();
+        assert_eq!(dp.pus[&pu.id].short, short);
+    }
+
+    #[test]
+    fn update_replaces_in_one_commit_per_family_then_drops_old_sets() {
+        let (mut dp, fake) = running();
+        let (old, new) = (web(80, "10.0.0.0/8"), web(443, "192.168.0.0/16"));
+        dp.configure(0, &old).unwrap();
+        let before = fake.sets();
+        fake.take();
+        dp.update(1, &new, &old).unwrap();
+        let calls = fake.take();
+        let Call::Ipset(forward) = &calls[0] else { panic!("{calls:#?}") };
+        assert!(forward.contains("create TRI-v4-Acl-webbBzx-1a0 hash:net family inet -exist\n"), "{forward}");
+        assert!(forward.ends_with(
+            "add TRI-v4-ProcPort-webbBzx 443 -exist\n\
+             del TRI-v4-ProcPort-webbBzx 80 -exist\n\
+             add TRI-v6-ProcPort-webbBzx 443 -exist\n\
+             del TRI-v6-ProcPort-webbBzx 80 -exist\n"
+        ), "{forward}");
+        for (call, family) in calls[1..3].iter().zip(IpFamily::ALL) {
+            let Call::Restore(f, text) = call else { panic!("{call:?}") };
+            assert_eq!(*f, family);
+            assert!(text.contains(":TRI-App-webbBzx-1 ") && text.contains("-X TRI-App-webbBzx-0\n"));
+        }
+        assert!(matches!(&calls[3], Call::Ipset(text) if text == "destroy TRI-v4-Acl-webbBzx-0a0\n"));
+        let after = fake.sets();
+        assert!(after.contains("TRI-v4-Acl-webbBzx-1a0") && !after.contains("TRI-v4-Acl-webbBzx-0a0"));
+        assert_eq!(after.len(), before.len());
+        assert_eq!(dp.pus[&new.id].version, 1);
+    }
+
+    #[test]
+    fn update_failure_restores_the_old_policy_and_ports() {
+        let (mut dp, fake) = running();
+        let (old, new) = (web(80, "10.0.0.0/8"), web(443, "192.168.0.0/16"));
+        dp.configure(0, &old).unwrap();
+        let before = fake.sets();
+        fake.take();
+        fake.fail_when(is_v6_restore);
+        assert!(dp.update(1, &new, &old).is_err());
+        let calls = fake.take();
+        let Call::Restore(IpFamily::V4, undo) = &calls[3] else { panic!("{calls:#?}") };
+        assert!(undo.contains(":TRI-App-webbBzx-0 ") && undo.contains("-X TRI-App-webbBzx-1\n"), "{undo}");
+        let Call::Ipset(ports_back) = &calls[4] else { panic!("{calls:#?}") };
+        assert!(ports_back.starts_with("add TRI-v4-ProcPort-webbBzx 80 -exist\ndel TRI-v4-ProcPort-webbBzx 443 -exist\n"));
+        assert_eq!(fake.sets(), before);
+        assert_eq!(dp.pus[&old.id].version, 0);
+        assert_eq!(dp.pus[&old.id].pu, old);
+    }
+
+    #[test]
+    fn target_networks_change_only_what_differs_and_undo_a_failure() {
+        let (mut dp, fake) = running();
+        let nets = |tcp: &[&str]| NetworkSettings {
+            target_tcp: tcp.iter().map(|n| n.parse().unwrap()).collect(),
+            target_udp: vec!["10.0.0.0/8".parse().unwrap()],
+            excluded: vec![],
+        };
+        dp.set_target_networks(&nets(&[])).unwrap();
+        dp.set_target_networks(&nets(&["10.0.0.0/8"])).unwrap();
+        let calls = fake.take();
+        assert_eq!(
+            calls[1],
+            Call::Ipset(
+                "add TRI-v4-TargetTCP 10.0.0.0/8 -exist\n\
+                 del TRI-v4-TargetTCP 0.0.0.0/1 -exist\n\
+                 del TRI-v4-TargetTCP 128.0.0.0/1 -exist\n\
+                 del TRI-v6-TargetTCP ::/1 -exist\n\
+                 del TRI-v6-TargetTCP 8000::/1 -exist\n"
+                    .into()
+            )
+        );
+        dp.set_target_networks(&nets(&["10.0.0.0/8"])).unwrap();
+        assert_eq!(fake.take(), [], "no change, no call");
+        fake.fail_when(|call| matches!(call, Call::Ipset(text) if text.contains("172.16.0.0/12")));
+        assert!(dp.set_target_networks(&nets(&["172.16.0.0/12"])).is_err());
+        assert_eq!(
+            fake.take()[1],
+            Call::Ipset("add TRI-v4-TargetTCP 10.0.0.0/8 -exist\ndel TRI-v4-TargetTCP 172.16.0.0/12 -exist\n".into())
+        );
+        assert_eq!(dp.targets.as_ref().unwrap().v4.target_tcp, nets(&["10.0.0.0/8"]).target_tcp);
+    }
+
+    #[test]
+    fn delete_is_idempotent_and_frees_the_name() {
+        let (mut dp, fake) = running();
+        let pu = web(80, "10.0.0.0/8");
+        dp.configure(0, &pu).unwrap();
+        dp.delete(0, &pu).unwrap();
+        assert_eq!(fake.sets(), global_sets());
+        assert!(dp.pus.is_empty() && dp.names.get(&pu.id).is_none());
+        fake.take();
+        dp.delete(0, &pu).unwrap();
+        assert_eq!(fake.take(), []);
     }
 }

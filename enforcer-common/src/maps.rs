@@ -1,0 +1,136 @@
+//! Keys, values and sizes of the eBPF datapath's maps, shared by the
+//! programs (`enforcer-ebpf/src/main.rs`) and the loader
+//! (`enforcer/src/datapath/ebpf/`).
+//!
+//! IPv4 and IPv6 share every map: an IPv4 address is stored as its
+//! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), so one LPM trie and one code
+//! path serve both families. Each trie key starts with a 32-bit *scope*
+//! (which global set, or which PU and policy generation), always matched
+//! in full, followed by the address.
+
+/// Global sets in [`NETS`](MAP_NETS), by scope.
+pub const SCOPE_TARGET_TCP: u32 = 1;
+pub const SCOPE_TARGET_UDP: u32 = 2;
+pub const SCOPE_EXCLUDED: u32 = 3;
+
+/// Map names, as the loader finds them in the object.
+pub const MAP_NETS: &str = "NETS";
+pub const MAP_ACLS: &str = "ACLS";
+pub const MAP_PU_BY_CGROUP: &str = "PU_BY_CGROUP";
+pub const MAP_PU_GENERATION: &str = "PU_GENERATION";
+pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
+
+/// Program names.
+pub const PROG_CONNECT4: &str = "enforcer_connect4";
+pub const PROG_CONNECT6: &str = "enforcer_connect6";
+
+/// Global the loader sets before loading: the mark layout's shift.
+pub const GLOBAL_MARK_SHIFT: &str = "MARK_SHIFT";
+
+/// Capacities. A full map is an error in user space, never a silent drop.
+pub const MAX_NETS: u32 = 65_536;
+pub const MAX_ACL_PREFIXES: u32 = 262_144;
+pub const MAX_PUS: u32 = 16_384;
+/// ACL rules that can cover one address of one PU (after expansion into
+/// one rule per protocol and port range).
+pub const MAX_ACL_RULES: usize = 32;
+/// Depth of cgroup nesting searched for a PU's cgroup above the current
+/// task's cgroup.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+/// Bits in an LPM key before the address: the scope.
+pub const SCOPE_BITS: u32 = 32;
+/// Bits of the IPv4-mapped prefix `::ffff:0:0/96`.
+pub const V4_MAPPED_BITS: u32 = 96;
+
+/// Trie key data: scope, then the address (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetKey {
+    /// Big-endian, so that the trie's byte-wise prefix compares it first.
+    pub scope: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl NetKey {
+    pub const fn new(scope: u32, addr: [u8; 16]) -> Self {
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// The ACL scope of a PU slot under one policy generation (0 or 1).
+pub const fn acl_scope(slot: u32, generation: u32) -> u32 {
+    (slot << 1) | (generation & 1)
+}
+
+/// IANA protocol numbers an ACL rule matches; 0 is "any".
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+pub const ACTION_ACCEPT: u8 = 1;
+pub const ACTION_REJECT: u8 = 2;
+
+pub const OBSERVE_NONE: u8 = 0;
+pub const OBSERVE_CONTINUE: u8 = 1;
+pub const OBSERVE_APPLY: u8 = 2;
+
+/// `AclRule::flags`: log the decision.
+pub const RULE_LOG: u8 = 1;
+
+/// One ACL rule: a protocol and a port range of one ACL.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AclRule {
+    /// Inclusive destination (app side) or source (net side) port range;
+    /// 0..=65535 for every port.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub proto: u8,
+    pub action: u8,
+    pub observe: u8,
+    pub flags: u8,
+    /// Index of the ACL's policy id in the agent's table, for logs.
+    pub policy: u32,
+}
+
+/// Everything the PU's ACLs say about the addresses under one prefix:
+/// every rule whose network covers the prefix, in SPEC's evaluation order.
+/// The first `specific` rules are the specific-protocol ACLs (evaluated
+/// before the trap); the next `any` rules are the protocol-any ACLs
+/// (evaluated after it).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AclEntry {
+    pub specific: u32,
+    pub any: u32,
+    pub rules: [AclRule; MAX_ACL_RULES],
+}
+
+/// Connections of one PU as its hooks decided them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PuCounts {
+    /// Marked for the trap (the SYN goes to user space).
+    pub trapped: u64,
+    /// Accepted by an ACL.
+    pub accepted: u64,
+    /// Refused by an ACL or by the final drop.
+    pub dropped: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)], Copy, made of integers and arrays
+    // of integers with no padding that could leak (AclRule: 2+2+1+1+1+1+4;
+    // AclEntry: 4+4+12*N; NetKey: 4+16; PuCounts: 3*8).
+    unsafe impl aya::Pod for super::NetKey {}
+    unsafe impl aya::Pod for super::AclRule {}
+    unsafe impl aya::Pod for super::AclEntry {}
+    unsafe impl aya::Pod for super::PuCounts {}
+}

@@ -1,0 +1,141 @@
+//! `cgroup/connect4` and `cgroup/connect6`, attached to each PU's cgroup:
+//! the application side of a PU's policy, decided before the first packet
+//! leaves (SPEC, "Order of evaluation inside a PU", outgoing):
+//!
+//! 1. a destination in the excluded networks is never touched;
+//! 2. if the destination is not a target TCP network, the specific-protocol
+//!    ACLs, in bucket order: accept marks the socket `AclAccept`, reject
+//!    refuses the connect with EPERM;
+//! 3. TCP to a target TCP network, UDP to a target UDP network: the socket
+//!    is marked for the trap, and a fixed netfilter rule queues the SYN;
+//! 4. the protocol-any ACLs;
+//! 5. anything else is refused.
+//!
+//! A connection of a task in no PU's cgroup (the PU was just deleted) is
+//! left alone.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_getsockopt, bpf_setsockopt},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use enforcer_common::{
+    maps::{PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP},
+    marks::Class,
+};
+
+use crate::policy::{AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_set, mark_layout};
+
+const PROCEED: i32 = 1;
+const REFUSE: i32 = 0;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+
+#[cgroup_sock_addr(connect4)]
+pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid context; user_ip4 is in network
+    // order, so its in-memory bytes are the address octets.
+    let (ip4, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let o = ip4.to_ne_bytes();
+    let addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]];
+    decide(ctx.sock_addr, addr, port)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: as above; each 32-bit word of user_ip6 is read whole, the
+        // only access size the verifier allows for it.
+        let word = unsafe { (*ctx.sock_addr).user_ip6[i] }.to_ne_bytes();
+        addr[i * 4] = word[0];
+        addr[i * 4 + 1] = word[1];
+        addr[i * 4 + 2] = word[2];
+        addr[i * 4 + 3] = word[3];
+        i += 1;
+    }
+    // SAFETY: valid context.
+    let port = unsafe { (*ctx.sock_addr).user_port };
+    decide(ctx.sock_addr, addr, port)
+}
+
+#[inline(always)]
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
+    if in_set(SCOPE_EXCLUDED, addr) {
+        return PROCEED;
+    }
+    let Some(slot) = current_pu() else {
+        return PROCEED;
+    };
+    // SAFETY: valid context. The port is in network order in the low 16 bits.
+    let proto = unsafe { (*sa).protocol } as u8;
+    let port = u16::from_be(user_port as u16);
+    let entry = acl_entry(slot, addr);
+    let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
+
+    if !target_tcp {
+        if let Some(entry) = entry {
+            if let Some(verdict) = evaluate(entry, 0, entry.specific, proto, port) {
+                return apply(sa, slot, verdict);
+            }
+        }
+    }
+    if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr)) {
+        let class = if proto == PROTO_TCP { Class::TrapTcp } else { Class::TrapUdp };
+        set_class(sa, class);
+        count(slot, Count::Trapped);
+        return PROCEED;
+    }
+    if let Some(entry) = entry {
+        if let Some(verdict) = evaluate(entry, entry.specific, entry.any, proto, port) {
+            return apply(sa, slot, verdict);
+        }
+    }
+    count(slot, Count::Dropped);
+    REFUSE
+}
+
+#[inline(always)]
+fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict) -> i32 {
+    match verdict {
+        AclVerdict::Accept => {
+            set_class(sa, Class::AclAccept);
+            count(slot, Count::Accepted);
+            PROCEED
+        }
+        AclVerdict::Reject => {
+            count(slot, Count::Dropped);
+            REFUSE
+        }
+    }
+}
+
+/// Writes the class into the socket mark, keeping every other bit.
+#[inline(always)]
+fn set_class(sa: *mut bpf_sock_addr, class: Class) {
+    let layout = mark_layout();
+    let mut mark: u32 = 0;
+    // SAFETY: `sa` is the program's context; the option buffers are live
+    // locals of the stated length. A failed read leaves 0 (no other bits).
+    unsafe {
+        bpf_getsockopt(
+            sa.cast::<c_void>(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast::<c_void>(),
+            size_of::<u32>() as i32,
+        );
+        mark = layout.with_class(mark, class);
+        bpf_setsockopt(
+            sa.cast::<c_void>(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast::<c_void>(),
+            size_of::<u32>() as i32,
+        );
+    }
+}

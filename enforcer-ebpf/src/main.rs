@@ -1,0 +1,23 @@
+//! The enforcer's eBPF datapath. One module per attach point; maps and
+//! lookups shared in `maps` and `policy`.
+//!
+//! The pattern (ARCHITECTURE.md): eBPF classifies, a fixed handful of
+//! netfilter rules applies conntrack state and queues. The programs here
+//! decide per connection and write the decision as the class sub-field of
+//! the socket mark (`enforcer_common::marks`), or refuse the connection.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod policy;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

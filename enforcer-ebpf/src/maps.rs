@@ -1,0 +1,31 @@
+//! Every map of the datapath, declared once. Types and capacities come
+//! from `enforcer_common::maps`, which the loader shares.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use enforcer_common::maps::{
+    AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PuCounts,
+};
+
+/// Global sets (target TCP, target UDP, excluded), by scope.
+#[map(name = "NETS")]
+pub static NETS: LpmTrie<NetKey, u8> = LpmTrie::with_max_entries(MAX_NETS, 0);
+
+/// Per PU slot and generation: the ACL rules covering each prefix.
+#[map(name = "ACLS")]
+pub static ACLS: LpmTrie<NetKey, AclEntry> = LpmTrie::with_max_entries(MAX_ACL_PREFIXES, 0);
+
+/// cgroup id of a PU's cgroup → its slot.
+#[map(name = "PU_BY_CGROUP")]
+pub static PU_BY_CGROUP: HashMap<u64, u32> = HashMap::with_max_entries(MAX_PUS, 0);
+
+/// Slot → the policy generation in force (0 or 1). One write of this
+/// flips a PU from its old policy to its new one.
+#[map(name = "PU_GENERATION")]
+pub static PU_GENERATION: Array<u32> = Array::with_max_entries(MAX_PUS, 0);
+
+/// Slot → connections the hooks decided, per CPU.
+#[map(name = "PU_COUNTS")]
+pub static PU_COUNTS: PerCpuArray<PuCounts> = PerCpuArray::with_max_entries(MAX_PUS, 0);

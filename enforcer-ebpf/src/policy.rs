@@ -1,0 +1,129 @@
+//! Lookups shared by the hooks: which PU a task belongs to, whether an
+//! address is in a global set, what a PU's ACLs say, the mark layout.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    maps::lpm_trie::Key,
+};
+use enforcer_common::{
+    maps::{
+        ACTION_ACCEPT, AclEntry, AclRule, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
+        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, SCOPE_BITS, acl_scope,
+    },
+    marks::MarkLayout,
+};
+
+use crate::maps::{ACLS, NETS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION};
+
+/// The mark layout's shift; the loader sets it before loading.
+#[unsafe(no_mangle)]
+static MARK_SHIFT: u32 = enforcer_common::marks::DEFAULT_SHIFT;
+
+#[inline(always)]
+pub fn mark_layout() -> MarkLayout {
+    // SAFETY: a plain read of a global the loader patched; volatile so the
+    // compiler cannot fold in the default value.
+    let shift = unsafe { core::ptr::read_volatile(&MARK_SHIFT) };
+    // An impossible shift falls back to the default rather than failing
+    // the connection; the loader validates it anyway.
+    MarkLayout::new(shift).unwrap_or_default()
+}
+
+/// The PU slot of the current task: its own cgroup, or the nearest
+/// ancestor that is a PU's cgroup (processes in sub-cgroups belong to the
+/// PU above them).
+#[inline(always)]
+pub fn current_pu() -> Option<u32> {
+    // SAFETY: helpers without arguments that can fail; 0 means none.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(slot) = unsafe { PU_BY_CGROUP.get(&own) } {
+        return Some(*slot);
+    }
+    let mut level = MAX_CGROUP_DEPTH;
+    while level > 0 {
+        // SAFETY: returns 0 for levels deeper than the task's cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id != 0 {
+            if let Some(slot) = unsafe { PU_BY_CGROUP.get(&id) } {
+                return Some(*slot);
+            }
+        }
+        level -= 1;
+    }
+    None
+}
+
+/// Is `addr` (IPv4-mapped for IPv4) in the global set `scope`?
+#[inline(always)]
+pub fn in_set(scope: u32, addr: [u8; 16]) -> bool {
+    NETS.get(Key::new(SCOPE_BITS + 128, NetKey::new(scope, addr)))
+        .is_some()
+}
+
+/// The ACL entry of the longest prefix covering `addr` in the PU's
+/// generation in force.
+#[inline(always)]
+pub fn acl_entry(slot: u32, addr: [u8; 16]) -> Option<&'static AclEntry> {
+    let generation = PU_GENERATION.get(slot).copied().unwrap_or(0);
+    ACLS.get(Key::new(SCOPE_BITS + 128, NetKey::new(acl_scope(slot, generation), addr)))
+}
+
+/// What the ACLs decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AclVerdict {
+    Accept,
+    Reject,
+}
+
+/// Evaluates `count` rules of `entry` starting at `first`, in order, for a
+/// connection of `proto` to `port`. Observe-continue rules only observe;
+/// the first other match decides.
+#[inline(always)]
+pub fn evaluate(entry: &AclEntry, first: u32, count: u32, proto: u8, port: u16) -> Option<AclVerdict> {
+    let mut i = 0;
+    while i < MAX_ACL_RULES as u32 {
+        if i >= count {
+            break;
+        }
+        let idx = (first + i) as usize;
+        if idx >= MAX_ACL_RULES {
+            break;
+        }
+        let rule: &AclRule = &entry.rules[idx];
+        if rule_matches(rule, proto, port) && rule.observe != OBSERVE_CONTINUE {
+            return Some(if rule.action == ACTION_ACCEPT {
+                AclVerdict::Accept
+            } else {
+                AclVerdict::Reject
+            });
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn rule_matches(rule: &AclRule, proto: u8, port: u16) -> bool {
+    (rule.proto == PROTO_ANY || rule.proto == proto) && rule.port_lo <= port && port <= rule.port_hi
+}
+
+/// Which counter of a PU to bump.
+#[derive(Clone, Copy)]
+pub enum Count {
+    Trapped,
+    Accepted,
+    Dropped,
+}
+
+#[inline(always)]
+pub fn count(slot: u32, what: Count) {
+    if let Some(counts) = PU_COUNTS.get_ptr_mut(slot) {
+        // SAFETY: the pointer comes from the map and is this CPU's own slot.
+        let counts: &mut PuCounts = unsafe { &mut *counts };
+        match what {
+            Count::Trapped => counts.trapped += 1,
+            Count::Accepted => counts.accepted += 1,
+            Count::Dropped => counts.dropped += 1,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The agent: wiring from config to datapath to trap to control socket.
+//!
+//! [`run`] is `enforcer run`: it loads and validates the config (a bad one
+//! is refused before anything changes, as a [`ConfigError`]), chooses and
+//! opens the datapath, binds the trap's queues, starts the datapath on its
+//! owner thread, and hands over to the `daemon` loop, which serves the
+//! control socket, applies SIGHUP reloads through the [`plan`] diff, and
+//! removes everything on SIGINT/SIGTERM. [`cleanup`] is `enforcer cleanup`,
+//! for after a crash.
+//!
+//! The caller must have entered the agent's network namespace first
+//! ([`host::enter_netns`]); everything here may start threads.
+
+mod daemon;
+mod enforcement;
+pub mod host;
+mod instance;
+mod owner;
+pub mod plan;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::control::{self, ControlSocket, DatapathStatus};
+use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
+use crate::policy::{
+    CgroupV2Host, Configuration, DatapathChoice, MarkSettings, Mode, PolicyError, QueueSettings,
+};
+use crate::trap::TrapConsumer;
+
+use daemon::{Daemon, Event, Identity};
+use enforcement::Enforcement;
+use host::Mounts;
+use owner::DatapathOwner;
+
+pub use instance::InstanceName;
+
+/// What `enforcer run` is told.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Overrides the config's `datapath` (`--datapath`).
+    pub datapath: Option<DatapathChoice>,
+    pub instance: InstanceName,
+    /// The control socket; default `/run/enforcer/<instance>.sock`.
+    pub control: Option<PathBuf>,
+}
+
+/// The config file could not be read or was refused; nothing was changed.
+/// The reason is the `source` (shown by `{:#}` through anyhow).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {} is refused", path.display())]
+    Invalid { path: PathBuf, source: PolicyError },
+}
+
+/// Where the configuration comes from, at start and on every reload.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    path: PathBuf,
+    host: CgroupV2Host,
+    /// `--datapath`, which wins over the file's `datapath`.
+    datapath: Option<DatapathChoice>,
+}
+
+impl ConfigSource {
+    /// Reads and validates the file, host checks included.
+    fn load(&self) -> Result<Configuration, ConfigError> {
+        let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut config =
+            Configuration::load(&text, &self.host).map_err(|source| ConfigError::Invalid {
+                path: self.path.clone(),
+                source,
+            })?;
+        if let Some(choice) = self.datapath {
+            // Overriding here, not later, makes a reload compare like with
+            // like: a file's `datapath` that the flag overrides is moot.
+            config.datapath = choice;
+        }
+        Ok(config)
+    }
+}
+
+/// `enforcer run`: returns when the agent has shut down and removed its
+/// datapath state, or with the error that stopped it.
+pub fn run(options: RunOptions) -> Result<()> {
+    let mounts = Mounts::read()?;
+    let cgroup2 = mounts.cgroup2_or_default();
+    let source = ConfigSource {
+        path: options.config.clone(),
+        host: CgroupV2Host::new(&cgroup2),
+        datapath: options.datapath,
+    };
+    let config = source.load()?;
+    let control = options
+        .control
+        .clone()
+        .unwrap_or_else(|| options.instance.control_socket());
+    host::check_socket_path(&control)?;
+    // A second agent of the same instance must stop here, not after
+    // wiping the first's state.
+    control::claim(&control)?;
+
+    let requested = config.datapath;
+    let choice = probe::choose(requested)
+        .with_context(|| format!("choosing the datapath (asked for {requested})"))?;
+    let reason = match options.datapath {
+        Some(flag) => format!("{} (--datapath {flag})", choice.reason),
+        None => choice.reason,
+    };
+    tracing::info!(datapath = %choice.kind, reason = %reason, "datapath chosen");
+    let settings = DatapathSettings {
+        mode: config.mode,
+        queues: config.queues.clone(),
+        marks: config.marks.layout(),
+        cgroup2,
+        pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
+    };
+    let datapath = datapath::open(choice.kind, settings)
+        .with_context(|| format!("opening the {} datapath", choice.kind))?;
+    let identity = Identity {
+        instance: options.instance.to_string(),
+        control,
+        datapath: DatapathStatus {
+            kind: choice.kind,
+            reason,
+        },
+        mode: config.mode,
+        started: Instant::now(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(datapath, config, source, identity))
+}
+
+/// The async part of [`run`].
+async fn serve(
+    datapath: Box<dyn datapath::Datapath>,
+    config: Configuration,
+    source: ConfigSource,
+    identity: Identity,
+) -> Result<()> {
+    // Signals first, so that one arriving during start-up is not fatal
+    // (the default action) but handled once the agent is up.
+    let events = listen_for_signals()?;
+    // Bound before the kernel is touched; connections wait in the backlog
+    // until the agent is ready.
+    let control = identity.control.clone();
+    let socket = ControlSocket::bind(&control)?;
+    let result = start_and_serve(datapath, config, source, identity, events, socket).await;
+    control::remove(&control)?;
+    result
+}
+
+async fn start_and_serve(
+    datapath: Box<dyn datapath::Datapath>,
+    config: Configuration,
+    source: ConfigSource,
+    identity: Identity,
+    events: mpsc::Receiver<Event>,
+    socket: ControlSocket,
+) -> Result<()> {
+    // The trap binds its queues before the datapath installs the rules
+    // that feed them, so no trapped packet ever finds the queue without a
+    // listener (dropped when failing closed).
+    let trap = TrapConsumer::start(&config.queues, config.marks.layout())?;
+    let owner = DatapathOwner::spawn(Enforcement::new(datapath, &config))?;
+    let start = {
+        let config = config.clone();
+        owner.call(move |e| e.start(&config)).await.and_then(|r| r)
+    };
+    if let Err(e) = start {
+        tracing::error!("starting the datapath failed: {e:#}; removing what it made");
+        match owner.call(|e| e.cleanup()).await.and_then(|r| r) {
+            Ok(()) => tracing::info!("removed what the failed start made"),
+            Err(c) => tracing::error!("cleaning up after the failed start failed too: {c:#}"),
+        }
+        trap.stop();
+        return Err(e.context("starting the datapath"));
+    }
+    let daemon = Daemon::new(owner, trap.counters(), identity, source);
+    let result = daemon.run(events, socket).await;
+    // After the datapath's cleanup no rule queues any more: stopping the
+    // consumer now strands no packet.
+    trap.stop();
+    result
+}
+
+/// SIGHUP, SIGINT and SIGTERM as [`Event`]s.
+fn listen_for_signals() -> Result<mpsc::Receiver<Event>> {
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).with_context(|| format!("installing the {name} handler"))
+    };
+    let mut hup = install(SignalKind::hangup(), "SIGHUP")?;
+    let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = hup.recv() => Event::Reload,
+                _ = int.recv() => Event::Shutdown("SIGINT"),
+                _ = term.recv() => Event::Shutdown("SIGTERM"),
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// `enforcer cleanup`: removes whatever any datapath of `instance` could
+/// have left, for use after a crash. Refuses while an agent of the
+/// instance answers on its control socket. Idempotent.
+pub fn cleanup(instance: &InstanceName) -> Result<()> {
+    control::claim(&instance.control_socket())?;
+    let mounts = Mounts::read()?;
+    // What each datapath removes depends on the instance (its pin
+    // directory) only; mode, queues and marks are the defaults.
+    let settings = DatapathSettings {
+        mode: Mode::LocalServer,
+        queues: QueueSettings::default(),
+        marks: MarkSettings::default().layout(),
+        cgroup2: mounts.cgroup2_or_default(),
+        pin_dir: instance.pin_dir(&mounts.bpffs_or_default()),
+    };
+    let mut failed = Vec::new();
+    for kind in [DatapathKind::Iptables, DatapathKind::Ebpf] {
+        // One datapath's failure, even a panic, must not keep the other's
+        // state in place.
+        let settings = settings.clone();
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
+            datapath::open(kind, settings)?.cleanup()?;
+            Ok(())
+        }))
+        .unwrap_or_else(|panic| {
+            let message = owner::panic_message(panic.as_ref());
+            Err(anyhow!("the {kind} cleanup panicked: {message}"))
+        });
+        match outcome {
+            Ok(()) => tracing::info!(datapath = %kind, instance = %instance, "cleaned up"),
+            Err(e) => {
+                tracing::error!(datapath = %kind, "cleanup failed: {e:#}");
+                failed.push(kind.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("cleanup failed for the {} datapath", failed.join(" and "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

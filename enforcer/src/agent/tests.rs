@@ -1,0 +1,277 @@
+//! The agent loop driven through its event channel and control socket,
+//! against the fake datapath: start-up, status, reloads (applied,
+//! refused, failed) and shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::enforcement::fake::FakeDatapath;
+use super::*;
+use crate::control::{Request, Response, StatusReport};
+use crate::trap::TrapCounters;
+
+const CONFIG: &str = r#"
+mode = "local-server"
+[[pus]]
+id = "a"
+kind = "uid"
+uid = 1000
+[[pus]]
+id = "b"
+kind = "host"
+"#;
+
+struct Harness {
+    dir: PathBuf,
+    fake: FakeDatapath,
+    events: mpsc::Sender<Event>,
+    daemon: JoinHandle<Result<()>>,
+}
+
+impl Harness {
+    async fn start(name: &str, fake: FakeDatapath) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("enforcer-agent-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = ConfigSource {
+            path: dir.join("enforcer.toml"),
+            host: CgroupV2Host::new(&dir),
+            datapath: None,
+        };
+        std::fs::write(&source.path, CONFIG).unwrap();
+        let config = source.load().unwrap();
+        let owner =
+            DatapathOwner::spawn(Enforcement::new(Box::new(fake.clone()), &config)).unwrap();
+        let started = config.clone();
+        owner
+            .call(move |e| e.start(&started))
+            .await
+            .unwrap()
+            .unwrap();
+        let identity = Identity {
+            instance: name.into(),
+            control: dir.join("control.sock"),
+            datapath: DatapathStatus {
+                kind: DatapathKind::Iptables,
+                reason: "a fake for tests".into(),
+            },
+            mode: config.mode,
+            started: Instant::now(),
+        };
+        let socket = ControlSocket::bind(&identity.control).unwrap();
+        let trap = Arc::new(TrapCounters::new(&config.queues));
+        let (events, rx) = mpsc::channel(8);
+        let daemon = tokio::spawn(Daemon::new(owner, trap, identity, source).run(rx, socket));
+        Self {
+            dir,
+            fake,
+            events,
+            daemon,
+        }
+    }
+
+    fn write_config(&self, text: &str) {
+        std::fs::write(self.dir.join("enforcer.toml"), text).unwrap();
+    }
+
+    async fn status(&self) -> StatusReport {
+        let path = self.dir.join("control.sock");
+        let answer = tokio::task::spawn_blocking(move || control::request(&path, &Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        match answer {
+            Response::Status(report) => *report,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Sends SIGHUP and waits until the reload counts show it.
+    async fn reload(&self) -> StatusReport {
+        let before = self.status().await.reloads;
+        let done = before.applied + before.refused + before.failed + 1;
+        self.events.send(Event::Reload).await.unwrap();
+        for _ in 0..500 {
+            let status = self.status().await;
+            let r = &status.reloads;
+            if r.applied + r.refused + r.failed == done {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the reload was not handled");
+    }
+
+    async fn shut_down(self, signals: usize) -> Result<()> {
+        for _ in 0..signals {
+            self.events.send(Event::Shutdown("SIGTERM")).await.unwrap();
+        }
+        let result = self.daemon.await.unwrap();
+        std::fs::remove_dir_all(&self.dir).ok();
+        result
+    }
+}
+
+fn pus(status: &StatusReport) -> Vec<(String, String, u8)> {
+    let pus = status.pus.iter();
+    pus.map(|p| (p.id.clone(), p.kind.clone(), p.version))
+        .collect()
+}
+
+fn pu(id: &str, kind: &str, version: u8) -> (String, String, u8) {
+    (id.into(), kind.into(), version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_what_is_in_force() {
+    let h = Harness::start("status", FakeDatapath::default()).await;
+    let status = h.status().await;
+    assert_eq!(status.instance, "status");
+    assert_eq!(status.pid, std::process::id());
+    assert_eq!(status.datapath.kind, DatapathKind::Iptables);
+    assert_eq!(status.mode, "local-server");
+    assert_eq!(pus(&status), [pu("a", "uid", 0), pu("b", "host", 0)]);
+    assert_eq!(status.counters.unwrap().total.trapped, 7);
+    assert_eq!(status.trap.queues.len(), 32);
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    h.shut_down(1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_apply_the_difference_and_refuse_bad_configs() {
+    let h = Harness::start("reload", FakeDatapath::default()).await;
+    let changed = CONFIG
+        .replace("uid = 1000", "uid = 1000\ntcp_ports = [80]")
+        .replace(
+            "id = \"b\"\nkind = \"host\"",
+            "id = \"c\"\nkind = \"host-service\"\nudp_ports = [53]",
+        );
+    h.write_config(&changed);
+    let status = h.reload().await;
+    assert_eq!(status.reloads.applied, 1);
+    assert_eq!(
+        pus(&status),
+        [pu("a", "uid", 1), pu("c", "host-service", 0)]
+    );
+    let calls = h.fake.calls();
+    assert_eq!(calls[4..], ["delete 0 b", "update 1 a", "configure 0 c"]);
+
+    // The same file again: nothing to do.
+    assert_eq!(h.reload().await.reloads.applied, 2);
+    assert_eq!(h.fake.calls().len(), calls.len());
+
+    // An invalid file is refused with its field and value; nothing changes.
+    h.write_config(&changed.replace("tcp_ports = [80]", "tcp_ports = [0]"));
+    let status = h.reload().await;
+    assert_eq!(status.reloads.refused, 1);
+    let why = status.reloads.last_error.unwrap();
+    assert!(
+        why.contains(r#"pus[0].tcp_ports[0]: "0" is not a port number"#),
+        "{why}"
+    );
+    // A setting the datapath is built for needs a restart.
+    h.write_config(&changed.replace(
+        "mode = \"local-server\"",
+        "mode = \"local-server\"\n[queues]\nqueues_per_range = 2",
+    ));
+    let status = h.reload().await;
+    assert_eq!(status.reloads.refused, 2);
+    let why = status.reloads.last_error.unwrap();
+    assert_eq!(why, "changing queues needs a restart of the agent");
+    // An unreadable file is refused too.
+    std::fs::remove_file(h.dir.join("enforcer.toml")).unwrap();
+    let status = h.reload().await;
+    assert_eq!(status.reloads.refused, 3);
+    let why = status.reloads.last_error.as_deref().unwrap();
+    assert!(why.starts_with("reading the config file"), "{why}");
+    assert!(
+        why.ends_with("No such file or directory (os error 2)"),
+        "{why}"
+    );
+    assert_eq!(h.fake.calls().len(), calls.len());
+    assert_eq!(
+        pus(&status),
+        [pu("a", "uid", 1), pu("c", "host-service", 0)]
+    );
+
+    let fake = h.fake.clone();
+    h.shut_down(1).await.unwrap();
+    assert_eq!(fake.calls().last().map(String::as_str), Some("cleanup"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_is_reported_and_the_next_one_finishes() {
+    let h = Harness::start("failed", FakeDatapath::default()).await;
+    h.write_config(&format!(
+        "{CONFIG}[[pus]]\nid = \"c\"\nkind = \"uid\"\nuid = 7\n"
+    ));
+    h.fake.fail_on("configure");
+    let status = h.reload().await;
+    assert_eq!(status.reloads.failed, 1);
+    assert_eq!(
+        status.reloads.last_error.as_deref(),
+        Some("configure c: configure 0 c failed")
+    );
+    assert_eq!(status.pus.len(), 2);
+    *h.fake.fail.lock().unwrap() = None;
+    let status = h.reload().await;
+    assert_eq!(status.reloads.applied, 1);
+    assert_eq!(status.pus.len(), 3);
+    h.shut_down(1).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_does_not_interrupt_the_cleanup() {
+    let fake = FakeDatapath {
+        cleanup_delay: Duration::from_millis(300),
+        ..FakeDatapath::default()
+    };
+    let h = Harness::start("signals", fake).await;
+    let fake = h.fake.clone();
+    h.shut_down(2).await.unwrap();
+    let cleanups = fake.calls().iter().filter(|c| *c == "cleanup").count();
+    assert_eq!(cleanups, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cleanup_is_an_error() {
+    let h = Harness::start("cleanup", FakeDatapath::default()).await;
+    h.fake.fail_on("cleanup");
+    let err = h.shut_down(1).await.unwrap_err();
+    assert_eq!(
+        format!("{err:#}"),
+        "cleaning up the datapath: cleanup: cleanup failed"
+    );
+}
+
+#[test]
+fn the_flag_overrides_the_files_datapath() {
+    let dir = std::env::temp_dir().join(format!("enforcer-agent-{}-flag", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("enforcer.toml");
+    std::fs::write(&path, "mode = \"sidecar\"\ndatapath = \"ebpf\"").unwrap();
+    let source = |datapath| ConfigSource {
+        path: path.clone(),
+        host: CgroupV2Host::new(&dir),
+        datapath,
+    };
+    assert_eq!(source(None).load().unwrap().datapath, DatapathChoice::Ebpf);
+    let flagged = source(Some(DatapathChoice::Iptables)).load().unwrap();
+    assert_eq!(flagged.datapath, DatapathChoice::Iptables);
+    std::fs::write(&path, "mode = \"server\"").unwrap();
+    let err = source(None).load().unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { .. }));
+    let message = format!("{:#}", anyhow::Error::from(err));
+    assert_eq!(
+        message,
+        format!(
+            "the config file {} is refused: mode: \"server\" is not one of: \
+             local-server, remote-container, sidecar",
+            path.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

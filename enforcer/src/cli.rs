@@ -1,0 +1,381 @@
+//! The `enforcer` command line: `run`, `status` and `cleanup`.
+//!
+//! `main.rs` (and the test crate's `agent` binary) call [`main`] and nothing
+//! else. Exit codes: 0 success, 1 failure, 2 a bad command line or a config
+//! refused before anything changed.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::agent::{self, ConfigError, InstanceName, RunOptions, host};
+use crate::control::{self, Request, Response, StatusReport};
+use crate::policy::{DatapathChoice, Keyword as _};
+use crate::trap::KernelQueueStats;
+
+/// Enforces network policy for processing units, in eBPF or iptables.
+#[derive(Debug, Parser)]
+#[command(name = "enforcer", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent until SIGINT or SIGTERM; SIGHUP reloads the config.
+    Run(RunArgs),
+    /// Ask a running agent what it is doing.
+    Status(StatusArgs),
+    /// Remove everything any datapath of an instance left (after a crash).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The config file (TOML; see examples/enforcer.toml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Overrides the config's `datapath`.
+    #[arg(long, value_parser = datapath_choice())]
+    datapath: Option<DatapathChoice>,
+    #[command(flatten)]
+    netns: NetnsArg,
+    #[command(flatten)]
+    instance: InstanceArg,
+    /// The control socket [default: /run/enforcer/<INSTANCE>.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Print the report as JSON (stable field names).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    instance: InstanceArg,
+    /// The agent's control socket, instead of the instance's default.
+    #[arg(long, value_name = "PATH", conflicts_with = "instance")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    instance: InstanceArg,
+    #[command(flatten)]
+    netns: NetnsArg,
+}
+
+#[derive(Debug, Args)]
+struct InstanceArg {
+    /// The agent instance: names its pin directory (<bpffs>/<INSTANCE>)
+    /// and its control socket.
+    #[arg(long, value_name = "NAME", default_value = InstanceName::DEFAULT)]
+    instance: InstanceName,
+}
+
+#[derive(Debug, Args)]
+struct NetnsArg {
+    /// Enter the network namespace /run/netns/NAME first (only the network
+    /// namespace: /sys/fs/cgroup and /sys/fs/bpf stay visible).
+    #[arg(long, value_name = "NAME", value_parser = host::netns_name)]
+    netns: Option<String>,
+}
+
+/// Parses the datapath keywords the config file accepts.
+fn datapath_choice() -> impl clap::builder::TypedValueParser<Value = DatapathChoice> {
+    PossibleValuesParser::new(DatapathChoice::NAMES)
+        .map(|name| DatapathChoice::from_name(&name).expect("clap checked the possible values"))
+}
+
+/// The whole program.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The namespace before anything else: threads inherit it from their
+    // creator, so none may exist yet (tokio's, the trap's, the datapath's).
+    let netns = match &cli.command {
+        Command::Run(args) => args.netns.netns.as_deref(),
+        Command::Cleanup(args) => args.netns.netns.as_deref(),
+        Command::Status(_) => None,
+    };
+    if let Some(name) = netns
+        && let Err(e) = host::enter_netns(name)
+    {
+        eprintln!("enforcer: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => agent::run(RunOptions {
+            config: args.config,
+            datapath: args.datapath,
+            instance: args.instance.instance,
+            control: args.control,
+        }),
+        Command::Status(args) => status(&args),
+        Command::Cleanup(args) => agent::cleanup(&args.instance.instance),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn status(args: &StatusArgs) -> Result<()> {
+    let path = args
+        .control
+        .clone()
+        .unwrap_or_else(|| args.instance.instance.control_socket());
+    let report = match control::request(&path, &Request::Status)? {
+        Response::Status(report) => report,
+        Response::Error { message } => bail!("the agent on {} answered: {message}", path.display()),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("a report always serializes")
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+/// The human form of a report: a header, then PUs, then queues with
+/// activity.
+fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    write_report(&mut out, report).expect("writing to a String cannot fail");
+    out
+}
+
+fn write_report(w: &mut impl std::fmt::Write, r: &StatusReport) -> std::fmt::Result {
+    let up = r.uptime_secs;
+    let uptime = format!("{}h{:02}m{:02}s", up / 3600, up / 60 % 60, up % 60);
+    writeln!(w, "instance  {} (pid {}, up {uptime})", r.instance, r.pid)?;
+    writeln!(w, "datapath  {}: {}", r.datapath.kind, r.datapath.reason)?;
+    writeln!(w, "mode      {}", r.mode)?;
+    writeln!(w, "config    {}", r.config)?;
+    writeln!(w, "control   {}", r.control)?;
+    let reloads = &r.reloads;
+    let last = reloads
+        .last_error
+        .as_ref()
+        .map(|why| format!(" (last: {why})"))
+        .unwrap_or_default();
+    writeln!(
+        w,
+        "reloads   {} applied, {} refused, {} failed{last}",
+        reloads.applied, reloads.refused, reloads.failed
+    )?;
+
+    let row = |w: &mut dyn std::fmt::Write, cells: [&dyn std::fmt::Display; 6]| {
+        let [id, kind, version, trapped, accepted, dropped] = cells;
+        writeln!(
+            w,
+            "{id:<24} {kind:<14} {version:>3} {trapped:>10} {accepted:>10} {dropped:>10}"
+        )
+    };
+    writeln!(w)?;
+    row(
+        w,
+        [&"PU", &"KIND", &"VER", &"TRAPPED", &"ACCEPTED", &"DROPPED"],
+    )?;
+    for pu in &r.pus {
+        match r.counters.as_ref().and_then(|c| c.per_pu.get(&pu.id)) {
+            Some(c) => row(
+                w,
+                [
+                    &pu.id,
+                    &pu.kind,
+                    &pu.version,
+                    &c.trapped,
+                    &c.accepted,
+                    &c.dropped,
+                ],
+            )?,
+            None => row(w, [&pu.id, &pu.kind, &pu.version, &"-", &"-", &"-"])?,
+        }
+    }
+    if let Some(c) = &r.counters {
+        let t = c.total;
+        row(
+            w,
+            [&"(total)", &"", &"", &t.trapped, &t.accepted, &t.dropped],
+        )?;
+    }
+
+    let t = &r.trap;
+    writeln!(
+        w,
+        "\ntrap      {} received, {} verdicts, {} verdict errors, {} receive errors, \
+         {} queues bound",
+        t.received,
+        t.verdicts,
+        t.verdict_errors,
+        t.receive_errors,
+        t.queues.len()
+    )?;
+    let kernel = |queue: u16| r.kernel_queues.iter().find(|k| k.queue == queue);
+    // Only queues that saw something: 32 idle lines would hide the rest.
+    let active: Vec<_> = t
+        .queues
+        .iter()
+        .filter(|q| {
+            q.received > 0
+                || kernel(q.queue).is_some_and(|k| k.waiting + k.queue_dropped + k.user_dropped > 0)
+        })
+        .collect();
+    if !active.is_empty() {
+        writeln!(
+            w,
+            "{:>5} {:<12} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+            "QUEUE", "RANGE", "RECEIVED", "VERDICTS", "WAITING", "Q-DROP", "USER-DROP", "ID-SEQ"
+        )?;
+    }
+    for q in active {
+        let k = kernel(q.queue);
+        let field =
+            |f: fn(&KernelQueueStats) -> u32| k.map_or("-".to_owned(), |k| f(k).to_string());
+        writeln!(
+            w,
+            "{:>5} {:<12} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9}",
+            q.queue,
+            q.range,
+            q.received,
+            q.verdicts,
+            field(|k| k.waiting),
+            field(|k| k.queue_dropped),
+            field(|k| k.user_dropped),
+            field(|k| k.id_sequence)
+        )?;
+    }
+    for problem in &r.problems {
+        writeln!(w, "\nproblem: {problem}")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::tests::sample_report;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("enforcer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_takes_its_options_with_defaults() {
+        let cli = parse(&["run", "--config", "/etc/e.toml"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.config, PathBuf::from("/etc/e.toml"));
+        assert_eq!(args.datapath, None);
+        assert_eq!(args.instance.instance.as_str(), "enforcer");
+        assert_eq!((args.netns.netns, args.control), (None, None));
+
+        let cli = parse(&[
+            "run",
+            "--config",
+            "c.toml",
+            "--datapath",
+            "iptables",
+            "--netns",
+            "agentdev1",
+            "--instance",
+            "t1",
+            "--control",
+            "/tmp/t1.sock",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.datapath, Some(DatapathChoice::Iptables));
+        assert_eq!(args.netns.netns.as_deref(), Some("agentdev1"));
+        assert_eq!(args.instance.instance.as_str(), "t1");
+        assert_eq!(args.control, Some(PathBuf::from("/tmp/t1.sock")));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(parse(&["run"]).is_err(), "--config is required");
+        let err = parse(&["run", "--config", "c", "--datapath", "nft"]).unwrap_err();
+        assert!(err.to_string().contains("auto, ebpf, iptables"), "{err}");
+        let err = parse(&["run", "--config", "c", "--instance", "../x"]).unwrap_err();
+        assert!(err.to_string().contains("is not a valid id"), "{err}");
+        let err = parse(&["cleanup", "--netns", "a/b"]).unwrap_err();
+        assert!(err.to_string().contains("network namespace name"), "{err}");
+        assert!(parse(&["status", "--instance", "a", "--control", "/x.sock"]).is_err());
+        assert!(parse(&["status", "--netns", "a"]).is_err());
+    }
+
+    #[test]
+    fn status_and_cleanup_parse() {
+        let cli = parse(&["status", "--json", "--control", "/tmp/x.sock"]).unwrap();
+        let Command::Status(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(args.json);
+        assert_eq!(args.control, Some(PathBuf::from("/tmp/x.sock")));
+        let cli = parse(&["cleanup", "--instance", "t2", "--netns", "ns2"]).unwrap();
+        let Command::Cleanup(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.instance.instance.as_str(), "t2");
+        assert_eq!(args.netns.netns.as_deref(), Some("ns2"));
+    }
+
+    #[test]
+    fn the_human_report_is_a_compact_table() {
+        let text = render(&sample_report());
+        assert!(
+            text.contains("datapath  iptables: forced by configuration"),
+            "{text}"
+        );
+        assert!(text.contains("up 0h01m01s"), "{text}");
+        let web = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert_eq!(
+            web.split_whitespace().collect::<Vec<_>>(),
+            ["web", "linux-process", "1", "3", "2", "1"]
+        );
+        let queue = text.lines().find(|l| l.contains("app-syn")).unwrap();
+        assert_eq!(
+            queue.split_whitespace().collect::<Vec<_>>(),
+            ["0", "app-syn", "3", "3", "0", "0", "0", "3"]
+        );
+        let mut without_counters = sample_report();
+        without_counters.counters = None;
+        without_counters.problems = vec!["datapath counters: not ready".into()];
+        let text = render(&without_counters);
+        let web = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(web.ends_with("-          -          -"), "{web}");
+        assert!(text.contains("problem: datapath counters: not ready"));
+    }
+}

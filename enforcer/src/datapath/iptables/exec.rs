@@ -1,0 +1,255 @@
+//! Running the netfilter tools: `iptables-restore` / `ip6tables-restore`,
+//! `iptables-save` / `ip6tables-save` and `ipset`, in the calling thread's
+//! network namespace. The only I/O of the iptables datapath; the eBPF
+//! datapath uses it for its fixed rules too.
+//!
+//! Every program gets a fixed argument list; rules and set contents go to
+//! its stdin as restore text, so no policy string is ever a command-line
+//! argument and nothing runs through a shell. A failure names the command,
+//! its exit status, its stderr and, when the tool names a line of its
+//! input, that line.
+//!
+//! The tool names live in [`TOOLS`] only, so that choosing the legacy or
+//! the nf_tables flavour (a later issue) changes one place.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tracing::debug;
+
+use super::rules::{Table, section};
+use super::{save, sets};
+use crate::naming;
+use crate::policy::{IpFamily, PerFamily};
+
+/// The programs the datapath runs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub restore: PerFamily<&'static str>,
+    pub save: PerFamily<&'static str>,
+    pub ipset: &'static str,
+}
+
+/// The alternatives-selected flavour (nf_tables on Debian).
+pub const TOOLS: Tools = Tools {
+    restore: PerFamily {
+        v4: "iptables-restore",
+        v6: "ip6tables-restore",
+    },
+    save: PerFamily {
+        v4: "iptables-save",
+        v6: "ip6tables-save",
+    },
+    ipset: "ipset",
+};
+
+/// Applies restore text to the family's tables without flushing what is
+/// there; each table section commits on its own. `--wait` waits for the
+/// xtables lock that the legacy flavour and other tools take.
+pub fn restore(family: IpFamily, text: &str) -> Result<()> {
+    run(
+        TOOLS.restore.get(family),
+        &["--noflush", "--wait"],
+        Some(text),
+    )
+    .map(drop)
+}
+
+/// One table of the family as `iptables-save` prints it, with packet and
+/// byte counters when `counters` is set.
+pub fn save(family: IpFamily, table: Table, counters: bool) -> Result<String> {
+    let mut args = vec!["-t", table.as_str()];
+    if counters {
+        args.push("-c");
+    }
+    run(TOOLS.save.get(family), &args, None)
+}
+
+/// Applies `ipset restore` text. The tool stops at the first failing line,
+/// keeping what the lines before it did.
+pub fn ipset_restore(text: &str) -> Result<()> {
+    run(TOOLS.ipset, &["restore"], Some(text)).map(drop)
+}
+
+/// The names of every set in the namespace.
+pub fn ipset_names() -> Result<Vec<String>> {
+    let out = run(TOOLS.ipset, &["list", "-n"], None)?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// Removes every chain, hook and set the agent made in this namespace,
+/// in both families, and nothing else. Used by `run` (leftovers of a
+/// crashed instance) and `cleanup`.
+pub fn cleanup_all() -> Result<()> {
+    remove_everything(&System)
+}
+
+/// The tool calls the iptables datapath makes. [`System`] runs the real
+/// tools; the datapath's tests substitute a recording fake.
+pub trait Netfilter: Send + Sync {
+    fn restore(&self, family: IpFamily, text: &str) -> Result<()>;
+    fn save(&self, family: IpFamily, table: Table, counters: bool) -> Result<String>;
+    fn ipset_restore(&self, text: &str) -> Result<()>;
+    fn ipset_names(&self) -> Result<Vec<String>>;
+}
+
+/// The real tools, in the calling thread's network namespace.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+impl Netfilter for System {
+    fn restore(&self, family: IpFamily, text: &str) -> Result<()> {
+        restore(family, text)
+    }
+
+    fn save(&self, family: IpFamily, table: Table, counters: bool) -> Result<String> {
+        save(family, table, counters)
+    }
+
+    fn ipset_restore(&self, text: &str) -> Result<()> {
+        ipset_restore(text)
+    }
+
+    fn ipset_names(&self) -> Result<Vec<String>> {
+        ipset_names()
+    }
+}
+
+/// [`cleanup_all`] through any [`Netfilter`]: for each family and table,
+/// unhook, flush and delete every `TRI-` chain found in the save; then
+/// destroy every set with a family prefix (rules no longer refer to
+/// them). Goes on after a failure and reports every one.
+pub(super) fn remove_everything(nf: &dyn Netfilter) -> Result<()> {
+    let mut failures = Vec::new();
+    for family in IpFamily::ALL {
+        let attempt = || -> Result<()> {
+            let mut text = String::new();
+            for table in Table::ALL {
+                let saved = nf.save(family, table, false)?;
+                let lines = save::teardown(&saved, naming::is_agent_chain);
+                if !lines.is_empty() {
+                    text += &section(table, &lines);
+                }
+            }
+            if !text.is_empty() {
+                nf.restore(family, &text)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = attempt() {
+            failures.push(e.context(format!("removing the {family:?} chains")));
+        }
+    }
+    let sets = || -> Result<()> {
+        let names = nf.ipset_names()?;
+        let ours: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| naming::is_agent_set(name))
+            .collect();
+        if !ours.is_empty() {
+            nf.ipset_restore(&sets::destroy(ours))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = sets() {
+        failures.push(e.context("destroying the sets"));
+    }
+    match failures.len() {
+        0 => Ok(()),
+        _ => Err(anyhow!(
+            "{}",
+            failures
+                .iter()
+                .map(|e| format!("{e:#}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+    }
+}
+
+/// Runs `program args…` with `input` on stdin; returns stdout.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    debug!(%command, "running");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{command}`"))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A tool that fails early closes its stdin: the broken pipe is
+        // not the error to report, its exit status and stderr are.
+        if let Err(e) = stdin.write_all(text.as_bytes())
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(e).with_context(|| format!("writing to `{command}`"));
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{command}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut message = format!("`{command}` failed ({}): {}", out.status, stderr.trim());
+        if let Some((n, line)) = input.and_then(|text| failed_line(&stderr, text)) {
+            message += &format!("\n  input line {n}: {line}");
+        }
+        bail!(message);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{command}` printed non-UTF-8"))
+}
+
+/// The input line a tool's error names: `Error occurred at line: 4`
+/// (iptables-restore), `line 2: RULE_APPEND failed` (its nf_tables
+/// flavour), `Error in line 1:` (ipset).
+fn failed_line<'t>(stderr: &str, input: &'t str) -> Option<(usize, &'t str)> {
+    let after = &stderr[stderr.find("line")? + "line".len()..];
+    let digits: String = after
+        .trim_start_matches([':', ' '])
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let n: usize = digits.parse().ok()?;
+    Some((n, input.lines().nth(n.checked_sub(1)?)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_failed_input_line_in_each_tools_words() {
+        let input = "*mangle\n-A X -j Y\nCOMMIT\n";
+        for stderr in [
+            "iptables-restore v1.8.9 (nf_tables): Chain 'Y' does not exist\nError occurred at line: 2\n",
+            "ip6tables-restore v1.8.9 (nf_tables): \nline 2: RULE_APPEND failed (Invalid argument): rule in chain X\n",
+            "ipset v7.17: Error in line 2: The set with the given name does not exist\n",
+        ] {
+            assert_eq!(failed_line(stderr, input), Some((2, "-A X -j Y")), "{stderr}");
+        }
+        assert_eq!(failed_line("no such thing", input), None);
+        assert_eq!(failed_line("line 0", input), None);
+        assert_eq!(failed_line("line 9", input), None);
+    }
+
+    #[test]
+    fn a_failing_tool_is_reported_with_its_stderr() {
+        let err = run("ls", &["/enforcer-no-such-path"], Some("ignored\n")).unwrap_err();
+        let err = err.to_string();
+        assert!(err.starts_with("`ls /enforcer-no-such-path` failed (exit status: 2): "), "{err}");
+        assert!(err.contains("enforcer-no-such-path") && err.contains("No such file"), "{err}");
+        let missing = run("enforcer-no-such-tool", &[], None).unwrap_err();
+        assert!(format!("{missing:#}").contains("starting `enforcer-no-such-tool`"));
+    }
+}

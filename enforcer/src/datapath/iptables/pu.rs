@@ -1,0 +1,785 @@
+//! One linux-process PU in one family under one policy version: its sets,
+//! its two chains with the ACLs and trap rules in SPEC's order ("Order of
+//! evaluation inside a PU"), and the hooks that send its traffic there.
+//! Pure text; [`PuPlan::install`] and [`PuPlan::remove`] are the halves
+//! that `configure`, `update`, `delete` and their roll-backs combine.
+
+use std::collections::HashMap;
+
+use anyhow::anyhow;
+use enforcer_common::marks::Kind;
+use ipnet::IpNet;
+
+use super::rules::{Ctx, declare, nflog_group, opposite, peer};
+use super::sets::SetSpec;
+use crate::datapath::queues::{Direction, Trapped};
+use crate::datapath::{DatapathError, DatapathKind};
+use crate::naming::{
+    self, ChainPair, GlobalSet, LogTag, PROCESS_CHAINS, PortSet, ShortName, nflog_prefix,
+};
+use crate::policy::{
+    Acl, Action, CgroupPath, IpFamily, ObserveMode, PortRange, Protocol, Pu, PuKind,
+    in_bucket_order, split_zero_prefix,
+};
+
+/// ACL sets are numbered with a `u16` (it keeps their names within
+/// ipset's 31 characters): at most this many ACLs per direction.
+const MAX_ACLS: usize = u16::MAX as usize + 1;
+
+/// Ports one `multiport` match takes; a range takes two.
+const MULTIPORT_SLOTS: usize = 15;
+
+/// The seed's rate limit of the network-side UDP trap.
+const NET_UDP_TRAP_LIMIT: &str = "1000/s";
+
+/// The first ACK of a connection: the initiator's (original direction),
+/// among its first three packets. conntrack (priority -200) has counted
+/// the packet itself before mangle (-150) sees it, so the handshake ACK
+/// is packet 2, or 3 after one SYN retransmission. Without the bound, a
+/// connection that is never marked (one that predates the agent, say)
+/// would send every one of its packets to user space, as the seed's
+/// "every ACK" rule does; without the direction, the responder's first
+/// data would be taken for it.
+const FIRST_ACK: &str = "-m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL \
+                         -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets";
+
+/// What a linux-process PU is made of in the kernel under one version.
+#[derive(Debug, Clone, Copy)]
+pub struct PuPlan<'a> {
+    pu: &'a Pu,
+    cgroup: &'a CgroupPath,
+    short: &'a ShortName,
+    version: u8,
+}
+
+/// One ACL as installed in one family: its set, holding its networks of
+/// that family.
+struct AclRef<'a> {
+    acl: &'a Acl,
+    set: String,
+    nets: Vec<IpNet>,
+}
+
+/// Refuses a PU this datapath cannot install yet: any kind but
+/// linux-process, or more ACLs per direction than set names allow.
+/// Returns the cgroup that identifies its traffic.
+pub fn check(pu: &Pu) -> Result<&CgroupPath, DatapathError> {
+    let PuKind::LinuxProcess { cgroup } = &pu.kind else {
+        let what = format!("a {} PU ({})", pu.kind.name(), pu.id);
+        return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
+    };
+    for (what, acls) in [
+        ("application", &pu.application_acls),
+        ("network", &pu.network_acls),
+    ] {
+        if acls.len() > MAX_ACLS {
+            let n = acls.len();
+            let message = format!("PU {} has {n} {what} ACLs; at most {MAX_ACLS}", pu.id);
+            return Err(anyhow!(message).into());
+        }
+    }
+    Ok(cgroup)
+}
+
+impl<'a> PuPlan<'a> {
+    /// The plan of `pu` under `short` and `version`; fails as [`check`].
+    pub fn new(pu: &'a Pu, short: &'a ShortName, version: u8) -> Result<Self, DatapathError> {
+        Ok(Self {
+            pu,
+            cgroup: check(pu)?,
+            short,
+            version,
+        })
+    }
+
+    /// `TRI-App-<short>-<version>` and `TRI-Net-<short>-<version>`.
+    pub fn chains(&self) -> ChainPair<String> {
+        naming::pu_chains(self.short, self.version.into())
+    }
+
+    /// The TCP and UDP port sets with the ports they hold. They do not
+    /// depend on the version: an update changes their content in place.
+    pub fn port_sets(&self, family: IpFamily) -> [(String, &'a [PortRange]); 2] {
+        [
+            (
+                PortSet::Process.name(family, self.short),
+                &self.pu.tcp_ports,
+            ),
+            (
+                PortSet::ProcessUdp.name(family, self.short),
+                &self.pu.udp_ports,
+            ),
+        ]
+    }
+
+    /// One set per ACL with networks in `family`, application then network.
+    pub fn acl_sets(&self, family: IpFamily) -> Vec<SetSpec> {
+        [Direction::App, Direction::Net]
+            .into_iter()
+            .flat_map(|direction| self.acls(family, direction))
+            .map(|r| SetSpec::networks(r.set, family, &r.nets))
+            .collect()
+    }
+
+    /// Every set of the PU in `family`: port sets, then ACL sets.
+    pub fn sets(&self, family: IpFamily) -> Vec<SetSpec> {
+        let ports = self
+            .port_sets(family)
+            .map(|(name, ports)| SetSpec::ports(name, ports));
+        ports.into_iter().chain(self.acl_sets(family)).collect()
+    }
+
+    /// The PU's chains with their rules, then the hooks into them
+    /// (appended: with an update's `remove` of the old version in the same
+    /// commit, the new hooks take over from the old ones atomically).
+    pub fn install(&self, ctx: &Ctx) -> Vec<String> {
+        let chains = self.chains();
+        let mut lines = vec![declare(&chains.app), declare(&chains.net)];
+        lines.extend(self.chain_rules(ctx, Direction::App));
+        lines.extend(self.chain_rules(ctx, Direction::Net));
+        lines.extend(self.hooks(ctx.family).map(|hook| format!("-A {hook}")));
+        lines
+    }
+
+    /// Unhooks the chains, then flushes and deletes them. Every piece must
+    /// exist (a restore file fails as a whole otherwise).
+    pub fn remove(&self, ctx: &Ctx) -> Vec<String> {
+        let chains = self.chains();
+        let mut lines: Vec<String> = self
+            .hooks(ctx.family)
+            .map(|hook| format!("-D {hook}"))
+            .collect();
+        for op in ["-F", "-X"] {
+            lines.push(format!("{op} {}", chains.app));
+            lines.push(format!("{op} {}", chains.net));
+        }
+        lines
+    }
+
+    /// The rules sending the PU's traffic to its chains, without `-A`/`-D`:
+    /// outgoing by cgroup, incoming by listening port. Both port hooks are
+    /// always there (an empty set matches nothing), so ports can change
+    /// without a rule change.
+    fn hooks(&self, family: IpFamily) -> impl Iterator<Item = String> + use<> {
+        let chains = self.chains();
+        let comment = format!("-m comment --comment \"PU {}\"", self.pu.id);
+        let [(tcp, _), (udp, _)] = self.port_sets(family);
+        [
+            format!(
+                "{} -m cgroup --path {} {comment} -j {}",
+                PROCESS_CHAINS.app, self.cgroup, chains.app
+            ),
+            format!(
+                "{} -p tcp -m set --match-set {tcp} dst {comment} -j {}",
+                PROCESS_CHAINS.net, chains.net
+            ),
+            format!(
+                "{} -p udp -m set --match-set {udp} dst {comment} -j {}",
+                PROCESS_CHAINS.net, chains.net
+            ),
+        ]
+        .into_iter()
+    }
+
+    /// The ACLs of `direction` that apply in `family` (networks and a
+    /// protocol of the family), in declaration order, which numbers their
+    /// sets.
+    fn acls(&self, family: IpFamily, direction: Direction) -> Vec<AclRef<'a>> {
+        let list = match direction {
+            Direction::App => &self.pu.application_acls,
+            Direction::Net => &self.pu.network_acls,
+        };
+        (0..=u16::MAX)
+            .zip(list)
+            .filter_map(|(index, acl)| {
+                let nets: Vec<IpNet> = family
+                    .select(&acl.networks)
+                    .copied()
+                    .flat_map(split_zero_prefix)
+                    .collect();
+                let matchable = acl
+                    .protocols
+                    .iter()
+                    .any(|&p| protocol_match(p, family).is_some());
+                let set = naming::acl_set(family, self.short, self.version, direction, index);
+                (matchable && !nets.is_empty()).then_some(AclRef { acl, set, nets })
+            })
+            .collect()
+    }
+
+    /// One chain, in SPEC's order.
+    fn chain_rules(&self, ctx: &Ctx, direction: Direction) -> Vec<String> {
+        let chains = self.chains();
+        let chain = chains.get(direction);
+        let own = self.acls(ctx.family, direction);
+        let (any, specific): (Vec<&AclRef>, Vec<&AclRef>) = bucket_order(&own)
+            .into_iter()
+            .partition(|r| r.acl.is_protocol_any());
+
+        let mut lines = Vec::new();
+        for r in specific {
+            lines.extend(self.acl_rules(ctx, direction, chain, r));
+        }
+        // The replies of the other side's UDP accepts, after this side's
+        // own ACLs as in the seed.
+        let other = self.acls(ctx.family, opposite(direction));
+        for r in bucket_order(&other) {
+            lines.extend(reverse_udp_accepts(ctx, direction, chain, r));
+        }
+        if ctx.family == IpFamily::V6 {
+            // Neighbour discovery and path MTU must work whatever the ACLs.
+            lines.push(format!("-A {chain} -p icmpv6 -j ACCEPT"));
+        }
+        lines.extend(trap_rules(ctx, direction, chain));
+        lines.push(format!(
+            "-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        ));
+        for r in any {
+            lines.extend(self.acl_rules(ctx, direction, chain, r));
+        }
+        let group = nflog_group(direction);
+        let log = |tag| {
+            let prefix = nflog_prefix(self.short, tag, None);
+            format!("NFLOG --nflog-group {group} --nflog-prefix {prefix}")
+        };
+        lines.push(format!(
+            "-A {chain} -m conntrack --ctstate NEW -j {}",
+            log(LogTag::DefaultNew)
+        ));
+        lines.push(format!(
+            "-A {chain} -m conntrack ! --ctstate NEW -j {}",
+            log(LogTag::DefaultOther)
+        ));
+        lines.push(format!("-A {chain} -j DROP"));
+        lines
+    }
+
+    /// An ACL's rules: for each of its protocols (of this family) and each
+    /// group of at most 15 ports, its targets. Specific protocols apply
+    /// only to peers outside the target TCP networks (those go through the
+    /// handshake), and TCP only to new connections.
+    fn acl_rules(&self, ctx: &Ctx, direction: Direction, chain: &str, r: &AclRef) -> Vec<String> {
+        let peer = peer(direction);
+        let in_acl = format!("-m set --match-set {} {peer}", r.set);
+        let not_target = match r.acl.is_protocol_any() {
+            true => String::new(),
+            false => format!(
+                "-m set ! --match-set {} {peer}",
+                ctx.set(GlobalSet::TargetTcp)
+            ),
+        };
+        let targets = self.acl_targets(ctx, direction, r.acl);
+        let mut lines = Vec::new();
+        for protocol in r
+            .acl
+            .protocols
+            .iter()
+            .filter_map(|&p| protocol_match(p, ctx.family))
+        {
+            for ports in multiport("--dports", &r.acl.ports) {
+                let spec = join(&[protocol, &in_acl, &not_target, &ports]);
+                lines.extend(targets.iter().map(|t| format!("-A {chain} {spec} -j {t}")));
+            }
+        }
+        lines
+    }
+
+    /// What an ACL does with a match: its action, preceded by a log when
+    /// asked for or observed; observe-continue only logs, and evaluation
+    /// goes on. An accept marks the connection so that the main chains
+    /// accept its later packets in both directions.
+    fn acl_targets(&self, ctx: &Ctx, direction: Direction, acl: &Acl) -> Vec<String> {
+        let prefix = nflog_prefix(self.short, LogTag::Acl(acl.bucket()), Some(&acl.policy_id));
+        let log = format!(
+            "NFLOG --nflog-group {} --nflog-prefix {prefix}",
+            nflog_group(direction)
+        );
+        let action = match acl.action {
+            Action::Accept => vec![ctx.set_connmark(Kind::ExternalAccepted), "ACCEPT".into()],
+            Action::Reject => vec!["DROP".into()],
+        };
+        match acl.observe {
+            ObserveMode::None if acl.log => [vec![log], action].concat(),
+            ObserveMode::None => action,
+            ObserveMode::Continue => vec![log],
+            ObserveMode::Apply => [vec![log], action].concat(),
+        }
+    }
+}
+
+/// `acls` in SPEC's bucket order, as [`in_bucket_order`] decides it.
+fn bucket_order<'r, 'a>(acls: &'r [AclRef<'a>]) -> Vec<&'r AclRef<'a>> {
+    let position: HashMap<*const Acl, usize> = acls
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (std::ptr::from_ref(r.acl), i))
+        .collect();
+    in_bucket_order(acls.iter().map(|r| r.acl))
+        .into_iter()
+        .map(|acl| &acls[position[&std::ptr::from_ref(acl)]])
+        .collect()
+}
+
+/// For a UDP accept of the other direction, accepts its replies in this
+/// chain: the peer at the other end of the packet, the ACL's ports as
+/// source ports, established flows only.
+fn reverse_udp_accepts(
+    ctx: &Ctx,
+    direction: Direction,
+    chain: &str,
+    r: &AclRef,
+) -> Vec<String> {
+    let accepts = r.acl.action == Action::Accept && r.acl.observe != ObserveMode::Continue;
+    if !accepts || !r.acl.protocols.contains(&Protocol::Udp) {
+        return Vec::new();
+    }
+    let peer = peer(direction);
+    let head = format!(
+        "-p udp -m conntrack --ctstate ESTABLISHED -m set --match-set {} {peer} \
+         -m set ! --match-set {} {peer}",
+        r.set,
+        ctx.set(GlobalSet::TargetTcp)
+    );
+    multiport("--sports", &r.acl.ports)
+        .into_iter()
+        .map(|ports| format!("-A {chain} {} -j ACCEPT", join(&[&head, &ports])))
+        .collect()
+}
+
+/// The trap: TCP set-up with target TCP networks and UDP with target UDP
+/// networks go to user space; incoming UDP at a bounded rate.
+fn trap_rules(ctx: &Ctx, direction: Direction, chain: &str) -> [String; 3] {
+    let peer = peer(direction);
+    let tcp = format!(
+        "-p tcp -m set --match-set {} {peer}",
+        ctx.set(GlobalSet::TargetTcp)
+    );
+    let udp = format!(
+        "-p udp -m set --match-set {} {peer}",
+        ctx.set(GlobalSet::TargetUdp)
+    );
+    let limit = match direction {
+        Direction::App => String::new(),
+        Direction::Net => format!("-m limit --limit {NET_UDP_TRAP_LIMIT}"),
+    };
+    let queue = |trapped| ctx.queue(direction, trapped);
+    [
+        format!(
+            "-A {chain} {tcp} -m tcp --tcp-flags SYN,ACK SYN -j {}",
+            queue(Trapped::Syn)
+        ),
+        format!("-A {chain} {tcp} {FIRST_ACK} -j {}", queue(Trapped::Ack)),
+        format!(
+            "-A {chain} {} -j {}",
+            join(&[&udp, &limit]),
+            queue(Trapped::Service)
+        ),
+    ]
+}
+
+/// The protocol match of an ACL protocol in `family`: `None` for the other
+/// family's ICMP, which never occurs there. TCP ACLs judge new
+/// connections only (SPEC); the connection mark carries the verdict on.
+fn protocol_match(protocol: Protocol, family: IpFamily) -> Option<&'static str> {
+    match (protocol, family) {
+        (Protocol::Tcp, _) => Some("-p tcp -m conntrack --ctstate NEW"),
+        (Protocol::Udp, _) => Some("-p udp"),
+        (Protocol::Icmp, IpFamily::V4) => Some("-p icmp"),
+        (Protocol::Icmpv6, IpFamily::V6) => Some("-p icmpv6"),
+        (Protocol::Icmp, IpFamily::V6) | (Protocol::Icmpv6, IpFamily::V4) => None,
+        (Protocol::Any, _) => Some(""),
+    }
+}
+
+/// `-m multiport <flag> …` matches covering `ports`, at most 15 slots
+/// each (the kernel's limit, a range counting two); one empty match when
+/// there are no ports (every port).
+fn multiport(flag: &str, ports: &[PortRange]) -> Vec<String> {
+    let mut groups: Vec<(usize, Vec<String>)> = Vec::new();
+    for range in ports {
+        let slots = if range.is_single() { 1 } else { 2 };
+        match groups.last_mut() {
+            Some((used, group)) if *used + slots <= MULTIPORT_SLOTS => {
+                *used += slots;
+                group.push(range.to_string());
+            }
+            _ => groups.push((slots, vec![range.to_string()])),
+        }
+    }
+    if groups.is_empty() {
+        return vec![String::new()];
+    }
+    groups
+        .into_iter()
+        .map(|(_, group)| format!("-m multiport {flag} {}", group.join(",")))
+        .collect()
+}
+
+/// The non-empty parts, separated by spaces.
+fn join(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::marks::MarkLayout;
+
+    use super::*;
+    use crate::datapath::iptables::rules::{Table, section};
+    use crate::datapath::iptables::sets;
+    use crate::naming::NameRegistry;
+    use crate::policy::{Mode, PolicyId, PuId, QueueSettings};
+
+    fn acl(nets: &[&str], protocols: &[Protocol], ports: &[(u16, u16)], action: Action) -> Acl {
+        Acl {
+            networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
+            protocols: protocols.to_vec(),
+            ports: ports
+                .iter()
+                .map(|&(a, b)| PortRange::new(a, b).unwrap())
+                .collect(),
+            action,
+            log: false,
+            observe: ObserveMode::None,
+            policy_id: PolicyId::new("p").unwrap(),
+        }
+    }
+
+    fn with(acl: Acl, policy: &str, log: bool, observe: ObserveMode) -> Acl {
+        Acl {
+            policy_id: PolicyId::new(policy).unwrap(),
+            log,
+            observe,
+            ..acl
+        }
+    }
+
+    /// A linux-process PU `web` in cgroup `enforcer/web`, no ACLs.
+    fn web() -> Pu {
+        Pu {
+            id: PuId::new("web").unwrap(),
+            kind: PuKind::LinuxProcess {
+                cgroup: CgroupPath::new("enforcer/web").unwrap(),
+            },
+            labels: Default::default(),
+            tcp_ports: vec![PortRange::new(80, 80).unwrap()],
+            udp_ports: vec![],
+            application_acls: vec![],
+            network_acls: vec![],
+            proxy_port: None,
+            dns_proxy_port: None,
+            dependent_services: vec![],
+            exposed_services: vec![],
+        }
+    }
+
+    /// The ACL mix of the golden tests, written in an order that is *not*
+    /// the bucket order.
+    fn web_with_acls() -> Pu {
+        use Protocol::*;
+        let app = vec![
+            // 0: accept, logged; ranges and single ports.
+            with(
+                acl(
+                    &["10.30.0.0/16", "fd00:30::/64"],
+                    &[Tcp],
+                    &[(443, 443), (9000, 9100)],
+                    Action::Accept,
+                ),
+                "web-to-api",
+                true,
+                ObserveMode::None,
+            ),
+            // 1: protocol any, only observed: after the trap, logs only.
+            with(
+                acl(&["192.168.100.0/24"], &[Any], &[], Action::Reject),
+                "legacy-trial",
+                false,
+                ObserveMode::Continue,
+            ),
+            // 2: UDP accept: a reverse rule on the net side.
+            with(
+                acl(&["10.0.0.53/32"], &[Udp], &[(53, 53)], Action::Accept),
+                "dns",
+                false,
+                ObserveMode::None,
+            ),
+            // 3: a reject inside ACL 0's networks: evaluated first.
+            with(
+                acl(&["10.30.5.0/24"], &[Tcp], &[(443, 443)], Action::Reject),
+                "no-api-5",
+                false,
+                ObserveMode::None,
+            ),
+            // 4: ICMP accept, observe-apply; IPv4 only by protocol.
+            with(
+                acl(&["10.99.0.0/24", "fd00:99::/64"], &[Icmp], &[], Action::Accept),
+                "ping",
+                false,
+                ObserveMode::Apply,
+            ),
+        ];
+        let net = vec![
+            // 0: every source (a /0, split for ipset), two TCP ports.
+            with(
+                acl(&["0.0.0.0/0"], &[Tcp], &[(80, 80), (443, 443)], Action::Accept),
+                "public",
+                false,
+                ObserveMode::None,
+            ),
+            // 1: any protocol from guests, logged and applied.
+            with(
+                acl(&["10.66.0.0/16"], &[Any], &[], Action::Reject),
+                "no-guests",
+                true,
+                ObserveMode::Apply,
+            ),
+        ];
+        Pu {
+            tcp_ports: vec![
+                PortRange::new(80, 80).unwrap(),
+                PortRange::new(8000, 8080).unwrap(),
+            ],
+            application_acls: app,
+            network_acls: net,
+            ..web()
+        }
+    }
+
+    fn ctx(family: IpFamily, queues: &QueueSettings) -> Ctx<'_> {
+        Ctx {
+            family,
+            mode: Mode::LocalServer,
+            marks: MarkLayout::default(),
+            queues,
+        }
+    }
+
+    fn short(id: &str) -> ShortName {
+        NameRegistry::new().assign(&PuId::new(id).unwrap()).unwrap()
+    }
+
+    /// Default marks (kind mask 0x700: external 0x200) and queues (app SYN
+    /// 0-3, ACK 4-7, service 12-15; net SYN 16-19, ACK 20-23, service
+    /// 28-31). `web`'s short name is `webbBzx`.
+    #[test]
+    fn pu_with_acls_v4() {
+        let pu = web_with_acls();
+        let short = short("web");
+        assert_eq!(short.as_str(), "webbBzx");
+        let plan = PuPlan::new(&pu, &short, 1).unwrap();
+        let queues = QueueSettings::default();
+        let text = section(Table::Mangle, &plan.install(&ctx(IpFamily::V4, &queues)));
+        let expected = r#"
+*mangle
+:TRI-App-webbBzx-1 - [0:0]
+:TRI-Net-webbBzx-1 - [0:0]
+-A TRI-App-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1a3 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 443 -j DROP
+-A TRI-App-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1a0 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 443,9000:9100 -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:accept:web-to-api
+-A TRI-App-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1a0 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 443,9000:9100 -j CONNMARK --set-xmark 0x200/0x700
+-A TRI-App-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1a0 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 443,9000:9100 -j ACCEPT
+-A TRI-App-webbBzx-1 -p udp -m set --match-set TRI-v4-Acl-webbBzx-1a2 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 53 -j CONNMARK --set-xmark 0x200/0x700
+-A TRI-App-webbBzx-1 -p udp -m set --match-set TRI-v4-Acl-webbBzx-1a2 dst -m set ! --match-set TRI-v4-TargetTCP dst -m multiport --dports 53 -j ACCEPT
+-A TRI-App-webbBzx-1 -p icmp -m set --match-set TRI-v4-Acl-webbBzx-1a4 dst -m set ! --match-set TRI-v4-TargetTCP dst -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:accept-oa:ping
+-A TRI-App-webbBzx-1 -p icmp -m set --match-set TRI-v4-Acl-webbBzx-1a4 dst -m set ! --match-set TRI-v4-TargetTCP dst -j CONNMARK --set-xmark 0x200/0x700
+-A TRI-App-webbBzx-1 -p icmp -m set --match-set TRI-v4-Acl-webbBzx-1a4 dst -m set ! --match-set TRI-v4-TargetTCP dst -j ACCEPT
+-A TRI-App-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP dst -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 0:3 --queue-bypass
+-A TRI-App-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP dst -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 4:7 --queue-bypass
+-A TRI-App-webbBzx-1 -p udp -m set --match-set TRI-v4-TargetUDP dst -j NFQUEUE --queue-balance 12:15 --queue-bypass
+-A TRI-App-webbBzx-1 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A TRI-App-webbBzx-1 -m set --match-set TRI-v4-Acl-webbBzx-1a1 dst -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:reject-oc:legacy-trial
+-A TRI-App-webbBzx-1 -m conntrack --ctstate NEW -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:default:
+-A TRI-App-webbBzx-1 -m conntrack ! --ctstate NEW -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:default-other:
+-A TRI-App-webbBzx-1 -j DROP
+-A TRI-Net-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1n0 src -m set ! --match-set TRI-v4-TargetTCP src -m multiport --dports 80,443 -j CONNMARK --set-xmark 0x200/0x700
+-A TRI-Net-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1n0 src -m set ! --match-set TRI-v4-TargetTCP src -m multiport --dports 80,443 -j ACCEPT
+-A TRI-Net-webbBzx-1 -p udp -m conntrack --ctstate ESTABLISHED -m set --match-set TRI-v4-Acl-webbBzx-1a2 src -m set ! --match-set TRI-v4-TargetTCP src -m multiport --sports 53 -j ACCEPT
+-A TRI-Net-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 16:19 --queue-bypass
+-A TRI-Net-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 20:23 --queue-bypass
+-A TRI-Net-webbBzx-1 -p udp -m set --match-set TRI-v4-TargetUDP src -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass
+-A TRI-Net-webbBzx-1 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A TRI-Net-webbBzx-1 -m set --match-set TRI-v4-Acl-webbBzx-1n1 src -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:reject-oa:no-guests
+-A TRI-Net-webbBzx-1 -m set --match-set TRI-v4-Acl-webbBzx-1n1 src -j DROP
+-A TRI-Net-webbBzx-1 -m conntrack --ctstate NEW -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:default:
+-A TRI-Net-webbBzx-1 -m conntrack ! --ctstate NEW -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:default-other:
+-A TRI-Net-webbBzx-1 -j DROP
+-A TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-1
+-A TRI-Pid-Net -p tcp -m set --match-set TRI-v4-ProcPort-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-1
+-A TRI-Pid-Net -p udp -m set --match-set TRI-v4-ProcUDP-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-1
+COMMIT
+"#;
+        assert_eq!(text, expected[1..]);
+
+        assert_eq!(
+            sets::create(&plan.sets(IpFamily::V4)),
+            "create TRI-v4-ProcPort-webbBzx bitmap:port range 0-65535 -exist\n\
+             flush TRI-v4-ProcPort-webbBzx\n\
+             add TRI-v4-ProcPort-webbBzx 80 -exist\n\
+             add TRI-v4-ProcPort-webbBzx 8000-8080 -exist\n\
+             create TRI-v4-ProcUDP-webbBzx bitmap:port range 0-65535 -exist\n\
+             flush TRI-v4-ProcUDP-webbBzx\n\
+             create TRI-v4-Acl-webbBzx-1a0 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1a0\n\
+             add TRI-v4-Acl-webbBzx-1a0 10.30.0.0/16 -exist\n\
+             create TRI-v4-Acl-webbBzx-1a1 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1a1\n\
+             add TRI-v4-Acl-webbBzx-1a1 192.168.100.0/24 -exist\n\
+             create TRI-v4-Acl-webbBzx-1a2 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1a2\n\
+             add TRI-v4-Acl-webbBzx-1a2 10.0.0.53/32 -exist\n\
+             create TRI-v4-Acl-webbBzx-1a3 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1a3\n\
+             add TRI-v4-Acl-webbBzx-1a3 10.30.5.0/24 -exist\n\
+             create TRI-v4-Acl-webbBzx-1a4 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1a4\n\
+             add TRI-v4-Acl-webbBzx-1a4 10.99.0.0/24 -exist\n\
+             create TRI-v4-Acl-webbBzx-1n0 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1n0\n\
+             add TRI-v4-Acl-webbBzx-1n0 0.0.0.0/1 -exist\n\
+             add TRI-v4-Acl-webbBzx-1n0 128.0.0.0/1 -exist\n\
+             create TRI-v4-Acl-webbBzx-1n1 hash:net family inet -exist\n\
+             flush TRI-v4-Acl-webbBzx-1n1\n\
+             add TRI-v4-Acl-webbBzx-1n1 10.66.0.0/16 -exist\n"
+        );
+    }
+
+    /// The same PU in IPv6: only ACL 0 applies (4 has IPv6 networks but
+    /// IPv4's ICMP, so it gets neither a set nor a rule); ICMPv6 accepted
+    /// before the trap.
+    #[test]
+    fn pu_with_acls_v6() {
+        let pu = web_with_acls();
+        let short = short("web");
+        let plan = PuPlan::new(&pu, &short, 0).unwrap();
+        let queues = QueueSettings::default();
+        let lines = plan.install(&ctx(IpFamily::V6, &queues));
+        let app: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("-A TRI-App-webbBzx-0 "))
+            .collect();
+        assert_eq!(
+            app[..4],
+            [
+                "-p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v6-Acl-webbBzx-0a0 dst -m set ! --match-set TRI-v6-TargetTCP dst -m multiport --dports 443,9000:9100 -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:accept:web-to-api",
+                "-p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v6-Acl-webbBzx-0a0 dst -m set ! --match-set TRI-v6-TargetTCP dst -m multiport --dports 443,9000:9100 -j CONNMARK --set-xmark 0x200/0x700",
+                "-p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v6-Acl-webbBzx-0a0 dst -m set ! --match-set TRI-v6-TargetTCP dst -m multiport --dports 443,9000:9100 -j ACCEPT",
+                "-p icmpv6 -j ACCEPT",
+            ]
+        );
+        assert_eq!(app.len(), 4 + 3 + 1 + 3);
+        assert!(lines.iter().all(|l| !l.contains("v4")), "{lines:#?}");
+        let sets: Vec<String> = plan.acl_sets(IpFamily::V6).into_iter().map(|s| s.name).collect();
+        assert_eq!(sets, ["TRI-v6-Acl-webbBzx-0a0"]);
+    }
+
+    /// An update is one commit: the new chains and hooks, then the old
+    /// hooks and chains removed.
+    #[test]
+    fn update_hooks_new_then_removes_old() {
+        let (old, new) = (web(), web_with_acls());
+        let short = short("web");
+        let queues = QueueSettings::default();
+        let ctx = ctx(IpFamily::V4, &queues);
+        let new_plan = PuPlan::new(&new, &short, 1).unwrap();
+        let old_plan = PuPlan::new(&old, &short, 0).unwrap();
+        let lines = [new_plan.install(&ctx), old_plan.remove(&ctx)].concat();
+        let outside: Vec<&String> = lines
+            .iter()
+            .filter(|l| !l.contains("-A TRI-App-webbBzx-1 ") && !l.contains("-A TRI-Net-webbBzx-1 "))
+            .collect();
+        assert_eq!(
+            outside,
+            [
+                ":TRI-App-webbBzx-1 - [0:0]",
+                ":TRI-Net-webbBzx-1 - [0:0]",
+                r#"-A TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-1"#,
+                r#"-A TRI-Pid-Net -p tcp -m set --match-set TRI-v4-ProcPort-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-1"#,
+                r#"-A TRI-Pid-Net -p udp -m set --match-set TRI-v4-ProcUDP-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-1"#,
+                r#"-D TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-0"#,
+                r#"-D TRI-Pid-Net -p tcp -m set --match-set TRI-v4-ProcPort-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-0"#,
+                r#"-D TRI-Pid-Net -p udp -m set --match-set TRI-v4-ProcUDP-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-0"#,
+                "-F TRI-App-webbBzx-0",
+                "-F TRI-Net-webbBzx-0",
+                "-X TRI-App-webbBzx-0",
+                "-X TRI-Net-webbBzx-0",
+            ]
+        );
+    }
+
+    /// A PU without ACLs: the trap and the default drop only; its port
+    /// sets exist but its ACL sets do not.
+    #[test]
+    fn pu_without_acls_and_delete() {
+        let pu = web();
+        let short = short("web");
+        let plan = PuPlan::new(&pu, &short, 0).unwrap();
+        let queues = QueueSettings::default();
+        let ctx = ctx(IpFamily::V4, &queues);
+        let net: Vec<String> = plan
+            .install(&ctx)
+            .into_iter()
+            .filter_map(|l| l.strip_prefix("-A TRI-Net-webbBzx-0 ").map(str::to_owned))
+            .collect();
+        assert_eq!(
+            net,
+            [
+                "-p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 16:19 --queue-bypass",
+                "-p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 20:23 --queue-bypass",
+                "-p udp -m set --match-set TRI-v4-TargetUDP src -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass",
+                "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+                "-m conntrack --ctstate NEW -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:default:",
+                "-m conntrack ! --ctstate NEW -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:default-other:",
+                "-j DROP",
+            ]
+        );
+        assert!(plan.acl_sets(IpFamily::V4).is_empty());
+        assert_eq!(
+            section(Table::Mangle, &plan.remove(&ctx)),
+            r#"*mangle
+-D TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-0
+-D TRI-Pid-Net -p tcp -m set --match-set TRI-v4-ProcPort-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-0
+-D TRI-Pid-Net -p udp -m set --match-set TRI-v4-ProcUDP-webbBzx dst -m comment --comment "PU web" -j TRI-Net-webbBzx-0
+-F TRI-App-webbBzx-0
+-F TRI-Net-webbBzx-0
+-X TRI-App-webbBzx-0
+-X TRI-Net-webbBzx-0
+COMMIT
+"#
+        );
+    }
+
+    #[test]
+    fn multiport_takes_15_slots_a_range_two() {
+        let singles: Vec<PortRange> = (1..=16).map(|p| PortRange::new(p, p).unwrap()).collect();
+        let m = multiport("--dports", &singles);
+        assert_eq!(m.len(), 2);
+        assert!(m[0].ends_with(",15") && m[1] == "-m multiport --dports 16");
+        let ranges: Vec<PortRange> = (0..8)
+            .map(|i| PortRange::new(100 * i + 1, 100 * i + 2).unwrap())
+            .collect();
+        let m = multiport("--sports", &ranges);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[1], "-m multiport --sports 701:702");
+        assert_eq!(multiport("--dports", &[]), [""]);
+    }
+
+    #[test]
+    fn kinds_other_than_linux_process_are_unsupported() {
+        let pu = Pu {
+            kind: PuKind::Host,
+            ..web()
+        };
+        let short = short("web");
+        let err = PuPlan::new(&pu, &short, 0).unwrap_err();
+        assert!(matches!(err, DatapathError::Unsupported(..)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "a host PU (web) is not supported by the iptables datapath"
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! The real agent, run by a test: `agent run` (the `enforcer` CLI built
+//! into this crate as the `agent` binary) inside a test namespace, with a
+//! config file and an instance name of the test's own.
+//!
+//! Dropping an [`Agent`] stops it with SIGTERM (the agent then cleans up),
+//! waits for it, and falls back to SIGKILL plus `agent cleanup` if it does
+//! not exit in time — so a failing test still leaves nothing behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+use crate::{netns::Netns, unique_name};
+
+/// Which datapath a test runs the agent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datapath {
+    Ebpf,
+    Iptables,
+    /// `--datapath auto` with `bpf(2)` denied by seccomp: the agent must
+    /// fall back to iptables and say why.
+    AutoWithoutBpf,
+}
+
+impl Datapath {
+    /// The `--datapath` argument.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Datapath::Ebpf => "ebpf",
+            Datapath::Iptables => "iptables",
+            Datapath::AutoWithoutBpf => "auto",
+        }
+    }
+
+    /// The datapath `status` must report.
+    pub fn expected(self) -> &'static str {
+        match self {
+            Datapath::Ebpf => "ebpf",
+            Datapath::Iptables | Datapath::AutoWithoutBpf => "iptables",
+        }
+    }
+
+    /// Adjusts the agent's command for this way of running.
+    pub fn prepare(self, cmd: &mut Command) {
+        if self == Datapath::AutoWithoutBpf {
+            crate::seccomp::deny_bpf(cmd);
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    bin: PathBuf,
+    instance: String,
+    netns: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Agent {
+    /// Starts `bin run` in `ns` with `config` (TOML text) and waits until
+    /// it answers `status`. `extra` goes on the command line.
+    pub fn start(bin: &str, ns: &Netns, datapath: Datapath, config: &str) -> Result<Self> {
+        Self::start_with(bin, ns, None, &["--datapath", datapath.arg()], config, |cmd| {
+            datapath.prepare(cmd)
+        })
+    }
+
+    /// Like [`Agent::start`], as a given instance (an agent restarting
+    /// after a crash takes over its own instance's state), with arbitrary
+    /// `run` arguments and a hook to adjust the command (e.g. a seccomp
+    /// filter before exec).
+    pub fn start_with(
+        bin: &str,
+        ns: &Netns,
+        instance: Option<&str>,
+        args: &[&str],
+        config: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Result<Self> {
+        let instance = instance.map_or_else(unique_name, str::to_string);
+        let dir = std::env::temp_dir();
+        let tag = unique_name();
+        let config_path = dir.join(format!("{tag}.toml"));
+        let log = dir.join(format!("{tag}.log"));
+        std::fs::write(&config_path, config).context("writing the agent config")?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--config"])
+            .arg(&config_path)
+            .args(["--netns", ns.name(), "--instance", &instance])
+            .args(args)
+            .env("RUST_LOG", "info,enforcer=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::fs::File::create(&log)?))
+            .stderr(Stdio::from(std::fs::OpenOptions::new().append(true).open(&log)?));
+        adjust(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
+        let mut agent = Self {
+            bin: bin.into(),
+            instance,
+            netns: ns.name().to_string(),
+            config: config_path,
+            log,
+            child: Some(child),
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("the agent exited during start-up ({status}):\n{}", self.log());
+            }
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not answer status within {START_TIMEOUT:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `agent status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .args(["status", "--json", "--instance", &self.instance])
+            .output()
+            .context("running agent status")?;
+        if !out.status.success() {
+            bail!("agent status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout).context("parsing status --json")?)
+    }
+
+    /// Replaces the config file and sends SIGHUP; waits until the agent
+    /// logged the outcome of the reload (applied or refused).
+    pub fn reload(&self, config: &str) -> Result<()> {
+        let before = self.log().matches("reload").count();
+        std::fs::write(&self.config, config)?;
+        self.signal(Signal::SIGHUP)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.log().matches("reload").count() <= before {
+            if Instant::now() > deadline {
+                bail!("the agent logged nothing about the reload:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the applying finish: status answers after it.
+        self.status().map(drop)
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Sends `signal` and waits for the agent to exit; returns its exit
+    /// status.
+    pub fn stop_with(&mut self, signal: Signal) -> Result<std::process::ExitStatus> {
+        self.signal(signal)?;
+        let mut child = self.child.take().context("the agent is not running")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the agent did not exit within {STOP_TIMEOUT:?} of {signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `agent cleanup` for this instance in its namespace.
+    pub fn cleanup(&self) -> Result<()> {
+        let out = Command::new(&self.bin)
+            .args(["cleanup", "--instance", &self.instance, "--netns", &self.netns])
+            .output()?;
+        if !out.status.success() {
+            bail!("agent cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() && self.stop_with(Signal::SIGTERM).is_err() {
+            let _ = self.cleanup();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("--- agent log ({}) ---\n{}", self.instance, self.log());
+            let _ = std::fs::remove_file(&self.log);
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
