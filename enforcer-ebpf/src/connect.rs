@@ -27,7 +27,9 @@ use enforcer_common::{
     marks::Class,
 };
 
-use crate::policy::{AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_set, mark_layout};
+use crate::policy::{
+    AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_set, mark_layout,
+};
 
 const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
@@ -40,7 +42,9 @@ pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
     // order, so its in-memory bytes are the address octets.
     let (ip4, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
     let o = ip4.to_ne_bytes();
-    let addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3]];
+    let addr = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+    ];
     decide(ctx.sock_addr, addr, port)
 }
 
@@ -84,8 +88,13 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
             }
         }
     }
-    if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr)) {
-        let class = if proto == PROTO_TCP { Class::TrapTcp } else { Class::TrapUdp };
+    if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr))
+    {
+        let class = if proto == PROTO_TCP {
+            Class::TrapTcp
+        } else {
+            Class::TrapUdp
+        };
         set_class(sa, class);
         count(slot, Count::Trapped);
         return PROCEED;

@@ -5,9 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
-use enforcer_common::maps::{
-    AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PuCounts,
-};
+use enforcer_common::maps::{AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PuCounts};
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
 #[map(name = "NETS")]

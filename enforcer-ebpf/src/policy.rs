@@ -65,7 +65,10 @@ pub fn in_set(scope: u32, addr: [u8; 16]) -> bool {
 #[inline(always)]
 pub fn acl_entry(slot: u32, addr: [u8; 16]) -> Option<&'static AclEntry> {
     let generation = PU_GENERATION.get(slot).copied().unwrap_or(0);
-    ACLS.get(Key::new(SCOPE_BITS + 128, NetKey::new(acl_scope(slot, generation), addr)))
+    ACLS.get(Key::new(
+        SCOPE_BITS + 128,
+        NetKey::new(acl_scope(slot, generation), addr),
+    ))
 }
 
 /// What the ACLs decided.
@@ -79,25 +82,34 @@ pub enum AclVerdict {
 /// connection of `proto` to `port`. Observe-continue rules only observe;
 /// the first other match decides.
 #[inline(always)]
-pub fn evaluate(entry: &AclEntry, first: u32, count: u32, proto: u8, port: u16) -> Option<AclVerdict> {
-    let mut i = 0;
-    while i < MAX_ACL_RULES as u32 {
-        if i >= count {
+pub fn evaluate(
+    entry: &AclEntry,
+    first: u32,
+    count: u32,
+    proto: u8,
+    port: u16,
+) -> Option<AclVerdict> {
+    let end = first.saturating_add(count);
+    // The index is the loop counter itself, bounded by a constant: the
+    // verifier can then prove every rule access in bounds (an index
+    // computed as `first + i` is hoisted by the compiler past the check).
+    let mut idx = 0;
+    while idx < MAX_ACL_RULES {
+        let i = idx as u32;
+        if i >= end {
             break;
         }
-        let idx = (first + i) as usize;
-        if idx >= MAX_ACL_RULES {
-            break;
+        if i >= first {
+            let rule: &AclRule = &entry.rules[idx];
+            if rule_matches(rule, proto, port) && rule.observe != OBSERVE_CONTINUE {
+                return Some(if rule.action == ACTION_ACCEPT {
+                    AclVerdict::Accept
+                } else {
+                    AclVerdict::Reject
+                });
+            }
         }
-        let rule: &AclRule = &entry.rules[idx];
-        if rule_matches(rule, proto, port) && rule.observe != OBSERVE_CONTINUE {
-            return Some(if rule.action == ACTION_ACCEPT {
-                AclVerdict::Accept
-            } else {
-                AclVerdict::Reject
-            });
-        }
-        i += 1;
+        idx += 1;
     }
     None
 }

@@ -70,9 +70,14 @@ impl Agent {
     /// Starts `bin run` in `ns` with `config` (TOML text) and waits until
     /// it answers `status`. `extra` goes on the command line.
     pub fn start(bin: &str, ns: &Netns, datapath: Datapath, config: &str) -> Result<Self> {
-        Self::start_with(bin, ns, None, &["--datapath", datapath.arg()], config, |cmd| {
-            datapath.prepare(cmd)
-        })
+        Self::start_with(
+            bin,
+            ns,
+            None,
+            &["--datapath", datapath.arg()],
+            config,
+            |cmd| datapath.prepare(cmd),
+        )
     }
 
     /// Like [`Agent::start`], as a given instance (an agent restarting
@@ -101,7 +106,9 @@ impl Agent {
             .env("RUST_LOG", "info,enforcer=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::from(std::fs::File::create(&log)?))
-            .stderr(Stdio::from(std::fs::OpenOptions::new().append(true).open(&log)?));
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new().append(true).open(&log)?,
+            ));
         adjust(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
         let mut agent = Self {
@@ -135,13 +142,19 @@ impl Agent {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("the agent exited during start-up ({status}):\n{}", self.log());
+                bail!(
+                    "the agent exited during start-up ({status}):\n{}",
+                    self.log()
+                );
             }
             if self.status().is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the agent did not answer status within {START_TIMEOUT:?}:\n{}", self.log());
+                bail!(
+                    "the agent did not answer status within {START_TIMEOUT:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -154,7 +167,10 @@ impl Agent {
             .output()
             .context("running agent status")?;
         if !out.status.success() {
-            bail!("agent status failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "agent status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout).context("parsing status --json")?)
     }
@@ -195,7 +211,10 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the agent did not exit within {STOP_TIMEOUT:?} of {signal}:\n{}", self.log());
+                bail!(
+                    "the agent did not exit within {STOP_TIMEOUT:?} of {signal}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -204,10 +223,19 @@ impl Agent {
     /// Runs `agent cleanup` for this instance in its namespace.
     pub fn cleanup(&self) -> Result<()> {
         let out = Command::new(&self.bin)
-            .args(["cleanup", "--instance", &self.instance, "--netns", &self.netns])
+            .args([
+                "cleanup",
+                "--instance",
+                &self.instance,
+                "--netns",
+                &self.netns,
+            ])
             .output()?;
         if !out.status.success() {
-            bail!("agent cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "agent cleanup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

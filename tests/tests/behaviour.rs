@@ -72,9 +72,17 @@ impl World {
         let mut servers = Vec::new();
         for peer in [TARGET, ACL_PEER, OTHER, EXCLUDED] {
             if peer != TARGET {
-                hosts.b.ip(&["addr", "add", &format!("{peer}/32"), "dev", &hosts.b_end.ifname])?;
+                hosts.b.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{peer}/32"),
+                    "dev",
+                    &hosts.b_end.ifname,
+                ])?;
                 let net = format!("{}/16", peer.replace(".0.2", ".0.0"));
-                hosts.a.ip(&["route", "add", &net, "dev", &hosts.a_end.ifname])?;
+                hosts
+                    .a
+                    .ip(&["route", "add", &net, "dev", &hosts.a_end.ifname])?;
             }
             servers.push(TcpEchoServer::start(&hosts.b, addr(peer))?);
         }
@@ -87,7 +95,12 @@ impl World {
 
     /// The PU's cgroup, relative to the cgroup v2 mount.
     fn cgroup_rel(&self) -> String {
-        self.cgroup.path().file_name().expect("cgroup dir name").to_string_lossy().into_owned()
+        self.cgroup
+            .path()
+            .file_name()
+            .expect("cgroup dir name")
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// A TCP exchange from a process inside the PU.
@@ -118,18 +131,26 @@ impl World {
 
     fn start_as(&self, instance: Option<&str>, datapath: Datapath, config: &str) -> Result<Agent> {
         let args = ["--datapath", datapath.arg()];
-        let agent = Agent::start_with(env!("CARGO_BIN_EXE_agent"), &self.hosts.a, instance, &args, config, |cmd| {
-            datapath.prepare(cmd)
-        })?;
+        let agent = Agent::start_with(
+            env!("CARGO_BIN_EXE_agent"),
+            &self.hosts.a,
+            instance,
+            &args,
+            config,
+            |cmd| datapath.prepare(cmd),
+        )?;
         let status = agent.status()?;
         assert_eq!(
-            status["datapath"].as_str(),
+            status["datapath"]["kind"].as_str(),
             Some(datapath.expected()),
             "status must report the datapath in use: {status:#}"
         );
         if datapath == Datapath::AutoWithoutBpf {
-            let reason = status["datapath_reason"].as_str().unwrap_or_default();
-            assert!(reason.contains("bpf"), "the fallback must say why: {reason:?}");
+            let reason = status["datapath"]["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("bpf"),
+                "the fallback must say why: {reason:?}"
+            );
             assert!(agent.log().contains(reason), "and log it:\n{}", agent.log());
         }
         Ok(agent)
@@ -173,14 +194,22 @@ fn pu(id: &str, cgroup: &str) -> String {
 /// The per-PU counters the agent reports.
 fn pu_counts(status: &serde_json::Value, id: &str) -> Result<(u64, u64, u64)> {
     let c = &status["counters"]["per_pu"][id];
-    let get = |k: &str| c[k].as_u64().with_context(|| format!("status counters.per_pu.{id}.{k} in {status:#}"));
+    let get = |k: &str| {
+        c[k].as_u64()
+            .with_context(|| format!("status counters.per_pu.{id}.{k} in {status:#}"))
+    };
     Ok((get("trapped")?, get("accepted")?, get("dropped")?))
 }
 
 fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
-    let agent = w.start(datapath, &config(&["10.0.0.0/8"], &pu("web", &w.cgroup_rel())))?;
+    let agent = w.start(
+        datapath,
+        &config(&["10.0.0.0/8"], &pu("web", &w.cgroup_rel())),
+    )?;
     // 10.9.0.2 is inside the target 10.0.0.0/8 too: exclusion wins.
     assert_eq!(w.from_pu(EXCLUDED)?, Outcome::Exchanged);
     assert_eq!(w.from_outside(EXCLUDED)?, Outcome::Exchanged);
@@ -190,9 +219,14 @@ fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath) -> Result<(
 }
 
 fn target_syn_is_trapped_once_and_the_connection_proceeds(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
-    let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
+    let agent = w.start(
+        datapath,
+        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
+    )?;
     assert_eq!(w.from_pu(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1, "only the SYN reaches user space");
     assert_eq!(w.from_pu(TARGET)?, Outcome::Exchanged);
@@ -206,13 +240,22 @@ fn target_syn_is_trapped_once_and_the_connection_proceeds(datapath: Datapath) ->
 }
 
 fn acl_decides_for_non_target_peers_and_others_are_untouched(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
-    let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
+    let agent = w.start(
+        datapath,
+        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
+    )?;
     assert_eq!(w.from_pu(ACL_PEER)?, Outcome::Exchanged, "accept ACL");
     let blocked = w.from_pu(OTHER)?;
     assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
-    assert_eq!(w.from_outside(OTHER)?, Outcome::Exchanged, "outside every PU: untouched");
+    assert_eq!(
+        w.from_outside(OTHER)?,
+        Outcome::Exchanged,
+        "outside every PU: untouched"
+    );
     assert_eq!(w.kernel_queued()?, 0);
     let (trapped, accepted, dropped) = pu_counts(&agent.status()?, "web")?;
     assert_eq!(trapped, 0);
@@ -222,7 +265,9 @@ fn acl_decides_for_non_target_peers_and_others_are_untouched(datapath: Datapath)
 }
 
 fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
     let pus = pu("web", &w.cgroup_rel());
     let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pus))?;
@@ -241,16 +286,26 @@ fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result
 }
 
 fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
     let second = Cgroup::new(&env.cgroup2)?;
-    let second_rel = second.path().file_name().unwrap().to_string_lossy().into_owned();
+    let second_rel = second
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let from_second = |peer: &str| -> Result<Outcome> {
         let mut cmd = second.command_in(&w.hosts.a, nettool!())?;
         cmd.args(["tcp-exchange", &addr(peer).to_string()]);
         run_nettool(cmd)
     };
-    let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
+    let agent = w.start(
+        datapath,
+        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
+    )?;
     assert_eq!(from_second(OTHER)?, Outcome::Exchanged, "not a PU yet");
 
     // Add a PU.
@@ -263,27 +318,45 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
     let changed = pu("web", &w.cgroup_rel())
         + &pu("batch", &second_rel).replace("10.2.0.0/16", "10.3.0.0/16");
     agent.reload(&config(&["10.1.0.0/24"], &changed))?;
-    assert_eq!(from_second(OTHER)?, Outcome::Exchanged, "changed ACL applies");
+    assert_eq!(
+        from_second(OTHER)?,
+        Outcome::Exchanged,
+        "changed ACL applies"
+    );
     assert!(from_second(ACL_PEER)?.is_blocked(), "old ACL is gone");
     assert!(w.from_pu(OTHER)?.is_blocked(), "web unchanged");
 
     // Remove it.
     agent.reload(&config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
-    assert_eq!(from_second(ACL_PEER)?, Outcome::Exchanged, "batch is no PU any more");
+    assert_eq!(
+        from_second(ACL_PEER)?,
+        Outcome::Exchanged,
+        "batch is no PU any more"
+    );
     assert!(agent.status()?["counters"]["per_pu"]["batch"].is_null());
     Ok(())
 }
 
 fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
     let good = config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel()));
     let agent = w.start(datapath, &good)?;
     let rules_before = netfilter::save(&w.hosts.a, netfilter::Family::V4, "mangle")?;
     let broken = good.replace("10.2.0.0/16", "10.2.0.0/33");
     agent.reload(&broken)?;
-    assert!(agent.log().contains("10.2.0.0/33"), "the refusal names the value:\n{}", agent.log());
-    assert_eq!(w.from_pu(ACL_PEER)?, Outcome::Exchanged, "old policy still in force");
+    assert!(
+        agent.log().contains("10.2.0.0/33"),
+        "the refusal names the value:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        w.from_pu(ACL_PEER)?,
+        Outcome::Exchanged,
+        "old policy still in force"
+    );
     assert!(w.from_pu(OTHER)?.is_blocked());
     let rules_after = netfilter::save(&w.hosts.a, netfilter::Family::V4, "mangle")?;
     assert_eq!(strip_counters(&rules_before), strip_counters(&rules_after));
@@ -308,7 +381,10 @@ fn assert_nothing_left(w: &World, instance: &str) -> Result<()> {
     for family in [netfilter::Family::V4, netfilter::Family::V6] {
         for table in ["mangle", "nat"] {
             let dump = netfilter::save(&w.hosts.a, family, table)?;
-            assert!(!dump.contains("TRI-"), "{family:?} {table} still has rules:\n{dump}");
+            assert!(
+                !dump.contains("TRI-"),
+                "{family:?} {table} still has rules:\n{dump}"
+            );
         }
     }
     let sets = w.hosts.a.command("ipset")?.args(["list", "-n"]).output()?;
@@ -316,31 +392,49 @@ fn assert_nothing_left(w: &World, instance: &str) -> Result<()> {
     assert!(!sets.contains("TRI-"), "ipsets left: {sets}");
     let pins = std::path::Path::new("/sys/fs/bpf").join(instance);
     assert!(!pins.exists(), "{} left", pins.display());
-    assert_eq!(w.from_pu(OTHER)?, Outcome::Exchanged, "no enforcement may remain");
+    assert_eq!(
+        w.from_pu(OTHER)?,
+        Outcome::Exchanged,
+        "no enforcement may remain"
+    );
     Ok(())
 }
 
 fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        let mut agent = w.start(datapath, &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
+        let mut agent = w.start(
+            datapath,
+            &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
+        )?;
         assert!(w.from_pu(OTHER)?.is_blocked(), "enforcing before {signal}");
         let status = agent.stop_with(signal)?;
-        assert!(status.success(), "exit after {signal}: {status}\n{}", agent.log());
+        assert!(
+            status.success(),
+            "exit after {signal}: {status}\n{}",
+            agent.log()
+        );
         assert_nothing_left(&w, agent.instance())?;
     }
     Ok(())
 }
 
 fn run_after_sigkill_starts_clean(datapath: Datapath) -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let w = World::new(&env)?;
     let cfg = config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel()));
     let mut first = w.start(datapath, &cfg)?;
     first.stop_with(Signal::SIGKILL)?;
     // Killed: its state stays in the kernel, still enforcing.
-    assert!(w.from_pu(OTHER)?.is_blocked(), "a killed agent's policy stays in force");
+    assert!(
+        w.from_pu(OTHER)?.is_blocked(),
+        "a killed agent's policy stays in force"
+    );
     // The same instance, restarted, takes over from whatever was left.
     let mut second = w.start_as(Some(first.instance()), datapath, &cfg)?;
     assert_eq!(w.from_pu(ACL_PEER)?, Outcome::Exchanged);

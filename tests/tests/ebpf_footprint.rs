@@ -52,30 +52,52 @@ fn netfilter_state(ns: &Netns) -> Result<String> {
 
 #[test]
 fn netfilter_rules_do_not_grow_with_pus_and_no_ipset_exists() -> Result<()> {
-    let Some(env) = privilege::require() else { return Ok(()) };
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
     let ns = Netns::new()?;
-    let cgroups: Vec<Cgroup> = (0..100).map(|_| Cgroup::new(&env.cgroup2)).collect::<Result<_>>()?;
+    let cgroups: Vec<Cgroup> = (0..100)
+        .map(|_| Cgroup::new(&env.cgroup2))
+        .collect::<Result<_>>()?;
     let config = |pus: &str| {
         format!("mode = \"local-server\"\n[networks]\ntarget_tcp = [\"10.200.0.0/16\"]\n{pus}")
     };
     let bin = env!("CARGO_BIN_EXE_agent");
 
     let one = Agent::start(bin, &ns, Datapath::Ebpf, &config(&pus(&cgroups[..1])))?;
-    assert_eq!(one.status()?["datapath"], "ebpf");
+    assert_eq!(one.status()?["datapath"]["kind"], "ebpf");
     let with_one = netfilter_state(&ns)?;
     let sets = output_ok(ns.command("ipset")?.args(["list", "-n"]))?;
-    assert_eq!(String::from_utf8_lossy(&sets.stdout).trim(), "", "no ipset in eBPF mode");
+    assert_eq!(
+        String::from_utf8_lossy(&sets.stdout).trim(),
+        "",
+        "no ipset in eBPF mode"
+    );
     drop(one);
 
     let hundred = Agent::start(bin, &ns, Datapath::Ebpf, &config(&pus(&cgroups)))?;
     let status = hundred.status()?;
-    assert_eq!(status["datapath"], "ebpf");
-    assert_eq!(status["pus"].as_array().map(Vec::len), Some(100), "{status:#}");
+    assert_eq!(status["datapath"]["kind"], "ebpf");
+    assert_eq!(
+        status["pus"].as_array().map(Vec::len),
+        Some(100),
+        "{status:#}"
+    );
     let with_hundred = netfilter_state(&ns)?;
     let sets = output_ok(ns.command("ipset")?.args(["list", "-n"]))?;
-    assert_eq!(String::from_utf8_lossy(&sets.stdout).trim(), "", "no ipset in eBPF mode");
+    assert_eq!(
+        String::from_utf8_lossy(&sets.stdout).trim(),
+        "",
+        "no ipset in eBPF mode"
+    );
 
-    assert!(with_one.contains("NFQUEUE"), "the trap rule is there:\n{with_one}");
-    assert_eq!(with_one, with_hundred, "the netfilter rule set must not depend on the PUs");
+    assert!(
+        with_one.contains("NFQUEUE"),
+        "the trap rule is there:\n{with_one}"
+    );
+    assert_eq!(
+        with_one, with_hundred,
+        "the netfilter rule set must not depend on the PUs"
+    );
     Ok(())
 }

@@ -39,7 +39,9 @@ pub fn choose(choice: DatapathChoice) -> anyhow::Result<Choice> {
                 kind: DatapathKind::Ebpf,
                 reason: format!("eBPF was asked for and the kernel has {found}"),
             }),
-            Err(missing) => bail!("the eBPF datapath was asked for but the kernel lacks {missing:#}"),
+            Err(missing) => {
+                bail!("the eBPF datapath was asked for but the kernel lacks {missing:#}")
+            }
         },
         DatapathChoice::Auto => Ok(match probe() {
             Ok(found) => Choice {
@@ -57,13 +59,15 @@ pub fn choose(choice: DatapathChoice) -> anyhow::Result<Choice> {
 /// Probes every feature; the error names the first one missing.
 fn probe() -> anyhow::Result<String> {
     let cgroup2 = cgroup2_mount().context("a cgroup v2 mount")?;
-    let map = |ty: MapType, what: &str| -> anyhow::Result<()> {
-        match is_map_supported(ty) {
-            Ok(true) => Ok(()),
-            Ok(false) => bail!("{what} maps"),
-            Err(e) => Err(anyhow::Error::new(e).context(format!("{what} maps (the bpf() syscall failed)"))),
-        }
-    };
+    let map =
+        |ty: MapType, what: &str| -> anyhow::Result<()> {
+            match is_map_supported(ty) {
+                Ok(true) => Ok(()),
+                Ok(false) => bail!("{what} maps"),
+                Err(e) => Err(anyhow::Error::new(e)
+                    .context(format!("{what} maps (the bpf() syscall failed)"))),
+            }
+        };
     map(MapType::LpmTrie, "LPM trie")?;
     map(MapType::Hash, "hash")?;
     map(MapType::PerCpuArray, "per-CPU array")?;
@@ -97,14 +101,17 @@ fn load_without_attaching() -> anyhow::Result<()> {
 
 /// Where cgroup v2 is mounted, from `/proc/self/mounts`.
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     mount_of_type(&mounts, "cgroup2").context("no cgroup2 filesystem is mounted")
 }
 
 /// Where bpffs is mounted, from `/proc/self/mounts`.
 pub fn bpffs_mount() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mount_of_type(&mounts, "bpf").context("no bpf filesystem is mounted (mount -t bpf bpf /sys/fs/bpf)")
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mount_of_type(&mounts, "bpf")
+        .context("no bpf filesystem is mounted (mount -t bpf bpf /sys/fs/bpf)")
 }
 
 /// The first mount point of a filesystem type in `/proc/self/mounts` text.
@@ -123,8 +130,14 @@ mod tests {
     #[test]
     fn finds_mounts_by_type() {
         let mounts = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n";
-        assert_eq!(mount_of_type(mounts, "cgroup2").unwrap(), Path::new("/sys/fs/cgroup/unified"));
-        assert_eq!(mount_of_type(mounts, "bpf").unwrap(), Path::new("/sys/fs/bpf"));
+        assert_eq!(
+            mount_of_type(mounts, "cgroup2").unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        assert_eq!(
+            mount_of_type(mounts, "bpf").unwrap(),
+            Path::new("/sys/fs/bpf")
+        );
         assert!(mount_of_type(mounts, "tmpfs").is_none());
     }
 

@@ -78,7 +78,9 @@ pub fn range(q: &QueueSettings, direction: Direction, trapped: Trapped) -> Queue
 pub fn all(q: &QueueSettings) -> Vec<u16> {
     // In u32: a layout may end exactly at queue 65535.
     let first = u32::from(q.first_queue);
-    (first..first + q.total_queues()).map(|n| n as u16).collect()
+    (first..first + q.total_queues())
+        .map(|n| n as u16)
+        .collect()
 }
 
 #[cfg(test)]
@@ -88,28 +90,83 @@ mod tests {
     #[test]
     fn seed_layout_with_separation() {
         let q = QueueSettings::default();
-        assert_eq!(range(&q, Direction::App, Trapped::Syn), QueueRange { first: 0, last: 3 });
-        assert_eq!(range(&q, Direction::App, Trapped::Ack), QueueRange { first: 4, last: 7 });
-        assert_eq!(range(&q, Direction::App, Trapped::SynAck), QueueRange { first: 8, last: 11 });
-        assert_eq!(range(&q, Direction::App, Trapped::Service), QueueRange { first: 12, last: 15 });
-        assert_eq!(range(&q, Direction::Net, Trapped::Syn), QueueRange { first: 16, last: 19 });
-        assert_eq!(range(&q, Direction::Net, Trapped::Service), QueueRange { first: 28, last: 31 });
+        assert_eq!(
+            range(&q, Direction::App, Trapped::Syn),
+            QueueRange { first: 0, last: 3 }
+        );
+        assert_eq!(
+            range(&q, Direction::App, Trapped::Ack),
+            QueueRange { first: 4, last: 7 }
+        );
+        assert_eq!(
+            range(&q, Direction::App, Trapped::SynAck),
+            QueueRange { first: 8, last: 11 }
+        );
+        assert_eq!(
+            range(&q, Direction::App, Trapped::Service),
+            QueueRange {
+                first: 12,
+                last: 15
+            }
+        );
+        assert_eq!(
+            range(&q, Direction::Net, Trapped::Syn),
+            QueueRange {
+                first: 16,
+                last: 19
+            }
+        );
+        assert_eq!(
+            range(&q, Direction::Net, Trapped::Service),
+            QueueRange {
+                first: 28,
+                last: 31
+            }
+        );
         assert_eq!(all(&q), (0..32).collect::<Vec<u16>>());
     }
 
     #[test]
     fn without_separation_one_range_per_direction() {
-        let q = QueueSettings { separation: false, queues_per_range: 2, first_queue: 10, ..Default::default() };
-        for t in [Trapped::Syn, Trapped::Ack, Trapped::SynAck, Trapped::Service] {
-            assert_eq!(range(&q, Direction::App, t), QueueRange { first: 10, last: 11 });
-            assert_eq!(range(&q, Direction::Net, t), QueueRange { first: 12, last: 13 });
+        let q = QueueSettings {
+            separation: false,
+            queues_per_range: 2,
+            first_queue: 10,
+            ..Default::default()
+        };
+        for t in [
+            Trapped::Syn,
+            Trapped::Ack,
+            Trapped::SynAck,
+            Trapped::Service,
+        ] {
+            assert_eq!(
+                range(&q, Direction::App, t),
+                QueueRange {
+                    first: 10,
+                    last: 11
+                }
+            );
+            assert_eq!(
+                range(&q, Direction::Net, t),
+                QueueRange {
+                    first: 12,
+                    last: 13
+                }
+            );
         }
         assert_eq!(all(&q), vec![10, 11, 12, 13]);
     }
 
     #[test]
     fn target_args() {
-        assert_eq!(QueueRange { first: 0, last: 3 }.target_args(true), "--queue-balance 0:3 --queue-bypass");
-        assert_eq!(QueueRange { first: 5, last: 5 }.target_args(false), "--queue-num 5");
+        assert_eq!(
+            QueueRange { first: 0, last: 3 }.target_args(true),
+            "--queue-balance 0:3 --queue-bypass"
+        );
+        assert_eq!(
+            QueueRange { first: 5, last: 5 }.target_args(false),
+            "--queue-num 5"
+        );
     }
 }

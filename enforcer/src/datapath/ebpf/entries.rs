@@ -51,10 +51,14 @@ pub fn acl_entries(
     let (specific, any): (Vec<&Acl>, Vec<&Acl>) =
         ordered.into_iter().partition(|acl| !acl.is_protocol_any());
     let rules_of = |acl: &Acl, index: u32| -> Vec<AclRule> { acl_rules(acl, index) };
-    let specific: Vec<(&Acl, Vec<AclRule>)> =
-        specific.into_iter().map(|a| (a, rules_of(a, policy_index(a)))).collect();
-    let any: Vec<(&Acl, Vec<AclRule>)> =
-        any.into_iter().map(|a| (a, rules_of(a, policy_index(a)))).collect();
+    let specific: Vec<(&Acl, Vec<AclRule>)> = specific
+        .into_iter()
+        .map(|a| (a, rules_of(a, policy_index(a))))
+        .collect();
+    let any: Vec<(&Acl, Vec<AclRule>)> = any
+        .into_iter()
+        .map(|a| (a, rules_of(a, policy_index(a))))
+        .collect();
 
     let prefixes: std::collections::BTreeSet<IpNet> = acls
         .iter()
@@ -72,7 +76,10 @@ pub fn acl_entries(
         let (s, a) = (covering(&specific), covering(&any));
         if s.len() + a.len() > MAX_ACL_RULES {
             return Err(DatapathError::Full {
-                what: format!("the ACL rules covering {prefix} ({} rules)", s.len() + a.len()),
+                what: format!(
+                    "the ACL rules covering {prefix} ({} rules)",
+                    s.len() + a.len()
+                ),
                 capacity: MAX_ACL_RULES,
             });
         }
@@ -137,11 +144,20 @@ mod tests {
     use super::*;
     use crate::policy::{PolicyId, PortRange};
 
-    fn acl(nets: &[&str], protos: &[Protocol], ports: &[(u16, u16)], action: Action, id: &str) -> Acl {
+    fn acl(
+        nets: &[&str],
+        protos: &[Protocol],
+        ports: &[(u16, u16)],
+        action: Action,
+        id: &str,
+    ) -> Acl {
         Acl {
             networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
             protocols: protos.to_vec(),
-            ports: ports.iter().map(|&(a, b)| PortRange::new(a, b).unwrap()).collect(),
+            ports: ports
+                .iter()
+                .map(|&(a, b)| PortRange::new(a, b).unwrap())
+                .collect(),
             action,
             log: false,
             observe: ObserveMode::None,
@@ -167,18 +183,34 @@ mod tests {
     fn overlapping_acls_resolve_by_bucket_not_prefix() {
         for reversed in [false, true] {
             let mut acls = vec![
-                acl(&["10.0.0.0/8"], &[Protocol::Tcp], &[], Action::Reject, "wide-reject"),
-                acl(&["10.1.0.0/16"], &[Protocol::Tcp], &[(443, 443)], Action::Accept, "narrow-accept"),
+                acl(
+                    &["10.0.0.0/8"],
+                    &[Protocol::Tcp],
+                    &[],
+                    Action::Reject,
+                    "wide-reject",
+                ),
+                acl(
+                    &["10.1.0.0/16"],
+                    &[Protocol::Tcp],
+                    &[(443, 443)],
+                    Action::Accept,
+                    "narrow-accept",
+                ),
             ];
             if reversed {
                 acls.reverse();
             }
-            let entries = acl_entries(&acls, |a| if a.action == Action::Reject { 1 } else { 2 }).unwrap();
+            let entries =
+                acl_entries(&acls, |a| if a.action == Action::Reject { 1 } else { 2 }).unwrap();
             let narrow = &entries[&"10.1.0.0/16".parse().unwrap()];
             assert_eq!(narrow.specific, 2);
             assert_eq!(narrow.rules[0].action, ACTION_REJECT);
             assert_eq!(narrow.rules[1].action, ACTION_ACCEPT);
-            assert_eq!((narrow.rules[1].port_lo, narrow.rules[1].port_hi), (443, 443));
+            assert_eq!(
+                (narrow.rules[1].port_lo, narrow.rules[1].port_hi),
+                (443, 443)
+            );
             let wide = &entries[&"10.0.0.0/8".parse().unwrap()];
             assert_eq!((wide.specific, wide.any), (1, 0));
             assert_eq!(wide.rules[0].policy, 1);
@@ -188,8 +220,20 @@ mod tests {
     #[test]
     fn protocol_any_rules_come_after_specific_ones() {
         let acls = vec![
-            acl(&["10.0.0.0/8"], &[Protocol::Any], &[], Action::Accept, "any"),
-            acl(&["10.0.0.0/8"], &[Protocol::Udp, Protocol::Tcp], &[(53, 53), (80, 90)], Action::Accept, "dns"),
+            acl(
+                &["10.0.0.0/8"],
+                &[Protocol::Any],
+                &[],
+                Action::Accept,
+                "any",
+            ),
+            acl(
+                &["10.0.0.0/8"],
+                &[Protocol::Udp, Protocol::Tcp],
+                &[(53, 53), (80, 90)],
+                Action::Accept,
+                "dns",
+            ),
         ];
         let entries = acl_entries(&acls, |_| 0).unwrap();
         let e = &entries[&"10.0.0.0/8".parse().unwrap()];
@@ -200,7 +244,13 @@ mod tests {
 
     #[test]
     fn zero_prefix_becomes_two_halves() {
-        let acls = vec![acl(&["0.0.0.0/0"], &[Protocol::Tcp], &[], Action::Accept, "all")];
+        let acls = vec![acl(
+            &["0.0.0.0/0"],
+            &[Protocol::Tcp],
+            &[],
+            Action::Accept,
+            "all",
+        )];
         let entries = acl_entries(&acls, |_| 0).unwrap();
         let keys: Vec<String> = entries.keys().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["0.0.0.0/1", "128.0.0.0/1"]);
@@ -209,7 +259,16 @@ mod tests {
     #[test]
     fn too_many_covering_rules_is_an_error_not_a_silent_cut() {
         let ports: Vec<(u16, u16)> = (1..=MAX_ACL_RULES as u16 + 1).map(|p| (p, p)).collect();
-        let acls = vec![acl(&["10.0.0.0/8"], &[Protocol::Tcp], &ports, Action::Accept, "many")];
-        assert!(matches!(acl_entries(&acls, |_| 0), Err(DatapathError::Full { .. })));
+        let acls = vec![acl(
+            &["10.0.0.0/8"],
+            &[Protocol::Tcp],
+            &ports,
+            Action::Accept,
+            "many",
+        )];
+        assert!(matches!(
+            acl_entries(&acls, |_| 0),
+            Err(DatapathError::Full { .. })
+        ));
     }
 }

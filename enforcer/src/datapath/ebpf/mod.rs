@@ -120,7 +120,8 @@ impl EbpfDatapath {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("loading program {name}"))?;
+            prog.load()
+                .with_context(|| format!("loading program {name}"))?;
         }
         let maps_dir = self.maps_dir();
         std::fs::create_dir_all(&maps_dir)
@@ -128,7 +129,9 @@ impl EbpfDatapath {
         std::fs::create_dir_all(self.links_dir())
             .with_context(|| format!("creating {}", self.links_dir().display()))?;
         let mut take = |name: &str| -> anyhow::Result<aya::maps::Map> {
-            let map = bpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+            let map = bpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing"))?;
             map.pin(maps_dir.join(name))
                 .with_context(|| format!("pinning map {name}"))?;
             Ok(map)
@@ -150,26 +153,42 @@ impl EbpfDatapath {
 
     /// Builds a PU's application-side ACL entries.
     fn entries_for(&mut self, pu: &Pu) -> Result<BTreeMap<IpNet, AclEntry>> {
-        let ids: Vec<String> = pu.application_acls.iter().map(|a| a.policy_id.as_str().to_string()).collect();
-        let indexes: BTreeMap<String, u32> = ids.iter().map(|id| (id.clone(), self.policy_index(id))).collect();
+        let ids: Vec<String> = pu
+            .application_acls
+            .iter()
+            .map(|a| a.policy_id.as_str().to_string())
+            .collect();
+        let indexes: BTreeMap<String, u32> = ids
+            .iter()
+            .map(|id| (id.clone(), self.policy_index(id)))
+            .collect();
         entries::acl_entries(&pu.application_acls, |acl| indexes[acl.policy_id.as_str()])
     }
 
     /// Refuses what this datapath cannot enforce yet, before any change.
     fn check_supported(&self, pu: &Pu) -> Result<()> {
         if self.settings.mode != Mode::LocalServer {
-            return Err(DatapathError::Unsupported(format!("mode {}", self.settings.mode), DatapathKind::Ebpf));
+            return Err(DatapathError::Unsupported(
+                format!("mode {}", self.settings.mode),
+                DatapathKind::Ebpf,
+            ));
         }
         match &pu.kind {
             PuKind::LinuxProcess { .. } => Ok(()),
-            other => Err(DatapathError::Unsupported(format!("PU kind {}", other.name()), DatapathKind::Ebpf)),
+            other => Err(DatapathError::Unsupported(
+                format!("PU kind {}", other.name()),
+                DatapathKind::Ebpf,
+            )),
         }
     }
 
     fn cgroup_path(&self, pu: &Pu) -> Result<PathBuf> {
         match &pu.kind {
             PuKind::LinuxProcess { cgroup } => Ok(self.settings.cgroup2.join(cgroup.as_path())),
-            other => Err(DatapathError::Unsupported(format!("PU kind {}", other.name()), DatapathKind::Ebpf)),
+            other => Err(DatapathError::Unsupported(
+                format!("PU kind {}", other.name()),
+                DatapathKind::Ebpf,
+            )),
         }
     }
 
@@ -190,7 +209,9 @@ impl EbpfDatapath {
                 for key in &written {
                     let _ = loaded.acls.remove(key);
                 }
-                return Err(anyhow!(e).context(format!("writing the ACL entry for {net}")).into());
+                return Err(anyhow!(e)
+                    .context(format!("writing the ACL entry for {net}"))
+                    .into());
             }
             written.push(key);
         }
@@ -213,7 +234,8 @@ impl EbpfDatapath {
     fn attach(&mut self, slot: u32, cgroup: &Path) -> Result<Vec<PinnedLink>> {
         let links_dir = self.links_dir();
         let loaded = self.loaded()?;
-        let dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let dir =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut pinned = Vec::new();
         for name in [PROG_CONNECT4, PROG_CONNECT6] {
             let prog: &mut CgroupSockAddr = loaded
@@ -222,8 +244,10 @@ impl EbpfDatapath {
                 .with_context(|| format!("program {name}"))?
                 .try_into()
                 .map_err(anyhow::Error::from)?;
+            // A bpf_link takes no attach flags (the kernel refuses
+            // ALLOW_MULTI with EINVAL); links on one cgroup coexist anyway.
             let attached = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()));
             let link = attached.and_then(|id| Ok(prog.take_link(id)?));
             let link = link.and_then(|link| Ok(FdLink::try_from(link)?));
@@ -256,7 +280,8 @@ impl EbpfDatapath {
     /// Zeroes a slot's counters so a reused slot starts from nothing.
     fn reset_counts(&mut self, slot: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let zeros = PerCpuValues::try_from(vec![PuCounts::default(); cpus]).map_err(anyhow::Error::from)?;
+        let zeros =
+            PerCpuValues::try_from(vec![PuCounts::default(); cpus]).map_err(anyhow::Error::from)?;
         self.loaded()?
             .counts
             .set(slot, zeros, 0)
@@ -285,7 +310,9 @@ impl EbpfDatapath {
                     let (bits, data) = entries::net_key(scope, *net);
                     let _ = loaded.nets.remove(&Key::new(bits, data));
                 }
-                return Err(anyhow!(e).context(format!("adding {net} to set {scope}")).into());
+                return Err(anyhow!(e)
+                    .context(format!("adding {net} to set {scope}"))
+                    .into());
             }
         }
         for net in &removed {
@@ -334,7 +361,8 @@ impl Datapath for EbpfDatapath {
         self.loaded = Some(loaded);
         let rules = netfilter::render(self.settings.marks, &self.settings.queues);
         for family in IpFamily::ALL {
-            nf::restore(family, &rules).with_context(|| format!("installing the fixed {family} rules"))?;
+            nf::restore(family, &rules)
+                .with_context(|| format!("installing the fixed {family} rules"))?;
         }
         info!(pin_dir = %self.settings.pin_dir.display(), "eBPF datapath loaded");
         Ok(())
@@ -393,8 +421,12 @@ impl Datapath for EbpfDatapath {
             this.free_slots.push(slot);
         };
         let published = self.loaded().and_then(|l| {
-            l.generation.set(slot, generation, 0).context("setting the PU generation")?;
-            l.pu_by_cgroup.insert(cgroup_id, slot, 0).context("registering the PU cgroup")?;
+            l.generation
+                .set(slot, generation, 0)
+                .context("setting the PU generation")?;
+            l.pu_by_cgroup
+                .insert(cgroup_id, slot, 0)
+                .context("registering the PU cgroup")?;
             Ok(())
         });
         if let Err(e) = published {
@@ -432,18 +464,29 @@ impl Datapath for EbpfDatapath {
             self.configure_replacing(version, new, old)?;
             return Ok(());
         }
-        let state = self.pus.get(&old.id).ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
+        let state = self
+            .pus
+            .get(&old.id)
+            .ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
         let (slot, old_generation) = (state.slot, state.generation);
         let old_prefixes = state.prefixes.clone();
         let generation = u32::from(version & 1);
         if generation == old_generation {
-            return Err(anyhow!("update of PU {} to version {version}: that generation is in force", new.id).into());
+            return Err(anyhow!(
+                "update of PU {} to version {version}: that generation is in force",
+                new.id
+            )
+            .into());
         }
         let entries = self.entries_for(new)?;
         self.write_acls(acl_scope(slot, generation), &entries)?;
         let prefixes: BTreeSet<IpNet> = entries.keys().copied().collect();
         // The switch: one map write.
-        if let Err(e) = self.loaded().and_then(|l| Ok(l.generation.set(slot, generation, 0).context("flipping the PU generation")?)) {
+        if let Err(e) = self.loaded().and_then(|l| {
+            Ok(l.generation
+                .set(slot, generation, 0)
+                .context("flipping the PU generation")?)
+        }) {
             self.remove_acls(acl_scope(slot, generation), &prefixes);
             return Err(e);
         }
@@ -485,7 +528,11 @@ impl Datapath for EbpfDatapath {
         match std::fs::remove_dir_all(&self.settings.pin_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(anyhow!(e).context(format!("removing {}", self.settings.pin_dir.display())).into()),
+            Err(e) => {
+                return Err(anyhow!(e)
+                    .context(format!("removing {}", self.settings.pin_dir.display()))
+                    .into());
+            }
         }
         nf::cleanup_all().context("removing netfilter rules")?;
         Ok(())
@@ -506,7 +553,10 @@ impl EbpfDatapath {
     /// `update` across cgroups: configure the new attachment, then delete
     /// the old, so the PU is never without a policy.
     fn configure_replacing(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
-        let state = self.pus.remove(&old.id).ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
+        let state = self
+            .pus
+            .remove(&old.id)
+            .ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
         match self.configure(version, new) {
             Ok(()) => {
                 let new_state = self.pus.remove(&new.id).expect("just configured");

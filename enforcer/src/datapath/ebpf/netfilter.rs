@@ -24,7 +24,8 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
     let class = marks.class_mask();
     let authorised = marks.kind(Kind::Authorised);
     let syn = queues::range(queues, Direction::App, Trapped::Syn).target_args(queues.bypass);
-    let service = queues::range(queues, Direction::App, Trapped::Service).target_args(queues.bypass);
+    let service =
+        queues::range(queues, Direction::App, Trapped::Service).target_args(queues.bypass);
     let trap_tcp = marks.class(Class::TrapTcp);
     let trap_udp = marks.class(Class::TrapUdp);
     format!(

@@ -236,7 +236,11 @@ mod tests {
             "ip6tables-restore v1.8.9 (nf_tables): \nline 2: RULE_APPEND failed (Invalid argument): rule in chain X\n",
             "ipset v7.17: Error in line 2: The set with the given name does not exist\n",
         ] {
-            assert_eq!(failed_line(stderr, input), Some((2, "-A X -j Y")), "{stderr}");
+            assert_eq!(
+                failed_line(stderr, input),
+                Some((2, "-A X -j Y")),
+                "{stderr}"
+            );
         }
         assert_eq!(failed_line("no such thing", input), None);
         assert_eq!(failed_line("line 0", input), None);
@@ -247,8 +251,14 @@ mod tests {
     fn a_failing_tool_is_reported_with_its_stderr() {
         let err = run("ls", &["/enforcer-no-such-path"], Some("ignored\n")).unwrap_err();
         let err = err.to_string();
-        assert!(err.starts_with("`ls /enforcer-no-such-path` failed (exit status: 2): "), "{err}");
-        assert!(err.contains("enforcer-no-such-path") && err.contains("No such file"), "{err}");
+        assert!(
+            err.starts_with("`ls /enforcer-no-such-path` failed (exit status: 2): "),
+            "{err}"
+        );
+        assert!(
+            err.contains("enforcer-no-such-path") && err.contains("No such file"),
+            "{err}"
+        );
         let missing = run("enforcer-no-such-tool", &[], None).unwrap_err();
         assert!(format!("{missing:#}").contains("starting `enforcer-no-such-tool`"));
     }

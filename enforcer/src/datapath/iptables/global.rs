@@ -58,7 +58,10 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     // Outgoing.
     lines.extend(verdict_rules(ctx, app));
     lines.push(format!("-A {app} -j {}", PROXY_CHAINS.app));
-    lines.push(format!("-A {app} {} -j ACCEPT", ctx.mark_is(Kind::Injected)));
+    lines.push(format!(
+        "-A {app} {} -j ACCEPT",
+        ctx.mark_is(Kind::Injected)
+    ));
     lines.extend(connection_accepts(ctx, app));
     if local_server {
         lines.push(format!("-A {app} -j {}", UID_CHAINS.app));
@@ -105,7 +108,9 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     lines.push(format!(
         "-I OUTPUT 1 -m set ! --match-set {excluded} dst -j {app}"
     ));
-    lines.push(format!("-I INPUT 1 -m set ! --match-set {excluded} src -j {net}"));
+    lines.push(format!(
+        "-I INPUT 1 -m set ! --match-set {excluded} src -j {net}"
+    ));
     lines
 }
 

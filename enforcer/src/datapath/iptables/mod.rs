@@ -182,13 +182,17 @@ impl IptablesDatapath {
     /// update's steps: new ACL sets and port changes, then per family one
     /// commit that installs the new version and removes the old.
     fn replace(&self, new: &PuPlan, old: &PuPlan) -> Result<()> {
-        let new_sets: Vec<sets::SetSpec> =
-            IpFamily::ALL.iter().flat_map(|&f| new.acl_sets(f)).collect();
+        let new_sets: Vec<sets::SetSpec> = IpFamily::ALL
+            .iter()
+            .flat_map(|&f| new.acl_sets(f))
+            .collect();
         let new_names: Vec<String> = new_sets.iter().map(|s| s.name.clone()).collect();
         let port_changes = |from: &PuPlan, to: &PuPlan| -> String {
             let mut text = String::new();
             for family in IpFamily::ALL {
-                for ((name, old), (_, new)) in from.port_sets(family).into_iter().zip(to.port_sets(family)) {
+                for ((name, old), (_, new)) in
+                    from.port_sets(family).into_iter().zip(to.port_sets(family))
+                {
                     text += &sets::port_diff(&name, old, new);
                 }
             }
@@ -207,8 +211,10 @@ impl IptablesDatapath {
             let e = e.context("creating the new sets");
             return Err(self.undo_sets(e, undo_sets()));
         }
-        let swap = |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
-        if let Err(e) = self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx)) {
+        let swap =
+            |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
+        if let Err(e) = self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx))
+        {
             return Err(self.undo_sets(e, undo_sets()));
         }
         let old_names: Vec<String> = IpFamily::ALL
@@ -293,7 +299,10 @@ fn network_changes(from: &PerFamily<FamilyNetworks>, to: &PerFamily<FamilyNetwor
     };
     let mut text = String::new();
     for family in IpFamily::ALL {
-        for ((set, old), (_, new)) in lists(from.get(family)).into_iter().zip(lists(to.get(family))) {
+        for ((set, old), (_, new)) in lists(from.get(family))
+            .into_iter()
+            .zip(lists(to.get(family)))
+        {
             text += &sets::network_diff(&set.name(family), &old, &new);
         }
     }
@@ -310,7 +319,8 @@ impl Datapath for IptablesDatapath {
         exec::remove_everything(self.nf.as_ref())
             .context("removing what a previous instance left")?;
         let install = || -> anyhow::Result<()> {
-            let specs: Vec<sets::SetSpec> = IpFamily::ALL.into_iter().flat_map(global::sets).collect();
+            let specs: Vec<sets::SetSpec> =
+                IpFamily::ALL.into_iter().flat_map(global::sets).collect();
             self.nf
                 .ipset_restore(&sets::create(&specs))
                 .context("creating the global sets")?;
@@ -324,7 +334,9 @@ impl Datapath for IptablesDatapath {
         if let Err(e) = install() {
             // Leave nothing half-installed behind.
             if let Err(undo) = exec::remove_everything(self.nf.as_ref()) {
-                return Err(e.context(format!("and removing it again failed: {undo:#}")).into());
+                return Err(e
+                    .context(format!("and removing it again failed: {undo:#}"))
+                    .into());
             }
             return Err(e.into());
         }
@@ -382,7 +394,10 @@ impl Datapath for IptablesDatapath {
     fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
         self.check_supported(new)?;
         if new.id != old.id {
-            let message = format!("an update cannot change a PU's id ({} to {})", old.id, new.id);
+            let message = format!(
+                "an update cannot change a PU's id ({} to {})",
+                old.id, new.id
+            );
             return Err(anyhow!(message).into());
         }
         let installed = self
@@ -465,7 +480,9 @@ mod tests {
     use enforcer_common::marks::MarkLayout;
 
     use super::*;
-    use crate::policy::{Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, PuKind, QueueSettings};
+    use crate::policy::{
+        Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, PuKind, QueueSettings,
+    };
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     enum Call {
@@ -492,7 +509,11 @@ mod tests {
             let failing = state.fail.is_some_and(|fail| fail(&call));
             if let Call::Ipset(text) = &call {
                 let lines: Vec<&str> = text.lines().collect();
-                let applied = if failing { &lines[..lines.len() / 2] } else { &lines[..] };
+                let applied = if failing {
+                    &lines[..lines.len() / 2]
+                } else {
+                    &lines[..]
+                };
                 for line in applied {
                     match line.split(' ').collect::<Vec<_>>()[..] {
                         ["create", name, ..] => drop(state.sets.insert(name.to_owned())),
@@ -502,7 +523,11 @@ mod tests {
                 }
             }
             state.calls.push(call);
-            if failing { Err(anyhow!("injected failure")) } else { Ok(()) }
+            if failing {
+                Err(anyhow!("injected failure"))
+            } else {
+                Ok(())
+            }
         }
 
         fn fail_when(&self, fail: Failure) {
@@ -524,7 +549,8 @@ mod tests {
             self.call(Call::Restore(family, text.to_owned()))
         }
         fn save(&self, family: IpFamily, _: Table, _: bool) -> anyhow::Result<String> {
-            self.call(Call::Save(family)).map(|()| "*mangle\nCOMMIT\n".to_owned())
+            self.call(Call::Save(family))
+                .map(|()| "*mangle\nCOMMIT\n".to_owned())
         }
         fn ipset_restore(&self, text: &str) -> anyhow::Result<()> {
             self.call(Call::Ipset(text.to_owned()))
@@ -547,7 +573,8 @@ mod tests {
     /// A datapath after `run`, and its fake with the calls of `run` taken.
     fn running() -> (IptablesDatapath, Fake) {
         let fake = Fake::default();
-        let mut dp = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        let mut dp =
+            IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
         dp.run().unwrap();
         fake.take();
         (dp, fake)
@@ -593,14 +620,29 @@ mod tests {
     #[test]
     fn run_removes_leftovers_then_installs_sets_and_both_families() {
         let fake = Fake::default();
-        let mut dp = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        let mut dp =
+            IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
         dp.run().unwrap();
         let calls = fake.take();
         // Leftovers: a save of each table of each family (nothing found).
-        assert_eq!(calls[..4], [Call::Save(IpFamily::V4), Call::Save(IpFamily::V4), Call::Save(IpFamily::V6), Call::Save(IpFamily::V6)]);
-        assert!(matches!(&calls[4], Call::Ipset(text) if text.starts_with("create TRI-v4-TargetTCP")));
-        assert!(matches!(&calls[5], Call::Restore(IpFamily::V4, text) if text.contains("-j TRI-App")));
-        assert!(matches!(&calls[6], Call::Restore(IpFamily::V6, text) if text.contains("TRI-v6-Excluded")));
+        assert_eq!(
+            calls[..4],
+            [
+                Call::Save(IpFamily::V4),
+                Call::Save(IpFamily::V4),
+                Call::Save(IpFamily::V6),
+                Call::Save(IpFamily::V6)
+            ]
+        );
+        assert!(
+            matches!(&calls[4], Call::Ipset(text) if text.starts_with("create TRI-v4-TargetTCP"))
+        );
+        assert!(
+            matches!(&calls[5], Call::Restore(IpFamily::V4, text) if text.contains("-j TRI-App"))
+        );
+        assert!(
+            matches!(&calls[6], Call::Restore(IpFamily::V6, text) if text.contains("TRI-v6-Excluded"))
+        );
         assert_eq!(calls.len(), 7);
         assert_eq!(fake.sets(), global_sets());
     }
@@ -612,13 +654,21 @@ mod tests {
             kind: PuKind::Host,
             ..web(80, "10.0.0.0/8")
         };
-        assert!(matches!(dp.configure(0, &uid), Err(DatapathError::Unsupported(..))));
-        let mut sidecar = IptablesDatapath::with_netfilter(settings(Mode::Sidecar), Box::new(fake.clone()));
+        assert!(matches!(
+            dp.configure(0, &uid),
+            Err(DatapathError::Unsupported(..))
+        ));
+        let mut sidecar =
+            IptablesDatapath::with_netfilter(settings(Mode::Sidecar), Box::new(fake.clone()));
         sidecar.run().unwrap();
         fake.take();
         let err = sidecar.configure(0, &web(80, "10.0.0.0/8")).unwrap_err();
-        assert_eq!(err.to_string(), "mode sidecar is not supported by the iptables datapath");
-        let stopped = IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
+        assert_eq!(
+            err.to_string(),
+            "mode sidecar is not supported by the iptables datapath"
+        );
+        let stopped =
+            IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
         assert!(stopped.check_supported(&web(80, "10.0.0.0/8")).is_err());
         assert_eq!(fake.take(), []);
     }
@@ -626,10 +676,15 @@ mod tests {
     #[test]
     fn configure_stops_at_a_set_failure_and_removes_the_sets_it_made() {
         let (mut dp, fake) = running();
-        fake.fail_when(|call| matches!(call, Call::Ipset(text) if text.starts_with("create TRI-v4-ProcPort")));
+        fake.fail_when(
+            |call| matches!(call, Call::Ipset(text) if text.starts_with("create TRI-v4-ProcPort")),
+        );
         assert!(dp.configure(0, &web(80, "10.0.0.0/8")).is_err());
         let calls = fake.take();
-        assert!(calls.iter().all(|c| !matches!(c, Call::Restore(..))), "{calls:#?}");
+        assert!(
+            calls.iter().all(|c| !matches!(c, Call::Restore(..))),
+            "{calls:#?}"
+        );
         assert!(matches!(calls.last(), Some(Call::Ipset(text)) if text.starts_with("destroy ")));
         assert_eq!(fake.sets(), global_sets());
     }
@@ -645,8 +700,14 @@ mod tests {
         let short = NameRegistry::new().assign(&pu.id).unwrap();
         let plan = PuPlan::new(&pu, &short, 0).unwrap();
         let ctx = dp.ctx(IpFamily::V4);
-        assert_eq!(calls[1], Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.install(&ctx))));
-        assert_eq!(calls[3], Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.remove(&ctx))));
+        assert_eq!(
+            calls[1],
+            Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.install(&ctx)))
+        );
+        assert_eq!(
+            calls[3],
+            Call::Restore(IpFamily::V4, section(Table::Mangle, &plan.remove(&ctx)))
+        );
         assert_eq!(fake.sets(), global_sets());
         // Nothing was recorded: configuring again works, under the same name.
         fake.0.lock().unwrap().fail = None;
@@ -663,22 +724,38 @@ mod tests {
         fake.take();
         dp.update(1, &new, &old).unwrap();
         let calls = fake.take();
-        let Call::Ipset(forward) = &calls[0] else { panic!("{calls:#?}") };
-        assert!(forward.contains("create TRI-v4-Acl-webbBzx-1a0 hash:net family inet -exist\n"), "{forward}");
-        assert!(forward.ends_with(
-            "add TRI-v4-ProcPort-webbBzx 443 -exist\n\
+        let Call::Ipset(forward) = &calls[0] else {
+            panic!("{calls:#?}")
+        };
+        assert!(
+            forward.contains("create TRI-v4-Acl-webbBzx-1a0 hash:net family inet -exist\n"),
+            "{forward}"
+        );
+        assert!(
+            forward.ends_with(
+                "add TRI-v4-ProcPort-webbBzx 443 -exist\n\
              del TRI-v4-ProcPort-webbBzx 80 -exist\n\
              add TRI-v6-ProcPort-webbBzx 443 -exist\n\
              del TRI-v6-ProcPort-webbBzx 80 -exist\n"
-        ), "{forward}");
+            ),
+            "{forward}"
+        );
         for (call, family) in calls[1..3].iter().zip(IpFamily::ALL) {
-            let Call::Restore(f, text) = call else { panic!("{call:?}") };
+            let Call::Restore(f, text) = call else {
+                panic!("{call:?}")
+            };
             assert_eq!(*f, family);
-            assert!(text.contains(":TRI-App-webbBzx-1 ") && text.contains("-X TRI-App-webbBzx-0\n"));
+            assert!(
+                text.contains(":TRI-App-webbBzx-1 ") && text.contains("-X TRI-App-webbBzx-0\n")
+            );
         }
-        assert!(matches!(&calls[3], Call::Ipset(text) if text == "destroy TRI-v4-Acl-webbBzx-0a0\n"));
+        assert!(
+            matches!(&calls[3], Call::Ipset(text) if text == "destroy TRI-v4-Acl-webbBzx-0a0\n")
+        );
         let after = fake.sets();
-        assert!(after.contains("TRI-v4-Acl-webbBzx-1a0") && !after.contains("TRI-v4-Acl-webbBzx-0a0"));
+        assert!(
+            after.contains("TRI-v4-Acl-webbBzx-1a0") && !after.contains("TRI-v4-Acl-webbBzx-0a0")
+        );
         assert_eq!(after.len(), before.len());
         assert_eq!(dp.pus[&new.id].version, 1);
     }
@@ -693,10 +770,19 @@ mod tests {
         fake.fail_when(is_v6_restore);
         assert!(dp.update(1, &new, &old).is_err());
         let calls = fake.take();
-        let Call::Restore(IpFamily::V4, undo) = &calls[3] else { panic!("{calls:#?}") };
-        assert!(undo.contains(":TRI-App-webbBzx-0 ") && undo.contains("-X TRI-App-webbBzx-1\n"), "{undo}");
-        let Call::Ipset(ports_back) = &calls[4] else { panic!("{calls:#?}") };
-        assert!(ports_back.starts_with("add TRI-v4-ProcPort-webbBzx 80 -exist\ndel TRI-v4-ProcPort-webbBzx 443 -exist\n"));
+        let Call::Restore(IpFamily::V4, undo) = &calls[3] else {
+            panic!("{calls:#?}")
+        };
+        assert!(
+            undo.contains(":TRI-App-webbBzx-0 ") && undo.contains("-X TRI-App-webbBzx-1\n"),
+            "{undo}"
+        );
+        let Call::Ipset(ports_back) = &calls[4] else {
+            panic!("{calls:#?}")
+        };
+        assert!(ports_back.starts_with(
+            "add TRI-v4-ProcPort-webbBzx 80 -exist\ndel TRI-v4-ProcPort-webbBzx 443 -exist\n"
+        ));
         assert_eq!(fake.sets(), before);
         assert_eq!(dp.pus[&old.id].version, 0);
         assert_eq!(dp.pus[&old.id].pu, old);
@@ -732,7 +818,10 @@ mod tests {
             fake.take()[1],
             Call::Ipset("add TRI-v4-TargetTCP 10.0.0.0/8 -exist\ndel TRI-v4-TargetTCP 172.16.0.0/12 -exist\n".into())
         );
-        assert_eq!(dp.targets.as_ref().unwrap().v4.target_tcp, nets(&["10.0.0.0/8"]).target_tcp);
+        assert_eq!(
+            dp.targets.as_ref().unwrap().v4.target_tcp,
+            nets(&["10.0.0.0/8"]).target_tcp
+        );
     }
 
     #[test]

@@ -323,12 +323,7 @@ fn bucket_order<'r, 'a>(acls: &'r [AclRef<'a>]) -> Vec<&'r AclRef<'a>> {
 /// For a UDP accept of the other direction, accepts its replies in this
 /// chain: the peer at the other end of the packet, the ACL's ports as
 /// source ports, established flows only.
-fn reverse_udp_accepts(
-    ctx: &Ctx,
-    direction: Direction,
-    chain: &str,
-    r: &AclRef,
-) -> Vec<String> {
+fn reverse_udp_accepts(ctx: &Ctx, direction: Direction, chain: &str, r: &AclRef) -> Vec<String> {
     let accepts = r.acl.action == Action::Accept && r.acl.observe != ObserveMode::Continue;
     if !accepts || !r.acl.protocols.contains(&Protocol::Udp) {
         return Vec::new();
@@ -518,7 +513,12 @@ mod tests {
             ),
             // 4: ICMP accept, observe-apply; IPv4 only by protocol.
             with(
-                acl(&["10.99.0.0/24", "fd00:99::/64"], &[Icmp], &[], Action::Accept),
+                acl(
+                    &["10.99.0.0/24", "fd00:99::/64"],
+                    &[Icmp],
+                    &[],
+                    Action::Accept,
+                ),
                 "ping",
                 false,
                 ObserveMode::Apply,
@@ -527,7 +527,12 @@ mod tests {
         let net = vec![
             // 0: every source (a /0, split for ipset), two TCP ports.
             with(
-                acl(&["0.0.0.0/0"], &[Tcp], &[(80, 80), (443, 443)], Action::Accept),
+                acl(
+                    &["0.0.0.0/0"],
+                    &[Tcp],
+                    &[(80, 80), (443, 443)],
+                    Action::Accept,
+                ),
                 "public",
                 false,
                 ObserveMode::None,
@@ -673,7 +678,11 @@ COMMIT
         );
         assert_eq!(app.len(), 4 + 3 + 1 + 3);
         assert!(lines.iter().all(|l| !l.contains("v4")), "{lines:#?}");
-        let sets: Vec<String> = plan.acl_sets(IpFamily::V6).into_iter().map(|s| s.name).collect();
+        let sets: Vec<String> = plan
+            .acl_sets(IpFamily::V6)
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
         assert_eq!(sets, ["TRI-v6-Acl-webbBzx-0a0"]);
     }
 
@@ -690,7 +699,9 @@ COMMIT
         let lines = [new_plan.install(&ctx), old_plan.remove(&ctx)].concat();
         let outside: Vec<&String> = lines
             .iter()
-            .filter(|l| !l.contains("-A TRI-App-webbBzx-1 ") && !l.contains("-A TRI-Net-webbBzx-1 "))
+            .filter(|l| {
+                !l.contains("-A TRI-App-webbBzx-1 ") && !l.contains("-A TRI-Net-webbBzx-1 ")
+            })
             .collect();
         assert_eq!(
             outside,

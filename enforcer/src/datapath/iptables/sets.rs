@@ -162,7 +162,10 @@ mod tests {
                 IpFamily::V6,
                 &nets(&["fd00::/8"]),
             ),
-            SetSpec::ports("TRI-v4-ProcPort-x".into(), &ports(&[(80, 80), (8000, 8080)])),
+            SetSpec::ports(
+                "TRI-v4-ProcPort-x".into(),
+                &ports(&[(80, 80), (8000, 8080)]),
+            ),
         ];
         assert_eq!(
             create(&specs),
