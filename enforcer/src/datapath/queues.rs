@@ -25,14 +25,33 @@ pub enum Trapped {
     Service,
 }
 
+/// The range names, in queue order.
+const SEPARATED: [(&str, Direction, Trapped); 8] = [
+    ("app-syn", Direction::App, Trapped::Syn),
+    ("app-ack", Direction::App, Trapped::Ack),
+    ("app-synack", Direction::App, Trapped::SynAck),
+    ("app-service", Direction::App, Trapped::Service),
+    ("net-syn", Direction::Net, Trapped::Syn),
+    ("net-ack", Direction::Net, Trapped::Ack),
+    ("net-synack", Direction::Net, Trapped::SynAck),
+    ("net-service", Direction::Net, Trapped::Service),
+];
+const SHARED: [(&str, Direction); 2] = [("app", Direction::App), ("net", Direction::Net)];
+
 /// An inclusive range of queue numbers that one rule balances over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueRange {
+    /// `app-syn`, …, `net-service`; `app` and `net` without separation.
+    pub name: &'static str,
     pub first: u16,
     pub last: u16,
 }
 
 impl QueueRange {
+    pub fn queues(self) -> std::ops::RangeInclusive<u16> {
+        self.first..=self.last
+    }
+
     /// The NFQUEUE target's arguments: `--queue-balance a:b` (or
     /// `--queue-num a` for a one-queue range), plus `--queue-bypass` when
     /// packets should pass while nothing listens.
@@ -49,124 +68,131 @@ impl QueueRange {
     }
 }
 
+/// Every range of the layout, in queue order. Validation guarantees the
+/// layout ends at or below queue 65535; for one that would not, the
+/// ranges stop at the last that fits (never wrapping).
+pub fn ranges(q: &QueueSettings) -> Vec<QueueRange> {
+    let names: Vec<&'static str> = if q.separation {
+        SEPARATED.iter().map(|r| r.0).collect()
+    } else {
+        SHARED.iter().map(|r| r.0).collect()
+    };
+    let per_range = u32::from(q.queues_per_range);
+    let queue = |n: u32| u16::try_from(u32::from(q.first_queue) + n).ok();
+    names
+        .into_iter()
+        .zip(0u32..)
+        .map_while(|(name, i)| {
+            Some(QueueRange {
+                name,
+                first: queue(i * per_range)?,
+                last: queue((i + 1) * per_range - 1)?,
+            })
+        })
+        .collect()
+}
+
 /// The range for one kind of packet in one direction.
 pub fn range(q: &QueueSettings, direction: Direction, trapped: Trapped) -> QueueRange {
-    let per_direction = if q.separation { 4 } else { 1 };
-    let direction_index = match direction {
-        Direction::App => 0,
-        Direction::Net => 1,
-    };
-    let kind_index = if q.separation {
-        match trapped {
-            Trapped::Syn => 0,
-            Trapped::Ack => 1,
-            Trapped::SynAck => 2,
-            Trapped::Service => 3,
-        }
+    let index = if q.separation {
+        SEPARATED
+            .iter()
+            .position(|&(_, d, t)| d == direction && t == trapped)
     } else {
-        0
+        SHARED.iter().position(|&(_, d)| d == direction)
     };
-    let index = direction_index * per_direction + kind_index;
-    let first = q.first_queue + index * q.queues_per_range;
-    QueueRange {
-        first,
-        last: first + q.queues_per_range - 1,
-    }
+    let index = index.expect("every direction and kind has a range");
+    // Validated layouts always have every range.
+    ranges(q)[index]
 }
 
 /// Every queue number of the layout, for the consumer to bind.
 pub fn all(q: &QueueSettings) -> Vec<u16> {
-    // In u32: a layout may end exactly at queue 65535.
-    let first = u32::from(q.first_queue);
-    (first..first + q.total_queues())
-        .map(|n| n as u16)
-        .collect()
+    ranges(q).into_iter().flat_map(QueueRange::queues).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn settings(separation: bool, per_range: u16, first: u16) -> QueueSettings {
+        QueueSettings {
+            separation,
+            queues_per_range: per_range,
+            first_queue: first,
+            ..QueueSettings::default()
+        }
+    }
+
+    fn span(r: QueueRange) -> (&'static str, u16, u16) {
+        (r.name, r.first, r.last)
+    }
+
     #[test]
     fn seed_layout_with_separation() {
         let q = QueueSettings::default();
         assert_eq!(
-            range(&q, Direction::App, Trapped::Syn),
-            QueueRange { first: 0, last: 3 }
+            span(range(&q, Direction::App, Trapped::Syn)),
+            ("app-syn", 0, 3)
         );
         assert_eq!(
-            range(&q, Direction::App, Trapped::Ack),
-            QueueRange { first: 4, last: 7 }
+            span(range(&q, Direction::App, Trapped::Ack)),
+            ("app-ack", 4, 7)
         );
         assert_eq!(
-            range(&q, Direction::App, Trapped::SynAck),
-            QueueRange { first: 8, last: 11 }
+            span(range(&q, Direction::App, Trapped::SynAck)),
+            ("app-synack", 8, 11)
         );
         assert_eq!(
-            range(&q, Direction::App, Trapped::Service),
-            QueueRange {
-                first: 12,
-                last: 15
-            }
+            span(range(&q, Direction::App, Trapped::Service)),
+            ("app-service", 12, 15)
         );
         assert_eq!(
-            range(&q, Direction::Net, Trapped::Syn),
-            QueueRange {
-                first: 16,
-                last: 19
-            }
+            span(range(&q, Direction::Net, Trapped::Syn)),
+            ("net-syn", 16, 19)
         );
         assert_eq!(
-            range(&q, Direction::Net, Trapped::Service),
-            QueueRange {
-                first: 28,
-                last: 31
-            }
+            span(range(&q, Direction::Net, Trapped::Service)),
+            ("net-service", 28, 31)
         );
         assert_eq!(all(&q), (0..32).collect::<Vec<u16>>());
     }
 
     #[test]
     fn without_separation_one_range_per_direction() {
-        let q = QueueSettings {
-            separation: false,
-            queues_per_range: 2,
-            first_queue: 10,
-            ..Default::default()
-        };
+        let q = settings(false, 2, 10);
         for t in [
             Trapped::Syn,
             Trapped::Ack,
             Trapped::SynAck,
             Trapped::Service,
         ] {
-            assert_eq!(
-                range(&q, Direction::App, t),
-                QueueRange {
-                    first: 10,
-                    last: 11
-                }
-            );
-            assert_eq!(
-                range(&q, Direction::Net, t),
-                QueueRange {
-                    first: 12,
-                    last: 13
-                }
-            );
+            assert_eq!(span(range(&q, Direction::App, t)), ("app", 10, 11));
+            assert_eq!(span(range(&q, Direction::Net, t)), ("net", 12, 13));
         }
         assert_eq!(all(&q), vec![10, 11, 12, 13]);
     }
 
     #[test]
+    fn the_layout_may_end_at_the_last_queue_number() {
+        let numbers = all(&settings(true, 4, 65504));
+        assert_eq!(numbers.len(), 32);
+        assert_eq!(numbers.last(), Some(&65535));
+        // An unvalidated layout past the end is cut, not wrapped.
+        assert_eq!(all(&settings(true, 4, 65530)), [65530, 65531, 65532, 65533]);
+    }
+
+    #[test]
     fn target_args() {
+        let r = |first, last| QueueRange {
+            name: "x",
+            first,
+            last,
+        };
         assert_eq!(
-            QueueRange { first: 0, last: 3 }.target_args(true),
+            r(0, 3).target_args(true),
             "--queue-balance 0:3 --queue-bypass"
         );
-        assert_eq!(
-            QueueRange { first: 5, last: 5 }.target_args(false),
-            "--queue-num 5"
-        );
+        assert_eq!(r(5, 5).target_args(false), "--queue-num 5");
     }
 }

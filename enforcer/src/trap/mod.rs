@@ -2,7 +2,7 @@
 //! datapath sends to user space.
 //!
 //! Both datapaths queue connection set-up packets to the same queue
-//! numbers ([`queue_numbers`]) and honour one verdict contract: the
+//! numbers ([`queues::all`]) and honour one verdict contract: the
 //! consumer accepts a packet by writing [`Kind::Authorised`] into the kind
 //! sub-field of its mark (every other bit kept) and returning NF_REPEAT.
 //! The packet then runs through the hook again, where the datapath's first
@@ -23,7 +23,6 @@
 mod kernel;
 pub mod packet;
 
-use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -33,6 +32,7 @@ use anyhow::{Context as _, Result, anyhow};
 use enforcer_common::marks::{Kind, MarkLayout};
 use serde::{Deserialize, Serialize};
 
+use crate::datapath::queues;
 use crate::policy::QueueSettings;
 
 pub use kernel::{KernelQueueStats, read as read_kernel_stats};
@@ -47,64 +47,6 @@ pub const COPY_RANGE: u16 = 128;
 /// polled or woken), which bounds both the stop latency and the extra
 /// delay of a packet arriving on an idle queue by this.
 const IDLE_WAIT: Duration = Duration::from_millis(1);
-
-/// The range names, in queue order: application ranges first, then
-/// network (the seed's `fqconfig`).
-const SEPARATED_RANGES: [&str; 8] = [
-    "app-syn",
-    "app-ack",
-    "app-synack",
-    "app-service",
-    "net-syn",
-    "net-ack",
-    "net-synack",
-    "net-service",
-];
-const SHARED_RANGES: [&str; 2] = ["app", "net"];
-
-/// One range of queues that a rule balances over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueRange {
-    /// `app-syn`, …, `net-service`; `app` and `net` without separation.
-    pub name: &'static str,
-    pub queues: RangeInclusive<u16>,
-}
-
-/// The ranges of the layout, in queue order: with separation eight ranges
-/// (application SYN, ACK, SYN-ACK, service, then the same for the
-/// network side), else two, each of `queues_per_range` queues, starting at
-/// `first_queue`. Validation guarantees the layout ends at or below queue
-/// 65535; for a layout that would not, the ranges stop at the last queue
-/// that fits.
-pub fn queue_ranges(settings: &QueueSettings) -> Vec<QueueRange> {
-    let names: &[&'static str] = if settings.separation {
-        &SEPARATED_RANGES
-    } else {
-        &SHARED_RANGES
-    };
-    let per_range = u32::from(settings.queues_per_range);
-    let queue = |n: u32| u16::try_from(u32::from(settings.first_queue) + n).ok();
-    names
-        .iter()
-        .zip(0u32..)
-        .map_while(|(&name, i)| {
-            let start = queue(i * per_range)?;
-            let end = queue((i + 1) * per_range - 1)?;
-            Some(QueueRange {
-                name,
-                queues: start..=end,
-            })
-        })
-        .collect()
-}
-
-/// Every queue number of the layout, in order.
-pub fn queue_numbers(settings: &QueueSettings) -> Vec<u16> {
-    queue_ranges(settings)
-        .into_iter()
-        .flat_map(|range| range.queues)
-        .collect()
-}
 
 /// What the consumer counted, for `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +68,7 @@ pub struct TrapStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueStats {
     pub queue: u16,
-    /// The range the queue belongs to (see [`QueueRange::name`]).
+    /// The range the queue belongs to (see [`queues::QueueRange::name`]).
     pub range: String,
     pub received: u64,
     pub verdicts: u64,
@@ -152,9 +94,9 @@ struct QueueCounters {
 impl TrapCounters {
     /// Zeroed counters for every queue of the layout.
     pub(crate) fn new(settings: &QueueSettings) -> Self {
-        let queues = queue_ranges(settings)
+        let queues = queues::ranges(settings)
             .into_iter()
-            .flat_map(|range| range.queues.map(move |queue| (queue, range.name)))
+            .flat_map(|range| range.queues().map(move |queue| (queue, range.name)))
             .map(|(queue, range)| QueueCounters {
                 queue,
                 range,
@@ -268,7 +210,7 @@ impl TrapConsumer {
 /// Opens the netlink socket and binds every queue.
 fn bind(settings: &QueueSettings) -> Result<nfq::Queue> {
     let mut queue = nfq::Queue::open().context("opening the NFQUEUE netlink socket")?;
-    let numbers = queue_numbers(settings);
+    let numbers = queues::all(settings);
     for &n in &numbers {
         let configure = |queue: &mut nfq::Queue| -> std::io::Result<()> {
             queue.bind(n)?;
@@ -360,45 +302,6 @@ mod tests {
             first_queue: first,
             ..QueueSettings::default()
         }
-    }
-
-    #[test]
-    fn queue_numbers_follow_the_seeds_layout() {
-        let default = QueueSettings::default();
-        assert_eq!(queue_numbers(&default), (0..32).collect::<Vec<u16>>());
-        let ranges = queue_ranges(&default);
-        assert_eq!(ranges.len(), 8);
-        assert_eq!(
-            ranges[0],
-            QueueRange {
-                name: "app-syn",
-                queues: 0..=3
-            }
-        );
-        assert_eq!(
-            ranges[4],
-            QueueRange {
-                name: "net-syn",
-                queues: 16..=19
-            }
-        );
-        assert_eq!(ranges[7].queues, 28..=31);
-
-        let shared = settings(false, 3, 100);
-        assert_eq!(queue_numbers(&shared), (100..106).collect::<Vec<u16>>());
-        let names: Vec<_> = queue_ranges(&shared).iter().map(|r| r.name).collect();
-        assert_eq!(names, ["app", "net"]);
-    }
-
-    #[test]
-    fn the_layout_may_end_at_the_last_queue_number() {
-        let top = settings(true, 4, 65504);
-        let numbers = queue_numbers(&top);
-        assert_eq!(numbers.len(), 32);
-        assert_eq!(numbers.last(), Some(&65535));
-        // An unvalidated layout past the end is cut, not wrapped.
-        let past = settings(true, 4, 65530);
-        assert_eq!(queue_numbers(&past), [65530, 65531, 65532, 65533]);
     }
 
     #[test]
