@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub use enforcer::datapath::probe::mount_of_type;
+
 /// The opt-out variable for machines that cannot run kernel tests.
 pub const OPT_OUT_VAR: &str = "ENFORCER_SKIP_PRIVILEGED";
 
@@ -82,15 +84,6 @@ fn check() -> Result<Env, Vec<String>> {
     }
 }
 
-/// The first mount point of a filesystem type in `/proc/self/mounts` text.
-pub fn mount_of_type(mounts: &str, fstype: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_src, dir, ty) = (fields.next()?, fields.next()?, fields.next()?);
-        (ty == fstype).then(|| PathBuf::from(dir))
-    })
-}
-
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| is_executable(&dir.join(tool))))
@@ -101,25 +94,4 @@ fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_hybrid_cgroup2_mount() {
-        let mounts = "cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n\
-                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
-                      bpf /sys/fs/bpf bpf rw 0 0\n";
-        assert_eq!(
-            mount_of_type(mounts, "cgroup2"),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            mount_of_type(mounts, "bpf"),
-            Some(PathBuf::from("/sys/fs/bpf"))
-        );
-        assert_eq!(mount_of_type(mounts, "tmpfs"), None);
-    }
 }

@@ -104,14 +104,14 @@ impl World {
     }
 
     /// A TCP exchange from a process inside the PU.
-    fn from_pu(&self, peer: &str) -> Result<Outcome> {
+    fn pu_connects(&self, peer: &str) -> Result<Outcome> {
         let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
         cmd.args(["tcp-exchange", &addr(peer).to_string()]);
         run_nettool(cmd)
     }
 
     /// A TCP exchange from a process of host `a` outside every PU.
-    fn from_outside(&self, peer: &str) -> Result<Outcome> {
+    fn outsider_connects(&self, peer: &str) -> Result<Outcome> {
         let mut cmd = self.hosts.a.command(nettool!())?;
         cmd.args(["tcp-exchange", &addr(peer).to_string()]);
         run_nettool(cmd)
@@ -211,8 +211,8 @@ fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath) -> Result<(
         &config(&["10.0.0.0/8"], &pu("web", &w.cgroup_rel())),
     )?;
     // 10.9.0.2 is inside the target 10.0.0.0/8 too: exclusion wins.
-    assert_eq!(w.from_pu(EXCLUDED)?, Outcome::Exchanged);
-    assert_eq!(w.from_outside(EXCLUDED)?, Outcome::Exchanged);
+    assert_eq!(w.pu_connects(EXCLUDED)?, Outcome::Exchanged);
+    assert_eq!(w.outsider_connects(EXCLUDED)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 0, "nothing may reach user space");
     assert_eq!(pu_counts(&agent.status()?, "web")?, (0, 0, 0));
     Ok(())
@@ -227,14 +227,14 @@ fn target_syn_is_trapped_once_and_the_connection_proceeds(datapath: Datapath) ->
         datapath,
         &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
     )?;
-    assert_eq!(w.from_pu(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1, "only the SYN reaches user space");
-    assert_eq!(w.from_pu(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 2, "one SYN per connection");
     let (trapped, _, dropped) = pu_counts(&agent.status()?, "web")?;
     assert_eq!((trapped, dropped), (2, 0));
     // A process outside the PU is not trapped.
-    assert_eq!(w.from_outside(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.outsider_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 2);
     Ok(())
 }
@@ -248,11 +248,11 @@ fn acl_decides_for_non_target_peers_and_others_are_untouched(datapath: Datapath)
         datapath,
         &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
     )?;
-    assert_eq!(w.from_pu(ACL_PEER)?, Outcome::Exchanged, "accept ACL");
-    let blocked = w.from_pu(OTHER)?;
+    assert_eq!(w.pu_connects(ACL_PEER)?, Outcome::Exchanged, "accept ACL");
+    let blocked = w.pu_connects(OTHER)?;
     assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
     assert_eq!(
-        w.from_outside(OTHER)?,
+        w.outsider_connects(OTHER)?,
         Outcome::Exchanged,
         "outside every PU: untouched"
     );
@@ -271,16 +271,16 @@ fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result
     let w = World::new(&env)?;
     let pus = pu("web", &w.cgroup_rel());
     let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pus))?;
-    assert!(w.from_pu(OTHER)?.is_blocked());
+    assert!(w.pu_connects(OTHER)?.is_blocked());
     // 10.3.0.0/16 becomes a target: its set-up is now trapped (and, in
     // this slice, accepted by the agent).
     agent.reload(&config(&["10.1.0.0/24", "10.3.0.0/16"], &pus))?;
-    assert_eq!(w.from_pu(OTHER)?, Outcome::Exchanged);
+    assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1);
     // And back: 10.1.0.0/24 is no target any more, and has no ACL.
     agent.reload(&config(&["10.3.0.0/16"], &pus))?;
-    assert!(w.from_pu(TARGET)?.is_blocked());
-    assert_eq!(w.from_pu(OTHER)?, Outcome::Exchanged);
+    assert!(w.pu_connects(TARGET)?.is_blocked());
+    assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 2);
     Ok(())
 }
@@ -324,7 +324,7 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
         "changed ACL applies"
     );
     assert!(from_second(ACL_PEER)?.is_blocked(), "old ACL is gone");
-    assert!(w.from_pu(OTHER)?.is_blocked(), "web unchanged");
+    assert!(w.pu_connects(OTHER)?.is_blocked(), "web unchanged");
 
     // Remove it.
     agent.reload(&config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
@@ -353,11 +353,11 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()>
         agent.log()
     );
     assert_eq!(
-        w.from_pu(ACL_PEER)?,
+        w.pu_connects(ACL_PEER)?,
         Outcome::Exchanged,
         "old policy still in force"
     );
-    assert!(w.from_pu(OTHER)?.is_blocked());
+    assert!(w.pu_connects(OTHER)?.is_blocked());
     let rules_after = netfilter::save(&w.hosts.a, netfilter::Family::V4, "mangle")?;
     assert_eq!(strip_counters(&rules_before), strip_counters(&rules_after));
     Ok(())
@@ -393,7 +393,7 @@ fn assert_nothing_left(w: &World, instance: &str) -> Result<()> {
     let pins = std::path::Path::new("/sys/fs/bpf").join(instance);
     assert!(!pins.exists(), "{} left", pins.display());
     assert_eq!(
-        w.from_pu(OTHER)?,
+        w.pu_connects(OTHER)?,
         Outcome::Exchanged,
         "no enforcement may remain"
     );
@@ -410,7 +410,7 @@ fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
             datapath,
             &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
         )?;
-        assert!(w.from_pu(OTHER)?.is_blocked(), "enforcing before {signal}");
+        assert!(w.pu_connects(OTHER)?.is_blocked(), "enforcing before {signal}");
         let status = agent.stop_with(signal)?;
         assert!(
             status.success(),
@@ -432,14 +432,14 @@ fn run_after_sigkill_starts_clean(datapath: Datapath) -> Result<()> {
     first.stop_with(Signal::SIGKILL)?;
     // Killed: its state stays in the kernel, still enforcing.
     assert!(
-        w.from_pu(OTHER)?.is_blocked(),
+        w.pu_connects(OTHER)?.is_blocked(),
         "a killed agent's policy stays in force"
     );
     // The same instance, restarted, takes over from whatever was left.
     let mut second = w.start_as(Some(first.instance()), datapath, &cfg)?;
-    assert_eq!(w.from_pu(ACL_PEER)?, Outcome::Exchanged);
-    assert!(w.from_pu(OTHER)?.is_blocked());
-    assert_eq!(w.from_pu(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.pu_connects(ACL_PEER)?, Outcome::Exchanged);
+    assert!(w.pu_connects(OTHER)?.is_blocked());
+    assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1);
     assert!(second.stop_with(Signal::SIGTERM)?.success());
     assert_nothing_left(&w, first.instance())?;

@@ -18,6 +18,15 @@ pub enum IpFamily {
     V6,
 }
 
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
 impl IpFamily {
     /// Both families, IPv4 first.
     pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];

@@ -503,10 +503,10 @@ impl Datapath for EbpfDatapath {
             return Ok(());
         };
         detach(state.links);
-        if let Ok(l) = self.loaded() {
-            if let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id) {
-                debug!("removing PU cgroup entry: {e}");
-            }
+        if let Ok(l) = self.loaded()
+            && let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id)
+        {
+            debug!("removing PU cgroup entry: {e}");
         }
         self.remove_acls(acl_scope(state.slot, state.generation), &state.prefixes);
         self.free_slots.push(state.slot);

@@ -1,23 +1,23 @@
 //! The global part of the datapath, installed by `run` before any PU: the
 //! target and excluded sets, the `TRI-` chains, and the rules that steer
 //! traffic into them (SPEC, "Global steering" and "The trap"). Pure text.
+//!
+//! The identity handshake's own traps — a SYN-ACK to or from a target
+//! network, a SYN carrying TCP option 34, a UDP packet carrying the
+//! handshake signature — come with the handshake (issue 7), in both
+//! datapaths at once. Until then a connection the consumer authorised is
+//! accepted whole, its SYN-ACK included: once the SYN is decided, no later
+//! packet of the connection reaches user space.
 
 use enforcer_common::marks::Kind;
 
 use super::rules::{Ctx, Table, declare, section};
 use super::sets::SetSpec;
-use crate::datapath::queues::{Direction, Trapped};
 use crate::naming::{
     GlobalSet, HOST_CHAINS, HOST_SERVICE_CHAINS, MAIN_CHAINS, PROCESS_CHAINS, PROXY_CHAINS,
     REDIRECT_CHAINS, UID_CHAINS,
 };
 use crate::policy::{IpFamily, Mode};
-
-/// The handshake signature a UDP handshake packet carries in its payload.
-const UDP_SIGNATURE: &str = "n30njxq7bmiwr6dtxq";
-
-/// The TCP option the peer's handshake SYN carries.
-const HANDSHAKE_TCP_OPTION: u8 = 34;
 
 /// The family's target TCP, target UDP and excluded sets, empty
 /// (`set_target_networks` fills them).
@@ -46,11 +46,8 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
         .collect();
 
     let excluded = ctx.set(GlobalSet::Excluded);
-    let target_tcp = ctx.set(GlobalSet::TargetTcp);
-    let target_udp = ctx.set(GlobalSet::TargetUdp);
     let proxy = ctx.mark_is(Kind::Proxy);
     let (app, net) = (MAIN_CHAINS.app, MAIN_CHAINS.net);
-    let syn_ack = "-m tcp --tcp-flags SYN,ACK SYN,ACK";
 
     lines.push(format!("-A {} {proxy} -j ACCEPT", PROXY_CHAINS.app));
     lines.push(format!("-A {} {proxy} -j ACCEPT", PROXY_CHAINS.net));
@@ -66,10 +63,6 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     if local_server {
         lines.push(format!("-A {app} -j {}", UID_CHAINS.app));
     }
-    lines.push(format!(
-        "-A {app} -p tcp -m set --match-set {target_tcp} dst {syn_ack} -j {}",
-        ctx.queue(Direction::App, Trapped::SynAck)
-    ));
     if local_server {
         for pair in [PROCESS_CHAINS, HOST_SERVICE_CHAINS, HOST_CHAINS] {
             lines.push(format!("-A {app} -j {}", pair.app));
@@ -79,24 +72,10 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     // Incoming.
     lines.extend(verdict_rules(ctx, net));
     lines.push(format!("-A {net} -j {}", PROXY_CHAINS.net));
-    lines.push(format!(
-        "-A {net} -p udp -m set --match-set {target_udp} src \
-         -m string --string {UDP_SIGNATURE} --algo bm -j {}",
-        ctx.queue(Direction::Net, Trapped::Service)
-    ));
     lines.extend(connection_accepts(ctx, net));
     if local_server {
         lines.push(format!("-A {net} -j {}", UID_CHAINS.net));
     }
-    lines.push(format!(
-        "-A {net} -p tcp -m set --match-set {target_tcp} src {syn_ack} -j {}",
-        ctx.queue(Direction::Net, Trapped::SynAck)
-    ));
-    lines.push(format!(
-        "-A {net} -p tcp -m set --match-set {target_tcp} src \
-         -m tcp --tcp-flags SYN,ACK SYN --tcp-option {HANDSHAKE_TCP_OPTION} -j {}",
-        ctx.queue(Direction::Net, Trapped::Syn)
-    ));
     if local_server {
         for pair in [PROCESS_CHAINS, HOST_SERVICE_CHAINS, HOST_CHAINS] {
             lines.push(format!("-A {net} -j {}", pair.net));
@@ -117,11 +96,9 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
 /// The first two rules of a main chain, the datapath's half of the trap
 /// verdict contract (`crate::datapath`): a packet the consumer accepted
 /// (kind `Authorised` written into its mark, NF_REPEAT) has that kind
-/// saved into its connection, and is itself accepted. Accepting it by its
-/// own mark, not only by the connection's, is what lets a decided SYN-ACK
-/// or UDP handshake packet through: the connection rules below exempt
-/// SYN-ACKs, and the UDP signature trap comes before them, so a repeated
-/// packet would otherwise be queued again, forever.
+/// saved into its connection, and is itself accepted — by its own mark,
+/// so that a repeated packet can never be queued again whatever rules
+/// come later.
 fn verdict_rules(ctx: &Ctx, chain: &str) -> [String; 2] {
     let decided = ctx.mark_is(Kind::Authorised);
     [
@@ -130,17 +107,18 @@ fn verdict_rules(ctx: &Ctx, chain: &str) -> [String; 2] {
     ]
 }
 
-/// Connections an ACL accepted, then connections the handshake
-/// authorised — except TCP SYN-ACKs, which still go to the trap (SPEC).
-fn connection_accepts(ctx: &Ctx, chain: &str) -> [String; 3] {
-    let authorised = ctx.connmark_is(Kind::Authorised);
+/// Connections an ACL accepted, then connections the consumer authorised
+/// (whole: see the module docs on SYN-ACKs).
+fn connection_accepts(ctx: &Ctx, chain: &str) -> [String; 2] {
     [
         format!(
             "-A {chain} {} -j ACCEPT",
             ctx.connmark_is(Kind::ExternalAccepted)
         ),
-        format!("-A {chain} ! -p tcp {authorised} -j ACCEPT"),
-        format!("-A {chain} -p tcp -m tcp ! --tcp-flags SYN,ACK SYN,ACK {authorised} -j ACCEPT"),
+        format!(
+            "-A {chain} {} -j ACCEPT",
+            ctx.connmark_is(Kind::Authorised)
+        ),
     ]
 }
 
@@ -205,23 +183,17 @@ mod tests {
 -A TRI-App -j TRI-Prx-App
 -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT
 -A TRI-App -m connmark --mark 0x200/0x700 -j ACCEPT
--A TRI-App ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
--A TRI-App -p tcp -m tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-App -j TRI-UID-App
--A TRI-App -p tcp -m set --match-set TRI-v4-TargetTCP dst -m tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-balance 8:11 --queue-bypass
 -A TRI-App -j TRI-Pid-App
 -A TRI-App -j TRI-Svc-App
 -A TRI-App -j TRI-Hst-App
 -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700
 -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-Prx-Net
--A TRI-Net -p udp -m set --match-set TRI-v4-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm -j NFQUEUE --queue-balance 28:31 --queue-bypass
 -A TRI-Net -m connmark --mark 0x200/0x700 -j ACCEPT
--A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
--A TRI-Net -p tcp -m tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-Net -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-UID-Net
--A TRI-Net -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-balance 24:27 --queue-bypass
--A TRI-Net -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34 -j NFQUEUE --queue-balance 16:19 --queue-bypass
 -A TRI-Net -j TRI-Pid-Net
 -A TRI-Net -j TRI-Svc-Net
 -A TRI-Net -j TRI-Hst-Net
@@ -249,9 +221,9 @@ COMMIT
         );
     }
 
-    /// IPv6 with a moved mark field (shift 16: kind mask 0x70000), one
-    /// queue per range from 100 (`--queue-num`), no bypass (fail closed).
-    /// Only the set names, marks and queues differ from IPv4.
+    /// IPv6 with a moved mark field (shift 16: kind mask 0x70000). Only
+    /// the set names and marks differ from IPv4; no global rule queues
+    /// (the handshake's traps come with the handshake).
     #[test]
     fn global_rules_v6() {
         let queues = QueueSettings {
@@ -273,15 +245,7 @@ COMMIT
                 .filter(|l| l.contains(needle))
                 .collect()
         };
-        assert_eq!(
-            with("NFQUEUE"),
-            [
-                "-A TRI-App -p tcp -m set --match-set TRI-v6-TargetTCP dst -m tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num 102",
-                "-A TRI-Net -p udp -m set --match-set TRI-v6-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm -j NFQUEUE --queue-num 107",
-                "-A TRI-Net -p tcp -m set --match-set TRI-v6-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num 106",
-                "-A TRI-Net -p tcp -m set --match-set TRI-v6-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34 -j NFQUEUE --queue-num 104",
-            ]
-        );
+        assert!(with("NFQUEUE").is_empty(), "{text}");
         assert_eq!(
             with("-I "),
             [
@@ -301,7 +265,7 @@ COMMIT
         assert_eq!(lines.len(), v4.lines().count());
         assert!(!text.contains("v4"));
         let marks = with("--mark ");
-        assert_eq!(marks.len(), 15);
+        assert_eq!(marks.len(), 13);
         assert!(marks.iter().all(|l| l.contains("/0x70000 ")), "{marks:#?}");
     }
 

@@ -30,9 +30,10 @@ pub mod rules;
 pub mod save;
 pub mod sets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, anyhow};
+use ipnet::IpNet;
 use tracing::warn;
 
 use self::exec::{Netfilter, System};
@@ -41,17 +42,6 @@ use self::rules::{Ctx, Table, section};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::naming::{GlobalSet, MAIN_CHAINS, NameRegistry, ShortName};
 use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId};
-
-// TEMPORARY, until `policy` gives IpFamily a Display of its own (the eBPF
-// datapath's messages need it too); remove then.
-impl std::fmt::Display for IpFamily {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            IpFamily::V4 => "IPv4",
-            IpFamily::V6 => "IPv6",
-        })
-    }
-}
 
 /// A PU as installed.
 #[derive(Debug)]
@@ -138,11 +128,11 @@ impl IptablesDatapath {
         Ok(())
     }
 
-    /// Destroys those of `names` that exist. For undoing a step and for
-    /// `delete`: a set that is already gone is not an error.
+    /// Destroys those of `names` that exist, each once. For undoing a step
+    /// and for `delete`: a set that is already gone is not an error.
     fn destroy_sets(&self, names: &[String]) -> anyhow::Result<()> {
         let existing = self.nf.ipset_names()?;
-        let doomed: Vec<&str> = names
+        let doomed: BTreeSet<&str> = names
             .iter()
             .map(String::as_str)
             .filter(|name| existing.iter().any(|e| e == name))
@@ -199,7 +189,7 @@ impl IptablesDatapath {
             text
         };
         let forward = sets::create(&new_sets) + &port_changes(old, new);
-        let undo_sets = || -> anyhow::Result<()> {
+        let revert_sets = || -> anyhow::Result<()> {
             // A difference with -exist applies cleanly over a partial one.
             let back = port_changes(new, old);
             if !back.is_empty() {
@@ -209,13 +199,13 @@ impl IptablesDatapath {
         };
         if let Err(e) = self.nf.ipset_restore(&forward) {
             let e = e.context("creating the new sets");
-            return Err(self.undo_sets(e, undo_sets()));
+            return Err(self.undo_sets(e, revert_sets()));
         }
         let swap =
             |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
         if let Err(e) = self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx))
         {
-            return Err(self.undo_sets(e, undo_sets()));
+            return Err(self.undo_sets(e, revert_sets()));
         }
         let old_names: Vec<String> = IpFamily::ALL
             .iter()
@@ -288,22 +278,24 @@ fn no_networks() -> FamilyNetworks {
     }
 }
 
+/// The global sets with what each holds.
+fn global_lists(networks: &FamilyNetworks) -> [(GlobalSet, &[IpNet]); 3] {
+    [
+        (GlobalSet::TargetTcp, &networks.target_tcp),
+        (GlobalSet::TargetUdp, &networks.target_udp),
+        (GlobalSet::Excluded, &networks.excluded),
+    ]
+}
+
 /// `ipset restore` text turning the global sets from `from` into `to`.
 fn network_changes(from: &PerFamily<FamilyNetworks>, to: &PerFamily<FamilyNetworks>) -> String {
-    let lists = |n: &FamilyNetworks| {
-        [
-            (GlobalSet::TargetTcp, n.target_tcp.clone()),
-            (GlobalSet::TargetUdp, n.target_udp.clone()),
-            (GlobalSet::Excluded, n.excluded.clone()),
-        ]
-    };
     let mut text = String::new();
     for family in IpFamily::ALL {
-        for ((set, old), (_, new)) in lists(from.get(family))
+        let pairs = global_lists(from.get(family))
             .into_iter()
-            .zip(lists(to.get(family)))
-        {
-            text += &sets::network_diff(&set.name(family), &old, &new);
+            .zip(global_lists(to.get(family)));
+        for ((set, old), (_, new)) in pairs {
+            text += &sets::network_diff(&set.name(family), old, new);
         }
     }
     text
@@ -434,8 +426,9 @@ impl Datapath for IptablesDatapath {
         };
         let mut plans = vec![installed.plan()?];
         if version != installed.version {
-            // Also whatever the caller believes is installed.
-            plans.push(PuPlan::new(pu, &installed.short, version)?);
+            // Also whatever the caller believes is installed, if it can
+            // name it: a failed undo may have left that version behind.
+            plans.extend(PuPlan::new(pu, &installed.short, version).ok());
         }
         self.uninstall(&plans)
             .with_context(|| format!("deleting PU {}", pu.id))?;
@@ -506,7 +499,7 @@ mod tests {
     impl Fake {
         fn call(&self, call: Call) -> anyhow::Result<()> {
             let mut state = self.0.lock().unwrap();
-            let failing = state.fail.is_some_and(|fail| fail(&call));
+            let mut failing = state.fail.is_some_and(|fail| fail(&call));
             if let Call::Ipset(text) = &call {
                 let lines: Vec<&str> = text.lines().collect();
                 let applied = if failing {
@@ -517,7 +510,11 @@ mod tests {
                 for line in applied {
                     match line.split(' ').collect::<Vec<_>>()[..] {
                         ["create", name, ..] => drop(state.sets.insert(name.to_owned())),
-                        ["destroy", name] => drop(state.sets.remove(name)),
+                        // As ipset: destroying a missing set fails there.
+                        ["destroy", name] if !state.sets.remove(name) => {
+                            failing = true;
+                            break;
+                        }
                         _ => {}
                     }
                 }
@@ -835,5 +832,10 @@ mod tests {
         fake.take();
         dp.delete(0, &pu).unwrap();
         assert_eq!(fake.take(), []);
+        // A caller that believes another version is installed: the names
+        // of both plans overlap (the port sets), each set goes once.
+        dp.configure(0, &pu).unwrap();
+        dp.delete(1, &pu).unwrap();
+        assert_eq!(fake.sets(), global_sets());
     }
 }
