@@ -114,15 +114,7 @@ pub fn all(q: &QueueSettings) -> Vec<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings(separation: bool, per_range: u16, first: u16) -> QueueSettings {
-        QueueSettings {
-            separation,
-            queues_per_range: per_range,
-            first_queue: first,
-            ..QueueSettings::default()
-        }
-    }
+    use crate::policy::test_support::queue_settings as settings;
 
     fn span(r: QueueRange) -> (&'static str, u16, u16) {
         (r.name, r.first, r.last)

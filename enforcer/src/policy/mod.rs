@@ -73,7 +73,7 @@ mod host;
 mod model;
 mod pu;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod validate;
 
 pub use acl::{Acl, Action, Bucket, ObserveMode, PortRange, Protocol, in_bucket_order};

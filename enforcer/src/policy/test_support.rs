@@ -1,6 +1,42 @@
-//! Helpers for the policy tests: a fake host and assertions on refusals.
+//! Helpers for the policy tests (a fake host, assertions on refusals) and
+//! for every test that needs a model value built in code.
 
-use super::{Configuration, FieldError, HostFacts, PolicyError, Problem, pu::CgroupPath};
+use super::{
+    Acl, Action, Configuration, FieldError, HostFacts, ObserveMode, PolicyError, PolicyId,
+    PortRange, Problem, Protocol, QueueSettings, pu::CgroupPath,
+};
+
+/// An enforced, unlogged ACL.
+pub(crate) fn acl(
+    nets: &[&str],
+    protocols: &[Protocol],
+    ports: &[(u16, u16)],
+    action: Action,
+    policy_id: &str,
+) -> Acl {
+    Acl {
+        networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
+        protocols: protocols.to_vec(),
+        ports: ports
+            .iter()
+            .map(|&(a, b)| PortRange::new(a, b).unwrap())
+            .collect(),
+        action,
+        log: false,
+        observe: ObserveMode::None,
+        policy_id: PolicyId::new(policy_id).unwrap(),
+    }
+}
+
+/// A queue layout; the rest of the settings are the defaults.
+pub(crate) fn queue_settings(separation: bool, per_range: u16, first: u16) -> QueueSettings {
+    QueueSettings {
+        separation,
+        queues_per_range: per_range,
+        first_queue: first,
+        ..QueueSettings::default()
+    }
+}
 
 /// A host on which exactly the listed cgroup directories exist.
 pub(super) struct FakeHost(pub(super) &'static [&'static str]);

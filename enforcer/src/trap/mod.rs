@@ -294,15 +294,7 @@ fn describe(payload: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn settings(separation: bool, per_range: u16, first: u16) -> QueueSettings {
-        QueueSettings {
-            separation,
-            queues_per_range: per_range,
-            first_queue: first,
-            ..QueueSettings::default()
-        }
-    }
+    use crate::policy::test_support::queue_settings as settings;
 
     #[test]
     fn counters_are_kept_per_queue() {

@@ -142,28 +142,7 @@ fn acl_rules(acl: &Acl, policy: u32) -> Vec<AclRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{PolicyId, PortRange};
-
-    fn acl(
-        nets: &[&str],
-        protos: &[Protocol],
-        ports: &[(u16, u16)],
-        action: Action,
-        id: &str,
-    ) -> Acl {
-        Acl {
-            networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
-            protocols: protos.to_vec(),
-            ports: ports
-                .iter()
-                .map(|&(a, b)| PortRange::new(a, b).unwrap())
-                .collect(),
-            action,
-            log: false,
-            observe: ObserveMode::None,
-            policy_id: PolicyId::new(id).unwrap(),
-        }
-    }
+    use crate::policy::test_support::acl;
 
     #[test]
     fn ipv4_is_mapped_and_prefix_lengths_count_scope_and_mapping() {

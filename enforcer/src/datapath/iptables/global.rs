@@ -115,10 +115,7 @@ fn connection_accepts(ctx: &Ctx, chain: &str) -> [String; 2] {
             "-A {chain} {} -j ACCEPT",
             ctx.connmark_is(Kind::ExternalAccepted)
         ),
-        format!(
-            "-A {chain} {} -j ACCEPT",
-            ctx.connmark_is(Kind::Authorised)
-        ),
+        format!("-A {chain} {} -j ACCEPT", ctx.connmark_is(Kind::Authorised)),
     ]
 }
 

@@ -428,22 +428,8 @@ mod tests {
     use crate::datapath::iptables::rules::{Table, section};
     use crate::datapath::iptables::sets;
     use crate::naming::NameRegistry;
+    use crate::policy::test_support::acl;
     use crate::policy::{Mode, PolicyId, PuId, QueueSettings};
-
-    fn acl(nets: &[&str], protocols: &[Protocol], ports: &[(u16, u16)], action: Action) -> Acl {
-        Acl {
-            networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
-            protocols: protocols.to_vec(),
-            ports: ports
-                .iter()
-                .map(|&(a, b)| PortRange::new(a, b).unwrap())
-                .collect(),
-            action,
-            log: false,
-            observe: ObserveMode::None,
-            policy_id: PolicyId::new("p").unwrap(),
-        }
-    }
 
     fn with(acl: Acl, policy: &str, log: bool, observe: ObserveMode) -> Acl {
         Acl {
@@ -485,6 +471,7 @@ mod tests {
                     &[Tcp],
                     &[(443, 443), (9000, 9100)],
                     Action::Accept,
+                    "p",
                 ),
                 "web-to-api",
                 true,
@@ -492,21 +479,27 @@ mod tests {
             ),
             // 1: protocol any, only observed: after the trap, logs only.
             with(
-                acl(&["192.168.100.0/24"], &[Any], &[], Action::Reject),
+                acl(&["192.168.100.0/24"], &[Any], &[], Action::Reject, "p"),
                 "legacy-trial",
                 false,
                 ObserveMode::Continue,
             ),
             // 2: UDP accept: a reverse rule on the net side.
             with(
-                acl(&["10.0.0.53/32"], &[Udp], &[(53, 53)], Action::Accept),
+                acl(&["10.0.0.53/32"], &[Udp], &[(53, 53)], Action::Accept, "p"),
                 "dns",
                 false,
                 ObserveMode::None,
             ),
             // 3: a reject inside ACL 0's networks: evaluated first.
             with(
-                acl(&["10.30.5.0/24"], &[Tcp], &[(443, 443)], Action::Reject),
+                acl(
+                    &["10.30.5.0/24"],
+                    &[Tcp],
+                    &[(443, 443)],
+                    Action::Reject,
+                    "p",
+                ),
                 "no-api-5",
                 false,
                 ObserveMode::None,
@@ -518,6 +511,7 @@ mod tests {
                     &[Icmp],
                     &[],
                     Action::Accept,
+                    "p",
                 ),
                 "ping",
                 false,
@@ -532,6 +526,7 @@ mod tests {
                     &[Tcp],
                     &[(80, 80), (443, 443)],
                     Action::Accept,
+                    "p",
                 ),
                 "public",
                 false,
@@ -539,7 +534,7 @@ mod tests {
             ),
             // 1: any protocol from guests, logged and applied.
             with(
-                acl(&["10.66.0.0/16"], &[Any], &[], Action::Reject),
+                acl(&["10.66.0.0/16"], &[Any], &[], Action::Reject, "p"),
                 "no-guests",
                 true,
                 ObserveMode::Apply,
