@@ -32,6 +32,7 @@ use aya::{
         TcAttachType,
     },
 };
+use enforcer::trap::packet::L4;
 use enforcer_common::facts;
 use enforcer_tests::{
     cgroup::Cgroup,
@@ -43,21 +44,30 @@ use enforcer_tests::{
 
 const PORT: u16 = 7000;
 
+/// Runs each listed test body once per address family.
+macro_rules! on_both_families {
+    ($($name:ident),+ $(,)?) => {
+        mod v4 {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Family::V4) })+
+        }
+        mod v6 {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Family::V6) })+
+        }
+    };
+}
+
+on_both_families!(
+    connect_hook_marks_the_syn,
+    tc_ingress_mark_by_longest_prefix,
+    nfqueue_round_trip,
+    cgroup_skb_egress_drops_only_its_cgroup,
+);
+
 fn load_facts() -> Result<Ebpf> {
     Ebpf::load(enforcer::bpf::kernel_facts_object()?).context("loading the kernel-facts object")
 }
 
 // ---------------------------------------------------------------- (a)
-
-#[test]
-fn connect4_hook_marks_the_syn() -> Result<()> {
-    connect_hook_marks_the_syn(Family::V4)
-}
-
-#[test]
-fn connect6_hook_marks_the_syn() -> Result<()> {
-    connect_hook_marks_the_syn(Family::V6)
-}
 
 fn connect_hook_marks_the_syn(family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
@@ -151,16 +161,6 @@ fn lpm_case(family: Family) -> LpmCase {
             uncovered: ip("2001:db8::5"),
         },
     }
-}
-
-#[test]
-fn tc_ingress_mark_by_longest_prefix_v4() -> Result<()> {
-    tc_ingress_mark_by_longest_prefix(Family::V4)
-}
-
-#[test]
-fn tc_ingress_mark_by_longest_prefix_v6() -> Result<()> {
-    tc_ingress_mark_by_longest_prefix(Family::V6)
 }
 
 /// TC ingress on the receiver looks the source up in the LPM trie and sets
@@ -314,16 +314,6 @@ fn v6_octets(ip: IpAddr) -> [u8; 16] {
 
 // ---------------------------------------------------------------- (c)
 
-#[test]
-fn nfqueue_round_trip_v4() -> Result<()> {
-    nfqueue_round_trip(Family::V4)
-}
-
-#[test]
-fn nfqueue_round_trip_v6() -> Result<()> {
-    nfqueue_round_trip(Family::V6)
-}
-
 /// The trap's kernel half: the first packet of a connection is queued to a
 /// Rust consumer, which accepts it with a packet mark and NF_REPEAT; the
 /// repeated packet's mark is saved into the connection, and the connmark
@@ -429,33 +419,16 @@ fn nfqueue_round_trip(family: Family) -> Result<()> {
     Ok(())
 }
 
-/// Is this IPv4/IPv6 packet a TCP SYN (without ACK)?
+/// Is this IPv4/IPv6 packet a TCP SYN (without ACK)? Read with the
+/// agent's own defensive parser.
 fn is_tcp_syn(packet: &[u8]) -> bool {
-    let (proto, l4) = match packet.first().map(|b| b >> 4) {
-        Some(4) => {
-            let ihl = usize::from(packet[0] & 0x0f) * 4;
-            (packet.get(9).copied(), ihl)
-        }
-        Some(6) => (packet.get(6).copied(), 40),
-        _ => return false,
-    };
-    proto == Some(libc::IPPROTO_TCP as u8)
-        && packet
-            .get(l4 + 13)
-            .is_some_and(|flags| flags & 0x12 == 0x02)
+    matches!(
+        enforcer::trap::packet::parse(packet).map(|h| h.l4),
+        Ok(L4::Tcp { flags, .. }) if flags.is_syn_only()
+    )
 }
 
 // ---------------------------------------------------------------- (e)
-
-#[test]
-fn cgroup_skb_egress_drops_only_its_cgroup_v4() -> Result<()> {
-    cgroup_skb_egress_drops_only_its_cgroup(Family::V4)
-}
-
-#[test]
-fn cgroup_skb_egress_drops_only_its_cgroup_v6() -> Result<()> {
-    cgroup_skb_egress_drops_only_its_cgroup(Family::V6)
-}
 
 fn cgroup_skb_egress_drops_only_its_cgroup(family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {

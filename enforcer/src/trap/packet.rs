@@ -56,6 +56,13 @@ impl TcpFlags {
     ];
 }
 
+impl TcpFlags {
+    /// A connection's first packet: SYN without ACK.
+    pub fn is_syn_only(self) -> bool {
+        self.0 & 0x12 == 0x02
+    }
+}
+
 impl fmt::Display for TcpFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut names = Self::NAMES
