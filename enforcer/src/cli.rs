@@ -1,12 +1,14 @@
-//! The `enforcer` command line: `run`, `status` and `cleanup`.
+//! The `enforcer` command line: `run`, `status`, `cleanup` and `demo`.
 //!
 //! `main.rs` (and the test crate's `agent` binary) call [`main`] and nothing
 //! else. Exit codes: 0 success, 1 failure, 2 a bad command line or a config
 //! refused before anything changed.
 
 use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
@@ -15,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::agent::{self, ConfigError, InstanceName, RunOptions, host};
 use crate::control::{self, Request, Response, StatusReport};
+use crate::demo::{self, DemoOptions};
 use crate::policy::{DatapathChoice, Keyword as _};
 use crate::trap::KernelQueueStats;
 
@@ -34,6 +37,17 @@ enum Command {
     Status(StatusArgs),
     /// Remove everything any datapath of an instance left (after a crash).
     Cleanup(CleanupArgs),
+    /// Run the agent on a throwaway world, with demo traffic and counters.
+    ///
+    /// Builds new network namespaces and a cgroup, starts the agent on them
+    /// with a demo policy, sends traffic of every kind and shows a live
+    /// table of the counters; on Ctrl-C or after --duration, checks them
+    /// and removes it all. Never touches the host's own network.
+    Demo(DemoArgs),
+    /// One TCP exchange with ADDR; the exit code is the outcome (the demo's
+    /// client, a process of its own so that it can join the PU's cgroup).
+    #[command(hide = true)]
+    DemoClient(DemoClientArgs),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +88,21 @@ struct CleanupArgs {
 }
 
 #[derive(Debug, Args)]
+struct DemoArgs {
+    /// Stop after SECS seconds of traffic [default: run until Ctrl-C].
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+    /// The datapath the agent runs.
+    #[arg(long, value_parser = datapath_choice(), default_value = "auto")]
+    datapath: DatapathChoice,
+}
+
+#[derive(Debug, Args)]
+struct DemoClientArgs {
+    to: SocketAddr,
+}
+
+#[derive(Debug, Args)]
 struct InstanceArg {
     /// The agent instance: names its pin directory (<bpffs>/<INSTANCE>)
     /// and its control socket.
@@ -103,7 +132,7 @@ pub fn main() -> ExitCode {
     let netns = match &cli.command {
         Command::Run(args) => args.netns.netns.as_deref(),
         Command::Cleanup(args) => args.netns.netns.as_deref(),
-        Command::Status(_) => None,
+        Command::Status(_) | Command::Demo(_) | Command::DemoClient(_) => None,
     };
     if let Some(name) = netns
         && let Err(e) = host::enter_netns(name)
@@ -121,6 +150,11 @@ pub fn main() -> ExitCode {
         }),
         Command::Status(args) => status(&args),
         Command::Cleanup(args) => agent::cleanup(&args.instance.instance),
+        Command::Demo(args) => demo::run(&DemoOptions {
+            duration: args.duration.map(Duration::from_secs),
+            datapath: args.datapath,
+        }),
+        Command::DemoClient(args) => return demo::client(args.to),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -350,6 +384,37 @@ mod tests {
         };
         assert_eq!(args.instance.instance.as_str(), "t2");
         assert_eq!(args.netns.netns.as_deref(), Some("ns2"));
+    }
+
+    #[test]
+    fn demo_takes_a_duration_and_a_datapath() {
+        let cli = parse(&["demo"]).unwrap();
+        let Command::Demo(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((args.duration, args.datapath), (None, DatapathChoice::Auto));
+        let cli = parse(&["demo", "--duration", "20", "--datapath", "iptables"]).unwrap();
+        let Command::Demo(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (args.duration, args.datapath),
+            (Some(20), DatapathChoice::Iptables)
+        );
+        assert!(parse(&["demo", "--datapath", "nft"]).is_err());
+        assert!(parse(&["demo", "--duration", "-1"]).is_err());
+
+        // The demo's client is there, but not in the help.
+        let cli = parse(&["demo-client", "10.1.0.2:7000"]).unwrap();
+        let Command::DemoClient(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.to, "10.1.0.2:7000".parse().unwrap());
+        let help = parse(&["--help"]).unwrap_err().to_string();
+        assert!(
+            help.contains("demo ") && !help.contains("demo-client"),
+            "{help}"
+        );
     }
 
     #[test]

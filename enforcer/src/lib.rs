@@ -1,12 +1,15 @@
 //! The enforcer agent as a library: the policy model, kernel object
-//! naming, and (later) the datapaths and the trap. `main.rs` is a thin CLI
-//! over it.
+//! naming, the datapaths, the trap, the agent's wiring and its command
+//! line, the demo, and the sandbox (throwaway namespaces and cgroups) the
+//! demo and the kernel tests share. `main.rs` is a thin CLI over it.
 
 pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod control;
 pub mod datapath;
+pub mod demo;
 pub mod naming;
 pub mod policy;
+pub mod sandbox;
 pub mod trap;

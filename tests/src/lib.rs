@@ -7,9 +7,10 @@
 //!
 //! - [`privilege`]: what a privileged test needs, and the loud failure (or
 //!   the explicit, opt-in skip) when it is missing.
-//! - [`netns`]: namespaces, veth pairs, running code or commands inside.
-//! - [`cgroup`]: cgroup v2 directories and processes placed in them.
-//! - [`traffic`]: TCP/UDP servers and clients, raw IP packets.
+//! - [`netns`], [`cgroup`], [`traffic`]: namespaces and veth pairs,
+//!   cgroups, TCP servers and clients — the library's
+//!   [`enforcer::sandbox`], which the demo uses too — plus the test-only
+//!   UDP, raw-packet and `nettool` helpers.
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 
@@ -22,16 +23,11 @@ pub mod privilege;
 pub mod seccomp;
 pub mod traffic;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 /// Prefix of every kernel object the harness creates (namespaces, cgroups,
 /// pins), so that [`leftovers`] can find whatever a run left behind.
-pub const NAME_PREFIX: &str = "enft";
+pub const NAME_PREFIX: &str = enforcer::sandbox::TEST_PREFIX;
 
-/// A name unique to this process and call: `enft<pid>x<n>`, short enough
-/// for an interface name (15 bytes) once a one-letter suffix is added.
+/// A name unique to this process and call: `enft<pid>x<n>`.
 pub fn unique_name() -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{NAME_PREFIX}{}x{n}", std::process::id() % 1_000_000)
+    enforcer::sandbox::unique_name(NAME_PREFIX)
 }

@@ -8,19 +8,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::netns::{Netns, output_ok};
 
-/// IPv4 or IPv6 netfilter tools.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
+/// IPv4 or IPv6: the crate's one family type.
+pub use enforcer::policy::IpFamily as Family;
 
-impl Family {
-    fn tool(self, suffix: &str) -> String {
-        match self {
-            Family::V4 => format!("iptables{suffix}"),
-            Family::V6 => format!("ip6tables{suffix}"),
-        }
+/// The family's netfilter tool: `iptables<suffix>` or `ip6tables<suffix>`.
+fn tool(family: Family, suffix: &str) -> String {
+    match family {
+        Family::V4 => format!("iptables{suffix}"),
+        Family::V6 => format!("ip6tables{suffix}"),
     }
 }
 
@@ -28,7 +23,7 @@ impl Family {
 /// `rules` is restore-file text (`*mangle`, `-A …`, `COMMIT`).
 pub fn restore(ns: &Netns, family: Family, rules: &str) -> Result<()> {
     let mut child = ns
-        .command(&family.tool("-restore"))?
+        .command(tool(family, "-restore"))?
         .arg("--noflush")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -52,7 +47,7 @@ pub fn restore(ns: &Netns, family: Family, rules: &str) -> Result<()> {
 
 /// `iptables-save -c` of one table inside the namespace.
 pub fn save(ns: &Netns, family: Family, table: &str) -> Result<String> {
-    let out = output_ok(ns.command(&family.tool("-save"))?.args(["-c", "-t", table]))?;
+    let out = output_ok(ns.command(tool(family, "-save"))?.args(["-c", "-t", table]))?;
     Ok(String::from_utf8(out.stdout)?)
 }
 

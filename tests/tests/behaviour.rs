@@ -410,7 +410,10 @@ fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
             datapath,
             &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
         )?;
-        assert!(w.pu_connects(OTHER)?.is_blocked(), "enforcing before {signal}");
+        assert!(
+            w.pu_connects(OTHER)?.is_blocked(),
+            "enforcing before {signal}"
+        );
         let status = agent.stop_with(signal)?;
         assert!(
             status.success(),

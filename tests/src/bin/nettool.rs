@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     if let traffic::Outcome::Failed(why) = &outcome {
         eprintln!("{why}");
     }
-    ExitCode::from(outcome.exit_code() as u8)
+    ExitCode::from(outcome.exit_code())
 }
 
 fn report_leftovers() -> ExitCode {
