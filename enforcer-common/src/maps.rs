@@ -5,8 +5,11 @@
 //! IPv4 and IPv6 share every map: an IPv4 address is stored as its
 //! IPv4-mapped IPv6 form (`::ffff:a.b.c.d`), so one LPM trie and one code
 //! path serve both families. Each trie key starts with a 32-bit *scope*
-//! (which global set, or which PU and policy generation), always matched
-//! in full, followed by the address.
+//! (which global set, or which PU and policy generation, and which
+//! family), always matched in full, followed by the address. The family
+//! bit keeps an IPv6 prefix that happens to cover `::ffff:0:0/96` (such as
+//! `::/1`, half of "all of IPv6") from matching IPv4 traffic, as an
+//! ip6tables set never sees IPv4 packets.
 
 /// Global sets in [`NETS`](MAP_NETS), by scope.
 pub const SCOPE_TARGET_TCP: u32 = 1;
@@ -23,9 +26,15 @@ pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
 /// Program names.
 pub const PROG_CONNECT4: &str = "enforcer_connect4";
 pub const PROG_CONNECT6: &str = "enforcer_connect6";
+pub const PROG_SENDMSG4: &str = "enforcer_sendmsg4";
+pub const PROG_SENDMSG6: &str = "enforcer_sendmsg6";
+/// Every cgroup/sock_addr program, attached to each PU's cgroup.
+pub const PU_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
-/// Global the loader sets before loading: the mark layout's shift.
+/// Globals the loader sets before loading: the mark layout's shift, and
+/// the cookie of the agent's network namespace.
 pub const GLOBAL_MARK_SHIFT: &str = "MARK_SHIFT";
+pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 
 /// Capacities. A full map is an error in user space, never a silent drop.
 pub const MAX_NETS: u32 = 65_536;
@@ -64,6 +73,27 @@ impl NetKey {
 /// The ACL scope of a PU slot under one policy generation (0 or 1).
 pub const fn acl_scope(slot: u32, generation: u32) -> u32 {
     (slot << 1) | (generation & 1)
+}
+
+/// Marks a scope as IPv4's.
+const SCOPE_V4: u32 = 1 << 31;
+
+/// A scope for one family: IPv4 entries and lookups carry [`SCOPE_V4`].
+pub const fn family_scope(scope: u32, v4: bool) -> u32 {
+    if v4 { scope | SCOPE_V4 } else { scope }
+}
+
+/// Is this address an IPv4 address in its mapped form (`::ffff:a.b.c.d`)?
+/// Such a destination on an IPv6 socket is IPv4 traffic.
+pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[10] == 0xff && addr[11] == 0xff
 }
 
 /// IANA protocol numbers an ACL rule matches; 0 is "any".

@@ -1,6 +1,6 @@
-//! `cgroup/connect4` and `cgroup/connect6`, attached to each PU's cgroup:
-//! the application side of a PU's policy, decided before the first packet
-//! leaves (SPEC, "Order of evaluation inside a PU", outgoing):
+//! `cgroup/connect4|6` and `cgroup/sendmsg4|6` (unconnected UDP),
+//! attached to each PU's cgroup: the application side of a PU's policy,
+//! decided before the first packet leaves (SPEC, "Order of evaluation inside a PU", outgoing):
 //!
 //! 1. a destination in the excluded networks is never touched;
 //! 2. if the destination is not a target TCP network, the specific-protocol
@@ -24,11 +24,11 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP},
-    marks::Class,
+    marks::{Class, MarkLayout},
 };
 
 use crate::policy::{
-    AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_set, mark_layout,
+    AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set, mark_layout,
 };
 
 const PROCEED: i32 = 1;
@@ -36,20 +36,52 @@ const REFUSE: i32 = 0;
 const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
 
+/// What the deciding hook can do with a verdict. A connect stamps the
+/// socket, and so every later packet of the connection. A datagram's mark
+/// is read before the sendmsg hook runs, so a class written there would
+/// only reach later datagrams: sendmsg hooks refuse or let through, and
+/// never trap (unconnected UDP to a target network is not trapped in eBPF
+/// yet; connected UDP is).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Connect,
+    SendMsg,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel hands a valid context; user_ip4 is in network
-    // order, so its in-memory bytes are the address octets.
-    let (ip4, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
-    let o = ip4.to_ne_bytes();
-    let addr = [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-    ];
-    decide(ctx.sock_addr, addr, port)
+    decide(ctx.sock_addr, addr4(&ctx), Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
+    decide(ctx.sock_addr, addr6(&ctx), Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+}
+
+/// The IPv4 destination, IPv4-mapped.
+#[inline(always)]
+fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
+    // SAFETY: the kernel hands a valid context; user_ip4 is in network
+    // order, so its in-memory bytes are the address octets.
+    let o = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+    ]
+}
+
+/// The IPv6 destination.
+#[inline(always)]
+fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -62,21 +94,27 @@ pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
         addr[i * 4 + 3] = word[3];
         i += 1;
     }
-    // SAFETY: valid context.
-    let port = unsafe { (*ctx.sock_addr).user_port };
-    decide(ctx.sock_addr, addr, port)
+    addr
 }
 
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
-    if in_set(SCOPE_EXCLUDED, addr) {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+    if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
     let Some(slot) = current_pu() else {
         return PROCEED;
     };
+    if in_set(SCOPE_EXCLUDED, addr) {
+        // A socket reconnected from a target to an excluded peer must not
+        // keep its old class: excluded traffic is never touched.
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        return PROCEED;
+    }
     // SAFETY: valid context. The port is in network order in the low 16 bits.
-    let proto = unsafe { (*sa).protocol } as u8;
+    let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
     let port = u16::from_be(user_port as u16);
     let entry = acl_entry(slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
@@ -84,7 +122,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
     if !target_tcp {
         if let Some(entry) = entry {
             if let Some(verdict) = evaluate(entry, 0, entry.specific, proto, port) {
-                return apply(sa, slot, verdict);
+                return apply(sa, slot, verdict, hook);
             }
         }
     }
@@ -95,13 +133,15 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
         } else {
             Class::TrapUdp
         };
-        set_class(sa, class);
-        count(slot, Count::Trapped);
+        if hook == Hook::Connect {
+            set_class(sa, class);
+            count(slot, Count::Trapped);
+        }
         return PROCEED;
     }
     if let Some(entry) = entry {
         if let Some(verdict) = evaluate(entry, entry.specific, entry.any, proto, port) {
-            return apply(sa, slot, verdict);
+            return apply(sa, slot, verdict, hook);
         }
     }
     count(slot, Count::Dropped);
@@ -109,10 +149,12 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], user_port: u32) -> i32 {
 }
 
 #[inline(always)]
-fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict) -> i32 {
+fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict, hook: Hook) -> i32 {
     match verdict {
         AclVerdict::Accept => {
-            set_class(sa, Class::AclAccept);
+            if hook == Hook::Connect {
+                set_class(sa, Class::AclAccept);
+            }
             count(slot, Count::Accepted);
             PROCEED
         }
@@ -126,6 +168,17 @@ fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict) -> i32 {
 /// Writes the class into the socket mark, keeping every other bit.
 #[inline(always)]
 fn set_class(sa: *mut bpf_sock_addr, class: Class) {
+    rewrite_mark(sa, |layout, mark| layout.with_class(mark, class));
+}
+
+/// Clears the class from the socket mark, keeping every other bit.
+#[inline(always)]
+fn clear_class(sa: *mut bpf_sock_addr) {
+    rewrite_mark(sa, |layout, mark| mark & !layout.class_mask());
+}
+
+#[inline(always)]
+fn rewrite_mark(sa: *mut bpf_sock_addr, rewrite: impl Fn(MarkLayout, u32) -> u32) {
     let layout = mark_layout();
     let mut mark: u32 = 0;
     // SAFETY: `sa` is the program's context; the option buffers are live
@@ -138,7 +191,7 @@ fn set_class(sa: *mut bpf_sock_addr, class: Class) {
             (&raw mut mark).cast::<c_void>(),
             size_of::<u32>() as i32,
         );
-        mark = layout.with_class(mark, class);
+        mark = rewrite(layout, mark);
         bpf_setsockopt(
             sa.cast::<c_void>(),
             SOL_SOCKET,

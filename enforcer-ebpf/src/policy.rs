@@ -2,13 +2,15 @@
 //! address is in a global set, what a PU's ACLs say, the mark layout.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+    },
     maps::lpm_trie::Key,
 };
 use enforcer_common::{
     maps::{
         ACTION_ACCEPT, AclEntry, AclRule, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
-        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, SCOPE_BITS, acl_scope,
+        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, SCOPE_BITS, acl_scope, family_scope, is_v4_mapped,
     },
     marks::MarkLayout,
 };
@@ -18,6 +20,20 @@ use crate::maps::{ACLS, NETS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION};
 /// The mark layout's shift; the loader sets it before loading.
 #[unsafe(no_mangle)]
 static MARK_SHIFT: u32 = enforcer_common::marks::DEFAULT_SHIFT;
+
+/// The cookie of the agent's network namespace; the loader sets it.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: u64 = 0;
+
+/// Cgroup hooks act on every process of the cgroup, whatever its network
+/// namespace; the agent enforces in its own only (as its netfilter rules
+/// do), so sockets of other namespaces are left alone.
+#[inline(always)]
+pub fn in_agent_netns(ctx: *mut core::ffi::c_void) -> bool {
+    // SAFETY: `ctx` is the program's context; volatile for the patched
+    // global as above.
+    unsafe { bpf_get_netns_cookie(ctx) == core::ptr::read_volatile(&NETNS_COOKIE) }
+}
 
 #[inline(always)]
 pub fn mark_layout() -> MarkLayout {
@@ -53,11 +69,18 @@ pub fn current_pu() -> Option<u32> {
     None
 }
 
+/// The full-length trie key of `addr` (IPv4-mapped for IPv4) in `scope`,
+/// with the scope's family bit taken from the address.
+#[inline(always)]
+fn lookup_key(scope: u32, addr: [u8; 16]) -> Key<NetKey> {
+    let scope = family_scope(scope, is_v4_mapped(&addr));
+    Key::new(SCOPE_BITS + 128, NetKey::new(scope, addr))
+}
+
 /// Is `addr` (IPv4-mapped for IPv4) in the global set `scope`?
 #[inline(always)]
 pub fn in_set(scope: u32, addr: [u8; 16]) -> bool {
-    NETS.get(Key::new(SCOPE_BITS + 128, NetKey::new(scope, addr)))
-        .is_some()
+    NETS.get(lookup_key(scope, addr)).is_some()
 }
 
 /// The ACL entry of the longest prefix covering `addr` in the PU's
@@ -65,10 +88,7 @@ pub fn in_set(scope: u32, addr: [u8; 16]) -> bool {
 #[inline(always)]
 pub fn acl_entry(slot: u32, addr: [u8; 16]) -> Option<&'static AclEntry> {
     let generation = PU_GENERATION.get(slot).copied().unwrap_or(0);
-    ACLS.get(Key::new(
-        SCOPE_BITS + 128,
-        NetKey::new(acl_scope(slot, generation), addr),
-    ))
+    ACLS.get(lookup_key(acl_scope(slot, generation), addr))
 }
 
 /// What the ACLs decided.

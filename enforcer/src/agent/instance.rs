@@ -30,9 +30,12 @@ impl InstanceName {
         Path::new(Self::CONTROL_DIR).join(format!("{}.sock", self.0))
     }
 
-    /// `<bpffs>/<name>`: every pin of this instance, and nothing else.
+    /// `<bpffs>/enforcer/<name>`: every pin of this instance, and nothing
+    /// else. Under a directory of the project's own, so that no instance
+    /// name can make `run` or `cleanup` remove another program's pins
+    /// (iproute2 keeps its own under `<bpffs>/tc`, for one).
     pub fn pin_dir(&self, bpffs: &Path) -> PathBuf {
-        bpffs.join(&self.0)
+        bpffs.join("enforcer").join(&self.0)
     }
 }
 
@@ -92,7 +95,7 @@ mod tests {
         );
         assert_eq!(
             name.pin_dir(Path::new("/sys/fs/bpf")),
-            PathBuf::from("/sys/fs/bpf/t1")
+            PathBuf::from("/sys/fs/bpf/enforcer/t1")
         );
         assert_eq!(InstanceName::default().as_str(), "enforcer");
     }

@@ -59,6 +59,8 @@ pub fn choose(choice: DatapathChoice) -> anyhow::Result<Choice> {
 /// Probes every feature; the error names the first one missing.
 fn probe() -> anyhow::Result<String> {
     let cgroup2 = cgroup2_mount().context("a cgroup v2 mount")?;
+    // Pins keep the programs attached through a restart.
+    let bpffs = bpffs_mount().context("a bpf filesystem for pins")?;
     let map =
         |ty: MapType, what: &str| -> anyhow::Result<()> {
             match is_map_supported(ty) {
@@ -79,17 +81,15 @@ fn probe() -> anyhow::Result<String> {
     load_without_attaching().context("a verifier that accepts the datapath's programs")?;
     Ok(format!(
         "the bpf() syscall, LPM trie, hash and per-CPU maps, cgroup/connect programs \
-         that pass the verifier, and cgroup v2 at {}",
-        cgroup2.display()
+         that pass the verifier, cgroup v2 at {} and bpffs at {}",
+        cgroup2.display(),
+        bpffs.display()
     ))
 }
 
 fn load_without_attaching() -> anyhow::Result<()> {
     let mut bpf = aya::Ebpf::load(crate::bpf::datapath_object()?)?;
-    for name in [
-        enforcer_common::maps::PROG_CONNECT4,
-        enforcer_common::maps::PROG_CONNECT6,
-    ] {
+    for name in enforcer_common::maps::PU_PROGRAMS {
         let prog: &mut aya::programs::CgroupSockAddr = bpf
             .program_mut(name)
             .with_context(|| format!("program {name}"))?

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use enforcer_common::maps::{
     ACTION_ACCEPT, ACTION_REJECT, AclEntry, AclRule, MAX_ACL_RULES, NetKey, OBSERVE_APPLY,
     OBSERVE_CONTINUE, OBSERVE_NONE, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    RULE_LOG, SCOPE_BITS, V4_MAPPED_BITS,
+    RULE_LOG, SCOPE_BITS, V4_MAPPED_BITS, family_scope,
 };
 use ipnet::IpNet;
 
@@ -30,13 +30,17 @@ pub fn mapped(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-/// The LPM key (prefix length in bits, data) of a network in `scope`.
+/// The LPM key (prefix length in bits, data) of a network in `scope`,
+/// with the scope's family bit set for IPv4.
 pub fn net_key(scope: u32, net: IpNet) -> (u32, NetKey) {
-    let bits = match net {
-        IpNet::V4(n) => V4_MAPPED_BITS + u32::from(n.prefix_len()),
-        IpNet::V6(n) => u32::from(n.prefix_len()),
+    let (bits, v4) = match net {
+        IpNet::V4(n) => (V4_MAPPED_BITS + u32::from(n.prefix_len()), true),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), false),
     };
-    (SCOPE_BITS + bits, NetKey::new(scope, mapped(net.network())))
+    (
+        SCOPE_BITS + bits,
+        NetKey::new(family_scope(scope, v4), mapped(net.network())),
+    )
 }
 
 /// The ACL entries of one side (application or network) of a PU: one per
@@ -148,11 +152,16 @@ mod tests {
     fn ipv4_is_mapped_and_prefix_lengths_count_scope_and_mapping() {
         let (bits, key) = net_key(7, "10.1.0.0/16".parse().unwrap());
         assert_eq!(bits, 32 + 96 + 16);
-        assert_eq!(key.scope, [0, 0, 0, 7]);
+        assert_eq!(key.scope, [0x80, 0, 0, 7], "IPv4 carries the family bit");
         assert_eq!(&key.addr[10..], &[0xff, 0xff, 10, 1, 0, 0]);
         let (bits6, key6) = net_key(7, "fd00::/8".parse().unwrap());
         assert_eq!(bits6, 32 + 8);
+        assert_eq!(key6.scope, [0, 0, 0, 7]);
         assert_eq!(key6.addr[0], 0xfd);
+        // Half of "all of IPv6" covers ::ffff:0:0/96 by address, but never
+        // an IPv4 key: the scopes differ.
+        let (_, half) = net_key(7, "::/1".parse().unwrap());
+        assert_ne!(half.scope, key.scope);
     }
 
     /// A reject on a /8 and an accept on a /16 inside it: the /16 entry

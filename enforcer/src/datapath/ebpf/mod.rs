@@ -34,11 +34,14 @@ use aya::{
 };
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS, MAP_PU_GENERATION,
-    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_CONNECT4, PROG_CONNECT6, PuCounts,
-    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, acl_scope,
+    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PU_PROGRAMS, PuCounts, SCOPE_EXCLUDED,
+    SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, acl_scope,
 };
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
+
+/// `BPF_NOEXIST` (uapi/linux/bpf.h): create an entry, never replace one.
+const BPF_NOEXIST: u64 = 1;
 
 use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
@@ -111,11 +114,13 @@ impl EbpfDatapath {
     fn load(&self) -> anyhow::Result<Loaded> {
         let object = crate::bpf::datapath_object()?;
         let shift = self.settings.marks.shift();
+        let cookie = netns_cookie()?;
         let mut bpf = EbpfLoader::new()
             .override_global(enforcer_common::maps::GLOBAL_MARK_SHIFT, &shift, true)
+            .override_global(enforcer_common::maps::GLOBAL_NETNS_COOKIE, &cookie, true)
             .load(object)
             .context("loading the eBPF datapath object")?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in PU_PROGRAMS {
             let prog: &mut CgroupSockAddr = bpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -165,20 +170,45 @@ impl EbpfDatapath {
         entries::acl_entries(&pu.application_acls, |acl| indexes[acl.policy_id.as_str()])
     }
 
-    /// Refuses what this datapath cannot enforce yet, before any change.
+    /// Refuses what this datapath cannot enforce yet, before any change:
+    /// a feature silently ignored would be a hole.
     fn check_supported(&self, pu: &Pu) -> Result<()> {
+        let unsupported = |what: &str| {
+            Err(DatapathError::Unsupported(
+                what.to_string(),
+                DatapathKind::Ebpf,
+            ))
+        };
         if self.settings.mode != Mode::LocalServer {
-            return Err(DatapathError::Unsupported(
-                format!("mode {}", self.settings.mode),
-                DatapathKind::Ebpf,
-            ));
+            return unsupported(&format!("mode {}", self.settings.mode));
         }
-        match &pu.kind {
-            PuKind::LinuxProcess { .. } => Ok(()),
-            other => Err(DatapathError::Unsupported(
-                format!("PU kind {}", other.name()),
-                DatapathKind::Ebpf,
-            )),
+        if !matches!(pu.kind, PuKind::LinuxProcess { .. }) {
+            return unsupported(&format!("PU kind {}", pu.kind.name()));
+        }
+        let not_yet = [
+            (
+                !pu.network_acls.is_empty(),
+                "network_acls (incoming policy)",
+            ),
+            (!pu.tcp_ports.is_empty(), "tcp_ports (incoming policy)"),
+            (!pu.udp_ports.is_empty(), "udp_ports (incoming policy)"),
+            (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
+            (
+                pu.dns_proxy_port.is_some(),
+                "dns_proxy_port (proxy redirection)",
+            ),
+            (
+                !pu.dependent_services.is_empty(),
+                "dependent_services (proxy redirection)",
+            ),
+            (
+                !pu.exposed_services.is_empty(),
+                "exposed_services (proxy redirection)",
+            ),
+        ];
+        match not_yet.iter().find(|(set, _)| *set) {
+            Some((_, field)) => unsupported(&format!("PU {}: {field}", pu.id)),
+            None => Ok(()),
         }
     }
 
@@ -237,7 +267,7 @@ impl EbpfDatapath {
         let dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut pinned = Vec::new();
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in PU_PROGRAMS {
             let prog: &mut CgroupSockAddr = loaded
                 .bpf
                 .program_mut(name)
@@ -289,10 +319,28 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    fn write_set(&mut self, scope: u32, wanted: BTreeSet<IpNet>) -> Result<()> {
-        let current = self.sets.get(&scope).cloned().unwrap_or_default();
-        let added: Vec<IpNet> = wanted.difference(&current).copied().collect();
-        let removed: Vec<IpNet> = current.difference(&wanted).copied().collect();
+    /// Makes the global sets `wanted`, touching only the entries that
+    /// change, all or nothing: every addition (across all sets) first, then
+    /// every removal, so a network moving from one set to another is never
+    /// in neither; on a failure the entries already changed are put back.
+    fn write_sets(&mut self, wanted: BTreeMap<u32, BTreeSet<IpNet>>) -> Result<()> {
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for scope in [SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, SCOPE_EXCLUDED] {
+            let (current, next) = (
+                self.sets.get(&scope).cloned().unwrap_or_default(),
+                wanted.get(&scope).cloned().unwrap_or_default(),
+            );
+            added.extend(
+                next.difference(&current)
+                    .map(|net| entries::net_key(scope, *net)),
+            );
+            removed.extend(
+                current
+                    .difference(&next)
+                    .map(|net| entries::net_key(scope, *net)),
+            );
+        }
         let total: usize = self.sets.values().map(BTreeSet::len).sum();
         if total + added.len() > MAX_NETS as usize + removed.len() {
             return Err(DatapathError::Full {
@@ -300,29 +348,28 @@ impl EbpfDatapath {
                 capacity: MAX_NETS as usize,
             });
         }
-        let loaded = self.loaded()?;
-        // Add first, then remove: a failed add is rolled back and the
-        // previous set stays in force.
-        for (i, net) in added.iter().enumerate() {
-            let (bits, data) = entries::net_key(scope, *net);
-            if let Err(e) = loaded.nets.insert(&Key::new(bits, data), 1, 0) {
-                for net in &added[..i] {
-                    let (bits, data) = entries::net_key(scope, *net);
-                    let _ = loaded.nets.remove(&Key::new(bits, data));
+        let nets = &mut self.loaded()?.nets;
+        let key = |&(bits, data): &(u32, NetKey)| Key::new(bits, data);
+        for (i, k) in added.iter().enumerate() {
+            if let Err(e) = nets.insert(&key(k), 1, 0) {
+                for k in &added[..i] {
+                    let _ = nets.remove(&key(k));
                 }
-                return Err(anyhow!(e)
-                    .context(format!("adding {net} to set {scope}"))
-                    .into());
+                return Err(anyhow!(e).context("adding to the network sets").into());
             }
         }
-        for net in &removed {
-            let (bits, data) = entries::net_key(scope, *net);
-            loaded
-                .nets
-                .remove(&Key::new(bits, data))
-                .with_context(|| format!("removing {net} from set {scope}"))?;
+        for (i, k) in removed.iter().enumerate() {
+            if let Err(e) = nets.remove(&key(k)) {
+                for k in &removed[..i] {
+                    let _ = nets.insert(&key(k), 1, 0);
+                }
+                for k in &added {
+                    let _ = nets.remove(&key(k));
+                }
+                return Err(anyhow!(e).context("removing from the network sets").into());
+            }
         }
-        self.sets.insert(scope, wanted);
+        self.sets = wanted;
         Ok(())
     }
 
@@ -339,6 +386,31 @@ impl EbpfDatapath {
         }
         Ok(sum)
     }
+}
+
+/// The cookie of the calling thread's network namespace (the agent's):
+/// `SO_NETNS_COOKIE` of a socket made for the purpose.
+fn netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("opening a socket to learn the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own into a live u64 of the given size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
 }
 
 /// Unpins links; dropping the last reference detaches the program.
@@ -380,18 +452,7 @@ impl Datapath for EbpfDatapath {
                 wanted.entry(scope).or_default().extend(list);
             }
         }
-        let before = self.sets.clone();
-        for (scope, nets) in wanted {
-            if let Err(e) = self.write_set(scope, nets) {
-                // Put back the sets already switched, so the operation is
-                // all or nothing.
-                for (scope, nets) in before {
-                    let _ = self.write_set(scope, nets);
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
+        self.write_sets(wanted)
     }
 
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
@@ -424,9 +485,13 @@ impl Datapath for EbpfDatapath {
             l.generation
                 .set(slot, generation, 0)
                 .context("setting the PU generation")?;
+            // BPF_NOEXIST: a cgroup already mapped to another PU is an
+            // error, never silently taken over.
             l.pu_by_cgroup
-                .insert(cgroup_id, slot, 0)
-                .context("registering the PU cgroup")?;
+                .insert(cgroup_id, slot, BPF_NOEXIST)
+                .with_context(|| {
+                    format!("registering cgroup id {cgroup_id} (is it another PU's?)")
+                })?;
             Ok(())
         });
         if let Err(e) = published {
@@ -436,7 +501,9 @@ impl Datapath for EbpfDatapath {
         let links = match self.attach(slot, &cgroup) {
             Ok(links) => links,
             Err(e) => {
-                if let Ok(l) = self.loaded() {
+                if let Ok(l) = self.loaded()
+                    && l.pu_by_cgroup.get(&cgroup_id, 0).ok() == Some(slot)
+                {
                     let _ = l.pu_by_cgroup.remove(&cgroup_id);
                 }
                 undo_acls(self);
@@ -503,10 +570,13 @@ impl Datapath for EbpfDatapath {
             return Ok(());
         };
         detach(state.links);
-        if let Ok(l) = self.loaded()
-            && let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id)
-        {
-            debug!("removing PU cgroup entry: {e}");
+        if let Ok(l) = self.loaded() {
+            // Only if the entry is still this PU's own.
+            if l.pu_by_cgroup.get(&state.cgroup_id, 0).ok() == Some(state.slot)
+                && let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id)
+            {
+                debug!("removing PU cgroup entry: {e}");
+            }
         }
         self.remove_acls(acl_scope(state.slot, state.generation), &state.prefixes);
         self.free_slots.push(state.slot);
@@ -533,6 +603,11 @@ impl Datapath for EbpfDatapath {
                     .context(format!("removing {}", self.settings.pin_dir.display()))
                     .into());
             }
+        }
+        // The parent is shared by every instance: removed once it is empty
+        // (the last one out), left alone while another instance has pins.
+        if let Some(parent) = self.settings.pin_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
         nf::cleanup_all().context("removing netfilter rules")?;
         Ok(())

@@ -11,6 +11,8 @@ use crate::policy::QueueSettings;
 
 /// `iptables-restore --noflush` text for one family (the same for both).
 ///
+/// - the jump is inserted first in OUTPUT, so that no earlier ACCEPT there
+///   lets a trapped SYN bypass the queue;
 /// - the consumer's verdict (kind `Authorised` in the packet mark, see
 ///   [`crate::datapath`]) is saved into the connection mark, and every
 ///   packet of an authorised connection is accepted before the trap;
@@ -31,7 +33,7 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
     format!(
         "*mangle\n\
          :{app} - [0:0]\n\
-         -A OUTPUT -j {app}\n\
+         -I OUTPUT 1 -j {app}\n\
          -A {app} -m mark --mark {authorised:#x}/{kind:#x} -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}\n\
          -A {app} -m connmark --mark {authorised:#x}/{kind:#x} -j ACCEPT\n\
          -A {app} -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark {trap_tcp:#x}/{class:#x} -j NFQUEUE {syn}\n\
@@ -51,7 +53,7 @@ mod tests {
             text,
             "*mangle\n\
              :TRI-App - [0:0]\n\
-             -A OUTPUT -j TRI-App\n\
+             -I OUTPUT 1 -j TRI-App\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 0:3 --queue-bypass\n\
