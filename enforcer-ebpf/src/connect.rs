@@ -119,12 +119,11 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let entry = acl_entry(slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
 
-    if !target_tcp {
-        if let Some(entry) = entry {
-            if let Some(verdict) = evaluate(entry, 0, entry.specific, proto, port) {
-                return apply(sa, slot, verdict, hook);
-            }
-        }
+    if !target_tcp
+        && let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, proto, port)
+    {
+        return apply(sa, slot, verdict, hook);
     }
     if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr))
     {
@@ -139,10 +138,10 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         }
         return PROCEED;
     }
-    if let Some(entry) = entry {
-        if let Some(verdict) = evaluate(entry, entry.specific, entry.any, proto, port) {
-            return apply(sa, slot, verdict, hook);
-        }
+    if let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, proto, port)
+    {
+        return apply(sa, slot, verdict, hook);
     }
     count(slot, Count::Dropped);
     REFUSE

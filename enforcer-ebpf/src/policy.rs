@@ -52,17 +52,18 @@ pub fn mark_layout() -> MarkLayout {
 pub fn current_pu() -> Option<u32> {
     // SAFETY: helpers without arguments that can fail; 0 means none.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(slot) = unsafe { PU_BY_CGROUP.get(&own) } {
+    if let Some(slot) = unsafe { PU_BY_CGROUP.get(own) } {
         return Some(*slot);
     }
     let mut level = MAX_CGROUP_DEPTH;
     while level > 0 {
         // SAFETY: returns 0 for levels deeper than the task's cgroup.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id != 0 {
-            if let Some(slot) = unsafe { PU_BY_CGROUP.get(&id) } {
-                return Some(*slot);
-            }
+        // SAFETY: a map lookup with a key on the stack.
+        if id != 0
+            && let Some(slot) = unsafe { PU_BY_CGROUP.get(id) }
+        {
+            return Some(*slot);
         }
         level -= 1;
     }
