@@ -18,11 +18,13 @@
 //! scripts parse `enforcer status --json`, which prints it as is.
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use nix::sys::stat::{Mode, umask};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
@@ -196,8 +198,8 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     /// Binds `path` (after [`claim`]), creating its directory (mode 0700)
-    /// if needed. The socket is made readable by root only: status shows
-    /// the whole policy.
+    /// if needed. The socket is readable and writable by its owner only
+    /// (0600) from the moment it exists: status shows the whole policy.
     pub fn bind(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -206,10 +208,19 @@ impl ControlSocket {
                 .create(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
         }
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("binding the control socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("restricting {}", path.display()))?;
+        // bind(2) creates the file with 0777 & ~umask. A chmod after it
+        // would leave a window in which anyone may connect, and a 0700
+        // directory only helps where the agent chose the directory
+        // (`--control` can name any path, /tmp included). So the file is
+        // born 0600 under a umask of 0o177, set around the bind alone.
+        // The umask is process-wide: a file another thread creates in
+        // that instant gets at most 0600 too, which is stricter, never
+        // looser.
+        let listener = {
+            let _umask = Umask::set(0o177);
+            UnixListener::bind(path)
+        }
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
         Ok(Self {
             path: path.to_owned(),
             listener,
@@ -244,6 +255,35 @@ impl ControlSocket {
                 }
             }
         }
+    }
+}
+
+/// Serialises this module's umask changes: two set-and-restore pairs
+/// overlapping on two threads (tests bind sockets in parallel) could
+/// otherwise leave the process with 0o177 for good.
+static UMASK_LOCK: Mutex<()> = Mutex::new(());
+
+/// The process umask set to a value until dropped, then restored (on
+/// every path, errors included).
+struct Umask {
+    old: Mode,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Umask {
+    fn set(mask: libc::mode_t) -> Self {
+        let lock = UMASK_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        Self {
+            old: umask(Mode::from_bits_truncate(mask)),
+            _lock: lock,
+        }
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        // Before the lock is released (fields drop after this body).
+        umask(self.old);
     }
 }
 
@@ -446,6 +486,29 @@ pub(crate) mod tests {
 
         server.abort();
         remove(&path).unwrap();
+        remove(&path).unwrap();
+    }
+
+    /// The process umask, read under the lock (reading it means setting it).
+    fn current_umask() -> Mode {
+        let guard = Umask::set(0o022);
+        guard.old
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_owner_only_from_birth_and_the_umask_is_restored() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = temp_socket("mode");
+        claim(&path).unwrap();
+        let before = current_umask();
+        let socket = ControlSocket::bind(&path).unwrap();
+        assert_eq!(current_umask(), before);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        // A failed bind (the path is taken) restores it too.
+        assert!(ControlSocket::bind(&path).is_err());
+        assert_eq!(current_umask(), before);
+        drop(socket);
         remove(&path).unwrap();
     }
 

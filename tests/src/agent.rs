@@ -53,6 +53,40 @@ impl Datapath {
     }
 }
 
+/// What became of the agent's SIGHUP reloads so far (`status`'s
+/// `reloads`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloads {
+    pub applied: u64,
+    pub refused: u64,
+    pub failed: u64,
+    /// Why the last refused or failed reload was.
+    pub last_error: Option<String>,
+}
+
+impl Reloads {
+    /// Reads `reloads` of a `status --json` answer.
+    pub fn from_status(status: &serde_json::Value) -> Result<Self> {
+        let reloads = &status["reloads"];
+        let count = |key: &str| {
+            reloads[key]
+                .as_u64()
+                .with_context(|| format!("status reloads.{key} in {status:#}"))
+        };
+        Ok(Self {
+            applied: count("applied")?,
+            refused: count("refused")?,
+            failed: count("failed")?,
+            last_error: reloads["last_error"].as_str().map(str::to_owned),
+        })
+    }
+
+    /// Every reload with an outcome.
+    pub fn total(&self) -> u64 {
+        self.applied + self.refused + self.failed
+    }
+}
+
 /// A running agent.
 pub struct Agent {
     bin: PathBuf,
@@ -175,21 +209,39 @@ impl Agent {
         serde_json::from_slice(&out.stdout).context("parsing status --json")
     }
 
-    /// Replaces the config file and sends SIGHUP; waits until the agent
-    /// logged the outcome of the reload (applied or refused).
+    /// The agent's reload counters, from `status`.
+    pub fn reloads(&self) -> Result<Reloads> {
+        let status = self.status()?;
+        Reloads::from_status(&status)
+    }
+
+    /// Replaces the config file and sends SIGHUP; waits until `status`
+    /// counts one more reload outcome (applied, refused or failed). The
+    /// agent updates the counters once the reload is over, so whatever it
+    /// applied is in force when this returns.
     pub fn reload(&self, config: &str) -> Result<()> {
-        let before = self.log().matches("reload").count();
+        let before = self.reloads()?.total();
         std::fs::write(&self.config, config)?;
         self.signal(Signal::SIGHUP)?;
         let deadline = Instant::now() + START_TIMEOUT;
-        while self.log().matches("reload").count() <= before {
+        loop {
+            // A status that fails (the agent busy or gone) is retried until
+            // the deadline; its error goes into the timeout's message.
+            let last = self.reloads();
+            if let Ok(now) = &last
+                && now.total() > before
+            {
+                return Ok(());
+            }
             if Instant::now() > deadline {
-                bail!("the agent logged nothing about the reload:\n{}", self.log());
+                bail!(
+                    "status did not count the reload within {START_TIMEOUT:?} \
+                     (outcomes before: {before}, last status: {last:?}):\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Let the applying finish: status answers after it.
-        self.status().map(drop)
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {

@@ -11,7 +11,7 @@
 //! - `10.3.0.2`   not a target, no ACL: blocked for the PU;
 //! - `10.9.0.2`   excluded (10.9.0.0/16): never touched.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
@@ -20,7 +20,7 @@ use enforcer_tests::{
     netfilter,
     netns::TwoHosts,
     nettool, privilege,
-    traffic::{Outcome, TcpEchoServer, run_nettool},
+    traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
 };
 use nix::sys::signal::Signal;
 
@@ -52,6 +52,7 @@ on_both_datapaths!(
     target_syn_is_trapped_once_and_the_connection_proceeds,
     acl_decides_for_non_target_peers_and_others_are_untouched,
     target_network_changes_apply_to_new_connections,
+    udp_datagrams_from_a_pu_follow_its_acls,
     sighup_adds_changes_and_removes_pus,
     sighup_with_a_broken_config_changes_nothing,
     sigint_and_sigterm_leave_nothing_behind,
@@ -175,7 +176,8 @@ fn config(target_tcp: &[&str], pus: &str) -> String {
     )
 }
 
-/// A linux-process PU with an accept ACL for TCP/7000 to 10.2.0.0/16.
+/// A linux-process PU with an accept ACL for TCP and UDP port 7000 to
+/// 10.2.0.0/16.
 fn pu(id: &str, cgroup: &str) -> String {
     format!(
         "[[pus]]\n\
@@ -184,7 +186,7 @@ fn pu(id: &str, cgroup: &str) -> String {
          cgroup = \"{cgroup}\"\n\
          [[pus.application_acls]]\n\
          networks = [\"10.2.0.0/16\"]\n\
-         protocols = [\"tcp\"]\n\
+         protocols = [\"tcp\", \"udp\"]\n\
          ports = [{PORT}]\n\
          action = \"accept\"\n\
          policy_id = \"to-acl-peer\"\n"
@@ -285,6 +287,49 @@ fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result
     Ok(())
 }
 
+/// Unconnected UDP (`sendto`) from a PU: to a non-target peer its ACLs
+/// decide, and a datagram without an accepting ACL never arrives.
+fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env)?;
+    let acl_peer = UdpReceiver::start(&w.hosts.b, addr(ACL_PEER))?;
+    let other = UdpReceiver::start(&w.hosts.b, addr(OTHER))?;
+    let _agent = w.start(
+        datapath,
+        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
+    )?;
+    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
+        let mut cmd = if in_pu {
+            w.cgroup.command_in(&w.hosts.a, nettool!())?
+        } else {
+            w.hosts.a.command(nettool!())?
+        };
+        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
+        run_nettool(cmd)
+    };
+    let wait = Duration::from_secs(2);
+    send(&acl_peer, "pu-to-acl-peer", true)?;
+    assert!(
+        acl_peer.wait_for(b"pu-to-acl-peer", wait).is_some(),
+        "accept ACL"
+    );
+    send(&other, "pu-to-other", true)?;
+    send(&other, "outsider-to-other", false)?;
+    assert!(
+        other.wait_for(b"outsider-to-other", wait).is_some(),
+        "outside every PU: untouched"
+    );
+    assert!(
+        other
+            .wait_for(b"pu-to-other", Duration::from_millis(300))
+            .is_none(),
+        "no ACL: the PU's datagram must not arrive"
+    );
+    Ok(())
+}
+
 fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
@@ -344,12 +389,28 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()>
     let w = World::new(&env)?;
     let good = config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel()));
     let agent = w.start(datapath, &good)?;
-    let rules_before = netfilter::save(&w.hosts.a, netfilter::Family::V4, "mangle")?;
+    let rules_before = agent_tables(&w)?;
+    let reloads_before = agent.reloads()?;
     let broken = good.replace("10.2.0.0/16", "10.2.0.0/33");
     agent.reload(&broken)?;
+    let reloads = agent.reloads()?;
+    assert_eq!(
+        (reloads.applied, reloads.refused, reloads.failed),
+        (
+            reloads_before.applied,
+            reloads_before.refused + 1,
+            reloads_before.failed
+        ),
+        "one more refused reload, nothing else: {reloads:?}"
+    );
+    let why = reloads.last_error.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("10.2.0.0/33"),
+        "status names the refused value: {why:?}"
+    );
     assert!(
         agent.log().contains("10.2.0.0/33"),
-        "the refusal names the value:\n{}",
+        "the logged refusal names the value:\n{}",
         agent.log()
     );
     assert_eq!(
@@ -358,26 +419,28 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()>
         "old policy still in force"
     );
     assert!(w.pu_connects(OTHER)?.is_blocked());
-    let rules_after = netfilter::save(&w.hosts.a, netfilter::Family::V4, "mangle")?;
-    assert_eq!(strip_counters(&rules_before), strip_counters(&rules_after));
+    assert_eq!(rules_before, agent_tables(&w)?);
     Ok(())
 }
 
-/// `iptables-save -c` without its counters and comment lines.
-fn strip_counters(dump: &str) -> String {
-    dump.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match l.strip_prefix('[') {
-            Some(rest) => rest.split_once("] ").map_or(l, |(_, r)| r),
-            None => l.split(" [").next().unwrap_or(l),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// The tables the agent writes to in host `a`'s namespace, IPv4 and IPv6
+/// mangle and nat, counters stripped.
+fn agent_tables(w: &World) -> Result<String> {
+    let mut all = String::new();
+    for family in [netfilter::Family::V4, netfilter::Family::V6] {
+        for table in ["mangle", "nat"] {
+            let dump = netfilter::save(&w.hosts.a, family, table)?;
+            all += &format!("# {family:?} {table}\n");
+            all += &netfilter::rules_without_counters(&dump);
+        }
+    }
+    Ok(all)
 }
 
-/// After the agent is gone: no TRI- chain or set in the namespace, no pin,
-/// and the PU's traffic is no longer enforced.
-fn assert_nothing_left(w: &World, instance: &str) -> Result<()> {
+/// After the agent is gone: no TRI- chain or set in the namespace, no pin
+/// directory of its instance on the harness's bpffs, and the PU's traffic
+/// is no longer enforced.
+fn assert_nothing_left(w: &World, bpffs: &Path, instance: &str) -> Result<()> {
     for family in [netfilter::Family::V4, netfilter::Family::V6] {
         for table in ["mangle", "nat"] {
             let dump = netfilter::save(&w.hosts.a, family, table)?;
@@ -390,8 +453,11 @@ fn assert_nothing_left(w: &World, instance: &str) -> Result<()> {
     let sets = w.hosts.a.command("ipset")?.args(["list", "-n"]).output()?;
     let sets = String::from_utf8_lossy(&sets.stdout);
     assert!(!sets.contains("TRI-"), "ipsets left: {sets}");
-    let pins = std::path::Path::new("/sys/fs/bpf").join(instance);
-    assert!(!pins.exists(), "{} left", pins.display());
+    // Where the agent pins now, and where it pinned before (a leftover of
+    // either is a leftover).
+    for pins in [bpffs.join("enforcer").join(instance), bpffs.join(instance)] {
+        assert!(!pins.exists(), "{} left", pins.display());
+    }
     assert_eq!(
         w.pu_connects(OTHER)?,
         Outcome::Exchanged,
@@ -420,7 +486,7 @@ fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
             "exit after {signal}: {status}\n{}",
             agent.log()
         );
-        assert_nothing_left(&w, agent.instance())?;
+        assert_nothing_left(&w, &env.bpffs, agent.instance())?;
     }
     Ok(())
 }
@@ -445,6 +511,6 @@ fn run_after_sigkill_starts_clean(datapath: Datapath) -> Result<()> {
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1);
     assert!(second.stop_with(Signal::SIGTERM)?.success());
-    assert_nothing_left(&w, first.instance())?;
+    assert_nothing_left(&w, &env.bpffs, first.instance())?;
     Ok(())
 }

@@ -37,14 +37,7 @@ fn netfilter_state(ns: &Netns) -> Result<String> {
     for family in [Family::V4, Family::V6] {
         for table in ["mangle", "nat", "filter", "raw"] {
             let dump = netfilter::save(ns, family, table)?;
-            for line in dump.lines().filter(|l| !l.starts_with('#')) {
-                let line = match line.strip_prefix('[') {
-                    Some(rest) => rest.split_once("] ").map_or(line, |(_, r)| r),
-                    None => line.split(" [").next().unwrap_or(line),
-                };
-                all.push_str(line);
-                all.push('\n');
-            }
+            all.push_str(&netfilter::rules_without_counters(&dump));
         }
     }
     Ok(all)

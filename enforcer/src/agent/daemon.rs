@@ -152,8 +152,6 @@ impl Daemon {
     /// Re-reads the config file and applies the difference; a bad or
     /// restart-needing config is refused with nothing changed.
     async fn reload(&self) {
-        // Only the outcome's line says "reload": a watcher of the log (the
-        // test harness) takes the first such line as the end of it.
         tracing::info!("SIGHUP: re-reading {}", self.source.path.display());
         let outcome = self.try_reload().await;
         let mut stats = self.shared.reloads.lock().expect("reload stats lock");

@@ -111,6 +111,21 @@ pub enum Problem {
     CgroupBadCharacter,
     #[error("is not a directory under the cgroup v2 mount")]
     CgroupMissing,
+    #[error(
+        "has more than {max} components; the eBPF hooks look for a PU's cgroup \
+         at most {max} levels below the cgroup v2 root"
+    )]
+    CgroupTooDeep { max: u32 },
+    #[error(
+        "is inside {other} {other_cgroup:?}; PU cgroups must not be nested \
+         (a process below both would belong to two PUs)"
+    )]
+    CgroupInside { other: String, other_cgroup: String },
+    #[error(
+        "contains {other} {other_cgroup:?}; PU cgroups must not be nested \
+         (a process below both would belong to two PUs)"
+    )]
+    CgroupContains { other: String, other_cgroup: String },
     #[error("is also used by {first}")]
     Duplicate { first: String },
     #[error("is a PU kind that mode {mode} does not accept (it accepts: {})", .mode.accepted_kinds().join(", "))]

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
+use enforcer_common::maps::MAX_CGROUP_DEPTH;
 use enforcer_common::marks::{MAX_SHIFT, MarkLayout};
 
 use super::acl::{Acl, Protocol};
@@ -67,6 +68,8 @@ pub(super) fn pus_across<'a>(
 ) {
     let mut ids = HashMap::new();
     let mut cgroups = HashMap::new();
+    // Each distinct cgroup once, at its first PU, for the nesting check.
+    let mut distinct_cgroups = Vec::new();
     let mut users = HashMap::new();
     let mut singletons = HashMap::new();
     let list = FieldPath::root("pus");
@@ -96,8 +99,10 @@ pub(super) fn pus_across<'a>(
         }
         match &pu.kind {
             PuKind::LinuxProcess { cgroup } => {
-                if let Some(first) = first_seen(&mut cgroups, cgroup, i) {
+                if let Some(first) = first_seen(&mut cgroups, cgroup.as_str(), i) {
                     errs.bad(&path.key("cgroup"), cgroup, duplicate_of(&list, first));
+                } else {
+                    distinct_cgroups.push((i, cgroup.as_str()));
                 }
             }
             PuKind::Uid { user } => {
@@ -108,10 +113,66 @@ pub(super) fn pus_across<'a>(
             PuKind::Container | PuKind::Host | PuKind::HostService => {}
         }
     }
+    nested_cgroups(&cgroups, &distinct_cgroups, errs);
+}
+
+/// Refuses PU cgroups nested in one another (`a` and `a/b`): a process in
+/// `a/b` would belong to both PUs, and which policy applied would depend
+/// on the datapath. Each cgroup is paired with its nearest PU ancestor
+/// (by components, so `a` is no ancestor of `ab`), and the pair is blamed
+/// on whichever of the two comes later in the file, naming the other.
+/// `first` maps each cgroup to the first PU that uses it; `distinct`
+/// lists each cgroup once with that PU. Looks up each cgroup's ancestors
+/// (at most its depth) instead of comparing every pair of PUs.
+fn nested_cgroups(first: &HashMap<&str, usize>, distinct: &[(usize, &str)], errs: &mut Errors) {
+    let list = FieldPath::root("pus");
+    let mut found = Vec::new();
+    for &(inner, cgroup) in distinct {
+        let nearest = cgroup
+            .rmatch_indices('/')
+            .find_map(|(end, _)| first.get_key_value(&cgroup[..end]));
+        let Some((&outer_cgroup, &outer)) = nearest else {
+            continue;
+        };
+        let field = |i: usize| list.index(i).key("cgroup");
+        let (blamed, value, problem) = if inner > outer {
+            let problem = Problem::CgroupInside {
+                other: field(outer).to_string(),
+                other_cgroup: outer_cgroup.to_owned(),
+            };
+            (inner, cgroup, problem)
+        } else {
+            let problem = Problem::CgroupContains {
+                other: field(inner).to_string(),
+                other_cgroup: cgroup.to_owned(),
+            };
+            (outer, outer_cgroup, problem)
+        };
+        found.push((blamed, field(blamed), value, problem));
+    }
+    // In file order, as every other problem.
+    found.sort_by_key(|(blamed, ..)| *blamed);
+    for (_, path, value, problem) in found {
+        errs.bad(&path, value, problem);
+    }
 }
 
 /// Rules within one PU at `path`.
 pub(super) fn pu_within(pu: &Pu, path: &FieldPath, errs: &mut Errors) {
+    // The eBPF hooks find a task's PU by walking up from its cgroup at
+    // most MAX_CGROUP_DEPTH levels below the root; a deeper PU cgroup
+    // would be enforced for some of its processes and not for others.
+    // The path is relative to the cgroup v2 mount, so its components are
+    // its level below the root (inside a cgroup namespace the kernel's
+    // level is higher still, which only the datapath can see).
+    if let PuKind::LinuxProcess { cgroup } = &pu.kind
+        && cgroup.as_str().split('/').count() > MAX_CGROUP_DEPTH as usize
+    {
+        let problem = Problem::CgroupTooDeep {
+            max: MAX_CGROUP_DEPTH,
+        };
+        errs.bad(&path.key("cgroup"), cgroup, problem);
+    }
     if pu.kind == PuKind::HostService && pu.tcp_ports.is_empty() && pu.udp_ports.is_empty() {
         errs.field(path, Problem::NoServicePorts);
     }
@@ -247,6 +308,126 @@ mod tests {
             Some("www-data"),
             Problem::Duplicate { first },
         );
+    }
+
+    /// A local-server config with one linux-process PU per `(id, cgroup)`.
+    fn process_pus(pus: &[(&str, &str)]) -> String {
+        let mut text = "mode = \"local-server\"\n".to_owned();
+        for (id, cgroup) in pus {
+            text += &format!(
+                "[[pus]]\nid = \"{id}\"\nkind = \"linux-process\"\ncgroup = \"{cgroup}\"\n"
+            );
+        }
+        text
+    }
+
+    fn inside(other: usize, other_cgroup: &str) -> Problem {
+        Problem::CgroupInside {
+            other: format!("pus[{other}].cgroup"),
+            other_cgroup: other_cgroup.into(),
+        }
+    }
+
+    fn contains(other: usize, other_cgroup: &str) -> Problem {
+        Problem::CgroupContains {
+            other: format!("pus[{other}].cgroup"),
+            other_cgroup: other_cgroup.into(),
+        }
+    }
+
+    #[test]
+    fn nested_cgroups_are_refused_naming_both_pus() {
+        // The later PU is blamed, whichever of the two is the inner one.
+        let text = process_pus(&[("web", "enforcer/web"), ("worker", "enforcer/web/worker")]);
+        assert_refused(
+            &text,
+            "pus[1].cgroup",
+            Some("enforcer/web/worker"),
+            inside(0, "enforcer/web"),
+        );
+        assert_eq!(
+            refusals(&text)[0].to_string(),
+            r#"pus[1].cgroup: "enforcer/web/worker" is inside pus[0].cgroup "enforcer/web"; PU cgroups must not be nested (a process below both would belong to two PUs)"#
+        );
+        let text = process_pus(&[("worker", "enforcer/web/worker"), ("web", "enforcer/web")]);
+        assert_refused(
+            &text,
+            "pus[1].cgroup",
+            Some("enforcer/web"),
+            contains(0, "enforcer/web/worker"),
+        );
+        assert_eq!(
+            refusals(&text)[0].to_string(),
+            r#"pus[1].cgroup: "enforcer/web" contains pus[0].cgroup "enforcer/web/worker"; PU cgroups must not be nested (a process below both would belong to two PUs)"#
+        );
+
+        // Nesting is by components: a shared prefix of characters is not.
+        let siblings = process_pus(&[
+            ("a", "enforcer/web"),
+            ("b", "enforcer/web2"),
+            ("c", "enforcer/we"),
+        ]);
+        assert!(Configuration::from_toml_str(&siblings).is_ok());
+
+        // Each cgroup is paired with its nearest PU ancestor only.
+        let chain = process_pus(&[("a", "a"), ("c", "a/b/c"), ("b", "a/b"), ("d", "a/b/c/d")]);
+        let errors = refusals(&chain);
+        assert_has(&errors, "pus[2].cgroup", Some("a/b"), contains(1, "a/b/c"));
+        assert_has(&errors, "pus[2].cgroup", Some("a/b"), inside(0, "a"));
+        assert_has(
+            &errors,
+            "pus[3].cgroup",
+            Some("a/b/c/d"),
+            inside(1, "a/b/c"),
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+
+        // A duplicate is reported as one, not also as nested.
+        let twice = process_pus(&[("a", "a"), ("b", "a/b"), ("c", "a/b")]);
+        let errors = refusals(&twice);
+        assert_has(&errors, "pus[1].cgroup", Some("a/b"), inside(0, "a"));
+        let first = "pus[1]".into();
+        assert_has(
+            &errors,
+            "pus[2].cgroup",
+            Some("a/b"),
+            Problem::Duplicate { first },
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+    }
+
+    #[test]
+    fn cgroups_deeper_than_the_ebpf_hooks_search_are_refused() {
+        let depth = |n: u32| {
+            (1..=n)
+                .map(|level| format!("l{level}"))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let deepest = depth(MAX_CGROUP_DEPTH);
+        assert!(Configuration::from_toml_str(&process_pus(&[("web", &deepest)])).is_ok());
+
+        let too_deep = depth(MAX_CGROUP_DEPTH + 1);
+        let text = process_pus(&[("web", &too_deep)]);
+        let problem = Problem::CgroupTooDeep {
+            max: MAX_CGROUP_DEPTH,
+        };
+        assert_refused(&text, "pus[0].cgroup", Some(&too_deep), problem.clone());
+        assert_eq!(
+            refusals(&text)[0].to_string(),
+            format!(
+                "pus[0].cgroup: {too_deep:?} has more than 16 components; the eBPF hooks \
+                 look for a PU's cgroup at most 16 levels below the cgroup v2 root"
+            )
+        );
+
+        // A configuration built in code is checked the same way.
+        let mut config = Configuration::from_toml_str(&with_process_pu("")).unwrap();
+        config.pus[0].kind = PuKind::LinuxProcess {
+            cgroup: crate::policy::CgroupPath::new(too_deep.clone()).unwrap(),
+        };
+        let errors = config.validate(&FakeHost(&[])).unwrap_err();
+        assert_has(errors.as_slice(), "pus[0].cgroup", Some(&too_deep), problem);
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! [`Outcome`](enforcer_tests::traffic::Outcome) of the attempt.
 //!
 //! Also `nettool leftovers`: lists harness objects a test run left on the
-//! machine and exits 1 if there are any (run after the suite).
+//! machine — namespaces, cgroups, pins, control sockets, and any `TRI-`
+//! chain or ipset in the root network namespace, where tests never run an
+//! agent — and exits 1 if there are any (run after the suite, in the root
+//! namespace; it only reads).
 
 use std::{net::SocketAddr, process::ExitCode};
 
@@ -35,7 +38,8 @@ enum Cmd {
         #[arg(long)]
         from: Option<std::net::IpAddr>,
     },
-    /// List namespaces, cgroups and pins left behind by tests.
+    /// List what tests left behind: namespaces, cgroups, pins, control
+    /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
 }
 

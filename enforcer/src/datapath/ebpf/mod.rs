@@ -47,7 +47,7 @@ use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
     iptables::exec as nf,
 };
-use crate::policy::{IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
+use crate::policy::{IpFamily, Mode, NetworkSettings, Protocol, Pu, PuId, PuKind};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -206,10 +206,23 @@ impl EbpfDatapath {
                 "exposed_services (proxy redirection)",
             ),
         ];
-        match not_yet.iter().find(|(set, _)| *set) {
-            Some((_, field)) => unsupported(&format!("PU {}: {field}", pu.id)),
-            None => Ok(()),
+        if let Some((_, field)) = not_yet.iter().find(|(set, _)| *set) {
+            return unsupported(&format!("PU {}: {field}", pu.id));
         }
+        // The hooks see connect() and UDP sendmsg(): ICMP (ping and raw
+        // sockets) passes them by, so an ICMP ACL could not be enforced.
+        let icmp = |p: &Protocol| matches!(p, Protocol::Icmp | Protocol::Icmpv6);
+        if let Some(i) = pu
+            .application_acls
+            .iter()
+            .position(|a| a.protocols.iter().any(icmp))
+        {
+            return unsupported(&format!(
+                "PU {}: application_acls[{i}] protocol icmp",
+                pu.id
+            ));
+        }
+        Ok(())
     }
 
     fn cgroup_path(&self, pu: &Pu) -> Result<PathBuf> {

@@ -61,13 +61,28 @@ struct AclRef<'a> {
 }
 
 /// Refuses a PU this datapath cannot install yet: any kind but
-/// linux-process, or more ACLs per direction than set names allow.
+/// linux-process, a PU that asks for proxy redirection (its proxy and
+/// proxy sets, the nat redirect chains: a later issue), or more ACLs per
+/// direction than set names allow. A feature it would otherwise ignore is
+/// refused, never silently dropped (SPEC, "Bad input and faults").
 /// Returns the cgroup that identifies its traffic.
 pub fn check(pu: &Pu) -> Result<&CgroupPath, DatapathError> {
     let PuKind::LinuxProcess { cgroup } = &pu.kind else {
         let what = format!("a {} PU ({})", pu.kind.name(), pu.id);
         return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
     };
+    for (field, used) in [
+        ("proxy_port", pu.proxy_port.is_some()),
+        ("dns_proxy_port", pu.dns_proxy_port.is_some()),
+        ("dependent_services", !pu.dependent_services.is_empty()),
+        ("exposed_services", !pu.exposed_services.is_empty()),
+    ] {
+        if used {
+            // As the eBPF datapath words it: the PU, then the field.
+            let what = format!("PU {}: {field} (proxy redirection)", pu.id);
+            return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
+        }
+    }
     for (what, acls) in [
         ("application", &pu.application_acls),
         ("network", &pu.network_acls),
@@ -787,5 +802,70 @@ COMMIT
             err.to_string(),
             "a host PU (web) is not supported by the iptables datapath"
         );
+    }
+
+    #[test]
+    fn proxy_redirection_is_refused_naming_the_field() {
+        use crate::policy::DependentService;
+        let port = std::num::NonZeroU16::new(15001);
+        let service = DependentService {
+            network: "10.40.0.0/16".parse().unwrap(),
+            ports: vec![PortRange::new(443, 443).unwrap()],
+        };
+        let cases = [
+            (
+                "proxy_port",
+                Pu {
+                    proxy_port: port,
+                    ..web()
+                },
+            ),
+            (
+                "dns_proxy_port",
+                Pu {
+                    dns_proxy_port: port,
+                    ..web()
+                },
+            ),
+            (
+                "dependent_services",
+                Pu {
+                    dependent_services: vec![service],
+                    ..web()
+                },
+            ),
+            (
+                "exposed_services",
+                Pu {
+                    exposed_services: vec![PortRange::new(8443, 8443).unwrap()],
+                    ..web()
+                },
+            ),
+        ];
+        let short = short("web");
+        for (field, pu) in cases {
+            let err = PuPlan::new(&pu, &short, 0).unwrap_err();
+            assert!(
+                matches!(&err, DatapathError::Unsupported(what, DatapathKind::Iptables)
+                    if *what == format!("PU web: {field} (proxy redirection)")),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "PU web: {field} (proxy redirection) is not supported by the iptables datapath"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn logged_and_observed_acls_are_accepted() {
+        let pu = web_with_acls();
+        assert!(pu.application_acls.iter().any(|a| a.log));
+        for observe in [ObserveMode::Continue, ObserveMode::Apply] {
+            assert!(pu.application_acls.iter().any(|a| a.observe == observe));
+        }
+        assert!(check(&pu).is_ok());
     }
 }
