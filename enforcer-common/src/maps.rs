@@ -22,12 +22,16 @@ pub const MAP_ACLS: &str = "ACLS";
 pub const MAP_PU_BY_CGROUP: &str = "PU_BY_CGROUP";
 pub const MAP_PU_GENERATION: &str = "PU_GENERATION";
 pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
+pub const MAP_PU_PORTS: &str = "PU_PORTS";
 
 /// Program names.
 pub const PROG_CONNECT4: &str = "enforcer_connect4";
 pub const PROG_CONNECT6: &str = "enforcer_connect6";
 pub const PROG_SENDMSG4: &str = "enforcer_sendmsg4";
 pub const PROG_SENDMSG6: &str = "enforcer_sendmsg6";
+/// The TC ingress classifier, attached to every interface of the agent's
+/// network namespace.
+pub const PROG_INGRESS: &str = "enforcer_ingress";
 /// Every cgroup/sock_addr program, attached to each PU's cgroup.
 pub const PU_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
 
@@ -52,6 +56,27 @@ pub const SCOPE_BITS: u32 = 32;
 /// Bits of the IPv4-mapped prefix `::ffff:0:0/96`.
 pub const V4_MAPPED_BITS: u32 = 96;
 
+/// A PU's listening port: which PU an incoming connection is for.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub pad: u8,
+    /// Host order.
+    pub port: u16,
+}
+
+impl PortKey {
+    pub const fn new(proto: u8, port: u16) -> Self {
+        Self {
+            proto,
+            pad: 0,
+            port,
+        }
+    }
+}
+
 /// Trie key data: scope, then the address (IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,9 +95,16 @@ impl NetKey {
     }
 }
 
-/// The ACL scope of a PU slot under one policy generation (0 or 1).
+/// The scope of a PU slot's application ACLs (destinations of its
+/// outgoing traffic) under one policy generation (0 or 1).
 pub const fn acl_scope(slot: u32, generation: u32) -> u32 {
-    (slot << 1) | (generation & 1)
+    (slot << 2) | (generation & 1)
+}
+
+/// The scope of a PU slot's network ACLs (sources of its incoming
+/// traffic) under one policy generation.
+pub const fn net_acl_scope(slot: u32, generation: u32) -> u32 {
+    (slot << 2) | 2 | (generation & 1)
 }
 
 /// Marks a scope as IPv4's.
@@ -163,4 +195,6 @@ mod pod {
     unsafe impl aya::Pod for super::AclRule {}
     unsafe impl aya::Pod for super::AclEntry {}
     unsafe impl aya::Pod for super::PuCounts {}
+    // SAFETY: #[repr(C)], 1+1+2 bytes, the pad byte always written as 0.
+    unsafe impl aya::Pod for super::PortKey {}
 }

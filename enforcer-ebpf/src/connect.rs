@@ -28,7 +28,8 @@ use enforcer_common::{
 };
 
 use crate::policy::{
-    AclVerdict, Count, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set, mark_layout,
+    AclVerdict, Count, Side, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set,
+    mark_layout,
 };
 
 const PROCEED: i32 = 1;
@@ -116,7 +117,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     // SAFETY: valid context. The port is in network order in the low 16 bits.
     let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
     let port = u16::from_be(user_port as u16);
-    let entry = acl_entry(slot, addr);
+    let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
 
     if !target_tcp

@@ -9,7 +9,9 @@
 #![no_main]
 
 mod connect;
+mod ingress;
 mod maps;
+mod packet;
 mod policy;
 
 #[cfg(not(test))]

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
-use enforcer_common::maps::{AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PuCounts};
+use enforcer_common::maps::{
+    AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PortKey, PuCounts,
+};
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
 #[map(name = "NETS")]
@@ -27,3 +29,8 @@ pub static PU_GENERATION: Array<u32> = Array::with_max_entries(MAX_PUS, 0);
 /// Slot → connections the hooks decided, per CPU.
 #[map(name = "PU_COUNTS")]
 pub static PU_COUNTS: PerCpuArray<PuCounts> = PerCpuArray::with_max_entries(MAX_PUS, 0);
+
+/// A PU's listening port → its slot: which PU an incoming connection is
+/// for.
+#[map(name = "PU_PORTS")]
+pub static PU_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PUS * 4, 0);

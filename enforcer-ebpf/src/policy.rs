@@ -11,6 +11,7 @@ use enforcer_common::{
     maps::{
         ACTION_ACCEPT, AclEntry, AclRule, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
         OBSERVE_CONTINUE, PROTO_ANY, PuCounts, SCOPE_BITS, acl_scope, family_scope, is_v4_mapped,
+        net_acl_scope,
     },
     marks::MarkLayout,
 };
@@ -84,12 +85,24 @@ pub fn in_set(scope: u32, addr: [u8; 16]) -> bool {
     NETS.get(lookup_key(scope, addr)).is_some()
 }
 
-/// The ACL entry of the longest prefix covering `addr` in the PU's
-/// generation in force.
+/// Which of a PU's ACLs: application (destinations of its outgoing
+/// traffic) or network (sources of its incoming traffic).
+#[derive(Clone, Copy)]
+pub enum Side {
+    App,
+    Net,
+}
+
+/// The ACL entry of the longest prefix covering `addr` among the PU's
+/// ACLs of `side`, in the generation in force.
 #[inline(always)]
-pub fn acl_entry(slot: u32, addr: [u8; 16]) -> Option<&'static AclEntry> {
+pub fn acl_entry(side: Side, slot: u32, addr: [u8; 16]) -> Option<&'static AclEntry> {
     let generation = PU_GENERATION.get(slot).copied().unwrap_or(0);
-    ACLS.get(lookup_key(acl_scope(slot, generation), addr))
+    let scope = match side {
+        Side::App => acl_scope(slot, generation),
+        Side::Net => net_acl_scope(slot, generation),
+    };
+    ACLS.get(lookup_key(scope, addr))
 }
 
 /// What the ACLs decided.

@@ -1,0 +1,120 @@
+//! TC ingress, attached to every interface of the agent's network
+//! namespace: the network side of a PU's policy (SPEC, "Order of
+//! evaluation inside a PU", incoming), decided before netfilter.
+//!
+//! A packet is for a PU when its destination port is one of the PU's
+//! listening ports (`PU_PORTS`). For those, in SPEC's order:
+//! 1. a source in the excluded networks is never touched;
+//! 2. TCP: only connection set-up (SYN without ACK) is judged here — TC
+//!    runs before conntrack, and a connection whose SYN was dropped never
+//!    exists; the rest follows the connection;
+//! 3. if the source is not a target TCP network, the specific-protocol
+//!    network ACLs in bucket order: accept classes the packet `AclAccept`,
+//!    reject drops it;
+//! 4. TCP from a target TCP network, UDP from a target UDP network: the
+//!    packet is classed for the trap and a fixed netfilter rule in INPUT
+//!    queues it;
+//! 5. the protocol-any network ACLs;
+//! 6. anything else is dropped.
+//!
+//! Fragments after the first carry no ports and pass: the first fragment
+//! carries them and is judged, and a datagram never reassembles without
+//! it — so a fragmented datagram gets the verdict of its first fragment,
+//! the same as unfragmented. A packet whose headers cannot be read whole
+//! is dropped: it never gets a more permissive verdict than a well-formed
+//! one (and the stack would discard it anyway).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use enforcer_common::{
+    maps::{PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP},
+    marks::Class,
+};
+
+use crate::{
+    maps::PU_PORTS,
+    packet::{self, L4, Parsed},
+    policy::{AclVerdict, Count, Side, acl_entry, count, evaluate, in_set, mark_layout},
+};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[classifier]
+pub fn enforcer_ingress(ctx: TcContext) -> i32 {
+    match packet::parse(&ctx) {
+        Parsed::NotIp | Parsed::LaterFragment => TC_ACT_OK,
+        Parsed::Malformed => TC_ACT_SHOT,
+        Parsed::L4(l4) => decide(&ctx, &l4),
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, l4: &L4) -> i32 {
+    if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP {
+        return TC_ACT_OK;
+    }
+    // SAFETY: a map lookup with a key on the stack.
+    let Some(&slot) = (unsafe { PU_PORTS.get(PortKey::new(l4.proto, l4.dst_port)) }) else {
+        return TC_ACT_OK;
+    };
+    if in_set(SCOPE_EXCLUDED, l4.src) {
+        return TC_ACT_OK;
+    }
+    if l4.proto == PROTO_TCP && l4.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return TC_ACT_OK;
+    }
+    let entry = acl_entry(Side::Net, slot, l4.src);
+    let target_tcp = in_set(SCOPE_TARGET_TCP, l4.src);
+    if !target_tcp
+        && let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, l4.proto, l4.dst_port)
+    {
+        return apply(ctx, slot, verdict);
+    }
+    if (l4.proto == PROTO_TCP && target_tcp)
+        || (l4.proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, l4.src))
+    {
+        let class = if l4.proto == PROTO_TCP {
+            Class::TrapTcp
+        } else {
+            Class::TrapUdp
+        };
+        set_class(ctx, class);
+        count(slot, Count::Trapped);
+        return TC_ACT_OK;
+    }
+    if let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, l4.proto, l4.dst_port)
+    {
+        return apply(ctx, slot, verdict);
+    }
+    count(slot, Count::Dropped);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn apply(ctx: &TcContext, slot: u32, verdict: AclVerdict) -> i32 {
+    match verdict {
+        AclVerdict::Accept => {
+            set_class(ctx, Class::AclAccept);
+            count(slot, Count::Accepted);
+            TC_ACT_OK
+        }
+        AclVerdict::Reject => {
+            count(slot, Count::Dropped);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Writes the class into `skb->mark`, keeping every other bit.
+#[inline(always)]
+fn set_class(ctx: &TcContext, class: Class) {
+    // SAFETY: reading a field of the program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(mark_layout().with_class(mark, class));
+}
