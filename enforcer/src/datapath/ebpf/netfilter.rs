@@ -9,37 +9,58 @@ use crate::datapath::queues::{self, Direction, Trapped};
 use crate::naming::MAIN_CHAINS;
 use crate::policy::QueueSettings;
 
+/// The seed's limit on the network-side UDP trap.
+const NET_UDP_TRAP_LIMIT: &str = "1000/sec";
+
 /// `iptables-restore --noflush` text for one family (the same for both).
-///
-/// - the jump is inserted first in OUTPUT, so that no earlier ACCEPT there
-///   lets a trapped SYN bypass the queue;
+/// Each direction gets one chain, jumped to first from its built-in chain
+/// (so no earlier ACCEPT there lets a trapped packet bypass the queue):
 /// - the consumer's verdict (kind `Authorised` in the packet mark, see
 ///   [`crate::datapath`]) is saved into the connection mark, and every
 ///   packet of an authorised connection is accepted before the trap;
-/// - a SYN whose socket the connect hook classed `TrapTcp` is queued to
-///   the application SYN range;
+/// - a SYN classed `TrapTcp` (by a connect hook on the socket, or by TC
+///   ingress on the packet) is queued to the direction's SYN range;
 /// - the first datagram of a UDP flow classed `TrapUdp` is queued to the
-///   application service range.
+///   direction's service range — rate-limited on the network side, as the
+///   seed does.
 pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
-    let app = MAIN_CHAINS.app;
-    let kind = marks.kind_mask();
-    let class = marks.class_mask();
-    let authorised = marks.kind(Kind::Authorised);
-    let syn = queues::range(queues, Direction::App, Trapped::Syn).target_args(queues.bypass);
-    let service =
-        queues::range(queues, Direction::App, Trapped::Service).target_args(queues.bypass);
-    let trap_tcp = marks.class(Class::TrapTcp);
-    let trap_udp = marks.class(Class::TrapUdp);
-    format!(
-        "*mangle\n\
-         :{app} - [0:0]\n\
-         -I OUTPUT 1 -j {app}\n\
-         -A {app} -m mark --mark {authorised:#x}/{kind:#x} -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}\n\
-         -A {app} -m connmark --mark {authorised:#x}/{kind:#x} -j ACCEPT\n\
-         -A {app} -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark {trap_tcp:#x}/{class:#x} -j NFQUEUE {syn}\n\
-         -A {app} -p udp -m conntrack --ctstate NEW -m mark --mark {trap_udp:#x}/{class:#x} -j NFQUEUE {service}\n\
-         COMMIT\n"
-    )
+    let mut rules = vec!["*mangle".to_string()];
+    for (direction, builtin, chain, limit) in [
+        (Direction::App, "OUTPUT", MAIN_CHAINS.app, String::new()),
+        (
+            Direction::Net,
+            "INPUT",
+            MAIN_CHAINS.net,
+            format!(" -m limit --limit {NET_UDP_TRAP_LIMIT}"),
+        ),
+    ] {
+        let kind = marks.kind_mask();
+        let class = marks.class_mask();
+        let authorised = marks.kind(Kind::Authorised);
+        let range = |t| queues::range(queues, direction, t).target_args(queues.bypass);
+        let (syn, service) = (range(Trapped::Syn), range(Trapped::Service));
+        let trap_tcp = marks.class(Class::TrapTcp);
+        let trap_udp = marks.class(Class::TrapUdp);
+        rules.extend([
+            format!(":{chain} - [0:0]"),
+            format!("-I {builtin} 1 -j {chain}"),
+            format!(
+                "-A {chain} -m mark --mark {authorised:#x}/{kind:#x} \
+                 -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}"
+            ),
+            format!("-A {chain} -m connmark --mark {authorised:#x}/{kind:#x} -j ACCEPT"),
+            format!(
+                "-A {chain} -p tcp --tcp-flags SYN,ACK,FIN,RST SYN \
+                 -m mark --mark {trap_tcp:#x}/{class:#x} -j NFQUEUE {syn}"
+            ),
+            format!(
+                "-A {chain} -p udp -m conntrack --ctstate NEW \
+                 -m mark --mark {trap_udp:#x}/{class:#x}{limit} -j NFQUEUE {service}"
+            ),
+        ]);
+    }
+    rules.push("COMMIT\n".to_string());
+    rules.join("\n")
 }
 
 #[cfg(test)]
@@ -58,6 +79,12 @@ mod tests {
              -A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 0:3 --queue-bypass\n\
              -A TRI-App -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\
+             :TRI-Net - [0:0]\n\
+             -I INPUT 1 -j TRI-Net\n\
+             -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
+             -A TRI-Net -m connmark --mark 0x100/0x700 -j ACCEPT\n\
+             -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
+             -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/sec -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              COMMIT\n"
         );
     }
