@@ -29,6 +29,37 @@ pub fn save(ns: &Netns, family: Family, table: &str) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// Runs `program args…` inside the namespace with `input` on its stdin
+/// (restore text for `iptables-restore --test`, say, or for another
+/// flavour's tools than the agent's), and returns its stdout; fails with
+/// the tool's stderr when it exits non-zero.
+pub fn feed(ns: &Netns, program: &str, args: &[&str], input: &str) -> Result<String> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+
+    let mut child = ns
+        .command(program)?
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let mut stdin = child.stdin.take().context("the tool's stdin")?;
+    let written = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {args:?} failed ({}): {}\ninput:\n{input}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    written.with_context(|| format!("writing to {program}"))?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
 /// Packets counted by the one rule whose comment is `comment`.
 pub fn packets(ns: &Netns, family: Family, table: &str, comment: &str) -> Result<u64> {
     let dump = save(ns, family, table)?;

@@ -22,6 +22,10 @@ const TOOLS: &[&str] = &[
     "ip6tables",
     "ip6tables-save",
     "ip6tables-restore",
+    "iptables-legacy-save",
+    "iptables-legacy-restore",
+    "ip6tables-legacy-save",
+    "ip6tables-legacy-restore",
     "ipset",
     "conntrack",
 ];

@@ -1,23 +1,35 @@
 //! The shared behavioural suite: the same tests, run against each
-//! datapath, asserting only what applications and peers observe (SPEC,
-//! "Observable behaviour") plus the kernel's own counters of what reached
-//! user space.
+//! datapath and in each address family, asserting only what applications
+//! and peers observe (SPEC, "Observable behaviour") plus the kernel's own
+//! counters of what reached user space.
 //!
 //! The world: host `a` runs the agent in `local-server` mode with one
 //! linux-process PU (a cgroup of the test's own); host `b` holds the peers,
-//! one address per role:
-//! - `10.1.0.2`   target network (10.1.0.0/24): TCP set-up is trapped;
-//! - `10.2.0.2`   not a target, covered by an accept ACL for TCP/7000;
-//! - `10.3.0.2`   not a target, no ACL: blocked for the PU;
-//! - `10.9.0.2`   excluded (10.9.0.0/16): never touched.
+//! one address per role and family ([`Role`]):
+//! - target   `10.1.0.2` / `fd00:1::2`, in the target networks
+//!   (`10.1.0.0/24`, `fd00:1::/64`): TCP set-up is trapped;
+//! - ACL peer `10.2.0.2` / `fd00:2::2`, not a target, covered by an accept
+//!   ACL for TCP and UDP port 7000;
+//! - other    `10.3.0.2` / `fd00:3::2`, not a target, no ACL: blocked for
+//!   the PU;
+//! - excluded `10.9.0.2` / `fd00:9::2`, in the excluded networks
+//!   (`10.9.0.0/16`, `fd00:9::/64`): never touched.
+//!
+//! Every config lists the networks of both families, as a real one does;
+//! a test exercises the peers of its own family only, so each family's
+//! run also proves that the other family's entries do not leak into it.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
-    netfilter,
+    netfilter::{self, Family},
     netns::TwoHosts,
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
@@ -25,29 +37,77 @@ use enforcer_tests::{
 use nix::sys::signal::Signal;
 
 const PORT: u16 = 7000;
-const TARGET: &str = "10.1.0.2";
-const ACL_PEER: &str = "10.2.0.2";
-const OTHER: &str = "10.3.0.2";
-const EXCLUDED: &str = "10.9.0.2";
+
+/// A peer's role: its address and its network, in each family.
+#[derive(Debug, Clone, Copy)]
+struct Role {
+    /// The peer's address: IPv4, IPv6.
+    addr: [&'static str; 2],
+    /// The network the config names for the role: IPv4, IPv6.
+    nets: Nets,
+}
+
+/// One network of each family, as the config writes them: IPv4, IPv6.
+type Nets = [&'static str; 2];
+
+const TARGET: Role = Role {
+    addr: ["10.1.0.2", "fd00:1::2"],
+    nets: ["10.1.0.0/24", "fd00:1::/64"],
+};
+const ACL_PEER: Role = Role {
+    addr: ["10.2.0.2", "fd00:2::2"],
+    nets: ["10.2.0.0/16", "fd00:2::/64"],
+};
+const OTHER: Role = Role {
+    addr: ["10.3.0.2", "fd00:3::2"],
+    nets: ["10.3.0.0/16", "fd00:3::/64"],
+};
+const EXCLUDED: Role = Role {
+    addr: ["10.9.0.2", "fd00:9::2"],
+    nets: ["10.9.0.0/16", "fd00:9::/64"],
+};
+/// Networks holding every peer above, the excluded one included.
+const EVERY_PEER: Nets = ["10.0.0.0/8", "fd00::/16"];
+
+/// The index of a family's entry in [`Role`] and [`Nets`].
+fn index(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
 
 /// Runs each listed test body once per datapath — and once more with
 /// `--datapath auto` on a "kernel" without `bpf(2)`, where the agent must
-/// fall back to iptables and the same behaviour must hold.
-macro_rules! on_both_datapaths {
+/// fall back to iptables and the same behaviour must hold — and, in each,
+/// once per address family: `ebpf::v4::name`, `ebpf::v6::name`, …
+macro_rules! on_every_datapath_and_family {
     ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Ebpf) })+
+        on_every_datapath_and_family!(
+            @datapaths [$($name),+]
+            ebpf Ebpf, iptables Iptables, auto_without_bpf AutoWithoutBpf
+        );
+    };
+    (@datapaths $names:tt $($module:ident $datapath:ident),+) => {
+        $(mod $module {
+            on_every_datapath_and_family!(@families $names $datapath);
+        })+
+    };
+    (@families [$($name:ident),+] $datapath:ident) => {
+        mod v4 {
+            $(#[test] fn $name() -> anyhow::Result<()> {
+                crate::$name(crate::Datapath::$datapath, crate::Family::V4)
+            })+
         }
-        mod iptables {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
-        }
-        mod auto_without_bpf {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::AutoWithoutBpf) })+
+        mod v6 {
+            $(#[test] fn $name() -> anyhow::Result<()> {
+                crate::$name(crate::Datapath::$datapath, crate::Family::V6)
+            })+
         }
     };
 }
 
-on_both_datapaths!(
+on_every_datapath_and_family!(
     excluded_traffic_is_never_trapped_nor_dropped,
     target_syn_is_trapped_once_and_the_connection_proceeds,
     acl_decides_for_non_target_peers_and_others_are_untouched,
@@ -59,62 +119,93 @@ on_both_datapaths!(
     run_after_sigkill_starts_clean,
 );
 
-/// The test world: hosts, peers listening on every role's address, the
-/// PU's cgroup.
+/// The test world of one family: hosts, peers listening on every role's
+/// address, the PU's cgroup.
 struct World {
+    family: Family,
     cgroup: Cgroup,
     _servers: Vec<TcpEchoServer>,
     hosts: TwoHosts,
 }
 
 impl World {
-    fn new(env: &privilege::Env) -> Result<Self> {
+    fn new(env: &privilege::Env, family: Family) -> Result<Self> {
         let hosts = TwoHosts::new()?;
         let mut servers = Vec::new();
-        for peer in [TARGET, ACL_PEER, OTHER, EXCLUDED] {
-            if peer != TARGET {
-                hosts.b.ip(&[
-                    "addr",
+        let i = index(family);
+        for role in [TARGET, ACL_PEER, OTHER, EXCLUDED] {
+            // The target's address is `b`'s end of the veth itself; the
+            // others are added to it, with a route on `a` to their network.
+            if role.addr != TARGET.addr {
+                let (flag, host_prefix) = match family {
+                    Family::V4 => ("-4", 32),
+                    Family::V6 => ("-6", 128),
+                };
+                let addr = format!("{}/{host_prefix}", role.addr[i]);
+                let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
+                if family == Family::V6 {
+                    // Usable at once, without duplicate address detection.
+                    add.push("nodad");
+                }
+                hosts.b.ip(&add)?;
+                hosts.a.ip(&[
+                    flag,
+                    "route",
                     "add",
-                    &format!("{peer}/32"),
+                    role.nets[i],
                     "dev",
-                    &hosts.b_end.ifname,
+                    &hosts.a_end.ifname,
                 ])?;
-                let net = format!("{}/16", peer.replace(".0.2", ".0.0"));
-                hosts
-                    .a
-                    .ip(&["route", "add", &net, "dev", &hosts.a_end.ifname])?;
             }
-            servers.push(TcpEchoServer::start(&hosts.b, addr(peer))?);
+            let peer = SocketAddr::new(role.addr[i].parse()?, PORT);
+            servers.push(TcpEchoServer::start(&hosts.b, peer)?);
         }
         Ok(Self {
+            family,
             cgroup: Cgroup::new(&env.cgroup2)?,
             _servers: servers,
             hosts,
         })
     }
 
+    /// A role's address in this world's family.
+    fn ip(&self, role: Role) -> IpAddr {
+        role.addr[index(self.family)]
+            .parse()
+            .expect("literal address")
+    }
+
+    /// A role's service: its address in this world's family, [`PORT`].
+    fn addr(&self, role: Role) -> SocketAddr {
+        SocketAddr::new(self.ip(role), PORT)
+    }
+
+    /// A role's network in this world's family, as the config writes it.
+    fn net(&self, role: Role) -> &'static str {
+        role.nets[index(self.family)]
+    }
+
     /// The PU's cgroup, relative to the cgroup v2 mount.
     fn cgroup_rel(&self) -> String {
-        self.cgroup
-            .path()
-            .file_name()
-            .expect("cgroup dir name")
-            .to_string_lossy()
-            .into_owned()
+        cgroup_rel(&self.cgroup)
     }
 
     /// A TCP exchange from a process inside the PU.
-    fn pu_connects(&self, peer: &str) -> Result<Outcome> {
-        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
-        cmd.args(["tcp-exchange", &addr(peer).to_string()]);
+    fn pu_connects(&self, peer: Role) -> Result<Outcome> {
+        self.connects_from(&self.cgroup, peer)
+    }
+
+    /// A TCP exchange from a process inside `cgroup`.
+    fn connects_from(&self, cgroup: &Cgroup, peer: Role) -> Result<Outcome> {
+        let mut cmd = cgroup.command_in(&self.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &self.addr(peer).to_string()]);
         run_nettool(cmd)
     }
 
     /// A TCP exchange from a process of host `a` outside every PU.
-    fn outsider_connects(&self, peer: &str) -> Result<Outcome> {
+    fn outsider_connects(&self, peer: Role) -> Result<Outcome> {
         let mut cmd = self.hosts.a.command(nettool!())?;
-        cmd.args(["tcp-exchange", &addr(peer).to_string()]);
+        cmd.args(["tcp-exchange", &self.addr(peer).to_string()]);
         run_nettool(cmd)
     }
 
@@ -158,39 +249,61 @@ impl World {
     }
 }
 
-fn addr(ip: &str) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("literal address"), PORT)
+/// A cgroup's path relative to the cgroup v2 mount.
+fn cgroup_rel(cgroup: &Cgroup) -> String {
+    cgroup
+        .path()
+        .file_name()
+        .expect("cgroup dir name")
+        .to_string_lossy()
+        .into_owned()
 }
 
-/// The config: target 10.1.0.0/24, excluded 10.9.0.0/16, and the given PUs.
-fn config(target_tcp: &[&str], pus: &str) -> String {
-    let targets: Vec<String> = target_tcp.iter().map(|t| format!("\"{t}\"")).collect();
+/// A TOML list of the networks of both families.
+fn toml_list(nets: &[Nets]) -> String {
+    let quoted: Vec<String> = nets.iter().flatten().map(|n| format!("\"{n}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The config: TCP targets `target_tcp`, the UDP target and excluded
+/// networks of [`TARGET`] and [`EXCLUDED`], in both families, and the
+/// given PUs.
+fn config(target_tcp: &[Nets], pus: &str) -> String {
     format!(
         "mode = \"local-server\"\n\
          [networks]\n\
-         target_tcp = [{}]\n\
-         target_udp = [\"10.1.0.0/24\"]\n\
-         excluded = [\"10.9.0.0/16\"]\n\
+         target_tcp = {}\n\
+         target_udp = {}\n\
+         excluded = {}\n\
          {pus}",
-        targets.join(", ")
+        toml_list(target_tcp),
+        toml_list(&[TARGET.nets]),
+        toml_list(&[EXCLUDED.nets]),
     )
 }
 
 /// A linux-process PU with an accept ACL for TCP and UDP port 7000 to
-/// 10.2.0.0/16.
-fn pu(id: &str, cgroup: &str) -> String {
+/// `acl`'s networks, both families.
+fn pu(id: &str, cgroup: &str, acl: Nets) -> String {
     format!(
         "[[pus]]\n\
          id = \"{id}\"\n\
          kind = \"linux-process\"\n\
          cgroup = \"{cgroup}\"\n\
          [[pus.application_acls]]\n\
-         networks = [\"10.2.0.0/16\"]\n\
+         networks = {}\n\
          protocols = [\"tcp\", \"udp\"]\n\
          ports = [{PORT}]\n\
          action = \"accept\"\n\
-         policy_id = \"to-acl-peer\"\n"
+         policy_id = \"to-acl-peer\"\n",
+        toml_list(&[acl])
     )
+}
+
+/// The usual config: TCP target [`TARGET`], one PU `web` whose ACL
+/// accepts [`ACL_PEER`].
+fn web_config(w: &World) -> String {
+    config(&[TARGET.nets], &pu("web", &w.cgroup_rel(), ACL_PEER.nets))
 }
 
 /// The per-PU counters the agent reports.
@@ -203,32 +316,36 @@ fn pu_counts(status: &serde_json::Value, id: &str) -> Result<(u64, u64, u64)> {
     Ok((get("trapped")?, get("accepted")?, get("dropped")?))
 }
 
-fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath) -> Result<()> {
+fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
+    let w = World::new(&env, family)?;
     let agent = w.start(
         datapath,
-        &config(&["10.0.0.0/8"], &pu("web", &w.cgroup_rel())),
+        &config(&[EVERY_PEER], &pu("web", &w.cgroup_rel(), ACL_PEER.nets)),
     )?;
-    // 10.9.0.2 is inside the target 10.0.0.0/8 too: exclusion wins.
+    // The excluded peer is inside the target networks too: exclusion wins.
     assert_eq!(w.pu_connects(EXCLUDED)?, Outcome::Exchanged);
     assert_eq!(w.outsider_connects(EXCLUDED)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 0, "nothing may reach user space");
     assert_eq!(pu_counts(&agent.status()?, "web")?, (0, 0, 0));
+    // And the target networks do hold it but for the exclusion: the
+    // target peer beside it is trapped.
+    assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.kernel_queued()?, 1, "the target's SYN is trapped");
     Ok(())
 }
 
-fn target_syn_is_trapped_once_and_the_connection_proceeds(datapath: Datapath) -> Result<()> {
+fn target_syn_is_trapped_once_and_the_connection_proceeds(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let agent = w.start(
-        datapath,
-        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
-    )?;
+    let w = World::new(&env, family)?;
+    let agent = w.start(datapath, &web_config(&w))?;
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1, "only the SYN reaches user space");
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
@@ -241,15 +358,15 @@ fn target_syn_is_trapped_once_and_the_connection_proceeds(datapath: Datapath) ->
     Ok(())
 }
 
-fn acl_decides_for_non_target_peers_and_others_are_untouched(datapath: Datapath) -> Result<()> {
+fn acl_decides_for_non_target_peers_and_others_are_untouched(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let agent = w.start(
-        datapath,
-        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
-    )?;
+    let w = World::new(&env, family)?;
+    let agent = w.start(datapath, &web_config(&w))?;
     assert_eq!(w.pu_connects(ACL_PEER)?, Outcome::Exchanged, "accept ACL");
     let blocked = w.pu_connects(OTHER)?;
     assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
@@ -266,21 +383,25 @@ fn acl_decides_for_non_target_peers_and_others_are_untouched(datapath: Datapath)
     Ok(())
 }
 
-fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result<()> {
+fn target_network_changes_apply_to_new_connections(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let pus = pu("web", &w.cgroup_rel());
-    let agent = w.start(datapath, &config(&["10.1.0.0/24"], &pus))?;
+    let w = World::new(&env, family)?;
+    let pus = pu("web", &w.cgroup_rel(), ACL_PEER.nets);
+    let agent = w.start(datapath, &config(&[TARGET.nets], &pus))?;
     assert!(w.pu_connects(OTHER)?.is_blocked());
-    // 10.3.0.0/16 becomes a target: its set-up is now trapped (and, in
-    // this slice, accepted by the agent).
-    agent.reload(&config(&["10.1.0.0/24", "10.3.0.0/16"], &pus))?;
+    // The other peer's network becomes a target: its set-up is now
+    // trapped (and, in this slice, accepted by the agent).
+    agent.reload(&config(&[TARGET.nets, OTHER.nets], &pus))?;
     assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 1);
-    // And back: 10.1.0.0/24 is no target any more, and has no ACL.
-    agent.reload(&config(&["10.3.0.0/16"], &pus))?;
+    // And back: the target's network is no target any more, and has no
+    // ACL.
+    agent.reload(&config(&[OTHER.nets], &pus))?;
     assert!(w.pu_connects(TARGET)?.is_blocked());
     assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
     assert_eq!(w.kernel_queued()?, 2);
@@ -289,17 +410,14 @@ fn target_network_changes_apply_to_new_connections(datapath: Datapath) -> Result
 
 /// Unconnected UDP (`sendto`) from a PU: to a non-target peer its ACLs
 /// decide, and a datagram without an accepting ACL never arrives.
-fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath) -> Result<()> {
+fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let acl_peer = UdpReceiver::start(&w.hosts.b, addr(ACL_PEER))?;
-    let other = UdpReceiver::start(&w.hosts.b, addr(OTHER))?;
-    let _agent = w.start(
-        datapath,
-        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
-    )?;
+    let w = World::new(&env, family)?;
+    let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
+    let other = UdpReceiver::start(&w.hosts.b, w.addr(OTHER))?;
+    let _agent = w.start(datapath, &web_config(&w))?;
     let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
         let mut cmd = if in_pu {
             w.cgroup.command_in(&w.hosts.a, nettool!())?
@@ -330,39 +448,28 @@ fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
+fn sighup_adds_changes_and_removes_pus(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
+    let w = World::new(&env, family)?;
     let second = Cgroup::new(&env.cgroup2)?;
-    let second_rel = second
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let from_second = |peer: &str| -> Result<Outcome> {
-        let mut cmd = second.command_in(&w.hosts.a, nettool!())?;
-        cmd.args(["tcp-exchange", &addr(peer).to_string()]);
-        run_nettool(cmd)
-    };
-    let agent = w.start(
-        datapath,
-        &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
-    )?;
+    let second_rel = cgroup_rel(&second);
+    let from_second = |peer: Role| w.connects_from(&second, peer);
+    let web = pu("web", &w.cgroup_rel(), ACL_PEER.nets);
+    let agent = w.start(datapath, &config(&[TARGET.nets], &web))?;
     assert_eq!(from_second(OTHER)?, Outcome::Exchanged, "not a PU yet");
 
     // Add a PU.
-    let both = pu("web", &w.cgroup_rel()) + &pu("batch", &second_rel);
-    agent.reload(&config(&["10.1.0.0/24"], &both))?;
+    let both = web.clone() + &pu("batch", &second_rel, ACL_PEER.nets);
+    agent.reload(&config(&[TARGET.nets], &both))?;
     assert!(from_second(OTHER)?.is_blocked(), "batch is enforced now");
     assert!(agent.status()?["counters"]["per_pu"]["batch"].is_object());
 
-    // Change it: batch may now reach 10.3.0.0/16.
-    let changed = pu("web", &w.cgroup_rel())
-        + &pu("batch", &second_rel).replace("10.2.0.0/16", "10.3.0.0/16");
-    agent.reload(&config(&["10.1.0.0/24"], &changed))?;
+    // Change it: batch may now reach the other peer, and no longer the
+    // ACL peer.
+    let changed = web.clone() + &pu("batch", &second_rel, OTHER.nets);
+    agent.reload(&config(&[TARGET.nets], &changed))?;
     assert_eq!(
         from_second(OTHER)?,
         Outcome::Exchanged,
@@ -372,7 +479,7 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
     assert!(w.pu_connects(OTHER)?.is_blocked(), "web unchanged");
 
     // Remove it.
-    agent.reload(&config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())))?;
+    agent.reload(&config(&[TARGET.nets], &web))?;
     assert_eq!(
         from_second(ACL_PEER)?,
         Outcome::Exchanged,
@@ -382,16 +489,24 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()> {
+fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let good = config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel()));
+    let w = World::new(&env, family)?;
+    let good = web_config(&w);
     let agent = w.start(datapath, &good)?;
     let rules_before = agent_tables(&w)?;
     let reloads_before = agent.reloads()?;
-    let broken = good.replace("10.2.0.0/16", "10.2.0.0/33");
+    // The ACL network of this family, one bit too long.
+    let (net, _) = w.net(ACL_PEER).split_once('/').expect("a CIDR");
+    let too_long = match family {
+        Family::V4 => 33,
+        Family::V6 => 129,
+    };
+    let bad = format!("{net}/{too_long}");
+    let broken = good.replace(w.net(ACL_PEER), &bad);
+    assert_ne!(broken, good);
     agent.reload(&broken)?;
     let reloads = agent.reloads()?;
     assert_eq!(
@@ -405,11 +520,11 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()>
     );
     let why = reloads.last_error.as_deref().unwrap_or_default();
     assert!(
-        why.contains("10.2.0.0/33"),
+        why.contains(&bad),
         "status names the refused value: {why:?}"
     );
     assert!(
-        agent.log().contains("10.2.0.0/33"),
+        agent.log().contains(&bad),
         "the logged refusal names the value:\n{}",
         agent.log()
     );
@@ -427,7 +542,7 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath) -> Result<()>
 /// mangle and nat, counters stripped.
 fn agent_tables(w: &World) -> Result<String> {
     let mut all = String::new();
-    for family in [netfilter::Family::V4, netfilter::Family::V6] {
+    for family in [Family::V4, Family::V6] {
         for table in ["mangle", "nat"] {
             let dump = netfilter::save(&w.hosts.a, family, table)?;
             all += &format!("# {family:?} {table}\n");
@@ -441,7 +556,7 @@ fn agent_tables(w: &World) -> Result<String> {
 /// directory of its instance on the harness's bpffs, and the PU's traffic
 /// is no longer enforced.
 fn assert_nothing_left(w: &World, bpffs: &Path, instance: &str) -> Result<()> {
-    for family in [netfilter::Family::V4, netfilter::Family::V6] {
+    for family in [Family::V4, Family::V6] {
         for table in ["mangle", "nat"] {
             let dump = netfilter::save(&w.hosts.a, family, table)?;
             assert!(
@@ -466,16 +581,13 @@ fn assert_nothing_left(w: &World, bpffs: &Path, instance: &str) -> Result<()> {
     Ok(())
 }
 
-fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
+fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
+    let w = World::new(&env, family)?;
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        let mut agent = w.start(
-            datapath,
-            &config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel())),
-        )?;
+        let mut agent = w.start(datapath, &web_config(&w))?;
         assert!(
             w.pu_connects(OTHER)?.is_blocked(),
             "enforcing before {signal}"
@@ -491,12 +603,12 @@ fn sigint_and_sigterm_leave_nothing_behind(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-fn run_after_sigkill_starts_clean(datapath: Datapath) -> Result<()> {
+fn run_after_sigkill_starts_clean(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let w = World::new(&env)?;
-    let cfg = config(&["10.1.0.0/24"], &pu("web", &w.cgroup_rel()));
+    let w = World::new(&env, family)?;
+    let cfg = web_config(&w);
     let mut first = w.start(datapath, &cfg)?;
     first.stop_with(Signal::SIGKILL)?;
     // Killed: its state stays in the kernel, still enforcing.

@@ -6,7 +6,7 @@
 //! application sees it.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -157,7 +157,24 @@ impl Outcome {
 
 /// Connects, sends `payload`, and expects it echoed back.
 pub fn tcp_exchange(to: SocketAddr, payload: &[u8]) -> Outcome {
-    let mut stream = match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+    tcp_exchange_from(None, to, payload)
+}
+
+/// [`tcp_exchange`] from a given local address (a peer with several).
+pub fn tcp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
+    let connected = || -> std::io::Result<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        if let Some(from) = from {
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+        }
+        socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+        Ok(socket.into())
+    };
+    let mut stream = match connected() {
         Ok(s) => s,
         Err(e) => return Outcome::from_io(&e),
     };
