@@ -58,7 +58,7 @@ pub const V4_MAPPED_BITS: u32 = 96;
 
 /// A PU's listening port: which PU an incoming connection is for.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,

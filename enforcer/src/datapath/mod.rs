@@ -16,6 +16,12 @@
 //! packet of a connection whose mark carries it, so no later packet of the
 //! connection is queued.
 //!
+//! An `update` also cuts the PU's connections that only the old policy
+//! allowed ([`revoke`] decides which; [`sockdiag`] aborts sockets,
+//! [`conntrack`] names the flows the iptables datapath forgets).
+//! [`fault`] is the test-only hook that makes an operation's last kernel
+//! batch fail.
+//!
 //! [`Kind::Authorised`]: enforcer_common::marks::Kind::Authorised
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -118,7 +124,10 @@ pub trait Datapath: Send {
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()>;
 
     /// Replaces a PU's policy with no gap: `new` under `version`, then the
-    /// old one (under `version ^ 1`) removed, in one commit.
+    /// old one (under `version ^ 1`) removed, in one commit. Then cuts the
+    /// PU's connections that an ACL of the old policy accepted and the new
+    /// policy refuses ([`revoke`]); the new policy is in force by then, so
+    /// a failure to cut is logged as an error, not returned.
     fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()>;
 
     /// Best-effort, idempotent removal of whatever of the PU exists.
@@ -132,10 +141,14 @@ pub trait Datapath: Send {
     fn counters(&self) -> Result<Counters>;
 }
 
+pub mod conntrack;
 pub mod ebpf;
+pub mod fault;
 pub mod iptables;
 pub mod probe;
 pub mod queues;
+pub mod revoke;
+pub mod sockdiag;
 
 /// Opens the datapath of `kind`; nothing in the kernel changes before
 /// [`Datapath::run`].

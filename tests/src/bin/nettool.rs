@@ -3,13 +3,26 @@
 //! (cgroup membership is per process). Its exit code is the
 //! [`Outcome`](enforcer_tests::traffic::Outcome) of the attempt.
 //!
+//! `nettool tcp-stream` keeps one connection busy for a while (see
+//! [`tcp_stream`]): the long-lived connection of the update tests.
+//!
 //! Also `nettool leftovers`: lists harness objects a test run left on the
 //! machine — namespaces, cgroups, pins, control sockets, and any `TRI-`
 //! chain or ipset in the root network namespace, where tests never run an
 //! agent — and exits 1 if there are any (run after the suite, in the root
 //! namespace; it only reads).
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use clap::{Parser, Subcommand};
 use enforcer_tests::{leftovers, privilege, traffic};
@@ -38,6 +51,21 @@ enum Cmd {
         #[arg(long)]
         from: Option<std::net::IpAddr>,
     },
+    /// Keep one TCP connection to an echo server busy — send a chunk,
+    /// read it back, again — until stdin closes or SECONDS pass. Prints
+    /// `connected` once connected, then one line of `key=value` pairs:
+    /// `bytes`, `rounds`, `max_gap_ms` (longest time between two completed
+    /// rounds), `retransmits` (the kernel's count for the connection) and,
+    /// if the connection failed, `error`. Exits 0 if it never failed.
+    TcpStream {
+        to: SocketAddr,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// TCP_USER_TIMEOUT and read timeout: how long unanswered data may
+        /// wait before the connection counts as failed.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -47,12 +75,106 @@ fn main() -> ExitCode {
     let outcome = match Cli::parse().cmd {
         Cmd::TcpExchange { to, payload } => traffic::tcp_exchange(to, payload.as_bytes()),
         Cmd::UdpSend { to, payload, from } => traffic::udp_send(from, to, payload.as_bytes()),
+        Cmd::TcpStream {
+            to,
+            seconds,
+            timeout_ms,
+        } => {
+            return tcp_stream(
+                to,
+                Duration::from_secs(seconds),
+                Duration::from_millis(timeout_ms),
+            );
+        }
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
         eprintln!("{why}");
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// `nettool tcp-stream`.
+fn tcp_stream(to: SocketAddr, duration: Duration, timeout: Duration) -> ExitCode {
+    let mut stream = match TcpStream::connect_timeout(&to, traffic::CONNECT_TIMEOUT) {
+        Ok(stream) => stream,
+        Err(e) => {
+            println!("bytes=0 rounds=0 max_gap_ms=0 retransmits=0 error=connect:{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    // The harness closes our stdin to say "stop now".
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = stop.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        stopper.store(true, Ordering::Relaxed);
+    });
+    let socket = socket2::SockRef::from(&stream);
+    let _ = socket.set_tcp_user_timeout(Some(timeout));
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+
+    let (mut bytes, mut rounds, mut max_gap) = (0u64, 0u64, Duration::ZERO);
+    let (start, mut last) = (Instant::now(), Instant::now());
+    let mut chunk = [0u8; 1024];
+    let mut back = [0u8; 1024];
+    let mut error = None;
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < duration {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = (rounds as usize + i) as u8;
+        }
+        let round = stream
+            .write_all(&chunk)
+            .and_then(|()| stream.read_exact(&mut back));
+        match round {
+            Ok(()) if back == chunk => {}
+            Ok(()) => error = Some("echo mismatch".to_owned()),
+            Err(e) => error = Some(e.to_string()),
+        }
+        if error.is_some() {
+            break;
+        }
+        bytes += chunk.len() as u64;
+        rounds += 1;
+        max_gap = max_gap.max(last.elapsed());
+        last = Instant::now();
+    }
+    let retransmits = total_retransmits(&stream);
+    let mut report = format!(
+        "bytes={bytes} rounds={rounds} max_gap_ms={} retransmits={retransmits}",
+        max_gap.as_millis()
+    );
+    if let Some(error) = &error {
+        report += &format!(" error={}", error.replace(' ', "_"));
+    }
+    println!("{report}");
+    match error {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
+    }
+}
+
+/// `tcpi_total_retrans` of the connection (0 if the kernel will not say):
+/// every retransmission is a segment that went unanswered.
+fn total_retransmits(stream: &TcpStream) -> u32 {
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // live and that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { info.tcpi_total_retrans } else { 0 }
 }
 
 fn report_leftovers() -> ExitCode {

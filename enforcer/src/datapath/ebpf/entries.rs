@@ -9,18 +9,20 @@
 //! another, so the longest one, `P`, is covered by all the others: the
 //! rules stored at `P` are exactly the rules covering `a`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use enforcer_common::maps::{
     ACTION_ACCEPT, ACTION_REJECT, AclEntry, AclRule, MAX_ACL_RULES, NetKey, OBSERVE_APPLY,
     OBSERVE_CONTINUE, OBSERVE_NONE, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    RULE_LOG, SCOPE_BITS, V4_MAPPED_BITS, family_scope,
+    PortKey, RULE_LOG, SCOPE_BITS, V4_MAPPED_BITS, acl_scope, family_scope, net_acl_scope,
 };
 use ipnet::IpNet;
 
 use crate::datapath::DatapathError;
-use crate::policy::{Acl, Action, ObserveMode, Protocol, in_bucket_order, split_zero_prefix};
+use crate::policy::{
+    Acl, Action, ObserveMode, PortRange, Protocol, Pu, in_bucket_order, split_zero_prefix,
+};
 
 /// An address in the maps' one family: IPv4 as `::ffff:a.b.c.d`.
 pub fn mapped(addr: IpAddr) -> [u8; 16] {
@@ -98,6 +100,43 @@ pub fn acl_entries(
         entries.insert(prefix, entry);
     }
     Ok(entries)
+}
+
+/// Which of a PU's ACLs an entry belongs to: application (destinations of
+/// its outgoing traffic) or network (sources of its incoming traffic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Side {
+    App,
+    Net,
+}
+
+impl Side {
+    /// The trie scope of this side's entries for a PU slot and generation.
+    pub fn scope(self, slot: u32, generation: u32) -> u32 {
+        match self {
+            Side::App => acl_scope(slot, generation),
+            Side::Net => net_acl_scope(slot, generation),
+        }
+    }
+}
+
+/// An ACL entry's place: its side and prefix.
+pub type AclPrefix = (Side, IpNet);
+
+/// The `PU_PORTS` keys of a PU's listening ports: one per port of every
+/// TCP and UDP range.
+pub fn port_keys(pu: &Pu) -> BTreeSet<PortKey> {
+    let keys = |proto: u8, ranges: &[PortRange]| -> Vec<PortKey> {
+        ranges
+            .iter()
+            .flat_map(|r| r.start()..=r.end())
+            .map(|port| PortKey::new(proto, port))
+            .collect()
+    };
+    keys(PROTO_TCP, &pu.tcp_ports)
+        .into_iter()
+        .chain(keys(PROTO_UDP, &pu.udp_ports))
+        .collect()
 }
 
 /// One rule per protocol and port range of an ACL.

@@ -10,13 +10,26 @@
 //!   agent), and its ACLs are written as LPM entries under the scope of
 //!   (slot, generation).
 //! - `update` writes the new policy under the other generation, flips the
-//!   slot's generation with one map write, then removes the old entries:
-//!   every connection is judged wholly by the old or wholly by the new
-//!   policy.
+//!   slot's generation with one map write, waits for an RCU grace period
+//!   ([`grace`]: until no hook that read the old generation still runs),
+//!   then removes the old entries: every connection is judged wholly by
+//!   the old or wholly by the new policy, and none misses its entry. Then
+//!   it aborts the PU's sockets that an ACL accepted at `connect()` and
+//!   the new policy refuses ([`super::sockdiag`]): a socket keeps the
+//!   class its connect gave it, nothing re-judges it per packet.
+//! - The network side: a TC ingress program on every interface of the
+//!   agent's namespace (kept there by [`links::Watcher`], `lo` and new
+//!   interfaces included) finds the PU by its listening port
+//!   (`PU_PORTS`) and judges set-up by the PU's network ACLs, written
+//!   beside its application ACLs under the same generation.
+//! - `delete` detaches the hooks and unmaps the cgroup, waits for a grace
+//!   period, then removes the entries and frees the slot for reuse.
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
 //!   ACLs or networks.
 
 mod entries;
+pub mod grace;
+mod links;
 mod netfilter;
 
 use std::{
@@ -30,24 +43,30 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink, links::PinnedLink,
+    },
 };
 use enforcer_common::maps::{
-    AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS, MAP_PU_GENERATION,
-    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PU_PROGRAMS, PuCounts, SCOPE_EXCLUDED,
-    SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, acl_scope,
+    AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
+    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_INGRESS, PU_PROGRAMS, PortKey, PuCounts,
+    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
 };
+use enforcer_common::marks::Class;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 /// `BPF_NOEXIST` (uapi/linux/bpf.h): create an entry, never replace one.
 const BPF_NOEXIST: u64 = 1;
 
+use self::entries::{AclPrefix, Side};
+use self::grace::GracePeriod;
+use super::fault::{self, Faults, Operation};
 use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
-    iptables::exec as nf,
+    iptables::exec as nf, revoke, sockdiag,
 };
-use crate::policy::{IpFamily, Mode, NetworkSettings, Protocol, Pu, PuId, PuKind};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Protocol, Pu, PuId, PuKind};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -57,6 +76,8 @@ struct Loaded {
     pu_by_cgroup: HashMap<MapData, u64, u32>,
     generation: Array<MapData, u32>,
     counts: PerCpuArray<MapData, PuCounts>,
+    ports: HashMap<MapData, PortKey, u32>,
+    grace: GracePeriod,
 }
 
 /// What the datapath holds for one configured PU.
@@ -64,8 +85,17 @@ struct PuState {
     slot: u32,
     generation: u32,
     cgroup_id: u64,
-    /// Prefixes written under (slot, generation).
-    prefixes: BTreeSet<IpNet>,
+    /// Its cgroup directory: the sockets an update cuts are found by it.
+    cgroup: PathBuf,
+    /// Prefixes written under (slot, generation), per side.
+    prefixes: BTreeSet<AclPrefix>,
+    /// Prefixes still written under the other generation: an update whose
+    /// grace period could not be waited for leaves them (deleting them
+    /// could make a running hook miss); the next update removes them
+    /// first.
+    retired: BTreeSet<AclPrefix>,
+    /// Its listening ports in `PU_PORTS`.
+    ports: BTreeSet<PortKey>,
     links: Vec<PinnedLink>,
 }
 
@@ -80,6 +110,10 @@ pub struct EbpfDatapath {
     /// Policy ids get small numbers carried in the rules, for logs.
     policy_ids: BTreeMap<String, u32>,
     acl_prefixes: usize,
+    /// Test-only fault injection ([`fault`]).
+    faults: Faults,
+    /// Keeps TC ingress on every interface, between `run` and `cleanup`.
+    watcher: Option<links::Watcher>,
 }
 
 impl EbpfDatapath {
@@ -93,6 +127,8 @@ impl EbpfDatapath {
             next_slot: 0,
             policy_ids: BTreeMap::new(),
             acl_prefixes: 0,
+            faults: Faults::from_env()?,
+            watcher: None,
         })
     }
 
@@ -108,6 +144,11 @@ impl EbpfDatapath {
 
     fn links_dir(&self) -> PathBuf {
         self.settings.pin_dir.join("links")
+    }
+
+    /// Where the TC ingress program is pinned, for the interface watcher.
+    fn ingress_pin(&self) -> PathBuf {
+        self.settings.pin_dir.join("progs").join(PROG_INGRESS)
     }
 
     /// Loads the object with the mark layout patched in, pins its maps.
@@ -128,6 +169,20 @@ impl EbpfDatapath {
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
         }
+        let ingress_pin = self.ingress_pin();
+        if let Some(dir) = ingress_pin.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let ingress: &mut SchedClassifier = bpf
+            .program_mut(PROG_INGRESS)
+            .with_context(|| format!("program {PROG_INGRESS} missing from the object"))?
+            .try_into()?;
+        ingress
+            .load()
+            .with_context(|| format!("loading program {PROG_INGRESS}"))?;
+        ingress
+            .pin(&ingress_pin)
+            .with_context(|| format!("pinning {}", ingress_pin.display()))?;
         let maps_dir = self.maps_dir();
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating {}", maps_dir.display()))?;
@@ -147,6 +202,8 @@ impl EbpfDatapath {
             pu_by_cgroup: take(MAP_PU_BY_CGROUP)?.try_into()?,
             generation: take(MAP_PU_GENERATION)?.try_into()?,
             counts: take(MAP_PU_COUNTS)?.try_into()?,
+            ports: take(MAP_PU_PORTS)?.try_into()?,
+            grace: GracePeriod::new()?,
             bpf,
         })
     }
@@ -156,18 +213,25 @@ impl EbpfDatapath {
         *self.policy_ids.entry(id.to_string()).or_insert(next)
     }
 
-    /// Builds a PU's application-side ACL entries.
-    fn entries_for(&mut self, pu: &Pu) -> Result<BTreeMap<IpNet, AclEntry>> {
-        let ids: Vec<String> = pu
-            .application_acls
-            .iter()
-            .map(|a| a.policy_id.as_str().to_string())
-            .collect();
-        let indexes: BTreeMap<String, u32> = ids
-            .iter()
-            .map(|id| (id.clone(), self.policy_index(id)))
-            .collect();
-        entries::acl_entries(&pu.application_acls, |acl| indexes[acl.policy_id.as_str()])
+    /// Builds a PU's ACL entries, both sides.
+    fn entries_for(&mut self, pu: &Pu) -> Result<BTreeMap<AclPrefix, AclEntry>> {
+        let mut all = BTreeMap::new();
+        for (side, acls) in [
+            (Side::App, &pu.application_acls),
+            (Side::Net, &pu.network_acls),
+        ] {
+            let indexes: BTreeMap<String, u32> = acls
+                .iter()
+                .map(|a| a.policy_id.as_str().to_string())
+                .map(|id| {
+                    let index = self.policy_index(&id);
+                    (id, index)
+                })
+                .collect();
+            let side_entries = entries::acl_entries(acls, |acl| indexes[acl.policy_id.as_str()])?;
+            all.extend(side_entries.into_iter().map(|(net, e)| ((side, net), e)));
+        }
+        Ok(all)
     }
 
     /// Refuses what this datapath cannot enforce yet, before any change:
@@ -186,12 +250,6 @@ impl EbpfDatapath {
             return unsupported(&format!("PU kind {}", pu.kind.name()));
         }
         let not_yet = [
-            (
-                !pu.network_acls.is_empty(),
-                "network_acls (incoming policy)",
-            ),
-            (!pu.tcp_ports.is_empty(), "tcp_ports (incoming policy)"),
-            (!pu.udp_ports.is_empty(), "udp_ports (incoming policy)"),
             (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
             (
                 pu.dns_proxy_port.is_some(),
@@ -212,15 +270,13 @@ impl EbpfDatapath {
         // The hooks see connect() and UDP sendmsg(): ICMP (ping and raw
         // sockets) passes them by, so an ICMP ACL could not be enforced.
         let icmp = |p: &Protocol| matches!(p, Protocol::Icmp | Protocol::Icmpv6);
-        if let Some(i) = pu
-            .application_acls
-            .iter()
-            .position(|a| a.protocols.iter().any(icmp))
-        {
-            return unsupported(&format!(
-                "PU {}: application_acls[{i}] protocol icmp",
-                pu.id
-            ));
+        for (field, acls) in [
+            ("application_acls", &pu.application_acls),
+            ("network_acls", &pu.network_acls),
+        ] {
+            if let Some(i) = acls.iter().position(|a| a.protocols.iter().any(icmp)) {
+                return unsupported(&format!("PU {}: {field}[{i}] protocol icmp", pu.id));
+            }
         }
         Ok(())
     }
@@ -235,8 +291,14 @@ impl EbpfDatapath {
         }
     }
 
-    /// Writes ACL entries under a scope; on failure removes what it wrote.
-    fn write_acls(&mut self, scope: u32, entries: &BTreeMap<IpNet, AclEntry>) -> Result<()> {
+    /// Writes a PU slot's ACL entries under a generation; on failure
+    /// removes what it wrote.
+    fn write_acls(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        entries: &BTreeMap<AclPrefix, AclEntry>,
+    ) -> Result<()> {
         if self.acl_prefixes + entries.len() > MAX_ACL_PREFIXES as usize {
             return Err(DatapathError::Full {
                 what: "the ACL map".into(),
@@ -245,8 +307,8 @@ impl EbpfDatapath {
         }
         let loaded = self.loaded()?;
         let mut written = Vec::new();
-        for (net, entry) in entries {
-            let (bits, data) = entries::net_key(scope, *net);
+        for (&(side, net), entry) in entries {
+            let (bits, data) = entries::net_key(side.scope(slot, generation), net);
             let key = Key::new(bits, data);
             if let Err(e) = loaded.acls.insert(&key, entry, 0) {
                 for key in &written {
@@ -262,10 +324,10 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    fn remove_acls(&mut self, scope: u32, prefixes: &BTreeSet<IpNet>) {
+    fn remove_acls(&mut self, slot: u32, generation: u32, prefixes: &BTreeSet<AclPrefix>) {
         let Ok(loaded) = self.loaded() else { return };
-        for net in prefixes {
-            let (bits, data) = entries::net_key(scope, *net);
+        for &(side, net) in prefixes {
+            let (bits, data) = entries::net_key(side.scope(slot, generation), net);
             if let Err(e) = loaded.acls.remove(&Key::new(bits, data)) {
                 debug!("removing ACL entry {net}: {e}");
             }
@@ -273,14 +335,19 @@ impl EbpfDatapath {
         self.acl_prefixes = self.acl_prefixes.saturating_sub(prefixes.len());
     }
 
-    /// Attaches both connect hooks to a cgroup and pins the links.
-    fn attach(&mut self, slot: u32, cgroup: &Path) -> Result<Vec<PinnedLink>> {
+    /// Attaches every PU hook to a cgroup and pins the links. With `fault`
+    /// (test-only), the last attach fails in place of being done.
+    fn attach(&mut self, slot: u32, cgroup: &Path, fault: bool) -> Result<Vec<PinnedLink>> {
         let links_dir = self.links_dir();
         let loaded = self.loaded()?;
         let dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut pinned = Vec::new();
-        for name in PU_PROGRAMS {
+        for (i, name) in PU_PROGRAMS.into_iter().enumerate() {
+            if fault && i + 1 == PU_PROGRAMS.len() {
+                detach(pinned);
+                return Err(injected(&format!("attaching {name}")));
+            }
             let prog: &mut CgroupSockAddr = loaded
                 .bpf
                 .program_mut(name)
@@ -336,7 +403,9 @@ impl EbpfDatapath {
     /// change, all or nothing: every addition (across all sets) first, then
     /// every removal, so a network moving from one set to another is never
     /// in neither; on a failure the entries already changed are put back.
-    fn write_sets(&mut self, wanted: BTreeMap<u32, BTreeSet<IpNet>>) -> Result<()> {
+    /// With `fault` (test-only), the last write fails in place of being
+    /// done.
+    fn write_sets(&mut self, wanted: BTreeMap<u32, BTreeSet<IpNet>>, fault: bool) -> Result<()> {
         let mut added = Vec::new();
         let mut removed = Vec::new();
         for scope in [SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, SCOPE_EXCLUDED] {
@@ -363,27 +432,80 @@ impl EbpfDatapath {
         }
         let nets = &mut self.loaded()?.nets;
         let key = |&(bits, data): &(u32, NetKey)| Key::new(bits, data);
+        let writes = added.len() + removed.len();
+        let strikes = |n: usize| fault && n + 1 == writes;
         for (i, k) in added.iter().enumerate() {
-            if let Err(e) = nets.insert(&key(k), 1, 0) {
+            let written = match strikes(i) {
+                true => Err(injected("adding to the network sets")),
+                false => nets
+                    .insert(&key(k), 1, 0)
+                    .map_err(|e| anyhow!(e).context("adding to the network sets").into()),
+            };
+            if let Err(e) = written {
                 for k in &added[..i] {
                     let _ = nets.remove(&key(k));
                 }
-                return Err(anyhow!(e).context("adding to the network sets").into());
+                return Err(e);
             }
         }
         for (i, k) in removed.iter().enumerate() {
-            if let Err(e) = nets.remove(&key(k)) {
+            let written = match strikes(added.len() + i) {
+                true => Err(injected("removing from the network sets")),
+                false => nets
+                    .remove(&key(k))
+                    .map_err(|e| anyhow!(e).context("removing from the network sets").into()),
+            };
+            if let Err(e) = written {
                 for k in &removed[..i] {
                     let _ = nets.insert(&key(k), 1, 0);
                 }
                 for k in &added {
                     let _ = nets.remove(&key(k));
                 }
-                return Err(anyhow!(e).context("removing from the network sets").into());
+                return Err(e);
             }
         }
         self.sets = wanted;
         Ok(())
+    }
+
+    /// Maps `ports` to `slot` (BPF_NOEXIST: a port another PU holds is an
+    /// error, never taken over); on failure removes what it wrote.
+    fn add_ports(&mut self, slot: u32, ports: &BTreeSet<PortKey>) -> Result<()> {
+        let map = &mut self.loaded()?.ports;
+        let mut written = Vec::new();
+        for key in ports {
+            if let Err(e) = map.insert(key, slot, BPF_NOEXIST) {
+                for key in &written {
+                    let _ = map.remove(key);
+                }
+                return Err(anyhow!(e)
+                    .context(format!(
+                        "mapping port {}/{} (is it another PU's?)",
+                        key.port,
+                        if key.proto == enforcer_common::maps::PROTO_TCP {
+                            "tcp"
+                        } else {
+                            "udp"
+                        }
+                    ))
+                    .into());
+            }
+            written.push(*key);
+        }
+        Ok(())
+    }
+
+    /// Unmaps `ports`, each only while it is still `slot`'s.
+    fn remove_ports(&mut self, slot: u32, ports: &BTreeSet<PortKey>) {
+        let Ok(loaded) = self.loaded() else { return };
+        for key in ports {
+            if loaded.ports.get(key, 0).ok() == Some(slot)
+                && let Err(e) = loaded.ports.remove(key)
+            {
+                debug!("removing port {key:?}: {e}");
+            }
+        }
     }
 
     fn slot_counts(&self, slot: u32) -> Result<PacketCounts> {
@@ -449,6 +571,7 @@ impl Datapath for EbpfDatapath {
             nf::restore(family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
         }
+        self.watcher = Some(links::Watcher::start(self.ingress_pin(), self.links_dir())?);
         info!(pin_dir = %self.settings.pin_dir.display(), "eBPF datapath loaded");
         Ok(())
     }
@@ -465,7 +588,8 @@ impl Datapath for EbpfDatapath {
                 wanted.entry(scope).or_default().extend(list);
             }
         }
-        self.write_sets(wanted)
+        let fault = self.faults.strikes(Operation::SetTargetNetworks);
+        self.write_sets(wanted, fault)
     }
 
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
@@ -479,19 +603,20 @@ impl Datapath for EbpfDatapath {
             .ino();
         let entries = self.entries_for(pu)?;
         let generation = u32::from(version & 1);
+        let fault = self.faults.strikes(Operation::Configure);
         let slot = self.take_slot()?;
         let undo_slot = |this: &mut Self| this.free_slots.push(slot);
         if let Err(e) = self.reset_counts(slot) {
             undo_slot(self);
             return Err(e);
         }
-        if let Err(e) = self.write_acls(acl_scope(slot, generation), &entries) {
+        if let Err(e) = self.write_acls(slot, generation, &entries) {
             undo_slot(self);
             return Err(e);
         }
-        let prefixes: BTreeSet<IpNet> = entries.keys().copied().collect();
+        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
         let undo_acls = |this: &mut Self| {
-            this.remove_acls(acl_scope(slot, generation), &prefixes);
+            this.remove_acls(slot, generation, &prefixes);
             this.free_slots.push(slot);
         };
         let published = self.loaded().and_then(|l| {
@@ -507,18 +632,25 @@ impl Datapath for EbpfDatapath {
                 })?;
             Ok(())
         });
+        let unmap_cgroup = |this: &mut Self| {
+            if let Ok(l) = this.loaded()
+                && l.pu_by_cgroup.get(&cgroup_id, 0).ok() == Some(slot)
+            {
+                let _ = l.pu_by_cgroup.remove(&cgroup_id);
+            }
+        };
+        let ports = entries::port_keys(pu);
+        let published = published.and_then(|()| self.add_ports(slot, &ports));
         if let Err(e) = published {
+            unmap_cgroup(self);
             undo_acls(self);
             return Err(e);
         }
-        let links = match self.attach(slot, &cgroup) {
+        let links = match self.attach(slot, &cgroup, fault) {
             Ok(links) => links,
             Err(e) => {
-                if let Ok(l) = self.loaded()
-                    && l.pu_by_cgroup.get(&cgroup_id, 0).ok() == Some(slot)
-                {
-                    let _ = l.pu_by_cgroup.remove(&cgroup_id);
-                }
+                self.remove_ports(slot, &ports);
+                unmap_cgroup(self);
                 undo_acls(self);
                 return Err(e);
             }
@@ -529,7 +661,10 @@ impl Datapath for EbpfDatapath {
                 slot,
                 generation,
                 cgroup_id,
+                cgroup: cgroup.clone(),
                 prefixes,
+                retired: BTreeSet::new(),
+                ports,
                 links,
             },
         );
@@ -558,22 +693,51 @@ impl Datapath for EbpfDatapath {
             )
             .into());
         }
+        self.clear_retired(&old.id)?;
         let entries = self.entries_for(new)?;
-        self.write_acls(acl_scope(slot, generation), &entries)?;
-        let prefixes: BTreeSet<IpNet> = entries.keys().copied().collect();
-        // The switch: one map write.
-        if let Err(e) = self.loaded().and_then(|l| {
-            Ok(l.generation
-                .set(slot, generation, 0)
-                .context("flipping the PU generation")?)
-        }) {
-            self.remove_acls(acl_scope(slot, generation), &prefixes);
+        let fault = self.faults.strikes(Operation::Update);
+        self.write_acls(slot, generation, &entries)?;
+        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
+        // New ports are mapped before the switch, old-only ones unmapped
+        // after it: a port in both policies is never unmapped.
+        let old_ports = self.pus[&old.id].ports.clone();
+        let ports = entries::port_keys(new);
+        let added_ports: BTreeSet<PortKey> = ports.difference(&old_ports).copied().collect();
+        if let Err(e) = self.add_ports(slot, &added_ports) {
+            self.remove_acls(slot, generation, &prefixes);
             return Err(e);
         }
-        self.remove_acls(acl_scope(slot, old_generation), &old_prefixes);
+        // The switch: one map write (with `fault`, test-only, it fails in
+        // place of being done: the last write of an update).
+        let flipped = match fault {
+            true => Err(injected("flipping the PU generation")),
+            false => self.loaded().and_then(|l| {
+                Ok(l.generation
+                    .set(slot, generation, 0)
+                    .context("flipping the PU generation")?)
+            }),
+        };
+        if let Err(e) = flipped {
+            // No hook can have read the new generation: its entries go now.
+            self.remove_acls(slot, generation, &prefixes);
+            self.remove_ports(slot, &added_ports);
+            return Err(e);
+        }
+        let removed_ports: BTreeSet<PortKey> = old_ports.difference(&ports).copied().collect();
+        self.remove_ports(slot, &removed_ports);
         let state = self.pus.get_mut(&old.id).expect("checked above");
         state.generation = generation;
         state.prefixes = prefixes;
+        state.retired = old_prefixes;
+        state.ports = ports;
+        // The new policy is in force from here on: what follows cannot
+        // undo it, so its failures are logged, not returned (the record of
+        // what is in force must stay true).
+        if let Err(e) = self.clear_retired(&old.id) {
+            warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
+        }
+        let cgroup = self.pus[&old.id].cgroup.clone();
+        self.cut_refused(new, &cgroup);
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -583,6 +747,8 @@ impl Datapath for EbpfDatapath {
             return Ok(());
         };
         detach(state.links);
+        self.remove_ports(state.slot, &state.ports);
+        let mut waited = Err(anyhow!("the datapath is not running"));
         if let Ok(l) = self.loaded() {
             // Only if the entry is still this PU's own.
             if l.pu_by_cgroup.get(&state.cgroup_id, 0).ok() == Some(state.slot)
@@ -590,14 +756,30 @@ impl Datapath for EbpfDatapath {
             {
                 debug!("removing PU cgroup entry: {e}");
             }
+            // A hook that found the slot before the detach may still be
+            // looking up its entries; and the slot must not be reused
+            // under a hook that still holds it.
+            waited = l.grace.wait();
         }
-        self.remove_acls(acl_scope(state.slot, state.generation), &state.prefixes);
-        self.free_slots.push(state.slot);
+        match waited {
+            Ok(_) => {
+                self.remove_acls(state.slot, state.generation, &state.prefixes);
+                self.remove_acls(state.slot, state.generation ^ 1, &state.retired);
+                self.free_slots.push(state.slot);
+            }
+            Err(e) => warn!(
+                pu = %pu.id,
+                slot = state.slot,
+                "no grace period ({e:#}): the PU's entries and slot stay unused until the next run"
+            ),
+        }
         info!(pu = %pu.id, "PU deleted");
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<()> {
+        // Stop attaching to new interfaces before the pins go.
+        self.watcher = None;
         for (_, state) in std::mem::take(&mut self.pus) {
             detach(state.links);
         }
@@ -638,6 +820,72 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
+    /// Removes the entries a PU's inactive generation still holds, once a
+    /// grace period has passed (no hook can be using them any more). On
+    /// failure nothing is removed.
+    fn clear_retired(&mut self, id: &PuId) -> Result<()> {
+        let state = self
+            .pus
+            .get(id)
+            .ok_or_else(|| DatapathError::UnknownPu(id.clone()))?;
+        if state.retired.is_empty() {
+            return Ok(());
+        }
+        let (slot, generation, retired) = (state.slot, state.generation ^ 1, state.retired.clone());
+        let waited = self
+            .loaded()?
+            .grace
+            .wait()
+            .context("waiting for the hooks to let go of the old policy (RCU grace period)")?;
+        debug!(pu = %id, ?waited, "grace period over");
+        self.remove_acls(slot, generation, &retired);
+        self.pus.get_mut(id).expect("checked above").retired.clear();
+        Ok(())
+    }
+
+    /// Aborts the sockets of the PU's cgroup that an ACL accepted when they
+    /// connected (class `AclAccept` in their mark, so outgoing ones) and
+    /// that `pu`, now in force, refuses. Best effort: the policy is in
+    /// force whatever happens here, so a failure is logged loudly.
+    fn cut_refused(&self, pu: &Pu, cgroup: &Path) {
+        let networks = self.networks();
+        let marks = self.settings.marks;
+        let accepted = |mark: u32| mark & marks.class_mask() == marks.class(Class::AclAccept);
+        let cut = |socket: &sockdiag::Socket| {
+            let setup = revoke::Setup {
+                protocol: socket.protocol,
+                peer: socket.remote.ip(),
+                port: socket.remote.port(),
+            };
+            socket.mark.is_some_and(accepted) && revoke::refused_now(pu, &networks, setup)
+        };
+        match sockdiag::abort_sockets(cgroup, cut) {
+            Ok(cut) if cut.is_empty() => {}
+            Ok(cut) => {
+                info!(pu = %pu.id, sockets = cut.len(), "connections the new policy refuses cut")
+            }
+            Err(e) => tracing::error!(
+                pu = %pu.id,
+                "the new policy is in force, but cutting the connections it refuses failed: {e:#}"
+            ),
+        }
+    }
+
+    /// The global sets as a policy sees them, both families together.
+    fn networks(&self) -> FamilyNetworks {
+        let set = |scope| {
+            self.sets
+                .get(&scope)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        FamilyNetworks {
+            target_tcp: set(SCOPE_TARGET_TCP),
+            target_udp: set(SCOPE_TARGET_UDP),
+            excluded: set(SCOPE_EXCLUDED),
+        }
+    }
+
     /// `update` across cgroups: configure the new attachment, then delete
     /// the old, so the PU is never without a policy.
     fn configure_replacing(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
@@ -659,4 +907,14 @@ impl EbpfDatapath {
             }
         }
     }
+}
+
+/// The error of a test-only injected fault ([`fault`]), naming the step it
+/// stands for.
+fn injected(step: &str) -> DatapathError {
+    anyhow!(
+        "{step}: fault injected on purpose ({}, test-only)",
+        fault::ENV
+    )
+    .into()
 }

@@ -1,11 +1,13 @@
 //! Running the netfilter tools: `iptables-restore` / `ip6tables-restore`,
-//! `iptables-save` / `ip6tables-save` and `ipset`, in the calling thread's
-//! network namespace. The only I/O of the iptables datapath; the eBPF
-//! datapath uses it for its fixed rules too.
+//! `iptables-save` / `ip6tables-save`, `ipset` and `conntrack`, in the
+//! calling thread's network namespace, and aborting sockets
+//! ([`crate::datapath::sockdiag`]). The only I/O of the iptables datapath;
+//! the eBPF datapath uses it for its fixed rules too.
 //!
 //! Every program gets a fixed argument list; rules and set contents go to
 //! its stdin as restore text, so no policy string is ever a command-line
-//! argument and nothing runs through a shell. A failure names the command,
+//! argument and nothing runs through a shell. `conntrack` arguments are
+//! formatted from parsed addresses and numbers ([`conntrack`]). A failure names the command,
 //! its exit status, its stderr and, when the tool names a line of its
 //! input, that line.
 //!
@@ -20,6 +22,8 @@ use tracing::debug;
 
 use super::rules::{Table, section};
 use super::{save, sets};
+use crate::datapath::conntrack::{self, Flow};
+use crate::datapath::sockdiag;
 use crate::naming;
 use crate::policy::{IpFamily, PerFamily};
 
@@ -29,6 +33,7 @@ pub struct Tools {
     pub restore: PerFamily<&'static str>,
     pub save: PerFamily<&'static str>,
     pub ipset: &'static str,
+    pub conntrack: &'static str,
 }
 
 /// The alternatives-selected flavour (nf_tables on Debian).
@@ -42,6 +47,7 @@ pub const TOOLS: Tools = Tools {
         v6: "ip6tables-save",
     },
     ipset: "ipset",
+    conntrack: "conntrack",
 };
 
 /// Applies restore text to the family's tables without flushing what is
@@ -85,13 +91,54 @@ pub fn cleanup_all() -> Result<()> {
     remove_everything(&System)
 }
 
-/// The tool calls the iptables datapath makes. [`System`] runs the real
-/// tools; the datapath's tests substitute a recording fake.
+/// The conntrack entries of `family` whose mark matches `value` under
+/// `mask`: TCP and UDP ones, original direction.
+pub fn conntrack_flows(family: IpFamily, value: u32, mask: u32) -> Result<Vec<Flow>> {
+    let args = conntrack::list_args(family, value, mask);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(conntrack::parse_list(&run(TOOLS.conntrack, &args, None)?))
+}
+
+/// Deletes the conntrack entry of `flow` while its mark still matches
+/// `value` under `mask`; `Ok(false)` if there was none (it ended).
+pub fn conntrack_delete(flow: &Flow, value: u32, mask: u32) -> Result<bool> {
+    let args = conntrack::delete_args(flow, value, mask);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match run(TOOLS.conntrack, &args, None) {
+        Ok(_) => Ok(true),
+        Err(e) if conntrack::nothing_deleted(&e.to_string()) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Aborts the sockets created in the cgroup tree at `cgroup` whose
+/// connection is one of `flows` (local end = the flow's source, peer = its
+/// destination: outgoing connections). Returns how many.
+pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize> {
+    let outgoing = |socket: &sockdiag::Socket| {
+        flows.iter().any(|f| {
+            f.protocol == socket.protocol
+                && std::net::SocketAddr::new(f.src.to_canonical(), f.sport) == socket.local
+                && std::net::SocketAddr::new(f.dst.to_canonical(), f.dport) == socket.remote
+        })
+    };
+    Ok(sockdiag::abort_sockets(cgroup, outgoing)?.len())
+}
+
+/// The kernel calls the iptables datapath makes: the netfilter tools, and
+/// cutting revoked connections. [`System`] does them for real; the
+/// datapath's tests substitute a recording fake.
 pub trait Netfilter: Send + Sync {
     fn restore(&self, family: IpFamily, text: &str) -> Result<()>;
     fn save(&self, family: IpFamily, table: Table, counters: bool) -> Result<String>;
     fn ipset_restore(&self, text: &str) -> Result<()>;
     fn ipset_names(&self) -> Result<Vec<String>>;
+    /// [`conntrack_flows`].
+    fn conntrack_flows(&self, family: IpFamily, value: u32, mask: u32) -> Result<Vec<Flow>>;
+    /// [`conntrack_delete`].
+    fn conntrack_delete(&self, flow: &Flow, value: u32, mask: u32) -> Result<bool>;
+    /// [`abort_flow_sockets`].
+    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize>;
 }
 
 /// The real tools, in the calling thread's network namespace.
@@ -113,6 +160,18 @@ impl Netfilter for System {
 
     fn ipset_names(&self) -> Result<Vec<String>> {
         ipset_names()
+    }
+
+    fn conntrack_flows(&self, family: IpFamily, value: u32, mask: u32) -> Result<Vec<Flow>> {
+        conntrack_flows(family, value, mask)
+    }
+
+    fn conntrack_delete(&self, flow: &Flow, value: u32, mask: u32) -> Result<bool> {
+        conntrack_delete(flow, value, mask)
+    }
+
+    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize> {
+        abort_flow_sockets(cgroup, flows)
     }
 }
 

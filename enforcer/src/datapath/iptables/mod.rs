@@ -22,6 +22,11 @@
 //! `iptables-restore` per family; a later failure undoes the earlier
 //! steps. This slice handles `local-server` mode and linux-process PUs;
 //! anything else is refused before any change.
+//!
+//! After an update's commit, the connections only the old policy allowed
+//! are cut ([`IptablesDatapath::cut_revoked`]): an ACL's accept marks the
+//! connection, and the main chains accept every later packet of a marked
+//! connection without asking the PU's chain again.
 
 pub mod exec;
 pub mod global;
@@ -33,15 +38,26 @@ pub mod sets;
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context as _, anyhow};
+use enforcer_common::marks::Kind;
 use ipnet::IpNet;
-use tracing::warn;
+use tracing::{info, warn};
 
 use self::exec::{Netfilter, System};
 use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
+use super::fault::{Faults, Operation};
+use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::naming::{GlobalSet, MAIN_CHAINS, NameRegistry, ShortName};
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId, PuKind};
+
+/// Test-only ([`fault`]): a rule whose chain never exists, so that the
+/// `iptables-restore` it ends fails as a whole, as a real failure would.
+const FAULT_RULE: &str = "-A enforcer-test-fault -j ACCEPT";
+/// Test-only ([`fault`]): a line naming a set that never exists;
+/// `ipset restore` applies the lines before it, then fails, as it does on
+/// a real failure.
+const FAULT_SET_LINE: &str = "add enforcer-test-fault 0.0.0.0\n";
 
 /// A PU as installed.
 #[derive(Debug)]
@@ -64,11 +80,15 @@ pub struct IptablesDatapath {
     pus: BTreeMap<PuId, Installed>,
     /// What the global sets hold; `None` until `run` has created them.
     targets: Option<PerFamily<FamilyNetworks>>,
+    /// Test-only fault injection ([`fault`]).
+    faults: Faults,
 }
 
 impl IptablesDatapath {
     pub fn new(settings: DatapathSettings) -> Result<Self> {
-        Ok(Self::with_netfilter(settings, Box::new(System)))
+        let mut datapath = Self::with_netfilter(settings, Box::new(System));
+        datapath.faults = Faults::from_env()?;
+        Ok(datapath)
     }
 
     fn with_netfilter(settings: DatapathSettings, nf: Box<dyn Netfilter>) -> Self {
@@ -78,6 +98,7 @@ impl IptablesDatapath {
             names: NameRegistry::new(),
             pus: BTreeMap::new(),
             targets: None,
+            faults: Faults::none(),
         }
     }
 
@@ -104,14 +125,20 @@ impl IptablesDatapath {
 
     /// Applies `rendered(family)` to each family's mangle table in turn;
     /// if one fails, applies `undo(family)` to those already done. Returns
-    /// the failure, with the undo's own failures attached.
+    /// the failure, with the undo's own failures attached. With `fault`
+    /// (test-only), the last family's restore is made to fail.
     fn apply_per_family(
         &self,
         rendered: impl Fn(&Ctx) -> Vec<String>,
         undo: impl Fn(&Ctx) -> Vec<String>,
+        fault: bool,
     ) -> anyhow::Result<()> {
         for (done, family) in IpFamily::ALL.into_iter().enumerate() {
-            let text = section(Table::Mangle, &rendered(&self.ctx(family)));
+            let mut lines = rendered(&self.ctx(family));
+            if fault && done + 1 == IpFamily::ALL.len() {
+                lines.push(FAULT_RULE.to_owned());
+            }
+            let text = section(Table::Mangle, &lines);
             if let Err(e) = self.nf.restore(family, &text) {
                 let mut e = e.context(format!("applying the {family} rules"));
                 for earlier in &IpFamily::ALL[..done] {
@@ -154,8 +181,9 @@ impl IptablesDatapath {
         }
     }
 
-    /// configure's steps once the name is assigned.
-    fn install(&self, plan: &PuPlan) -> Result<()> {
+    /// configure's steps once the name is assigned; with `fault`
+    /// (test-only), the last one fails.
+    fn install(&self, plan: &PuPlan, fault: bool) -> Result<()> {
         let specs: Vec<sets::SetSpec> = IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)).collect();
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         if let Err(e) = self.nf.ipset_restore(&sets::create(&specs)) {
@@ -163,15 +191,18 @@ impl IptablesDatapath {
             let e = e.context("creating the PU's sets");
             return Err(self.undo_sets(e, self.destroy_sets(&names)));
         }
-        if let Err(e) = self.apply_per_family(|ctx| plan.install(ctx), |ctx| plan.remove(ctx)) {
+        if let Err(e) =
+            self.apply_per_family(|ctx| plan.install(ctx), |ctx| plan.remove(ctx), fault)
+        {
             return Err(self.undo_sets(e, self.destroy_sets(&names)));
         }
         Ok(())
     }
 
     /// update's steps: new ACL sets and port changes, then per family one
-    /// commit that installs the new version and removes the old.
-    fn replace(&self, new: &PuPlan, old: &PuPlan) -> Result<()> {
+    /// commit that installs the new version and removes the old; with
+    /// `fault` (test-only), the last commit fails.
+    fn replace(&self, new: &PuPlan, old: &PuPlan, fault: bool) -> Result<()> {
         let new_sets: Vec<sets::SetSpec> = IpFamily::ALL
             .iter()
             .flat_map(|&f| new.acl_sets(f))
@@ -203,7 +234,8 @@ impl IptablesDatapath {
         }
         let swap =
             |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
-        if let Err(e) = self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx))
+        if let Err(e) =
+            self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx), fault)
         {
             return Err(self.undo_sets(e, revert_sets()));
         }
@@ -257,6 +289,75 @@ impl IptablesDatapath {
             true => Ok(()),
             false => Err(anyhow!(failures.join("; "))),
         }
+    }
+
+    /// After an update from `old` to `new`: cuts the connections the old
+    /// policy's ACLs accepted and the new one refuses ([`revoke::revoked`]).
+    ///
+    /// An ACL's accept marks the connection (kind `ExternalAccepted`), and
+    /// the main chains accept every later packet of a marked connection,
+    /// so the new chain never sees them. Such flows are found in conntrack
+    /// by that mark and judged by their original direction (destination,
+    /// protocol, port) against both policies. Conntrack does not know the
+    /// PU: another PU's marked flow to the same destination is forgotten
+    /// too, and re-judged by its own PU's chain on its next packet
+    /// (`nf_conntrack_tcp_loose` picks a mid-stream packet up as NEW), which
+    /// accepts and marks it again if its policy allows it.
+    ///
+    /// First the PU's own sockets of those flows are aborted: the
+    /// application sees ECONNABORTED, and the RST leaves through the entry
+    /// still marked, so the peer sees it too. Forgetting the entry alone
+    /// would not do for them: if the peer's packet came first after the
+    /// deletion, conntrack would pick the flow up in the reverse
+    /// direction, and the PU chain accepts replies of an ESTABLISHED flow.
+    /// Then the entries are deleted, which covers unconnected UDP (no
+    /// socket names the peer): its next datagram is NEW and meets the new
+    /// chain.
+    fn cut_revoked(&self, old: &Pu, new: &Pu) -> anyhow::Result<()> {
+        let targets = self.targets.as_ref().ok_or_else(not_running)?;
+        let networks = FamilyNetworks {
+            target_tcp: [&targets.v4.target_tcp[..], &targets.v6.target_tcp].concat(),
+            target_udp: [&targets.v4.target_udp[..], &targets.v6.target_udp].concat(),
+            excluded: [&targets.v4.excluded[..], &targets.v6.excluded].concat(),
+        };
+        let marks = self.settings.marks;
+        let (value, mask) = (marks.kind(Kind::ExternalAccepted), marks.kind_mask());
+        let mut revoked = Vec::new();
+        for family in IpFamily::ALL {
+            let flows = self
+                .nf
+                .conntrack_flows(family, value, mask)
+                .with_context(|| format!("listing the accepted {family} flows"))?;
+            revoked.extend(flows.into_iter().filter(|flow| {
+                let setup = Setup {
+                    protocol: flow.protocol,
+                    peer: flow.dst,
+                    port: flow.dport,
+                };
+                revoke::revoked(old, new, &networks, setup)
+            }));
+        }
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let PuKind::LinuxProcess { cgroup } = &new.kind else {
+            return Err(anyhow!("PU {} is not a linux-process PU", new.id));
+        };
+        let cgroup = self.settings.cgroup2.join(cgroup.as_path());
+        let sockets = self.nf.abort_flow_sockets(&cgroup, &revoked);
+        let mut forgotten = 0;
+        for flow in &revoked {
+            forgotten += usize::from(self.nf.conntrack_delete(flow, value, mask)?);
+        }
+        info!(
+            pu = %new.id,
+            flows = revoked.len(),
+            forgotten,
+            "connections only the old policy allowed are cut"
+        );
+        let sockets = sockets.context("aborting the PU's sockets of those flows")?;
+        tracing::debug!(pu = %new.id, sockets, "sockets aborted");
+        Ok(())
     }
 
     fn forget_everything(&mut self) {
@@ -345,10 +446,14 @@ impl Datapath for IptablesDatapath {
             v4: networks.for_family(IpFamily::V4),
             v6: networks.for_family(IpFamily::V6),
         };
-        let forward = network_changes(current, &wanted);
+        let mut forward = network_changes(current, &wanted);
         if forward.is_empty() {
             return Ok(());
         }
+        if self.faults.strikes(Operation::SetTargetNetworks) {
+            forward += FAULT_SET_LINE;
+        }
+        let current = self.targets.as_ref().ok_or_else(not_running)?;
         if let Err(e) = self.nf.ipset_restore(&forward) {
             let e = e.context("changing the target and excluded networks");
             // Every line carries -exist: the reverse difference restores
@@ -367,7 +472,8 @@ impl Datapath for IptablesDatapath {
             return Err(anyhow!(message).into());
         }
         let short = self.names.assign(&pu.id).map_err(anyhow::Error::from)?;
-        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&plan));
+        let fault = self.faults.strikes(Operation::Configure);
+        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&plan, fault));
         if let Err(e) = result {
             self.names.release(&pu.id);
             return Err(e);
@@ -405,9 +511,10 @@ impl Datapath for IptablesDatapath {
         }
         let old_plan = installed.plan()?;
         let new_plan = PuPlan::new(new, &installed.short, version)?;
-        self.replace(&new_plan, &old_plan)?;
+        let fault = self.faults.strikes(Operation::Update);
+        self.replace(&new_plan, &old_plan, fault)?;
         let short = installed.short.clone();
-        self.pus.insert(
+        let replaced = self.pus.insert(
             new.id.clone(),
             Installed {
                 pu: new.clone(),
@@ -415,6 +522,18 @@ impl Datapath for IptablesDatapath {
                 version,
             },
         );
+        // The new policy is in force: cutting what it no longer allows
+        // cannot undo it, so a failure there is logged, not returned (the
+        // record of what is in force must stay true).
+        if let Some(old) = replaced
+            && let Err(e) = self.cut_revoked(&old.pu, new)
+        {
+            tracing::error!(
+                pu = %new.id,
+                "the new policy is in force, but cutting the connections only the old one \
+                 allowed failed: {e:#}"
+            );
+        }
         Ok(())
     }
 
@@ -473,8 +592,9 @@ mod tests {
     use enforcer_common::marks::MarkLayout;
 
     use super::*;
+    use crate::datapath::conntrack::Flow;
     use crate::policy::{
-        Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, PuKind, QueueSettings,
+        Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, QueueSettings,
     };
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,6 +602,9 @@ mod tests {
         Restore(IpFamily, String),
         Save(IpFamily),
         Ipset(String),
+        ConntrackList(IpFamily),
+        ConntrackDelete(Flow),
+        AbortSockets(PathBuf, Vec<Flow>),
     }
 
     type Failure = fn(&Call) -> bool;
@@ -491,6 +614,8 @@ mod tests {
         calls: Vec<Call>,
         sets: BTreeSet<String>,
         fail: Option<Failure>,
+        /// What conntrack lists (its mark filter is not modelled).
+        flows: Vec<Flow>,
     }
 
     #[derive(Clone, Default)]
@@ -554,6 +679,25 @@ mod tests {
         }
         fn ipset_names(&self) -> anyhow::Result<Vec<String>> {
             Ok(self.sets().into_iter().collect())
+        }
+        fn conntrack_flows(&self, family: IpFamily, _: u32, _: u32) -> anyhow::Result<Vec<Flow>> {
+            self.call(Call::ConntrackList(family))?;
+            let flows = self.0.lock().unwrap().flows.clone();
+            Ok(flows
+                .into_iter()
+                .filter(|f| family.select(&[f.dst]).count() == 1)
+                .collect())
+        }
+        fn conntrack_delete(&self, flow: &Flow, _: u32, _: u32) -> anyhow::Result<bool> {
+            self.call(Call::ConntrackDelete(*flow)).map(|()| true)
+        }
+        fn abort_flow_sockets(
+            &self,
+            cgroup: &std::path::Path,
+            flows: &[Flow],
+        ) -> anyhow::Result<usize> {
+            self.call(Call::AbortSockets(cgroup.to_owned(), flows.to_vec()))
+                .map(|()| flows.len())
         }
     }
 
@@ -837,5 +981,108 @@ mod tests {
         dp.configure(0, &pu).unwrap();
         dp.delete(1, &pu).unwrap();
         assert_eq!(fake.sets(), global_sets());
+    }
+
+    fn flow(dst: &str, dport: u16) -> Flow {
+        Flow {
+            protocol: revoke::TCP,
+            src: if dst.contains(':') {
+                "fd00::1"
+            } else {
+                "10.0.0.1"
+            }
+            .parse()
+            .unwrap(),
+            dst: dst.parse().unwrap(),
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn update_cuts_exactly_the_flows_only_the_old_policy_accepted() {
+        let (mut dp, fake) = running();
+        let (old, new) = (web(80, "10.0.0.0/8"), web(80, "10.2.0.0/16"));
+        dp.configure(0, &old).unwrap();
+        let only_old = flow("10.4.0.2", 7000);
+        fake.0.lock().unwrap().flows =
+            vec![flow("10.2.0.2", 7000), only_old, flow("fd00::2", 7000)];
+        fake.take();
+        dp.update(1, &new, &old).unwrap();
+        let cuts: Vec<Call> = fake
+            .take()
+            .into_iter()
+            .filter(|c| matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..)))
+            .collect();
+        assert_eq!(
+            cuts,
+            [
+                Call::AbortSockets(PathBuf::from("/sys/fs/cgroup/enforcer/web"), vec![only_old]),
+                Call::ConntrackDelete(only_old),
+            ],
+            "sockets first (their RST leaves through the marked entry), then the entries"
+        );
+        // Back to the wider policy: nothing it allows is cut.
+        dp.update(0, &old, &new).unwrap();
+        let calls = fake.take();
+        assert!(
+            calls
+                .iter()
+                .all(|c| !matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..))),
+            "{calls:#?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_cut_leaves_the_update_in_force() {
+        let (mut dp, fake) = running();
+        let (old, new) = (web(80, "10.0.0.0/8"), web(80, "10.2.0.0/16"));
+        dp.configure(0, &old).unwrap();
+        fake.fail_when(|call| matches!(call, Call::ConntrackList(_)));
+        dp.update(1, &new, &old).unwrap();
+        assert_eq!(dp.pus[&new.id].version, 1);
+        assert_eq!(dp.pus[&new.id].pu, new);
+    }
+
+    /// The test-only fault ends the operation's last batch with a line
+    /// that cannot apply; the operation undoes itself as after any failure.
+    #[test]
+    fn an_injected_fault_fails_the_last_batch_and_is_undone() {
+        let (mut dp, fake) = running();
+        fake.fail_when(|call| match call {
+            Call::Restore(_, text) | Call::Ipset(text) => text.contains("enforcer-test-fault"),
+            _ => false,
+        });
+        let pu = web(80, "10.0.0.0/8");
+        dp.faults = Faults::parse("configure:2").unwrap();
+        dp.configure(0, &pu).unwrap();
+        dp.delete(0, &pu).unwrap();
+        fake.take();
+        assert!(dp.configure(0, &pu).is_err());
+        let calls = fake.take();
+        let Call::Restore(IpFamily::V6, last) = &calls[2] else {
+            panic!("{calls:#?}")
+        };
+        assert!(
+            last.ends_with("-A enforcer-test-fault -j ACCEPT\nCOMMIT\n"),
+            "{last}"
+        );
+        assert_eq!(fake.sets(), global_sets());
+
+        dp.faults = Faults::parse("set_target_networks:1").unwrap();
+        let nets = NetworkSettings {
+            target_tcp: vec!["10.0.0.0/8".parse().unwrap()],
+            ..NetworkSettings::default()
+        };
+        assert!(dp.set_target_networks(&nets).is_err());
+        let calls = fake.take();
+        assert!(
+            matches!(&calls[0], Call::Ipset(text) if text.ends_with("add enforcer-test-fault 0.0.0.0\n"))
+        );
+        assert!(
+            matches!(&calls[1], Call::Ipset(text) if text.starts_with("del TRI-v4-TargetTCP 10.0.0.0/8 -exist\n")),
+            "the reverse difference undoes what the failed batch applied: {calls:#?}"
+        );
+        dp.set_target_networks(&nets).unwrap();
     }
 }

@@ -1,0 +1,471 @@
+//! The kernel's socket table through `NETLINK_SOCK_DIAG` (linux/inet_diag.h):
+//! the TCP and connected UDP sockets of the calling thread's network
+//! namespace, each with its cgroup and mark, and `SOCK_DESTROY` to abort
+//! one (`CONFIG_INET_DIAG_DESTROY`).
+//!
+//! This is how an `update` cuts a PU's connections that the new policy
+//! refuses ([`super::revoke`]): a socket judged once at `connect()` (eBPF)
+//! or by conntrack state (iptables) would otherwise go on. Aborting it is
+//! what the application and its peer see at once: the next call on the
+//! socket fails with `ECONNABORTED`, and a TCP peer gets a RST.
+//!
+//! Hand-written rather than a crate: two fixed-layout requests and one
+//! reply format, read with bounds checks only ([`parse_dump`] is pure and
+//! tested on crafted bytes).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use super::revoke::{TCP, UDP};
+
+/// linux/sock_diag.h
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+/// linux/netlink.h
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+/// linux/inet_diag.h attribute types.
+const INET_DIAG_MARK: u16 = 15;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+const NLMSG_HDR: usize = 16;
+/// `struct inet_diag_sockid`: ports, two 16-byte addresses, interface,
+/// cookie.
+const SOCKID_LEN: usize = 48;
+/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, id.
+const REQ_LEN: usize = 8 + SOCKID_LEN;
+/// `struct inet_diag_msg`: family, state, timer, retrans, id, expires,
+/// rqueue, wqueue, uid, inode.
+const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+
+/// TCP states (include/net/tcp_states.h) of sockets that carry a
+/// connection: everything but LISTEN (10), CLOSE (7), TIME_WAIT (6, no
+/// socket to abort) and NEW_SYN_RECV (12, a request, not a socket yet).
+const TCP_CONNECTION_STATES: u32 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+/// A connected UDP socket is in TCP_ESTABLISHED (1).
+const UDP_CONNECTED: u32 = 1 << 1;
+
+/// One socket of the dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Socket {
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    pub local: SocketAddr,
+    /// The peer; an IPv4 peer of an IPv6 socket is given as IPv4.
+    pub remote: SocketAddr,
+    /// The cgroup v2 id (the inode of its directory) of the socket's
+    /// creator; `None` if the kernel did not say.
+    pub cgroup: Option<u64>,
+    /// `SO_MARK`; reported to CAP_NET_ADMIN callers only.
+    pub mark: Option<u32>,
+    family: u8,
+    /// The kernel's `inet_diag_sockid` as dumped: SOCK_DESTROY finds the
+    /// socket by it, cookie included, so it never hits a newer socket that
+    /// reuses the addresses.
+    id: [u8; SOCKID_LEN],
+}
+
+/// Every TCP socket with a connection and every connected UDP socket, of
+/// both families, in the calling thread's network namespace.
+pub fn sockets() -> io::Result<Vec<Socket>> {
+    let nl = Netlink::open()?;
+    let mut all = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for (protocol, states) in [(TCP, TCP_CONNECTION_STATES), (UDP, UDP_CONNECTED)] {
+            let request = message(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                &request(family, protocol, states, &[0; SOCKID_LEN]),
+            );
+            nl.send(&request)?;
+            loop {
+                let reply = nl.recv()?;
+                match parse_dump(&reply, protocol)? {
+                    Dump::More(sockets) => all.extend(sockets),
+                    Dump::Done(sockets) => {
+                        all.extend(sockets);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Aborts `socket` (SOCK_DESTROY). `Ok(false)` if it is gone already.
+pub fn destroy(socket: &Socket) -> io::Result<bool> {
+    let nl = Netlink::open()?;
+    let body = request(socket.family, socket.protocol, u32::MAX, &socket.id);
+    nl.send(&message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &body))?;
+    let reply = nl.recv()?;
+    match ack_error(&reply)? {
+        0 => Ok(true),
+        e if e == -libc::ENOENT => Ok(false),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
+}
+
+/// The ids of the cgroup at `dir` and of every cgroup below it: a PU's
+/// processes may sit in sub-cgroups, and both datapaths count them in
+/// (`-m cgroup --path` matches descendants; the eBPF hooks look up
+/// ancestors). On cgroup v2 a cgroup's id is its directory's inode.
+pub fn cgroup_tree_ids(dir: &Path) -> io::Result<BTreeSet<u64>> {
+    let mut ids = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        ids.insert(std::fs::metadata(&dir)?.ino());
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Aborts every socket created in the cgroup tree at `cgroup` that `cut`
+/// selects; returns the sockets aborted. A socket that closed meanwhile is
+/// not an error; any other failure stops and names the socket.
+pub fn abort_sockets(cgroup: &Path, cut: impl Fn(&Socket) -> bool) -> anyhow::Result<Vec<Socket>> {
+    let ids = cgroup_tree_ids(cgroup)
+        .with_context(|| format!("listing the cgroups under {}", cgroup.display()))?;
+    let mut aborted = Vec::new();
+    for socket in sockets().context("listing sockets (sock_diag)")? {
+        if socket.cgroup.is_some_and(|id| ids.contains(&id)) && cut(&socket) {
+            let gone = !destroy(&socket).with_context(|| {
+                format!(
+                    "aborting the socket {} -> {} (SOCK_DESTROY)",
+                    socket.local, socket.remote
+                )
+            })?;
+            if !gone {
+                aborted.push(socket);
+            }
+        }
+    }
+    Ok(aborted)
+}
+
+/// A `NETLINK_SOCK_DIAG` socket; requests go to the kernel.
+struct Netlink(OwnedFd);
+
+impl Netlink {
+    fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the descriptor is owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn send(&self, message: &[u8]) -> io::Result<()> {
+        // SAFETY: the buffer is live and of the given length. An unbound
+        // netlink socket sends to the kernel (port id 0).
+        let sent = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One datagram of replies (one or more messages).
+    fn recv(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: the buffer is live and of the given length.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return Ok(buf);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A netlink message: header, then `body`.
+fn message(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+    let len = (NLMSG_HDR + body.len()) as u32;
+    let mut m = Vec::with_capacity(len as usize);
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+    m.extend_from_slice(body);
+    m
+}
+
+/// `struct inet_diag_req_v2`.
+fn request(family: u8, protocol: u8, states: u32, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
+    let mut r = [0u8; REQ_LEN];
+    r[0] = family;
+    r[1] = protocol;
+    r[4..8].copy_from_slice(&states.to_ne_bytes());
+    r[8..].copy_from_slice(id);
+    r
+}
+
+/// What one reply datagram of a dump held.
+#[derive(Debug, PartialEq, Eq)]
+enum Dump {
+    More(Vec<Socket>),
+    Done(Vec<Socket>),
+}
+
+fn malformed(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("sock_diag reply: {what}"),
+    )
+}
+
+/// The messages of one reply datagram: `(type, payload)`.
+fn messages(buf: &[u8]) -> io::Result<Vec<(u16, &[u8])>> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        if len < NLMSG_HDR || len > rest.len() {
+            return Err(malformed(&format!("message length {len}")));
+        }
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        out.push((kind, &rest[NLMSG_HDR..len]));
+        rest = &rest[align4(len).min(rest.len())..];
+    }
+    Ok(out)
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// The error code of an `NLMSG_ERROR` reply (0 is an acknowledgement).
+fn ack_error(buf: &[u8]) -> io::Result<i32> {
+    match messages(buf)?.first() {
+        Some((NLMSG_ERROR, payload)) if payload.len() >= 4 => Ok(i32::from_ne_bytes(
+            payload[0..4].try_into().expect("4 bytes"),
+        )),
+        _ => Err(malformed("no acknowledgement")),
+    }
+}
+
+/// Parses one reply datagram of a dump of `protocol` sockets.
+fn parse_dump(buf: &[u8], protocol: u8) -> io::Result<Dump> {
+    let mut sockets = Vec::new();
+    for (kind, payload) in messages(buf)? {
+        match kind {
+            NLMSG_DONE => return Ok(Dump::Done(sockets)),
+            NLMSG_ERROR => {
+                let code = payload
+                    .get(0..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                    .ok_or_else(|| malformed("short error"))?;
+                return Err(io::Error::from_raw_os_error(-code));
+            }
+            SOCK_DIAG_BY_FAMILY => sockets.push(parse_socket(payload, protocol)?),
+            _ => {}
+        }
+    }
+    Ok(Dump::More(sockets))
+}
+
+/// One `inet_diag_msg` and its attributes.
+fn parse_socket(payload: &[u8], protocol: u8) -> io::Result<Socket> {
+    if payload.len() < MSG_LEN {
+        return Err(malformed("short inet_diag_msg"));
+    }
+    let family = payload[0];
+    let id: [u8; SOCKID_LEN] = payload[4..4 + SOCKID_LEN].try_into().expect("sockid");
+    let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
+    let addr = |at: usize| -> io::Result<IpAddr> {
+        let bytes: [u8; 16] = id[at..at + 16].try_into().expect("16 bytes");
+        match i32::from(family) {
+            libc::AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            libc::AF_INET6 => Ok(Ipv6Addr::from(bytes).to_canonical()),
+            other => Err(malformed(&format!("address family {other}"))),
+        }
+    };
+    let mut socket = Socket {
+        protocol,
+        local: SocketAddr::new(addr(4)?, port(0)),
+        remote: SocketAddr::new(addr(20)?, port(2)),
+        cgroup: None,
+        mark: None,
+        family,
+        id,
+    };
+    let mut attrs = &payload[MSG_LEN..];
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return Err(malformed(&format!("attribute length {len}")));
+        }
+        let value = &attrs[4..len];
+        match (kind, value.len()) {
+            (INET_DIAG_CGROUP_ID, 8) => {
+                socket.cgroup = Some(u64::from_ne_bytes(value.try_into().expect("8 bytes")));
+            }
+            (INET_DIAG_MARK, 4) => {
+                socket.mark = Some(u32::from_ne_bytes(value.try_into().expect("4 bytes")));
+            }
+            _ => {}
+        }
+        attrs = &attrs[align4(len).min(attrs.len())..];
+    }
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An `inet_diag_msg` for `local` → `remote` with the given attributes.
+    fn diag_msg(
+        family: u8,
+        local: &[u8],
+        remote: &[u8],
+        ports: (u16, u16),
+        attrs: &[(u16, &[u8])],
+    ) -> Vec<u8> {
+        let mut m = vec![family, 1, 0, 0];
+        m.extend_from_slice(&ports.0.to_be_bytes());
+        m.extend_from_slice(&ports.1.to_be_bytes());
+        let mut src = [0u8; 16];
+        src[..local.len()].copy_from_slice(local);
+        let mut dst = [0u8; 16];
+        dst[..remote.len()].copy_from_slice(remote);
+        m.extend_from_slice(&src);
+        m.extend_from_slice(&dst);
+        m.extend_from_slice(&[7; 12]); // interface and cookie
+        m.extend_from_slice(&[0; 20]);
+        for (kind, value) in attrs {
+            let len = 4 + value.len() as u16;
+            m.extend_from_slice(&len.to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(value);
+            m.resize(align4(m.len()), 0);
+        }
+        m
+    }
+
+    #[test]
+    fn parses_sockets_with_cgroup_and_mark_then_done() {
+        let v4 = diag_msg(
+            libc::AF_INET as u8,
+            &[10, 0, 0, 1],
+            &[10, 2, 0, 2],
+            (40000, 7000),
+            &[
+                (INET_DIAG_MARK, &0x1800u32.to_ne_bytes()),
+                (INET_DIAG_CGROUP_ID, &42u64.to_ne_bytes()),
+            ],
+        );
+        let mapped: Vec<u8> = Ipv4Addr::new(10, 4, 0, 2)
+            .to_ipv6_mapped()
+            .octets()
+            .to_vec();
+        let v6 = diag_msg(
+            libc::AF_INET6 as u8,
+            &Ipv6Addr::LOCALHOST.octets(),
+            &mapped,
+            (1, 2),
+            &[],
+        );
+        let mut reply = message(SOCK_DIAG_BY_FAMILY, 0, &v4);
+        reply.extend(message(SOCK_DIAG_BY_FAMILY, 0, &v6));
+        let Dump::More(sockets) = parse_dump(&reply, TCP).unwrap() else {
+            panic!("no DONE in the reply")
+        };
+        assert_eq!(sockets[0].local, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(sockets[0].remote, "10.2.0.2:7000".parse().unwrap());
+        assert_eq!(
+            (sockets[0].cgroup, sockets[0].mark),
+            (Some(42), Some(0x1800))
+        );
+        assert_eq!(sockets[0].id[..4], [0x9c, 0x40, 0x1b, 0x58]);
+        assert_eq!(
+            sockets[1].remote,
+            "10.4.0.2:2".parse().unwrap(),
+            "IPv4-mapped peer"
+        );
+        assert_eq!((sockets[1].cgroup, sockets[1].mark), (None, None));
+        let done = message(NLMSG_DONE, 0, &0i32.to_ne_bytes());
+        assert_eq!(parse_dump(&done, UDP).unwrap(), Dump::Done(vec![]));
+    }
+
+    #[test]
+    fn errors_and_truncation_are_refused_not_read_past() {
+        let error = message(NLMSG_ERROR, 0, &(-libc::EPERM).to_ne_bytes());
+        let err = parse_dump(&error, TCP).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert_eq!(ack_error(&error).unwrap(), -libc::EPERM);
+        let msg = diag_msg(
+            libc::AF_INET as u8,
+            &[1, 2, 3, 4],
+            &[5, 6, 7, 8],
+            (1, 2),
+            &[],
+        );
+        let mut short = message(SOCK_DIAG_BY_FAMILY, 0, &msg[..MSG_LEN - 1]);
+        assert!(parse_dump(&short, TCP).is_err());
+        short.truncate(10);
+        assert_eq!(parse_dump(&short, TCP).unwrap(), Dump::More(vec![]));
+        let mut lying = message(SOCK_DIAG_BY_FAMILY, 0, &msg);
+        lying[0] = 255;
+        assert!(parse_dump(&lying, TCP).is_err());
+        let mut bad_attr = msg.clone();
+        bad_attr.extend_from_slice(&[200, 0, 21, 0]);
+        assert!(parse_dump(&message(SOCK_DIAG_BY_FAMILY, 0, &bad_attr), TCP).is_err());
+    }
+
+    #[test]
+    fn requests_have_the_kernels_layout() {
+        let id = [9u8; SOCKID_LEN];
+        let body = request(libc::AF_INET6 as u8, UDP, UDP_CONNECTED, &id);
+        let m = message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &body);
+        assert_eq!(m.len(), 72);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
+        assert_eq!(
+            u16::from_ne_bytes(m[4..6].try_into().unwrap()),
+            SOCK_DESTROY
+        );
+        assert_eq!(&m[16..20], &[libc::AF_INET6 as u8, UDP, 0, 0]);
+        assert_eq!(u32::from_ne_bytes(m[20..24].try_into().unwrap()), 2);
+        assert_eq!(&m[24..], &id);
+    }
+}

@@ -1,0 +1,355 @@
+//! `configure`, `update` and `set_target_networks` are all or nothing
+//! (SPEC, "Bad input and faults"; issue 4 item 5), on both datapaths,
+//! against the real kernel.
+//!
+//! The agent runs with the test-only fault hook armed
+//! (`ENFORCER_TEST_FAULT=<operation>:<n>`, see
+//! `enforcer::datapath::fault`): the n-th call of the operation fails at
+//! its *last* kernel batch — the last `iptables-restore` or `ipset restore`
+//! (made to fail by a line that cannot apply, so the tool really fails),
+//! the last eBPF map write or attach. A SIGHUP reload drives the operation;
+//! it must fail (status `reloads.failed` + 1), and the kernel state the
+//! agent owns must be exactly what it was before: `iptables-save` and
+//! `ip6tables-save` of mangle and nat, `ipset save`, and in eBPF the
+//! pinned maps and links. The same reload then succeeds (the fault struck
+//! once) and changes that state, which shows the dump sees the operation.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use enforcer::datapath::fault;
+use enforcer_common::maps::{
+    AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_GENERATION, NetKey,
+};
+use enforcer_tests::{
+    agent::{Agent, Datapath},
+    cgroup::Cgroup,
+    netfilter,
+    netns::TwoHosts,
+    nettool, privilege,
+    traffic::{Outcome, TcpEchoServer, run_nettool},
+};
+
+const PORT: u16 = 7000;
+/// Allowed by policy A only.
+const A_ONLY: &str = "10.4.0.2";
+
+macro_rules! on_both_datapaths {
+    ($($name:ident),+ $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Ebpf) })+
+        }
+        mod iptables {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
+        }
+    };
+}
+
+on_both_datapaths!(
+    a_failed_configure_changes_nothing,
+    a_failed_update_changes_nothing,
+    a_failed_target_network_change_changes_nothing,
+);
+
+struct World {
+    env: privilege::Env,
+    cgroup: Cgroup,
+    _server: TcpEchoServer,
+    hosts: TwoHosts,
+}
+
+impl World {
+    fn new(env: privilege::Env) -> Result<Self> {
+        let hosts = TwoHosts::new()?;
+        let ifname = &hosts.b_end.ifname;
+        hosts
+            .b
+            .ip(&["addr", "add", &format!("{A_ONLY}/32"), "dev", ifname])?;
+        hosts
+            .a
+            .ip(&["route", "add", "10.4.0.0/16", "dev", &hosts.a_end.ifname])?;
+        let server = TcpEchoServer::start(&hosts.b, SocketAddr::new(A_ONLY.parse()?, PORT))?;
+        Ok(Self {
+            cgroup: Cgroup::new(&env.cgroup2)?,
+            env,
+            _server: server,
+            hosts,
+        })
+    }
+
+    fn cgroup_rel(&self) -> String {
+        self.cgroup
+            .path()
+            .file_name()
+            .expect("cgroup dir name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The agent, with the fault `fault` armed.
+    fn start(&self, datapath: Datapath, config: &str, fault: &str) -> Result<Agent> {
+        Agent::start_with(
+            env!("CARGO_BIN_EXE_agent"),
+            &self.hosts.a,
+            None,
+            &["--datapath", datapath.arg()],
+            config,
+            |cmd| {
+                cmd.env(fault::ENV, fault);
+            },
+        )
+    }
+
+    fn pu_connects(&self, peer: &str) -> Result<Outcome> {
+        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &format!("{peer}:{PORT}")]);
+        run_nettool(cmd)
+    }
+
+    /// Everything of the kernel's state the agent owns, as text.
+    fn kernel_state(&self, agent: &Agent) -> Result<String> {
+        let mut all = String::new();
+        for family in [netfilter::Family::V4, netfilter::Family::V6] {
+            for table in ["mangle", "nat"] {
+                let dump = netfilter::save(&self.hosts.a, family, table)?;
+                all += &format!("## {family:?} {table}\n");
+                all += &netfilter::rules_without_counters(&dump);
+            }
+        }
+        let out = self.hosts.a.command("ipset")?.arg("save").output()?;
+        ensure!(out.status.success(), "ipset save failed: {out:?}");
+        // Members of a hash set are listed in hash order, which a delete
+        // and re-add may change: the content is what counts.
+        let sets: BTreeSet<String> = String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        all += "## ipset\n";
+        all += &sets.into_iter().collect::<Vec<_>>().join("\n");
+        all += "\n";
+        all += &self.pins(agent)?;
+        Ok(all)
+    }
+
+    /// The eBPF datapath's pinned maps (those that decide) and links, if
+    /// any: the PU counters are counters, like those of the rule dumps.
+    fn pins(&self, agent: &Agent) -> Result<String> {
+        let dir = self.env.bpffs.join("enforcer").join(agent.instance());
+        if !dir.exists() {
+            return Ok("## no pins\n".into());
+        }
+        let map = |name: &str| -> Result<MapData> {
+            let path = dir.join("maps").join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        let mut lines = BTreeSet::new();
+        let nets: LpmTrie<_, NetKey, u8> = Map::LpmTrie(map(MAP_NETS)?).try_into()?;
+        for entry in nets.iter() {
+            let (key, value) = entry?;
+            lines.insert(format!(
+                "NETS {}/{:?} = {value}",
+                key.prefix_len(),
+                key.data()
+            ));
+        }
+        let acls: LpmTrie<_, NetKey, AclEntry> = Map::LpmTrie(map(MAP_ACLS)?).try_into()?;
+        for entry in acls.iter() {
+            let (key, value) = entry?;
+            lines.insert(format!(
+                "ACLS {}/{:?} = {value:?}",
+                key.prefix_len(),
+                key.data()
+            ));
+        }
+        let pus: HashMap<_, u64, u32> = Map::HashMap(map(MAP_PU_BY_CGROUP)?).try_into()?;
+        for entry in pus.iter() {
+            let (cgroup, slot) = entry?;
+            lines.insert(format!("PU_BY_CGROUP {cgroup} = {slot}"));
+        }
+        let generations: Array<_, u32> = Map::Array(map(MAP_PU_GENERATION)?).try_into()?;
+        for (slot, generation) in generations.iter().enumerate() {
+            let generation = generation?;
+            if generation != 0 {
+                lines.insert(format!("PU_GENERATION {slot} = {generation}"));
+            }
+        }
+        let links: Vec<PathBuf> = std::fs::read_dir(dir.join("links"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        for link in links {
+            lines.insert(format!("link {}", link.display()));
+        }
+        Ok(format!(
+            "## pins\n{}\n",
+            lines.into_iter().collect::<Vec<_>>().join("\n")
+        ))
+    }
+}
+
+/// Target 10.1.0.0/24 (TCP and UDP), `excluded`, and `pus`.
+fn config(target_tcp: &str, excluded: &str, pus: &str) -> String {
+    format!(
+        "mode = \"local-server\"\n\
+         [networks]\n\
+         target_tcp = [\"{target_tcp}\"]\n\
+         target_udp = [\"10.1.0.0/24\"]\n\
+         excluded = [\"{excluded}\"]\n\
+         {pus}"
+    )
+}
+
+/// The PU with accept ACLs for TCP/7000 to each of `networks`.
+fn pu(cgroup: &str, networks: &[&str]) -> String {
+    let mut text = format!(
+        "[[pus]]\n\
+         id = \"web\"\n\
+         kind = \"linux-process\"\n\
+         cgroup = \"{cgroup}\"\n"
+    );
+    for (i, net) in networks.iter().enumerate() {
+        text += &format!(
+            "[[pus.application_acls]]\n\
+             networks = [\"{net}\"]\n\
+             protocols = [\"tcp\"]\n\
+             ports = [{PORT}]\n\
+             action = \"accept\"\n\
+             policy_id = \"acl-{i}\"\n"
+        );
+    }
+    text
+}
+
+/// Starts the agent on `start` with `fault` armed, reloads `change`
+/// (which must fail, leaving the kernel state as it was), then reloads it
+/// again (which must work, and change the state). Returns the world and
+/// agent after the failed reload's checks, for the caller's own.
+fn fails_then_works(
+    datapath: Datapath,
+    fault: &str,
+    start: impl Fn(&World) -> String,
+    change: impl Fn(&World) -> String,
+    after_failure: impl Fn(&World) -> Result<()>,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(env)?;
+    let agent = w.start(datapath, &start(&w), fault)?;
+    let before = w.kernel_state(&agent)?;
+    let reloads = agent.reloads()?;
+
+    agent.reload(&change(&w))?;
+    let failed = agent.reloads()?;
+    assert_eq!(
+        (failed.applied, failed.failed),
+        (reloads.applied, reloads.failed + 1),
+        "the reload must fail: {failed:?}\n{}",
+        agent.log()
+    );
+    let why = failed.last_error.clone().unwrap_or_default();
+    assert!(
+        why.contains("enforcer-test-fault") || why.contains(fault::ENV),
+        "it failed for the injected fault, not something else: {why}"
+    );
+    let after = w.kernel_state(&agent)?;
+    assert_eq!(
+        before, after,
+        "{fault}: the kernel state changed although the operation failed ({why})"
+    );
+    after_failure(&w)?;
+
+    agent.reload(&change(&w))?;
+    let applied = agent.reloads()?;
+    assert_eq!(
+        applied.applied,
+        reloads.applied + 1,
+        "the same reload works once the fault has struck: {applied:?}\n{}",
+        agent.log()
+    );
+    assert_ne!(
+        before,
+        w.kernel_state(&agent)?,
+        "{fault}: the dump must show what the operation changes"
+    );
+    Ok(())
+}
+
+fn a_failed_configure_changes_nothing(datapath: Datapath) -> Result<()> {
+    fails_then_works(
+        datapath,
+        "configure:1",
+        |_| config("10.1.0.0/24", "10.9.0.0/16", ""),
+        |w| {
+            config(
+                "10.1.0.0/24",
+                "10.9.0.0/16",
+                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
+            )
+        },
+        |w| {
+            assert_eq!(
+                w.pu_connects(A_ONLY)?,
+                Outcome::Exchanged,
+                "no PU: untouched"
+            );
+            Ok(())
+        },
+    )
+}
+
+fn a_failed_update_changes_nothing(datapath: Datapath) -> Result<()> {
+    fails_then_works(
+        datapath,
+        "update:1",
+        |w| {
+            config(
+                "10.1.0.0/24",
+                "10.9.0.0/16",
+                &pu(&w.cgroup_rel(), &["10.2.0.0/16", "10.4.0.0/16"]),
+            )
+        },
+        |w| {
+            config(
+                "10.1.0.0/24",
+                "10.9.0.0/16",
+                &pu(&w.cgroup_rel(), &["10.2.0.0/16"]),
+            )
+        },
+        |w| {
+            assert_eq!(
+                w.pu_connects(A_ONLY)?,
+                Outcome::Exchanged,
+                "the old policy is still in force"
+            );
+            Ok(())
+        },
+    )
+}
+
+fn a_failed_target_network_change_changes_nothing(datapath: Datapath) -> Result<()> {
+    // Call 1 is the agent's start; call 2 the reload. The change both adds
+    // and removes entries in two sets.
+    fails_then_works(
+        datapath,
+        "set_target_networks:2",
+        |w| {
+            config(
+                "10.1.0.0/24",
+                "10.9.0.0/16",
+                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
+            )
+        },
+        |w| {
+            config(
+                "10.3.0.0/16",
+                "10.8.0.0/16",
+                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
+            )
+        },
+        |w| {
+            assert_eq!(w.pu_connects(A_ONLY)?, Outcome::Exchanged);
+            Ok(())
+        },
+    )
+}

@@ -1,0 +1,440 @@
+//! Gapless policy updates and revocation (SPEC, `update`; issue 4 item 4),
+//! on both datapaths, through the real agent and SIGHUP.
+//!
+//! Two policies for one linux-process PU, each peer on host `b` at port
+//! 7000:
+//! - `10.2.0.2` is allowed by both A and B;
+//! - `10.3.0.2` by neither;
+//! - `10.4.0.2` by A only.
+//!
+//! While the PU's policy flips between A and B a hundred times, one
+//! connection to the peer both allow keeps exchanging data and must never
+//! fail; new connections to that peer must all succeed, to the peer
+//! neither allows all fail. Then: a connection only A allowed is cut when
+//! B comes in.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, ChildStdout, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use enforcer_tests::{
+    agent::{Agent, Datapath},
+    cgroup::Cgroup,
+    netns::TwoHosts,
+    nettool, privilege,
+    traffic::{Outcome, TcpEchoServer, run_nettool},
+};
+
+const PORT: u16 = 7000;
+const BOTH: &str = "10.2.0.2";
+const NEITHER: &str = "10.3.0.2";
+const A_ONLY: &str = "10.4.0.2";
+const UPDATES: usize = 100;
+/// How long a cut connection may take to notice (it is aborted at once;
+/// this leaves room for a loaded machine).
+const CUT_WITHIN: Duration = Duration::from_secs(5);
+
+macro_rules! on_both_datapaths {
+    ($($name:ident),+ $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Ebpf) })+
+        }
+        mod iptables {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
+        }
+    };
+}
+
+on_both_datapaths!(
+    a_hundred_updates_leave_no_gap,
+    a_connection_only_the_old_policy_allowed_is_cut,
+);
+
+struct World {
+    cgroup: Cgroup,
+    _servers: Vec<TcpEchoServer>,
+    hosts: TwoHosts,
+}
+
+impl World {
+    fn new(env: &privilege::Env) -> Result<Self> {
+        let hosts = TwoHosts::new()?;
+        let mut servers = Vec::new();
+        for peer in [BOTH, NEITHER, A_ONLY] {
+            let ifname = &hosts.b_end.ifname;
+            hosts
+                .b
+                .ip(&["addr", "add", &format!("{peer}/32"), "dev", ifname])?;
+            let net = format!("{}/16", peer.replace(".0.2", ".0.0"));
+            hosts
+                .a
+                .ip(&["route", "add", &net, "dev", &hosts.a_end.ifname])?;
+            servers.push(TcpEchoServer::start(&hosts.b, addr(peer))?);
+        }
+        Ok(Self {
+            cgroup: Cgroup::new(&env.cgroup2)?,
+            _servers: servers,
+            hosts,
+        })
+    }
+
+    fn cgroup_rel(&self) -> String {
+        self.cgroup
+            .path()
+            .file_name()
+            .expect("cgroup dir name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn start(&self, datapath: Datapath, config: &str) -> Result<Agent> {
+        let agent = Agent::start(env!("CARGO_BIN_EXE_agent"), &self.hosts.a, datapath, config)?;
+        let kind = agent.status()?["datapath"]["kind"].clone();
+        ensure!(kind == datapath.expected(), "datapath in use: {kind}");
+        Ok(agent)
+    }
+
+    /// One TCP exchange from a new process inside the PU.
+    fn pu_connects(&self, peer: &str) -> Result<Outcome> {
+        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &addr(peer).to_string()]);
+        run_nettool(cmd)
+    }
+
+    /// A long-lived connection from a process inside the PU.
+    fn stream(&self, peer: &str) -> Result<Stream> {
+        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
+        cmd.args(["tcp-stream", &addr(peer).to_string(), "--seconds", "300"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("starting nettool tcp-stream")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut first = String::new();
+        stdout.read_line(&mut first)?;
+        if first.trim() != "connected" {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the stream to {peer} did not connect: {first}");
+        }
+        Ok(Stream {
+            peer: peer.to_owned(),
+            child,
+            stdout,
+        })
+    }
+}
+
+fn addr(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("literal address"), PORT)
+}
+
+/// A `nettool tcp-stream` child and its report.
+struct Stream {
+    peer: String,
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// What `nettool tcp-stream` reported, and whether it ended well.
+#[derive(Debug)]
+struct Report {
+    ok: bool,
+    fields: HashMap<String, String>,
+}
+
+impl Report {
+    fn number(&self, key: &str) -> u64 {
+        self.fields
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Stream {
+    /// Still exchanging?
+    fn running(&mut self) -> Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
+    }
+
+    /// Waits up to `within` for the stream to end by itself.
+    fn ended_within(&mut self, within: Duration) -> Result<Option<Report>> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !self.running()? {
+                return self.report().map(Some);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
+    }
+
+    /// Tells the stream to stop (closes its stdin) and reads its report.
+    fn finish(mut self) -> Result<Report> {
+        drop(self.child.stdin.take());
+        self.report()
+    }
+
+    fn report(&mut self) -> Result<Report> {
+        let status = self.child.wait()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let fields = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Ok(Report {
+            ok: status.success(),
+            fields,
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A PU whose application ACLs accept TCP/7000 to each of `networks`.
+fn config(cgroup: &str, networks: &[&str]) -> String {
+    let mut text = format!(
+        "mode = \"local-server\"\n\
+         [networks]\n\
+         target_tcp = [\"10.1.0.0/24\"]\n\
+         target_udp = [\"10.1.0.0/24\"]\n\
+         [[pus]]\n\
+         id = \"web\"\n\
+         kind = \"linux-process\"\n\
+         cgroup = \"{cgroup}\"\n"
+    );
+    for (i, net) in networks.iter().enumerate() {
+        text += &format!(
+            "[[pus.application_acls]]\n\
+             networks = [\"{net}\"]\n\
+             protocols = [\"tcp\"]\n\
+             ports = [{PORT}]\n\
+             action = \"accept\"\n\
+             policy_id = \"acl-{i}\"\n"
+        );
+    }
+    text
+}
+
+fn policy_a(cgroup: &str) -> String {
+    config(cgroup, &["10.2.0.0/16", "10.4.0.0/16"])
+}
+
+fn policy_b(cgroup: &str) -> String {
+    config(cgroup, &["10.2.0.0/16"])
+}
+
+/// Outcomes of new connections tried over and over from a thread, until
+/// stopped.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(world: &Arc<World>, peer: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let (w, s, o) = (world.clone(), stop.clone(), outcomes.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let outcome = w
+                    .pu_connects(peer)
+                    .unwrap_or_else(|e| Outcome::Failed(format!("harness: {e:#}")));
+                o.lock().expect("outcomes").push(outcome);
+            }
+        });
+        Self {
+            stop,
+            outcomes,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.outcomes.lock().expect("outcomes"))
+    }
+}
+
+fn a_hundred_updates_leave_no_gap(datapath: Datapath) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = Arc::new(World::new(&env)?);
+    let (a, b) = (policy_a(&w.cgroup_rel()), policy_b(&w.cgroup_rel()));
+    let agent = w.start(datapath, &a)?;
+    let stream = w.stream(BOTH)?;
+    let allowed = Prober::start(&w, BOTH);
+    let denied = Prober::start(&w, NEITHER);
+
+    let started = Instant::now();
+    let before = agent.reloads()?;
+    for i in 0..UPDATES {
+        agent.reload(if i % 2 == 0 { &b } else { &a })?;
+    }
+    let reloads = agent.reloads()?;
+    let took = started.elapsed();
+    let (allowed, denied) = (allowed.finish(), denied.finish());
+    let report = stream.finish()?;
+
+    assert_eq!(
+        (
+            reloads.applied - before.applied,
+            reloads.failed,
+            reloads.refused
+        ),
+        (UPDATES as u64, before.failed, before.refused),
+        "every update applied: {reloads:?}\n{}",
+        agent.log()
+    );
+    let status = agent.status()?;
+    assert_eq!(status["pus"][0]["id"], "web");
+    assert!(
+        report.ok && !report.fields.contains_key("error"),
+        "the connection both policies allow failed during the updates: {report:?}"
+    );
+    assert!(
+        report.number("rounds") > UPDATES as u64,
+        "it kept exchanging data: {report:?}"
+    );
+    eprintln!(
+        "{datapath:?}: {UPDATES} updates in {took:?}; stream {report:?}; \
+         new connections allowed by both {}, denied by both {}",
+        allowed.len(),
+        denied.len()
+    );
+    // A dropped segment shows as a retransmission (or a stall of at least
+    // the minimal RTO, 200 ms); none may happen to a connection both
+    // policies allow.
+    assert_eq!(
+        report.number("retransmits"),
+        0,
+        "segments of the connection were lost: {report:?}"
+    );
+    assert!(
+        allowed.len() >= 5 && denied.len() >= 2,
+        "too few probes during the updates: {} allowed, {} denied",
+        allowed.len(),
+        denied.len()
+    );
+    let failed: Vec<&Outcome> = allowed
+        .iter()
+        .filter(|o| **o != Outcome::Exchanged)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "new connections both policies allow failed: {failed:?} of {}",
+        allowed.len()
+    );
+    let through: Vec<&Outcome> = denied.iter().filter(|o| !o.is_blocked()).collect();
+    assert!(
+        through.is_empty(),
+        "new connections both policies deny got through: {through:?} of {}",
+        denied.len()
+    );
+    Ok(())
+}
+
+fn a_connection_only_the_old_policy_allowed_is_cut(datapath: Datapath) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env)?;
+    let (a, b) = (policy_a(&w.cgroup_rel()), policy_b(&w.cgroup_rel()));
+    let agent = w.start(datapath, &a)?;
+    let mut revoked = w.stream(A_ONLY)?;
+    let mut kept = w.stream(BOTH)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        revoked.running()? && kept.running()?,
+        "both streams run under A"
+    );
+
+    agent.reload(&b)?;
+    let cut = revoked.ended_within(CUT_WITHIN)?;
+    let Some(cut) = cut else {
+        bail!(
+            "the connection to {} (allowed by A only) still runs {CUT_WITHIN:?} after B came in:\n{}",
+            revoked.peer,
+            agent.log()
+        );
+    };
+    assert!(
+        !cut.ok && cut.fields.contains_key("error"),
+        "the cut connection must fail, not end cleanly: {cut:?}"
+    );
+    eprintln!("{datapath:?}: the connection only A allowed ended with {cut:?}");
+    assert!(
+        kept.running()?,
+        "the connection both allow must go on: {:?}",
+        kept.report()
+    );
+    let kept = kept.finish()?;
+    assert!(kept.ok, "the connection both allow: {kept:?}");
+    if datapath == Datapath::Iptables {
+        // Mechanism: the update also forgot the flow's conntrack entry
+        // (which is what cuts unconnected UDP, with no socket to abort).
+        let out = w
+            .hosts
+            .a
+            .command("conntrack")?
+            .args(["-L", "-f", "ipv4", "-d", A_ONLY])
+            .output()?;
+        let entries = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            entries.trim().is_empty(),
+            "conntrack still has the revoked flow:\n{entries}"
+        );
+    }
+    assert!(
+        w.pu_connects(A_ONLY)?.is_blocked(),
+        "a new connection to the peer only A allows is refused under B"
+    );
+    assert_eq!(w.pu_connects(BOTH)?, Outcome::Exchanged);
+    Ok(())
+}
+
+/// The eBPF datapath's fallback way to wait for an RCU grace period (the
+/// one used where `membarrier` cannot promise one: a single online CPU,
+/// `nohz_full`): a map-in-map update returns, and the usual way works too.
+#[test]
+fn grace_periods_can_be_waited_for() -> Result<()> {
+    use enforcer::datapath::ebpf::grace::{GracePeriod, Waited};
+    let Some(_env) = privilege::require() else {
+        return Ok(());
+    };
+    let grace = GracePeriod::new()?;
+    let started = Instant::now();
+    grace.map_in_map()?;
+    let waited = grace.wait()?;
+    // SAFETY: sysconf takes no pointers.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if online > 1 {
+        assert_eq!(waited, Waited::Membarrier);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    Ok(())
+}
