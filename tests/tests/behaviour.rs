@@ -111,6 +111,7 @@ on_every_datapath_and_family!(
     excluded_traffic_is_never_trapped_nor_dropped,
     target_syn_is_trapped_once_and_the_connection_proceeds,
     acl_decides_for_non_target_peers_and_others_are_untouched,
+    overlapping_acls_resolve_by_bucket_not_by_longest_prefix,
     target_network_changes_apply_to_new_connections,
     udp_datagrams_from_a_pu_follow_its_acls,
     sighup_adds_changes_and_removes_pus,
@@ -380,6 +381,60 @@ fn acl_decides_for_non_target_peers_and_others_are_untouched(
     assert_eq!(trapped, 0);
     assert!(accepted >= 1, "accepted {accepted}");
     assert!(dropped >= 1, "dropped {dropped}");
+    Ok(())
+}
+
+/// A reject on a wide network and an accept on a narrower one inside it:
+/// SPEC's bucket order puts every reject before every accept, so the
+/// narrow accept never applies — whichever is declared first, and although
+/// the accept's prefix is the longer one. A peer covered by the wide
+/// network alone is refused the same way; one outside both gets the final
+/// drop.
+fn overlapping_acls_resolve_by_bucket_not_by_longest_prefix(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let acl = |nets: Nets, action: &str, id: &str| {
+        format!(
+            "[[pus.application_acls]]
+networks = {}
+protocols = [\"tcp\"]
+ports = [{PORT}]
+\
+             action = \"{action}\"
+policy_id = \"{id}\"
+",
+            toml_list(&[nets])
+        )
+    };
+    let wide_reject = acl(EVERY_PEER, "reject", "wide-reject");
+    let narrow_accept = acl(ACL_PEER.nets, "accept", "narrow-accept");
+    for (first, second) in [
+        (&wide_reject, &narrow_accept),
+        (&narrow_accept, &wide_reject),
+    ] {
+        let head = format!(
+            "[[pus]]
+id = \"web\"
+kind = \"linux-process\"
+cgroup = \"{}\"
+",
+            w.cgroup_rel()
+        );
+        let agent = w.start(datapath, &config(&[TARGET.nets], &(head + first + second)))?;
+        let outcome = w.pu_connects(ACL_PEER)?;
+        assert!(
+            outcome.is_blocked(),
+            "the reject bucket comes first: got {outcome:?}"
+        );
+        assert!(w.pu_connects(OTHER)?.is_blocked(), "wide reject");
+        assert_eq!(w.outsider_connects(ACL_PEER)?, Outcome::Exchanged);
+        drop(agent);
+    }
     Ok(())
 }
 
