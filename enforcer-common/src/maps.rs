@@ -23,6 +23,11 @@ pub const MAP_PU_BY_CGROUP: &str = "PU_BY_CGROUP";
 pub const MAP_PU_GENERATION: &str = "PU_GENERATION";
 pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
 pub const MAP_PU_PORTS: &str = "PU_PORTS";
+pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+
+/// Bytes of the flow-log ring buffer (a power of two, a multiple of the
+/// page size).
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Program names.
 pub const PROG_CONNECT4: &str = "enforcer_connect4";
@@ -174,6 +179,36 @@ pub struct AclEntry {
     pub rules: [AclRule; MAX_ACL_RULES],
 }
 
+/// `FlowEvent::direction`: the PU's outgoing traffic (application ACLs).
+pub const DIRECTION_APP: u8 = 0;
+/// `FlowEvent::direction`: the PU's incoming traffic (network ACLs).
+pub const DIRECTION_NET: u8 = 1;
+
+/// One logged decision, as the hooks put it on the flow-log ring buffer:
+/// a rule with [`RULE_LOG`] decided (or, observe-continue, matched).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    /// The PU's slot.
+    pub slot: u32,
+    /// The rule's `AclRule::policy` index.
+    pub policy: u32,
+    /// Addresses, IPv4-mapped for IPv4; all zero when not known (the
+    /// source of a connect, before the socket is bound).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host order; 0 when not known.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    /// [`ACTION_ACCEPT`] or [`ACTION_REJECT`].
+    pub action: u8,
+    /// [`OBSERVE_NONE`], [`OBSERVE_CONTINUE`] or [`OBSERVE_APPLY`].
+    pub observe: u8,
+    /// [`DIRECTION_APP`] or [`DIRECTION_NET`].
+    pub direction: u8,
+}
+
 /// Connections of one PU as its hooks decided them.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -195,6 +230,8 @@ mod pod {
     unsafe impl aya::Pod for super::AclRule {}
     unsafe impl aya::Pod for super::AclEntry {}
     unsafe impl aya::Pod for super::PuCounts {}
+    // SAFETY: #[repr(C)], 4+4+16+16+2+2+1+1+1+1 = 48 bytes, no padding.
+    unsafe impl aya::Pod for super::FlowEvent {}
     // SAFETY: #[repr(C)], 1+1+2 bytes, the pad byte always written as 0.
     unsafe impl aya::Pod for super::PortKey {}
 }

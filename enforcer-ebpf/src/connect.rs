@@ -23,7 +23,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    maps::{PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP},
+    maps::{
+        DIRECTION_APP, FlowEvent, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+        SCOPE_TARGET_UDP,
+    },
     marks::{Class, MarkLayout},
 };
 
@@ -119,10 +122,19 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let port = u16::from_be(user_port as u16);
     let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
+    // The source is not known before the socket is bound.
+    let flow = FlowEvent {
+        slot,
+        dst: addr,
+        dst_port: port,
+        proto,
+        direction: DIRECTION_APP,
+        ..FlowEvent::default()
+    };
 
     if !target_tcp
         && let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, 0, entry.specific, proto, port)
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, port, &flow)
     {
         return apply(sa, slot, verdict, hook);
     }
@@ -140,7 +152,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         return PROCEED;
     }
     if let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, proto, port)
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, port, &flow)
     {
         return apply(sa, slot, verdict, hook);
     }

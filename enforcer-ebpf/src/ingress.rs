@@ -30,7 +30,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    maps::{PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP},
+    maps::{
+        DIRECTION_NET, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+        SCOPE_TARGET_UDP,
+    },
     marks::Class,
 };
 
@@ -69,9 +72,19 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     }
     let entry = acl_entry(Side::Net, slot, l4.src);
     let target_tcp = in_set(SCOPE_TARGET_TCP, l4.src);
+    let flow = FlowEvent {
+        slot,
+        src: l4.src,
+        dst: l4.dst,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        proto: l4.proto,
+        direction: DIRECTION_NET,
+        ..FlowEvent::default()
+    };
     if !target_tcp
         && let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, 0, entry.specific, l4.proto, l4.dst_port)
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, l4.dst_port, &flow)
     {
         return apply(ctx, slot, verdict);
     }
@@ -88,7 +101,7 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
         return TC_ACT_OK;
     }
     if let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, l4.proto, l4.dst_port)
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, l4.dst_port, &flow)
     {
         return apply(ctx, slot, verdict);
     }

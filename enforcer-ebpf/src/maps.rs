@@ -3,10 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::maps::{
-    AclEntry, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PortKey, PuCounts,
+    AclEntry, FLOW_EVENTS_BYTES, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PortKey, PuCounts,
 };
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
@@ -34,3 +34,7 @@ pub static PU_COUNTS: PerCpuArray<PuCounts> = PerCpuArray::with_max_entries(MAX_
 /// for.
 #[map(name = "PU_PORTS")]
 pub static PU_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PUS * 4, 0);
+
+/// Logged decisions (`FlowEvent`), read by the agent for its flow log.
+#[map(name = "FLOW_EVENTS")]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);

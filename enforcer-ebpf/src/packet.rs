@@ -38,7 +38,11 @@ pub enum Parsed {
 pub struct L4 {
     /// Source address, IPv4-mapped for IPv4.
     pub src: [u8; 16],
+    /// Destination address, IPv4-mapped for IPv4.
+    pub dst: [u8; 16],
     pub proto: u8,
+    /// Source port, host order; 0 for protocols without ports.
+    pub src_port: u16,
     /// Destination port, host order; 0 for protocols without ports.
     pub dst_port: u16,
     /// TCP flags byte; 0 for other protocols.
@@ -60,11 +64,12 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 #[inline(always)]
 fn parse_v4(ctx: &TcContext) -> Parsed {
     let ip = ETH_HDR_LEN;
-    let (Ok(vihl), Ok(frag), Ok(proto), Ok(src)) = (
+    let (Ok(vihl), Ok(frag), Ok(proto), Ok(src), Ok(dst)) = (
         ctx.load::<u8>(ip),
         ctx.load::<u16>(ip + 6),
         ctx.load::<u8>(ip + 9),
         ctx.load::<[u8; 4]>(ip + 12),
+        ctx.load::<[u8; 4]>(ip + 16),
     ) else {
         return Parsed::Malformed;
     };
@@ -78,13 +83,20 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     let mapped = [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
     ];
-    transport(ctx, mapped, proto, ip + ihl)
+    let dst = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3],
+    ];
+    transport(ctx, mapped, dst, proto, ip + ihl)
 }
 
 #[inline(always)]
 fn parse_v6(ctx: &TcContext) -> Parsed {
     let ip = ETH_HDR_LEN;
-    let (Ok(next), Ok(src)) = (ctx.load::<u8>(ip + 6), ctx.load::<[u8; 16]>(ip + 8)) else {
+    let (Ok(next), Ok(src), Ok(dst)) = (
+        ctx.load::<u8>(ip + 6),
+        ctx.load::<[u8; 16]>(ip + 8),
+        ctx.load::<[u8; 16]>(ip + 24),
+    ) else {
         return Parsed::Malformed;
     };
     let mut next = next;
@@ -109,7 +121,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
                 next = n;
                 off += 8;
             }
-            _ => return transport(ctx, src, next, off),
+            _ => return transport(ctx, src, dst, next, off),
         }
         i += 1;
     }
@@ -118,23 +130,33 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn transport(ctx: &TcContext, src: [u8; 16], proto: u8, off: usize) -> Parsed {
+fn transport(ctx: &TcContext, src: [u8; 16], dst: [u8; 16], proto: u8, off: usize) -> Parsed {
     // The destination port is the second 16-bit word of both headers; a
     // header that is not there whole is unreadable.
-    let (dst_port, tcp_flags) = match proto {
-        PROTO_TCP => match (ctx.load::<u16>(off + 2), ctx.load::<u8>(off + 13)) {
-            (Ok(port), Ok(flags)) => (u16::from_be(port), flags),
+    let (src_port, dst_port, tcp_flags) = match proto {
+        PROTO_TCP => match (
+            ctx.load::<u16>(off),
+            ctx.load::<u16>(off + 2),
+            ctx.load::<u8>(off + 13),
+        ) {
+            (Ok(sport), Ok(port), Ok(flags)) => (u16::from_be(sport), u16::from_be(port), flags),
             _ => return Parsed::Malformed,
         },
-        PROTO_UDP => match (ctx.load::<u16>(off + 2), ctx.load::<u16>(off + 6)) {
-            (Ok(port), Ok(_checksum)) => (u16::from_be(port), 0),
+        PROTO_UDP => match (
+            ctx.load::<u16>(off),
+            ctx.load::<u16>(off + 2),
+            ctx.load::<u16>(off + 6),
+        ) {
+            (Ok(sport), Ok(port), Ok(_checksum)) => (u16::from_be(sport), u16::from_be(port), 0),
             _ => return Parsed::Malformed,
         },
-        _ => (0, 0),
+        _ => (0, 0, 0),
     };
     Parsed::L4(L4 {
         src,
+        dst,
         proto,
+        src_port,
         dst_port,
         tcp_flags,
     })

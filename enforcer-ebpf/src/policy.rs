@@ -9,14 +9,14 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        ACTION_ACCEPT, AclEntry, AclRule, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
-        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, SCOPE_BITS, acl_scope, family_scope, is_v4_mapped,
-        net_acl_scope,
+        ACTION_ACCEPT, AclEntry, AclRule, FlowEvent, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
+        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, RULE_LOG, SCOPE_BITS, acl_scope, family_scope,
+        is_v4_mapped, net_acl_scope,
     },
     marks::MarkLayout,
 };
 
-use crate::maps::{ACLS, NETS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION};
+use crate::maps::{ACLS, FLOW_EVENTS, NETS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION};
 
 /// The mark layout's shift; the loader sets it before loading.
 #[unsafe(no_mangle)]
@@ -114,15 +114,18 @@ pub enum AclVerdict {
 
 /// Evaluates `count` rules of `entry` starting at `first`, in order, for a
 /// connection of `proto` to `port`. Observe-continue rules only observe;
-/// the first other match decides.
+/// the first other match decides. A matching rule with [`RULE_LOG`] (the
+/// deciding one, or an observe-continue one) puts `flow`, completed with
+/// the rule's policy, action and observe mode, on the flow-log ring.
 #[inline(always)]
 pub fn evaluate(
     entry: &AclEntry,
     first: u32,
     count: u32,
-    proto: u8,
     port: u16,
+    flow: &FlowEvent,
 ) -> Option<AclVerdict> {
+    let proto = flow.proto;
     let end = first.saturating_add(count);
     // The index is the loop counter itself, bounded by a constant: the
     // verifier can then prove every rule access in bounds (an index
@@ -135,7 +138,11 @@ pub fn evaluate(
         }
         if i >= first {
             let rule: &AclRule = &entry.rules[idx];
-            if rule_matches(rule, proto, port) && rule.observe != OBSERVE_CONTINUE {
+            let matches = rule_matches(rule, proto, port);
+            if matches && rule.flags & RULE_LOG != 0 {
+                log_flow(flow, rule);
+            }
+            if matches && rule.observe != OBSERVE_CONTINUE {
                 return Some(if rule.action == ACTION_ACCEPT {
                     AclVerdict::Accept
                 } else {
@@ -146,6 +153,20 @@ pub fn evaluate(
         idx += 1;
     }
     None
+}
+
+/// Puts one flow event on the ring; a full ring loses the event, never
+/// the verdict.
+#[inline(always)]
+fn log_flow(flow: &FlowEvent, rule: &AclRule) {
+    if let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) {
+        let mut event = *flow;
+        event.policy = rule.policy;
+        event.action = rule.action;
+        event.observe = rule.observe;
+        entry.write(event);
+        entry.submit(0);
+    }
 }
 
 #[inline(always)]

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod control;
 pub mod datapath;
 pub mod demo;
+pub mod flowlog;
 pub mod naming;
 pub mod policy;
 pub mod sandbox;

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, ControlSocket, DatapathStatus};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
+use crate::flowlog::FlowLogWriter;
 use crate::policy::{
     CgroupV2Host, Configuration, DatapathChoice, MarkSettings, Mode, PolicyError, QueueSettings,
 };
@@ -169,7 +170,7 @@ async fn serve(
 }
 
 async fn start_and_serve(
-    datapath: Box<dyn datapath::Datapath>,
+    mut datapath: Box<dyn datapath::Datapath>,
     config: Configuration,
     source: ConfigSource,
     identity: Identity,
@@ -180,6 +181,14 @@ async fn start_and_serve(
     // that feed them, so no trapped packet ever finds the queue without a
     // listener (dropped when failing closed).
     let trap = TrapConsumer::start(&config.queues, config.marks.layout())?;
+    let flow_log = match FlowLogWriter::start(&config.flow_log) {
+        Ok(writer) => writer,
+        Err(e) => {
+            trap.stop();
+            return Err(e);
+        }
+    };
+    datapath.set_flow_log(flow_log.sender());
     let owner = DatapathOwner::spawn(Enforcement::new(datapath, &config))?;
     let start = {
         let config = config.clone();
@@ -192,6 +201,7 @@ async fn start_and_serve(
             Err(c) => tracing::error!("cleaning up after the failed start failed too: {c:#}"),
         }
         trap.stop();
+        flow_log.stop();
         return Err(e.context("starting the datapath"));
     }
     let daemon = Daemon::new(owner, trap.counters(), identity, source);
@@ -199,6 +209,7 @@ async fn start_and_serve(
     // After the datapath's cleanup no rule queues any more: stopping the
     // consumer now strands no packet.
     trap.stop();
+    flow_log.stop();
     result
 }
 

@@ -111,6 +111,11 @@ pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 pub trait Datapath: Send {
     fn kind(&self) -> DatapathKind;
 
+    /// Where to send flow records ([`crate::flowlog`]) of logged
+    /// decisions, from the next `run` on. A datapath that cannot log
+    /// ignores it.
+    fn set_flow_log(&mut self, _sender: crate::flowlog::FlowSender) {}
+
     /// Removes whatever a previous instance left (it may have crashed),
     /// then creates the global sets/maps, chains/programs and the rules
     /// that steer traffic into them. Idempotent.

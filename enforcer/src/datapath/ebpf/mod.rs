@@ -28,6 +28,7 @@
 //!   ACLs or networks.
 
 mod entries;
+mod flowlog;
 pub mod grace;
 mod links;
 mod netfilter;
@@ -37,20 +38,21 @@ use std::{
     fs::File,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink, links::PinnedLink,
     },
 };
 use enforcer_common::maps::{
-    AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
-    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_INGRESS, PU_PROGRAMS, PortKey, PuCounts,
-    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+    AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
+    MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_INGRESS,
+    PU_PROGRAMS, PortKey, PuCounts, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -77,6 +79,8 @@ struct Loaded {
     generation: Array<MapData, u32>,
     counts: PerCpuArray<MapData, PuCounts>,
     ports: HashMap<MapData, PortKey, u32>,
+    /// The flow-log ring, until a reader takes it.
+    flow_events: Option<RingBuf<MapData>>,
     grace: GracePeriod,
 }
 
@@ -114,6 +118,12 @@ pub struct EbpfDatapath {
     faults: Faults,
     /// Keeps TC ingress on every interface, between `run` and `cleanup`.
     watcher: Option<links::Watcher>,
+    /// Where flow records go, if the agent wants them.
+    flow_log: Option<crate::flowlog::FlowSender>,
+    /// Slot and policy names for the flow-log reader.
+    flow_names: Arc<Mutex<flowlog::FlowNames>>,
+    /// Reads the flow-log ring, between `run` and `cleanup`.
+    flow_reader: Option<flowlog::FlowReader>,
 }
 
 impl EbpfDatapath {
@@ -129,6 +139,9 @@ impl EbpfDatapath {
             acl_prefixes: 0,
             faults: Faults::from_env()?,
             watcher: None,
+            flow_log: None,
+            flow_names: Arc::default(),
+            flow_reader: None,
         })
     }
 
@@ -203,6 +216,7 @@ impl EbpfDatapath {
             generation: take(MAP_PU_GENERATION)?.try_into()?,
             counts: take(MAP_PU_COUNTS)?.try_into()?,
             ports: take(MAP_PU_PORTS)?.try_into()?,
+            flow_events: Some(take(MAP_FLOW_EVENTS)?.try_into()?),
             grace: GracePeriod::new()?,
             bpf,
         })
@@ -210,7 +224,13 @@ impl EbpfDatapath {
 
     fn policy_index(&mut self, id: &str) -> u32 {
         let next = self.policy_ids.len() as u32;
-        *self.policy_ids.entry(id.to_string()).or_insert(next)
+        let index = *self.policy_ids.entry(id.to_string()).or_insert(next);
+        self.flow_names
+            .lock()
+            .expect("flow names lock")
+            .policies
+            .insert(index, id.to_string());
+        index
     }
 
     /// Builds a PU's ACL entries, both sides.
@@ -562,9 +582,22 @@ impl Datapath for EbpfDatapath {
         DatapathKind::Ebpf
     }
 
+    fn set_flow_log(&mut self, sender: crate::flowlog::FlowSender) {
+        self.flow_log = Some(sender);
+    }
+
     fn run(&mut self) -> Result<()> {
         self.cleanup()?;
-        let loaded = self.load()?;
+        let mut loaded = self.load()?;
+        if let Some(sender) = &self.flow_log
+            && let Some(ring) = loaded.flow_events.take()
+        {
+            self.flow_reader = Some(flowlog::FlowReader::start(
+                ring,
+                self.flow_names.clone(),
+                sender.clone(),
+            )?);
+        }
         self.loaded = Some(loaded);
         let rules = netfilter::render(self.settings.marks, &self.settings.queues);
         for family in IpFamily::ALL {
@@ -668,6 +701,11 @@ impl Datapath for EbpfDatapath {
                 links,
             },
         );
+        self.flow_names
+            .lock()
+            .expect("flow names lock")
+            .slots
+            .insert(slot, pu.id.to_string());
         info!(pu = %pu.id, slot, cgroup = %cgroup.display(), "PU configured");
         Ok(())
     }
@@ -780,6 +818,7 @@ impl Datapath for EbpfDatapath {
     fn cleanup(&mut self) -> Result<()> {
         // Stop attaching to new interfaces before the pins go.
         self.watcher = None;
+        self.flow_reader = None;
         for (_, state) in std::mem::take(&mut self.pus) {
             detach(state.links);
         }

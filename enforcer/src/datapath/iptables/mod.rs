@@ -30,12 +30,14 @@
 
 pub mod exec;
 pub mod global;
+pub mod nflog;
 pub mod pu;
 pub mod rules;
 pub mod save;
 pub mod sets;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, anyhow};
 use enforcer_common::marks::Kind;
@@ -48,7 +50,9 @@ use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
 use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
-use crate::naming::{GlobalSet, MAIN_CHAINS, NameRegistry, ShortName};
+use crate::flowlog::{FlowAction, FlowObserve};
+use crate::naming::{GlobalSet, LogTag, MAIN_CHAINS, NameRegistry, ShortName, nflog_prefix};
+use crate::policy::{Action, ObserveMode};
 use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId, PuKind};
 
 /// Test-only ([`fault`]): a rule whose chain never exists, so that the
@@ -82,9 +86,56 @@ pub struct IptablesDatapath {
     targets: Option<PerFamily<FamilyNetworks>>,
     /// Test-only fault injection ([`fault`]).
     faults: Faults,
+    /// Where flow records go, if the agent wants them.
+    flow_log: Option<crate::flowlog::FlowSender>,
+    /// The installed PUs' ACL log prefixes, for the NFLOG reader.
+    flow_prefixes: Arc<Mutex<nflog::Prefixes>>,
+    /// Reads the NFLOG groups, between `run` and `cleanup`.
+    flow_reader: Option<nflog::NflogReader>,
+}
+
+/// The ACL log prefixes of one PU (its rules' [`nflog_prefix`]es).
+fn acl_prefixes(pu: &Pu, short: &ShortName) -> Vec<(String, nflog::LoggedAcl)> {
+    pu.application_acls
+        .iter()
+        .chain(&pu.network_acls)
+        .map(|acl| {
+            let prefix = nflog_prefix(short, LogTag::Acl(acl.bucket()), Some(&acl.policy_id));
+            let logged = nflog::LoggedAcl {
+                pu: pu.id.to_string(),
+                policy_id: acl.policy_id.to_string(),
+                action: match acl.action {
+                    Action::Accept => FlowAction::Accept,
+                    Action::Reject => FlowAction::Reject,
+                },
+                observe: match acl.observe {
+                    ObserveMode::None => FlowObserve::None,
+                    ObserveMode::Continue => FlowObserve::ObserveContinue,
+                    ObserveMode::Apply => FlowObserve::ObserveApply,
+                },
+            };
+            (prefix, logged)
+        })
+        .collect()
 }
 
 impl IptablesDatapath {
+    /// Makes `pu`'s log prefixes known before its rules can log.
+    fn add_prefixes(&self, pu: &Pu, short: &ShortName) {
+        let mut prefixes = self.flow_prefixes.lock().expect("flow prefixes lock");
+        prefixes.extend(acl_prefixes(pu, short));
+    }
+
+    /// The log prefixes of the installed PUs, and no others.
+    fn sync_prefixes(&self) {
+        let all = self
+            .pus
+            .values()
+            .flat_map(|i| acl_prefixes(&i.pu, &i.short))
+            .collect();
+        *self.flow_prefixes.lock().expect("flow prefixes lock") = all;
+    }
+
     pub fn new(settings: DatapathSettings) -> Result<Self> {
         let mut datapath = Self::with_netfilter(settings, Box::new(System));
         datapath.faults = Faults::from_env()?;
@@ -99,6 +150,9 @@ impl IptablesDatapath {
             pus: BTreeMap::new(),
             targets: None,
             faults: Faults::none(),
+            flow_log: None,
+            flow_prefixes: Arc::default(),
+            flow_reader: None,
         }
     }
 
@@ -361,7 +415,9 @@ impl IptablesDatapath {
     }
 
     fn forget_everything(&mut self) {
+        self.flow_reader = None;
         self.pus.clear();
+        self.sync_prefixes();
         self.names = NameRegistry::new();
         self.targets = None;
     }
@@ -407,6 +463,10 @@ impl Datapath for IptablesDatapath {
         DatapathKind::Iptables
     }
 
+    fn set_flow_log(&mut self, sender: crate::flowlog::FlowSender) {
+        self.flow_log = Some(sender);
+    }
+
     fn run(&mut self) -> Result<()> {
         self.forget_everything();
         exec::remove_everything(self.nf.as_ref())
@@ -437,6 +497,12 @@ impl Datapath for IptablesDatapath {
             v4: no_networks(),
             v6: no_networks(),
         });
+        if let Some(sender) = &self.flow_log {
+            self.flow_reader = Some(nflog::NflogReader::start(
+                self.flow_prefixes.clone(),
+                sender.clone(),
+            )?);
+        }
         Ok(())
     }
 
@@ -473,9 +539,11 @@ impl Datapath for IptablesDatapath {
         }
         let short = self.names.assign(&pu.id).map_err(anyhow::Error::from)?;
         let fault = self.faults.strikes(Operation::Configure);
+        self.add_prefixes(pu, &short);
         let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&plan, fault));
         if let Err(e) = result {
             self.names.release(&pu.id);
+            self.sync_prefixes();
             return Err(e);
         }
         let installed = Installed {
@@ -484,6 +552,7 @@ impl Datapath for IptablesDatapath {
             version,
         };
         self.pus.insert(pu.id.clone(), installed);
+        self.sync_prefixes();
         Ok(())
     }
 
@@ -512,7 +581,11 @@ impl Datapath for IptablesDatapath {
         let old_plan = installed.plan()?;
         let new_plan = PuPlan::new(new, &installed.short, version)?;
         let fault = self.faults.strikes(Operation::Update);
-        self.replace(&new_plan, &old_plan, fault)?;
+        self.add_prefixes(new, &installed.short);
+        if let Err(e) = self.replace(&new_plan, &old_plan, fault) {
+            self.sync_prefixes();
+            return Err(e);
+        }
         let short = installed.short.clone();
         let replaced = self.pus.insert(
             new.id.clone(),
@@ -522,6 +595,7 @@ impl Datapath for IptablesDatapath {
                 version,
             },
         );
+        self.sync_prefixes();
         // The new policy is in force: cutting what it no longer allows
         // cannot undo it, so a failure there is logged, not returned (the
         // record of what is in force must stay true).
@@ -553,6 +627,7 @@ impl Datapath for IptablesDatapath {
             .with_context(|| format!("deleting PU {}", pu.id))?;
         self.pus.remove(&pu.id);
         self.names.release(&pu.id);
+        self.sync_prefixes();
         Ok(())
     }
 
