@@ -45,9 +45,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink, links::PinnedLink,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink},
 };
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
@@ -100,7 +98,10 @@ struct PuState {
     retired: BTreeSet<AclPrefix>,
     /// Its listening ports in `PU_PORTS`.
     ports: BTreeSet<PortKey>,
-    links: Vec<PinnedLink>,
+    /// Pins of its hooks' links. Only the pins hold the links: keeping a
+    /// descriptor per link would run out of descriptors at a few thousand
+    /// PUs (four links each).
+    links: Vec<PathBuf>,
 }
 
 pub struct EbpfDatapath {
@@ -357,7 +358,7 @@ impl EbpfDatapath {
 
     /// Attaches every PU hook to a cgroup and pins the links. With `fault`
     /// (test-only), the last attach fails in place of being done.
-    fn attach(&mut self, slot: u32, cgroup: &Path, fault: bool) -> Result<Vec<PinnedLink>> {
+    fn attach(&mut self, slot: u32, cgroup: &Path, fault: bool) -> Result<Vec<PathBuf>> {
         let links_dir = self.links_dir();
         let loaded = self.loaded()?;
         let dir =
@@ -382,8 +383,9 @@ impl EbpfDatapath {
             let link = attached.and_then(|id| Ok(prog.take_link(id)?));
             let link = link.and_then(|link| Ok(FdLink::try_from(link)?));
             let path = links_dir.join(format!("pu{slot}-{name}"));
-            match link.and_then(|link| Ok(link.pin(&path)?)) {
-                Ok(p) => pinned.push(p),
+            // The pinned link's descriptor closes here; the pin keeps it.
+            match link.and_then(|link| Ok(link.pin(&path).map(drop)?)) {
+                Ok(()) => pinned.push(path),
                 Err(e) => {
                     detach(pinned);
                     return Err(e.into());
@@ -568,11 +570,12 @@ fn netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
-/// Unpins links; dropping the last reference detaches the program.
-fn detach(links: Vec<PinnedLink>) {
-    for link in links {
-        if let Err(e) = link.unpin() {
-            warn!("unpinning a link: {e}");
+/// Removes link pins; with the last reference gone, the kernel detaches
+/// the program.
+fn detach(links: Vec<PathBuf>) {
+    for pin in links {
+        if let Err(e) = std::fs::remove_file(&pin) {
+            warn!("removing the link pin {}: {e}", pin.display());
         }
     }
 }
