@@ -15,6 +15,7 @@
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 
 pub mod agent;
+pub mod bench;
 pub mod cgroup;
 pub mod leftovers;
 pub mod netfilter;

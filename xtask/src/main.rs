@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's developer and CI commands, in Rust so that
 //! they run wherever cargo does. `cargo xtask test` is what CI runs;
-//! `cargo xtask build-and-load` builds the agent and runs its demo.
+//! `cargo xtask build-and-load` builds the agent and runs its demo;
+//! `cargo xtask bench` measures it against the fallback and the bare
+//! kernel.
 
+mod bench;
 mod build;
 mod cmd;
 mod lint;
@@ -48,8 +51,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks (not implemented yet)
-    Bench,
+    /// Set up, build for release, then benchmark eBPF vs iptables vs the bare kernel
+    /// (needs root; writes bench/results/<date>.md and SVG plots)
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -60,10 +64,7 @@ fn main() -> Result<()> {
         Task::Lint => lint::run(&ws),
         Task::Test { cargo_test_args } => test::run(&ws, &cargo_test_args),
         Task::BuildAndLoad { args } => build::build_and_load(&ws, &args),
-        Task::Bench => {
-            eprintln!("cargo xtask bench: not implemented yet; benchmarks are tracked in issue 8");
-            std::process::exit(2)
-        }
+        Task::Bench(args) => bench::run(&ws, &args),
     }
 }
 
@@ -106,5 +107,21 @@ mod tests {
             panic!("not the build-and-load task");
         };
         assert_eq!(args, argv[2..]);
+    }
+
+    #[test]
+    fn bench_takes_quick_out_and_parts() {
+        let Task::Bench(args) = parse(&[
+            "xtask", "bench", "--quick", "--out", "/tmp/r", "--only", "base", "--only", "pus",
+        ]) else {
+            panic!("not the bench task");
+        };
+        assert!(args.quick);
+        assert_eq!(args.out, Some("/tmp/r".into()));
+        assert_eq!(args.only, ["base", "pus"]);
+        let Task::Bench(args) = parse(&["xtask", "bench"]) else {
+            panic!("not the bench task");
+        };
+        assert_eq!((args.quick, args.out, args.only.len()), (false, None, 0));
     }
 }

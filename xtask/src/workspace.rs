@@ -31,6 +31,11 @@ impl Workspace {
         })
     }
 
+    /// The workspace root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// `cargo ARGS` in the workspace root. Plain `cargo` from PATH is the
     /// rustup proxy, so `+nightly` works as a first argument.
     pub fn cargo<I, S>(&self, args: I) -> Command

@@ -1,0 +1,340 @@
+//! The traffic generators' client side. A client must be a process of its
+//! own inside the PU's cgroup (cgroup membership is per process), so the
+//! runner re-executes its own binary as `bench client KIND ARGS…` through
+//! [`Cgroup::command_in`]; the client prints one JSON line with what it
+//! measured and exits 0, or exits non-zero with the reason on stderr.
+//!
+//! Every loop is bounded by the requested duration (and each socket call
+//! by a timeout); the runner kills a client that outlives its deadline.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::sandbox::{cgroup::Cgroup, netns::Netns};
+use serde_json::{Value, json};
+use socket2::SockRef;
+
+use super::stats::percentile;
+
+/// Concurrent connectors of the connection-rate probe.
+pub const CONNECT_THREADS: usize = 4;
+/// Payload of the small-datagram probe.
+pub const UDP_PAYLOAD: usize = 64;
+
+/// How long any one socket call may block.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// What the throughput client writes per call.
+const CHUNK: usize = 128 * 1024;
+/// After the first datagram of a flow (which a trap holds until the
+/// agent's verdict), the sender waits this long before timing.
+const UDP_WARMUP: Duration = Duration::from_millis(100);
+/// Time a client may take beyond its duration before it is killed.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// A client run, as the hidden `client` subcommand takes it.
+#[derive(Debug, Clone, PartialEq, clap::Subcommand)]
+pub enum Client {
+    /// One TCP flow: write for SECS, close, wait for the peer's close.
+    TcpThroughput { to: SocketAddr, secs: f64 },
+    /// Datagrams of SIZE bytes from one UDP socket for SECS: connected
+    /// (`send`), or with `--unconnected` addressed per datagram
+    /// (`sendto`).
+    UdpFlood {
+        to: SocketAddr,
+        secs: f64,
+        size: usize,
+        #[arg(long)]
+        unconnected: bool,
+    },
+    /// New TCP connections from THREADS threads for SECS, each closed with
+    /// a reset (no TIME_WAIT left to exhaust the ports).
+    ConnectRate {
+        to: SocketAddr,
+        secs: f64,
+        threads: usize,
+    },
+}
+
+impl Client {
+    /// The command-line words after `client` that parse back to `self`.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Client::TcpThroughput { to, secs } => {
+                vec!["tcp-throughput".into(), to.to_string(), secs.to_string()]
+            }
+            Client::UdpFlood {
+                to,
+                secs,
+                size,
+                unconnected,
+            } => {
+                let mut args = vec![
+                    "udp-flood".into(),
+                    to.to_string(),
+                    secs.to_string(),
+                    size.to_string(),
+                ];
+                if *unconnected {
+                    args.push("--unconnected".into());
+                }
+                args
+            }
+            Client::ConnectRate { to, secs, threads } => vec![
+                "connect-rate".into(),
+                to.to_string(),
+                secs.to_string(),
+                threads.to_string(),
+            ],
+        }
+    }
+
+    fn secs(&self) -> f64 {
+        match self {
+            Client::TcpThroughput { secs, .. }
+            | Client::UdpFlood { secs, .. }
+            | Client::ConnectRate { secs, .. } => *secs,
+        }
+    }
+
+    /// Runs the client in this process (the `bench client` side) and
+    /// returns the line to print.
+    pub fn run_here(&self) -> Result<Value> {
+        let secs = self.secs();
+        if !(0.0..=600.0).contains(&secs) {
+            bail!("a client runs 0 to 600 seconds, not {secs}");
+        }
+        let duration = Duration::from_secs_f64(secs);
+        match *self {
+            Client::TcpThroughput { to, .. } => tcp_throughput(to, duration),
+            Client::UdpFlood {
+                to,
+                size,
+                unconnected,
+                ..
+            } => udp_flood(to, duration, size.clamp(1, 1472), !unconnected),
+            Client::ConnectRate { to, threads, .. } => {
+                connect_rate(to, duration, threads.clamp(1, 64))
+            }
+        }
+    }
+
+    /// Runs the client as a process of its own inside `ns` and `cgroup`
+    /// (`exe` is this binary) and returns what it printed.
+    pub fn run_in(&self, exe: &std::path::Path, ns: &Netns, cgroup: &Cgroup) -> Result<Value> {
+        let mut cmd = cgroup.command_in(ns, exe)?;
+        cmd.arg("client").args(self.args());
+        run_process(cmd, Duration::from_secs_f64(self.secs()) + GRACE)
+    }
+}
+
+/// Runs a client process to its end (killing it after `limit`) and parses
+/// the last line it printed.
+fn run_process(mut cmd: Command, limit: Duration) -> Result<Value> {
+    use std::os::unix::process::CommandExt as _;
+    // A group of its own: Ctrl-C reaches the runner, which stops in order.
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("starting a client")?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the client did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    if let Some(mut s) = child.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    if !status.success() {
+        bail!("the client failed ({status}): {}", err.trim());
+    }
+    let line = out.lines().last().context("the client printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("the client printed {line:?}"))
+}
+
+fn tcp_throughput(to: SocketAddr, duration: Duration) -> Result<Value> {
+    let mut stream =
+        TcpStream::connect_timeout(&to, IO_TIMEOUT).with_context(|| format!("connecting {to}"))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let chunk = vec![0x5au8; CHUNK];
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while start.elapsed() < duration {
+        stream.write_all(&chunk).context("writing")?;
+        bytes += CHUNK as u64;
+    }
+    stream.shutdown(Shutdown::Write)?;
+    // The peer closes once it has read everything: the flow is over.
+    let mut rest = [0u8; 64];
+    while stream
+        .read(&mut rest)
+        .context("waiting for the peer's close")?
+        > 0
+    {}
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({ "bytes": bytes, "secs": secs }))
+}
+
+fn udp_flood(to: SocketAddr, duration: Duration, size: usize, connected: bool) -> Result<Value> {
+    let local: SocketAddr = match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
+        SocketAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let socket = UdpSocket::bind(local)?;
+    if connected {
+        // connect(2) is where the eBPF datapath decides a connected flow;
+        // an unconnected one is decided per datagram (its sendmsg hook).
+        socket
+            .connect(to)
+            .with_context(|| format!("connecting UDP {to}"))?;
+    }
+    socket.set_write_timeout(Some(IO_TIMEOUT))?;
+    let payload = vec![0x5au8; size];
+    let send = |payload: &[u8]| match connected {
+        true => socket.send(payload),
+        false => socket.send_to(payload, to),
+    };
+    send(&payload).context("sending the first datagram")?;
+    std::thread::sleep(UDP_WARMUP);
+    let start = Instant::now();
+    let (mut sent, mut dropped) = (0u64, 0u64);
+    'sending: loop {
+        // The clock is read once per batch: it is not free either.
+        for _ in 0..64 {
+            match send(&payload) {
+                Ok(_) => sent += 1,
+                // A full queue on the way: the datagram is lost, as it
+                // would be on a real link.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => dropped += 1,
+                Err(e) => return Err(e).context("sending"),
+            }
+        }
+        if start.elapsed() >= duration {
+            break 'sending;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({ "sent": sent, "dropped": dropped, "secs": secs }))
+}
+
+fn connect_rate(to: SocketAddr, duration: Duration, threads: usize) -> Result<Value> {
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                let mut failed = 0u64;
+                let mut last_error = None;
+                while start.elapsed() < duration {
+                    let t0 = Instant::now();
+                    match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+                        Ok(stream) => {
+                            latencies.push(t0.elapsed().as_secs_f64());
+                            // Linger 0: close with a reset, leaving no
+                            // TIME_WAIT behind.
+                            let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            last_error = Some(e.to_string());
+                        }
+                    }
+                }
+                (latencies, failed, last_error)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    let mut last_error = None;
+    for worker in workers {
+        let (l, f, e) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a connector panicked"))?;
+        latencies.extend(l);
+        failed += f;
+        last_error = last_error.or(e);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if latencies.is_empty() {
+        bail!(
+            "no connection to {to} succeeded ({failed} failed: {})",
+            last_error.unwrap_or_default()
+        );
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(json!({
+        "connections": latencies.len(),
+        "failed": failed,
+        "last_error": last_error,
+        "secs": secs,
+        "p50": percentile(&latencies, 50.0),
+        "p99": percentile(&latencies, 99.0),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(subcommand)]
+        client: Client,
+    }
+
+    #[test]
+    fn args_parse_back_to_the_same_client() {
+        let to: SocketAddr = "10.1.0.2:5001".parse().unwrap();
+        for client in [
+            Client::TcpThroughput { to, secs: 1.5 },
+            Client::UdpFlood {
+                to,
+                secs: 2.0,
+                size: 64,
+                unconnected: false,
+            },
+            Client::UdpFlood {
+                to,
+                secs: 2.0,
+                size: 64,
+                unconnected: true,
+            },
+            Client::ConnectRate {
+                to,
+                secs: 1.0,
+                threads: 4,
+            },
+        ] {
+            let argv = std::iter::once("bench".to_string()).chain(client.args());
+            assert_eq!(Wrapper::try_parse_from(argv).unwrap().client, client);
+        }
+    }
+
+    #[test]
+    fn a_client_refuses_an_unbounded_duration() {
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let err = Client::TcpThroughput { to, secs: 1e9 }
+            .run_here()
+            .unwrap_err();
+        assert!(err.to_string().contains("0 to 600 seconds"), "{err}");
+    }
+}

@@ -1,0 +1,1108 @@
+//! The report: `<out>/<date>.md` (`<date>-quick.md` for a quick run, so
+//! it never replaces a full one) with its SVG plots beside it, all
+//! hand-built strings. Tables show the median and min–max of each figure
+//! per mode with ratios to the bare kernel and to the fallback; a
+//! generated section lists every comparison where eBPF is not ahead of
+//! iptables with the mechanism that explains it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use super::client::{CONNECT_THREADS, UDP_PAYLOAD};
+use super::machine::Machine;
+use super::plan::{Metric, Mode, Peer, Plan, Scale};
+use super::progress::Interference;
+use super::results::Results;
+use super::stats::{Summary, ratio};
+use super::svg::{self, Panel, Point, Series};
+
+/// What the report is written from.
+pub struct Context<'a> {
+    pub plan: &'a Plan,
+    pub machine: &'a Machine,
+    pub results: &'a Results,
+    pub elapsed: Duration,
+    pub interference: Option<Interference>,
+    /// The command that reproduces the run.
+    pub command: String,
+}
+
+/// Writes the report and its plots into `out`; returns the report's path.
+pub fn write(out: &Path, ctx: &Context) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let stem = match ctx.plan.quick {
+        true => format!("{}-quick", ctx.machine.date),
+        false => ctx.machine.date.clone(),
+    };
+    let mut figures = Vec::new();
+    for (slug, svg) in figures_of(ctx) {
+        let name = format!("{stem}-{slug}.svg");
+        std::fs::write(out.join(&name), svg).with_context(|| format!("writing {name}"))?;
+        figures.push((slug, name));
+    }
+    let raw = format!("{stem}.json");
+    let json = serde_json::to_string_pretty(&ctx.results.to_json()).context("rendering")?;
+    std::fs::write(out.join(&raw), json + "\n").with_context(|| format!("writing {raw}"))?;
+    let path = out.join(format!("{stem}.md"));
+    std::fs::write(&path, markdown(ctx, &figures, &raw))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// A scale axis: one dimension grown, the others at the base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dimension {
+    Pus,
+    Acls,
+    Targets,
+}
+
+impl Dimension {
+    const ALL: [Dimension; 3] = [Dimension::Pus, Dimension::Acls, Dimension::Targets];
+
+    fn slug(self) -> &'static str {
+        match self {
+            Dimension::Pus => "pus",
+            Dimension::Acls => "acls",
+            Dimension::Targets => "targets",
+        }
+    }
+
+    fn axis(self) -> &'static str {
+        match self {
+            Dimension::Pus => "PUs",
+            Dimension::Acls => "ACLs of the PU",
+            Dimension::Targets => "target networks",
+        }
+    }
+
+    fn x(self, s: Scale) -> usize {
+        match self {
+            Dimension::Pus => s.pus,
+            Dimension::Acls => s.acls,
+            Dimension::Targets => s.targets,
+        }
+    }
+
+    fn on_axis(self, s: Scale) -> bool {
+        let base = Scale::BASE;
+        match self {
+            Dimension::Pus => s.acls == base.acls && s.targets == base.targets,
+            Dimension::Acls => s.pus == base.pus && s.targets == base.targets,
+            Dimension::Targets => s.pus == base.pus && s.acls == base.acls,
+        }
+    }
+}
+
+/// The metrics shown against scale.
+const SCALE_METRICS: [Metric; 6] = [
+    Metric::TcpThroughput(Peer::Acl),
+    Metric::UdpDelivered(Peer::Target),
+    Metric::ConnRate(Peer::Target),
+    Metric::ConnP99(Peer::Target),
+    Metric::ConnRate(Peer::Acl),
+    Metric::ConnP99(Peer::Acl),
+];
+
+const ESTABLISHED: [Metric; 7] = [
+    Metric::TcpThroughput(Peer::Acl),
+    Metric::TcpThroughput(Peer::Target),
+    Metric::UdpDelivered(Peer::Acl),
+    Metric::UdpDelivered(Peer::Target),
+    Metric::UdpSent(Peer::Acl),
+    Metric::UdpSent(Peer::Target),
+    Metric::UdpSendtoDelivered(Peer::Acl),
+];
+
+const CONNECTIONS: [Metric; 6] = [
+    Metric::ConnRate(Peer::Target),
+    Metric::ConnP50(Peer::Target),
+    Metric::ConnP99(Peer::Target),
+    Metric::ConnRate(Peer::Acl),
+    Metric::ConnP50(Peer::Acl),
+    Metric::ConnP99(Peer::Acl),
+];
+
+const FOOTPRINT: [Metric; 4] = [
+    Metric::Rss,
+    Metric::KernelMemory,
+    Metric::Rules,
+    Metric::OpenFiles,
+];
+
+impl Context<'_> {
+    fn get(&self, scale: Scale, mode: Mode, metric: Metric) -> Option<Summary> {
+        self.results.summary(scale, mode, metric)
+    }
+
+    /// The scales of the plan on `dim`'s axis, by size.
+    fn axis(&self, dim: Dimension) -> Vec<Scale> {
+        let mut scales: Vec<Scale> = self
+            .plan
+            .setups
+            .iter()
+            .map(|s| s.scale)
+            .filter(|s| dim.on_axis(*s))
+            .collect();
+        scales.sort_by_key(|s| dim.x(*s));
+        scales.dedup();
+        scales
+    }
+
+    /// A figure's cell: median (min–max), or why there is none.
+    fn cell(&self, scale: Scale, mode: Mode, metric: Metric) -> String {
+        match self.get(scale, mode, metric) {
+            Some(s) => s.show(metric.unit()),
+            None if self.results.unmeasured(scale, mode).is_some()
+                && self.plan.yields(scale, mode, metric) =>
+            {
+                "N/A†".into()
+            }
+            None => "–".into(),
+        }
+    }
+
+    /// Whether a row for `metric` at `scale` belongs in a datapath table:
+    /// the run meant to measure it.
+    fn planned(&self, scale: Scale, metric: Metric) -> bool {
+        Mode::DATAPATHS
+            .iter()
+            .any(|&m| self.plan.yields(scale, m, metric))
+    }
+
+    fn ratio_of(&self, a: (Scale, Mode), b: (Scale, Mode), metric: Metric) -> String {
+        match (self.get(a.0, a.1, metric), self.get(b.0, b.1, metric)) {
+            (Some(x), Some(y)) => ratio(x.median, y.median),
+            _ => "–".into(),
+        }
+    }
+}
+
+fn markdown(ctx: &Context, figures: &[(&str, String)], raw: &str) -> String {
+    let mut md = String::new();
+    let _ = write_markdown(&mut md, ctx, figures, raw);
+    md
+}
+
+fn write_markdown(
+    md: &mut String,
+    ctx: &Context,
+    figures: &[(&str, String)],
+    raw: &str,
+) -> std::fmt::Result {
+    let m = ctx.machine;
+    let plan = ctx.plan;
+    let kind = if plan.quick { " (quick run)" } else { "" };
+    writeln!(
+        md,
+        "# Benchmarks: eBPF datapath vs iptables fallback vs bare kernel — {}{kind}\n",
+        m.date
+    )?;
+    writeln!(md, "- **Commit**: `{}`", m.commit)?;
+    if !m.changed.is_empty() {
+        const SHOWN: usize = 12;
+        let mut list: Vec<String> = m
+            .changed
+            .iter()
+            .take(SHOWN)
+            .map(|f| format!("`{f}`"))
+            .collect();
+        if m.changed.len() > SHOWN {
+            list.push(format!("and {} more", m.changed.len() - SHOWN));
+        }
+        writeln!(
+            md,
+            "- **Uncommitted changes** when the run started: {}",
+            list.join(", ")
+        )?;
+    }
+    writeln!(
+        md,
+        "- **Machine**: {} × {}, {} RAM, Linux {}, {}",
+        m.cpus, m.cpu_model, m.memory, m.kernel, m.iptables
+    )?;
+    let secs = ctx.elapsed.as_secs();
+    writeln!(
+        md,
+        "- **Run**: {}, {} repetitions of every probe and reload (tables show the median and the \
+         min–max range; start-up, shutdown and footprint are one reading per setup, marked n=1), \
+         probes of {:.0} s, took {}m{:02}s",
+        if plan.quick { "quick" } else { "full" },
+        plan.reps,
+        plan.probe_time.as_secs_f64(),
+        secs / 60,
+        secs % 60
+    )?;
+    match ctx.interference {
+        Some(i) => {
+            let verdict = if i.others + i.stolen > 0.10 {
+                "**noisy**: other work competed for the CPUs, so the figures carry that noise"
+            } else {
+                "quiet"
+            };
+            writeln!(
+                md,
+                "- **Other load**: processes other than the benchmark used {:.0}% of the machine's \
+                 CPU time during the run, the hypervisor took {:.0}% — {verdict}",
+                i.others * 100.0,
+                i.stolen * 100.0
+            )?;
+        }
+        None => writeln!(md, "- **Other load**: unknown (/proc/stat unreadable)")?,
+    }
+    writeln!(
+        md,
+        "- **Reproduce**: `{}` from the workspace root, as root, on a quiet machine",
+        ctx.command
+    )?;
+    writeln!(md, "- **Raw values**: [{raw}]({raw})\n")?;
+    writeln!(
+        md,
+        "Modes: **bare** — no agent, the kernel alone; **iptables** — the fallback datapath \
+         (per-PU chains and ipsets); **eBPF** — cgroup connect hooks, LPM maps and a fixed \
+         handful of netfilter rules. Ratios are of medians: for rates above 1× is faster, for \
+         times, memory and rules below 1× is less. †: not measurable, see \
+         [Not measured](#not-measured-na).\n"
+    )?;
+
+    headline(md, ctx)?;
+
+    writeln!(md, "## 1. Established flows\n")?;
+    writeln!(
+        md,
+        "One TCP flow (bulk writes of 128 KiB) and one connected UDP socket sending {UDP_PAYLOAD}-byte \
+         datagrams, from a process inside the PU's cgroup over a veth pair, to the ACL peer (an \
+         accept ACL, no trap) and to the target peer (its first packet trapped and accepted by the \
+         agent, then the connection-mark fast path); and datagrams from an unconnected socket \
+         (`sendto`), which the eBPF datapath judges per datagram. One PU, one ACL, one target \
+         network.\n"
+    )?;
+    mode_table(md, ctx, Scale::BASE, &ESTABLISHED)?;
+
+    writeln!(md, "## 2. Scale\n")?;
+    writeln!(
+        md,
+        "The figures of scenarios 1 and 3 for the *last* configured PU as the policy grows: \
+         more PUs (each with its own cgroup and ACL), more ACLs on the PU (distinct /32s, the \
+         ACL covering the peer last), more target networks (distinct /24s). The bare kernel's \
+         figure (no policy at all) is the reference.\n"
+    )?;
+    for dim in Dimension::ALL {
+        scale_section(md, ctx, dim, figures)?;
+    }
+
+    writeln!(md, "## 3. Connection rate\n")?;
+    writeln!(
+        md,
+        "New TCP connections from {CONNECT_THREADS} threads inside the PU, each closed with a \
+         reset at once, for the probe's duration; latency is connect() to established. To the \
+         target peer every SYN is trapped to the agent and accepted there; to the ACL peer no \
+         connection is trapped. Connections through the identity handshake: N/A (see below).\n"
+    )?;
+    mode_table(md, ctx, Scale::BASE, &CONNECTIONS)?;
+
+    control_section(md, ctx, figures)?;
+    footprint_section(md, ctx, figures)?;
+    findings(md, ctx)?;
+    not_measured(md, ctx)?;
+    method(md, ctx)?;
+    Ok(())
+}
+
+/// One row per metric at one scale: every mode, and the ratios.
+fn mode_table(
+    md: &mut String,
+    ctx: &Context,
+    scale: Scale,
+    metrics: &[Metric],
+) -> std::fmt::Result {
+    writeln!(
+        md,
+        "| measure | bare | iptables | eBPF | iptables ÷ bare | eBPF ÷ bare | eBPF ÷ iptables |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for &metric in metrics {
+        let r = |a, b| ctx.ratio_of((scale, a), (scale, b), metric);
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            metric.name(),
+            ctx.cell(scale, Mode::Bare, metric),
+            ctx.cell(scale, Mode::Iptables, metric),
+            ctx.cell(scale, Mode::Ebpf, metric),
+            r(Mode::Iptables, Mode::Bare),
+            r(Mode::Ebpf, Mode::Bare),
+            r(Mode::Ebpf, Mode::Iptables),
+        )?;
+    }
+    writeln!(md)
+}
+
+/// The largest scale on `dim`'s axis where `metric` was measured for
+/// either datapath.
+fn largest(ctx: &Context, dim: Dimension, metric: Metric) -> Option<Scale> {
+    ctx.axis(dim).into_iter().rev().find(|&s| {
+        Mode::DATAPATHS
+            .iter()
+            .any(|&m| ctx.get(s, m, metric).is_some())
+    })
+}
+
+fn headline(md: &mut String, ctx: &Context) -> std::fmt::Result {
+    writeln!(md, "## Headline\n")?;
+    writeln!(md, "| measure | bare | iptables | eBPF | eBPF ÷ iptables |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    let base = Scale::BASE;
+    let mut rows: Vec<(String, Scale, Metric)> = [
+        Metric::TcpThroughput(Peer::Acl),
+        Metric::UdpDelivered(Peer::Target),
+        Metric::ConnRate(Peer::Target),
+        Metric::ConnP99(Peer::Target),
+    ]
+    .into_iter()
+    .map(|m| (m.name(), base, m))
+    .collect();
+    let at = |dim: Dimension, metric: Metric, what: &str| {
+        largest(ctx, dim, metric)
+            .map(|s| (format!("{what} at {} {}", dim.x(s), dim.axis()), s, metric))
+    };
+    rows.extend(
+        [
+            at(
+                Dimension::Pus,
+                Metric::ConnRate(Peer::Acl),
+                &Metric::ConnRate(Peer::Acl).name(),
+            ),
+            at(
+                Dimension::Acls,
+                Metric::ConnRate(Peer::Acl),
+                &Metric::ConnRate(Peer::Acl).name(),
+            ),
+            at(Dimension::Pus, Metric::Startup, "start-up"),
+            at(Dimension::Pus, Metric::AddPu, "configure one more PU"),
+            at(Dimension::Acls, Metric::UpdatePu, "update a PU"),
+            at(
+                Dimension::Targets,
+                Metric::TargetChange,
+                "one target network change",
+            ),
+            at(Dimension::Pus, Metric::Rss, "agent memory"),
+            at(Dimension::Pus, Metric::KernelMemory, "kernel memory"),
+            at(Dimension::Pus, Metric::Rules, "netfilter rules"),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    for (what, scale, metric) in rows {
+        let bare = match ctx.get(base, Mode::Bare, metric) {
+            Some(_) if scale == base || metric.higher_is_better() => {
+                ctx.cell(base, Mode::Bare, metric)
+            }
+            _ => "–".into(),
+        };
+        writeln!(
+            md,
+            "| {what} | {bare} | {} | {} | {} |",
+            ctx.cell(scale, Mode::Iptables, metric),
+            ctx.cell(scale, Mode::Ebpf, metric),
+            ctx.ratio_of((scale, Mode::Ebpf), (scale, Mode::Iptables), metric),
+        )?;
+    }
+    writeln!(md)
+}
+
+fn figure_link(
+    md: &mut String,
+    figures: &[(&str, String)],
+    slug: &str,
+    what: &str,
+) -> std::fmt::Result {
+    if let Some((_, name)) = figures.iter().find(|(s, _)| *s == slug) {
+        writeln!(md, "![{what}]({name})\n")?;
+    }
+    Ok(())
+}
+
+fn scale_section(
+    md: &mut String,
+    ctx: &Context,
+    dim: Dimension,
+    figures: &[(&str, String)],
+) -> std::fmt::Result {
+    let scales: Vec<Scale> = ctx
+        .axis(dim)
+        .into_iter()
+        .filter(|&s| SCALE_METRICS.iter().any(|&metric| ctx.planned(s, metric)))
+        .collect();
+    writeln!(md, "### {}\n", capitalised(dim.axis()))?;
+    if scales.is_empty() {
+        return writeln!(md, "Not part of this run.\n");
+    }
+    writeln!(
+        md,
+        "| {} | measure | bare (no policy) | iptables | eBPF | eBPF ÷ iptables | eBPF ÷ bare |",
+        dim.axis()
+    )?;
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|")?;
+    for &metric in &SCALE_METRICS {
+        for &scale in &scales {
+            let base = Scale::BASE;
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                dim.x(scale),
+                metric.name(),
+                ctx.cell(base, Mode::Bare, metric),
+                ctx.cell(scale, Mode::Iptables, metric),
+                ctx.cell(scale, Mode::Ebpf, metric),
+                ctx.ratio_of((scale, Mode::Ebpf), (scale, Mode::Iptables), metric),
+                ctx.ratio_of((scale, Mode::Ebpf), (base, Mode::Bare), metric),
+            )?;
+        }
+    }
+    writeln!(md)?;
+    figure_link(
+        md,
+        figures,
+        dim.slug(),
+        &format!("cost against {}", dim.axis()),
+    )
+}
+
+/// (metric, dimension, what the row says with N)
+const CONTROL_ROWS: [(Metric, Dimension, &str); 10] = [
+    (Metric::Startup, Dimension::Pus, "start-up with N PUs"),
+    (
+        Metric::Status,
+        Dimension::Pus,
+        "a status request with N PUs",
+    ),
+    (Metric::AddPu, Dimension::Pus, "configure PU N+1"),
+    (Metric::DeletePu, Dimension::Pus, "delete PU N+1"),
+    (Metric::UpdatePu, Dimension::Pus, "update the last of N PUs"),
+    (Metric::Shutdown, Dimension::Pus, "shutdown with N PUs"),
+    (Metric::Startup, Dimension::Acls, "start-up, PU with N ACLs"),
+    (Metric::UpdatePu, Dimension::Acls, "update a PU with N ACLs"),
+    (
+        Metric::Startup,
+        Dimension::Targets,
+        "start-up with N target networks",
+    ),
+    (
+        Metric::TargetChange,
+        Dimension::Targets,
+        "one target change among N",
+    ),
+];
+
+fn control_section(md: &mut String, ctx: &Context, figures: &[(&str, String)]) -> std::fmt::Result {
+    writeln!(md, "## 4. Control plane\n")?;
+    writeln!(
+        md,
+        "Start-up: from starting the agent to its \"enforcer ready\" (every PU configured). \
+         Reloads: from SIGHUP with the changed config file to the reload applied (the agent's \
+         log line, then checked against `status` → `reloads.applied`); each reload re-reads and \
+         validates the whole file. Add/delete, update and target changes alternate between two \
+         configs, so every repetition is a real change.\n"
+    )?;
+    writeln!(md, "| operation | N | iptables | eBPF | eBPF ÷ iptables |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    for (metric, dim, what) in CONTROL_ROWS {
+        for scale in ctx.axis(dim) {
+            if !ctx.planned(scale, metric) {
+                continue;
+            }
+            writeln!(
+                md,
+                "| {what} | {} | {} | {} | {} |",
+                dim.x(scale),
+                ctx.cell(scale, Mode::Iptables, metric),
+                ctx.cell(scale, Mode::Ebpf, metric),
+                ctx.ratio_of((scale, Mode::Ebpf), (scale, Mode::Iptables), metric),
+            )?;
+        }
+    }
+    writeln!(md)?;
+    figure_link(md, figures, "control", "control-plane cost against scale")
+}
+
+fn footprint_section(
+    md: &mut String,
+    ctx: &Context,
+    figures: &[(&str, String)],
+) -> std::fmt::Result {
+    writeln!(md, "## 5. Footprint\n")?;
+    writeln!(
+        md,
+        "Read once per setup after its probes: the agent's VmRSS; kernel memory — for eBPF the \
+         `memlock` of the agent's BPF maps (from /proc/PID/fdinfo, each map once), for iptables \
+         ipset's \"Size in memory\" of every set (the memory of rules themselves has no kernel \
+         counter and is not included: see the rule count); the number of netfilter rules in \
+         both families; the file descriptors the agent holds open.\n"
+    )?;
+    writeln!(
+        md,
+        "| scale | RSS iptables | RSS eBPF | kernel memory iptables (sets) | kernel memory eBPF (maps) | rules iptables | rules eBPF | open fds iptables | open fds eBPF |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for dim in Dimension::ALL {
+        for scale in ctx.axis(dim) {
+            if dim != Dimension::Pus && scale == Scale::BASE {
+                continue;
+            }
+            if !ctx.planned(scale, Metric::Rss) {
+                continue;
+            }
+            let c = |mode, metric| {
+                ctx.get(scale, mode, metric).map_or_else(
+                    || ctx.cell(scale, mode, metric),
+                    |s| metric.unit().format(s.median),
+                )
+            };
+            writeln!(
+                md,
+                "| {} {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                dim.x(scale),
+                dim.axis(),
+                c(Mode::Iptables, Metric::Rss),
+                c(Mode::Ebpf, Metric::Rss),
+                c(Mode::Iptables, Metric::KernelMemory),
+                c(Mode::Ebpf, Metric::KernelMemory),
+                c(Mode::Iptables, Metric::Rules),
+                c(Mode::Ebpf, Metric::Rules),
+                c(Mode::Iptables, Metric::OpenFiles),
+                c(Mode::Ebpf, Metric::OpenFiles),
+            )?;
+        }
+    }
+    writeln!(md)?;
+    figure_link(md, figures, "footprint", "footprint against PUs")
+}
+
+/// Where eBPF stands against iptables for one figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Ahead,
+    /// Within 5%, or within each other's interquartile range.
+    OnPar,
+    Behind,
+}
+
+impl Standing {
+    fn name(self) -> &'static str {
+        match self {
+            Standing::Ahead => "ahead",
+            Standing::OnPar => "on par",
+            Standing::Behind => "behind",
+        }
+    }
+}
+
+/// Ahead or behind needs a median more than 5% apart *and* interquartile
+/// ranges that do not overlap (with n=1, the single readings).
+fn standing(metric: Metric, ebpf: Summary, iptables: Summary) -> Standing {
+    let relative = (ebpf.median - iptables.median).abs() / iptables.median.abs().max(1e-12);
+    let overlap = ebpf.q1 <= iptables.q3 && iptables.q1 <= ebpf.q3;
+    let better = match metric.higher_is_better() {
+        true => ebpf.median > iptables.median,
+        false => ebpf.median < iptables.median,
+    };
+    if relative <= 0.05 || overlap {
+        Standing::OnPar
+    } else if better {
+        Standing::Ahead
+    } else {
+        Standing::Behind
+    }
+}
+
+/// Why eBPF is not ahead for a kind of figure: the mechanism, from the
+/// code of both datapaths.
+fn why(metric: Metric) -> &'static str {
+    match metric {
+        Metric::UdpSendtoDelivered(_) => {
+            "Unconnected UDP is judged per datagram in the eBPF datapath: its sendmsg hook runs for \
+             every `sendto` (a hash, two LPM lookups and the ACL walk), because no socket-level \
+             verdict can cover datagrams to changing peers. iptables judges the first datagram of \
+             each conntrack flow and accepts the rest by connection mark, like a connected socket."
+        }
+        Metric::TcpThroughput(_) | Metric::UdpDelivered(_) | Metric::UdpSent(_) => {
+            "Established flows take a short path in both datapaths: after its first packet a flow \
+             is accepted by its connection mark — by iptables after an excluded-set lookup and \
+             about five rules of `TRI-App`/`TRI-Net`, by eBPF after two fixed rules. No per-PU \
+             rule, ACL or target set is consulted, so neither grows with PUs, ACLs or networks. \
+             The difference is per packet: it can show with small datagrams, and it vanishes in \
+             bulk TCP, where a packet is a 64 KiB GSO segment and copying dominates — within the \
+             noise of a veth pair on two shared cores."
+        }
+        Metric::ConnRate(Peer::Target)
+        | Metric::ConnP50(Peer::Target)
+        | Metric::ConnP99(Peer::Target) => {
+            "Every new connection to a target network waits for the agent's verdict in user space \
+             (NFQUEUE) in both datapaths. That round trip — with the consumer's 1 ms sleep when its \
+             queue socket is idle (`trap::IDLE_WAIT`; the `nfq` crate exposes no descriptor to \
+             block on) — is far above either datapath's classification (a walk of the cgroup hooks \
+             and PU chain, or a hash and LPM lookup), so it sets the rate and the latency. The \
+             rate is bimodal (about 6 k/s, or 20–30 k/s) depending on whether the consumer finds \
+             the next SYN waiting or goes to sleep first — a property of the consumer, the same \
+             for both datapaths. Until it blocks on its socket, eBPF's cheaper classification \
+             shows here only where the iptables walk grows long (many PUs or ACLs)."
+        }
+        Metric::ConnRate(Peer::Acl) | Metric::ConnP50(Peer::Acl) | Metric::ConnP99(Peer::Acl) => {
+            "A new connection to an ACL peer is judged once, at its SYN: iptables walks \
+             `TRI-Pid-App` (one `-m cgroup` rule per PU, in order) and the PU's ACL rules (one per \
+             ACL and protocol, each a set lookup); eBPF runs the connect hook (a hash lookup, an \
+             LPM lookup, a `bpf_setsockopt`). With a few PUs and ACLs the iptables walk is a \
+             handful of rules, as cheap as the hook; the connection's own set-up (two namespaces, \
+             conntrack, the reset) dominates either way."
+        }
+        Metric::Startup | Metric::Shutdown => {
+            "eBPF pays a fixed cost at start (loading and verifying its object, pinning its maps, \
+             installing its fixed rules) and at shutdown (unpinning, removing them) that iptables \
+             does not pay with few PUs; past that, iptables pays per PU (one `ipset restore` and \
+             two `iptables-restore` runs, each re-reading the whole, growing rule set), eBPF a few \
+             map writes and two cgroup attachments."
+        }
+        Metric::AddPu | Metric::DeletePu | Metric::UpdatePu | Metric::TargetChange => {
+            "A reload first re-reads, validates and diffs the whole config file — the same work \
+             for both datapaths — and with few PUs, ACLs or networks that dominates; the datapath \
+             part is small either way (map writes, or one `ipset restore` plus an \
+             `iptables-restore` per family on a small rule set). Target changes are set updates in \
+             both: an LPM trie write or an ipset add/del, neither of which depends on the set's \
+             size."
+        }
+        Metric::Status => {
+            "A status reads the datapath's counters. The eBPF datapath reads one per-CPU map entry \
+             per PU; the iptables datapath runs `iptables-save -c` for both families and then \
+             scans the whole save once per PU (`save::count`), so its cost grows with PUs × rules. \
+             With few PUs both are quick and the agent's own work dominates."
+        }
+        Metric::Rss => {
+            "The eBPF agent keeps the loaded object (programs, BTF, relocation data) and its map \
+             handles in memory; the iptables agent keeps only the policy, which it renders to text \
+             on demand."
+        }
+        Metric::KernelMemory => {
+            "The eBPF hash and array maps are preallocated at full capacity (16384 PU slots, \
+             per-CPU counters) whatever the number of PUs, while ipsets grow with their content; \
+             with few PUs the sets are smaller. The iptables figure counts sets only — its rules' \
+             memory has no counter and is left out, which favours iptables."
+        }
+        Metric::Rules => "eBPF keeps a fixed handful of rules whatever the policy.",
+        Metric::OpenFiles => {
+            "The eBPF agent holds a descriptor for every program link it attached — one per hook \
+             per PU cgroup — besides its maps and programs; the iptables agent holds none per PU. \
+             Its PU count is therefore bounded by the open-files limit (see the method for the \
+             limit of this run): past it, configuring a PU fails with EMFILE and the agent does \
+             not start."
+        }
+    }
+}
+
+fn findings(md: &mut String, ctx: &Context) -> std::fmt::Result {
+    writeln!(md, "## Where eBPF is not ahead of the fallback, and why\n")?;
+    writeln!(
+        md,
+        "Every figure measured for both datapaths, compared: eBPF is *ahead* when its median is \
+         better by more than 5% and the two interquartile ranges do not overlap, *behind* when \
+         worse by the same test, *on par* otherwise. Generated from the figures above; the \
+         reasons are the mechanisms in the two datapaths' code.\n"
+    )?;
+    let mut scales: Vec<Scale> = ctx.plan.setups.iter().map(|s| s.scale).collect();
+    scales.sort();
+    scales.dedup();
+    let metrics = ESTABLISHED
+        .iter()
+        .chain(&CONNECTIONS)
+        .copied()
+        .chain([
+            Metric::Startup,
+            Metric::Status,
+            Metric::Shutdown,
+            Metric::AddPu,
+            Metric::DeletePu,
+            Metric::UpdatePu,
+            Metric::TargetChange,
+        ])
+        .chain(FOOTPRINT);
+    let mut counts = [0usize; 3];
+    let mut reasons: Vec<(&'static str, Vec<FigureItems>)> = Vec::new();
+    for metric in metrics {
+        for &scale in &scales {
+            let (Some(e), Some(i)) = (
+                ctx.get(scale, Mode::Ebpf, metric),
+                ctx.get(scale, Mode::Iptables, metric),
+            ) else {
+                continue;
+            };
+            let standing = standing(metric, e, i);
+            counts[standing as usize] += 1;
+            if standing == Standing::Ahead {
+                continue;
+            }
+            let item = format!(
+                "{} {} ({})",
+                standing.name(),
+                short(scale),
+                ratio(e.median, i.median)
+            );
+            let reason = why(metric);
+            let group = match reasons.iter_mut().position(|(r, _)| *r == reason) {
+                Some(at) => &mut reasons[at].1,
+                None => {
+                    reasons.push((reason, Vec::new()));
+                    &mut reasons.last_mut().expect("just pushed").1
+                }
+            };
+            match group.iter_mut().find(|(m, _)| *m == metric) {
+                Some((_, items)) => items.push(item),
+                None => group.push((metric, vec![item])),
+            }
+        }
+    }
+    let [ahead, on_par, behind] = counts;
+    writeln!(
+        md,
+        "Of {} comparisons eBPF is ahead in {ahead}, on par in {on_par} and behind in {behind}. \
+         Every comparison where it is not ahead, by figure (eBPF ÷ iptables in brackets):\n",
+        ahead + on_par + behind
+    )?;
+    for (reason, metrics) in reasons {
+        for (metric, items) in metrics {
+            writeln!(md, "- **{}**: {}", metric.name(), items.join(", "))?;
+        }
+        writeln!(md, "\n  *Why:* {reason}\n")?;
+    }
+    Ok(())
+}
+
+/// One figure's comparisons where eBPF is not ahead, as shown.
+type FigureItems = (Metric, Vec<String>);
+
+/// A scale as the one dimension that differs from the base.
+fn short(scale: Scale) -> String {
+    let base = Scale::BASE;
+    match (
+        scale.pus != base.pus,
+        scale.acls != base.acls,
+        scale.targets != base.targets,
+    ) {
+        (false, false, false) => "at the base (1 PU, 1 ACL, 1 target)".into(),
+        (true, false, false) => format!("at {} PUs", scale.pus),
+        (false, true, false) => format!("at {} ACLs", scale.acls),
+        (false, false, true) => format!("at {} targets", scale.targets),
+        _ => format!("at {scale}"),
+    }
+}
+
+fn not_measured(md: &mut String, ctx: &Context) -> std::fmt::Result {
+    writeln!(md, "## Not measured (N/A)\n")?;
+    for (scale_mode, why) in ctx.results.all_unmeasured() {
+        let (scale, mode) = scale_mode;
+        writeln!(
+            md,
+            "- † {} at {scale}: N/A — not measured, because {why}. This is a finding about the \
+             datapath at this scale, not a gap in the harness.",
+            mode.name()
+        )?;
+    }
+    for line in [
+        "Scenario 3 with the identity handshake: N/A — not yet measured, because the handshake \
+         is not implemented yet (issue 7); today the agent accepts every trapped SYN without \
+         exchanging a token, which is what the connection-rate figures measure.",
+        "Incoming (network-side) traffic to a PU's listening ports: N/A — not yet measured, \
+         because the eBPF datapath's network side (a TC ingress classifier and fixed INPUT \
+         rules) is being wired into the agent as this harness lands; every probe here goes out \
+         of the PU. (Replies to the PU's own connections already cross the fixed INPUT rules.)",
+        "IPv6: N/A — not yet measured, because the benchmark world is IPv4-only for now; both \
+         datapaths handle IPv6 through the same code as IPv4 (iptables: the same rules in \
+         ip6tables; eBPF: IPv4-mapped keys in the same maps).",
+        "Unconnected UDP to a target network: N/A — not yet measured, because the eBPF datapath \
+         does not trap unconnected UDP yet (its sendmsg hook only accepts or refuses), so there \
+         is no like-for-like figure; unconnected UDP to the ACL peer is measured.",
+        "The bare kernel in scenarios 4 and 5: N/A — there is no agent, no control plane and \
+         nothing held in the kernel.",
+        "Kernel memory of iptables rules: N/A — no kernel interface reports it per rule set; \
+         the rule count stands in for it.",
+    ] {
+        writeln!(md, "- {line}")?;
+    }
+    writeln!(md)?;
+    if !ctx.results.notes.is_empty() {
+        writeln!(md, "### Notes from the run\n")?;
+        for note in &ctx.results.notes {
+            writeln!(md, "- {note}")?;
+        }
+        writeln!(md)?;
+    }
+    Ok(())
+}
+
+fn method(md: &mut String, ctx: &Context) -> std::fmt::Result {
+    writeln!(md, "## Method\n")?;
+    let budget = ctx.plan.start_budget.as_secs();
+    for line in [
+        "`cargo xtask bench` builds the workspace for release and runs `target/release/bench run \
+         --agent target/release/enforcer`. The runner makes two network namespaces joined by a \
+         veth pair (`enfbench<pid>…`), servers in the peer namespace, and one cgroup v2 \
+         directory per PU; it removes all of it on every path, Ctrl-C included."
+            .to_owned(),
+        "Each mode has a world of its own, identical to the others. For each setup (a policy \
+         scale) the runner starts the release agent of each datapath in its world with \
+         `--netns` and `--instance` of its own and `--datapath iptables|ebpf`, waits for it to \
+         be ready, then runs every probe the stated number of times from a client process \
+         started inside the last PU's cgroup (the runner's own binary as `bench client …`), the \
+         modes taking turns at every repetition so that a change in the machine's background \
+         load hits every mode alike; then the control-plane reloads, likewise in turns; then it \
+         reads the footprint and stops the agents with SIGTERM. While one mode is measured the \
+         other agents are idle."
+            .to_owned(),
+        format!(
+            "An agent that is not ready within {budget} s is killed and cleaned up, and its \
+             setup reported as not measurable (†)."
+        ),
+        match ctx.results.nofile {
+            Some(limit) => format!(
+                "The agents ran with an open-files limit of {limit} (the runner asks for 2²⁰, \
+                 as a service unit with `LimitNOFILE=infinity` would get, and otherwise raises \
+                 the soft limit to the hard one)."
+            ),
+            None => "The agents' open-files limit could not be read.".to_owned(),
+        },
+        "TCP throughput: bytes written over the time from the first write until the peer, \
+         having read everything, closed the connection. UDP: datagrams the peer's socket \
+         received (delivered) and datagrams `send` accepted (sent), per second of sending, \
+         after one datagram and a 100 ms pause so that a trapped flow has its verdict."
+            .to_owned(),
+        "The two CPUs are shared by the client, the servers, the agent and the kernel's packet \
+         processing, so absolute figures are those of this small machine; the ratios are the \
+         point. Compare runs by their ratios, and check the other-load line in the header."
+            .to_owned(),
+    ] {
+        writeln!(md, "- {line}")?;
+    }
+    writeln!(md)
+}
+
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().collect::<String>() + chars.as_str())
+        .unwrap_or_default()
+}
+
+/// The SVG figures: one per scale dimension (traffic), control plane,
+/// footprint.
+fn figures_of(ctx: &Context) -> Vec<(&'static str, String)> {
+    let mut figures = Vec::new();
+    for dim in Dimension::ALL {
+        let panels: Vec<Panel> = SCALE_METRICS
+            .iter()
+            .map(|&m| panel(ctx, dim, m, m.name(), true))
+            .collect();
+        if has_data(&panels) {
+            let title = format!("Traffic of the last PU against {}", dim.axis());
+            figures.push((dim.slug(), svg::figure(&title, &panels)));
+        }
+    }
+    let control: Vec<Panel> = [
+        (Metric::Startup, Dimension::Pus),
+        (Metric::Status, Dimension::Pus),
+        (Metric::AddPu, Dimension::Pus),
+        (Metric::UpdatePu, Dimension::Pus),
+        (Metric::UpdatePu, Dimension::Acls),
+        (Metric::Startup, Dimension::Acls),
+        (Metric::TargetChange, Dimension::Targets),
+        (Metric::Startup, Dimension::Targets),
+    ]
+    .iter()
+    .map(|&(m, dim)| {
+        panel(
+            ctx,
+            dim,
+            m,
+            format!("{} by {}", m.name(), dim.axis()),
+            false,
+        )
+    })
+    .collect();
+    if has_data(&control) {
+        figures.push((
+            "control",
+            svg::figure("Control plane against scale", &control),
+        ));
+    }
+    let footprint: Vec<Panel> = FOOTPRINT
+        .iter()
+        .map(|&m| panel(ctx, Dimension::Pus, m, m.name(), false))
+        .collect();
+    if has_data(&footprint) {
+        figures.push((
+            "footprint",
+            svg::figure("Footprint against PUs", &footprint),
+        ));
+    }
+    figures
+}
+
+fn has_data(panels: &[Panel]) -> bool {
+    panels
+        .iter()
+        .any(|p| p.series.iter().any(|s| !s.points.is_empty()))
+}
+
+/// One panel: a line per datapath along `dim`, and the bare kernel as a
+/// dashed reference when `with_bare`.
+fn panel(ctx: &Context, dim: Dimension, metric: Metric, title: String, with_bare: bool) -> Panel {
+    let axis = ctx.axis(dim);
+    let point = |scale: Scale, s: Summary| Point {
+        x: dim.x(scale) as f64,
+        median: s.median,
+        min: s.min,
+        max: s.max,
+    };
+    let mut series: Vec<Series> = [(Mode::Iptables, "#d62728"), (Mode::Ebpf, "#1f77b4")]
+        .into_iter()
+        .map(|(mode, color)| Series {
+            name: mode.name(),
+            color,
+            dashed: false,
+            points: axis
+                .iter()
+                .filter_map(|&s| ctx.get(s, mode, metric).map(|v| point(s, v)))
+                .collect(),
+        })
+        .collect();
+    let xs: Vec<f64> = series.iter().flat_map(|s| &s.points).map(|p| p.x).collect();
+    if with_bare
+        && let Some(bare) = ctx.get(Scale::BASE, Mode::Bare, metric)
+        && !xs.is_empty()
+    {
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
+        let flat = |x| Point {
+            x,
+            median: bare.median,
+            min: bare.min,
+            max: bare.max,
+        };
+        series.push(Series {
+            name: "bare (no policy)",
+            color: "#555555",
+            dashed: true,
+            points: vec![flat(lo), flat(hi)],
+        });
+    }
+    Panel {
+        title,
+        x_label: dim.axis().to_owned(),
+        unit: metric.unit(),
+        series,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::plan::Part;
+
+    fn summary(v: &[f64]) -> Summary {
+        Summary::of(v).unwrap()
+    }
+
+    #[test]
+    fn standing_needs_a_clear_margin() {
+        let rate = Metric::ConnRate(Peer::Acl);
+        let time = Metric::Startup;
+        let (a, b) = (summary(&[10.0, 11.0, 12.0]), summary(&[20.0, 21.0, 22.0]));
+        assert_eq!(standing(rate, b, a), Standing::Ahead);
+        assert_eq!(standing(rate, a, b), Standing::Behind);
+        assert_eq!(standing(time, a, b), Standing::Ahead);
+        let close = summary(&[10.2, 10.3, 10.4]);
+        assert_eq!(standing(rate, close, a), Standing::OnPar);
+        let wide = summary(&[5.0, 11.0, 15.0, 17.0, 25.0]);
+        assert_eq!(standing(rate, wide, a), Standing::OnPar);
+        // An outlier widens min–max but not the interquartile range.
+        let outlier = summary(&[2.0, 20.0, 21.0, 22.0, 23.0]);
+        assert_eq!(standing(rate, outlier, a), Standing::Ahead);
+    }
+
+    #[test]
+    fn a_report_covers_every_section_and_marks_what_was_not_measured() {
+        let plan = Plan::new(true, &[Part::Base, Part::Pus]);
+        let mut results = Results::default();
+        let base = Scale::BASE;
+        for (mode, rate) in [
+            (Mode::Bare, 30e3),
+            (Mode::Iptables, 20e3),
+            (Mode::Ebpf, 25e3),
+        ] {
+            for v in [rate * 0.99, rate, rate * 1.01] {
+                results.add(base, mode, Metric::ConnRate(Peer::Acl), v);
+            }
+        }
+        results.add(base, Mode::Ebpf, Metric::Startup, 0.5);
+        results.add(base, Mode::Iptables, Metric::Startup, 0.1);
+        let big = Scale { pus: 100, ..base };
+        results.set_unmeasured(big, Mode::Iptables, "it was too slow".into());
+        let machine = Machine {
+            date: "2026-01-01".into(),
+            commit: "abc1234".into(),
+            changed: Vec::new(),
+            cpus: 2,
+            cpu_model: "Test CPU".into(),
+            memory: "1.0 GiB".into(),
+            kernel: "6.18".into(),
+            iptables: "iptables v1.8.9 (nf_tables)".into(),
+        };
+        let ctx = Context {
+            plan: &plan,
+            machine: &machine,
+            results: &results,
+            elapsed: Duration::from_secs(61),
+            interference: None,
+            command: "sudo -E cargo xtask bench --quick".into(),
+        };
+        let figures = figures_of(&ctx);
+        let names: Vec<(&str, String)> = figures
+            .iter()
+            .map(|(slug, _)| (*slug, format!("x-{slug}.svg")))
+            .collect();
+        let md = markdown(&ctx, &names, "x.json");
+        for heading in [
+            "## Headline",
+            "## 1. Established flows",
+            "## 2. Scale",
+            "## 3. Connection rate",
+            "## 4. Control plane",
+            "## 5. Footprint",
+            "## Where eBPF is not ahead",
+            "## Not measured (N/A)",
+            "## Method",
+        ] {
+            assert!(md.contains(heading), "{heading} missing:\n{md}");
+        }
+        assert!(md.contains(
+            "| new TCP connections → ACL peer | 30.0 k conn/s (29.7–30.3) | 20.0 k conn/s"
+        ));
+        assert!(md.contains("1.25×"), "eBPF ÷ iptables:\n{md}");
+        assert!(md.contains("N/A†"));
+        assert!(md.contains("it was too slow"));
+        assert!(
+            md.contains(
+                "- **start-up to ready**: behind at the base (1 PU, 1 ACL, 1 target) (5.00×)"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("![cost against PUs](x-pus.svg)"));
+        assert!(md.contains("took 1m01s"));
+        assert!(md.contains("[x.json](x.json)"));
+    }
+}

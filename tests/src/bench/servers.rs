@@ -1,0 +1,201 @@
+//! The peers' side of the traffic: servers on threads inside the peer
+//! namespace (entered with [`Netns::spawn`]), one set per peer address.
+//!
+//! - a TCP sink ([`TCP_SINK_PORT`]) that reads and discards until the
+//!   client closes, then closes (the client times the flow to that close);
+//! - a UDP counter ([`UDP_PORT`]) that counts the datagrams it receives;
+//! - a TCP acceptor ([`ACCEPT_PORT`]) that accepts and drops connections,
+//!   for the connection-rate probe.
+//!
+//! Every loop wakes at least every [`POLL`] to look for a stop; dropping a
+//! server stops and joins its thread.
+
+use std::io::Read as _;
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::sandbox::netns::Netns;
+use socket2::{Domain, Socket, Type};
+
+pub const TCP_SINK_PORT: u16 = 5001;
+pub const UDP_PORT: u16 = 5002;
+pub const ACCEPT_PORT: u16 = 5003;
+
+/// How often a blocked server thread looks for a stop.
+const POLL: Duration = Duration::from_millis(50);
+/// The UDP counter's receive buffer: bursts must not be lost to it.
+const UDP_RCVBUF: libc::c_int = 16 << 20;
+/// A sink connection's read timeout: a client that stalls this long is
+/// given up on.
+const SINK_IDLE: Duration = Duration::from_secs(30);
+
+/// The three servers of one peer address.
+pub struct PeerServers {
+    udp_count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl PeerServers {
+    /// Starts the servers on `ip` inside `ns`; returns once all listen.
+    pub fn start(ns: &Netns, ip: IpAddr) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp_count = Arc::new(AtomicU64::new(0));
+        let mut servers = Self {
+            udp_count: udp_count.clone(),
+            stop: stop.clone(),
+            threads: Vec::new(),
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+
+        let (tx, stp) = (ready_tx.clone(), stop.clone());
+        servers.threads.push(flatten(ns.spawn(move || {
+            let listener = bound(&tx, listener(SocketAddr::new(ip, TCP_SINK_PORT)))?;
+            accept_loop(&listener, &stp, |stream| {
+                std::thread::spawn(move || sink(stream));
+            })
+        })?));
+
+        let (tx, stp) = (ready_tx.clone(), stop.clone());
+        servers.threads.push(flatten(ns.spawn(move || {
+            let listener = bound(&tx, listener(SocketAddr::new(ip, ACCEPT_PORT)))?;
+            accept_loop(&listener, &stp, drop)
+        })?));
+
+        let (tx, stp) = (ready_tx, stop);
+        servers.threads.push(flatten(ns.spawn(move || {
+            let socket = bound(&tx, udp_socket(SocketAddr::new(ip, UDP_PORT)))?;
+            let mut buf = [0u8; 2048];
+            while !stp.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    udp_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })?));
+
+        for _ in 0..servers.threads.len() {
+            ready_rx
+                .recv()
+                .context("a server thread died before listening")?
+                .with_context(|| format!("starting the servers on {ip}"))?;
+        }
+        Ok(servers)
+    }
+
+    /// Datagrams the UDP counter received so far.
+    pub fn udp_received(&self) -> u64 {
+        self.udp_count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeerServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("warning: a benchmark server failed: {e:#}"),
+                Err(_) => eprintln!("warning: a benchmark server panicked"),
+            }
+        }
+    }
+}
+
+/// A spawned server's two layers of result as one.
+fn flatten(handle: JoinHandle<Result<Result<()>>>) -> JoinHandle<Result<()>> {
+    std::thread::spawn(move || match handle.join() {
+        Ok(result) => result.and_then(|r| r),
+        Err(_) => bail!("server thread panicked"),
+    })
+}
+
+/// Reports a bind's outcome to the starter, and passes the socket on.
+fn bound<T>(ready: &std::sync::mpsc::Sender<Result<()>>, socket: Result<T>) -> Result<T> {
+    match socket {
+        Ok(s) => {
+            let _ = ready.send(Ok(()));
+            Ok(s)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+/// A listening TCP socket with a deep backlog (the connection-rate probe
+/// opens connections faster than a default backlog of 128 drains) and an
+/// accept timeout of [`POLL`] (Linux honours SO_RCVTIMEO in accept).
+fn listener(addr: SocketAddr) -> Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding TCP {addr}"))?;
+    socket.listen(4096)?;
+    socket.set_read_timeout(Some(POLL))?;
+    Ok(socket.into())
+}
+
+/// A UDP socket with a large receive buffer (SO_RCVBUFFORCE: as root,
+/// above net.core.rmem_max) and a read timeout of [`POLL`].
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
+    let socket = UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    let size: libc::c_int = UDP_RCVBUF;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live int
+    // of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting SO_RCVBUFFORCE");
+    }
+    socket.set_read_timeout(Some(POLL))?;
+    Ok(socket)
+}
+
+/// Accepts until `stop`, handing each connection to `each`.
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    mut each: impl FnMut(std::net::TcpStream),
+) -> Result<()> {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => each(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e).context("accepting"),
+        }
+    }
+    Ok(())
+}
+
+/// Reads and discards until the client closes (or stalls or resets).
+fn sink(mut stream: std::net::TcpStream) {
+    let _ = stream.set_read_timeout(Some(SINK_IDLE));
+    let mut buf = vec![0u8; 256 * 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
