@@ -299,7 +299,8 @@ impl Bench<'_> {
             Err(e) => {
                 interrupted()?;
                 let why = format!("the agent failed: {e:#}");
-                self.note(format!("{mode:?} at {scale}: {why}"));
+                // In the report's N/A list, not its notes.
+                eprintln!("    {} at {scale}: {why}", mode.name());
                 self.results.set_unmeasured(scale, mode, why);
                 self.progress
                     .skip(steps, &Self::label(setup, mode, "agent failed"));

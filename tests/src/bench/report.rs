@@ -359,6 +359,7 @@ fn headline(md: &mut String, ctx: &Context) -> std::fmt::Result {
     let mut rows: Vec<(String, Scale, Metric)> = [
         Metric::TcpThroughput(Peer::Acl),
         Metric::UdpDelivered(Peer::Target),
+        Metric::UdpSendtoDelivered(Peer::Acl),
         Metric::ConnRate(Peer::Target),
         Metric::ConnP99(Peer::Target),
     ]
@@ -371,6 +372,11 @@ fn headline(md: &mut String, ctx: &Context) -> std::fmt::Result {
     };
     rows.extend(
         [
+            at(
+                Dimension::Pus,
+                Metric::ConnRate(Peer::Target),
+                &Metric::ConnRate(Peer::Target).name(),
+            ),
             at(
                 Dimension::Pus,
                 Metric::ConnRate(Peer::Acl),
@@ -392,6 +398,11 @@ fn headline(md: &mut String, ctx: &Context) -> std::fmt::Result {
             at(Dimension::Pus, Metric::Rss, "agent memory"),
             at(Dimension::Pus, Metric::KernelMemory, "kernel memory"),
             at(Dimension::Pus, Metric::Rules, "netfilter rules"),
+            at(
+                Dimension::Pus,
+                Metric::OpenFiles,
+                "agent open file descriptors",
+            ),
         ]
         .into_iter()
         .flatten(),
@@ -664,7 +675,7 @@ fn why(metric: Metric) -> &'static str {
              installing its fixed rules) and at shutdown (unpinning, removing them) that iptables \
              does not pay with few PUs; past that, iptables pays per PU (one `ipset restore` and \
              two `iptables-restore` runs, each re-reading the whole, growing rule set), eBPF a few \
-             map writes and two cgroup attachments."
+             map writes and one cgroup attachment per hook."
         }
         Metric::AddPu | Metric::DeletePu | Metric::UpdatePu | Metric::TargetChange => {
             "A reload first re-reads, validates and diffs the whole config file — the same work \
@@ -846,9 +857,9 @@ fn method(md: &mut String, ctx: &Context) -> std::fmt::Result {
     let budget = ctx.plan.start_budget.as_secs();
     for line in [
         "`cargo xtask bench` builds the workspace for release and runs `target/release/bench run \
-         --agent target/release/enforcer`. The runner makes two network namespaces joined by a \
-         veth pair (`enfbench<pid>…`), servers in the peer namespace, and one cgroup v2 \
-         directory per PU; it removes all of it on every path, Ctrl-C included."
+         --agent target/release/enforcer`. For each mode the runner makes two network namespaces \
+         joined by a veth pair (`enfbench<pid>…`), servers in the peer namespace, and one cgroup \
+         v2 directory per PU; it removes all of it on every path, Ctrl-C included."
             .to_owned(),
         "Each mode has a world of its own, identical to the others. For each setup (a policy \
          scale) the runner starts the release agent of each datapath in its world with \

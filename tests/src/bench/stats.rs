@@ -107,7 +107,9 @@ impl Unit {
         match self {
             Unit::BitsPerSecond => pick(&[(1e6, "Mbit/s"), (1e9, "Gbit/s")]),
             Unit::PacketsPerSecond => pick(&[(1.0, "pkt/s"), (1e3, "k pkt/s"), (1e6, "M pkt/s")]),
-            Unit::ConnectionsPerSecond => pick(&[(1.0, "conn/s"), (1e3, "k conn/s")]),
+            Unit::ConnectionsPerSecond => {
+                pick(&[(1.0, "conn/s"), (1e3, "k conn/s"), (1e6, "M conn/s")])
+            }
             Unit::Seconds => pick(&[(1e-6, "µs"), (1e-3, "ms"), (1.0, "s")]),
             Unit::Bytes => pick(&[
                 (1.0, "B"),

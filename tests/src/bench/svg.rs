@@ -39,7 +39,7 @@ const PANEL_H: f64 = 300.0;
 const COLUMNS: usize = 2;
 const TITLE_H: f64 = 36.0;
 /// Plot area inside a panel.
-const LEFT: f64 = 72.0;
+const LEFT: f64 = 88.0;
 const RIGHT: f64 = 16.0;
 const TOP: f64 = 48.0;
 const BOTTOM: f64 = 48.0;
