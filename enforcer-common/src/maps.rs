@@ -150,6 +150,11 @@ pub const OBSERVE_APPLY: u8 = 2;
 /// `AclRule::flags`: log the decision.
 pub const RULE_LOG: u8 = 1;
 
+/// `FlowEvent::policy` of the final drop (no ACL decided, the peer is not
+/// in a target network): no ACL's index, logged as policy `default` like
+/// the fallback's `<short>:default:` NFLOG prefix.
+pub const POLICY_DEFAULT: u32 = u32::MAX;
+
 /// One ACL rule: a protocol and a port range of one ACL.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -185,13 +190,14 @@ pub const DIRECTION_APP: u8 = 0;
 pub const DIRECTION_NET: u8 = 1;
 
 /// One logged decision, as the hooks put it on the flow-log ring buffer:
-/// a rule with [`RULE_LOG`] decided (or, observe-continue, matched).
+/// a rule with [`RULE_LOG`] decided (or, observe-continue, matched), or
+/// the final drop refused the connection ([`POLICY_DEFAULT`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlowEvent {
     /// The PU's slot.
     pub slot: u32,
-    /// The rule's `AclRule::policy` index.
+    /// The rule's `AclRule::policy` index, or [`POLICY_DEFAULT`].
     pub policy: u32,
     /// Addresses, IPv4-mapped for IPv4; all zero when not known (the
     /// source of a connect, before the socket is bound).

@@ -9,7 +9,7 @@
 //! 3. TCP to a target TCP network, UDP to a target UDP network: the socket
 //!    is marked for the trap, and a fixed netfilter rule queues the SYN;
 //! 4. the protocol-any ACLs;
-//! 5. anything else is refused.
+//! 5. anything else is refused, and logged (policy `default`).
 //!
 //! A connection of a task in no PU's cgroup (the PU was just deleted) is
 //! left alone.
@@ -32,7 +32,7 @@ use enforcer_common::{
 
 use crate::policy::{
     AclVerdict, Count, Side, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set,
-    mark_layout,
+    log_final_drop, mark_layout,
 };
 
 const PROCEED: i32 = 1;
@@ -156,6 +156,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     {
         return apply(sa, slot, verdict, hook);
     }
+    log_final_drop(&flow);
     count(slot, Count::Dropped);
     REFUSE
 }

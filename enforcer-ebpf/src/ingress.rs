@@ -15,7 +15,7 @@
 //!    packet is classed for the trap and a fixed netfilter rule in INPUT
 //!    queues it;
 //! 5. the protocol-any network ACLs;
-//! 6. anything else is dropped.
+//! 6. anything else is dropped, and logged (policy `default`).
 //!
 //! Fragments after the first carry no ports and pass: the first fragment
 //! carries them and is judged, and a datagram never reassembles without
@@ -40,7 +40,9 @@ use enforcer_common::{
 use crate::{
     maps::PU_PORTS,
     packet::{self, L4, Parsed},
-    policy::{AclVerdict, Count, Side, acl_entry, count, evaluate, in_set, mark_layout},
+    policy::{
+        AclVerdict, Count, Side, acl_entry, count, evaluate, in_set, log_final_drop, mark_layout,
+    },
 };
 
 const TCP_SYN: u8 = 0x02;
@@ -105,6 +107,7 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     {
         return apply(ctx, slot, verdict);
     }
+    log_final_drop(&flow);
     count(slot, Count::Dropped);
     TC_ACT_SHOT
 }

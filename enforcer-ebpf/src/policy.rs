@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        ACTION_ACCEPT, AclEntry, AclRule, FlowEvent, MAX_ACL_RULES, MAX_CGROUP_DEPTH, NetKey,
-        OBSERVE_CONTINUE, PROTO_ANY, PuCounts, RULE_LOG, SCOPE_BITS, acl_scope, family_scope,
-        is_v4_mapped, net_acl_scope,
+        ACTION_ACCEPT, ACTION_REJECT, AclEntry, AclRule, FlowEvent, MAX_ACL_RULES,
+        MAX_CGROUP_DEPTH, NetKey, OBSERVE_CONTINUE, OBSERVE_NONE, POLICY_DEFAULT, PROTO_ANY,
+        PuCounts, RULE_LOG, SCOPE_BITS, acl_scope, family_scope, is_v4_mapped, net_acl_scope,
     },
     marks::MarkLayout,
 };
@@ -155,15 +155,29 @@ pub fn evaluate(
     None
 }
 
+/// Puts one flow event on the ring for a matching logged rule.
+#[inline(always)]
+fn log_flow(flow: &FlowEvent, rule: &AclRule) {
+    emit(flow, rule.policy, rule.action, rule.observe);
+}
+
+/// Puts the final drop's flow event on the ring: every connection refused
+/// because nothing accepted it is logged (the fallback's final NFLOG rule
+/// logs every new one too), as policy [`POLICY_DEFAULT`].
+#[inline(always)]
+pub fn log_final_drop(flow: &FlowEvent) {
+    emit(flow, POLICY_DEFAULT, ACTION_REJECT, OBSERVE_NONE);
+}
+
 /// Puts one flow event on the ring; a full ring loses the event, never
 /// the verdict.
 #[inline(always)]
-fn log_flow(flow: &FlowEvent, rule: &AclRule) {
+fn emit(flow: &FlowEvent, policy: u32, action: u8, observe: u8) {
     if let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) {
         let mut event = *flow;
-        event.policy = rule.policy;
-        event.action = rule.action;
-        event.observe = rule.observe;
+        event.policy = policy;
+        event.action = action;
+        event.observe = observe;
         entry.write(event);
         entry.submit(0);
     }

@@ -7,8 +7,34 @@
 //! agent gave it ([`crate::datapath::Datapath::set_flow_log`]); the
 //! agent's [`FlowLogWriter`] thread writes each as one JSON object per
 //! line, to stdout or appended to the configured file.
+//!
+//! What is logged, on both datapaths:
+//! - an ACL with `log = true` that decides, and every observe-continue or
+//!   observe-apply ACL that matches (observe-continue is logged with its
+//!   own action and `observe-continue` while a later rule decides);
+//! - the final drop (SPEC, "Order of evaluation inside a PU": "log NEW and
+//!   log-and-drop everything else"): a new connection (or datagram) that
+//!   no ACL decided and that is not trapped is refused and logged with
+//!   policy id [`DEFAULT_POLICY_ID`] (the seed's `default` log prefix),
+//!   action `reject`, observe `none`. Nothing reaches the end of a PU's
+//!   rules and is accepted, so "log NEW" never logs an accepted flow. The
+//!   fallback's second final log (`default-other`: a packet of a
+//!   connection that is not new, e.g. one conntrack no longer knows) is a
+//!   packet drop, not a flow decision, and has no eBPF equivalent (TC
+//!   judges only connection set-up there): it writes no line.
+//!
+//! A flow is logged once per decision. NFLOG sees every packet (a refused
+//! SYN's retransmissions too) and the TC hook every SYN, so records of
+//! one 5-tuple repeated within a minute are dropped ([`Repeats`]). The
+//! eBPF connect hooks run before the socket is bound, so their records
+//! carry no source (the unspecified address, port 0): a bound source
+//! would need a second hook (e.g. a `sock_ops` TCP_CONNECT callback)
+//! correlated with the first, which is not done. Two connects from a PU
+//! to one peer are then indistinguishable, and each is its own decision,
+//! so those records are never deduplicated.
 
 use std::{
+    collections::HashMap,
     io::Write,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -17,13 +43,16 @@ use std::{
         mpsc::{Receiver, RecvTimeoutError, Sender, channel},
     },
     thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::policy::FlowLogOutput;
+
+/// The policy id of the final drop's records.
+pub const DEFAULT_POLICY_ID: &str = "default";
 
 /// Where records go: the sending half of the agent's flow-log channel.
 pub type FlowSender = Sender<FlowRecord>;
@@ -129,6 +158,53 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// The current time as a record writes it.
 pub fn now() -> String {
     rfc3339(SystemTime::now())
+}
+
+/// A refused SYN's retransmissions (or the datagrams of one UDP flow) hit
+/// the datapath again: a flow is logged once per decision. Same PU,
+/// policy, action, direction and 5-tuple within this window: not logged
+/// again.
+const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+/// Flows remembered for [`REPEAT_WINDOW`] before old ones are dropped.
+const MAX_REMEMBERED: usize = 4096;
+
+/// The flows a reader logged lately.
+#[derive(Default)]
+pub struct Repeats {
+    seen: HashMap<String, Instant>,
+}
+
+impl Repeats {
+    /// Whether `record` is new (and remembers it).
+    pub fn is_new(&mut self, record: &FlowRecord) -> bool {
+        let now = Instant::now();
+        let key = format!(
+            "{} {} {:?} {:?} {} {} {}",
+            record.pu,
+            record.policy_id,
+            record.action,
+            record.direction,
+            record.protocol,
+            record.src,
+            record.dst
+        );
+        if self
+            .seen
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < REPEAT_WINDOW)
+        {
+            return false;
+        }
+        if self.seen.len() >= MAX_REMEMBERED {
+            self.seen
+                .retain(|_, t| now.duration_since(*t) < REPEAT_WINDOW);
+            if self.seen.len() >= MAX_REMEMBERED {
+                self.seen.clear();
+            }
+        }
+        self.seen.insert(key, now);
+        true
+    }
 }
 
 /// The agent's flow-log writer: a thread that writes every record it

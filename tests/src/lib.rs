@@ -13,10 +13,12 @@
 //!   UDP, raw-packet and `nettool` helpers.
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
+//! - [`config`]: agent configs built as values, written out as TOML.
 
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
+pub mod config;
 pub mod leftovers;
 pub mod netfilter;
 pub mod netns;

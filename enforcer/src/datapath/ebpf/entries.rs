@@ -154,7 +154,13 @@ fn acl_rules(acl: &Acl, policy: u32) -> Vec<AclRule> {
             ObserveMode::Continue => OBSERVE_CONTINUE,
             ObserveMode::Apply => OBSERVE_APPLY,
         },
-        flags: if acl.log { RULE_LOG } else { 0 },
+        // An observed ACL is always logged, whatever its `log` flag, as
+        // the fallback's rules do: observing is logging.
+        flags: if acl.log || acl.observe != ObserveMode::None {
+            RULE_LOG
+        } else {
+            0
+        },
         policy,
     };
     acl.protocols

@@ -1,11 +1,15 @@
 //! The eBPF side of the flow log: a thread reads `FLOW_EVENTS` (the ring
-//! buffer the hooks fill when a logged rule matches) and turns each
-//! [`FlowEvent`] into a [`FlowRecord`], naming the slot's PU and the
-//! rule's policy from the datapath's tables ([`FlowNames`]).
+//! buffer the hooks fill when a logged rule matches, or the final drop
+//! refuses a connection) and turns each [`FlowEvent`] into a
+//! [`FlowRecord`], naming the slot's PU and the rule's policy from the
+//! datapath's tables ([`FlowNames`]; the final drop's
+//! [`POLICY_DEFAULT`] is [`DEFAULT_POLICY_ID`]). Repeats of one flow are
+//! logged once ([`Repeats`]), except a connect's: see
+//! [`crate::flowlog`].
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc, Mutex,
@@ -17,11 +21,13 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::maps::{
-    ACTION_ACCEPT, DIRECTION_APP, FlowEvent, OBSERVE_APPLY, OBSERVE_CONTINUE,
+    ACTION_ACCEPT, DIRECTION_APP, FlowEvent, OBSERVE_APPLY, OBSERVE_CONTINUE, POLICY_DEFAULT,
+    PROTO_TCP, is_v4_mapped,
 };
 
 use crate::flowlog::{
-    self, FlowAction, FlowDirection, FlowObserve, FlowRecord, FlowSender, endpoint,
+    self, DEFAULT_POLICY_ID, FlowAction, FlowDirection, FlowObserve, FlowRecord, FlowSender,
+    Repeats, endpoint,
 };
 
 /// Slot → PU id and policy index → policy id, as the datapath assigned
@@ -40,12 +46,24 @@ impl FlowNames {
             .get(&event.slot)
             .cloned()
             .unwrap_or_else(|| format!("slot-{}", event.slot));
-        let policy_id = self
-            .policies
-            .get(&event.policy)
-            .cloned()
-            .unwrap_or_else(|| format!("policy-{}", event.policy));
-        let ip = |a: [u8; 16]| IpAddr::V6(Ipv6Addr::from(a));
+        let policy_id = match event.policy {
+            POLICY_DEFAULT => DEFAULT_POLICY_ID.to_string(),
+            index => self
+                .policies
+                .get(&index)
+                .cloned()
+                .unwrap_or_else(|| format!("policy-{index}")),
+        };
+        // An unknown source (all zero) of an IPv4 flow is shown as IPv4's
+        // unspecified address, as the flow's family.
+        let v4 = is_v4_mapped(&event.dst);
+        let ip = |a: [u8; 16]| {
+            if v4 && a == [0; 16] {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::from(a))
+            }
+        };
         FlowRecord {
             time: flowlog::now(),
             pu,
@@ -90,6 +108,7 @@ impl FlowReader {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    let mut recent = Repeats::default();
                     while !stop.load(Ordering::Relaxed) {
                         wait_readable(&ring);
                         while let Some(item) = ring.next() {
@@ -103,7 +122,9 @@ impl FlowReader {
                                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                             drop(item);
                             let record = names.lock().expect("flow names lock").record(&event);
-                            if sender.send(record).is_err() {
+                            if (is_connect(&event) || recent.is_new(&record))
+                                && sender.send(record).is_err()
+                            {
                                 return;
                             }
                         }
@@ -116,6 +137,13 @@ impl FlowReader {
             thread: Some(thread),
         })
     }
+}
+
+/// Whether the event is a TCP connect's (its own decision, with no
+/// source to tell it from the last one to the same peer; never a
+/// retransmission).
+fn is_connect(event: &FlowEvent) -> bool {
+    event.direction == DIRECTION_APP && event.proto == PROTO_TCP
 }
 
 /// Waits up to 100 ms for the ring to have data.
@@ -181,5 +209,43 @@ mod tests {
             (unknown.pu.as_str(), unknown.policy_id.as_str()),
             ("slot-3", "policy-7")
         );
+    }
+
+    #[test]
+    fn the_final_drop_is_the_default_policy_and_an_unknown_source_keeps_the_family() {
+        let mut names = FlowNames::default();
+        names.slots.insert(3, "web".into());
+        let mut dst = [0u8; 16];
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        dst[12..].copy_from_slice(&[10, 3, 0, 2]);
+        let event = FlowEvent {
+            slot: 3,
+            policy: POLICY_DEFAULT,
+            dst,
+            dst_port: 7000,
+            proto: PROTO_TCP,
+            action: ACTION_REJECT,
+            direction: DIRECTION_APP,
+            ..FlowEvent::default()
+        };
+        let r = names.record(&event);
+        assert_eq!(r.policy_id, "default");
+        assert_eq!(r.action, FlowAction::Reject);
+        assert_eq!(r.observe, FlowObserve::None);
+        assert_eq!(r.src, "0.0.0.0:0");
+        assert_eq!(r.dst, "10.3.0.2:7000");
+        assert_eq!(r.direction, FlowDirection::App);
+        assert!(is_connect(&event), "never deduplicated");
+        let v6 = FlowEvent {
+            dst: "fd00:3::2".parse::<Ipv6Addr>().unwrap().octets(),
+            ..event
+        };
+        assert_eq!(names.record(&v6).src, "[::]:0");
+        let net = FlowEvent {
+            direction: DIRECTION_NET,
+            ..event
+        };
+        assert!(!is_connect(&net), "a retransmitted SYN is a repeat");
     }
 }

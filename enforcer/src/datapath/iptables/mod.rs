@@ -94,8 +94,18 @@ pub struct IptablesDatapath {
     flow_reader: Option<nflog::NflogReader>,
 }
 
-/// The ACL log prefixes of one PU (its rules' [`nflog_prefix`]es).
+/// The log prefixes of one PU that make flow records: its ACL rules'
+/// [`nflog_prefix`]es and its final drop of new connections.
 fn acl_prefixes(pu: &Pu, short: &ShortName) -> Vec<(String, nflog::LoggedAcl)> {
+    let final_drop = (
+        nflog_prefix(short, LogTag::DefaultNew, None),
+        nflog::LoggedAcl {
+            pu: pu.id.to_string(),
+            policy_id: crate::flowlog::DEFAULT_POLICY_ID.to_string(),
+            action: FlowAction::Reject,
+            observe: FlowObserve::None,
+        },
+    );
     pu.application_acls
         .iter()
         .chain(&pu.network_acls)
@@ -116,6 +126,7 @@ fn acl_prefixes(pu: &Pu, short: &ShortName) -> Vec<(String, nflog::LoggedAcl)> {
             };
             (prefix, logged)
         })
+        .chain([final_drop])
         .collect()
 }
 

@@ -2,28 +2,28 @@
 //! of the PU chains' log rules (10 app, 11 net) over `NETLINK_NETFILTER`
 //! reads each logged packet, turns its prefix (`<short>:<tag>:<policy>`,
 //! [`crate::naming::nflog_prefix`]) back into the PU and ACL that logged
-//! it ([`Prefixes`], kept by the datapath) and its payload into the
-//! 5-tuple ([`crate::trap::packet::parse`]).
+//! it ([`Prefixes`], kept by the datapath; a PU's `<short>:default:`
+//! final drop stands for policy `default`, action reject) and its payload
+//! into the 5-tuple ([`crate::trap::packet::parse`]).
 //!
 //! The netlink messages are written by hand: a bind command and a copy
 //! mode per group, then `NFULNL_MSG_PACKET` messages read, of which only
 //! the prefix and payload attributes are used.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::flowlog::{
-    self, FlowAction, FlowDirection, FlowObserve, FlowRecord, FlowSender, endpoint,
+    self, FlowAction, FlowDirection, FlowObserve, FlowRecord, FlowSender, Repeats, endpoint,
 };
 use crate::trap::packet::{self, L4};
 
@@ -57,12 +57,15 @@ pub struct LoggedAcl {
     pub observe: FlowObserve,
 }
 
-/// Every ACL log prefix of the installed PUs → what it stands for.
+/// Every log prefix of the installed PUs that makes a flow record (their
+/// ACLs' and their final drop's) → what it stands for.
 pub type Prefixes = BTreeMap<String, LoggedAcl>;
 
-/// The record of one logged packet, if its prefix is an ACL's (the final
-/// drop's `default` logs are not flow records: the eBPF datapath has no
-/// equivalent).
+/// The record of one logged packet, if its prefix is known: an ACL's, or
+/// a PU's final drop of a new connection (`<short>:default:`, policy id
+/// `default`). The final drop's `default-other` log of a packet that is
+/// not new is not a flow record (the eBPF datapath has no equivalent; see
+/// [`crate::flowlog`]) and is never in [`Prefixes`].
 pub fn record(prefixes: &Prefixes, group: u16, prefix: &str, payload: &[u8]) -> Option<FlowRecord> {
     let acl = prefixes.get(prefix)?;
     let headers = packet::parse(payload).ok()?;
@@ -124,56 +127,9 @@ impl Drop for NflogReader {
     }
 }
 
-/// Retransmissions of a refused SYN (or datagrams of one UDP flow) hit
-/// the log rule again: a flow is logged once per decision, as the eBPF
-/// hooks log one per `connect`. Same PU, policy, action, direction and
-/// 5-tuple within this window: not logged again.
-const REPEAT_WINDOW: Duration = Duration::from_secs(60);
-/// Flows remembered for [`REPEAT_WINDOW`] before old ones are dropped.
-const MAX_REMEMBERED: usize = 4096;
-
-/// The flows logged lately.
-#[derive(Default)]
-struct Recent {
-    seen: HashMap<String, Instant>,
-}
-
-impl Recent {
-    /// Whether `record` is new (and remembers it).
-    fn is_new(&mut self, record: &FlowRecord) -> bool {
-        let now = Instant::now();
-        let key = format!(
-            "{} {} {:?} {:?} {} {} {}",
-            record.pu,
-            record.policy_id,
-            record.action,
-            record.direction,
-            record.protocol,
-            record.src,
-            record.dst
-        );
-        if self
-            .seen
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < REPEAT_WINDOW)
-        {
-            return false;
-        }
-        if self.seen.len() >= MAX_REMEMBERED {
-            self.seen
-                .retain(|_, t| now.duration_since(*t) < REPEAT_WINDOW);
-            if self.seen.len() >= MAX_REMEMBERED {
-                self.seen.clear();
-            }
-        }
-        self.seen.insert(key, now);
-        true
-    }
-}
-
 fn read(socket: &OwnedFd, prefixes: &Mutex<Prefixes>, sender: &FlowSender, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
-    let mut recent = Recent::default();
+    let mut recent = Repeats::default();
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: a valid fd and a buffer of the stated length.
         let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -379,6 +335,15 @@ mod tests {
                 observe: FlowObserve::None,
             },
         );
+        p.insert(
+            "webbBzx:default:".into(),
+            LoggedAcl {
+                pu: "web".into(),
+                policy_id: flowlog::DEFAULT_POLICY_ID.into(),
+                action: FlowAction::Reject,
+                observe: FlowObserve::None,
+            },
+        );
         p
     }
 
@@ -422,13 +387,20 @@ mod tests {
         assert_eq!(r.dst, "10.3.0.2:7000");
         assert_eq!(r.protocol, "tcp");
         assert_eq!(r.direction, FlowDirection::Net);
-        assert!(record(&prefixes(), group, "webbBzx:default:", payload).is_none());
+        let dropped = record(&prefixes(), group, "webbBzx:default:", payload).expect("final drop");
+        assert_eq!(
+            (dropped.policy_id.as_str(), dropped.action, dropped.observe),
+            ("default", FlowAction::Reject, FlowObserve::None)
+        );
+        assert_eq!(dropped.dst, "10.3.0.2:7000");
+        assert!(record(&prefixes(), group, "webbBzx:default-other:", payload).is_none());
+        assert!(record(&prefixes(), group, "otherPU:default:", payload).is_none());
     }
 
     #[test]
     fn a_repeated_packet_of_one_flow_is_logged_once() {
         let r = record(&prefixes(), APP_GROUP, "webbBzx:reject:deny-db", &syn()).unwrap();
-        let mut recent = Recent::default();
+        let mut recent = Repeats::default();
         assert!(recent.is_new(&r));
         assert!(!recent.is_new(&r), "a retransmitted SYN");
         let mut other_port = r.clone();

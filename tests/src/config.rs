@@ -1,0 +1,218 @@
+//! Agent configs for kernel tests, built as values and written out as the
+//! TOML the agent reads (the config file's shape: `enforcer::policy`'s
+//! file module), so a test states only what it cares about and never
+//! splices strings into TOML by hand.
+//!
+//! ```
+//! use enforcer_tests::config::{Acl, Config, Pu};
+//! let text = Config::local_server()
+//!     .target_tcp(["10.1.0.0/24"])
+//!     .pu(Pu::process("web", "enft1x1")
+//!         .application_acl(Acl::accept("allow-peer", ["10.2.0.0/16"]).tcp([7000]).log()))
+//!     .to_toml();
+//! assert!(text.contains("policy_id = \"allow-peer\""));
+//! ```
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// A whole config file.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Config {
+    mode: String,
+    networks: Networks,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flow_log: Option<FlowLog>,
+    pus: Vec<Pu>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Networks {
+    target_tcp: Vec<String>,
+    target_udp: Vec<String>,
+    excluded: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct FlowLog {
+    output: String,
+}
+
+/// One PU.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pu {
+    id: String,
+    kind: String,
+    cgroup: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tcp_ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    udp_ports: Vec<u16>,
+    application_acls: Vec<Acl>,
+    network_acls: Vec<Acl>,
+}
+
+/// One ACL.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Acl {
+    networks: Vec<String>,
+    protocols: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ports: Vec<u16>,
+    action: String,
+    log: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observe: Option<String>,
+    policy_id: String,
+}
+
+fn strings<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Vec<String> {
+    items.into_iter().map(Into::into).collect()
+}
+
+impl Config {
+    /// `mode = "local-server"`, no networks, no PUs.
+    pub fn local_server() -> Self {
+        Self {
+            mode: "local-server".into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn target_tcp<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
+        self.networks.target_tcp.extend(strings(nets));
+        self
+    }
+
+    pub fn target_udp<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
+        self.networks.target_udp.extend(strings(nets));
+        self
+    }
+
+    pub fn excluded<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
+        self.networks.excluded.extend(strings(nets));
+        self
+    }
+
+    /// Flow log lines appended to `path`.
+    pub fn flow_log_file(mut self, path: &Path) -> Self {
+        self.flow_log = Some(FlowLog {
+            output: path.display().to_string(),
+        });
+        self
+    }
+
+    pub fn pu(mut self, pu: Pu) -> Self {
+        self.pus.push(pu);
+        self
+    }
+
+    /// The config file's text.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a test config always serializes")
+    }
+}
+
+impl Pu {
+    /// A `linux-process` PU of the cgroup at `cgroup` (relative to the
+    /// cgroup v2 mount).
+    pub fn process(id: &str, cgroup: &str) -> Self {
+        Self {
+            id: id.into(),
+            kind: "linux-process".into(),
+            cgroup: cgroup.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Ports the PU listens on: incoming connections to them are the PU's.
+    pub fn tcp_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.tcp_ports.extend(ports);
+        self
+    }
+
+    pub fn udp_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.udp_ports.extend(ports);
+        self
+    }
+
+    /// An ACL on the PU's outgoing traffic (by destination).
+    pub fn application_acl(mut self, acl: Acl) -> Self {
+        self.application_acls.push(acl);
+        self
+    }
+
+    /// An ACL on the PU's incoming traffic (by source).
+    pub fn network_acl(mut self, acl: Acl) -> Self {
+        self.network_acls.push(acl);
+        self
+    }
+}
+
+impl Acl {
+    fn new<S: Into<String>>(
+        action: &str,
+        policy_id: &str,
+        nets: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Self {
+            networks: strings(nets),
+            action: action.into(),
+            policy_id: policy_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// An accept ACL for `nets`; give it protocols next.
+    pub fn accept<S: Into<String>>(policy_id: &str, nets: impl IntoIterator<Item = S>) -> Self {
+        Self::new("accept", policy_id, nets)
+    }
+
+    /// A reject ACL for `nets`; give it protocols next.
+    pub fn reject<S: Into<String>>(policy_id: &str, nets: impl IntoIterator<Item = S>) -> Self {
+        Self::new("reject", policy_id, nets)
+    }
+
+    /// TCP to (app side) or from (net side) these ports.
+    pub fn tcp(self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.protocol("tcp", ports)
+    }
+
+    /// UDP on these ports.
+    pub fn udp(self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.protocol("udp", ports)
+    }
+
+    /// Any protocol, any port.
+    pub fn any(mut self) -> Self {
+        self.protocols.push("any".into());
+        self
+    }
+
+    fn protocol(mut self, name: &str, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.protocols.push(name.into());
+        self.ports.extend(ports);
+        self.ports.sort_unstable();
+        self.ports.dedup();
+        self
+    }
+
+    /// `log = true`.
+    pub fn log(mut self) -> Self {
+        self.log = true;
+        self
+    }
+
+    /// `observe = "observe-continue"`: logged, evaluation goes on.
+    pub fn observe_continue(mut self) -> Self {
+        self.observe = Some("observe-continue".into());
+        self
+    }
+
+    /// `observe = "observe-apply"`: logged and applied.
+    pub fn observe_apply(mut self) -> Self {
+        self.observe = Some("observe-apply".into());
+        self
+    }
+}
