@@ -304,4 +304,19 @@ mod tests {
             Err(DatapathError::Full { .. })
         ));
     }
+
+    /// An observed ACL logs whatever its `log` flag says, as the
+    /// fallback's NFLOG rules do; an unobserved one only when asked.
+    #[test]
+    fn observed_acls_always_log() {
+        let mut a = acl(&["10.0.0.0/8"], &[Protocol::Tcp], &[], Action::Reject, "p");
+        assert_eq!(acl_rules(&a, 0)[0].flags & RULE_LOG, 0);
+        a.observe = ObserveMode::Continue;
+        assert_eq!(acl_rules(&a, 0)[0].flags & RULE_LOG, RULE_LOG);
+        a.observe = ObserveMode::Apply;
+        assert_eq!(acl_rules(&a, 0)[0].flags & RULE_LOG, RULE_LOG);
+        a.observe = ObserveMode::None;
+        a.log = true;
+        assert_eq!(acl_rules(&a, 0)[0].flags & RULE_LOG, RULE_LOG);
+    }
 }
