@@ -122,9 +122,12 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let port = u16::from_be(user_port as u16);
     let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
-    // The source is not known before the socket is bound.
+    // The source address is not known before the first packet is routed;
+    // the port is once the socket is bound: always by sendmsg (UDP binds
+    // before its hook), by connect only if the application bound it.
     let flow = FlowEvent {
         slot,
+        src_port: bound_port(sa),
         dst: addr,
         dst_port: port,
         proto,
@@ -176,6 +179,14 @@ fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict, hook: Hook) -> 
             REFUSE
         }
     }
+}
+
+/// The socket's local port, 0 while it is not bound.
+#[inline(always)]
+fn bound_port(sa: *mut bpf_sock_addr) -> u16 {
+    // SAFETY: `sk` of a sock_addr context is always a valid socket (the
+    // verifier types it so); src_port is in host order.
+    unsafe { (*(*sa).__bindgen_anon_1.sk).src_port as u16 }
 }
 
 /// Writes the class into the socket mark, keeping every other bit.

@@ -27,16 +27,19 @@
 //! SYN's retransmissions too) and the TC hook every SYN, so records of
 //! one 5-tuple repeated within a minute are dropped ([`Repeats`]).
 //!
-//! The eBPF app-side records carry no source (the family's unspecified
-//! address, port 0): the connect and sendmsg hooks decide before the
-//! kernel picks the source address and port, and a refused connect never
-//! gets a port at all (the fallback sees one because the SYN is built,
-//! then dropped). An accepted connection's source could be added by a
-//! second per-PU program (a `sock_ops` TCP_CONNECT callback, keyed by
-//! socket cookie) holding back the event until then; that costs a link
-//! per PU and would still leave refusals without one, so it is not done.
-//! Two TCP connects from a PU to one peer are then indistinguishable, and
-//! each is its own decision, so those records are never deduplicated.
+//! The eBPF app-side records carry no source address (the family's
+//! unspecified one): the connect and sendmsg hooks decide before the
+//! kernel routes the first packet and picks it. They carry the source
+//! port when the socket is bound (always for sendmsg, as UDP binds before
+//! its hook; for connect only if the application bound it), 0 otherwise:
+//! a refused connect never gets a port at all (the fallback sees one
+//! because the SYN is built, then dropped). An accepted connection's
+//! source could be added by a second per-PU program (a `sock_ops`
+//! TCP_CONNECT callback, keyed by socket cookie) holding back the event
+//! until then; that costs a link per PU and would still leave refusals
+//! without one, so it is not done. Two connects from a PU's unbound
+//! sockets to one peer are then indistinguishable, and each is its own
+//! decision, so those records are never folded.
 
 use std::{
     collections::HashMap,

@@ -12,7 +12,9 @@
 //! - ACL peer: a reject observe-continue ACL (`watch-peer`) only logs, and
 //!   the logged accept ACL (`allow-peer`) decides: the exchange works;
 //! - denied peer: the logged reject ACL (`deny-other`) refuses it;
-//! - other peer: no ACL, the final drop refuses it, logged as `default`.
+//! - other peer: no ACL, the final drop refuses it, logged as `default`;
+//!   so are two UDP datagrams to it, from two sockets: two flows, two
+//!   lines (a flow's repeats are folded, distinct flows are not).
 //!
 //! Net side (`b` connects to the PU's port, from each role's address):
 //! - ACL peer: the network accept ACL (`from-peer`, logged) decides;
@@ -104,6 +106,8 @@ fn nets(role: Role) -> [String; 2] {
 fn config(cgroup: &str, log: &Path) -> String {
     Config::local_server()
         .target_tcp(["10.1.0.0/24", "fd00:1::/64"])
+        // An empty list would mean every network.
+        .target_udp(["10.1.0.0/24", "fd00:1::/64"])
         .flow_log_file(log)
         .pu(Pu::process("web", cgroup)
             .tcp_ports([PU_PORT])
@@ -130,10 +134,13 @@ fn config(cgroup: &str, log: &Path) -> String {
         .to_toml()
 }
 
-/// One expected line: the fields every datapath must write alike. The
+/// Expected lines: the fields every datapath must write alike. The
 /// source is checked apart ([`check_src`]).
 #[derive(Debug)]
 struct Expected {
+    /// How many lines (flows) with these fields.
+    count: usize,
+    protocol: &'static str,
     policy_id: &'static str,
     action: &'static str,
     observe: &'static str,
@@ -211,6 +218,13 @@ fn acl_observe_and_final_drop_decisions_are_logged(
     assert!(denied.is_blocked(), "reject ACL: got {denied:?}");
     let other = pu_connects(Role::Other)?;
     assert!(other.is_blocked(), "final drop: got {other:?}");
+    for payload in ["first", "second"] {
+        let mut cmd = cgroup.command_in(&hosts.a, nettool!())?;
+        let to = SocketAddr::new(Role::Other.ip(family), PORT).to_string();
+        cmd.args(["udp-send", &to, "--payload", payload]);
+        let sent = run_nettool(cmd)?;
+        assert!(sent.is_blocked(), "UDP final drop: got {sent:?}");
+    }
     assert_eq!(
         connects_to_pu(Role::AclPeer)?,
         Outcome::Exchanged,
@@ -221,6 +235,8 @@ fn acl_observe_and_final_drop_decisions_are_logged(
 
     let peer = |role: Role| SocketAddr::new(role.ip(family), PORT);
     let app = |policy_id, action, observe, role| Expected {
+        count: 1,
+        protocol: "tcp",
         policy_id,
         action,
         observe,
@@ -229,6 +245,8 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         src_ip: None,
     };
     let net = |policy_id, action, role: Role| Expected {
+        count: 1,
+        protocol: "tcp",
         policy_id,
         action,
         observe: "none",
@@ -241,33 +259,49 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         app("allow-peer", "accept", "none", Role::AclPeer),
         app("deny-other", "reject", "none", Role::Denied),
         app("default", "reject", "none", Role::Other),
+        Expected {
+            count: 2,
+            protocol: "udp",
+            ..app("default", "reject", "none", Role::Other)
+        },
         net("from-peer", "accept", Role::AclPeer),
         net("default", "reject", Role::Other),
     ];
-    let lines = wait_for_lines(&log, expected.len(), Duration::from_secs(10))?;
+    let total = expected.iter().map(|e| e.count).sum();
+    let lines = wait_for_lines(&log, total, Duration::from_secs(10))?;
     let context = || format!("lines: {lines:#?}\nagent log:\n{}", agent.log());
     for want in &expected {
         let matching: Vec<&Value> = lines
             .iter()
             .filter(|l| {
                 l["policy_id"] == want.policy_id
+                    && l["protocol"] == want.protocol
                     && l["direction"] == want.direction
                     && l["dst"] == want.dst.to_string()
             })
             .collect();
-        assert_eq!(matching.len(), 1, "one line for {want:?}; {}", context());
-        let line = matching[0];
-        assert_eq!(line["pu"], "web", "{line}");
-        assert_eq!(line["action"], want.action, "{line}");
-        assert_eq!(line["observe"], want.observe, "{line}");
-        assert_eq!(line["protocol"], "tcp", "{line}");
-        assert!(
-            line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
-            "{line}"
+        assert_eq!(
+            matching.len(),
+            want.count,
+            "lines for {want:?}; {}",
+            context()
         );
-        check_src(datapath, family, &hosts, want, line);
+        let mut sources = Vec::new();
+        for line in matching {
+            assert_eq!(line["pu"], "web", "{line}");
+            assert_eq!(line["action"], want.action, "{line}");
+            assert_eq!(line["observe"], want.observe, "{line}");
+            assert!(
+                line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+                "{line}"
+            );
+            sources.push(check_src(datapath, family, &hosts, want, line));
+        }
+        sources.sort();
+        sources.dedup();
+        assert_eq!(sources.len(), want.count, "one line per flow: {sources:?}");
     }
-    assert_eq!(lines.len(), expected.len(), "no other line; {}", context());
+    assert_eq!(lines.len(), total, "no other line; {}", context());
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -275,9 +309,17 @@ fn acl_observe_and_final_drop_decisions_are_logged(
 
 /// The source: on the net side the peer, from a client port; on the app
 /// side the PU host's address and port where the datapath knows them
-/// (NFLOG sees the packet), the unspecified address of the family on
-/// eBPF (the connect hook runs before the socket is bound).
-fn check_src(datapath: Datapath, family: Family, hosts: &TwoHosts, want: &Expected, line: &Value) {
+/// (NFLOG sees the packet); on eBPF the unspecified address of the
+/// family (the hooks run before routing), with the port of a bound
+/// socket (UDP binds before sending) or 0 (a TCP connect runs before
+/// the bind).
+fn check_src(
+    datapath: Datapath,
+    family: Family,
+    hosts: &TwoHosts,
+    want: &Expected,
+    line: &Value,
+) -> SocketAddr {
     let src: SocketAddr = line["src"]
         .as_str()
         .and_then(|s| s.parse().ok())
@@ -292,13 +334,15 @@ fn check_src(datapath: Datapath, family: Family, hosts: &TwoHosts, want: &Expect
                 Family::V4 => "0.0.0.0".parse().expect("literal"),
                 Family::V6 => "::".parse().expect("literal"),
             };
-            assert_eq!(src, SocketAddr::new(unspecified, 0), "{line}");
+            assert_eq!(src.ip(), unspecified, "{line}");
+            assert_eq!(src.port() != 0, want.protocol == "udp", "{line}");
         }
         (None, _) => {
             assert_eq!(src.ip(), hosts.a_end.ip(family), "{line}");
             assert_ne!(src.port(), 0, "{line}");
         }
     }
+    src
 }
 
 /// A fresh directory for the flow log.

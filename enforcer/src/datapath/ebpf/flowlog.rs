@@ -4,8 +4,8 @@
 //! [`FlowRecord`], naming the slot's PU and the rule's policy from the
 //! datapath's tables ([`FlowNames`]; the final drop's
 //! [`POLICY_DEFAULT`] is [`DEFAULT_POLICY_ID`]). Repeats of one flow are
-//! logged once ([`Repeats`]), except a connect's: see
-//! [`crate::flowlog`].
+//! logged once ([`Repeats`]), except a connect's on an unbound socket:
+//! see [`crate::flowlog`].
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::maps::{
     ACTION_ACCEPT, DIRECTION_APP, FlowEvent, OBSERVE_APPLY, OBSERVE_CONTINUE, POLICY_DEFAULT,
-    PROTO_TCP, is_v4_mapped,
+    PROTO_TCP, PROTO_UDP, is_v4_mapped,
 };
 
 use crate::flowlog::{
@@ -122,7 +122,7 @@ impl FlowReader {
                                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                             drop(item);
                             let record = names.lock().expect("flow names lock").record(&event);
-                            if (is_connect(&event) || recent.is_new(&record))
+                            if (is_unbound_connect(&event) || recent.is_new(&record))
                                 && sender.send(record).is_err()
                             {
                                 return;
@@ -139,11 +139,13 @@ impl FlowReader {
     }
 }
 
-/// Whether the event is a TCP connect's (its own decision, with no
-/// source to tell it from the last one to the same peer; never a
-/// retransmission).
-fn is_connect(event: &FlowEvent) -> bool {
-    event.direction == DIRECTION_APP && event.proto == PROTO_TCP
+/// Whether the event is a connect's on an unbound socket: TCP or UDP
+/// with no source port, so nothing tells it from the last connect to the
+/// same peer, and each is its own decision (never a retransmission).
+fn is_unbound_connect(event: &FlowEvent) -> bool {
+    event.direction == DIRECTION_APP
+        && matches!(event.proto, PROTO_TCP | PROTO_UDP)
+        && event.src_port == 0
 }
 
 /// Waits up to 100 ms for the ring to have data.
@@ -236,7 +238,14 @@ mod tests {
         assert_eq!(r.src, "0.0.0.0:0");
         assert_eq!(r.dst, "10.3.0.2:7000");
         assert_eq!(r.direction, FlowDirection::App);
-        assert!(is_connect(&event), "never deduplicated");
+        assert!(is_unbound_connect(&event), "never deduplicated");
+        let sendmsg = FlowEvent {
+            proto: PROTO_UDP,
+            src_port: 40000,
+            ..event
+        };
+        assert_eq!(names.record(&sendmsg).src, "0.0.0.0:40000");
+        assert!(!is_unbound_connect(&sendmsg), "one socket's datagrams fold");
         let v6 = FlowEvent {
             dst: "fd00:3::2".parse::<Ipv6Addr>().unwrap().octets(),
             ..event
@@ -246,6 +255,6 @@ mod tests {
             direction: DIRECTION_NET,
             ..event
         };
-        assert!(!is_connect(&net), "a retransmitted SYN is a repeat");
+        assert!(!is_unbound_connect(&net), "a retransmitted SYN is a repeat");
     }
 }
