@@ -200,10 +200,11 @@ pub struct FlowEvent {
     /// The rule's `AclRule::policy` index, or [`POLICY_DEFAULT`].
     pub policy: u32,
     /// Addresses, IPv4-mapped for IPv4; all zero when not known (the
-    /// source of a connect, before the socket is bound).
+    /// source on the app side: the socket hooks run before routing).
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Host order; 0 when not known.
+    /// Host order; 0 when not known (the source port of a socket not
+    /// bound yet).
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
