@@ -108,7 +108,7 @@ struct PuState {
     ports: BTreeSet<PortKey>,
     /// Pins of its hooks' links. Only the pins hold the links: keeping a
     /// descriptor per link would run out of descriptors at a few thousand
-    /// PUs (four links each).
+    /// PUs (five links each).
     links: Vec<PathBuf>,
 }
 
