@@ -61,8 +61,10 @@ pub const MAX_PUS: u32 = 16_384;
 /// one rule per protocol and port range).
 pub const MAX_ACL_RULES: usize = 32;
 /// Unconnected UDP destinations with a trap decision ([`UdpTrapKey`]):
-/// an LRU map, so entries of closed sockets age out by themselves.
-pub const MAX_UDP_TRAPS: u32 = 65_536;
+/// an LRU map, so entries of closed sockets age out by themselves. An
+/// entry is needed only from the sendmsg hook to the netfilter rule, a few
+/// microseconds of the same system call, so the map can be small.
+pub const MAX_UDP_TRAPS: u32 = 16_384;
 /// Depth of cgroup nesting searched for a PU's cgroup above the current
 /// task's cgroup.
 pub const MAX_CGROUP_DEPTH: u32 = 16;

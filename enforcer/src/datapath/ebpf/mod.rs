@@ -878,8 +878,9 @@ impl Datapath for EbpfDatapath {
         self.acl_prefixes = 0;
         // The rules go before the pins: iptables-legacy re-checks every
         // rule of a table it rewrites, and the UDP trap rule's check opens
-        // its pinned program by path.
-        nf::cleanup_all().context("removing netfilter rules")?;
+        // its pinned program by path. The pins go even if the rules could
+        // not: the error is reported after.
+        let rules_removed = nf::cleanup_all().context("removing netfilter rules");
         // Pinned maps and links of this or an earlier (crashed) instance:
         // removing the pins releases them and detaches the programs.
         match std::fs::remove_dir_all(&self.settings.pin_dir) {
@@ -896,6 +897,7 @@ impl Datapath for EbpfDatapath {
         if let Some(parent) = self.settings.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
+        rules_removed?;
         Ok(())
     }
 

@@ -35,7 +35,12 @@ const XT_BPF_PATH_MAX: usize = 512;
 ///   filter at `udp_trap_pin` finds the decision by the datagram's socket
 ///   and destination. The kernel opens the pin by path whenever it checks
 ///   the rule, so the path goes into the rule text: it must be a plain
-///   path (no character a restore file would split or quote).
+///   path (no character a restore file would split or quote). With
+///   iptables-legacy that check runs again each time anyone rewrites the
+///   mangle table, so the pin must outlive the rule (`cleanup` removes the
+///   rules first), and a tool rewriting the table from a mount namespace
+///   without this bpffs path would be refused; nf_tables checks a rule
+///   once, when it is added.
 pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) -> Result<String> {
     let pin = udp_trap_pin.to_str().unwrap_or_default();
     ensure!(
