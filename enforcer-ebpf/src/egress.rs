@@ -41,12 +41,29 @@ const DROP: i32 = 0;
 
 #[cgroup_skb]
 pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
+    if hooked_transport(&ctx) {
+        return PASS;
+    }
     match packet::parse_ip(&ctx) {
         Parsed::L4(l4) if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP => decide(&ctx, &l4),
         // TCP and UDP: judged by the sock_addr hooks. Later fragments
         // follow their first; the kernel built what it cannot read.
         _ => PASS,
     }
+}
+
+/// Is this TCP or UDP by its fixed IP header alone? Those are the
+/// sock_addr hooks' business, and nearly every packet of a PU is one: two
+/// reads, and no full parse, on the common path. (IPv6 TCP or UDP behind
+/// extension headers takes the full parse, which says the same.)
+#[inline(always)]
+fn hooked_transport(ctx: &SkBuffContext) -> bool {
+    let proto = match ctx.load::<u8>(0).map(|first| first >> 4) {
+        Ok(4) => ctx.load::<u8>(9),
+        Ok(6) => ctx.load::<u8>(6),
+        _ => return false,
+    };
+    matches!(proto, Ok(PROTO_TCP | PROTO_UDP))
 }
 
 #[inline(always)]
