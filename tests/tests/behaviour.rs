@@ -552,6 +552,12 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
         1,
         "the PU's first datagram to a target UDP network goes to user space"
     );
+    assert!(
+        target
+            .wait_for(b"pu-to-target", Duration::from_secs(2))
+            .is_some(),
+        "the trap's verdict lets it through (the agent accepts what it traps)"
+    );
     let (trapped, _, _) = pu_counts(&agent.status()?, "web")?;
     assert!(trapped >= 1, "the agent counts the trap: {trapped}");
     Ok(())
