@@ -134,21 +134,33 @@ pub fn udp_send_n(from: Option<IpAddr>, to: SocketAddr, payload: &[u8], count: u
     }
 }
 
-/// One ICMP (IPv4) or ICMPv6 echo request to `to` from a raw socket, and
-/// its reply: [`Outcome::Exchanged`] when the reply came within
-/// [`CONNECT_TIMEOUT`]. A raw socket, not a ping socket: test namespaces
-/// allow ping sockets to no group (`net.ipv4.ping_group_range`), and a
-/// raw socket is what the sock_addr hooks never see.
-pub fn ping(to: IpAddr) -> Outcome {
-    ping_once(to).unwrap_or_else(|e| Outcome::from_io(&e))
+/// The socket an echo request goes out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingSocket {
+    /// `SOCK_RAW`: root's way, allowed in any namespace.
+    Raw,
+    /// `SOCK_DGRAM` with `IPPROTO_ICMP(V6)`, the unprivileged "ping
+    /// socket": allowed only to the groups of the namespace's
+    /// `net.ipv4.ping_group_range` (none, in a new namespace).
+    Dgram,
 }
 
-fn ping_once(to: IpAddr) -> std::io::Result<Outcome> {
+/// One ICMP (IPv4) or ICMPv6 echo request to `to`, and its reply:
+/// [`Outcome::Exchanged`] when the reply came within [`CONNECT_TIMEOUT`].
+/// Neither socket kind is seen by a connect or sendmsg hook.
+pub fn ping(to: IpAddr, kind: PingSocket) -> Outcome {
+    ping_once(to, kind).unwrap_or_else(|e| Outcome::from_io(&e))
+}
+
+fn ping_once(to: IpAddr, kind: PingSocket) -> std::io::Result<Outcome> {
     let (domain, protocol, request, reply) = match to {
         IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
         IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
     };
-    let sock = Socket::new(domain, Type::RAW, Some(protocol))?;
+    let sock = match kind {
+        PingSocket::Raw => Socket::new(domain, Type::RAW, Some(protocol))?,
+        PingSocket::Dgram => Socket::new(domain, Type::DGRAM, Some(protocol))?,
+    };
     // An id of this process's own: replies to other pings are skipped.
     let id = (std::process::id() as u16).to_be_bytes();
     let mut message = vec![request, 0, 0, 0, id[0], id[1], 0, 1];
@@ -177,17 +189,21 @@ fn ping_once(to: IpAddr) -> std::io::Result<Outcome> {
             .iter()
             .map(|b| unsafe { b.assume_init() })
             .collect();
-        // IPv4 raw sockets deliver the IP header too; IPv6 ones do not.
-        let icmp = match to {
-            IpAddr::V4(_) => data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..),
-            IpAddr::V6(_) => Some(&data[..]),
+        // IPv4 raw sockets deliver the IP header too; IPv6 ones and ping
+        // sockets do not. A ping socket gets only its own replies, under
+        // the id the kernel chose.
+        let icmp = match (to, kind) {
+            (IpAddr::V4(_), PingSocket::Raw) => {
+                data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..)
+            }
+            _ => Some(&data[..]),
         };
         let from_peer = from.as_socket().map(|a| a.ip()) == Some(to);
         if let Some(icmp) = icmp
             && from_peer
             && icmp.len() >= 8
             && icmp[0] == reply
-            && icmp[4..6] == id
+            && (kind == PingSocket::Dgram || icmp[4..6] == id)
         {
             return Ok(Outcome::Exchanged);
         }

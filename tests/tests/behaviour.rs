@@ -30,7 +30,7 @@ use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
     netfilter::{self, Family},
-    netns::TwoHosts,
+    netns::{TwoHosts, output_ok},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
 };
@@ -563,8 +563,8 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
     Ok(())
 }
 
-/// ICMP from a PU (a raw socket's echo request: no connect or sendmsg
-/// hook sees it) follows the PU's ICMP ACLs in SPEC's order: an accept
+/// ICMP from a PU (echo requests from raw and ping sockets: no connect
+/// or sendmsg hook sees them) follows the PU's ICMP ACLs in SPEC's order: an accept
 /// ACL lets the echo through and its reply back; a reject ACL drops it;
 /// a peer no specific ACL covers (the target: specific ACLs skip target
 /// TCP networks) gets the final drop in IPv4, and the "ICMPv6 accepted"
@@ -589,18 +589,38 @@ fn pings_from_a_pu_follow_its_icmp_acls(datapath: Datapath, family: Family) -> R
         + &icmp_acl(ACL_PEER.nets, "accept", "ping-acl-peer")
         + &icmp_acl(OTHER.nets, "reject", "no-ping-other");
     let _agent = w.start(datapath, &config(&[TARGET.nets], &pus))?;
-    let ping = |peer: Role, in_pu: bool| -> Result<Outcome> {
+    // Ping sockets for every group, in host `a`'s namespace only.
+    output_ok(
+        w.hosts
+            .a
+            .command("sysctl")?
+            .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
+    )?;
+    let ping_from = |peer: Role, in_pu: bool, dgram: bool| -> Result<Outcome> {
         let mut cmd = if in_pu {
             w.cgroup.command_in(&w.hosts.a, nettool!())?
         } else {
             w.hosts.a.command(nettool!())?
         };
         cmd.args(["ping", &w.ip(peer).to_string()]);
+        if dgram {
+            cmd.arg("--dgram");
+        }
         run_nettool(cmd)
     };
-    assert_eq!(ping(ACL_PEER, true)?, Outcome::Exchanged, "icmp accept ACL");
-    let rejected = ping(OTHER, true)?;
-    assert!(rejected.is_blocked(), "icmp reject ACL: got {rejected:?}");
+    let ping = |peer: Role, in_pu: bool| ping_from(peer, in_pu, false);
+    for dgram in [false, true] {
+        assert_eq!(
+            ping_from(ACL_PEER, true, dgram)?,
+            Outcome::Exchanged,
+            "icmp accept ACL (ping socket: {dgram})"
+        );
+        let rejected = ping_from(OTHER, true, dgram)?;
+        assert!(
+            rejected.is_blocked(),
+            "icmp reject ACL (ping socket: {dgram}): got {rejected:?}"
+        );
+    }
     assert_eq!(ping(OTHER, false)?, Outcome::Exchanged, "outside every PU");
     assert_eq!(ping(EXCLUDED, true)?, Outcome::Exchanged, "excluded");
     let to_target = ping(TARGET, true)?;

@@ -20,8 +20,8 @@
 //!     both iptables backends (nf_tables through its xt compatibility, and
 //!     legacy);
 //! (g) a cgroup_skb egress program sees, and can drop, the ICMP and
-//!     ICMPv6 echo requests of a raw socket (which no connect or sendmsg
-//!     hook sees), and lets the process's other traffic pass.
+//!     ICMPv6 echo requests of raw and ping sockets (which no connect or
+//!     sendmsg hook sees), and lets the process's other traffic pass.
 //! IPv4 and IPv6 run the same test bodies.
 
 use std::{
@@ -47,7 +47,7 @@ use enforcer_common::facts;
 use enforcer_tests::{
     cgroup::Cgroup,
     netfilter::{self, Family},
-    netns::TwoHosts,
+    netns::{TwoHosts, output_ok},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool, tcp_exchange, udp_send},
 };
@@ -72,7 +72,7 @@ on_both_families!(
     nfqueue_round_trip,
     cgroup_skb_egress_drops_only_its_cgroup,
     sendmsg_decision_reaches_netfilter_by_socket_cookie,
-    cgroup_skb_egress_sees_raw_socket_icmp,
+    cgroup_skb_egress_sees_raw_and_ping_socket_icmp,
 );
 
 fn load_facts() -> Result<Ebpf> {
@@ -617,7 +617,7 @@ fn sendmsg_decision_on_backend(env: &privilege::Env, family: Family, legacy: boo
 
 // ---------------------------------------------------------------- (g)
 
-fn cgroup_skb_egress_sees_raw_socket_icmp(family: Family) -> Result<()> {
+fn cgroup_skb_egress_sees_raw_and_ping_socket_icmp(family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
@@ -625,16 +625,29 @@ fn cgroup_skb_egress_sees_raw_socket_icmp(family: Family) -> Result<()> {
     let peer = hosts.b_end.ip(family);
     let receiver = UdpReceiver::start(&hosts.b, SocketAddr::new(peer, PORT))?;
     let cgroup = Cgroup::new(&env.cgroup2)?;
-    let ping = |inside: bool| -> Result<Outcome> {
+    // Ping sockets for every group, in the test's own namespace only (the
+    // sysctl is per network namespace; IPv6 ping sockets obey it too).
+    output_ok(
+        hosts
+            .a
+            .command("sysctl")?
+            .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
+    )?;
+    let ping = |inside: bool, dgram: bool| -> Result<Outcome> {
         let mut cmd = match inside {
             true => cgroup.command_in(&hosts.a, nettool!())?,
             false => hosts.a.command(nettool!())?,
         };
         cmd.args(["ping", &peer.to_string()]);
+        if dgram {
+            cmd.arg("--dgram");
+        }
         run_nettool(cmd)
     };
     // Before anything is attached, the echo works from inside.
-    assert_eq!(ping(true)?, Outcome::Exchanged);
+    for dgram in [false, true] {
+        assert_eq!(ping(true, dgram)?, Outcome::Exchanged, "dgram={dgram}");
+    }
 
     let mut bpf = load_facts()?;
     let prog: &mut CgroupSkb = bpf
@@ -648,12 +661,18 @@ fn cgroup_skb_egress_sees_raw_socket_icmp(family: Family) -> Result<()> {
         CgroupAttachMode::Single,
     )?;
 
-    let inside = ping(true)?;
-    assert!(
-        inside != Outcome::Exchanged,
-        "the cgroup's echo request must be dropped, got {inside:?}"
-    );
-    assert_eq!(ping(false)?, Outcome::Exchanged, "outside: untouched");
+    for dgram in [false, true] {
+        let inside = ping(true, dgram)?;
+        assert!(
+            inside != Outcome::Exchanged,
+            "the cgroup's echo request (dgram={dgram}) must be dropped, got {inside:?}"
+        );
+        assert_eq!(
+            ping(false, dgram)?,
+            Outcome::Exchanged,
+            "outside (dgram={dgram}): untouched"
+        );
+    }
     let mut udp = cgroup.command_in(&hosts.a, nettool!())?;
     udp.args([
         "udp-send",
@@ -673,6 +692,6 @@ fn cgroup_skb_egress_sees_raw_socket_icmp(family: Family) -> Result<()> {
             .context(facts::MAP_ICMP_DROPS)?,
     )?;
     let total: u64 = drops.get(&0, 0)?.iter().sum();
-    assert!(total >= 1, "the program counted {total} ICMP drops");
+    assert!(total >= 2, "the program counted {total} ICMP drops");
     Ok(())
 }

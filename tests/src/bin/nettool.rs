@@ -54,9 +54,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
-    /// Send one ICMP or ICMPv6 echo request from a raw socket and wait
-    /// for its reply.
-    Ping { to: std::net::IpAddr },
+    /// Send one ICMP or ICMPv6 echo request and wait for its reply.
+    Ping {
+        to: std::net::IpAddr,
+        /// From a ping socket (SOCK_DGRAM) rather than a raw socket.
+        #[arg(long)]
+        dgram: bool,
+    },
     /// Keep one TCP connection to an echo server busy — send a chunk,
     /// read it back, again — until stdin closes or SECONDS pass. Prints
     /// `connected` once connected, then one line of `key=value` pairs:
@@ -86,7 +90,13 @@ fn main() -> ExitCode {
             from,
             count,
         } => traffic::udp_send_n(from, to, payload.as_bytes(), count),
-        Cmd::Ping { to } => traffic::ping(to),
+        Cmd::Ping { to, dgram } => traffic::ping(
+            to,
+            match dgram {
+                true => traffic::PingSocket::Dgram,
+                false => traffic::PingSocket::Raw,
+            },
+        ),
         Cmd::TcpStream {
             to,
             seconds,
