@@ -58,22 +58,22 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr4(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr6(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
@@ -122,13 +122,15 @@ fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
     addr
 }
 
-/// [`judge`]'s verdict for a connection or datagram it lets through to
-/// the trap.
+/// [`decide`]'s verdict for a connection or datagram it lets through to
+/// the trap; the hook itself returns [`PROCEED`] for it.
 const TRAP: i32 = 2;
 
+/// What the hook returns for [`decide`]'s verdict; for a datagram, the
+/// trap decision is recorded (or an earlier one forgotten) first.
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
-    let verdict = judge(sa, addr, hook);
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+    let verdict = decide(sa, addr, hook);
     if hook == Hook::SendMsg && verdict != REFUSE {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
@@ -144,7 +146,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
 /// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
 /// to be trapped) or [`REFUSE`].
 #[inline(always)]
-fn judge(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
