@@ -24,6 +24,7 @@ pub const MAP_PU_GENERATION: &str = "PU_GENERATION";
 pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
 pub const MAP_PU_PORTS: &str = "PU_PORTS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
+pub const MAP_UDP_TRAPS: &str = "UDP_TRAPS";
 
 /// Bytes of the flow-log ring buffer (a power of two, a multiple of the
 /// page size).
@@ -39,6 +40,13 @@ pub const PROG_SENDMSG6: &str = "enforcer_sendmsg6";
 pub const PROG_INGRESS: &str = "enforcer_ingress";
 /// Every cgroup/sock_addr program, attached to each PU's cgroup.
 pub const PU_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// The cgroup_skb egress program, attached to each PU's cgroup: judges
+/// what the sock_addr hooks never see (ICMP from ping and raw sockets).
+pub const PROG_EGRESS: &str = "enforcer_egress";
+/// The socket filter a fixed netfilter rule runs (`-m bpf
+/// --object-pinned`): does this datagram's socket have a trap decision of
+/// a sendmsg hook for this destination ([`UdpTrapKey`])?
+pub const PROG_UDP_TRAP: &str = "enforcer_udp_trap";
 
 /// Globals the loader sets before loading: the mark layout's shift, and
 /// the cookie of the agent's network namespace.
@@ -52,6 +60,11 @@ pub const MAX_PUS: u32 = 16_384;
 /// ACL rules that can cover one address of one PU (after expansion into
 /// one rule per protocol and port range).
 pub const MAX_ACL_RULES: usize = 32;
+/// Unconnected UDP destinations with a trap decision ([`UdpTrapKey`]):
+/// an LRU map, so entries of closed sockets age out by themselves. An
+/// entry is needed only from the sendmsg hook to the netfilter rule, a few
+/// microseconds of the same system call, so the map can be small.
+pub const MAX_UDP_TRAPS: u32 = 16_384;
 /// Depth of cgroup nesting searched for a PU's cgroup above the current
 /// task's cgroup.
 pub const MAX_CGROUP_DEPTH: u32 = 16;
@@ -78,6 +91,33 @@ impl PortKey {
             proto,
             pad: 0,
             port,
+        }
+    }
+}
+
+/// A sendmsg hook's trap decision for one unconnected UDP datagram: its
+/// socket (cookie), destination address (IPv4-mapped for IPv4) and port.
+/// The hook writes it before the datagram is built; the fixed netfilter
+/// rule's socket filter finds it by the datagram's own socket and
+/// destination (a socket mark set in the hook would miss the datagram:
+/// `udp_sendmsg` reads the mark before the hook runs).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpTrapKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub pad: [u8; 6],
+}
+
+impl UdpTrapKey {
+    pub const fn new(cookie: u64, addr: [u8; 16], port: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port,
+            pad: [0; 6],
         }
     }
 }
@@ -241,4 +281,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     // SAFETY: #[repr(C)], 1+1+2 bytes, the pad byte always written as 0.
     unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: #[repr(C)], 8+16+2+6 bytes, the pad always written as 0.
+    unsafe impl aya::Pod for super::UdpTrapKey {}
 }

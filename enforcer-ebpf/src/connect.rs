@@ -7,7 +7,11 @@
 //!    ACLs, in bucket order: accept marks the socket `AclAccept`, reject
 //!    refuses the connect with EPERM;
 //! 3. TCP to a target TCP network, UDP to a target UDP network: the socket
-//!    is marked for the trap, and a fixed netfilter rule queues the SYN;
+//!    is marked for the trap, and a fixed netfilter rule queues the SYN
+//!    (or first datagram). An unconnected datagram's mark is read before
+//!    the sendmsg hook runs, so there the decision goes into `UDP_TRAPS`
+//!    by (socket cookie, destination, port) instead, and a fixed rule's
+//!    socket filter (`udp_trap`) finds it by the datagram's own socket;
 //! 4. the protocol-any ACLs;
 //! 5. anything else is refused, and logged (policy `default`).
 //!
@@ -18,18 +22,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_getsockopt, bpf_setsockopt},
+    helpers::generated::{bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use enforcer_common::{
     maps::{
         DIRECTION_APP, FlowEvent, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-        SCOPE_TARGET_UDP,
+        SCOPE_TARGET_UDP, UdpTrapKey,
     },
     marks::{Class, MarkLayout},
 };
 
+use crate::maps::UDP_TRAPS;
 use crate::policy::{
     AclVerdict, Count, Side, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set,
     log_final_drop, mark_layout,
@@ -44,8 +49,7 @@ const SO_MARK: i32 = 36;
 /// socket, and so every later packet of the connection. A datagram's mark
 /// is read before the sendmsg hook runs, so a class written there would
 /// only reach later datagrams: sendmsg hooks refuse or let through, and
-/// never trap (unconnected UDP to a target network is not trapped in eBPF
-/// yet; connected UDP is).
+/// record a trap decision in `UDP_TRAPS` for the datagram itself.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hook {
     Connect,
@@ -54,22 +58,39 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr4(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr6(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+}
+
+/// Records (`trap`) or forgets the trap decision for the datagram being
+/// sent on this socket to `addr`:`port`. Only a decision that changed (the
+/// target networks or the PU's policy did) has anything to forget; a
+/// missing entry is fine. A full map evicts its least recently used
+/// entry, never the one just written.
+#[inline(always)]
+fn remember_udp_trap(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16, trap: bool) {
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
+    let key = UdpTrapKey::new(cookie, addr, port);
+    if trap {
+        let _ = UDP_TRAPS.insert(key, 1, 0);
+    } else {
+        let _ = UDP_TRAPS.remove(key);
+    }
 }
 
 /// The IPv4 destination, IPv4-mapped.
@@ -101,6 +122,29 @@ fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
     addr
 }
 
+/// [`decide`]'s verdict for a connection or datagram it lets through to
+/// the trap; the hook itself returns [`PROCEED`] for it.
+const TRAP: i32 = 2;
+
+/// What the hook returns for [`decide`]'s verdict; for a datagram, the
+/// trap decision is recorded (or an earlier one forgotten) first.
+#[inline(always)]
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+    let verdict = decide(sa, addr, hook);
+    if hook == Hook::SendMsg && verdict != REFUSE {
+        // SAFETY: valid context. The port is in network order in the low
+        // 16 bits.
+        let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+        remember_udp_trap(sa, addr, port, verdict == TRAP);
+    }
+    match verdict {
+        REFUSE => REFUSE,
+        _ => PROCEED,
+    }
+}
+
+/// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
+/// to be trapped) or [`REFUSE`].
 #[inline(always)]
 fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     if !in_agent_netns(sa.cast()) {
@@ -150,9 +194,9 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         };
         if hook == Hook::Connect {
             set_class(sa, class);
-            count(slot, Count::Trapped);
         }
-        return PROCEED;
+        count(slot, Count::Trapped);
+        return TRAP;
     }
     if let Some(entry) = entry
         && let Some(verdict) = evaluate(entry, entry.specific, entry.any, port, &flow)

@@ -9,10 +9,12 @@
 #![no_main]
 
 mod connect;
+mod egress;
 mod ingress;
 mod maps;
 mod packet;
 mod policy;
+mod udp_trap;
 
 #[cfg(not(test))]
 #[panic_handler]

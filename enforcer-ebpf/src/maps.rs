@@ -3,10 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::maps::{
-    AclEntry, FLOW_EVENTS_BYTES, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PortKey, PuCounts,
+    AclEntry, FLOW_EVENTS_BYTES, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, MAX_UDP_TRAPS, NetKey,
+    PortKey, PuCounts, UdpTrapKey,
 };
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
@@ -38,3 +39,8 @@ pub static PU_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PUS *
 /// Logged decisions (`FlowEvent`), read by the agent for its flow log.
 #[map(name = "FLOW_EVENTS")]
 pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+/// Unconnected UDP datagrams a sendmsg hook decided to trap, by socket and
+/// destination; the fixed netfilter rule's socket filter reads it.
+#[map(name = "UDP_TRAPS")]
+pub static UDP_TRAPS: LruHashMap<UdpTrapKey, u8> = LruHashMap::with_max_entries(MAX_UDP_TRAPS, 0);

@@ -1,12 +1,37 @@
-//! Reading the headers of a packet at TC, defensively: every read goes
+//! Reading the headers of a packet, defensively — at TC (from the
+//! Ethernet header) or in a cgroup_skb or socket filter program (from the
+//! IP header): every read goes
 //! through `bpf_skb_load_bytes` (the kernel refuses one past the end), IP
 //! options and IPv6 extension headers are skipped with bounded loops, and
 //! anything that cannot be read whole is reported as such — the caller
 //! then never gives it a more permissive verdict than a well-formed packet
 //! would get.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    cty::c_long,
+    programs::{SkBuffContext, TcContext},
+};
 use enforcer_common::maps::{PROTO_TCP, PROTO_UDP};
+
+/// A packet the parser reads: both contexts read through
+/// `bpf_skb_load_bytes`, from where their data starts.
+pub trait Bytes {
+    fn load<T>(&self, offset: usize) -> Result<T, c_long>;
+}
+
+impl Bytes for TcContext {
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
+        TcContext::load(self, offset)
+    }
+}
+
+impl Bytes for SkBuffContext {
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, c_long> {
+        SkBuffContext::load(self, offset)
+    }
+}
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -49,21 +74,35 @@ pub struct L4 {
     pub tcp_flags: u8,
 }
 
+/// A frame at TC: Ethernet, then IP.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return Parsed::NotIp;
     };
     match u16::from_be(ethertype) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
+        ETH_P_IP => parse_v4(ctx, ETH_HDR_LEN),
+        ETH_P_IPV6 => parse_v6(ctx, ETH_HDR_LEN),
+        _ => Parsed::NotIp,
+    }
+}
+
+/// A packet that starts with its IP header (cgroup_skb, a socket filter
+/// run by netfilter); the version nibble says the family.
+#[inline(always)]
+pub fn parse_ip<B: Bytes>(ctx: &B) -> Parsed {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return Parsed::Malformed;
+    };
+    match first >> 4 {
+        4 => parse_v4(ctx, 0),
+        6 => parse_v6(ctx, 0),
         _ => Parsed::NotIp,
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Parsed {
-    let ip = ETH_HDR_LEN;
+fn parse_v4<B: Bytes>(ctx: &B, ip: usize) -> Parsed {
     let (Ok(vihl), Ok(frag), Ok(proto), Ok(src), Ok(dst)) = (
         ctx.load::<u8>(ip),
         ctx.load::<u16>(ip + 6),
@@ -90,8 +129,7 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Parsed {
-    let ip = ETH_HDR_LEN;
+fn parse_v6<B: Bytes>(ctx: &B, ip: usize) -> Parsed {
     let (Ok(next), Ok(src), Ok(dst)) = (
         ctx.load::<u8>(ip + 6),
         ctx.load::<[u8; 16]>(ip + 8),
@@ -130,7 +168,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
 }
 
 #[inline(always)]
-fn transport(ctx: &TcContext, src: [u8; 16], dst: [u8; 16], proto: u8, off: usize) -> Parsed {
+fn transport<B: Bytes>(ctx: &B, src: [u8; 16], dst: [u8; 16], proto: u8, off: usize) -> Parsed {
     // The destination port is the second 16-bit word of both headers; a
     // header that is not there whole is unreadable.
     let (src_port, dst_port, tcp_flags) = match proto {

@@ -51,15 +51,24 @@ pub fn mark_layout() -> MarkLayout {
 /// PU above them).
 #[inline(always)]
 pub fn current_pu() -> Option<u32> {
-    // SAFETY: helpers without arguments that can fail; 0 means none.
-    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: helpers without arguments that can fail; 0 means none (and
+    // 0 for levels deeper than the task's cgroup).
+    pu_of_cgroup(unsafe { bpf_get_current_cgroup_id() }, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// The PU slot of a cgroup, given its id and its ancestors' by level
+/// (0 is the root).
+#[inline(always)]
+pub fn pu_of_cgroup(own: u64, ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+    // SAFETY: a map lookup with a key on the stack.
     if let Some(slot) = unsafe { PU_BY_CGROUP.get(own) } {
         return Some(*slot);
     }
     let mut level = MAX_CGROUP_DEPTH;
     while level > 0 {
-        // SAFETY: returns 0 for levels deeper than the task's cgroup.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = ancestor(level as i32);
         // SAFETY: a map lookup with a key on the stack.
         if id != 0
             && let Some(slot) = unsafe { PU_BY_CGROUP.get(id) }

@@ -67,6 +67,16 @@ pub fn packets(ns: &Netns, family: Family, table: &str, comment: &str) -> Result
         .with_context(|| format!("no rule with comment {comment:?} in:\n{dump}"))
 }
 
+/// Packets counted by the one rule whose comment is `comment`, as a given
+/// save tool (`iptables-legacy-save`, say: another flavour than the
+/// agent's) dumps `table`.
+pub fn packets_as(ns: &Netns, save_tool: &str, table: &str, comment: &str) -> Result<u64> {
+    let out = output_ok(ns.command(save_tool)?.args(["-c", "-t", table]))?;
+    let dump = String::from_utf8(out.stdout)?;
+    counter_of(&dump, comment)
+        .with_context(|| format!("no rule with comment {comment:?} in:\n{dump}"))
+}
+
 /// Parses `[packets:bytes] -A … --comment X …` lines of `iptables-save -c`.
 fn counter_of(dump: &str, comment: &str) -> Option<u64> {
     let quoted = format!("--comment {comment} ");

@@ -1,7 +1,8 @@
 //! Traffic for kernel tests: the library's TCP servers, clients and
 //! [`Outcome`]s ([`enforcer::sandbox::traffic`]), plus what only tests
-//! need: a UDP receiver and sender, the `nettool` client process, and raw
-//! IP packets for headers no socket API would send.
+//! need: a UDP receiver and sender, an ICMP echo ("ping") over a raw
+//! socket, the `nettool` client process, and raw IP packets for headers no
+//! socket API would send.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -114,15 +115,111 @@ impl Drop for UdpReceiver {
 
 /// Sends one datagram, optionally from a given source address.
 pub fn udp_send(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
+    udp_send_n(from, to, payload, 1)
+}
+
+/// Sends `count` datagrams from one unconnected socket (`sendto` each
+/// time), optionally bound to a given source address.
+pub fn udp_send_n(from: Option<IpAddr>, to: SocketAddr, payload: &[u8], count: u32) -> Outcome {
     let bind: SocketAddr = match (from, to) {
         (Some(ip), _) => SocketAddr::new(ip, 0),
         (None, SocketAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
         (None, SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
     };
-    match UdpSocket::bind(bind).and_then(|s| s.send_to(payload, to)) {
-        Ok(_) => Outcome::Exchanged,
+    let sent = UdpSocket::bind(bind)
+        .and_then(|s| (0..count).try_for_each(|_| s.send_to(payload, to).map(drop)));
+    match sent {
+        Ok(()) => Outcome::Exchanged,
         Err(e) => Outcome::from_io(&e),
     }
+}
+
+/// The socket an echo request goes out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingSocket {
+    /// `SOCK_RAW`: root's way, allowed in any namespace.
+    Raw,
+    /// `SOCK_DGRAM` with `IPPROTO_ICMP(V6)`, the unprivileged "ping
+    /// socket": allowed only to the groups of the namespace's
+    /// `net.ipv4.ping_group_range` (none, in a new namespace).
+    Dgram,
+}
+
+/// One ICMP (IPv4) or ICMPv6 echo request to `to`, and its reply:
+/// [`Outcome::Exchanged`] when the reply came within [`CONNECT_TIMEOUT`].
+/// Neither socket kind is seen by a connect or sendmsg hook.
+pub fn ping(to: IpAddr, kind: PingSocket) -> Outcome {
+    ping_once(to, kind).unwrap_or_else(|e| Outcome::from_io(&e))
+}
+
+fn ping_once(to: IpAddr, kind: PingSocket) -> std::io::Result<Outcome> {
+    let (domain, protocol, request, reply) = match to {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+    };
+    let sock = match kind {
+        PingSocket::Raw => Socket::new(domain, Type::RAW, Some(protocol))?,
+        PingSocket::Dgram => Socket::new(domain, Type::DGRAM, Some(protocol))?,
+    };
+    // An id of this process's own: replies to other pings are skipped.
+    let id = (std::process::id() as u16).to_be_bytes();
+    let mut message = vec![request, 0, 0, 0, id[0], id[1], 0, 1];
+    message.extend_from_slice(b"enforcer-ping");
+    if to.is_ipv4() {
+        // The kernel computes ICMPv6 checksums on raw sockets, not ICMP's.
+        let sum = internet_checksum(&message).to_be_bytes();
+        message[2..4].copy_from_slice(&sum);
+    }
+    sock.send_to(&message, &SocketAddr::new(to, 0).into())?;
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(Outcome::TimedOut);
+        }
+        sock.set_read_timeout(Some(left))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(e) if Outcome::from_io(&e) == Outcome::TimedOut => return Ok(Outcome::TimedOut),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: recv_from initialised the first `n` bytes.
+        let data: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        // IPv4 raw sockets deliver the IP header too; IPv6 ones and ping
+        // sockets do not. A ping socket gets only its own replies, under
+        // the id the kernel chose.
+        let icmp = match (to, kind) {
+            (IpAddr::V4(_), PingSocket::Raw) => {
+                data.get(usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4..)
+            }
+            _ => Some(&data[..]),
+        };
+        let from_peer = from.as_socket().map(|a| a.ip()) == Some(to);
+        if let Some(icmp) = icmp
+            && from_peer
+            && icmp.len() >= 8
+            && icmp[0] == reply
+            && (kind == PingSocket::Dgram || icmp[4..6] == id)
+        {
+            return Ok(Outcome::Exchanged);
+        }
+    }
+}
+
+/// RFC 1071's checksum of `data`.
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Path of the `nettool` binary; cargo tells it only to integration

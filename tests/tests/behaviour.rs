@@ -30,7 +30,7 @@ use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
     netfilter::{self, Family},
-    netns::TwoHosts,
+    netns::{TwoHosts, output_ok},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
 };
@@ -114,6 +114,8 @@ on_every_datapath_and_family!(
     overlapping_acls_resolve_by_bucket_not_by_longest_prefix,
     target_network_changes_apply_to_new_connections,
     udp_datagrams_from_a_pu_follow_its_acls,
+    unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not,
+    pings_from_a_pu_follow_its_icmp_acls,
     sighup_adds_changes_and_removes_pus,
     sighup_with_a_broken_config_changes_nothing,
     sigint_and_sigterm_leave_nothing_behind,
@@ -500,6 +502,136 @@ fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath, family: Family) -
             .is_none(),
         "no ACL: the PU's datagram must not arrive"
     );
+    Ok(())
+}
+
+/// Unconnected UDP (`sendto`) from a PU to a target UDP network is
+/// trapped — its first datagram included — and to an ACL-accepted peer
+/// outside the targets it is not; a process outside the PU is never
+/// trapped.
+fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let target = UdpReceiver::start(&w.hosts.b, w.addr(TARGET))?;
+    let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
+    let agent = w.start(datapath, &web_config(&w))?;
+    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
+        let mut cmd = if in_pu {
+            w.cgroup.command_in(&w.hosts.a, nettool!())?
+        } else {
+            w.hosts.a.command(nettool!())?
+        };
+        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
+        run_nettool(cmd)
+    };
+    assert_eq!(send(&acl_peer, "pu-to-acl-peer", true)?, Outcome::Exchanged);
+    assert!(
+        acl_peer
+            .wait_for(b"pu-to-acl-peer", Duration::from_secs(2))
+            .is_some(),
+        "accept ACL: delivered"
+    );
+    assert_eq!(
+        w.kernel_queued()?,
+        0,
+        "an ACL-accepted datagram is not trapped"
+    );
+    assert_eq!(
+        send(&target, "outsider-to-target", false)?,
+        Outcome::Exchanged
+    );
+    assert_eq!(w.kernel_queued()?, 0, "outside every PU: not trapped");
+    assert_eq!(send(&target, "pu-to-target", true)?, Outcome::Exchanged);
+    assert_eq!(
+        w.kernel_queued()?,
+        1,
+        "the PU's first datagram to a target UDP network goes to user space"
+    );
+    assert!(
+        target
+            .wait_for(b"pu-to-target", Duration::from_secs(2))
+            .is_some(),
+        "the trap's verdict lets it through (the agent accepts what it traps)"
+    );
+    let (trapped, _, _) = pu_counts(&agent.status()?, "web")?;
+    assert!(trapped >= 1, "the agent counts the trap: {trapped}");
+    Ok(())
+}
+
+/// ICMP from a PU (echo requests from raw and ping sockets: no connect
+/// or sendmsg hook sees them) follows the PU's ICMP ACLs in SPEC's order: an accept
+/// ACL lets the echo through and its reply back; a reject ACL drops it;
+/// a peer no specific ACL covers (the target: specific ACLs skip target
+/// TCP networks) gets the final drop in IPv4, and the "ICMPv6 accepted"
+/// step in IPv6; an excluded peer is never touched; a process outside the
+/// PU is untouched.
+fn pings_from_a_pu_follow_its_icmp_acls(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let icmp_acl = |nets: Nets, action: &str, id: &str| {
+        format!(
+            "[[pus.application_acls]]\n\
+             networks = {}\n\
+             protocols = [\"icmp\", \"icmpv6\"]\n\
+             action = \"{action}\"\n\
+             policy_id = \"{id}\"\n",
+            toml_list(&[nets])
+        )
+    };
+    let pus = pu("web", &w.cgroup_rel(), ACL_PEER.nets)
+        + &icmp_acl(ACL_PEER.nets, "accept", "ping-acl-peer")
+        + &icmp_acl(OTHER.nets, "reject", "no-ping-other");
+    let _agent = w.start(datapath, &config(&[TARGET.nets], &pus))?;
+    // Ping sockets for every group, in host `a`'s namespace only.
+    output_ok(
+        w.hosts
+            .a
+            .command("sysctl")?
+            .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
+    )?;
+    let ping_from = |peer: Role, in_pu: bool, dgram: bool| -> Result<Outcome> {
+        let mut cmd = if in_pu {
+            w.cgroup.command_in(&w.hosts.a, nettool!())?
+        } else {
+            w.hosts.a.command(nettool!())?
+        };
+        cmd.args(["ping", &w.ip(peer).to_string()]);
+        if dgram {
+            cmd.arg("--dgram");
+        }
+        run_nettool(cmd)
+    };
+    let ping = |peer: Role, in_pu: bool| ping_from(peer, in_pu, false);
+    for dgram in [false, true] {
+        assert_eq!(
+            ping_from(ACL_PEER, true, dgram)?,
+            Outcome::Exchanged,
+            "icmp accept ACL (ping socket: {dgram})"
+        );
+        let rejected = ping_from(OTHER, true, dgram)?;
+        assert!(
+            rejected.is_blocked(),
+            "icmp reject ACL (ping socket: {dgram}): got {rejected:?}"
+        );
+    }
+    assert_eq!(ping(OTHER, false)?, Outcome::Exchanged, "outside every PU");
+    assert_eq!(ping(EXCLUDED, true)?, Outcome::Exchanged, "excluded");
+    let to_target = ping(TARGET, true)?;
+    match family {
+        Family::V4 => assert!(
+            to_target.is_blocked(),
+            "no ACL for ICMP: the final drop, got {to_target:?}"
+        ),
+        Family::V6 => assert_eq!(to_target, Outcome::Exchanged, "ICMPv6 accepted"),
+    }
+    assert_eq!(w.kernel_queued()?, 0, "ICMP is never trapped");
     Ok(())
 }
 

@@ -59,6 +59,9 @@ fn netfilter_rules_do_not_grow_with_pus_and_no_ipset_exists() -> Result<()> {
 
     let one = Agent::start(bin, &ns, Datapath::Ebpf, &config(&pus(&cgroups[..1])))?;
     assert_eq!(one.status()?["datapath"]["kind"], "ebpf");
+    // The same instance both times: the UDP trap rule names the instance's
+    // pin path.
+    let instance = one.instance().to_string();
     let with_one = netfilter_state(&ns)?;
     let sets = output_ok(ns.command("ipset")?.args(["list", "-n"]))?;
     assert_eq!(
@@ -68,7 +71,14 @@ fn netfilter_rules_do_not_grow_with_pus_and_no_ipset_exists() -> Result<()> {
     );
     drop(one);
 
-    let hundred = Agent::start(bin, &ns, Datapath::Ebpf, &config(&pus(&cgroups)))?;
+    let hundred = Agent::start_with(
+        bin,
+        &ns,
+        Some(&instance),
+        &["--datapath", Datapath::Ebpf.arg()],
+        &config(&pus(&cgroups)),
+        |cmd| Datapath::Ebpf.prepare(cmd),
+    )?;
     let status = hundred.status()?;
     assert_eq!(status["datapath"]["kind"], "ebpf");
     assert_eq!(

@@ -2,8 +2,8 @@
 //! verifier (loaded, not attached), with the verifier's log in the failure.
 
 use anyhow::{Context as _, Result};
-use aya::programs::{CgroupSockAddr, SchedClassifier};
-use enforcer_common::maps::{PROG_INGRESS, PU_PROGRAMS};
+use aya::programs::{CgroupSkb, CgroupSockAddr, SchedClassifier, SocketFilter};
+use enforcer_common::maps::{PROG_EGRESS, PROG_INGRESS, PROG_UDP_TRAP, PU_PROGRAMS};
 use enforcer_tests::privilege;
 
 #[test]
@@ -26,5 +26,19 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
     ingress
         .load()
         .with_context(|| format!("verifying {PROG_INGRESS}"))?;
+    let egress: &mut CgroupSkb = bpf
+        .program_mut(PROG_EGRESS)
+        .context(PROG_EGRESS)?
+        .try_into()?;
+    egress
+        .load()
+        .with_context(|| format!("verifying {PROG_EGRESS}"))?;
+    let udp_trap: &mut SocketFilter = bpf
+        .program_mut(PROG_UDP_TRAP)
+        .context(PROG_UDP_TRAP)?
+        .try_into()?;
+    udp_trap
+        .load()
+        .with_context(|| format!("verifying {PROG_UDP_TRAP}"))?;
     Ok(())
 }

@@ -11,7 +11,17 @@
 //! (d) LPM tries return the longest prefix, in the program and from user
 //!     space;
 //! (e) a cgroup_skb egress program drops a process's packets and no one
-//!     else's.
+//!     else's;
+//! (f) a cgroup/sendmsg4|6 hook's SO_MARK misses the datagram being sent
+//!     (only later ones carry it), but a decision it records by socket
+//!     cookie and destination reaches netfilter with that very datagram:
+//!     an `-m bpf --object-pinned` match (xt_bpf) runs a pinned socket
+//!     filter that finds it by `bpf_get_socket_cookie` of the packet — on
+//!     both iptables backends (nf_tables through its xt compatibility, and
+//!     legacy);
+//! (g) a cgroup_skb egress program sees, and can drop, the ICMP and
+//!     ICMPv6 echo requests of raw and ping sockets (which no connect or
+//!     sendmsg hook sees), and lets the process's other traffic pass.
 //! IPv4 and IPv6 run the same test bodies.
 
 use std::{
@@ -29,7 +39,7 @@ use aya::{
     maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-        TcAttachType,
+        SocketFilter, TcAttachType,
     },
 };
 use enforcer::trap::packet::L4;
@@ -37,7 +47,7 @@ use enforcer_common::facts;
 use enforcer_tests::{
     cgroup::Cgroup,
     netfilter::{self, Family},
-    netns::TwoHosts,
+    netns::{TwoHosts, output_ok},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool, tcp_exchange, udp_send},
 };
@@ -61,6 +71,8 @@ on_both_families!(
     tc_ingress_mark_by_longest_prefix,
     nfqueue_round_trip,
     cgroup_skb_egress_drops_only_its_cgroup,
+    sendmsg_decision_reaches_netfilter_by_socket_cookie,
+    cgroup_skb_egress_sees_raw_and_ping_socket_icmp,
 );
 
 fn load_facts() -> Result<Ebpf> {
@@ -478,5 +490,208 @@ fn cgroup_skb_egress_drops_only_its_cgroup(family: Family) -> Result<()> {
     )?;
     let total: u64 = drops.get(&0, 0)?.iter().sum();
     assert!(total >= 1, "the program counted {total} drops");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- (f)
+
+/// A pin of the test's own on the harness's bpffs, removed when dropped.
+struct Pin(std::path::PathBuf);
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The restore and save tools of one iptables backend and family.
+fn backend_tools(legacy: bool, family: Family) -> (String, String) {
+    let flavour = if legacy { "legacy" } else { "nft" };
+    let base = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    (
+        format!("{base}-{flavour}-restore"),
+        format!("{base}-{flavour}-save"),
+    )
+}
+
+fn sendmsg_decision_reaches_netfilter_by_socket_cookie(family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    for legacy in [false, true] {
+        sendmsg_decision_on_backend(&env, family, legacy)
+            .with_context(|| format!("iptables backend legacy={legacy}"))?;
+    }
+    Ok(())
+}
+
+fn sendmsg_decision_on_backend(env: &privilege::Env, family: Family, legacy: bool) -> Result<()> {
+    let hosts = TwoHosts::new()?;
+    let receiver = UdpReceiver::start(&hosts.b, SocketAddr::new(hosts.b_end.ip(family), PORT))?;
+    let to = receiver.addr();
+
+    let cgroup = Cgroup::new(&env.cgroup2)?;
+    let mut bpf = load_facts()?;
+    let name = match family {
+        Family::V4 => facts::PROG_SENDMSG4,
+        Family::V6 => facts::PROG_SENDMSG6,
+    };
+    let prog: &mut CgroupSockAddr = bpf.program_mut(name).context(name)?.try_into()?;
+    prog.load()?;
+    prog.attach(cgroup.dir()?, CgroupAttachMode::Single)?;
+    let filter: &mut SocketFilter = bpf
+        .program_mut(facts::PROG_SENT_MATCH)
+        .context(facts::PROG_SENT_MATCH)?
+        .try_into()?;
+    filter.load()?;
+    let pin = Pin(env.bpffs.join(enforcer_tests::unique_name()));
+    filter.pin(&pin.0)?;
+
+    let (restore, save) = backend_tools(legacy, family);
+    let dst = to.ip();
+    let rules = format!(
+        "*mangle\n\
+         -A OUTPUT -p udp -d {dst} --dport {PORT} -m comment --comment marked \
+           -m mark --mark {mark:#x}\n\
+         -A OUTPUT -p udp -d {dst} --dport {PORT} -m bpf --object-pinned {pin} \
+           -m comment --comment decided -j ACCEPT\n\
+         -A OUTPUT -p udp -d {dst} --dport {PORT} -m comment --comment undecided -j ACCEPT\n\
+         COMMIT\n",
+        mark = facts::SENDMSG_MARK,
+        pin = pin.0.display(),
+    );
+    netfilter::feed(&hosts.a, &restore, &["--noflush"], &rules)?;
+    let count = |comment| netfilter::packets_as(&hosts.a, &save, "mangle", comment);
+
+    // Two datagrams from one unconnected socket inside the cgroup.
+    let mut inside = cgroup.command_in(&hosts.a, nettool!())?;
+    inside.args([
+        "udp-send",
+        &to.to_string(),
+        "--count",
+        "2",
+        "--payload",
+        "in",
+    ]);
+    assert_eq!(run_nettool(inside)?, Outcome::Exchanged);
+    ensure!(
+        receiver.wait_for(b"in", Duration::from_secs(2)).is_some(),
+        "the datagrams never arrived"
+    );
+    assert_eq!(
+        count("marked")?,
+        1,
+        "SO_MARK from the sendmsg hook misses the first datagram, reaches the second"
+    );
+    assert_eq!(
+        count("decided")?,
+        2,
+        "the recorded decision is found for both datagrams, the first included"
+    );
+    assert_eq!(count("undecided")?, 0);
+
+    // A process outside the cgroup: no hook, no decision.
+    let mut outside = hosts.a.command(nettool!())?;
+    outside.args(["udp-send", &to.to_string(), "--payload", "out"]);
+    assert_eq!(run_nettool(outside)?, Outcome::Exchanged);
+    assert_eq!(count("decided")?, 2);
+    assert_eq!(count("undecided")?, 1);
+
+    // The rule survives the backend rewriting the table (legacy re-checks
+    // every rule then, opening the pin by its path again).
+    netfilter::feed(
+        &hosts.a,
+        &restore,
+        &["--noflush"],
+        "*mangle\n-A OUTPUT -p tcp --dport 1 -m comment --comment later -j ACCEPT\nCOMMIT\n",
+    )?;
+    let mut again = cgroup.command_in(&hosts.a, nettool!())?;
+    again.args(["udp-send", &to.to_string(), "--payload", "again"]);
+    assert_eq!(run_nettool(again)?, Outcome::Exchanged);
+    assert_eq!(count("decided")?, 3);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- (g)
+
+fn cgroup_skb_egress_sees_raw_and_ping_socket_icmp(family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let hosts = TwoHosts::new()?;
+    let peer = hosts.b_end.ip(family);
+    let receiver = UdpReceiver::start(&hosts.b, SocketAddr::new(peer, PORT))?;
+    let cgroup = Cgroup::new(&env.cgroup2)?;
+    // Ping sockets for every group, in the test's own namespace only (the
+    // sysctl is per network namespace; IPv6 ping sockets obey it too).
+    output_ok(
+        hosts
+            .a
+            .command("sysctl")?
+            .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
+    )?;
+    let ping = |inside: bool, dgram: bool| -> Result<Outcome> {
+        let mut cmd = match inside {
+            true => cgroup.command_in(&hosts.a, nettool!())?,
+            false => hosts.a.command(nettool!())?,
+        };
+        cmd.args(["ping", &peer.to_string()]);
+        if dgram {
+            cmd.arg("--dgram");
+        }
+        run_nettool(cmd)
+    };
+    // Before anything is attached, the echo works from inside.
+    for dgram in [false, true] {
+        assert_eq!(ping(true, dgram)?, Outcome::Exchanged, "dgram={dgram}");
+    }
+
+    let mut bpf = load_facts()?;
+    let prog: &mut CgroupSkb = bpf
+        .program_mut(facts::PROG_EGRESS_ICMP)
+        .context(facts::PROG_EGRESS_ICMP)?
+        .try_into()?;
+    prog.load()?;
+    prog.attach(
+        cgroup.dir()?,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
+    )?;
+
+    for dgram in [false, true] {
+        let inside = ping(true, dgram)?;
+        assert!(
+            inside != Outcome::Exchanged,
+            "the cgroup's echo request (dgram={dgram}) must be dropped, got {inside:?}"
+        );
+        assert_eq!(
+            ping(false, dgram)?,
+            Outcome::Exchanged,
+            "outside (dgram={dgram}): untouched"
+        );
+    }
+    let mut udp = cgroup.command_in(&hosts.a, nettool!())?;
+    udp.args([
+        "udp-send",
+        &receiver.addr().to_string(),
+        "--payload",
+        "not-icmp",
+    ]);
+    assert_eq!(run_nettool(udp)?, Outcome::Exchanged);
+    ensure!(
+        receiver
+            .wait_for(b"not-icmp", Duration::from_secs(2))
+            .is_some(),
+        "the cgroup's other traffic must pass"
+    );
+    let drops: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        bpf.map(facts::MAP_ICMP_DROPS)
+            .context(facts::MAP_ICMP_DROPS)?,
+    )?;
+    let total: u64 = drops.get(&0, 0)?.iter().sum();
+    assert!(total >= 2, "the program counted {total} ICMP drops");
     Ok(())
 }

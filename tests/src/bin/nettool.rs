@@ -50,6 +50,16 @@ enum Cmd {
         /// Source address to bind to.
         #[arg(long)]
         from: Option<std::net::IpAddr>,
+        /// Datagrams to send, all from one unconnected socket.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Send one ICMP or ICMPv6 echo request and wait for its reply.
+    Ping {
+        to: std::net::IpAddr,
+        /// From a ping socket (SOCK_DGRAM) rather than a raw socket.
+        #[arg(long)]
+        dgram: bool,
     },
     /// Keep one TCP connection to an echo server busy — send a chunk,
     /// read it back, again — until stdin closes or SECONDS pass. Prints
@@ -74,7 +84,19 @@ enum Cmd {
 fn main() -> ExitCode {
     let outcome = match Cli::parse().cmd {
         Cmd::TcpExchange { to, payload } => traffic::tcp_exchange(to, payload.as_bytes()),
-        Cmd::UdpSend { to, payload, from } => traffic::udp_send(from, to, payload.as_bytes()),
+        Cmd::UdpSend {
+            to,
+            payload,
+            from,
+            count,
+        } => traffic::udp_send_n(from, to, payload.as_bytes(), count),
+        Cmd::Ping { to, dgram } => traffic::ping(
+            to,
+            match dgram {
+                true => traffic::PingSocket::Dgram,
+                false => traffic::PingSocket::Raw,
+            },
+        ),
         Cmd::TcpStream {
             to,
             seconds,

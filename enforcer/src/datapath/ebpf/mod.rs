@@ -5,7 +5,9 @@
 //!   the mark layout patched in; its maps pinned under
 //!   `<pin_dir>/maps/`.
 //! - Each linux-process PU gets a *slot*: `PU_BY_CGROUP` maps its cgroup
-//!   id to the slot, the connect hooks are attached to its cgroup (links
+//!   id to the slot, the connect and sendmsg hooks and the cgroup_skb
+//!   egress program (ICMP and the other protocols without a socket hook)
+//!   are attached to its cgroup (links
 //!   pinned under `<pin_dir>/links/`, so enforcement outlives a crashed
 //!   agent), and its ACLs are written as LPM entries under the scope of
 //!   (slot, generation).
@@ -25,7 +27,9 @@
 //! - `delete` detaches the hooks and unmaps the cgroup, waits for a grace
 //!   period, then removes the entries and frees the slot for reuse.
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
-//!   ACLs or networks.
+//!   ACLs or networks. One of them runs the pinned socket filter
+//!   `enforcer_udp_trap` to find the unconnected UDP datagrams a sendmsg
+//!   hook decided to trap.
 
 mod entries;
 mod flowlog;
@@ -45,12 +49,16 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
+        SocketFilter, links::FdLink,
+    },
 };
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
-    MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_INGRESS,
-    PU_PROGRAMS, PortKey, PuCounts, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+    MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS,
+    PROG_INGRESS, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+    SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -66,7 +74,7 @@ use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
     iptables::exec as nf, revoke, sockdiag,
 };
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Protocol, Pu, PuId, PuKind};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -100,7 +108,7 @@ struct PuState {
     ports: BTreeSet<PortKey>,
     /// Pins of its hooks' links. Only the pins hold the links: keeping a
     /// descriptor per link would run out of descriptors at a few thousand
-    /// PUs (four links each).
+    /// PUs (five links each).
     links: Vec<PathBuf>,
 }
 
@@ -165,6 +173,12 @@ impl EbpfDatapath {
         self.settings.pin_dir.join("progs").join(PROG_INGRESS)
     }
 
+    /// Where the UDP trap's socket filter is pinned: the fixed netfilter
+    /// rule names it (`-m bpf --object-pinned`).
+    fn udp_trap_pin(&self) -> PathBuf {
+        self.settings.pin_dir.join("progs").join(PROG_UDP_TRAP)
+    }
+
     /// Loads the object with the mark layout patched in, pins its maps.
     fn load(&self) -> anyhow::Result<Loaded> {
         let object = crate::bpf::datapath_object()?;
@@ -197,6 +211,24 @@ impl EbpfDatapath {
         ingress
             .pin(&ingress_pin)
             .with_context(|| format!("pinning {}", ingress_pin.display()))?;
+        let udp_trap_pin = self.udp_trap_pin();
+        let udp_trap: &mut SocketFilter = bpf
+            .program_mut(PROG_UDP_TRAP)
+            .with_context(|| format!("program {PROG_UDP_TRAP} missing from the object"))?
+            .try_into()?;
+        udp_trap
+            .load()
+            .with_context(|| format!("loading program {PROG_UDP_TRAP}"))?;
+        udp_trap
+            .pin(&udp_trap_pin)
+            .with_context(|| format!("pinning {}", udp_trap_pin.display()))?;
+        let egress: &mut CgroupSkb = bpf
+            .program_mut(PROG_EGRESS)
+            .with_context(|| format!("program {PROG_EGRESS} missing from the object"))?
+            .try_into()?;
+        egress
+            .load()
+            .with_context(|| format!("loading program {PROG_EGRESS}"))?;
         let maps_dir = self.maps_dir();
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating {}", maps_dir.display()))?;
@@ -287,17 +319,6 @@ impl EbpfDatapath {
         ];
         if let Some((_, field)) = not_yet.iter().find(|(set, _)| *set) {
             return unsupported(&format!("PU {}: {field}", pu.id));
-        }
-        // The hooks see connect() and UDP sendmsg(): ICMP (ping and raw
-        // sockets) passes them by, so an ICMP ACL could not be enforced.
-        let icmp = |p: &Protocol| matches!(p, Protocol::Icmp | Protocol::Icmpv6);
-        for (field, acls) in [
-            ("application_acls", &pu.application_acls),
-            ("network_acls", &pu.network_acls),
-        ] {
-            if let Some(i) = acls.iter().position(|a| a.protocols.iter().any(icmp)) {
-                return unsupported(&format!("PU {}: {field}[{i}] protocol icmp", pu.id));
-            }
         }
         Ok(())
     }
@@ -390,6 +411,27 @@ impl EbpfDatapath {
                     detach(pinned);
                     return Err(e.into());
                 }
+            }
+        }
+        let egress = loaded
+            .bpf
+            .program_mut(PROG_EGRESS)
+            .context(PROG_EGRESS)
+            .and_then(|p| Ok(<&mut CgroupSkb>::try_from(p)?));
+        let path = links_dir.join(format!("pu{slot}-{PROG_EGRESS}"));
+        let linked = egress.and_then(|prog| {
+            let id = prog
+                .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {PROG_EGRESS} to {}", cgroup.display()))?;
+            let link = FdLink::try_from(prog.take_link(id)?)?;
+            link.pin(&path)?;
+            Ok(())
+        });
+        match linked {
+            Ok(()) => pinned.push(path),
+            Err(e) => {
+                detach(pinned);
+                return Err(e.into());
             }
         }
         Ok(pinned)
@@ -602,7 +644,11 @@ impl Datapath for EbpfDatapath {
             )?);
         }
         self.loaded = Some(loaded);
-        let rules = netfilter::render(self.settings.marks, &self.settings.queues);
+        let rules = netfilter::render(
+            self.settings.marks,
+            &self.settings.queues,
+            &self.udp_trap_pin(),
+        )?;
         for family in IpFamily::ALL {
             nf::restore(family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
@@ -830,6 +876,11 @@ impl Datapath for EbpfDatapath {
         self.free_slots.clear();
         self.next_slot = 0;
         self.acl_prefixes = 0;
+        // The rules go before the pins: iptables-legacy re-checks every
+        // rule of a table it rewrites, and the UDP trap rule's check opens
+        // its pinned program by path. The pins go even if the rules could
+        // not: the error is reported after.
+        let rules_removed = nf::cleanup_all().context("removing netfilter rules");
         // Pinned maps and links of this or an earlier (crashed) instance:
         // removing the pins releases them and detaches the programs.
         match std::fs::remove_dir_all(&self.settings.pin_dir) {
@@ -846,7 +897,7 @@ impl Datapath for EbpfDatapath {
         if let Some(parent) = self.settings.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
-        nf::cleanup_all().context("removing netfilter rules")?;
+        rules_removed?;
         Ok(())
     }
 

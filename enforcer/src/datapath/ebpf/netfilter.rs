@@ -1,8 +1,12 @@
 //! The fixed netfilter rules of the eBPF datapath: what only netfilter
 //! can do — conntrack state and the NFQUEUE step — keyed on the mark bits
 //! the programs write. The text is the same whatever the number of PUs,
-//! ACLs and networks; it depends only on the mark layout and the queues.
+//! ACLs and networks; it depends only on the mark layout, the queues and
+//! where the agent instance pins its UDP trap filter.
 
+use std::path::Path;
+
+use anyhow::{Result, ensure};
 use enforcer_common::marks::{Class, Kind, MarkLayout};
 
 use crate::datapath::queues::{self, Direction, Trapped};
@@ -11,6 +15,9 @@ use crate::policy::QueueSettings;
 
 /// The seed's limit on the network-side UDP trap.
 const NET_UDP_TRAP_LIMIT: &str = "1000/sec";
+
+/// The longest path xt_bpf takes (`XT_BPF_PATH_MAX`, with its NUL).
+const XT_BPF_PATH_MAX: usize = 512;
 
 /// `iptables-restore --noflush` text for one family (the same for both).
 /// Each direction gets one chain, jumped to first from its built-in chain
@@ -22,8 +29,30 @@ const NET_UDP_TRAP_LIMIT: &str = "1000/sec";
 ///   ingress on the packet) is queued to the direction's SYN range;
 /// - the first datagram of a UDP flow classed `TrapUdp` is queued to the
 ///   direction's service range — rate-limited on the network side, as the
-///   seed does.
-pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
+///   seed does;
+/// - on the application side, so is a new UDP flow whose datagram a
+///   sendmsg hook decided to trap (unconnected UDP): the pinned socket
+///   filter at `udp_trap_pin` finds the decision by the datagram's socket
+///   and destination. The kernel opens the pin by path whenever it checks
+///   the rule, so the path goes into the rule text: it must be a plain
+///   path (no character a restore file would split or quote). With
+///   iptables-legacy that check runs again each time anyone rewrites the
+///   mangle table, so the pin must outlive the rule (`cleanup` removes the
+///   rules first), and a tool rewriting the table from a mount namespace
+///   without this bpffs path would be refused; nf_tables checks a rule
+///   once, when it is added.
+pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) -> Result<String> {
+    let pin = udp_trap_pin.to_str().unwrap_or_default();
+    ensure!(
+        pin.starts_with('/')
+            && pin.len() < XT_BPF_PATH_MAX
+            && pin
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b)),
+        "the UDP trap filter's pin path {} cannot go into a netfilter rule \
+         (an absolute path under {XT_BPF_PATH_MAX} bytes of A-Z a-z 0-9 / _ . - is needed)",
+        udp_trap_pin.display()
+    );
     let mut rules = vec!["*mangle".to_string()];
     for (direction, builtin, chain, limit) in [
         (Direction::App, "OUTPUT", MAIN_CHAINS.app, String::new()),
@@ -58,9 +87,15 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
                  -m mark --mark {trap_udp:#x}/{class:#x}{limit} -j NFQUEUE {service}"
             ),
         ]);
+        if direction == Direction::App {
+            rules.push(format!(
+                "-A {chain} -p udp -m conntrack --ctstate NEW \
+                 -m bpf --object-pinned {pin} -j NFQUEUE {service}"
+            ));
+        }
     }
     rules.push("COMMIT\n".to_string());
-    rules.join("\n")
+    Ok(rules.join("\n"))
 }
 
 #[cfg(test)]
@@ -69,7 +104,8 @@ mod tests {
 
     #[test]
     fn default_layout_and_queues() {
-        let text = render(MarkLayout::default(), &QueueSettings::default());
+        let pin = Path::new("/sys/fs/bpf/enforcer/a/progs/enforcer_udp_trap");
+        let text = render(MarkLayout::default(), &QueueSettings::default(), pin).unwrap();
         assert_eq!(
             text,
             "*mangle\n\
@@ -79,6 +115,7 @@ mod tests {
              -A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 0:3 --queue-bypass\n\
              -A TRI-App -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\
+             -A TRI-App -p udp -m conntrack --ctstate NEW -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_udp_trap -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\
              :TRI-Net - [0:0]\n\
              -I INPUT 1 -j TRI-Net\n\
              -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
@@ -87,5 +124,22 @@ mod tests {
              -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/sec -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              COMMIT\n"
         );
+    }
+
+    #[test]
+    fn a_pin_path_that_would_break_the_rule_is_refused() {
+        for bad in [
+            "relative/pin",
+            "/with space/pin",
+            "/quote\"/pin",
+            &format!("/{}", "x".repeat(600)),
+        ] {
+            let err = render(
+                MarkLayout::default(),
+                &QueueSettings::default(),
+                Path::new(bad),
+            );
+            assert!(err.is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -1,0 +1,125 @@
+//! `cgroup_skb` egress, attached to each PU's cgroup: the application side
+//! of a PU's policy for what the sock_addr hooks never see — ICMP from
+//! ping and raw sockets, and every other protocol but TCP and UDP (whose
+//! sockets the connect and sendmsg hooks judge). It runs after netfilter,
+//! so it can only let a packet go or drop it (ARCHITECTURE.md), which is
+//! all these protocols need: nothing of them is trapped.
+//!
+//! For such a packet, in SPEC's order ("Order of evaluation inside a PU",
+//! outgoing), as the fallback's chain does:
+//! 1. a destination in the excluded networks is never touched;
+//! 2. if the destination is not a target TCP network, the
+//!    specific-protocol ACLs (an `icmp` ACL matches IPv4's ICMP, an
+//!    `icmpv6` one IPv6's) in bucket order;
+//! 3. ICMPv6 is accepted (IPv6 only: neighbour discovery and path MTU
+//!    must work whatever the ACLs);
+//! 4. the protocol-any ACLs;
+//! 5. anything else is dropped.
+//!
+//! Each packet is judged by the policy in force (there is no connection
+//! state here): a policy update applies to the next echo request.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use enforcer_common::maps::{
+    DIRECTION_APP, FlowEvent, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+    is_v4_mapped,
+};
+
+use crate::{
+    packet::{self, L4, Parsed},
+    policy::{
+        AclVerdict, Count, Side, acl_entry, count, evaluate, in_agent_netns, in_set, pu_of_cgroup,
+    },
+};
+
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+#[cgroup_skb]
+pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
+    if hooked_transport(&ctx) {
+        return PASS;
+    }
+    match packet::parse_ip(&ctx) {
+        Parsed::L4(l4) if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP => decide(&ctx, &l4),
+        // TCP and UDP: judged by the sock_addr hooks. Later fragments
+        // follow their first; the kernel built what it cannot read.
+        _ => PASS,
+    }
+}
+
+/// Is this TCP or UDP by its fixed IP header alone? Those are the
+/// sock_addr hooks' business, and nearly every packet of a PU is one: two
+/// reads, and no full parse, on the common path. (IPv6 TCP or UDP behind
+/// extension headers takes the full parse, which says the same.)
+#[inline(always)]
+fn hooked_transport(ctx: &SkBuffContext) -> bool {
+    let proto = match ctx.load::<u8>(0).map(|first| first >> 4) {
+        Ok(4) => ctx.load::<u8>(9),
+        Ok(6) => ctx.load::<u8>(6),
+        _ => return false,
+    };
+    matches!(proto, Ok(PROTO_TCP | PROTO_UDP))
+}
+
+#[inline(always)]
+fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
+    let skb = ctx.skb.skb;
+    if !in_agent_netns(skb.cast()) {
+        return PASS;
+    }
+    // The PU of the sending socket's cgroup.
+    // SAFETY: helpers on the program's own context; 0 means none.
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some(slot) = pu_of_cgroup(own, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    }) else {
+        return PASS;
+    };
+    if in_set(SCOPE_EXCLUDED, l4.dst) {
+        return PASS;
+    }
+    let entry = acl_entry(Side::App, slot, l4.dst);
+    let flow = FlowEvent {
+        slot,
+        src: l4.src,
+        dst: l4.dst,
+        proto: l4.proto,
+        direction: DIRECTION_APP,
+        ..FlowEvent::default()
+    };
+    if !in_set(SCOPE_TARGET_TCP, l4.dst)
+        && let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, 0, &flow)
+    {
+        return apply(slot, verdict);
+    }
+    if l4.proto == PROTO_ICMPV6 && !is_v4_mapped(&l4.dst) {
+        return PASS;
+    }
+    if let Some(entry) = entry
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, 0, &flow)
+    {
+        return apply(slot, verdict);
+    }
+    count(slot, Count::Dropped);
+    DROP
+}
+
+#[inline(always)]
+fn apply(slot: u32, verdict: AclVerdict) -> i32 {
+    match verdict {
+        AclVerdict::Accept => {
+            count(slot, Count::Accepted);
+            PASS
+        }
+        AclVerdict::Reject => {
+            count(slot, Count::Dropped);
+            DROP
+        }
+    }
+}
