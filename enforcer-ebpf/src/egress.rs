@@ -32,7 +32,8 @@ use enforcer_common::maps::{
 use crate::{
     packet::{self, L4, Parsed},
     policy::{
-        AclVerdict, Count, Side, acl_entry, count, evaluate, in_agent_netns, in_set, pu_of_cgroup,
+        AclVerdict, Count, Side, acl_entry, count, evaluate, in_agent_netns, in_set,
+        log_final_drop, pu_of_cgroup,
     },
 };
 
@@ -106,6 +107,7 @@ fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
     {
         return apply(slot, verdict);
     }
+    log_final_drop(&flow);
     count(slot, Count::Dropped);
     DROP
 }
