@@ -37,7 +37,7 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings) -> String {
         let kind = marks.kind_mask();
         let class = marks.class_mask();
         let authorised = marks.kind(Kind::Authorised);
-        let range = |t| queues::range(queues, direction, t).target_args(queues.bypass);
+        let range = |t| queues::range(queues, direction, t).target_args(queues.fail_mode.bypass());
         let (syn, service) = (range(Trapped::Syn), range(Trapped::Service));
         let trap_tcp = marks.class(Class::TrapTcp);
         let trap_udp = marks.class(Class::TrapUdp);
