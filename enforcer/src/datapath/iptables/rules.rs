@@ -120,3 +120,43 @@ pub fn nflog_group(direction: Direction) -> u16 {
         Direction::Net => 11,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::FailMode;
+
+    /// SPEC, "The trap": each trap rule balances over its own range, with
+    /// `--queue-bypass` exactly when the trap fails open.
+    #[test]
+    fn queue_targets_follow_the_layout_and_the_fail_mode() {
+        for (fail_mode, bypass) in [(FailMode::Open, " --queue-bypass"), (FailMode::Closed, "")] {
+            let queues = QueueSettings {
+                fail_mode,
+                ..QueueSettings::default()
+            };
+            let ctx = Ctx {
+                family: IpFamily::V4,
+                mode: Mode::LocalServer,
+                marks: MarkLayout::default(),
+                queues: &queues,
+            };
+            let cases = [
+                (Direction::App, Trapped::Syn, "0:3"),
+                (Direction::App, Trapped::Ack, "4:7"),
+                (Direction::App, Trapped::SynAck, "8:11"),
+                (Direction::App, Trapped::Service, "12:15"),
+                (Direction::Net, Trapped::Syn, "16:19"),
+                (Direction::Net, Trapped::Ack, "20:23"),
+                (Direction::Net, Trapped::SynAck, "24:27"),
+                (Direction::Net, Trapped::Service, "28:31"),
+            ];
+            for (direction, trapped, range) in cases {
+                assert_eq!(
+                    ctx.queue(direction, trapped),
+                    format!("NFQUEUE --queue-balance {range}{bypass}")
+                );
+            }
+        }
+    }
+}
