@@ -218,9 +218,7 @@ fn fail_mode(datapath: Datapath, family: Family, mode: Mode) -> Result<()> {
         drop(sockets);
     }
     // Thawed, the agent gives the waiting packets their verdicts.
-    wait_until("the queue drains after SIGCONT", || {
-        Ok(net_syn()?.0 == 0)
-    })?;
+    wait_until("the queue drains after SIGCONT", || Ok(net_syn()?.0 == 0))?;
     assert_eq!(connect()?, Outcome::Exchanged, "the agent serves again");
 
     // (a) No listener: the agent killed, its rules (and pins) left.
@@ -249,11 +247,7 @@ fn fail_mode(datapath: Datapath, family: Family, mode: Mode) -> Result<()> {
 /// `count` non-blocking connects from `from` to `to`, left in progress:
 /// the sockets are returned so that their SYNs are not withdrawn (by a
 /// RST on close) before the test has looked.
-fn start_connections(
-    from: std::net::IpAddr,
-    to: SocketAddr,
-    count: u32,
-) -> Result<Vec<Socket>> {
+fn start_connections(from: std::net::IpAddr, to: SocketAddr, count: u32) -> Result<Vec<Socket>> {
     let domain = Domain::for_address(to);
     (0..count)
         .map(|_| {

@@ -239,7 +239,10 @@ mod tests {
         let shared = settings(false, 2, 10);
         assert_eq!(locate(&shared, 9), None);
         let l = locate(&shared, 13).unwrap();
-        assert_eq!((l.range.name, l.direction, l.trapped), ("net", Direction::Net, None));
+        assert_eq!(
+            (l.range.name, l.direction, l.trapped),
+            ("net", Direction::Net, None)
+        );
         assert_eq!(locate(&shared, 14), None);
     }
 
@@ -251,18 +254,31 @@ mod tests {
     fn the_spec_layout_for_any_n() {
         let defaults = QueueSettings::default();
         assert_eq!(
-            (defaults.queues_per_range, defaults.first_queue, defaults.queue_length),
+            (
+                defaults.queues_per_range,
+                defaults.first_queue,
+                defaults.queue_length
+            ),
             (4, 0, 500)
         );
         assert!(defaults.fail_mode.bypass() && defaults.fail_mode.fail_open_when_full());
         for n in [1u16, 2, 4, 7] {
             let q = settings(true, n, 0);
-            let kinds = [Trapped::Syn, Trapped::Ack, Trapped::SynAck, Trapped::Service];
+            let kinds = [
+                Trapped::Syn,
+                Trapped::Ack,
+                Trapped::SynAck,
+                Trapped::Service,
+            ];
             let mut next = 0;
             for direction in [Direction::App, Direction::Net] {
                 for t in kinds {
                     let r = range(&q, direction, t);
-                    assert_eq!((r.first, r.last), (next, next + n - 1), "{direction:?} {t:?}");
+                    assert_eq!(
+                        (r.first, r.last),
+                        (next, next + n - 1),
+                        "{direction:?} {t:?}"
+                    );
                     let expected = if n == 1 {
                         format!("--queue-num {next}")
                     } else {

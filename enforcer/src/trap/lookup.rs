@@ -129,9 +129,8 @@ impl PuIndex {
 
     /// The PU of a packet, in the SPEC's priority order.
     pub fn find<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
-        let port = |ports: &'a Ports| -> Option<&'a PuId> {
-            ports.get(key.protocol, key.local_port?)
-        };
+        let port =
+            |ports: &'a Ports| -> Option<&'a PuId> { ports.get(key.protocol, key.local_port?) };
         let found = match key.direction {
             Some(Direction::App) => key
                 .uid

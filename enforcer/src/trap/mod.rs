@@ -335,7 +335,10 @@ impl Server {
     /// Reads up to [`MAX_ROUND`] packets, then sends their verdicts.
     /// Returns how many packets it read.
     fn round(&mut self, buf: &mut [u8]) -> usize {
-        let pus = self.pus.read().map_or_else(|e| e.into_inner().clone(), |p| p.clone());
+        let pus = self
+            .pus
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |p| p.clone());
         let mut read = 0;
         while read < MAX_ROUND {
             let n = match self.socket.recv(buf) {
@@ -487,7 +490,14 @@ impl Batcher {
         }
     }
 
-    fn add(&mut self, slot: Option<usize>, queue: u16, id: u32, verdict: Verdict, mark: Option<u32>) {
+    fn add(
+        &mut self,
+        slot: Option<usize>,
+        queue: u16,
+        id: u32,
+        verdict: Verdict,
+        mark: Option<u32>,
+    ) {
         match self.runs.iter().position(|r| r.queue == queue) {
             Some(i) if self.runs[i].verdict == verdict && self.runs[i].mark == mark => {
                 let run = &mut self.runs[i];
@@ -518,12 +528,16 @@ impl Batcher {
     }
 
     fn write(&mut self, run: Run) {
-        debug_assert!(self.out.has_room(), "a round writes at most one message per packet");
+        debug_assert!(
+            self.out.has_room(),
+            "a round writes at most one message per packet"
+        );
         if !self.out.has_room() {
             return;
         }
         let batch = run.count > 1;
-        self.out.push(run.queue, run.last_id, run.verdict, run.mark, batch);
+        self.out
+            .push(run.queue, run.last_id, run.verdict, run.mark, batch);
         self.sent.push((run.slot, run.count));
     }
 }
@@ -562,8 +576,12 @@ fn wait(socket: &netlink::Socket, wake: &OwnedFd) -> std::io::Result<Woken> {
         if fds[0].revents != 0 {
             return Ok(Woken::Stop);
         }
-        if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 && fds[1].revents & libc::POLLIN == 0 {
-            return Err(std::io::Error::other("the NFQUEUE socket reported an error"));
+        if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0
+            && fds[1].revents & libc::POLLIN == 0
+        {
+            return Err(std::io::Error::other(
+                "the NFQUEUE socket reported an error",
+            ));
         }
         return Ok(Woken::Packets);
     }

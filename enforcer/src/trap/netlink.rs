@@ -265,9 +265,8 @@ impl Socket {
     pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
         loop {
             // SAFETY: the kernel reads bytes.len() bytes from bytes.
-            let n = unsafe {
-                libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0)
-            };
+            let n =
+                unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
             if n >= 0 {
                 return Ok(());
             }
@@ -466,7 +465,8 @@ pub(super) mod tests_support {
             let kind = u16::from_ne_bytes([b[4], b[5]]);
             let queue = u16::from_be_bytes([b[18], b[19]]);
             let id = u32::from_be_bytes(b[28..32].try_into().unwrap());
-            let mark = (len == VERDICT_LEN).then(|| u32::from_be_bytes(b[36..40].try_into().unwrap()));
+            let mark =
+                (len == VERDICT_LEN).then(|| u32::from_be_bytes(b[36..40].try_into().unwrap()));
             out.push((queue, id, kind == msg_type(NFQNL_MSG_VERDICT_BATCH), mark));
             b = &b[len..];
         }
@@ -560,12 +560,19 @@ mod tests {
         assert!(!buf.has_room());
         let b = buf.bytes();
         // First message: a single verdict with a mark, VERDICT_LEN long.
-        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize, VERDICT_LEN);
+        assert_eq!(
+            u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize,
+            VERDICT_LEN
+        );
         assert_eq!(u16::from_ne_bytes([b[4], b[5]]), (3 << 8) | 1);
         assert_eq!(u16::from_be_bytes([b[18], b[19]]), 5, "queue in nfgenmsg");
         assert_eq!(&b[24..28], &4u32.to_be_bytes(), "NF_REPEAT");
         assert_eq!(&b[28..32], &[1, 2, 3, 4], "packet id");
-        assert_eq!(&b[32..36], &[8, 0, 3, 0], "mark attribute header (native endian)");
+        assert_eq!(
+            &b[32..36],
+            &[8, 0, 3, 0],
+            "mark attribute header (native endian)"
+        );
         assert_eq!(&b[36..40], &0x100u32.to_be_bytes());
         // Second: a batch verdict without a mark.
         let second = &b[VERDICT_LEN..];

@@ -85,7 +85,11 @@ mod tests {
                 .lines()
                 .filter_map(|l| l.split_once(" -j NFQUEUE ").map(|(_, t)| t))
                 .collect();
-            let bypass = if fail_mode.bypass() { " --queue-bypass" } else { "" };
+            let bypass = if fail_mode.bypass() {
+                " --queue-bypass"
+            } else {
+                ""
+            };
             // App SYN, app service, net SYN, net service.
             let expected: Vec<String> = ["40:41", "46:47", "48:49", "54:55"]
                 .iter()

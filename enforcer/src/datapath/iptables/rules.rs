@@ -88,7 +88,10 @@ impl Ctx<'_> {
     /// The NFQUEUE target for one trapped packet type and direction.
     pub fn queue(&self, direction: Direction, trapped: Trapped) -> String {
         let range = queues::range(self.queues, direction, trapped);
-        format!("NFQUEUE {}", range.target_args(self.queues.fail_mode.bypass()))
+        format!(
+            "NFQUEUE {}",
+            range.target_args(self.queues.fail_mode.bypass())
+        )
     }
 
     fn kind(&self, kind: Kind) -> String {
