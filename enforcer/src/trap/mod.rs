@@ -328,7 +328,7 @@ impl Server {
                     return;
                 }
             }
-            while self.round(&mut buf) == MAX_ROUND {}
+            while self.round(&mut buf) >= MAX_ROUND {}
         }
     }
 
@@ -380,8 +380,8 @@ impl Server {
         if let Some(q) = counted {
             q.received.fetch_add(1, Ordering::Relaxed);
         }
-        let headers = packet::parse(p.payload);
         if tracing::enabled!(tracing::Level::DEBUG) {
+            let headers = packet::parse(p.payload);
             let located = queues::locate(&self.settings, p.queue);
             let key = lookup_key(located.map(|l| l.direction), p, headers.as_ref().ok());
             tracing::debug!(
@@ -394,6 +394,12 @@ impl Server {
             );
         }
         let mark = self.marks.with_kind(p.mark, Kind::Authorised);
+        // The verdict buffer is sized for a round of single-packet
+        // datagrams (what the kernel sends); should one ever carry more,
+        // the round is sent early rather than a verdict lost.
+        if !self.batcher.has_room_for_one_more() {
+            self.send();
+        }
         let slot = self.counters.index(p.queue);
         self.batcher
             .add(slot, p.queue, p.id, Verdict::Repeat, Some(mark));
@@ -482,10 +488,11 @@ struct Batcher {
 
 impl Batcher {
     fn new() -> Self {
-        // A round writes at most one message per packet.
+        // A round writes at most one message per packet; one spare keeps
+        // the early-send guard from firing in a full round.
         Self {
             runs: Vec::with_capacity(MAX_ROUND),
-            out: VerdictBuffer::new(MAX_ROUND),
+            out: VerdictBuffer::new(MAX_ROUND + 1),
             sent: Vec::with_capacity(MAX_ROUND),
         }
     }
@@ -519,6 +526,12 @@ impl Batcher {
             verdict,
             mark,
         });
+    }
+
+    /// Whether one more packet can be added without losing a message:
+    /// adding writes at most one, and flushing then one per open run.
+    fn has_room_for_one_more(&self) -> bool {
+        self.out.has_room_for(self.runs.len() + 2)
     }
 
     fn flush_all(&mut self) {
@@ -576,13 +589,11 @@ fn wait(socket: &netlink::Socket, wake: &OwnedFd) -> std::io::Result<Woken> {
         if fds[0].revents != 0 {
             return Ok(Woken::Stop);
         }
-        if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0
-            && fds[1].revents & libc::POLLIN == 0
-        {
-            return Err(std::io::Error::other(
-                "the NFQUEUE socket reported an error",
-            ));
+        if fds[1].revents & libc::POLLNVAL != 0 {
+            return Err(std::io::Error::other("the NFQUEUE socket is closed"));
         }
+        // POLLERR too: the round's receive reads (and so clears) the
+        // socket's error and counts it.
         return Ok(Woken::Packets);
     }
 }

@@ -356,7 +356,12 @@ impl VerdictBuffer {
 
     /// Whether one more verdict fits.
     pub fn has_room(&self) -> bool {
-        self.bytes.len() + VERDICT_LEN <= self.capacity
+        self.has_room_for(1)
+    }
+
+    /// Whether `n` more verdicts fit.
+    pub fn has_room_for(&self, n: usize) -> bool {
+        self.bytes.len() + n * VERDICT_LEN <= self.capacity
     }
 
     pub fn is_empty(&self) -> bool {
