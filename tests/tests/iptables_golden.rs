@@ -249,7 +249,15 @@ fn target(words: &[String]) -> String {
     let arg = |flag| after(words, flag).unwrap_or("?");
     match target {
         "NFLOG" => format!("NFLOG {}", arg("--nflog-group")),
-        "NFQUEUE" => format!("NFQUEUE {}", arg("--queue-balance")),
+        // The range, and whether the rule fails open when no one listens.
+        "NFQUEUE" => {
+            let bypass = if words.iter().any(|w| w == "--queue-bypass") {
+                " bypass"
+            } else {
+                ""
+            };
+            format!("NFQUEUE {}{bypass}", arg("--queue-balance"))
+        }
         "CONNMARK" if after(words, "--set-xmark").is_some() => {
             format!("CONNMARK set {}", arg("--set-xmark"))
         }
@@ -309,7 +317,7 @@ fn acl_policies(
 /// A PU chain's rule in a few words, e.g. `no-api-5 tcp 443 DROP` (an ACL
 /// by its policy id, its protocol, its ports), `reply dns udp 53 ACCEPT`
 /// (the reverse accept of a UDP ACL of the other side), `trap tcp SYN
-/// 0:3` (the queue range), `default !NEW NFLOG 10`.
+/// 0:3 bypass` (the queue range, failing open), `default !NEW NFLOG 10`.
 fn pu_summary(rule: &str, acls: &BTreeMap<String, String>) -> String {
     let w = words(rule);
     let target = target(&w);
@@ -776,9 +784,9 @@ fn expected_app(family: Family) -> Vec<&'static str> {
             "audit-all tcp 8443 CONNMARK set 0x200/0x700",
             "audit-all tcp 8443 ACCEPT",
             "reply metrics udp 9125 ACCEPT",
-            "trap tcp SYN 0:3",
-            "trap tcp ACK 4:7",
-            "trap udp 12:15",
+            "trap tcp SYN 0:3 bypass",
+            "trap tcp ACK 4:7 bypass",
+            "trap udp 12:15 bypass",
             "established ACCEPT",
             "legacy any * NFLOG 10",
             "legacy any * DROP",
@@ -807,9 +815,9 @@ fn expected_app(family: Family) -> Vec<&'static str> {
             "audit-all tcp 8443 ACCEPT",
             "reply metrics udp 9125 ACCEPT",
             "icmpv6 ACCEPT",
-            "trap tcp SYN 0:3",
-            "trap tcp ACK 4:7",
-            "trap udp 12:15",
+            "trap tcp SYN 0:3 bypass",
+            "trap tcp ACK 4:7 bypass",
+            "trap udp 12:15 bypass",
             "established ACCEPT",
             "legacy any * NFLOG 10",
             "legacy any * DROP",
@@ -838,9 +846,9 @@ fn expected_net(family: Family) -> Vec<&'static str> {
         rules.push("icmpv6 ACCEPT");
     }
     rules.extend([
-        "trap tcp SYN 16:19",
-        "trap tcp ACK 20:23",
-        "trap udp limited 28:31",
+        "trap tcp SYN 16:19 bypass",
+        "trap tcp ACK 20:23 bypass",
+        "trap udp limited 28:31 bypass",
         "established ACCEPT",
         "no-guests any * NFLOG 11",
         "no-guests any * DROP",
@@ -940,6 +948,34 @@ fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
     if family == Family::V6 {
         assert!(!ipsets.contains(&set_of(Direction::App, 9)), "{ipsets}");
     }
+
+    // Failing closed (SPEC, "The trap"): the same rules, the same ranges,
+    // and no trap rule lets a packet pass when no one listens.
+    let closed = pu_config(
+        &format!("[queues]\nfail_mode = \"closed\"\n{ACL_MIX}"),
+        &lab.cgroup_rel(),
+    )?;
+    let text = section(Table::Mangle, &plan.install(&self::ctx(&closed, family)));
+    lab.test_and_load(&text)?;
+    let saved = lab.save(Table::Mangle)?;
+    let without_bypass = |rules: Vec<&str>| -> Vec<String> {
+        rules.iter().map(|r| r.replace(" bypass", "")).collect()
+    };
+    for (what, rules) in [("rendered", text.as_str()), ("kernel", &saved)] {
+        assert!(!rules.contains("--queue-bypass"), "{what}:\n{rules}");
+        assert_eq!(
+            pu_chain(rules, &chains.app, &acls),
+            without_bypass(expected_app(family)),
+            "{what} {} failing closed",
+            chains.app
+        );
+        assert_eq!(
+            pu_chain(rules, &chains.net, &acls),
+            without_bypass(expected_net(family)),
+            "{what} {} failing closed",
+            chains.net
+        );
+    }
     Ok(())
 }
 
@@ -974,9 +1010,9 @@ fn expected_before(family: Family) -> (Vec<&'static str>, Vec<&'static str>) {
         ][..],
         icmpv6,
         &[
-            "trap tcp SYN 0:3",
-            "trap tcp ACK 4:7",
-            "trap udp 12:15",
+            "trap tcp SYN 0:3 bypass",
+            "trap tcp ACK 4:7 bypass",
+            "trap udp 12:15 bypass",
             "established ACCEPT",
             "default NEW NFLOG 10",
             "default !NEW NFLOG 10",
@@ -987,9 +1023,9 @@ fn expected_before(family: Family) -> (Vec<&'static str>, Vec<&'static str>) {
     let net = [
         icmpv6,
         &[
-            "trap tcp SYN 16:19",
-            "trap tcp ACK 20:23",
-            "trap udp limited 28:31",
+            "trap tcp SYN 16:19 bypass",
+            "trap tcp ACK 20:23 bypass",
+            "trap udp limited 28:31 bypass",
             "established ACCEPT",
             "default NEW NFLOG 11",
             "default !NEW NFLOG 11",

@@ -32,7 +32,7 @@ use crate::flowlog::FlowLogWriter;
 use crate::policy::{
     CgroupV2Host, Configuration, DatapathChoice, MarkSettings, Mode, PolicyError, QueueSettings,
 };
-use crate::trap::TrapConsumer;
+use crate::trap::{PuIndex, TrapConsumer};
 
 use daemon::{Daemon, Event, Identity};
 use enforcement::Enforcement;
@@ -181,6 +181,7 @@ async fn start_and_serve(
     // that feed them, so no trapped packet ever finds the queue without a
     // listener (dropped when failing closed).
     let trap = TrapConsumer::start(&config.queues, config.marks.layout())?;
+    trap.set_pus(PuIndex::new(config.mode, &config.pus));
     let flow_log = match FlowLogWriter::start(&config.flow_log) {
         Ok(writer) => writer,
         Err(e) => {

@@ -4,7 +4,11 @@
 //! With separation (the seed's default) each direction has four ranges —
 //! SYN, ACK, SYN-ACK, service — of `queues_per_range` queues each, from
 //! `first_queue` on, application ranges first, then network. Without it
-//! each direction has one range that every kind shares.
+//! each direction has one range that every kind shares. Every NFQUEUE rule
+//! balances over its range (`--queue-balance a:b`) and carries
+//! `--queue-bypass` when the trap fails open ([`QueueRange::target_args`]);
+//! the consumer binds every queue of every range with the configured
+//! maximum length ([`all`]) and maps a queue back to its range ([`locate`]).
 
 use crate::policy::QueueSettings;
 
@@ -106,6 +110,35 @@ pub fn range(q: &QueueSettings, direction: Direction, trapped: Trapped) -> Queue
     ranges(q)[index]
 }
 
+/// Where a queue sits in the layout: its range, direction and — with
+/// separation — the kind of packet its rules queue. Constant time: the
+/// consumer calls it for every packet.
+pub fn locate(q: &QueueSettings, queue: u16) -> Option<Located> {
+    let per_range = q.queues_per_range.max(1);
+    let index = usize::from(queue.checked_sub(q.first_queue)? / per_range);
+    let range = *ranges(q).get(index)?;
+    let (direction, trapped) = if q.separation {
+        let (_, direction, trapped) = SEPARATED[index];
+        (direction, Some(trapped))
+    } else {
+        (SHARED[index].1, None)
+    };
+    Some(Located {
+        range,
+        direction,
+        trapped,
+    })
+}
+
+/// A queue's place in the layout ([`locate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    pub range: QueueRange,
+    pub direction: Direction,
+    /// `None` without separation: every kind shares the range.
+    pub trapped: Option<Trapped>,
+}
+
 /// Every queue number of the layout, for the consumer to bind.
 pub fn all(q: &QueueSettings) -> Vec<u16> {
     ranges(q).into_iter().flat_map(QueueRange::queues).collect()
@@ -172,6 +205,91 @@ mod tests {
         assert_eq!(numbers.last(), Some(&65535));
         // An unvalidated layout past the end is cut, not wrapped.
         assert_eq!(all(&settings(true, 4, 65530)), [65530, 65531, 65532, 65533]);
+    }
+
+    #[test]
+    fn every_queue_is_located_in_its_range() {
+        let q = QueueSettings::default();
+        let at = |n| locate(&q, n).map(|l| (l.range.name, l.direction, l.trapped));
+        assert_eq!(at(0), Some(("app-syn", Direction::App, Some(Trapped::Syn))));
+        assert_eq!(at(3), Some(("app-syn", Direction::App, Some(Trapped::Syn))));
+        assert_eq!(at(4), Some(("app-ack", Direction::App, Some(Trapped::Ack))));
+        assert_eq!(
+            at(11),
+            Some(("app-synack", Direction::App, Some(Trapped::SynAck)))
+        );
+        assert_eq!(
+            at(16),
+            Some(("net-syn", Direction::Net, Some(Trapped::Syn)))
+        );
+        assert_eq!(
+            at(31),
+            Some(("net-service", Direction::Net, Some(Trapped::Service)))
+        );
+        assert_eq!(at(32), None);
+        // Every queue the consumer binds is located, in the range whose
+        // rule sends to it.
+        for n in all(&q) {
+            let l = locate(&q, n).unwrap();
+            assert!(l.range.queues().contains(&n));
+            if let Some(t) = l.trapped {
+                assert_eq!(range(&q, l.direction, t), l.range);
+            }
+        }
+        let shared = settings(false, 2, 10);
+        assert_eq!(locate(&shared, 9), None);
+        let l = locate(&shared, 13).unwrap();
+        assert_eq!(
+            (l.range.name, l.direction, l.trapped),
+            ("net", Direction::Net, None)
+        );
+        assert_eq!(locate(&shared, 14), None);
+    }
+
+    /// SPEC, "The trap": with separation each direction has four ranges
+    /// (SYN, ACK, SYN-ACK, service) of N queues, N = 4 by default, from
+    /// queue 0, application first, each rule balancing over its range;
+    /// 500 packets per queue; fail-open by default.
+    #[test]
+    fn the_spec_layout_for_any_n() {
+        let defaults = QueueSettings::default();
+        assert_eq!(
+            (
+                defaults.queues_per_range,
+                defaults.first_queue,
+                defaults.queue_length
+            ),
+            (4, 0, 500)
+        );
+        assert!(defaults.fail_mode.bypass() && defaults.fail_mode.fail_open_when_full());
+        for n in [1u16, 2, 4, 7] {
+            let q = settings(true, n, 0);
+            let kinds = [
+                Trapped::Syn,
+                Trapped::Ack,
+                Trapped::SynAck,
+                Trapped::Service,
+            ];
+            let mut next = 0;
+            for direction in [Direction::App, Direction::Net] {
+                for t in kinds {
+                    let r = range(&q, direction, t);
+                    assert_eq!(
+                        (r.first, r.last),
+                        (next, next + n - 1),
+                        "{direction:?} {t:?}"
+                    );
+                    let expected = if n == 1 {
+                        format!("--queue-num {next}")
+                    } else {
+                        format!("--queue-balance {next}:{}", next + n - 1)
+                    };
+                    assert_eq!(r.target_args(false), expected);
+                    next += n;
+                }
+            }
+            assert_eq!(all(&q), (0..next).collect::<Vec<u16>>());
+        }
     }
 
     #[test]

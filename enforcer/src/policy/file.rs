@@ -60,8 +60,7 @@ struct RawQueues {
     queues_per_range: Option<i64>,
     first_queue: Option<i64>,
     queue_length: Option<i64>,
-    bypass: Option<bool>,
-    fail_open: Option<bool>,
+    fail_mode: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -336,13 +335,15 @@ fn convert_queues(raw: &RawQueues, errs: &mut Errors) -> QueueSettings {
         0,
         u32::MAX,
     );
+    let fail_mode = raw.fail_mode.as_ref().map_or(default.fail_mode, |name| {
+        keyword(errs, &path.key("fail_mode"), name).unwrap_or(default.fail_mode)
+    });
     QueueSettings {
         separation: raw.separation.unwrap_or(default.separation),
         queues_per_range,
         first_queue,
         queue_length,
-        bypass: raw.bypass.unwrap_or(default.bypass),
-        fail_open: raw.fail_open.unwrap_or(default.fail_open),
+        fail_mode,
     }
 }
 
@@ -544,8 +545,7 @@ impl From<&Configuration> for RawConfiguration {
                 queues_per_range: Some(queues.queues_per_range.into()),
                 first_queue: Some(queues.first_queue.into()),
                 queue_length: Some(queues.queue_length.into()),
-                bypass: Some(queues.bypass),
-                fail_open: Some(queues.fail_open),
+                fail_mode: Some(queues.fail_mode.as_str().to_owned()),
             },
             marks: RawMarks {
                 shift: Some(marks.shift.into()),
@@ -633,6 +633,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::policy::FailMode;
     use crate::policy::acl::{Action, Protocol};
     use crate::policy::model::Mode;
     use crate::policy::test_support::{
@@ -751,8 +752,7 @@ mod tests {
                 queues_per_range: 4,
                 first_queue: 0,
                 queue_length: 500,
-                bypass: true,
-                fail_open: false,
+                fail_mode: FailMode::Open,
             }
         );
         assert_eq!(config.marks, MarkSettings { shift: 8 });
@@ -1058,6 +1058,27 @@ mod tests {
         let config = Configuration::from_toml_str(&uid("uid = \"www-data\"")).unwrap();
         let user = UserSpec::Name(UserName::new("www-data").unwrap());
         assert_eq!(config.pus[0].kind, PuKind::Uid { user });
+    }
+
+    #[test]
+    fn the_fail_mode_is_one_of_two_keywords() {
+        let mode = |text: &str| {
+            Configuration::from_toml_str(&format!("mode = \"sidecar\"\n[queues]\n{text}"))
+                .map(|c| c.queues.fail_mode)
+        };
+        assert_eq!(mode("").unwrap(), FailMode::Open);
+        assert_eq!(mode("fail_mode = \"open\"").unwrap(), FailMode::Open);
+        assert_eq!(mode("fail_mode = \"closed\"").unwrap(), FailMode::Closed);
+        assert_refused(
+            "mode = \"sidecar\"\n[queues]\nfail_mode = \"half\"",
+            "queues.fail_mode",
+            Some("half"),
+            Problem::UnknownKeyword {
+                expected: &["open", "closed"],
+            },
+        );
+        // The two switches are one setting: no half-open combination.
+        assert!(mode("bypass = true").is_err());
     }
 
     #[test]

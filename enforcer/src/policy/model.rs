@@ -181,24 +181,56 @@ pub struct QueueSettings {
     pub first_queue: u16,
     /// Packets each queue holds.
     pub queue_length: u32,
-    /// `--queue-bypass`: accept when no program listens on the queue.
-    pub bypass: bool,
-    /// `NFQA_CFG_F_FAIL_OPEN`: accept when the queue is full. With both
-    /// this and `bypass` off the trap fails closed.
-    pub fail_open: bool,
+    /// What happens to a trapped packet when the agent cannot take it.
+    pub fail_mode: FailMode,
+}
+
+/// What the trap does with a packet that no agent can take (SPEC, "The
+/// trap"). Two kernel switches cover the two ways of failing, and a mode
+/// sets both, on both datapaths, so that there is no half-open state:
+/// - "no listener" (the agent is stopped or killed, the rules stay):
+///   `--queue-bypass` on every NFQUEUE rule;
+/// - "queue full" (the agent is alive but behind, or frozen):
+///   `NFQA_CFG_F_FAIL_OPEN` on every bound queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FailMode {
+    /// Both switches on: the packet is accepted without a verdict. The
+    /// seed's choice (its NFQUEUE rules carry `--queue-bypass`): a dead
+    /// agent never cuts the host off.
+    #[default]
+    Open,
+    /// Both off: the packet is dropped. No connection set-up escapes the
+    /// handshake, at the price of an outage while the agent is away.
+    Closed,
+}
+
+keywords!(FailMode {
+    Open = "open",
+    Closed = "closed",
+});
+
+impl FailMode {
+    /// `--queue-bypass` on the NFQUEUE rules.
+    pub fn bypass(self) -> bool {
+        self == FailMode::Open
+    }
+
+    /// `NFQA_CFG_F_FAIL_OPEN` on the bound queues.
+    pub fn fail_open_when_full(self) -> bool {
+        self == FailMode::Open
+    }
 }
 
 impl Default for QueueSettings {
     /// The seed's defaults: separated, 4 queues per range from queue 0,
-    /// 500 packets each, `--queue-bypass`, not fail-open.
+    /// 500 packets each, failing open.
     fn default() -> Self {
         Self {
             separation: true,
             queues_per_range: 4,
             first_queue: 0,
             queue_length: 500,
-            bypass: true,
-            fail_open: false,
+            fail_mode: FailMode::Open,
         }
     }
 }

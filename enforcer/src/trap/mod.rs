@@ -13,20 +13,40 @@
 //!
 //! In this slice every trapped packet is accepted; the identity handshake
 //! that will decide instead comes later. The consumer reads only headers
-//! (a copy range of [`COPY_RANGE`] bytes) and logs each packet's 5-tuple
-//! at debug level.
+//! (a copy range of [`COPY_RANGE`] bytes), finds the packet's PU through
+//! a [`PuIndex`] (by queue, uid and port, never by scanning the PUs) and
+//! logs both at debug level.
 //!
-//! One thread serves every queue through one netlink socket. It must be
-//! started after the agent entered its network namespace: the socket binds
-//! the queues of the namespace its creating thread is in.
+//! How it keeps up (the benchmark's trap step):
+//! - one thread serves every queue of the layout (every range, both
+//!   directions) through one non-blocking netlink socket, and *blocks* in
+//!   `poll(2)` on it and on an eventfd that [`TrapConsumer::stop`] writes —
+//!   no idle sleep, so a packet arriving on an idle queue is read at once;
+//! - once woken it drains what is waiting, up to [`MAX_ROUND`] packets,
+//!   then sends every verdict of the round in one `send(2)`: consecutive
+//!   packets of a queue that get the same verdict and mark become one
+//!   `NFQNL_MSG_VERDICT_BATCH` ([`Batcher`]). A round ends as soon as the
+//!   socket is empty, so batching never holds a packet back waiting for
+//!   company;
+//! - memory is fixed: one receive buffer, one verdict buffer of
+//!   [`MAX_ROUND`] messages, one pending run per queue. What the agent
+//!   cannot take waits in the kernel, bounded by each queue's maximum
+//!   length (set on bind) and the socket's receive buffer; past those the
+//!   fail mode decides ([`crate::policy::FailMode`]).
+//!
+//! The thread must be started after the agent entered its network
+//! namespace: the socket binds the queues of the namespace its creating
+//! thread is in.
 
 mod kernel;
+pub mod lookup;
+mod netlink;
 pub mod packet;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use enforcer_common::marks::{Kind, MarkLayout};
@@ -36,17 +56,29 @@ use crate::datapath::queues;
 use crate::policy::QueueSettings;
 
 pub use kernel::{KernelQueueStats, read as read_kernel_stats};
+pub use lookup::PuIndex;
+use netlink::{Received, Verdict, VerdictBuffer};
 
 /// Bytes of each packet copied to user space: the largest IPv4 header (60)
 /// plus the largest TCP header (60) fit, and so do IPv6 with a short
 /// extension header and TCP. The consumer needs headers only.
 pub const COPY_RANGE: u16 = 128;
 
-/// How long the consumer sleeps when no packet is waiting. The nfq socket
-/// is non-blocking (`nfq` does not expose its descriptor, so it cannot be
-/// polled or woken), which bounds both the stop latency and the extra
-/// delay of a packet arriving on an idle queue by this.
-const IDLE_WAIT: Duration = Duration::from_millis(1);
+/// Packets read before their verdicts are sent. Bounds the extra wait of
+/// the first packet of a busy round (a few microseconds per packet) and
+/// the verdict buffer.
+const MAX_ROUND: usize = 64;
+
+/// The receive buffer: one datagram holds one packet message of at most
+/// [`COPY_RANGE`] payload bytes plus a few hundred bytes of attributes.
+const RECV_BUFFER: usize = 16 * 1024;
+
+/// Kernel-side socket buffer per queued packet: a packet message is under
+/// 512 bytes with the copy range above (the kernel charges the skb's true
+/// size, about twice that).
+const SOCKET_BYTES_PER_PACKET: usize = 1024;
+/// The socket buffer never grows past this, whatever the layout.
+const MAX_SOCKET_BUFFER: usize = 16 << 20;
 
 /// What the consumer counted, for `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,10 +143,17 @@ impl TrapCounters {
         }
     }
 
-    /// The counters of `queue`; the queues are contiguous and sorted.
-    fn of(&self, queue: u16) -> Option<&QueueCounters> {
+    /// The slot of `queue` in [`Self::queues`]; the queues are contiguous
+    /// and sorted.
+    fn index(&self, queue: u16) -> Option<usize> {
         let first = self.queues.first()?.queue;
-        self.queues.get(usize::from(queue.checked_sub(first)?))
+        let i = usize::from(queue.checked_sub(first)?);
+        (i < self.queues.len()).then_some(i)
+    }
+
+    /// The counters of `queue`.
+    fn of(&self, queue: u16) -> Option<&QueueCounters> {
+        self.queues.get(self.index(queue)?)
     }
 
     /// A consistent-enough copy: each counter is read once, and totals are
@@ -145,7 +184,9 @@ impl TrapCounters {
 #[derive(Debug)]
 pub struct TrapConsumer {
     counters: Arc<TrapCounters>,
-    stop: Arc<AtomicBool>,
+    pus: Arc<RwLock<Arc<PuIndex>>>,
+    /// Written to wake the thread for stopping.
+    wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -156,17 +197,26 @@ impl TrapConsumer {
     /// could not be (e.g. another program holds it).
     pub fn start(settings: &QueueSettings, marks: MarkLayout) -> Result<Self> {
         let counters = Arc::new(TrapCounters::new(settings));
-        let stop = Arc::new(AtomicBool::new(false));
+        let pus = Arc::new(RwLock::new(Arc::new(PuIndex::default())));
+        let wake = Arc::new(eventfd().context("creating the trap's wake-up eventfd")?);
         let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel(1);
         let settings = settings.clone();
         let thread = std::thread::Builder::new()
             .name("trap".into())
             .spawn({
-                let (counters, stop) = (counters.clone(), stop.clone());
+                let (counters, pus, wake) = (counters.clone(), pus.clone(), wake.clone());
                 move || match bind(&settings) {
-                    Ok(queue) => {
+                    Ok(socket) => {
                         bound_tx.send(Ok(())).ok();
-                        serve(queue, marks, &counters, &stop);
+                        let mut server = Server {
+                            socket,
+                            settings,
+                            marks,
+                            counters,
+                            pus,
+                            batcher: Batcher::new(),
+                        };
+                        server.serve(&wake);
                     }
                     Err(e) => {
                         bound_tx.send(Err(e)).ok();
@@ -185,7 +235,8 @@ impl TrapConsumer {
         }
         Ok(Self {
             counters,
-            stop,
+            pus,
+            wake,
             thread: Some(thread),
         })
     }
@@ -195,10 +246,19 @@ impl TrapConsumer {
         self.counters.clone()
     }
 
+    /// Replaces the PU lookup (after a configuration change); the thread
+    /// takes it at its next round.
+    pub fn set_pus(&self, index: PuIndex) {
+        let mut slot = self.pus.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Arc::new(index);
+    }
+
     /// Stops the thread and closes the socket, which unbinds every queue.
-    /// Returns within about a millisecond of the current packet's verdict.
+    /// Returns as soon as the current round's verdicts are sent.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Err(e) = write_eventfd(&self.wake) {
+            tracing::error!(error = %e, "waking the trap thread to stop failed");
+        }
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -207,80 +267,355 @@ impl TrapConsumer {
     }
 }
 
-/// Opens the netlink socket and binds every queue.
-fn bind(settings: &QueueSettings) -> Result<nfq::Queue> {
-    let mut queue = nfq::Queue::open().context("opening the NFQUEUE netlink socket")?;
+/// Opens the netlink socket and binds every queue with the layout's length
+/// and fail mode.
+fn bind(settings: &QueueSettings) -> Result<netlink::Socket> {
     let numbers = queues::all(settings);
-    for &n in &numbers {
-        let configure = |queue: &mut nfq::Queue| -> std::io::Result<()> {
-            queue.bind(n)?;
-            queue.set_copy_range(n, COPY_RANGE)?;
-            queue.set_queue_max_len(n, settings.queue_length)?;
-            queue.set_fail_open(n, settings.fail_open)
-        };
-        configure(&mut queue).with_context(|| {
-            format!("binding NFQUEUE {n} (is another agent or program bound to it?)")
-        })?;
+    let packets = numbers.len() * settings.queue_length as usize;
+    let rcvbuf = packets
+        .saturating_mul(SOCKET_BYTES_PER_PACKET)
+        .min(MAX_SOCKET_BUFFER);
+    let socket = netlink::Socket::open(rcvbuf).context("opening the NFQUEUE netlink socket")?;
+    // The owning socket's uid, for the PU lookup of outgoing packets.
+    let mut flags = netlink::NFQA_CFG_F_UID_GID;
+    if settings.fail_mode.fail_open_when_full() {
+        flags |= netlink::NFQA_CFG_F_FAIL_OPEN;
     }
-    queue.set_nonblocking(true);
+    let mask = netlink::NFQA_CFG_F_UID_GID | netlink::NFQA_CFG_F_FAIL_OPEN;
+    for &n in &numbers {
+        socket
+            .bind_queue(n, COPY_RANGE.into(), settings.queue_length, flags, mask)
+            .with_context(|| {
+                format!("binding NFQUEUE {n} (is another agent or program bound to it?)")
+            })?;
+    }
     let (first, last) = (numbers.first(), numbers.last());
     tracing::info!(
         queues = numbers.len(),
         first = ?first,
         last = ?last,
         max_len = settings.queue_length,
-        fail_open = settings.fail_open,
+        fail_mode = %settings.fail_mode,
         copy_range = COPY_RANGE,
+        socket_buffer = rcvbuf,
         "trap bound its queues"
     );
-    Ok(queue)
+    Ok(socket)
 }
 
-/// Gives every received packet its verdict until `stop` is set.
-fn serve(mut queue: nfq::Queue, marks: MarkLayout, counters: &TrapCounters, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        let mut msg = match queue.recv() {
-            Ok(msg) => msg,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(IDLE_WAIT);
-                continue;
+/// The thread's state.
+struct Server {
+    socket: netlink::Socket,
+    settings: QueueSettings,
+    marks: MarkLayout,
+    counters: Arc<TrapCounters>,
+    pus: Arc<RwLock<Arc<PuIndex>>>,
+    batcher: Batcher,
+}
+
+impl Server {
+    /// Waits for packets or the stop, serves rounds until the socket is
+    /// empty, and waits again.
+    fn serve(&mut self, wake: &OwnedFd) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        loop {
+            match wait(&self.socket, wake) {
+                Ok(Woken::Stop) => return,
+                Ok(Woken::Packets) => {}
+                Err(e) => {
+                    self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "waiting on the NFQUEUE socket failed; the trap stops");
+                    return;
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                counters.receive_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "receiving from NFQUEUE failed");
-                // Do not spin on a persistent error.
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+            while self.round(&mut buf) >= MAX_ROUND {}
+        }
+    }
+
+    /// Reads up to [`MAX_ROUND`] packets, then sends their verdicts.
+    /// Returns how many packets it read.
+    fn round(&mut self, buf: &mut [u8]) -> usize {
+        let pus = self
+            .pus
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |p| p.clone());
+        let mut read = 0;
+        while read < MAX_ROUND {
+            let n = match self.socket.recv(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "receiving from NFQUEUE failed");
+                    break;
+                }
+            };
+            for message in netlink::parse_messages(&buf[..n]) {
+                match message {
+                    Received::Packet(p) => {
+                        read += 1;
+                        self.packet(&p, &pus);
+                    }
+                    Received::Error(errno) => {
+                        // A verdict the kernel refused (the packet is gone,
+                        // e.g. its queue was reconfigured). Errors carry no
+                        // reliable queue number; count them on the first.
+                        if let Some(q) = self.counters.queues.first() {
+                            q.verdict_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::warn!(errno, "the kernel refused a verdict");
+                    }
+                    Received::Other => {}
+                }
             }
-        };
-        let number = msg.get_queue_num();
-        let counted = counters.of(number);
+        }
+        self.send();
+        read
+    }
+
+    /// Decides one packet and adds its verdict to the round.
+    fn packet(&mut self, p: &netlink::Packet, pus: &PuIndex) {
+        let counted = self.counters.of(p.queue);
         if let Some(q) = counted {
             q.received.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::debug!(
-            queue = number,
-            mark = format_args!("{:#x}", msg.get_nfmark()),
-            packet = %describe(msg.get_payload()),
-            "trapped packet accepted"
-        );
-        msg.set_nfmark(marks.with_kind(msg.get_nfmark(), Kind::Authorised));
-        msg.set_verdict(nfq::Verdict::Repeat);
-        match queue.verdict(msg) {
-            Ok(()) => {
-                if let Some(q) = counted {
-                    q.verdicts.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(e) => {
-                if let Some(q) = counted {
-                    q.verdict_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::warn!(queue = number, error = %e, "sending a verdict failed");
-            }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let headers = packet::parse(p.payload);
+            let located = queues::locate(&self.settings, p.queue);
+            let key = lookup_key(located.map(|l| l.direction), p, headers.as_ref().ok());
+            tracing::debug!(
+                queue = p.queue,
+                range = located.map_or("?", |l| l.range.name),
+                mark = format_args!("{:#x}", p.mark),
+                pu = pus.find(&key).map_or("-", |id| id.as_str()),
+                packet = %describe(p.payload),
+                "trapped packet accepted"
+            );
+        }
+        let mark = self.marks.with_kind(p.mark, Kind::Authorised);
+        // The verdict buffer is sized for a round of single-packet
+        // datagrams (what the kernel sends); should one ever carry more,
+        // the round is sent early rather than a verdict lost.
+        if !self.batcher.has_room_for_one_more() {
+            self.send();
+        }
+        let slot = self.counters.index(p.queue);
+        self.batcher
+            .add(slot, p.queue, p.id, Verdict::Repeat, Some(mark));
+    }
+
+    /// Sends every pending verdict of the round in one datagram.
+    fn send(&mut self) {
+        self.batcher.flush_all();
+        if self.batcher.out.is_empty() {
+            return;
+        }
+        let result = self.socket.send(self.batcher.out.bytes());
+        for &(slot, count) in &self.batcher.sent {
+            let Some(q) = slot.and_then(|i| self.counters.queues.get(i)) else {
+                continue;
+            };
+            let counter = if result.is_ok() {
+                &q.verdicts
+            } else {
+                &q.verdict_errors
+            };
+            counter.fetch_add(u64::from(count), Ordering::Relaxed);
+        }
+        if let Err(e) = result {
+            // The packets stay queued until the socket closes (or, failing
+            // open, until the queue overflows around them).
+            tracing::warn!(error = %e, "sending verdicts failed");
+        }
+        self.batcher.out.clear();
+        self.batcher.sent.clear();
+    }
+}
+
+/// What the packet tells the PU lookup.
+fn lookup_key(
+    direction: Option<queues::Direction>,
+    p: &netlink::Packet,
+    headers: Option<&packet::Headers>,
+) -> lookup::Key {
+    let ports = headers.and_then(|h| match h.l4 {
+        packet::L4::Tcp { src, dst, .. } | packet::L4::Udp { src, dst } => Some((src, dst)),
+        _ => None,
+    });
+    let local_port = match direction {
+        Some(queues::Direction::App) => ports.map(|(src, _)| src),
+        Some(queues::Direction::Net) => ports.map(|(_, dst)| dst),
+        None => None,
+    };
+    lookup::Key {
+        direction,
+        protocol: headers.map_or(0, |h| h.protocol),
+        local_port,
+        uid: p.uid,
+        cgroup: None,
+    }
+}
+
+/// One queue's verdicts not yet written: consecutive packets (ids up to
+/// `last_id`) with the same verdict and mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    queue: u16,
+    slot: Option<usize>,
+    last_id: u32,
+    count: u32,
+    verdict: Verdict,
+    mark: Option<u32>,
+}
+
+/// Turns the round's verdicts into as few messages as the kernel allows.
+/// A batch verdict covers every packet of its queue up to an id, and sets
+/// one mark for all: so a run is cut where the verdict or the mark
+/// changes, and each queue has its own run (ids are per queue). Runs are
+/// written in the order they are cut, which is the order the kernel
+/// applies them in.
+#[derive(Debug)]
+struct Batcher {
+    /// The open run of each queue slot ([`TrapCounters::index`]), plus
+    /// runs of queues outside the layout (never expected: the socket is
+    /// bound to the layout's queues only).
+    runs: Vec<Run>,
+    out: VerdictBuffer,
+    /// Per message written: the queue slot and how many packets it covers.
+    sent: Vec<(Option<usize>, u32)>,
+}
+
+impl Batcher {
+    fn new() -> Self {
+        // A round writes at most one message per packet; one spare keeps
+        // the early-send guard from firing in a full round.
+        Self {
+            runs: Vec::with_capacity(MAX_ROUND),
+            out: VerdictBuffer::new(MAX_ROUND + 1),
+            sent: Vec::with_capacity(MAX_ROUND),
         }
     }
+
+    fn add(
+        &mut self,
+        slot: Option<usize>,
+        queue: u16,
+        id: u32,
+        verdict: Verdict,
+        mark: Option<u32>,
+    ) {
+        match self.runs.iter().position(|r| r.queue == queue) {
+            Some(i) if self.runs[i].verdict == verdict && self.runs[i].mark == mark => {
+                let run = &mut self.runs[i];
+                run.last_id = id;
+                run.count += 1;
+                return;
+            }
+            Some(i) => {
+                let run = self.runs.swap_remove(i);
+                self.write(run);
+            }
+            None => {}
+        }
+        self.runs.push(Run {
+            queue,
+            slot,
+            last_id: id,
+            count: 1,
+            verdict,
+            mark,
+        });
+    }
+
+    /// Whether one more packet can be added without losing a message:
+    /// adding writes at most one, and flushing then one per open run.
+    fn has_room_for_one_more(&self) -> bool {
+        self.out.has_room_for(self.runs.len() + 2)
+    }
+
+    fn flush_all(&mut self) {
+        while let Some(run) = self.runs.pop() {
+            self.write(run);
+        }
+    }
+
+    fn write(&mut self, run: Run) {
+        debug_assert!(
+            self.out.has_room(),
+            "a round writes at most one message per packet"
+        );
+        if !self.out.has_room() {
+            return;
+        }
+        let batch = run.count > 1;
+        self.out
+            .push(run.queue, run.last_id, run.verdict, run.mark, batch);
+        self.sent.push((run.slot, run.count));
+    }
+}
+
+/// Why [`wait`] returned.
+enum Woken {
+    Packets,
+    Stop,
+}
+
+/// Blocks until the socket has something to read or the eventfd is
+/// written.
+fn wait(socket: &netlink::Socket, wake: &OwnedFd) -> std::io::Result<Woken> {
+    let mut fds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: two live pollfds; no timeout.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            return Ok(Woken::Stop);
+        }
+        if fds[1].revents & libc::POLLNVAL != 0 {
+            return Err(std::io::Error::other("the NFQUEUE socket is closed"));
+        }
+        // POLLERR too: the round's receive reads (and so clears) the
+        // socket's error and counts it.
+        return Ok(Woken::Packets);
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain eventfd(2); the descriptor is owned at once.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by eventfd(2) and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn write_eventfd(fd: &OwnedFd) -> std::io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live array of 8.
+    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The packet's headers for the log, or why they could not be read.
@@ -322,6 +657,63 @@ mod tests {
             (q12.queue, q12.range.as_str(), q12.received),
             (12, "net", 3)
         );
+    }
+
+    /// The messages a batcher wrote: (queue, last id, batch?, mark).
+    fn written(b: &Batcher) -> Vec<(u16, u32, bool, Option<u32>)> {
+        netlink::tests_support::verdicts(b.out.bytes())
+    }
+
+    #[test]
+    fn runs_of_one_queue_become_one_batch_verdict() {
+        let mut b = Batcher::new();
+        for id in 10..15 {
+            b.add(Some(0), 0, id, Verdict::Repeat, Some(0x100));
+        }
+        b.add(Some(3), 3, 7, Verdict::Repeat, Some(0x100));
+        b.flush_all();
+        let mut got = written(&b);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![(0, 14, true, Some(0x100)), (3, 7, false, Some(0x100))]
+        );
+        let mut counts = b.sent.clone();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![(Some(0), 5), (Some(3), 1)]);
+    }
+
+    #[test]
+    fn a_new_mark_or_verdict_cuts_the_run_in_order() {
+        let mut b = Batcher::new();
+        b.add(Some(1), 1, 1, Verdict::Repeat, Some(0x100));
+        b.add(Some(1), 1, 2, Verdict::Repeat, Some(0x100));
+        // Another bit of the original mark differs: a batch verdict would
+        // overwrite it, so the run is cut here.
+        b.add(Some(1), 1, 3, Verdict::Repeat, Some(0x4100));
+        b.add(Some(1), 1, 4, Verdict::Drop, None);
+        b.add(Some(1), 1, 5, Verdict::Drop, None);
+        b.flush_all();
+        assert_eq!(
+            written(&b),
+            vec![
+                (1, 2, true, Some(0x100)),
+                (1, 3, false, Some(0x4100)),
+                (1, 5, true, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_round_fits_the_verdict_buffer() {
+        // Worst case: every packet cuts a run.
+        let mut b = Batcher::new();
+        for id in 0..MAX_ROUND as u32 {
+            b.add(Some(0), 0, id, Verdict::Repeat, Some(id));
+        }
+        b.flush_all();
+        assert_eq!(written(&b).len(), MAX_ROUND);
+        assert_eq!(b.sent.iter().map(|s| s.1).sum::<u32>(), MAX_ROUND as u32);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) ->
         let kind = marks.kind_mask();
         let class = marks.class_mask();
         let authorised = marks.kind(Kind::Authorised);
-        let range = |t| queues::range(queues, direction, t).target_args(queues.bypass);
+        let range = |t| queues::range(queues, direction, t).target_args(queues.fail_mode.bypass());
         let (syn, service) = (range(Trapped::Syn), range(Trapped::Service));
         let trap_tcp = marks.class(Class::TrapTcp);
         let trap_udp = marks.class(Class::TrapUdp);
@@ -101,6 +101,38 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SPEC, "The trap": the same layout and fail mode as the fallback —
+    /// every NFQUEUE rule balances over its range, with `--queue-bypass`
+    /// exactly when failing open.
+    #[test]
+    fn every_nfqueue_rule_follows_the_layout_and_the_fail_mode() {
+        use crate::policy::FailMode;
+        for fail_mode in [FailMode::Open, FailMode::Closed] {
+            let queues = QueueSettings {
+                queues_per_range: 2,
+                first_queue: 40,
+                fail_mode,
+                ..QueueSettings::default()
+            };
+            let text = render(MarkLayout::default(), &queues);
+            let targets: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.split_once(" -j NFQUEUE ").map(|(_, t)| t))
+                .collect();
+            let bypass = if fail_mode.bypass() {
+                " --queue-bypass"
+            } else {
+                ""
+            };
+            // App SYN, app service, net SYN, net service.
+            let expected: Vec<String> = ["40:41", "46:47", "48:49", "54:55"]
+                .iter()
+                .map(|r| format!("--queue-balance {r}{bypass}"))
+                .collect();
+            assert_eq!(targets, expected, "{fail_mode}");
+        }
+    }
 
     #[test]
     fn default_layout_and_queues() {

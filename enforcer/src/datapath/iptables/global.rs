@@ -142,7 +142,7 @@ mod tests {
 
     use super::*;
     use crate::datapath::iptables::sets;
-    use crate::policy::QueueSettings;
+    use crate::policy::{FailMode, QueueSettings};
 
     fn ctx(family: IpFamily, queues: &QueueSettings) -> Ctx<'_> {
         Ctx {
@@ -226,7 +226,7 @@ COMMIT
         let queues = QueueSettings {
             queues_per_range: 1,
             first_queue: 100,
-            bypass: false,
+            fail_mode: FailMode::Closed,
             ..QueueSettings::default()
         };
         let ctx = Ctx {

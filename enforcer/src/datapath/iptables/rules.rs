@@ -88,7 +88,10 @@ impl Ctx<'_> {
     /// The NFQUEUE target for one trapped packet type and direction.
     pub fn queue(&self, direction: Direction, trapped: Trapped) -> String {
         let range = queues::range(self.queues, direction, trapped);
-        format!("NFQUEUE {}", range.target_args(self.queues.bypass))
+        format!(
+            "NFQUEUE {}",
+            range.target_args(self.queues.fail_mode.bypass())
+        )
     }
 
     fn kind(&self, kind: Kind) -> String {
@@ -118,5 +121,45 @@ pub fn nflog_group(direction: Direction) -> u16 {
     match direction {
         Direction::App => 10,
         Direction::Net => 11,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::FailMode;
+
+    /// SPEC, "The trap": each trap rule balances over its own range, with
+    /// `--queue-bypass` exactly when the trap fails open.
+    #[test]
+    fn queue_targets_follow_the_layout_and_the_fail_mode() {
+        for (fail_mode, bypass) in [(FailMode::Open, " --queue-bypass"), (FailMode::Closed, "")] {
+            let queues = QueueSettings {
+                fail_mode,
+                ..QueueSettings::default()
+            };
+            let ctx = Ctx {
+                family: IpFamily::V4,
+                mode: Mode::LocalServer,
+                marks: MarkLayout::default(),
+                queues: &queues,
+            };
+            let cases = [
+                (Direction::App, Trapped::Syn, "0:3"),
+                (Direction::App, Trapped::Ack, "4:7"),
+                (Direction::App, Trapped::SynAck, "8:11"),
+                (Direction::App, Trapped::Service, "12:15"),
+                (Direction::Net, Trapped::Syn, "16:19"),
+                (Direction::Net, Trapped::Ack, "20:23"),
+                (Direction::Net, Trapped::SynAck, "24:27"),
+                (Direction::Net, Trapped::Service, "28:31"),
+            ];
+            for (direction, trapped, range) in cases {
+                assert_eq!(
+                    ctx.queue(direction, trapped),
+                    format!("NFQUEUE --queue-balance {range}{bypass}")
+                );
+            }
+        }
     }
 }

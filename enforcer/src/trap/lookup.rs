@@ -1,0 +1,246 @@
+//! Which PU a trapped packet belongs to, found in constant or logarithmic
+//! time from what the packet carries — never by scanning the PUs.
+//!
+//! The packet's queue tells the direction ([`crate::datapath::queues::locate`]);
+//! then, in the SPEC's priority order (global steering: UID chain, then
+//! process, host-service and host chains):
+//! - a packet of the PU's own sockets (application side) carries the
+//!   owning socket's uid (`NFQA_UID`) → the uid PU; its socket's cgroup id
+//!   (from the socket table, when the caller has it) → the linux-process PU;
+//!   its source port → the host-service PU listening there;
+//! - a packet for a PU (network side) is found by its destination port in
+//!   the port sets of uid, linux-process and host-service PUs;
+//! - otherwise the host PU (local-server), or the one container PU of a
+//!   remote-container or sidecar agent.
+//!
+//! The identity handshake (issue 7) is the user: the index is built from
+//! the configuration and handed to the consumer, which logs the PU of each
+//! packet until the handshake decides with it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::datapath::queues::Direction;
+use crate::policy::{Mode, PortRange, Pu, PuId, PuKind, UserSpec};
+
+/// What a trapped packet tells about its PU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Key {
+    pub direction: Option<Direction>,
+    /// TCP (6) or UDP (17); other protocols have no ports.
+    pub protocol: u8,
+    /// The port on this host's side: the source port of an outgoing
+    /// packet, the destination port of an incoming one.
+    pub local_port: Option<u16>,
+    /// The owning socket's uid (outgoing packets only).
+    pub uid: Option<u32>,
+    /// The owning socket's cgroup v2 id, when the caller looked it up.
+    pub cgroup: Option<u64>,
+}
+
+/// Port ranges → PU, for one protocol and one PU kind. Ranges of one
+/// kind do not overlap (a port belongs to one PU); if a configuration
+/// gives two, the later start wins for the ports they share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PortMap(BTreeMap<u16, (u16, PuId)>);
+
+impl PortMap {
+    fn insert(&mut self, range: &PortRange, id: &PuId) {
+        self.0.insert(range.start(), (range.end(), id.clone()));
+    }
+
+    fn get(&self, port: u16) -> Option<&PuId> {
+        let (_, (end, id)) = self.0.range(..=port).next_back()?;
+        (port <= *end).then_some(id)
+    }
+}
+
+/// Ports of one kind, by protocol: TCP then UDP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Ports([PortMap; 2]);
+
+impl Ports {
+    fn add(&mut self, pu: &Pu) {
+        for r in &pu.tcp_ports {
+            self.0[0].insert(r, &pu.id);
+        }
+        for r in &pu.udp_ports {
+            self.0[1].insert(r, &pu.id);
+        }
+    }
+
+    fn get(&self, protocol: u8, port: u16) -> Option<&PuId> {
+        match protocol {
+            6 => self.0[0].get(port),
+            17 => self.0[1].get(port),
+            _ => None,
+        }
+    }
+}
+
+/// The lookup structure, built once per configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PuIndex {
+    /// The host PU (local-server) or the container PU (other modes).
+    fallback: Option<PuId>,
+    uids: HashMap<u32, PuId>,
+    cgroups: HashMap<u64, PuId>,
+    uid_ports: Ports,
+    process_ports: Ports,
+    service_ports: Ports,
+}
+
+impl PuIndex {
+    /// The index of `pus` as an agent in `mode` manages them. Uid PUs
+    /// named by user name are found by their ports only until the name is
+    /// resolved ([`Self::add_uid`]); linux-process PUs by their ports until
+    /// their cgroup ids are added ([`Self::add_cgroup`]).
+    pub fn new(mode: Mode, pus: &[Pu]) -> Self {
+        let mut index = Self::default();
+        for pu in pus {
+            match &pu.kind {
+                PuKind::Container => {
+                    if mode != Mode::LocalServer {
+                        index.fallback = Some(pu.id.clone());
+                    }
+                }
+                PuKind::Host => index.fallback = Some(pu.id.clone()),
+                PuKind::Uid { user } => {
+                    if let UserSpec::Id(uid) = user {
+                        index.uids.insert(*uid, pu.id.clone());
+                    }
+                    index.uid_ports.add(pu);
+                }
+                PuKind::LinuxProcess { .. } => index.process_ports.add(pu),
+                PuKind::HostService => index.service_ports.add(pu),
+            }
+        }
+        index
+    }
+
+    /// A uid PU's resolved uid.
+    pub fn add_uid(&mut self, uid: u32, id: PuId) {
+        self.uids.insert(uid, id);
+    }
+
+    /// A linux-process PU's cgroup id (the inode of its cgroup v2 directory).
+    pub fn add_cgroup(&mut self, cgroup: u64, id: PuId) {
+        self.cgroups.insert(cgroup, id);
+    }
+
+    /// The PU of a packet, in the SPEC's priority order.
+    pub fn find<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
+        let port =
+            |ports: &'a Ports| -> Option<&'a PuId> { ports.get(key.protocol, key.local_port?) };
+        let found = match key.direction {
+            Some(Direction::App) => key
+                .uid
+                .and_then(|uid| self.uids.get(&uid))
+                .or_else(|| key.cgroup.and_then(|c| self.cgroups.get(&c)))
+                .or_else(|| port(&self.service_ports)),
+            Some(Direction::Net) => port(&self.uid_ports)
+                .or_else(|| port(&self.process_ports))
+                .or_else(|| port(&self.service_ports)),
+            None => None,
+        };
+        found.or(self.fallback.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CgroupPath;
+
+    fn pu(id: &str, kind: PuKind, tcp: &[(u16, u16)], udp: &[(u16, u16)]) -> Pu {
+        let ranges = |list: &[(u16, u16)]| {
+            list.iter()
+                .map(|&(a, b)| PortRange::new(a, b).unwrap())
+                .collect()
+        };
+        Pu {
+            id: PuId::new(id).unwrap(),
+            kind,
+            labels: Default::default(),
+            tcp_ports: ranges(tcp),
+            udp_ports: ranges(udp),
+            application_acls: vec![],
+            network_acls: vec![],
+            proxy_port: None,
+            dns_proxy_port: None,
+            dependent_services: vec![],
+            exposed_services: vec![],
+        }
+    }
+
+    fn key(direction: Direction, protocol: u8, port: u16) -> Key {
+        Key {
+            direction: Some(direction),
+            protocol,
+            local_port: Some(port),
+            ..Key::default()
+        }
+    }
+
+    fn found(index: &PuIndex, key: Key) -> Option<&str> {
+        index.find(&key).map(PuId::as_str)
+    }
+
+    #[test]
+    fn local_server_finds_by_uid_cgroup_and_ports_then_the_host() {
+        let process = PuKind::LinuxProcess {
+            cgroup: CgroupPath::new("web").unwrap(),
+        };
+        let uid = PuKind::Uid {
+            user: UserSpec::Id(1000),
+        };
+        let pus = [
+            pu("web", process, &[(8080, 8080)], &[(5000, 5010)]),
+            pu("alice", uid, &[(9000, 9000)], &[]),
+            pu("dns", PuKind::HostService, &[], &[(53, 53)]),
+            pu("host", PuKind::Host, &[], &[]),
+        ];
+        let mut index = PuIndex::new(Mode::LocalServer, &pus);
+        use Direction::{App, Net};
+        assert_eq!(found(&index, key(Net, 6, 8080)), Some("web"));
+        assert_eq!(found(&index, key(Net, 17, 5005)), Some("web"));
+        assert_eq!(found(&index, key(Net, 17, 5011)), Some("host"));
+        assert_eq!(found(&index, key(Net, 6, 5005)), Some("host"), "TCP ≠ UDP");
+        assert_eq!(found(&index, key(Net, 6, 9000)), Some("alice"));
+        assert_eq!(found(&index, key(Net, 17, 53)), Some("dns"));
+        // Outgoing: by the socket's uid, its cgroup, a service's source port.
+        let mut out = key(App, 6, 40000);
+        assert_eq!(found(&index, out), Some("host"));
+        out.uid = Some(1000);
+        assert_eq!(found(&index, out), Some("alice"));
+        out.uid = Some(0);
+        out.cgroup = Some(77);
+        assert_eq!(found(&index, out), Some("host"));
+        index.add_cgroup(77, PuId::new("web").unwrap());
+        assert_eq!(found(&index, out), Some("web"));
+        assert_eq!(found(&index, key(App, 17, 53)), Some("dns"));
+        // A queue outside the layout has no direction: only the fallback.
+        assert_eq!(found(&index, Key::default()), Some("host"));
+    }
+
+    #[test]
+    fn a_container_agent_has_one_pu_and_no_host_fallback_otherwise() {
+        let pus = [pu("c1", PuKind::Container, &[(80, 80)], &[])];
+        let index = PuIndex::new(Mode::RemoteContainer, &pus);
+        assert_eq!(found(&index, key(Direction::App, 6, 1234)), Some("c1"));
+        let empty = PuIndex::new(Mode::LocalServer, &[]);
+        assert_eq!(found(&empty, key(Direction::Net, 6, 80)), None);
+    }
+
+    #[test]
+    fn port_ranges_are_found_by_their_bounds() {
+        let mut map = PortMap::default();
+        let id = |s: &str| PuId::new(s).unwrap();
+        map.insert(&PortRange::new(100, 199).unwrap(), &id("a"));
+        map.insert(&PortRange::new(300, 300).unwrap(), &id("b"));
+        let at = |p| map.get(p).map(PuId::as_str);
+        assert_eq!(
+            [at(99), at(100), at(199), at(200), at(300), at(301)],
+            [None, Some("a"), Some("a"), None, Some("b"), None]
+        );
+    }
+}
