@@ -115,7 +115,8 @@ mod tests {
                 fail_mode,
                 ..QueueSettings::default()
             };
-            let text = render(MarkLayout::default(), &queues);
+            let pin = Path::new("/sys/fs/bpf/enforcer/a/progs/enforcer_udp_trap");
+            let text = render(MarkLayout::default(), &queues, pin).unwrap();
             let targets: Vec<&str> = text
                 .lines()
                 .filter_map(|l| l.split_once(" -j NFQUEUE ").map(|(_, t)| t))
@@ -125,8 +126,10 @@ mod tests {
             } else {
                 ""
             };
-            // App SYN, app service, net SYN, net service.
-            let expected: Vec<String> = ["40:41", "46:47", "48:49", "54:55"]
+            // App SYN, app service (UDP marked by the connect hooks, then
+            // unconnected UDP found by the pinned filter), net SYN, net
+            // service.
+            let expected: Vec<String> = ["40:41", "46:47", "46:47", "48:49", "54:55"]
                 .iter()
                 .map(|r| format!("--queue-balance {r}{bypass}"))
                 .collect();
