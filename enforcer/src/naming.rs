@@ -56,6 +56,10 @@ pub struct ChainPair<S = &'static str> {
 }
 
 impl<S> ChainPair<S> {
+    pub const fn new(app: S, net: S) -> Self {
+        Self { app, net }
+    }
+
     /// The chain of `direction`.
     pub fn get(&self, direction: Direction) -> &S {
         match direction {
@@ -66,40 +70,19 @@ impl<S> ChainPair<S> {
 }
 
 /// The main chains, entered from mangle OUTPUT / INPUT.
-pub const MAIN_CHAINS: ChainPair = ChainPair {
-    app: "TRI-App",
-    net: "TRI-Net",
-};
+pub const MAIN_CHAINS: ChainPair = ChainPair::new("TRI-App", "TRI-Net");
 /// linux-process PUs (cgroup match).
-pub const PROCESS_CHAINS: ChainPair = ChainPair {
-    app: "TRI-Pid-App",
-    net: "TRI-Pid-Net",
-};
+pub const PROCESS_CHAINS: ChainPair = ChainPair::new("TRI-Pid-App", "TRI-Pid-Net");
 /// host-service PUs.
-pub const HOST_SERVICE_CHAINS: ChainPair = ChainPair {
-    app: "TRI-Svc-App",
-    net: "TRI-Svc-Net",
-};
+pub const HOST_SERVICE_CHAINS: ChainPair = ChainPair::new("TRI-Svc-App", "TRI-Svc-Net");
 /// The host PU.
-pub const HOST_CHAINS: ChainPair = ChainPair {
-    app: "TRI-Hst-App",
-    net: "TRI-Hst-Net",
-};
+pub const HOST_CHAINS: ChainPair = ChainPair::new("TRI-Hst-App", "TRI-Hst-Net");
 /// uid PUs (owner match).
-pub const UID_CHAINS: ChainPair = ChainPair {
-    app: "TRI-UID-App",
-    net: "TRI-UID-Net",
-};
+pub const UID_CHAINS: ChainPair = ChainPair::new("TRI-UID-App", "TRI-UID-Net");
 /// Proxy traffic, first in the main chains (mangle).
-pub const PROXY_CHAINS: ChainPair = ChainPair {
-    app: "TRI-Prx-App",
-    net: "TRI-Prx-Net",
-};
+pub const PROXY_CHAINS: ChainPair = ChainPair::new("TRI-Prx-App", "TRI-Prx-Net");
 /// Redirection to the proxy (nat OUTPUT / PREROUTING).
-pub const REDIRECT_CHAINS: ChainPair = ChainPair {
-    app: "TRI-Redir-App",
-    net: "TRI-Redir-Net",
-};
+pub const REDIRECT_CHAINS: ChainPair = ChainPair::new("TRI-Redir-App", "TRI-Redir-Net");
 
 /// Every global chain pair, for `run` and `cleanup`.
 pub const GLOBAL_CHAINS: [ChainPair; 7] = [

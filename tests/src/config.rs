@@ -17,6 +17,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::cgroup::Cgroup;
+
 /// A whole config file.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Config {
@@ -126,6 +128,17 @@ impl Pu {
         }
     }
 
+    /// A `linux-process` PU of a test's [`Cgroup`]: made directly under
+    /// the cgroup v2 mount, its directory name is its path there.
+    pub fn process_of(id: &str, cgroup: &Cgroup) -> Self {
+        let name = cgroup
+            .path()
+            .file_name()
+            .expect("a cgroup has a directory name")
+            .to_string_lossy();
+        Self::process(id, &name)
+    }
+
     /// Ports the PU listens on: incoming connections to them are the PU's.
     pub fn tcp_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
         self.tcp_ports.extend(ports);
@@ -140,6 +153,21 @@ impl Pu {
     /// An ACL on the PU's outgoing traffic (by destination).
     pub fn application_acl(mut self, acl: Acl) -> Self {
         self.application_acls.push(acl);
+        self
+    }
+
+    /// One application ACL per network, each accepting TCP to `port`,
+    /// with the policy id `acl-<n>` of its place among the PU's
+    /// application ACLs.
+    pub fn accepting_tcp_to<S: AsRef<str>>(
+        mut self,
+        networks: impl IntoIterator<Item = S>,
+        port: u16,
+    ) -> Self {
+        for net in networks {
+            let policy_id = format!("acl-{}", self.application_acls.len());
+            self = self.application_acl(Acl::accept(&policy_id, [net.as_ref()]).tcp([port]));
+        }
         self
     }
 

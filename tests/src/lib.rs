@@ -14,15 +14,19 @@
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 //! - [`config`]: agent configs built as values, written out as TOML.
+//! - [`roles`]: peers on host `b` by role, one source address each.
+//! - [`matrix`]: a test body run on both datapaths and/or both families.
 
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod config;
 pub mod leftovers;
+pub mod matrix;
 pub mod netfilter;
 pub mod netns;
 pub mod privilege;
+pub mod roles;
 pub mod seccomp;
 pub mod traffic;
 

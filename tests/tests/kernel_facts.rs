@@ -48,23 +48,11 @@ use enforcer_tests::{
     cgroup::Cgroup,
     netfilter::{self, Family},
     netns::{TwoHosts, output_ok},
-    nettool, privilege,
+    nettool, on_both_families, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool, tcp_exchange, udp_send},
 };
 
 const PORT: u16 = 7000;
-
-/// Runs each listed test body once per address family.
-macro_rules! on_both_families {
-    ($($name:ident),+ $(,)?) => {
-        mod v4 {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Family::V4) })+
-        }
-        mod v6 {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Family::V6) })+
-        }
-    };
-}
 
 on_both_families!(
     connect_hook_marks_the_syn,
@@ -79,28 +67,40 @@ fn load_facts() -> Result<Ebpf> {
     Ebpf::load(enforcer::bpf::kernel_facts_object()?).context("loading the kernel-facts object")
 }
 
+/// Two hosts with a TCP echo server on `b`, and on `a` one mangle OUTPUT
+/// rule per `(matches, comment, target)` for TCP to the server, in order.
+fn echo_with_output_rules(
+    family: Family,
+    rules: &[(&str, &str, &str)],
+) -> Result<(TwoHosts, TcpEchoServer, SocketAddr)> {
+    let hosts = TwoHosts::new()?;
+    let server = SocketAddr::new(hosts.b_end.ip(family), PORT);
+    let echo = TcpEchoServer::start(&hosts.b, server)?;
+    let dst = server.ip();
+    let mut text = String::from("*mangle\n");
+    for (matches, comment, target) in rules {
+        text += &format!(
+            "-A OUTPUT -p tcp -d {dst} --dport {PORT} {matches} -m comment --comment {comment} -j {target}\n"
+        );
+    }
+    text += "COMMIT\n";
+    netfilter::restore(&hosts.a, family, &text)?;
+    Ok((hosts, echo, server))
+}
+
 // ---------------------------------------------------------------- (a)
 
 fn connect_hook_marks_the_syn(family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let hosts = TwoHosts::new()?;
-    let server = SocketAddr::new(hosts.b_end.ip(family), PORT);
-    let _echo = TcpEchoServer::start(&hosts.b, server)?;
-    let dst = server.ip();
-    netfilter::restore(
-        &hosts.a,
+    let marked = format!("--syn -m mark --mark {:#x}", facts::CONNECT_MARK);
+    let (hosts, _echo, server) = echo_with_output_rules(
         family,
-        &format!(
-            "*mangle\n\
-             -A OUTPUT -p tcp --syn -d {dst} --dport {PORT} -m mark --mark {mark:#x} \
-               -m comment --comment marked-syn -j ACCEPT\n\
-             -A OUTPUT -p tcp --syn -d {dst} --dport {PORT} \
-               -m comment --comment unmarked-syn -j ACCEPT\n\
-             COMMIT\n",
-            mark = facts::CONNECT_MARK
-        ),
+        &[
+            (&marked, "marked-syn", "ACCEPT"),
+            ("--syn", "unmarked-syn", "ACCEPT"),
+        ],
     )?;
 
     let cgroup = Cgroup::new(&env.cgroup2)?;
@@ -113,30 +113,27 @@ fn connect_hook_marks_the_syn(family: Family) -> Result<()> {
     prog.load()?;
     prog.attach(cgroup.dir()?, CgroupAttachMode::Single)?;
 
+    let syns = || -> Result<(u64, u64)> {
+        Ok((
+            netfilter::packets(&hosts.a, family, "mangle", "marked-syn")?,
+            netfilter::packets(&hosts.a, family, "mangle", "unmarked-syn")?,
+        ))
+    };
+
     // A process inside the cgroup: its SYN carries the mark.
     let mut inside = cgroup.command_in(&hosts.a, nettool!())?;
     inside.args(["tcp-exchange", &server.to_string()]);
     assert_eq!(run_nettool(inside)?, Outcome::Exchanged);
-    assert_eq!(
-        netfilter::packets(&hosts.a, family, "mangle", "marked-syn")?,
-        1
-    );
-    assert_eq!(
-        netfilter::packets(&hosts.a, family, "mangle", "unmarked-syn")?,
-        0
-    );
+    assert_eq!(syns()?, (1, 0), "(marked, unmarked) SYNs from inside");
 
     // A process of the same namespace outside the cgroup: untouched.
     let mut outside = hosts.a.command(nettool!())?;
     outside.args(["tcp-exchange", &server.to_string()]);
     assert_eq!(run_nettool(outside)?, Outcome::Exchanged);
     assert_eq!(
-        netfilter::packets(&hosts.a, family, "mangle", "marked-syn")?,
-        1
-    );
-    assert_eq!(
-        netfilter::packets(&hosts.a, family, "mangle", "unmarked-syn")?,
-        1
+        syns()?,
+        (1, 1),
+        "(marked, unmarked) SYNs, then from outside"
     );
     Ok(())
 }
@@ -336,23 +333,21 @@ fn nfqueue_round_trip(family: Family) -> Result<()> {
     let Some(_env) = privilege::require() else {
         return Ok(());
     };
-    let hosts = TwoHosts::new()?;
-    let server = SocketAddr::new(hosts.b_end.ip(family), PORT);
-    let _echo = TcpEchoServer::start(&hosts.b, server)?;
-    let dst = server.ip();
-    netfilter::restore(
-        &hosts.a,
+    let (hosts, _echo, server) = echo_with_output_rules(
         family,
-        &format!(
-            "*mangle\n\
-             -A OUTPUT -p tcp -d {dst} --dport {PORT} -m mark --mark {DECIDED:#x} \
-               -m comment --comment save-verdict -j CONNMARK --save-mark\n\
-             -A OUTPUT -p tcp -d {dst} --dport {PORT} -m connmark --mark {DECIDED:#x} \
-               -m comment --comment decided -j ACCEPT\n\
-             -A OUTPUT -p tcp -d {dst} --dport {PORT} \
-               -m comment --comment to-queue -j NFQUEUE --queue-num {QUEUE}\n\
-             COMMIT\n"
-        ),
+        &[
+            (
+                &format!("-m mark --mark {DECIDED:#x}"),
+                "save-verdict",
+                "CONNMARK --save-mark",
+            ),
+            (
+                &format!("-m connmark --mark {DECIDED:#x}"),
+                "decided",
+                "ACCEPT",
+            ),
+            ("", "to-queue", &format!("NFQUEUE --queue-num {QUEUE}")),
+        ],
     )?;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -21,9 +21,11 @@ use anyhow::{Context as _, Result, bail};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
+    config::{Acl, Config, Pu},
     netfilter::Family,
-    netns::{Netns, TwoHosts, output_ok},
-    privilege,
+    netns::{Netns, output_ok},
+    on_both_datapaths_and_families,
+    roles::{self, ACL_PEER, OTHER, RoleHosts, TARGET_NETS, source},
     traffic::{UdpReceiver, send_raw_ip},
 };
 use socket2::{Domain, Socket, Type};
@@ -33,123 +35,61 @@ const SRC_PORT: u16 = 40000;
 const ARRIVES: Duration = Duration::from_secs(1);
 const STAYS_AWAY: Duration = Duration::from_millis(300);
 
-macro_rules! matrix {
-    ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            mod v4 { $(#[test] fn $name() -> anyhow::Result<()> { super::super::$name(super::super::Datapath::Ebpf, super::super::Family::V4) })+ }
-            mod v6 { $(#[test] fn $name() -> anyhow::Result<()> { super::super::$name(super::super::Datapath::Ebpf, super::super::Family::V6) })+ }
-        }
-        mod iptables {
-            mod v4 { $(#[test] fn $name() -> anyhow::Result<()> { super::super::$name(super::super::Datapath::Iptables, super::super::Family::V4) })+ }
-            mod v6 { $(#[test] fn $name() -> anyhow::Result<()> { super::super::$name(super::super::Datapath::Iptables, super::super::Family::V6) })+ }
-        }
-    };
-}
-
-matrix!(
+on_both_datapaths_and_families!(
     plain_datagrams_are_judged_by_their_source,
     ip_options_and_extension_headers_do_not_change_the_verdict,
     fragmented_datagrams_get_the_unfragmented_verdict,
     truncated_packets_never_pass_and_break_nothing,
 );
 
-const ACL_PEER: u8 = 2;
-const OTHER: u8 = 3;
-
-/// Source addresses on host `b`, per role and family.
-fn source(family: Family, role: u8) -> IpAddr {
-    let text = match family {
-        Family::V4 => format!("10.{role}.0.2"),
-        Family::V6 => format!("fd00:{role}::2"),
-    };
-    text.parse().expect("literal address")
-}
-
-fn config(cgroup: &str) -> String {
-    format!(
-        "mode = \"local-server\"\n\
-         [networks]\n\
-         target_tcp = [\"10.1.0.0/24\", \"fd00:1::/64\"]\n\
-         target_udp = [\"10.1.0.0/24\", \"fd00:1::/64\"]\n\
-         [[pus]]\n\
-         id = \"dns\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n\
-         udp_ports = [{PU_PORT}]\n\
-         [[pus.network_acls]]\n\
-         networks = [\"10.2.0.0/16\", \"fd00:2::/64\"]\n\
-         protocols = [\"udp\"]\n\
-         ports = [{PU_PORT}]\n\
-         action = \"accept\"\n\
-         policy_id = \"from-acl-peer\"\n"
-    )
+fn config(cgroup: &Cgroup) -> String {
+    Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .pu(Pu::process_of("dns", cgroup)
+            .udp_ports([PU_PORT])
+            .network_acl(Acl::accept("from-acl-peer", roles::networks(ACL_PEER)).udp([PU_PORT])))
+        .to_toml()
 }
 
 /// The two hosts, the agent on `a` and the receiver on the PU's port.
 struct World {
-    family: Family,
-    hosts: TwoHosts,
     agent: Agent,
     receiver: UdpReceiver,
-    _cgroup: Cgroup,
+    stage: RoleHosts,
 }
 
 impl World {
     fn new(datapath: Datapath, family: Family) -> Result<Option<Self>> {
-        let Some(env) = privilege::require() else {
+        let Some(stage) = RoleHosts::new(family, &[ACL_PEER, OTHER])? else {
             return Ok(None);
         };
-        let hosts = TwoHosts::new()?;
-        let plen = match family {
-            Family::V4 => "32",
-            Family::V6 => "128",
-        };
-        for role in [ACL_PEER, OTHER] {
-            let src = format!("{}/{plen}", source(family, role));
-            hosts
-                .b
-                .ip(&["addr", "add", &src, "dev", &hosts.b_end.ifname, "nodad"])?;
-            hosts
-                .a
-                .ip(&["route", "add", &src, "dev", &hosts.a_end.ifname])?;
-        }
-        let server_ip = hosts.a_end.ip(family);
-        let receiver = UdpReceiver::start(&hosts.a, SocketAddr::new(server_ip, PU_PORT))?;
-        let cgroup = Cgroup::new(&env.cgroup2)?;
-        let rel = cgroup
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        let agent = Agent::start(
+        let receiver =
+            UdpReceiver::start(&stage.hosts.a, SocketAddr::new(stage.server_ip(), PU_PORT))?;
+        let agent = stage.start_agent(
             env!("CARGO_BIN_EXE_agent"),
-            &hosts.a,
             datapath,
-            &config(&rel),
+            &config(&stage.cgroup),
         )?;
-        assert_eq!(agent.status()?["datapath"]["kind"], datapath.expected());
         Ok(Some(Self {
-            family,
-            hosts,
             agent,
             receiver,
-            _cgroup: cgroup,
+            stage,
         }))
     }
 
     fn src(&self, role: u8) -> IpAddr {
-        source(self.family, role)
+        source(self.stage.family, role)
     }
 
     fn dst(&self) -> IpAddr {
-        self.hosts.a_end.ip(self.family)
+        self.stage.server_ip()
     }
 
     /// Sends complete IP packets from host `b` through a raw socket.
     fn send(&self, packets: &[Vec<u8>]) -> Result<()> {
         let dst = self.dst();
-        self.hosts.b.run(|| -> Result<()> {
+        self.stage.hosts.b.run(|| -> Result<()> {
             for p in packets {
                 send_raw_ip(dst, p)?;
             }
@@ -161,9 +101,10 @@ impl World {
     /// raw IP socket — which would correct a lying IPv4 total length or
     /// refuse a header length longer than the packet.
     fn send_frame(&self, packet: &[u8]) -> Result<()> {
-        let dst_mac = mac_of(&self.hosts.a, &self.hosts.a_end.ifname)?;
-        let src_mac = mac_of(&self.hosts.b, &self.hosts.b_end.ifname)?;
-        let ethertype: u16 = match self.family {
+        let hosts = &self.stage.hosts;
+        let dst_mac = mac_of(&hosts.a, &hosts.a_end.ifname)?;
+        let src_mac = mac_of(&hosts.b, &hosts.b_end.ifname)?;
+        let ethertype: u16 = match self.stage.family {
             Family::V4 => 0x0800,
             Family::V6 => 0x86dd,
         };
@@ -172,8 +113,8 @@ impl World {
         frame.extend_from_slice(&src_mac);
         frame.extend_from_slice(&ethertype.to_be_bytes());
         frame.extend_from_slice(packet);
-        let ifname = self.hosts.b_end.ifname.clone();
-        self.hosts
+        let ifname = hosts.b_end.ifname.clone();
+        hosts
             .b
             .run(move || send_ethernet(&ifname, dst_mac, ethertype, &frame))?
     }

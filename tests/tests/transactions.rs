@@ -14,10 +14,13 @@
 //! pinned maps and links. The same reload then succeeds (the fault struck
 //! once) and changes that state, which shows the dump sees the operation.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeSet, fmt::Debug, net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, Map, MapData},
+};
 use enforcer::datapath::fault;
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_GENERATION, NetKey,
@@ -25,26 +28,17 @@ use enforcer_common::maps::{
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
+    config::{Config, Pu},
     netfilter,
     netns::TwoHosts,
-    nettool, privilege,
+    nettool, on_both_datapaths, privilege,
     traffic::{Outcome, TcpEchoServer, run_nettool},
 };
 
 const PORT: u16 = 7000;
 /// Allowed by policy A only.
 const A_ONLY: &str = "10.4.0.2";
-
-macro_rules! on_both_datapaths {
-    ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Ebpf) })+
-        }
-        mod iptables {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
-        }
-    };
-}
+const A_ONLY_NET: &str = "10.4.0.0/16";
 
 on_both_datapaths!(
     a_failed_configure_changes_nothing,
@@ -68,7 +62,7 @@ impl World {
             .ip(&["addr", "add", &format!("{A_ONLY}/32"), "dev", ifname])?;
         hosts
             .a
-            .ip(&["route", "add", "10.4.0.0/16", "dev", &hosts.a_end.ifname])?;
+            .ip(&["route", "add", A_ONLY_NET, "dev", &hosts.a_end.ifname])?;
         let server = TcpEchoServer::start(&hosts.b, SocketAddr::new(A_ONLY.parse()?, PORT))?;
         Ok(Self {
             cgroup: Cgroup::new(&env.cgroup2)?,
@@ -76,15 +70,6 @@ impl World {
             _server: server,
             hosts,
         })
-    }
-
-    fn cgroup_rel(&self) -> String {
-        self.cgroup
-            .path()
-            .file_name()
-            .expect("cgroup dir name")
-            .to_string_lossy()
-            .into_owned()
     }
 
     /// The agent, with the fault `fault` armed.
@@ -144,24 +129,8 @@ impl World {
             MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
         };
         let mut lines = BTreeSet::new();
-        let nets: LpmTrie<_, NetKey, u8> = Map::LpmTrie(map(MAP_NETS)?).try_into()?;
-        for entry in nets.iter() {
-            let (key, value) = entry?;
-            lines.insert(format!(
-                "NETS {}/{:?} = {value}",
-                key.prefix_len(),
-                key.data()
-            ));
-        }
-        let acls: LpmTrie<_, NetKey, AclEntry> = Map::LpmTrie(map(MAP_ACLS)?).try_into()?;
-        for entry in acls.iter() {
-            let (key, value) = entry?;
-            lines.insert(format!(
-                "ACLS {}/{:?} = {value:?}",
-                key.prefix_len(),
-                key.data()
-            ));
-        }
+        trie_lines::<u8>("NETS", map(MAP_NETS)?, &mut lines)?;
+        trie_lines::<AclEntry>("ACLS", map(MAP_ACLS)?, &mut lines)?;
         let pus: HashMap<_, u64, u32> = Map::HashMap(map(MAP_PU_BY_CGROUP)?).try_into()?;
         for entry in pus.iter() {
             let (cgroup, slot) = entry?;
@@ -187,169 +156,152 @@ impl World {
     }
 }
 
-/// Target 10.1.0.0/24 (TCP and UDP), `excluded`, and `pus`.
-fn config(target_tcp: &str, excluded: &str, pus: &str) -> String {
-    format!(
-        "mode = \"local-server\"\n\
-         [networks]\n\
-         target_tcp = [\"{target_tcp}\"]\n\
-         target_udp = [\"10.1.0.0/24\"]\n\
-         excluded = [\"{excluded}\"]\n\
-         {pus}"
-    )
-}
-
-/// The PU with accept ACLs for TCP/7000 to each of `networks`.
-fn pu(cgroup: &str, networks: &[&str]) -> String {
-    let mut text = format!(
-        "[[pus]]\n\
-         id = \"web\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n"
-    );
-    for (i, net) in networks.iter().enumerate() {
-        text += &format!(
-            "[[pus.application_acls]]\n\
-             networks = [\"{net}\"]\n\
-             protocols = [\"tcp\"]\n\
-             ports = [{PORT}]\n\
-             action = \"accept\"\n\
-             policy_id = \"acl-{i}\"\n"
-        );
-    }
-    text
-}
-
-/// Starts the agent on `start` with `fault` armed, reloads `change`
-/// (which must fail, leaving the kernel state as it was), then reloads it
-/// again (which must work, and change the state). Returns the world and
-/// agent after the failed reload's checks, for the caller's own.
-fn fails_then_works(
-    datapath: Datapath,
-    fault: &str,
-    start: impl Fn(&World) -> String,
-    change: impl Fn(&World) -> String,
-    after_failure: impl Fn(&World) -> Result<()>,
+/// A line per entry of the LPM trie `map`: `<label> <prefix>/<key> = <value>`.
+fn trie_lines<V: Pod + Debug>(
+    label: &str,
+    map: MapData,
+    lines: &mut BTreeSet<String>,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
-        return Ok(());
-    };
-    let w = World::new(env)?;
-    let agent = w.start(datapath, &start(&w), fault)?;
-    let before = w.kernel_state(&agent)?;
-    let reloads = agent.reloads()?;
-
-    agent.reload(&change(&w))?;
-    let failed = agent.reloads()?;
-    assert_eq!(
-        (failed.applied, failed.failed),
-        (reloads.applied, reloads.failed + 1),
-        "the reload must fail: {failed:?}\n{}",
-        agent.log()
-    );
-    let why = failed.last_error.clone().unwrap_or_default();
-    assert!(
-        why.contains("enforcer-test-fault") || why.contains(fault::ENV),
-        "it failed for the injected fault, not something else: {why}"
-    );
-    let after = w.kernel_state(&agent)?;
-    assert_eq!(
-        before, after,
-        "{fault}: the kernel state changed although the operation failed ({why})"
-    );
-    after_failure(&w)?;
-
-    agent.reload(&change(&w))?;
-    let applied = agent.reloads()?;
-    assert_eq!(
-        applied.applied,
-        reloads.applied + 1,
-        "the same reload works once the fault has struck: {applied:?}\n{}",
-        agent.log()
-    );
-    assert_ne!(
-        before,
-        w.kernel_state(&agent)?,
-        "{fault}: the dump must show what the operation changes"
-    );
+    let trie: LpmTrie<_, NetKey, V> = Map::LpmTrie(map).try_into()?;
+    for entry in trie.iter() {
+        let (key, value) = entry?;
+        lines.insert(format!(
+            "{label} {}/{:?} = {value:?}",
+            key.prefix_len(),
+            key.data()
+        ));
+    }
     Ok(())
 }
 
+/// One config: target `target_tcp` (TCP) and 10.1.0.0/24 (UDP),
+/// `excluded`, and the PU with accept ACLs for TCP/7000 to each of
+/// `pu_accepts` (no PU if `None`).
+struct Policy {
+    target_tcp: &'static str,
+    excluded: &'static str,
+    pu_accepts: Option<&'static [&'static str]>,
+}
+
+impl Policy {
+    /// Target 10.1.0.0/24, excluded 10.9.0.0/16.
+    const fn usual(pu_accepts: Option<&'static [&'static str]>) -> Self {
+        Self {
+            target_tcp: "10.1.0.0/24",
+            excluded: "10.9.0.0/16",
+            pu_accepts,
+        }
+    }
+
+    fn toml(&self, w: &World) -> String {
+        let config = Config::local_server()
+            .target_tcp([self.target_tcp])
+            .target_udp(["10.1.0.0/24"])
+            .excluded([self.excluded]);
+        match self.pu_accepts {
+            Some(networks) => {
+                config.pu(Pu::process_of("web", &w.cgroup).accepting_tcp_to(networks, PORT))
+            }
+            None => config,
+        }
+        .to_toml()
+    }
+}
+
+/// One all-or-nothing case: the agent starts on `start` with `fault`
+/// armed, then reloads `change`, which must fail, leaving the kernel state
+/// as it was and the connection to [`A_ONLY`] working (`still`: why);
+/// reloading it again must work, and change the state.
+struct Scenario {
+    fault: &'static str,
+    start: Policy,
+    change: Policy,
+    still: &'static str,
+}
+
+impl Scenario {
+    fn run(&self, datapath: Datapath) -> Result<()> {
+        let Some(env) = privilege::require() else {
+            return Ok(());
+        };
+        let fault = self.fault;
+        let w = World::new(env)?;
+        let agent = w.start(datapath, &self.start.toml(&w), fault)?;
+        let before = w.kernel_state(&agent)?;
+        let reloads = agent.reloads()?;
+
+        agent.reload(&self.change.toml(&w))?;
+        let failed = agent.reloads()?;
+        assert_eq!(
+            (failed.applied, failed.failed),
+            (reloads.applied, reloads.failed + 1),
+            "the reload must fail: {failed:?}\n{}",
+            agent.log()
+        );
+        let why = failed.last_error.clone().unwrap_or_default();
+        assert!(
+            why.contains("enforcer-test-fault") || why.contains(fault::ENV),
+            "it failed for the injected fault, not something else: {why}"
+        );
+        let after = w.kernel_state(&agent)?;
+        assert_eq!(
+            before, after,
+            "{fault}: the kernel state changed although the operation failed ({why})"
+        );
+        assert_eq!(w.pu_connects(A_ONLY)?, Outcome::Exchanged, "{}", self.still);
+
+        agent.reload(&self.change.toml(&w))?;
+        let applied = agent.reloads()?;
+        assert_eq!(
+            applied.applied,
+            reloads.applied + 1,
+            "the same reload works once the fault has struck: {applied:?}\n{}",
+            agent.log()
+        );
+        assert_ne!(
+            before,
+            w.kernel_state(&agent)?,
+            "{fault}: the dump must show what the operation changes"
+        );
+        Ok(())
+    }
+}
+
+const FAILED_CONFIGURE: Scenario = Scenario {
+    fault: "configure:1",
+    start: Policy::usual(None),
+    change: Policy::usual(Some(&[A_ONLY_NET])),
+    still: "no PU: untouched",
+};
+
+const FAILED_UPDATE: Scenario = Scenario {
+    fault: "update:1",
+    start: Policy::usual(Some(&["10.2.0.0/16", A_ONLY_NET])),
+    change: Policy::usual(Some(&["10.2.0.0/16"])),
+    still: "the old policy is still in force",
+};
+
+// Call 1 is the agent's start; call 2 the reload. The change both adds
+// and removes entries in two sets.
+const FAILED_TARGET_NETWORK_CHANGE: Scenario = Scenario {
+    fault: "set_target_networks:2",
+    start: Policy::usual(Some(&[A_ONLY_NET])),
+    change: Policy {
+        target_tcp: "10.3.0.0/16",
+        excluded: "10.8.0.0/16",
+        pu_accepts: Some(&[A_ONLY_NET]),
+    },
+    still: "the PU's accept ACL still applies",
+};
+
 fn a_failed_configure_changes_nothing(datapath: Datapath) -> Result<()> {
-    fails_then_works(
-        datapath,
-        "configure:1",
-        |_| config("10.1.0.0/24", "10.9.0.0/16", ""),
-        |w| {
-            config(
-                "10.1.0.0/24",
-                "10.9.0.0/16",
-                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
-            )
-        },
-        |w| {
-            assert_eq!(
-                w.pu_connects(A_ONLY)?,
-                Outcome::Exchanged,
-                "no PU: untouched"
-            );
-            Ok(())
-        },
-    )
+    FAILED_CONFIGURE.run(datapath)
 }
 
 fn a_failed_update_changes_nothing(datapath: Datapath) -> Result<()> {
-    fails_then_works(
-        datapath,
-        "update:1",
-        |w| {
-            config(
-                "10.1.0.0/24",
-                "10.9.0.0/16",
-                &pu(&w.cgroup_rel(), &["10.2.0.0/16", "10.4.0.0/16"]),
-            )
-        },
-        |w| {
-            config(
-                "10.1.0.0/24",
-                "10.9.0.0/16",
-                &pu(&w.cgroup_rel(), &["10.2.0.0/16"]),
-            )
-        },
-        |w| {
-            assert_eq!(
-                w.pu_connects(A_ONLY)?,
-                Outcome::Exchanged,
-                "the old policy is still in force"
-            );
-            Ok(())
-        },
-    )
+    FAILED_UPDATE.run(datapath)
 }
 
 fn a_failed_target_network_change_changes_nothing(datapath: Datapath) -> Result<()> {
-    // Call 1 is the agent's start; call 2 the reload. The change both adds
-    // and removes entries in two sets.
-    fails_then_works(
-        datapath,
-        "set_target_networks:2",
-        |w| {
-            config(
-                "10.1.0.0/24",
-                "10.9.0.0/16",
-                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
-            )
-        },
-        |w| {
-            config(
-                "10.3.0.0/16",
-                "10.8.0.0/16",
-                &pu(&w.cgroup_rel(), &["10.4.0.0/16"]),
-            )
-        },
-        |w| {
-            assert_eq!(w.pu_connects(A_ONLY)?, Outcome::Exchanged);
-            Ok(())
-        },
-    )
+    FAILED_TARGET_NETWORK_CHANGE.run(datapath)
 }

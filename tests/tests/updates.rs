@@ -29,8 +29,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
+    config::{Config, Pu},
     netns::TwoHosts,
-    nettool, privilege,
+    nettool, on_both_datapaths, privilege,
     traffic::{Outcome, TcpEchoServer, run_nettool},
 };
 
@@ -42,17 +43,6 @@ const UPDATES: usize = 100;
 /// How long a cut connection may take to notice (it is aborted at once;
 /// this leaves room for a loaded machine).
 const CUT_WITHIN: Duration = Duration::from_secs(5);
-
-macro_rules! on_both_datapaths {
-    ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Ebpf) })+
-        }
-        mod iptables {
-            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
-        }
-    };
-}
 
 on_both_datapaths!(
     a_hundred_updates_leave_no_gap,
@@ -85,15 +75,6 @@ impl World {
             _servers: servers,
             hosts,
         })
-    }
-
-    fn cgroup_rel(&self) -> String {
-        self.cgroup
-            .path()
-            .file_name()
-            .expect("cgroup dir name")
-            .to_string_lossy()
-            .into_owned()
     }
 
     fn start(&self, datapath: Datapath, config: &str) -> Result<Agent> {
@@ -210,35 +191,19 @@ impl Drop for Stream {
 }
 
 /// A PU whose application ACLs accept TCP/7000 to each of `networks`.
-fn config(cgroup: &str, networks: &[&str]) -> String {
-    let mut text = format!(
-        "mode = \"local-server\"\n\
-         [networks]\n\
-         target_tcp = [\"10.1.0.0/24\"]\n\
-         target_udp = [\"10.1.0.0/24\"]\n\
-         [[pus]]\n\
-         id = \"web\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n"
-    );
-    for (i, net) in networks.iter().enumerate() {
-        text += &format!(
-            "[[pus.application_acls]]\n\
-             networks = [\"{net}\"]\n\
-             protocols = [\"tcp\"]\n\
-             ports = [{PORT}]\n\
-             action = \"accept\"\n\
-             policy_id = \"acl-{i}\"\n"
-        );
-    }
-    text
+fn config(cgroup: &Cgroup, networks: &[&str]) -> String {
+    Config::local_server()
+        .target_tcp(["10.1.0.0/24"])
+        .target_udp(["10.1.0.0/24"])
+        .pu(Pu::process_of("web", cgroup).accepting_tcp_to(networks, PORT))
+        .to_toml()
 }
 
-fn policy_a(cgroup: &str) -> String {
+fn policy_a(cgroup: &Cgroup) -> String {
     config(cgroup, &["10.2.0.0/16", "10.4.0.0/16"])
 }
 
-fn policy_b(cgroup: &str) -> String {
+fn policy_b(cgroup: &Cgroup) -> String {
     config(cgroup, &["10.2.0.0/16"])
 }
 
@@ -284,7 +249,7 @@ fn a_hundred_updates_leave_no_gap(datapath: Datapath) -> Result<()> {
         return Ok(());
     };
     let w = Arc::new(World::new(&env)?);
-    let (a, b) = (policy_a(&w.cgroup_rel()), policy_b(&w.cgroup_rel()));
+    let (a, b) = (policy_a(&w.cgroup), policy_b(&w.cgroup));
     let agent = w.start(datapath, &a)?;
     let stream = w.stream(BOTH)?;
     let allowed = Prober::start(&w, BOTH);
@@ -363,7 +328,7 @@ fn a_connection_only_the_old_policy_allowed_is_cut(datapath: Datapath) -> Result
         return Ok(());
     };
     let w = World::new(&env)?;
-    let (a, b) = (policy_a(&w.cgroup_rel()), policy_b(&w.cgroup_rel()));
+    let (a, b) = (policy_a(&w.cgroup), policy_b(&w.cgroup));
     let agent = w.start(datapath, &a)?;
     let mut revoked = w.stream(A_ONLY)?;
     let mut kept = w.stream(BOTH)?;

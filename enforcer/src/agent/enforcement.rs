@@ -133,6 +133,19 @@ pub(super) mod fake {
     use crate::datapath::{Counters, Datapath, DatapathError, DatapathKind, PacketCounts, Result};
     use crate::policy::{NetworkSettings, Pu};
 
+    /// The config the agent's unit tests start from: PU `a` (uid 1000) and
+    /// PU `b` (the host). Tests that change it edit its lines as text.
+    pub const TWO_PUS: &str = r#"
+mode = "local-server"
+[[pus]]
+id = "a"
+kind = "uid"
+uid = 1000
+[[pus]]
+id = "b"
+kind = "host"
+"#;
+
     #[derive(Debug, Clone, Default)]
     pub struct FakeDatapath {
         /// Every call, as `configure 0 web`.
@@ -206,24 +219,13 @@ pub(super) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use super::fake::FakeDatapath;
+    use super::fake::{FakeDatapath, TWO_PUS};
     use super::*;
     use crate::agent::plan::plan;
     use crate::policy::PortRange;
 
-    const CONFIG: &str = r#"
-        mode = "local-server"
-        [[pus]]
-        id = "a"
-        kind = "uid"
-        uid = 1000
-        [[pus]]
-        id = "b"
-        kind = "host"
-    "#;
-
     fn started() -> (Enforcement, FakeDatapath, Configuration) {
-        let config = Configuration::from_toml_str(CONFIG).unwrap();
+        let config = Configuration::from_toml_str(TWO_PUS).unwrap();
         let fake = FakeDatapath::default();
         let mut e = Enforcement::new(Box::new(fake.clone()), &config);
         e.start(&config).unwrap();

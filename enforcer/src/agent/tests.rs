@@ -8,21 +8,10 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use super::enforcement::fake::FakeDatapath;
+use super::enforcement::fake::{FakeDatapath, TWO_PUS};
 use super::*;
 use crate::control::{Request, Response, StatusReport};
 use crate::trap::TrapCounters;
-
-const CONFIG: &str = r#"
-mode = "local-server"
-[[pus]]
-id = "a"
-kind = "uid"
-uid = 1000
-[[pus]]
-id = "b"
-kind = "host"
-"#;
 
 struct Harness {
     dir: PathBuf,
@@ -41,7 +30,7 @@ impl Harness {
             host: CgroupV2Host::new(&dir),
             datapath: None,
         };
-        std::fs::write(&source.path, CONFIG).unwrap();
+        std::fs::write(&source.path, TWO_PUS).unwrap();
         let config = source.load().unwrap();
         let owner =
             DatapathOwner::spawn(Enforcement::new(Box::new(fake.clone()), &config)).unwrap();
@@ -143,7 +132,7 @@ async fn status_reports_what_is_in_force() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_apply_the_difference_and_refuse_bad_configs() {
     let h = Harness::start("reload", FakeDatapath::default()).await;
-    let changed = CONFIG
+    let changed = TWO_PUS
         .replace("uid = 1000", "uid = 1000\ntcp_ports = [80]")
         .replace(
             "id = \"b\"\nkind = \"host\"",
@@ -206,7 +195,7 @@ async fn reloads_apply_the_difference_and_refuse_bad_configs() {
 async fn a_failed_reload_is_reported_and_the_next_one_finishes() {
     let h = Harness::start("failed", FakeDatapath::default()).await;
     h.write_config(&format!(
-        "{CONFIG}[[pus]]\nid = \"c\"\nkind = \"uid\"\nuid = 7\n"
+        "{TWO_PUS}[[pus]]\nid = \"c\"\nkind = \"uid\"\nuid = 7\n"
     ));
     h.fake.fail_on("configure");
     let status = h.reload().await;

@@ -1,0 +1,63 @@
+//! One test body run on every datapath and/or address family: macros that
+//! turn a list of bodies into `#[test]`s named `ebpf::v4::name`,
+//! `iptables::v6::name`, `ebpf::name`, `v4::name`, … so every suite
+//! spells its matrix the same way.
+//!
+//! A suite invokes them at its root, where the bodies are: each generated
+//! test calls `crate::name`, which names the invoking suite's item.
+
+/// `ebpf::{v4,v6}::name` and `iptables::{v4,v6}::name` for each
+/// `fn name(Datapath, Family) -> anyhow::Result<()>`.
+#[macro_export]
+macro_rules! on_both_datapaths_and_families {
+    ($($name:ident),+ $(,)?) => {
+        mod ebpf {
+            $crate::on_both_families!(@after [$($name),+] ($crate::agent::Datapath::Ebpf,));
+        }
+        mod iptables {
+            $crate::on_both_families!(@after [$($name),+] ($crate::agent::Datapath::Iptables,));
+        }
+    };
+}
+
+/// `ebpf::name` and `iptables::name` for each
+/// `fn name(Datapath) -> anyhow::Result<()>`.
+#[macro_export]
+macro_rules! on_both_datapaths {
+    ($($name:ident),+ $(,)?) => {
+        mod ebpf {
+            $crate::matrix_tests!([$($name),+] ($crate::agent::Datapath::Ebpf));
+        }
+        mod iptables {
+            $crate::matrix_tests!([$($name),+] ($crate::agent::Datapath::Iptables));
+        }
+    };
+}
+
+/// `v4::name` and `v6::name` for each `fn name(Family) -> anyhow::Result<()>`.
+#[macro_export]
+macro_rules! on_both_families {
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_both_families!(@after [$($name),+] ());
+    };
+    // The family after the arguments `$before` (a datapath and a comma).
+    (@after $names:tt ($($before:tt)*)) => {
+        mod v4 {
+            $crate::matrix_tests!($names ($($before)* $crate::netfilter::Family::V4));
+        }
+        mod v6 {
+            $crate::matrix_tests!($names ($($before)* $crate::netfilter::Family::V6));
+        }
+    };
+}
+
+/// One `#[test]` per name, calling `crate::name` with `$args`.
+#[doc(hidden)]
+#[macro_export]
+// `crate` is meant: the bodies live in the invoking suite, not here.
+#[allow(clippy::crate_in_macro_def)]
+macro_rules! matrix_tests {
+    ([$($name:ident),+] $args:tt) => {
+        $(#[test] fn $name() -> anyhow::Result<()> { crate::$name $args })+
+    };
+}
