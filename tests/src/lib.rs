@@ -14,6 +14,8 @@
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 //! - [`config`]: agent configs built as values, written out as TOML.
+//! - [`world`]: one PU, a few UDP peers, the agent (targets and marks
+//!   suites).
 
 pub mod agent;
 pub mod bench;
@@ -25,6 +27,7 @@ pub mod netns;
 pub mod privilege;
 pub mod seccomp;
 pub mod traffic;
+pub mod world;
 
 /// Prefix of every kernel object the harness creates (namespaces, cgroups,
 /// pins), so that [`leftovers`] can find whatever a run left behind.

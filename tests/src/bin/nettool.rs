@@ -50,7 +50,16 @@ enum Cmd {
         /// Source address to bind to.
         #[arg(long)]
         from: Option<std::net::IpAddr>,
+        /// SO_MARK of the socket (the agent's injected kind, say).
+        #[arg(long)]
+        mark: Option<u32>,
     },
+    /// One connected UDP socket to TO: prints `connected <local address>`,
+    /// then sends each line of stdin as a datagram (`send`, no address)
+    /// and prints `sent` or `error=<io error kind>` for it; ends at EOF.
+    /// The flow of the target-network tests: every datagram has the same
+    /// 5-tuple.
+    UdpFlow { to: SocketAddr },
     /// Keep one TCP connection to an echo server busy — send a chunk,
     /// read it back, again — until stdin closes or SECONDS pass. Prints
     /// `connected` once connected, then one line of `key=value` pairs:
@@ -74,7 +83,19 @@ enum Cmd {
 fn main() -> ExitCode {
     let outcome = match Cli::parse().cmd {
         Cmd::TcpExchange { to, payload } => traffic::tcp_exchange(to, payload.as_bytes()),
-        Cmd::UdpSend { to, payload, from } => traffic::udp_send(from, to, payload.as_bytes()),
+        Cmd::UdpSend {
+            to,
+            payload,
+            from,
+            mark: None,
+        } => traffic::udp_send(from, to, payload.as_bytes()),
+        Cmd::UdpSend {
+            to,
+            payload,
+            mark: Some(mark),
+            ..
+        } => udp_send_marked(to, mark, payload.as_bytes()),
+        Cmd::UdpFlow { to } => return udp_flow(to),
         Cmd::TcpStream {
             to,
             seconds,
@@ -92,6 +113,50 @@ fn main() -> ExitCode {
         eprintln!("{why}");
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.
+fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcome {
+    let sent = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .and_then(|socket| {
+        socket.set_mark(mark)?;
+        socket.send_to(payload, &to.into())
+    });
+    match sent {
+        Ok(_) => traffic::Outcome::Exchanged,
+        Err(e) => traffic::Outcome::from_io(&e),
+    }
+}
+
+/// `nettool udp-flow`.
+fn udp_flow(to: SocketAddr) -> ExitCode {
+    let bind: SocketAddr = match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    let socket = match std::net::UdpSocket::bind(bind).and_then(|s| s.connect(to).map(|()| s)) {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("error={:?}", e.kind());
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    println!("connected {local}");
+    let _ = std::io::stdout().flush();
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        match socket.send(line.as_bytes()) {
+            Ok(_) => println!("sent"),
+            Err(e) => println!("error={:?}", e.kind()),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    ExitCode::SUCCESS
 }
 
 /// `nettool tcp-stream`.
