@@ -136,10 +136,10 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
          -A OUTPUT -d {acl_peer} -j MARK --or-mark {KUBE:#x}\n\
          COMMIT\n\
          *mangle\n\
-         -A POSTROUTING -d {target} -m comment --comment target-out\n\
-         -A POSTROUTING -d {target} -m mark --mark {KUBE_MASQ:#x}/{KUBE_MASQ:#x} -m mark --mark {KUBE_DROP:#x}/{KUBE_DROP:#x} -m connmark --mark {authorised:#x}/{kind:#x} -m comment --comment target-kube-and-agent\n\
-         -A POSTROUTING -d {acl_peer} -m comment --comment acl-out\n\
-         -A POSTROUTING -d {acl_peer} -m mark --mark {KUBE:#x}/{KUBE:#x} {acl_accepted} -m comment --comment acl-kube-and-agent\n\
+         -A POSTROUTING -d {target} -m comment --comment target-out -m mark --mark 0x0/0x0\n\
+         -A POSTROUTING -d {target} -m comment --comment target-kube-and-agent -m mark --mark {KUBE_MASQ:#x}/{KUBE_MASQ:#x} -m mark --mark {KUBE_DROP:#x}/{KUBE_DROP:#x} -m connmark --mark {authorised:#x}/{kind:#x}\n\
+         -A POSTROUTING -d {acl_peer} -m comment --comment acl-out -m mark --mark 0x0/0x0\n\
+         -A POSTROUTING -d {acl_peer} -m comment --comment acl-kube-and-agent -m mark --mark {KUBE:#x}/{KUBE:#x} {acl_accepted}\n\
          -A POSTROUTING -d {target} -j CONNMARK --or-mark {KUBE:#x}\n\
          -A POSTROUTING -d {acl_peer} -j CONNMARK --or-mark {KUBE:#x}\n\
          COMMIT\n"
