@@ -248,6 +248,12 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
         agent.log()
     );
     assert_eq!(w.kernel_queued()?, 0, "the injected datagram is not trapped");
+    // Even with a trap class beside the kind (as a hook would have given
+    // a connected socket): the fixed OUTPUT rule accepts it first.
+    let classed = MarkLayout::default().with_class(injected, Class::TrapUdp);
+    assert_eq!(send(&target, "injected-classed", Some(classed))?, Outcome::Exchanged);
+    assert!(target.wait_for(b"injected-classed", wait).is_some());
+    assert_eq!(w.kernel_queued()?, 0, "the classed injected datagram is not trapped");
     assert_eq!(send(&other, "injected-other", Some(injected))?, Outcome::Exchanged);
     assert!(
         other.wait_for(b"injected-other", wait).is_some(),
