@@ -105,9 +105,13 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
         return Ok(());
     };
     let family = Family::V4;
-    let layout = MarkLayout::new(shift.unwrap_or(enforcer_common::marks::DEFAULT_SHIFT))
-        .context("shift")?;
-    assert_eq!(layout.field_mask() & KUBE, 0, "the test's field must avoid kube-proxy's bits");
+    let layout =
+        MarkLayout::new(shift.unwrap_or(enforcer_common::marks::DEFAULT_SHIFT)).context("shift")?;
+    assert_eq!(
+        layout.field_mask() & KUBE,
+        0,
+        "the test's field must avoid kube-proxy's bits"
+    );
     let w = PuWorld::new(&env, family, &[TARGET, ACL_PEER, OTHER])?;
     let _servers = [TARGET, ACL_PEER, OTHER]
         .map(|p| TcpEchoServer::start(&w.hosts.b, w.addr(p)))
@@ -181,12 +185,13 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
 
     // The connection marks hold kube-proxy's bits beside the agent's kind,
     // and the agent's kind only in its own field.
-    let out = enforcer_tests::netns::output_ok(
-        w.hosts
-            .a
-            .command("conntrack")?
-            .args(["-L", "-f", "ipv4", "-d", &target.to_string()]),
-    )?;
+    let out = enforcer_tests::netns::output_ok(w.hosts.a.command("conntrack")?.args([
+        "-L",
+        "-f",
+        "ipv4",
+        "-d",
+        &target.to_string(),
+    ]))?;
     let listing = String::from_utf8(out.stdout)?;
     let marks: Vec<u32> = listing
         .lines()
@@ -241,20 +246,37 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
     };
     let wait = Duration::from_secs(2);
 
-    assert_eq!(send(&target, "injected", Some(injected))?, Outcome::Exchanged);
+    assert_eq!(
+        send(&target, "injected", Some(injected))?,
+        Outcome::Exchanged
+    );
     assert!(
         target.wait_for(b"injected", wait).is_some(),
         "{}",
         agent.log()
     );
-    assert_eq!(w.kernel_queued()?, 0, "the injected datagram is not trapped");
+    assert_eq!(
+        w.kernel_queued()?,
+        0,
+        "the injected datagram is not trapped"
+    );
     // Even with a trap class beside the kind (as a hook would have given
     // a connected socket): the fixed OUTPUT rule accepts it first.
     let classed = MarkLayout::default().with_class(injected, Class::TrapUdp);
-    assert_eq!(send(&target, "injected-classed", Some(classed))?, Outcome::Exchanged);
+    assert_eq!(
+        send(&target, "injected-classed", Some(classed))?,
+        Outcome::Exchanged
+    );
     assert!(target.wait_for(b"injected-classed", wait).is_some());
-    assert_eq!(w.kernel_queued()?, 0, "the classed injected datagram is not trapped");
-    assert_eq!(send(&other, "injected-other", Some(injected))?, Outcome::Exchanged);
+    assert_eq!(
+        w.kernel_queued()?,
+        0,
+        "the classed injected datagram is not trapped"
+    );
+    assert_eq!(
+        send(&other, "injected-other", Some(injected))?,
+        Outcome::Exchanged
+    );
     assert!(
         other.wait_for(b"injected-other", wait).is_some(),
         "no PU policy applies to an injected datagram"
@@ -264,6 +286,10 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
     let mut flow = w.udp_flow(nettool!(), w.addr(TARGET))?;
     assert_eq!(flow.send("plain")?, None);
     assert!(target.wait_for(b"plain", wait).is_some());
-    assert_eq!(w.kernel_queued()?, 1, "without the mark, the flow is trapped");
+    assert_eq!(
+        w.kernel_queued()?,
+        1,
+        "without the mark, the flow is trapped"
+    );
     Ok(())
 }

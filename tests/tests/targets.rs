@@ -114,10 +114,18 @@ fn run(datapath: Datapath, family: Family, acl: bool) -> Result<()> {
         "the trapped datagram is accepted:\n{}",
         agent.log()
     );
-    assert_eq!(w.kernel_queued()?, 1, "the flow's first datagram is trapped");
+    assert_eq!(
+        w.kernel_queued()?,
+        1,
+        "the flow's first datagram is trapped"
+    );
     assert_eq!(flow.send("second")?, None);
     assert!(peer.wait_for(b"second", wait).is_some());
-    assert_eq!(w.kernel_queued()?, 1, "once decided, the flow is not trapped again");
+    assert_eq!(
+        w.kernel_queued()?,
+        1,
+        "once decided, the flow is not trapped again"
+    );
     assert_eq!(w.udp_entries(PEER)?.len(), 1, "the flow's entry");
 
     agent.reload(&config(&cgroup, false, acl))?;
@@ -129,7 +137,10 @@ fn run(datapath: Datapath, family: Family, acl: bool) -> Result<()> {
     );
 
     let sent = flow.send("third")?;
-    let arrived = peer.wait_for(b"third", Duration::from_millis(if acl { 2000 } else { 500 }));
+    let arrived = peer.wait_for(
+        b"third",
+        Duration::from_millis(if acl { 2000 } else { 500 }),
+    );
     if acl {
         assert_eq!(sent, None, "the ACL accepts the peer: the socket sends");
         assert!(

@@ -197,7 +197,11 @@ tcp      6 10 CLOSE src=10.0.0.1 dst=not-an-address sport=1 dport=2
         );
         assert_eq!(stale(&["fd05::/64"]), [true, true, false, false]);
         // Never a target: not this change's business.
-        assert!(!no_longer_udp_target(&flows[0], &nets(&["10.9.0.0/16"]), &[]));
+        assert!(!no_longer_udp_target(
+            &flows[0],
+            &nets(&["10.9.0.0/16"]),
+            &[]
+        ));
     }
 
     #[test]

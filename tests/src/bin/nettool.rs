@@ -145,7 +145,10 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     println!("connected {local}");
     let _ = std::io::stdout().flush();
     for line in std::io::stdin().lines() {

@@ -962,7 +962,9 @@ impl EbpfDatapath {
             };
             match sockdiag::abort_sockets(&state.cgroup, cut) {
                 Ok(cut) if cut.is_empty() => {}
-                Ok(cut) => info!(pu = %id, sockets = cut.len(), "UDP sockets to removed targets cut"),
+                Ok(cut) => {
+                    info!(pu = %id, sockets = cut.len(), "UDP sockets to removed targets cut")
+                }
                 Err(e) => tracing::error!(
                     pu = %id,
                     "cutting the PU's UDP sockets to removed target networks failed: {e:#}"
