@@ -155,7 +155,8 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
         let Ok(line) = line else { break };
         match socket.send(line.as_bytes()) {
             Ok(_) => println!("sent"),
-            Err(e) => println!("error={:?}", e.kind()),
+            // The errno says more than the kind (ECONNABORTED, EPERM…).
+            Err(e) => println!("error={:?}/{}", e.kind(), e.raw_os_error().unwrap_or(0)),
         }
         let _ = std::io::stdout().flush();
     }
