@@ -947,18 +947,26 @@ impl EbpfDatapath {
             old_udp.iter().any(|n| n.contains(peer))
                 && !networks.target_udp.iter().any(|n| n.contains(peer))
         };
+        let candidate = |socket: &sockdiag::Socket| {
+            socket.protocol == revoke::UDP
+                && socket.mark.is_some_and(trapped)
+                && stale(&socket.remote.ip().to_canonical())
+        };
+        // One dump first: per PU, a cut walks its cgroup tree and dumps
+        // again, which only the PUs of a host that has such sockets pay.
+        match sockdiag::sockets() {
+            Ok(sockets) if !sockets.iter().any(candidate) => return,
+            Ok(_) => {}
+            Err(e) => debug!("listing sockets before the cut failed, cutting anyway: {e}"),
+        }
         for (id, state) in &self.pus {
             let cut = |socket: &sockdiag::Socket| {
-                let peer = socket.remote.ip().to_canonical();
                 let setup = revoke::Setup {
                     protocol: socket.protocol,
-                    peer,
+                    peer: socket.remote.ip().to_canonical(),
                     port: socket.remote.port(),
                 };
-                socket.protocol == revoke::UDP
-                    && socket.mark.is_some_and(trapped)
-                    && stale(&peer)
-                    && revoke::refused_now(&state.policy, &networks, setup)
+                candidate(socket) && revoke::refused_now(&state.policy, &networks, setup)
             };
             match sockdiag::abort_sockets(&state.cgroup, cut) {
                 Ok(cut) if cut.is_empty() => {}
