@@ -11,11 +11,34 @@
 //! | 8–10           | 0x0700 | kind: what the connection or socket *is* | 1 authorised by the handshake (seed 0xEEEE), 2 external flow accepted (seed 0xEEEF), 3 proxy traffic (seed 0x40), 4 injected by the agent (seed 0x40000062) |
 //! | 11–13          | 0x3800 | class: what eBPF decided for this packet | 1 trap TCP set-up, 2 trap UDP, 3 accepted by an ACL |
 //!
+//! This is the one table of the agent's mark values and masks; rules,
+//! programs, the trap consumer and the README refer to it. At the default
+//! shift (8), every value and the mask it is matched under:
+//!
+//! | meaning | seed value | value / mask | written into |
+//! |---------|------------|--------------|--------------|
+//! | the whole field | — | `0x3f00` | — |
+//! | kind: authorised by the handshake | 0xEEEE | `0x0100/0x0700` | packet mark (the trap consumer's verdict), then connection mark (`CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700`) |
+//! | kind: external flow accepted by an ACL | 0xEEEF | `0x0200/0x0700` | connection mark (iptables ACL accept) |
+//! | kind: proxy traffic | 0x40 | `0x0300/0x0700` | socket mark (the proxy's) |
+//! | kind: injected by the agent | 0x40000062 | `0x0400/0x0700` | socket mark (the agent's own sockets); accepted first in OUTPUT, never trapped |
+//! | class: trap TCP set-up | — | `0x0800/0x3800` | socket mark (eBPF connect hook), packet mark (eBPF TC ingress) |
+//! | class: trap UDP | — | `0x1000/0x3800` | the same |
+//! | class: accepted by an ACL | — | `0x1800/0x3800` | the same |
+//!
+//! With shift `s` each value and mask is the one above shifted left by
+//! `s - 8` (shift 16: field `0x3f0000`, authorised `0x10000/0x70000`). The
+//! seed's per-PU net_cls marks (`0x1111` base) have no counterpart: PUs
+//! are found by cgroup (eBPF programs, `-m cgroup --path`), not by mark.
+//!
 //! Kinds are mutually exclusive, so they are values, not bits; each is
 //! matched as `value/kind_mask`. The class is set by the eBPF programs
 //! (socket mark from a cgroup hook, `skb->mark` from TC) and read by the
 //! fixed netfilter rules. Every write preserves the bits outside the
-//! field, so other users' marks survive.
+//! field, so other users' marks survive: kube-proxy's `0x4000`
+//! (masquerade) and `0x8000` (drop) and Calico's `0xffff0000` lie outside
+//! the default field (`tests/tests/marks.rs` shows kube-proxy's bits kept
+//! on the agent's packets and connections, on both datapaths).
 //!
 //! `shift` is configurable (`[marks] shift` in the config) so the field can
 //! move out of the way of another system on the host.

@@ -16,7 +16,8 @@
 //! 5. anything else is refused, and logged (policy `default`).
 //!
 //! A connection of a task in no PU's cgroup (the PU was just deleted) is
-//! left alone.
+//! left alone, and so is a socket the agent marked as its own injected
+//! traffic (kind `Injected`).
 
 use core::ffi::c_void;
 
@@ -31,7 +32,7 @@ use enforcer_common::{
         DIRECTION_APP, FlowEvent, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
         SCOPE_TARGET_UDP, UdpTrapKey,
     },
-    marks::{Class, MarkLayout},
+    marks::{Class, Kind, MarkLayout},
 };
 
 use crate::maps::UDP_TRAPS;
@@ -153,6 +154,11 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let Some(slot) = current_pu() else {
         return PROCEED;
     };
+    if socket_mark(sa) & mark_layout().kind_mask() == mark_layout().kind(Kind::Injected) {
+        // The agent's own injected packets bypass every PU's policy, as
+        // the fixed OUTPUT rule that accepts them first does.
+        return PROCEED;
+    }
     if in_set(SCOPE_EXCLUDED, addr) {
         // A socket reconnected from a target to an excluded peer must not
         // keep its old class: excluded traffic is never touched.
@@ -245,12 +251,12 @@ fn clear_class(sa: *mut bpf_sock_addr) {
     rewrite_mark(sa, |layout, mark| mark & !layout.class_mask());
 }
 
+/// The socket mark; 0 if it cannot be read (no bits set).
 #[inline(always)]
-fn rewrite_mark(sa: *mut bpf_sock_addr, rewrite: impl Fn(MarkLayout, u32) -> u32) {
-    let layout = mark_layout();
+fn socket_mark(sa: *mut bpf_sock_addr) -> u32 {
     let mut mark: u32 = 0;
-    // SAFETY: `sa` is the program's context; the option buffers are live
-    // locals of the stated length. A failed read leaves 0 (no other bits).
+    // SAFETY: `sa` is the program's context; the option buffer is a live
+    // local of the stated length. A failed read leaves 0.
     unsafe {
         bpf_getsockopt(
             sa.cast::<c_void>(),
@@ -259,7 +265,16 @@ fn rewrite_mark(sa: *mut bpf_sock_addr, rewrite: impl Fn(MarkLayout, u32) -> u32
             (&raw mut mark).cast::<c_void>(),
             size_of::<u32>() as i32,
         );
-        mark = rewrite(layout, mark);
+    }
+    mark
+}
+
+#[inline(always)]
+fn rewrite_mark(sa: *mut bpf_sock_addr, rewrite: impl Fn(MarkLayout, u32) -> u32) {
+    let mut mark = rewrite(mark_layout(), socket_mark(sa));
+    // SAFETY: `sa` is the program's context; the option buffer is a live
+    // local of the stated length.
+    unsafe {
         bpf_setsockopt(
             sa.cast::<c_void>(),
             SOL_SOCKET,

@@ -16,6 +16,8 @@
 //! - [`config`]: agent configs built as values, written out as TOML.
 //! - [`roles`]: peers on host `b` by role, one source address each.
 //! - [`matrix`]: a test body run on both datapaths and/or both families.
+//! - [`world`]: one PU, a few UDP peers, the agent (targets and marks
+//!   suites).
 
 pub mod agent;
 pub mod bench;
@@ -29,6 +31,7 @@ pub mod privilege;
 pub mod roles;
 pub mod seccomp;
 pub mod traffic;
+pub mod world;
 
 /// Prefix of every kernel object the harness creates (namespaces, cgroups,
 /// pins), so that [`leftovers`] can find whatever a run left behind.

@@ -1,6 +1,7 @@
 //! Conntrack entries as the `conntrack` tool (conntrack-tools) lists them,
-//! and the argument lists that delete one. Pure: [`super::iptables::exec`]
-//! runs the tool.
+//! the argument lists that delete one, and which UDP entries a change of
+//! the target networks makes stale ([`no_longer_udp_target`]). Pure:
+//! [`super::iptables::exec`] runs the tool.
 //!
 //! The tool rather than ctnetlink: the iptables datapath already works
 //! through the netfilter tools (and setup installs this one), deletions
@@ -11,6 +12,8 @@
 //! passed through as text, and no shell is involved.
 
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::policy::IpFamily;
 
@@ -104,6 +107,23 @@ pub fn delete_args(flow: &Flow, value: u32, mask: u32) -> Vec<String> {
     ]
 }
 
+/// Whether a change of the target UDP networks from `old` to `new` makes
+/// `flow` stale (SPEC, `set_target_networks`: "removing a UDP target
+/// flushes its conntrack entries"): a UDP flow with an end that was in a
+/// target UDP network and is in none now. Its entry may carry the trap's
+/// verdict (the connection mark of an authorised flow), which no longer
+/// applies: forgetting it makes the next datagram NEW, judged by the PU's
+/// ACLs. Either end, as an entry's original direction is outgoing for a
+/// PU's own flows and incoming for a peer's. Flows of other protocols and
+/// flows whose ends stay covered (a narrowed or split target) are kept.
+pub fn no_longer_udp_target(flow: &Flow, old: &[IpNet], new: &[IpNet]) -> bool {
+    let covered = |list: &[IpNet], addr: &IpAddr| list.iter().any(|net| net.contains(addr));
+    flow.protocol == super::revoke::UDP
+        && [flow.src, flow.dst]
+            .iter()
+            .any(|end| covered(old, end) && !covered(new, end))
+}
+
 fn family_arg(family: IpFamily) -> &'static str {
     match family {
         IpFamily::V4 => "ipv4",
@@ -149,6 +169,39 @@ tcp      6 10 CLOSE src=10.0.0.1 dst=not-an-address sport=1 dport=2
                 }
             ]
         );
+    }
+
+    #[test]
+    fn udp_flows_with_an_end_no_longer_a_target_are_stale() {
+        let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|n| n.parse().unwrap()).collect() };
+        let flows = parse_list(
+            "udp 17 29 src=10.0.0.1 dst=10.5.0.2 sport=5000 dport=53 src=10.5.0.2 dst=10.0.0.1 sport=53 dport=5000\n\
+             udp 17 29 src=10.5.0.2 dst=10.0.0.1 sport=53 dport=5000 src=10.0.0.1 dst=10.5.0.2 sport=5000 dport=53\n\
+             tcp 6 99 ESTABLISHED src=10.0.0.1 dst=10.5.0.2 sport=5000 dport=53 src=10.5.0.2 dst=10.0.0.1 sport=53 dport=5000\n\
+             udp 17 29 src=fd00::1 dst=fd05::2 sport=5000 dport=53 src=fd05::2 dst=fd00::1 sport=53 dport=5000\n",
+        );
+        let old = nets(&["10.5.0.0/16", "fd05::/64"]);
+        let stale = |new: &[&str]| -> Vec<bool> {
+            let new = nets(new);
+            flows
+                .iter()
+                .map(|f| no_longer_udp_target(f, &old, &new))
+                .collect()
+        };
+        // Both directions, both families; never TCP.
+        assert_eq!(stale(&[]), [true, true, false, true]);
+        // Still covered by a narrower or another target: kept.
+        assert_eq!(
+            stale(&["10.5.0.0/24", "fd05::2/128"]),
+            [false, false, false, false]
+        );
+        assert_eq!(stale(&["fd05::/64"]), [true, true, false, false]);
+        // Never a target: not this change's business.
+        assert!(!no_longer_udp_target(
+            &flows[0],
+            &nets(&["10.9.0.0/16"]),
+            &[]
+        ));
     }
 
     #[test]

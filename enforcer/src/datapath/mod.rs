@@ -18,7 +18,9 @@
 //!
 //! An `update` also cuts the PU's connections that only the old policy
 //! allowed ([`revoke`] decides which; [`sockdiag`] aborts sockets,
-//! [`conntrack`] names the flows the iptables datapath forgets).
+//! [`conntrack`] names the flows the iptables datapath forgets). Removing
+//! a UDP target network makes both datapaths forget its UDP flows
+//! ([`conntrack::no_longer_udp_target`]), so they are judged again.
 //! [`fault`] is the test-only hook that makes an operation's last kernel
 //! batch fail.
 //!

@@ -53,6 +53,9 @@ enum Cmd {
         /// Datagrams to send, all from one unconnected socket.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// SO_MARK of the socket (the agent's injected kind, say).
+        #[arg(long)]
+        mark: Option<u32>,
     },
     /// Send one ICMP or ICMPv6 echo request and wait for its reply.
     Ping {
@@ -61,6 +64,12 @@ enum Cmd {
         #[arg(long)]
         dgram: bool,
     },
+    /// One connected UDP socket to TO: prints `connected <local address>`,
+    /// then sends each line of stdin as a datagram (`send`, no address)
+    /// and prints `sent` or `error=<io error kind>` for it; ends at EOF.
+    /// The flow of the target-network tests: every datagram has the same
+    /// 5-tuple.
+    UdpFlow { to: SocketAddr },
     /// Keep one TCP connection to an echo server busy — send a chunk,
     /// read it back, again — until stdin closes or SECONDS pass. Prints
     /// `connected` once connected, then one line of `key=value` pairs:
@@ -89,7 +98,14 @@ fn main() -> ExitCode {
             payload,
             from,
             count,
+            mark: None,
         } => traffic::udp_send_n(from, to, payload.as_bytes(), count),
+        Cmd::UdpSend {
+            to,
+            payload,
+            mark: Some(mark),
+            ..
+        } => udp_send_marked(to, mark, payload.as_bytes()),
         Cmd::Ping { to, dgram } => traffic::ping(
             to,
             match dgram {
@@ -97,6 +113,7 @@ fn main() -> ExitCode {
                 false => traffic::PingSocket::Raw,
             },
         ),
+        Cmd::UdpFlow { to } => return udp_flow(to),
         Cmd::TcpStream {
             to,
             seconds,
@@ -114,6 +131,54 @@ fn main() -> ExitCode {
         eprintln!("{why}");
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.
+fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcome {
+    let sent = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .and_then(|socket| {
+        socket.set_mark(mark)?;
+        socket.send_to(payload, &to.into())
+    });
+    match sent {
+        Ok(_) => traffic::Outcome::Exchanged,
+        Err(e) => traffic::Outcome::from_io(&e),
+    }
+}
+
+/// `nettool udp-flow`.
+fn udp_flow(to: SocketAddr) -> ExitCode {
+    let bind: SocketAddr = match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    let socket = match std::net::UdpSocket::bind(bind).and_then(|s| s.connect(to).map(|()| s)) {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("error={:?}", e.kind());
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    println!("connected {local}");
+    let _ = std::io::stdout().flush();
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { break };
+        match socket.send(line.as_bytes()) {
+            Ok(_) => println!("sent"),
+            // The errno says more than the kind (ECONNABORTED, EPERM…).
+            Err(e) => println!("error={:?}/{}", e.kind(), e.raw_os_error().unwrap_or(0)),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    ExitCode::SUCCESS
 }
 
 /// `nettool tcp-stream`.

@@ -106,6 +106,9 @@ struct PuState {
     retired: BTreeSet<AclPrefix>,
     /// Its listening ports in `PU_PORTS`.
     ports: BTreeSet<PortKey>,
+    /// The policy in force (what a change of the target networks judges
+    /// its sockets by).
+    policy: Pu,
     /// Pins of its hooks' links. Only the pins hold the links: keeping a
     /// descriptor per link would run out of descriptors at a few thousand
     /// PUs (five links each).
@@ -671,7 +674,10 @@ impl Datapath for EbpfDatapath {
             }
         }
         let fault = self.faults.strikes(Operation::SetTargetNetworks);
-        self.write_sets(wanted, fault)
+        let old_udp = self.networks().target_udp;
+        self.write_sets(wanted, fault)?;
+        self.forget_removed_udp_targets(&old_udp);
+        Ok(())
     }
 
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
@@ -747,6 +753,7 @@ impl Datapath for EbpfDatapath {
                 prefixes,
                 retired: BTreeSet::new(),
                 ports,
+                policy: pu.clone(),
                 links,
             },
         );
@@ -817,6 +824,7 @@ impl Datapath for EbpfDatapath {
         state.prefixes = prefixes;
         state.retired = old_prefixes;
         state.ports = ports;
+        state.policy = new.clone();
         // The new policy is in force from here on: what follows cannot
         // undo it, so its failures are logged, not returned (the record of
         // what is in force must stay true).
@@ -961,6 +969,66 @@ impl EbpfDatapath {
                 pu = %pu.id,
                 "the new policy is in force, but cutting the connections it refuses failed: {e:#}"
             ),
+        }
+    }
+
+    /// After the target UDP networks lost some of `old_udp`: the UDP flows
+    /// trapped because of them are judged again (SPEC,
+    /// `set_target_networks`). Their conntrack entries, which carry the
+    /// trap's verdict, are forgotten; and a PU's connected UDP socket to
+    /// such a peer keeps the trap class its `connect()` gave it, so it is
+    /// aborted when the PU's policy now refuses the peer (as an update
+    /// cuts, [`Self::cut_refused`]): its next send fails, and a new
+    /// connect or `sendto` meets the PU's ACLs. One its ACLs accept keeps
+    /// going (its next datagram is trapped once more, and accepted).
+    /// Best effort: the sets are in force whatever happens here.
+    fn forget_removed_udp_targets(&self, old_udp: &[IpNet]) {
+        let networks = self.networks();
+        match nf::forget_udp_flows(&nf::System, old_udp, &networks.target_udp) {
+            Ok(0) => {}
+            Ok(n) => info!(flows = n, "UDP flows of removed target networks forgotten"),
+            Err(e) => tracing::error!(
+                "the new target networks are in force, but forgetting the UDP flows of \
+                 removed ones failed: {e:#}"
+            ),
+        }
+        let marks = self.settings.marks;
+        let trapped = |mark: u32| mark & marks.class_mask() == marks.class(Class::TrapUdp);
+        let stale = |peer: &std::net::IpAddr| {
+            old_udp.iter().any(|n| n.contains(peer))
+                && !networks.target_udp.iter().any(|n| n.contains(peer))
+        };
+        let candidate = |socket: &sockdiag::Socket| {
+            socket.protocol == revoke::UDP
+                && socket.mark.is_some_and(trapped)
+                && stale(&socket.remote.ip().to_canonical())
+        };
+        // One dump first: per PU, a cut walks its cgroup tree and dumps
+        // again, which only the PUs of a host that has such sockets pay.
+        match sockdiag::sockets() {
+            Ok(sockets) if !sockets.iter().any(candidate) => return,
+            Ok(_) => {}
+            Err(e) => debug!("listing sockets before the cut failed, cutting anyway: {e}"),
+        }
+        for (id, state) in &self.pus {
+            let cut = |socket: &sockdiag::Socket| {
+                let setup = revoke::Setup {
+                    protocol: socket.protocol,
+                    peer: socket.remote.ip().to_canonical(),
+                    port: socket.remote.port(),
+                };
+                candidate(socket) && revoke::refused_now(&state.policy, &networks, setup)
+            };
+            match sockdiag::abort_sockets(&state.cgroup, cut) {
+                Ok(cut) if cut.is_empty() => {}
+                Ok(cut) => {
+                    info!(pu = %id, sockets = cut.len(), "UDP sockets to removed targets cut")
+                }
+                Err(e) => tracing::error!(
+                    pu = %id,
+                    "cutting the PU's UDP sockets to removed target networks failed: {e:#}"
+                ),
+            }
         }
     }
 

@@ -25,6 +25,8 @@ const XT_BPF_PATH_MAX: usize = 512;
 /// - the consumer's verdict (kind `Authorised` in the packet mark, see
 ///   [`crate::datapath`]) is saved into the connection mark, and every
 ///   packet of an authorised connection is accepted before the trap;
+/// - outgoing, a packet the agent injects (kind `Injected`) is accepted
+///   before the trap;
 /// - a SYN classed `TrapTcp` (by a connect hook on the socket, or by TC
 ///   ingress on the packet) is queued to the direction's SYN range;
 /// - the first datagram of a UDP flow classed `TrapUdp` is queued to the
@@ -78,6 +80,16 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) ->
                  -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}"
             ),
             format!("-A {chain} -m connmark --mark {authorised:#x}/{kind:#x} -j ACCEPT"),
+        ]);
+        if direction == Direction::App {
+            // What the agent injects itself is never trapped (SPEC,
+            // "Global steering"), whatever class a hook gave its socket.
+            let injected = marks.kind(Kind::Injected);
+            rules.push(format!(
+                "-A {chain} -m mark --mark {injected:#x}/{kind:#x} -j ACCEPT"
+            ));
+        }
+        rules.extend([
             format!(
                 "-A {chain} -p tcp --tcp-flags SYN,ACK,FIN,RST SYN \
                  -m mark --mark {trap_tcp:#x}/{class:#x} -j NFQUEUE {syn}"
@@ -148,6 +160,7 @@ mod tests {
              -I OUTPUT 1 -j TRI-App\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT\n\
+             -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT\n\
              -A TRI-App -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 0:3 --queue-bypass\n\
              -A TRI-App -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\
              -A TRI-App -p udp -m conntrack --ctstate NEW -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_udp_trap -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\

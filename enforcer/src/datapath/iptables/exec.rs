@@ -18,6 +18,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::IpNet;
 use tracing::debug;
 
 use super::rules::{Table, section};
@@ -109,6 +110,32 @@ pub fn conntrack_delete(flow: &Flow, value: u32, mask: u32) -> Result<bool> {
         Err(e) if conntrack::nothing_deleted(&e.to_string()) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Forgets the UDP conntrack entries that the target UDP networks' change
+/// from `old` to `new` makes stale ([`conntrack::no_longer_udp_target`]),
+/// in both families, through `nf`. Returns how many were deleted. Shared
+/// by both datapaths: the entry holds the trap's verdict in its mark on
+/// either.
+pub fn forget_udp_flows(nf: &dyn Netfilter, old: &[IpNet], new: &[IpNet]) -> Result<usize> {
+    if old.iter().all(|net| new.contains(net)) {
+        // Nothing removed: every end an old network covered, a new one does.
+        return Ok(0);
+    }
+    let mut forgotten = 0;
+    for family in IpFamily::ALL {
+        // Every entry, whatever its mark (0 under mask 0).
+        let flows = nf
+            .conntrack_flows(family, 0, 0)
+            .with_context(|| format!("listing the {family} conntrack entries"))?;
+        for flow in flows
+            .iter()
+            .filter(|f| conntrack::no_longer_udp_target(f, old, new))
+        {
+            forgotten += usize::from(nf.conntrack_delete(flow, 0, 0)?);
+        }
+    }
+    Ok(forgotten)
 }
 
 /// Aborts the sockets created in the cgroup tree at `cgroup` whose

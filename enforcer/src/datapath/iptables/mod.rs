@@ -538,7 +538,21 @@ impl Datapath for IptablesDatapath {
             let undo = self.nf.ipset_restore(&network_changes(&wanted, current));
             return Err(self.undo_sets(e, undo));
         }
+        let udp = |nets: &PerFamily<FamilyNetworks>| -> Vec<IpNet> {
+            [&nets.v4.target_udp[..], &nets.v6.target_udp].concat()
+        };
+        let (old_udp, new_udp) = (udp(current), udp(&wanted));
         self.targets = Some(wanted);
+        // The sets are in force: a failure to forget the stale entries
+        // cannot undo them, so it is logged, not returned.
+        match exec::forget_udp_flows(self.nf.as_ref(), &old_udp, &new_udp) {
+            Ok(0) => {}
+            Ok(n) => info!(flows = n, "UDP flows of removed target networks forgotten"),
+            Err(e) => tracing::error!(
+                "the new target networks are in force, but forgetting the UDP flows of \
+                 removed ones failed: {e:#}"
+            ),
+        }
         Ok(())
     }
 
@@ -1048,6 +1062,42 @@ mod tests {
         assert_eq!(
             dp.targets.as_ref().unwrap().v4.target_tcp,
             nets(&["10.0.0.0/8"]).target_tcp
+        );
+    }
+
+    #[test]
+    fn removing_a_udp_target_forgets_its_udp_flows_only() {
+        let (mut dp, fake) = running();
+        let nets = |udp: &[&str]| NetworkSettings {
+            target_tcp: vec!["10.5.0.0/16".parse().unwrap()],
+            target_udp: udp.iter().map(|n| n.parse().unwrap()).collect(),
+            excluded: vec![],
+        };
+        dp.set_target_networks(&nets(&["10.5.0.0/16", "10.6.0.0/16"]))
+            .unwrap();
+        let udp = |dst: &str| Flow {
+            protocol: revoke::UDP,
+            ..flow(dst, 53)
+        };
+        let (to_removed, to_kept) = (udp("10.5.0.2"), udp("10.6.0.2"));
+        fake.0.lock().unwrap().flows = vec![to_removed, to_kept, flow("10.5.0.2", 53)];
+        fake.take();
+        dp.set_target_networks(&nets(&["10.6.0.0/16"])).unwrap();
+        let deleted: Vec<Call> = fake
+            .take()
+            .into_iter()
+            .filter(|c| matches!(c, Call::ConntrackDelete(_)))
+            .collect();
+        assert_eq!(deleted, [Call::ConntrackDelete(to_removed)]);
+        // Adding a target forgets nothing, and lists nothing.
+        dp.set_target_networks(&nets(&["10.6.0.0/16", "10.7.0.0/16"]))
+            .unwrap();
+        let calls = fake.take();
+        assert!(
+            calls
+                .iter()
+                .all(|c| !matches!(c, Call::ConntrackList(_) | Call::ConntrackDelete(_))),
+            "{calls:#?}"
         );
     }
 

@@ -1,0 +1,192 @@
+//! A small world for tests about one linux-process PU and a few UDP
+//! peers: host `a` runs the agent and holds the PU's cgroup, host `b` the
+//! peers, one address per [`Peer`] in the world's family, routed from `a`.
+//! Used by the target-network and mark-layout suites (`targets.rs`,
+//! `marks.rs`); the behaviour suite keeps its own, richer world.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr},
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{
+    agent::{Agent, Datapath},
+    cgroup::Cgroup,
+    netfilter::{self, Family},
+    netns::{TwoHosts, output_ok},
+    privilege,
+};
+
+/// The port every peer listens on.
+pub const PORT: u16 = 7000;
+
+/// A peer on host `b`: its address and network, IPv4 and IPv6.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: [&'static str; 2],
+    pub nets: [&'static str; 2],
+}
+
+/// The index of a family's entry in [`Peer`].
+pub fn index(family: Family) -> usize {
+    match family {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+pub struct PuWorld {
+    pub family: Family,
+    pub cgroup: Cgroup,
+    pub hosts: TwoHosts,
+}
+
+impl PuWorld {
+    /// Hosts `a` and `b` with each of `peers` on `b` (its network routed
+    /// from `a`), and the PU's cgroup. A peer on `b`'s veth end itself
+    /// (`10.1.0.2`, `fd00:1::2`) needs nothing more.
+    pub fn new(env: &privilege::Env, family: Family, peers: &[Peer]) -> Result<Self> {
+        let hosts = TwoHosts::new()?;
+        let i = index(family);
+        for peer in peers {
+            if peer.addr[i] == hosts.b_end.ip(family).to_string() {
+                continue;
+            }
+            let (flag, host_prefix) = match family {
+                Family::V4 => ("-4", 32),
+                Family::V6 => ("-6", 128),
+            };
+            let addr = format!("{}/{host_prefix}", peer.addr[i]);
+            let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
+            if family == Family::V6 {
+                add.push("nodad");
+            }
+            hosts.b.ip(&add)?;
+            hosts.a.ip(&[
+                flag,
+                "route",
+                "add",
+                peer.nets[i],
+                "dev",
+                &hosts.a_end.ifname,
+            ])?;
+        }
+        Ok(Self {
+            family,
+            cgroup: Cgroup::new(&env.cgroup2)?,
+            hosts,
+        })
+    }
+
+    pub fn ip(&self, peer: Peer) -> IpAddr {
+        peer.addr[index(self.family)]
+            .parse()
+            .expect("literal address")
+    }
+
+    pub fn addr(&self, peer: Peer) -> SocketAddr {
+        SocketAddr::new(self.ip(peer), PORT)
+    }
+
+    /// The PU's cgroup, relative to the cgroup v2 mount.
+    pub fn cgroup_rel(&self) -> String {
+        self.cgroup
+            .path()
+            .file_name()
+            .expect("cgroup dir name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Starts the agent in `a` with `config`, on `datapath`.
+    pub fn start(&self, bin: &str, datapath: Datapath, config: &str) -> Result<Agent> {
+        let agent = Agent::start(bin, &self.hosts.a, datapath, config)?;
+        let kind = agent.status()?["datapath"]["kind"].clone();
+        ensure!(kind == datapath.expected(), "datapath in use: {kind}");
+        Ok(agent)
+    }
+
+    /// Packets the kernel ever queued in host `a`'s namespace.
+    pub fn kernel_queued(&self) -> Result<u64> {
+        Ok(netfilter::queue_stats(&self.hosts.a)?
+            .iter()
+            .map(|q| u64::from(q.id_sequence))
+            .sum())
+    }
+
+    /// The UDP conntrack entries of host `a` with `peer` at either end, as
+    /// `conntrack -L` prints them.
+    pub fn udp_entries(&self, peer: Peer) -> Result<Vec<String>> {
+        let family = match self.family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        };
+        let out = output_ok(
+            self.hosts
+                .a
+                .command("conntrack")?
+                .args(["-L", "-f", family, "-p", "udp"]),
+        )?;
+        let ip = self.ip(peer).to_string();
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .filter(|l| l.contains(&format!("={ip} ")))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// A connected UDP socket of a process inside the PU, to `to`.
+    pub fn udp_flow(&self, nettool: &str, to: SocketAddr) -> Result<UdpFlow> {
+        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool)?;
+        cmd.args(["udp-flow", &to.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("starting nettool udp-flow")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut first = String::new();
+        stdout.read_line(&mut first)?;
+        if !first.starts_with("connected ") {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the UDP flow to {to} did not connect: {first}");
+        }
+        Ok(UdpFlow {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+}
+
+/// A `nettool udp-flow` child: one connected UDP socket.
+pub struct UdpFlow {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl UdpFlow {
+    /// Sends one datagram; `Ok(None)` if the socket sent it, else the
+    /// error kind the socket gave.
+    pub fn send(&mut self, payload: &str) -> Result<Option<String>> {
+        writeln!(self.stdin, "{payload}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        match line.trim() {
+            "sent" => Ok(None),
+            other => Ok(Some(other.to_owned())),
+        }
+    }
+}
+
+impl Drop for UdpFlow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

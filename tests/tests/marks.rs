@@ -1,0 +1,295 @@
+//! The mark layout beside kube-proxy (issue 5; SPEC, "Marks"): the agent's
+//! marks live in its own field and leave kube-proxy's masquerade
+//! (`0x4000`) and drop (`0x8000`) bits alone — on both datapaths, IPv4,
+//! with the default field and with a moved one (`[marks] shift`). And a
+//! packet carrying the agent's injected kind is never trapped (SPEC,
+//! "Global steering"), on both datapaths and in both families.
+//!
+//! Kube-proxy-like rules are installed in host `a` before the agent: raw
+//! OUTPUT sets both bits on the packets of the PU's peers (as kube-proxy
+//! marks service traffic before the agent's mangle chains), mangle
+//! POSTROUTING ORs them into the connection mark too, and counting rules
+//! there see what left after the agent's chains.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use enforcer_common::marks::{Class, Kind, MarkLayout};
+use enforcer_tests::{
+    agent::Datapath,
+    netfilter::{self, Family},
+    nettool, privilege,
+    traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
+    world::{PORT, Peer, PuWorld},
+};
+
+/// In the target TCP and UDP networks: set-up is trapped (and accepted).
+const TARGET: Peer = Peer {
+    addr: ["10.1.0.2", "fd00:1::2"],
+    nets: ["10.1.0.0/24", "fd00:1::/64"],
+};
+/// Covered by an accept ACL (TCP and UDP, port 7000).
+const ACL_PEER: Peer = Peer {
+    addr: ["10.2.0.2", "fd00:2::2"],
+    nets: ["10.2.0.0/16", "fd00:2::/64"],
+};
+/// Neither: refused.
+const OTHER: Peer = Peer {
+    addr: ["10.3.0.2", "fd00:3::2"],
+    nets: ["10.3.0.0/16", "fd00:3::/64"],
+};
+
+/// kube-proxy's masquerade and drop bits.
+const KUBE_MASQ: u32 = 0x4000;
+const KUBE_DROP: u32 = 0x8000;
+const KUBE: u32 = KUBE_MASQ | KUBE_DROP;
+
+macro_rules! on_both_datapaths {
+    ($($name:ident),+ $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $name() -> anyhow::Result<()> { crate::$name(crate::Datapath::Ebpf) })+
+        }
+        mod iptables {
+            $(#[test] fn $name() -> anyhow::Result<()> { crate::$name(crate::Datapath::Iptables) })+
+        }
+    };
+}
+
+on_both_datapaths!(
+    kube_proxy_bits_survive_beside_the_default_field,
+    kube_proxy_bits_survive_beside_a_moved_field,
+    injected_packets_are_never_trapped_v4,
+    injected_packets_are_never_trapped_v6,
+);
+
+fn list(nets: &[&str]) -> String {
+    let quoted: Vec<String> = nets.iter().map(|n| format!("\"{n}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// One PU whose ACL accepts [`ACL_PEER`]; [`TARGET`]'s networks are the
+/// TCP and UDP targets; the field at `shift` (none: the default).
+fn config(cgroup: &str, shift: Option<u32>) -> String {
+    let marks = shift.map_or(String::new(), |s| format!("[marks]\nshift = {s}\n"));
+    format!(
+        "mode = \"local-server\"\n\
+         {marks}\
+         [networks]\n\
+         target_tcp = {targets}\n\
+         target_udp = {targets}\n\
+         [[pus]]\n\
+         id = \"web\"\n\
+         kind = \"linux-process\"\n\
+         cgroup = \"{cgroup}\"\n\
+         [[pus.application_acls]]\n\
+         networks = {acl}\n\
+         protocols = [\"tcp\", \"udp\"]\n\
+         ports = [{PORT}]\n\
+         action = \"accept\"\n\
+         policy_id = \"to-acl-peer\"\n",
+        targets = list(&TARGET.nets),
+        acl = list(&ACL_PEER.nets),
+    )
+}
+
+fn kube_proxy_bits_survive_beside_the_default_field(datapath: Datapath) -> Result<()> {
+    beside_kube_proxy(datapath, None)
+}
+
+fn kube_proxy_bits_survive_beside_a_moved_field(datapath: Datapath) -> Result<()> {
+    beside_kube_proxy(datapath, Some(16))
+}
+
+fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let family = Family::V4;
+    let layout =
+        MarkLayout::new(shift.unwrap_or(enforcer_common::marks::DEFAULT_SHIFT)).context("shift")?;
+    assert_eq!(
+        layout.field_mask() & KUBE,
+        0,
+        "the test's field must avoid kube-proxy's bits"
+    );
+    let w = PuWorld::new(&env, family, &[TARGET, ACL_PEER, OTHER])?;
+    let _servers = [TARGET, ACL_PEER, OTHER]
+        .map(|p| TcpEchoServer::start(&w.hosts.b, w.addr(p)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+
+    let kind = layout.kind_mask();
+    let authorised = layout.kind(Kind::Authorised);
+    // How the agent remembers an ACL's accept: the connection's kind on
+    // iptables, the socket's class (so every packet's mark) on eBPF.
+    let acl_accepted = match datapath {
+        Datapath::Ebpf => format!(
+            "-m mark --mark {:#x}/{:#x}",
+            layout.class(Class::AclAccept),
+            layout.class_mask()
+        ),
+        _ => format!(
+            "-m connmark --mark {:#x}/{kind:#x}",
+            layout.kind(Kind::ExternalAccepted)
+        ),
+    };
+    let (target, acl_peer) = (w.ip(TARGET), w.ip(ACL_PEER));
+    let rules = format!(
+        "*raw\n\
+         -A OUTPUT -d {target} -j MARK --or-mark {KUBE:#x}\n\
+         -A OUTPUT -d {acl_peer} -j MARK --or-mark {KUBE:#x}\n\
+         COMMIT\n\
+         *mangle\n\
+         -A POSTROUTING -d {target} -m comment --comment target-out -m mark --mark 0x0/0x0\n\
+         -A POSTROUTING -d {target} -m comment --comment target-kube-and-agent -m mark --mark {KUBE_MASQ:#x}/{KUBE_MASQ:#x} -m mark --mark {KUBE_DROP:#x}/{KUBE_DROP:#x} -m connmark --mark {authorised:#x}/{kind:#x}\n\
+         -A POSTROUTING -d {acl_peer} -m comment --comment acl-out -m mark --mark 0x0/0x0\n\
+         -A POSTROUTING -d {acl_peer} -m comment --comment acl-kube-and-agent -m mark --mark {KUBE:#x}/{KUBE:#x} {acl_accepted}\n\
+         -A POSTROUTING -d {target} -j CONNMARK --or-mark {KUBE:#x}\n\
+         -A POSTROUTING -d {acl_peer} -j CONNMARK --or-mark {KUBE:#x}\n\
+         COMMIT\n"
+    );
+    netfilter::restore(&w.hosts.a, family, &rules)?;
+    let agent = w.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&w.cgroup_rel(), shift),
+    )?;
+
+    let connect = |peer: Peer| -> Result<Outcome> {
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &w.addr(peer).to_string()]);
+        run_nettool(cmd)
+    };
+    // The agent's decisions, unchanged by the foreign bits.
+    assert_eq!(connect(TARGET)?, Outcome::Exchanged, "{}", agent.log());
+    assert_eq!(w.kernel_queued()?, 1, "the target's SYN is trapped, once");
+    assert_eq!(connect(TARGET)?, Outcome::Exchanged);
+    assert_eq!(w.kernel_queued()?, 2, "each connection's SYN, once");
+    assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
+    assert!(connect(OTHER)?.is_blocked());
+    assert_eq!(w.kernel_queued()?, 2, "ACL peers are not trapped");
+
+    // Every packet that left for the target carried kube-proxy's bits
+    // *and* belonged to a connection the agent authorised; every one for
+    // the ACL peer carried them beside the agent's accept.
+    let count = |comment: &str| netfilter::packets(&w.hosts.a, family, "mangle", comment);
+    let (target_out, target_both) = (count("target-out")?, count("target-kube-and-agent")?);
+    let (acl_out, acl_both) = (count("acl-out")?, count("acl-kube-and-agent")?);
+    eprintln!(
+        "{datapath:?} shift {shift:?}: to the target {target_both}/{target_out}, \
+         to the ACL peer {acl_both}/{acl_out} packets with both marks"
+    );
+    assert!(target_out >= 6 && acl_out >= 3, "{target_out} {acl_out}");
+    assert_eq!(target_both, target_out, "to the target");
+    assert_eq!(acl_both, acl_out, "to the ACL peer");
+
+    // The connection marks hold kube-proxy's bits beside the agent's kind,
+    // and the agent's kind only in its own field.
+    let out = enforcer_tests::netns::output_ok(w.hosts.a.command("conntrack")?.args([
+        "-L",
+        "-f",
+        "ipv4",
+        "-d",
+        &target.to_string(),
+    ]))?;
+    let listing = String::from_utf8(out.stdout)?;
+    let marks: Vec<u32> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("mark=")))
+        .filter_map(|m| m.parse().ok())
+        .collect();
+    assert!(!marks.is_empty(), "{listing}");
+    for mark in marks {
+        assert_eq!(mark & KUBE, KUBE, "kube-proxy's bits: {mark:#x}");
+        assert_eq!(mark & kind, authorised, "the agent's kind: {mark:#x}");
+        assert_eq!(
+            mark & !(KUBE | layout.field_mask()),
+            0,
+            "nothing outside the two: {mark:#x}"
+        );
+    }
+    Ok(())
+}
+
+fn injected_packets_are_never_trapped_v4(datapath: Datapath) -> Result<()> {
+    injected_packets_are_never_trapped(datapath, Family::V4)
+}
+
+fn injected_packets_are_never_trapped_v6(datapath: Datapath) -> Result<()> {
+    injected_packets_are_never_trapped(datapath, Family::V6)
+}
+
+/// From inside the PU, a UDP datagram to the target whose socket carries
+/// the injected kind is not queued and arrives; one without it is
+/// trapped. To [`OTHER`] (no ACL) the injected one arrives too: no PU
+/// policy applies to what the agent injects.
+fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = PuWorld::new(&env, family, &[TARGET, OTHER])?;
+    let target = UdpReceiver::start(&w.hosts.b, w.addr(TARGET))?;
+    let other = UdpReceiver::start(&w.hosts.b, w.addr(OTHER))?;
+    let agent = w.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&w.cgroup_rel(), None),
+    )?;
+    let injected = MarkLayout::default().kind(Kind::Injected);
+    let send = |to: &UdpReceiver, payload: &str, mark: Option<u32>| -> Result<Outcome> {
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
+        if let Some(mark) = mark {
+            cmd.args(["--mark", &mark.to_string()]);
+        }
+        run_nettool(cmd)
+    };
+    let wait = Duration::from_secs(2);
+
+    assert_eq!(
+        send(&target, "injected", Some(injected))?,
+        Outcome::Exchanged
+    );
+    assert!(
+        target.wait_for(b"injected", wait).is_some(),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        w.kernel_queued()?,
+        0,
+        "the injected datagram is not trapped"
+    );
+    // Even with a trap class beside the kind (as a hook would have given
+    // a connected socket): the fixed OUTPUT rule accepts it first.
+    let classed = MarkLayout::default().with_class(injected, Class::TrapUdp);
+    assert_eq!(
+        send(&target, "injected-classed", Some(classed))?,
+        Outcome::Exchanged
+    );
+    assert!(target.wait_for(b"injected-classed", wait).is_some());
+    assert_eq!(
+        w.kernel_queued()?,
+        0,
+        "the classed injected datagram is not trapped"
+    );
+    assert_eq!(
+        send(&other, "injected-other", Some(injected))?,
+        Outcome::Exchanged
+    );
+    assert!(
+        other.wait_for(b"injected-other", wait).is_some(),
+        "no PU policy applies to an injected datagram"
+    );
+
+    // The same from a connected socket: `connect()` judges it on eBPF.
+    let mut flow = w.udp_flow(nettool!(), w.addr(TARGET))?;
+    assert_eq!(flow.send("plain")?, None);
+    assert!(target.wait_for(b"plain", wait).is_some());
+    assert_eq!(
+        w.kernel_queued()?,
+        1,
+        "without the mark, the flow is trapped"
+    );
+    Ok(())
+}
