@@ -44,18 +44,7 @@ const KUBE_MASQ: u32 = 0x4000;
 const KUBE_DROP: u32 = 0x8000;
 const KUBE: u32 = KUBE_MASQ | KUBE_DROP;
 
-macro_rules! on_both_datapaths {
-    ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $name() -> anyhow::Result<()> { crate::$name(crate::Datapath::Ebpf) })+
-        }
-        mod iptables {
-            $(#[test] fn $name() -> anyhow::Result<()> { crate::$name(crate::Datapath::Iptables) })+
-        }
-    };
-}
-
-on_both_datapaths!(
+enforcer_tests::on_both_datapaths!(
     kube_proxy_bits_survive_beside_the_default_field,
     kube_proxy_bits_survive_beside_a_moved_field,
     injected_packets_are_never_trapped_v4,

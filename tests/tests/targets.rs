@@ -28,24 +28,7 @@ const PEER: Peer = Peer {
 /// A target UDP network that stays (an empty list would mean everything).
 const STAYS: [&str; 2] = ["10.1.0.0/24", "fd00:1::/64"];
 
-macro_rules! on_both_datapaths_and_families {
-    ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            mod v4 { $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::Ebpf, crate::Family::V4) })+ }
-            mod v6 { $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::Ebpf, crate::Family::V6) })+ }
-        }
-        mod iptables {
-            mod v4 { $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::Iptables, crate::Family::V4) })+ }
-            mod v6 { $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::Iptables, crate::Family::V6) })+ }
-        }
-    };
-}
-
-on_both_datapaths_and_families!(
+enforcer_tests::on_both_datapaths_and_families!(
     a_flow_to_a_removed_udp_target_meets_the_final_drop,
     a_flow_to_a_removed_udp_target_meets_an_accepting_acl,
 );
