@@ -604,7 +604,7 @@ impl Datapath for EbpfDatapath {
         self.loaded = Some(loaded);
         let rules = netfilter::render(self.settings.marks, &self.settings.queues);
         for family in IpFamily::ALL {
-            nf::restore(family, &rules)
+            nf::restore(self.settings.iptables_backend, family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
         }
         self.watcher = Some(links::Watcher::start(self.ingress_pin(), self.links_dir())?);
@@ -846,7 +846,7 @@ impl Datapath for EbpfDatapath {
         if let Some(parent) = self.settings.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
-        nf::cleanup_all().context("removing netfilter rules")?;
+        nf::cleanup_all(self.settings.iptables_backend).context("removing netfilter rules")?;
         Ok(())
     }
 
