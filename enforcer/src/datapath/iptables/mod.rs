@@ -60,6 +60,13 @@ use crate::naming::{GlobalSet, LogTag, MAIN_CHAINS, NameRegistry, ShortName, nfl
 use crate::policy::{Action, ObserveMode};
 use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId, PuKind};
 
+/// PUs per batch of a [`IptablesDatapath::configure_all`]. One restore per
+/// PU costs a full re-read of the rule set each (start-up grows with the
+/// square of the PUs), while `iptables-nft-restore` slows down more than
+/// linearly with the size of one input; batches of this size keep both
+/// small.
+const BATCH_PUS: usize = 250;
+
 /// Test-only ([`fault`]): a rule whose chain never exists, so that the
 /// `iptables-restore` it ends fails as a whole, as a real failure would.
 const FAULT_RULE: &str = "-A enforcer-test-fault -j ACCEPT";
@@ -242,24 +249,56 @@ impl IptablesDatapath {
     }
 
     /// configure's steps once the names are assigned, for one PU or many
-    /// at once: one `ipset restore` with every set, then one restore per
-    /// family with every chain and hook. With `fault` (test-only), the
-    /// last one fails.
+    /// at once, in batches of [`BATCH_PUS`]: per batch one `ipset restore`
+    /// with its sets, then one restore per family with its chains and
+    /// hooks. A failure undoes the batches done (their chains, then every
+    /// set). With `fault` (test-only), the last restore fails.
     fn install(&self, plans: &[PuPlan], fault: bool) -> Result<()> {
-        let specs: Vec<sets::SetSpec> = plans
-            .iter()
-            .flat_map(|plan| IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)))
-            .collect();
-        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        if let Err(e) = self.nf.ipset_restore(&sets::create(&specs)) {
-            // ipset restore stops at the failing line: some sets exist.
-            let e = e.context("creating the PU's sets");
-            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+        let sets_of = |plans: &[PuPlan]| -> Vec<sets::SetSpec> {
+            plans
+                .iter()
+                .flat_map(|plan| IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)))
+                .collect()
+        };
+        let names: Vec<String> = sets_of(plans).into_iter().map(|s| s.name).collect();
+        let mut done = 0;
+        for batch in plans.chunks(BATCH_PUS) {
+            let last = done + batch.len() == plans.len();
+            let installed = &plans[..done];
+            let undo = |e: anyhow::Error| -> DatapathError {
+                let e = match self.remove_chains(installed) {
+                    Ok(()) => e,
+                    Err(undo) => e.context(format!(
+                        "undoing the PUs configured before also failed, they stay: {undo:#}"
+                    )),
+                };
+                self.undo_sets(e, self.destroy_sets(&names))
+            };
+            if let Err(e) = self.nf.ipset_restore(&sets::create(&sets_of(batch))) {
+                // ipset restore stops at the failing line: some sets exist.
+                return Err(undo(e.context("creating the PU's sets")));
+            }
+            let install = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.install(ctx)).collect();
+            let remove = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.remove(ctx)).collect();
+            if let Err(e) = self.apply_per_family(install, remove, fault && last) {
+                return Err(undo(e));
+            }
+            done += batch.len();
         }
-        let install = |ctx: &Ctx| plans.iter().flat_map(|plan| plan.install(ctx)).collect();
-        let remove = |ctx: &Ctx| plans.iter().flat_map(|plan| plan.remove(ctx)).collect();
-        if let Err(e) = self.apply_per_family(install, remove, fault) {
-            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+        Ok(())
+    }
+
+    /// Unhooks and removes the chains of `plans`, in both families.
+    fn remove_chains(&self, plans: &[PuPlan]) -> anyhow::Result<()> {
+        if plans.is_empty() {
+            return Ok(());
+        }
+        for family in IpFamily::ALL {
+            let ctx = self.ctx(family);
+            let lines: Vec<String> = plans.iter().flat_map(|plan| plan.remove(&ctx)).collect();
+            self.nf
+                .restore(family, &section(Table::Mangle, &lines))
+                .with_context(|| format!("removing the {family} chains"))?;
         }
         Ok(())
     }
@@ -1050,6 +1089,45 @@ mod tests {
         assert_eq!(dp.pus.len(), 1);
         dp.configure_all(0, &rest).unwrap();
         assert_eq!(dp.pus.len(), 3);
+    }
+
+    #[test]
+    fn a_failure_in_the_last_batch_undoes_the_batches_before() {
+        let (mut dp, fake) = running();
+        let n = 2 * BATCH_PUS + 1;
+        let pus: Vec<Pu> = (0..n).map(|i| named(&format!("pu{i}"))).collect();
+        fake.fail_when(|call| matches!(call, Call::Restore(IpFamily::V6, t) if t.contains("--path enforcer/pu500 ")));
+        assert!(dp.configure_all(0, &pus).is_err());
+        let calls = fake.take();
+        // 3 batches of sets and rules, the last failing at IPv6; its IPv4
+        // half undone; then the first two batches' chains, per family.
+        let restores: Vec<(IpFamily, usize)> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Restore(f, t) => Some((*f, t.matches("-X TRI-App-").count())),
+                _ => None,
+            })
+            .collect();
+        use IpFamily::{V4, V6};
+        assert_eq!(
+            restores,
+            [
+                (V4, 0),
+                (V6, 0),
+                (V4, 0),
+                (V6, 0),
+                (V4, 0),
+                (V6, 0),
+                (V4, 1),
+                (V4, 500),
+                (V6, 500)
+            ]
+        );
+        assert_eq!(fake.sets(), global_sets());
+        assert!(dp.pus.is_empty() && dp.names.get(&pus[0].id).is_none());
+        fake.0.lock().unwrap().fail = None;
+        dp.configure_all(0, &pus).unwrap();
+        assert_eq!(dp.pus.len(), n);
     }
 
     #[test]
