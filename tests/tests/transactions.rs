@@ -10,7 +10,8 @@
 //! the last eBPF map write or attach. A SIGHUP reload drives the operation;
 //! it must fail (status `reloads.failed` + 1), and the kernel state the
 //! agent owns must be exactly what it was before: `iptables-save` and
-//! `ip6tables-save` of mangle and nat, `ipset save`, and in eBPF the
+//! `ip6tables-save` of every table, in both iptables flavours (the
+//! iptables datapath runs on nf_tables and, once more, on legacy), `ipset save`, and in eBPF the
 //! pinned maps and links. The same reload then succeeds (the fault struck
 //! once) and changes that state, which shows the dump sees the operation.
 
@@ -42,6 +43,9 @@ macro_rules! on_both_datapaths {
         }
         mod iptables {
             $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::Iptables) })+
+        }
+        mod iptables_legacy {
+            $(#[test] fn $name() -> anyhow::Result<()> { super::$name(super::Datapath::IptablesLegacy) })+
         }
     };
 }
@@ -93,7 +97,7 @@ impl World {
             env!("CARGO_BIN_EXE_agent"),
             &self.hosts.a,
             None,
-            &["--datapath", datapath.arg()],
+            &datapath.args(),
             config,
             |cmd| {
                 cmd.env(fault::ENV, fault);
@@ -110,11 +114,12 @@ impl World {
     /// Everything of the kernel's state the agent owns, as text.
     fn kernel_state(&self, agent: &Agent) -> Result<String> {
         let mut all = String::new();
-        for family in [netfilter::Family::V4, netfilter::Family::V6] {
-            for table in ["mangle", "nat"] {
-                let dump = netfilter::save(&self.hosts.a, family, table)?;
-                all += &format!("## {family:?} {table}\n");
-                all += &netfilter::rules_without_counters(&dump);
+        // Every table of both iptables flavours (a save of every table
+        // creates none, so the flavour not in use stays empty).
+        for backend in netfilter::Backend::ALL {
+            for family in [netfilter::Family::V4, netfilter::Family::V6] {
+                all += &format!("## {backend} {family:?}\n");
+                all += &netfilter::save_all(&self.hosts.a, backend, family)?;
             }
         }
         let out = self.hosts.a.command("ipset")?.arg("save").output()?;

@@ -84,13 +84,13 @@ pub fn save(backend: Backend, family: IpFamily, table: Table, counters: bool) ->
     if counters {
         args.push("-c");
     }
-    run(*tools(backend).save.get(family), &args, None)
+    run(tools(backend).save.get(family), &args, None)
 }
 
 /// Every table of the family that exists. Unlike a save with `-t`, this
 /// never creates a table (the legacy flavour would).
 pub fn save_all(backend: Backend, family: IpFamily) -> Result<String> {
-    run(*tools(backend).save.get(family), &[], None)
+    run(tools(backend).save.get(family), &[], None)
 }
 
 /// Applies `ipset restore` text. The tool stops at the first failing line,

@@ -1016,7 +1016,7 @@ mod tests {
         Pu {
             id: PuId::new(id).unwrap(),
             kind: PuKind::LinuxProcess {
-                cgroup: CgroupPath::new(&format!("enforcer/{id}")).unwrap(),
+                cgroup: CgroupPath::new(format!("enforcer/{id}")).unwrap(),
             },
             ..web(80, "10.0.0.0/8")
         }
