@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 use crate::agent::{self, ConfigError, InstanceName, RunOptions, host};
 use crate::control::{self, Request, Response, StatusReport};
 use crate::demo::{self, DemoOptions};
-use crate::policy::{DatapathChoice, Keyword as _};
+use crate::policy::{DatapathChoice, IptablesBackendChoice, Keyword};
 use crate::trap::KernelQueueStats;
 
 /// Enforces network policy for processing units, in eBPF or iptables.
@@ -58,6 +58,10 @@ struct RunArgs {
     /// Overrides the config's `datapath`.
     #[arg(long, value_parser = datapath_choice())]
     datapath: Option<DatapathChoice>,
+    /// Overrides the config's `[iptables] backend`: the iptables flavour
+    /// both datapaths use.
+    #[arg(long, value_parser = keyword::<IptablesBackendChoice>())]
+    iptables_backend: Option<IptablesBackendChoice>,
     #[command(flatten)]
     netns: NetnsArg,
     #[command(flatten)]
@@ -120,8 +124,14 @@ struct NetnsArg {
 
 /// Parses the datapath keywords the config file accepts.
 fn datapath_choice() -> impl clap::builder::TypedValueParser<Value = DatapathChoice> {
-    PossibleValuesParser::new(DatapathChoice::NAMES)
-        .map(|name| DatapathChoice::from_name(&name).expect("clap checked the possible values"))
+    keyword::<DatapathChoice>()
+}
+
+/// Parses the keywords of a config setting, as the config file spells them.
+fn keyword<T: Keyword + Clone + Send + Sync + 'static>()
+-> impl clap::builder::TypedValueParser<Value = T> {
+    PossibleValuesParser::new(T::NAMES)
+        .map(|name| T::from_name(&name).expect("clap checked the possible values"))
 }
 
 /// The whole program.
@@ -145,6 +155,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => agent::run(RunOptions {
             config: args.config,
             datapath: args.datapath,
+            iptables_backend: args.iptables_backend,
             instance: args.instance.instance,
             control: args.control,
         }),
@@ -212,6 +223,8 @@ fn write_report(w: &mut impl std::fmt::Write, r: &StatusReport) -> std::fmt::Res
     let uptime = format!("{}h{:02}m{:02}s", up / 3600, up / 60 % 60, up % 60);
     writeln!(w, "instance  {} (pid {}, up {uptime})", r.instance, r.pid)?;
     writeln!(w, "datapath  {}: {}", r.datapath.kind, r.datapath.reason)?;
+    let iptables = &r.datapath.iptables;
+    writeln!(w, "iptables  {}: {}", iptables.backend, iptables.reason)?;
     writeln!(w, "mode      {}", r.mode)?;
     writeln!(w, "config    {}", r.config)?;
     writeln!(w, "control   {}", r.control)?;
@@ -331,6 +344,7 @@ mod tests {
         };
         assert_eq!(args.config, PathBuf::from("/etc/e.toml"));
         assert_eq!(args.datapath, None);
+        assert_eq!(args.iptables_backend, None);
         assert_eq!(args.instance.instance.as_str(), "enforcer");
         assert_eq!((args.netns.netns, args.control), (None, None));
 
@@ -346,6 +360,8 @@ mod tests {
             "t1",
             "--control",
             "/tmp/t1.sock",
+            "--iptables-backend",
+            "legacy",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -355,6 +371,7 @@ mod tests {
         assert_eq!(args.netns.netns.as_deref(), Some("agentdev1"));
         assert_eq!(args.instance.instance.as_str(), "t1");
         assert_eq!(args.control, Some(PathBuf::from("/tmp/t1.sock")));
+        assert_eq!(args.iptables_backend, Some(IptablesBackendChoice::Legacy));
     }
 
     #[test]
@@ -362,6 +379,8 @@ mod tests {
         assert!(parse(&["run"]).is_err(), "--config is required");
         let err = parse(&["run", "--config", "c", "--datapath", "nft"]).unwrap_err();
         assert!(err.to_string().contains("auto, ebpf, iptables"), "{err}");
+        let err = parse(&["run", "--config", "c", "--iptables-backend", "nf_tables"]).unwrap_err();
+        assert!(err.to_string().contains("auto, nft, legacy"), "{err}");
         let err = parse(&["run", "--config", "c", "--instance", "../x"]).unwrap_err();
         assert!(err.to_string().contains("is not a valid id"), "{err}");
         let err = parse(&["cleanup", "--netns", "a/b"]).unwrap_err();
@@ -422,6 +441,10 @@ mod tests {
         let text = render(&sample_report());
         assert!(
             text.contains("datapath  iptables: forced by configuration"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iptables  nft: auto: 0 legacy rules, 12 nft rules"),
             "{text}"
         );
         assert!(text.contains("up 0h01m01s"), "{text}");

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::datapath::iptables::backend::BackendChoice;
 use crate::datapath::{Counters, DatapathKind};
 use crate::trap::{KernelQueueStats, TrapStats};
 
@@ -84,6 +85,9 @@ pub struct StatusReport {
 pub struct DatapathStatus {
     pub kind: DatapathKind,
     pub reason: String,
+    /// The iptables flavour both datapaths' netfilter rules go through,
+    /// and why.
+    pub iptables: BackendChoice,
 }
 
 /// One PU in force.
@@ -361,6 +365,10 @@ pub(crate) mod tests {
             datapath: DatapathStatus {
                 kind: DatapathKind::Iptables,
                 reason: "forced by configuration".into(),
+                iptables: BackendChoice {
+                    backend: crate::datapath::iptables::backend::Backend::Nft,
+                    reason: "auto: 0 legacy rules, 12 nft rules".into(),
+                },
             },
             mode: "local-server".into(),
             uptime_secs: 61,

@@ -15,9 +15,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use crate::{netns::Netns, unique_name};
+use crate::{netfilter::Backend, netns::Netns, unique_name};
 
-/// Which datapath a test runs the agent with.
+/// Which datapath a test runs the agent with. Unless a variant names the
+/// iptables flavour, the agent detects it (`auto`), which in a fresh
+/// namespace — no rule in either flavour — is nf_tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datapath {
     Ebpf,
@@ -25,23 +27,44 @@ pub enum Datapath {
     /// `--datapath auto` with `bpf(2)` denied by seccomp: the agent must
     /// fall back to iptables and say why.
     AutoWithoutBpf,
+    /// The iptables datapath with `--iptables-backend legacy`.
+    IptablesLegacy,
+    /// The eBPF datapath with its fixed rules through the legacy flavour.
+    EbpfLegacy,
 }
 
 impl Datapath {
     /// The `--datapath` argument.
     pub fn arg(self) -> &'static str {
         match self {
-            Datapath::Ebpf => "ebpf",
-            Datapath::Iptables => "iptables",
+            Datapath::Ebpf | Datapath::EbpfLegacy => "ebpf",
+            Datapath::Iptables | Datapath::IptablesLegacy => "iptables",
             Datapath::AutoWithoutBpf => "auto",
+        }
+    }
+
+    /// Every `run` argument that selects this way of running.
+    pub fn args(self) -> Vec<&'static str> {
+        let mut args = vec!["--datapath", self.arg()];
+        if self.backend() == Backend::Legacy {
+            args.extend(["--iptables-backend", "legacy"]);
+        }
+        args
+    }
+
+    /// The iptables flavour the agent's rules go through.
+    pub fn backend(self) -> Backend {
+        match self {
+            Datapath::IptablesLegacy | Datapath::EbpfLegacy => Backend::Legacy,
+            Datapath::Ebpf | Datapath::Iptables | Datapath::AutoWithoutBpf => Backend::Nft,
         }
     }
 
     /// The datapath `status` must report.
     pub fn expected(self) -> &'static str {
         match self {
-            Datapath::Ebpf => "ebpf",
-            Datapath::Iptables | Datapath::AutoWithoutBpf => "iptables",
+            Datapath::Ebpf | Datapath::EbpfLegacy => "ebpf",
+            Datapath::Iptables | Datapath::AutoWithoutBpf | Datapath::IptablesLegacy => "iptables",
         }
     }
 
@@ -104,14 +127,9 @@ impl Agent {
     /// Starts `bin run` in `ns` with `config` (TOML text) and waits until
     /// it answers `status`. `extra` goes on the command line.
     pub fn start(bin: &str, ns: &Netns, datapath: Datapath, config: &str) -> Result<Self> {
-        Self::start_with(
-            bin,
-            ns,
-            None,
-            &["--datapath", datapath.arg()],
-            config,
-            |cmd| datapath.prepare(cmd),
-        )
+        Self::start_with(bin, ns, None, &datapath.args(), config, |cmd| {
+            datapath.prepare(cmd)
+        })
     }
 
     /// Like [`Agent::start`], as a given instance (an agent restarting

@@ -3,8 +3,9 @@
 //! Tests run their agents in namespaces of their own, so the root network
 //! namespace must hold no `TRI-` chain or set at all.
 //!
-//! Read-only: it lists directories and runs `iptables-save`,
-//! `ip6tables-save` and `ipset list -n`, nothing else.
+//! Read-only: it lists directories and runs each flavour's `iptables-save`
+//! and `ip6tables-save` (of every table, which creates none) and `ipset
+//! list -n`, nothing else.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,7 +15,7 @@ use enforcer::agent::InstanceName;
 use enforcer::datapath::iptables::exec;
 
 use crate::NAME_PREFIX;
-use crate::netfilter::Family;
+use crate::netfilter::{Backend, Family};
 
 /// Prefix of every chain and set the agent makes.
 const AGENT_PREFIX: &str = "TRI-";
@@ -55,19 +56,18 @@ pub fn find(cgroup2: &Path, bpffs: &Path) -> Result<Vec<String>> {
 }
 
 /// `TRI-` chains, rules that jump to them from other chains, and `TRI-`
-/// ipsets in the calling thread's network namespace.
+/// ipsets in the calling thread's network namespace, in either iptables
+/// flavour.
 fn agent_netfilter() -> Result<Vec<String>> {
     let mut found = Vec::new();
-    for family in [Family::V4, Family::V6] {
-        let tool = exec::TOOLS.save.get(family);
-        for table in ["mangle", "nat"] {
-            let dump = output(Command::new(tool).args(["-t", table]))?;
-            found.extend(
-                agent_rules(&dump).map(|item| format!("netfilter ({tool} -t {table}): {item}")),
-            );
+    for backend in Backend::ALL {
+        for family in [Family::V4, Family::V6] {
+            let tool = *exec::tools(backend).save.get(family);
+            let dump = output(&mut Command::new(tool))?;
+            found.extend(agent_rules(&dump).map(|item| format!("netfilter ({tool}): {item}")));
         }
     }
-    let sets = output(Command::new(exec::TOOLS.ipset).args(["list", "-n"]))?;
+    let sets = output(Command::new(exec::IPSET).args(["list", "-n"]))?;
     found.extend(
         sets.lines()
             .filter(|name| name.starts_with(AGENT_PREFIX))

@@ -34,6 +34,19 @@ macro_rules! on_both_datapaths {
     };
 }
 
+/// [`on_both_datapaths!`] plus `iptables_legacy::name`: the fallback
+/// again, forced onto the legacy iptables tools (SPEC: the core of the
+/// suite runs on each backend).
+#[macro_export]
+macro_rules! on_every_datapath {
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_both_datapaths!($($name),+);
+        mod iptables_legacy {
+            $crate::matrix_tests!([$($name),+] ($crate::agent::Datapath::IptablesLegacy));
+        }
+    };
+}
+
 /// `v4::name` and `v6::name` for each `fn name(Family) -> anyhow::Result<()>`.
 #[macro_export]
 macro_rules! on_both_families {

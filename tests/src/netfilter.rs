@@ -1,10 +1,14 @@
 //! Netfilter state inside a test namespace: rules loaded with
 //! `iptables-restore --noflush`, their packet counters (found by comment),
 //! dumps compared without their counters, and the kernel's NFQUEUE
-//! statistics.
+//! statistics. The harness's own rules and dumps use the nf_tables
+//! flavour unless a test names the [`Backend`] (an agent run with the
+//! legacy one is dumped with the legacy tools).
 
 use anyhow::{Context as _, Result};
 use enforcer::{datapath::iptables::exec, trap::KernelQueueStats};
+
+pub use enforcer::datapath::iptables::backend::Backend;
 
 use crate::netns::{Netns, output_ok};
 
@@ -15,18 +19,31 @@ pub use enforcer::policy::IpFamily as Family;
 /// (`iptables-restore --noflush`): `rules` is restore-file text
 /// (`*mangle`, `-A …`, `COMMIT`).
 pub fn restore(ns: &Netns, family: Family, rules: &str) -> Result<()> {
-    ns.run(|| exec::restore(family, rules))?
+    ns.run(|| exec::restore(Backend::Nft, family, rules))?
         .with_context(|| format!("loading rules:\n{rules}"))
 }
 
 /// `iptables-save -c` of one table (any table, not only the agent's)
-/// inside the namespace.
+/// inside the namespace, nf_tables flavour.
 pub fn save(ns: &Netns, family: Family, table: &str) -> Result<String> {
-    let out = output_ok(
-        ns.command(exec::TOOLS.save.get(family))?
-            .args(["-c", "-t", table]),
-    )?;
+    save_in(ns, Backend::Nft, family, table)
+}
+
+/// [`save`] with the tools of `backend`.
+pub fn save_in(ns: &Netns, backend: Backend, family: Family, table: &str) -> Result<String> {
+    let tool = *exec::tools(backend).save.get(family);
+    let out = output_ok(ns.command(tool)?.args(["-c", "-t", table]))?;
     Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Every table that exists in the namespace, of `backend` and `family`,
+/// counters stripped ([`rules_without_counters`]). Unlike [`save_in`],
+/// this creates no table: for checking a flavour nothing should have
+/// touched.
+pub fn save_all(ns: &Netns, backend: Backend, family: Family) -> Result<String> {
+    let tool = *exec::tools(backend).save.get(family);
+    let out = output_ok(&mut ns.command(tool)?)?;
+    Ok(rules_without_counters(&String::from_utf8(out.stdout)?))
 }
 
 /// Runs `program args…` inside the namespace with `input` on its stdin

@@ -29,7 +29,7 @@ use anyhow::{Context as _, Result};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
-    netfilter::{self, Family},
+    netfilter::{self, Backend, Family},
     netns::{TwoHosts, output_ok},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
@@ -79,13 +79,16 @@ fn index(family: Family) -> usize {
 
 /// Runs each listed test body once per datapath — and once more with
 /// `--datapath auto` on a "kernel" without `bpf(2)`, where the agent must
-/// fall back to iptables and the same behaviour must hold — and, in each,
-/// once per address family: `ebpf::v4::name`, `ebpf::v6::name`, …
+/// fall back to iptables and the same behaviour must hold, and once more
+/// with the iptables datapath on the legacy iptables flavour (the others
+/// detect nf_tables) — and, in each, once per address family:
+/// `ebpf::v4::name`, `ebpf::v6::name`, …
 macro_rules! on_every_datapath_and_family {
     ($($name:ident),+ $(,)?) => {
         on_every_datapath_and_family!(
             @datapaths [$($name),+]
-            ebpf Ebpf, iptables Iptables, auto_without_bpf AutoWithoutBpf
+            ebpf Ebpf, iptables Iptables, auto_without_bpf AutoWithoutBpf,
+            iptables_legacy IptablesLegacy
         );
     };
     (@datapaths $names:tt $($module:ident $datapath:ident),+) => {
@@ -120,6 +123,16 @@ on_every_datapath_and_family!(
     sighup_with_a_broken_config_changes_nothing,
     sigint_and_sigterm_leave_nothing_behind,
     run_after_sigkill_starts_clean,
+);
+
+// The eBPF datapath's few fixed netfilter rules on the legacy flavour:
+// the trap and the cleanup are what they touch.
+on_every_datapath_and_family!(
+    @datapaths [
+        target_syn_is_trapped_once_and_the_connection_proceeds,
+        sigint_and_sigterm_leave_nothing_behind
+    ]
+    ebpf_legacy EbpfLegacy
 );
 
 /// The test world of one family: hosts, peers listening on every role's
@@ -225,7 +238,7 @@ impl World {
     }
 
     fn start_as(&self, instance: Option<&str>, datapath: Datapath, config: &str) -> Result<Agent> {
-        let args = ["--datapath", datapath.arg()];
+        let args = datapath.args();
         let agent = Agent::start_with(
             env!("CARGO_BIN_EXE_agent"),
             &self.hosts.a,
@@ -239,6 +252,11 @@ impl World {
             status["datapath"]["kind"].as_str(),
             Some(datapath.expected()),
             "status must report the datapath in use: {status:#}"
+        );
+        assert_eq!(
+            status["datapath"]["iptables"]["backend"].as_str(),
+            Some(datapath.backend().as_str()),
+            "status must report the iptables flavour in use: {status:#}"
         );
         if datapath == Datapath::AutoWithoutBpf {
             let reason = status["datapath"]["reason"].as_str().unwrap_or_default();
@@ -683,7 +701,7 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath, family: Famil
     let w = World::new(&env, family)?;
     let good = web_config(&w);
     let agent = w.start(datapath, &good)?;
-    let rules_before = agent_tables(&w)?;
+    let rules_before = agent_tables(&w, datapath)?;
     let reloads_before = agent.reloads()?;
     // The ACL network of this family, one bit too long.
     let (net, _) = w.net(ACL_PEER).split_once('/').expect("a CIDR");
@@ -721,17 +739,17 @@ fn sighup_with_a_broken_config_changes_nothing(datapath: Datapath, family: Famil
         "old policy still in force"
     );
     assert!(w.pu_connects(OTHER)?.is_blocked());
-    assert_eq!(rules_before, agent_tables(&w)?);
+    assert_eq!(rules_before, agent_tables(&w, datapath)?);
     Ok(())
 }
 
 /// The tables the agent writes to in host `a`'s namespace, IPv4 and IPv6
-/// mangle and nat, counters stripped.
-fn agent_tables(w: &World) -> Result<String> {
+/// mangle and nat, counters stripped, in the flavour it uses.
+fn agent_tables(w: &World, datapath: Datapath) -> Result<String> {
     let mut all = String::new();
     for family in [Family::V4, Family::V6] {
         for table in ["mangle", "nat"] {
-            let dump = netfilter::save(&w.hosts.a, family, table)?;
+            let dump = netfilter::save_in(&w.hosts.a, datapath.backend(), family, table)?;
             all += &format!("# {family:?} {table}\n");
             all += &netfilter::rules_without_counters(&dump);
         }
@@ -739,16 +757,16 @@ fn agent_tables(w: &World) -> Result<String> {
     Ok(all)
 }
 
-/// After the agent is gone: no TRI- chain or set in the namespace, no pin
-/// directory of its instance on the harness's bpffs, and the PU's traffic
-/// is no longer enforced.
+/// After the agent is gone: no TRI- chain or set in the namespace (in
+/// either iptables flavour), no pin directory of its instance on the
+/// harness's bpffs, and the PU's traffic is no longer enforced.
 fn assert_nothing_left(w: &World, bpffs: &Path, instance: &str) -> Result<()> {
-    for family in [Family::V4, Family::V6] {
-        for table in ["mangle", "nat"] {
-            let dump = netfilter::save(&w.hosts.a, family, table)?;
+    for backend in Backend::ALL {
+        for family in [Family::V4, Family::V6] {
+            let dump = netfilter::save_all(&w.hosts.a, backend, family)?;
             assert!(
                 !dump.contains("TRI-"),
-                "{family:?} {table} still has rules:\n{dump}"
+                "{backend} {family:?} still has rules:\n{dump}"
             );
         }
     }

@@ -10,7 +10,8 @@
 //! the last eBPF map write or attach. A SIGHUP reload drives the operation;
 //! it must fail (status `reloads.failed` + 1), and the kernel state the
 //! agent owns must be exactly what it was before: `iptables-save` and
-//! `ip6tables-save` of mangle and nat, `ipset save`, and in eBPF the
+//! `ip6tables-save` of every table, in both iptables flavours (the
+//! iptables datapath runs on nf_tables and, once more, on legacy), `ipset save`, and in eBPF the
 //! pinned maps and links. The same reload then succeeds (the fault struck
 //! once) and changes that state, which shows the dump sees the operation.
 
@@ -31,7 +32,7 @@ use enforcer_tests::{
     config::{Config, Pu},
     netfilter,
     netns::TwoHosts,
-    nettool, on_both_datapaths, privilege,
+    nettool, on_every_datapath, privilege,
     traffic::{Outcome, TcpEchoServer, run_nettool},
 };
 
@@ -40,7 +41,7 @@ const PORT: u16 = 7000;
 const A_ONLY: &str = "10.4.0.2";
 const A_ONLY_NET: &str = "10.4.0.0/16";
 
-on_both_datapaths!(
+on_every_datapath!(
     a_failed_configure_changes_nothing,
     a_failed_update_changes_nothing,
     a_failed_target_network_change_changes_nothing,
@@ -78,7 +79,7 @@ impl World {
             env!("CARGO_BIN_EXE_agent"),
             &self.hosts.a,
             None,
-            &["--datapath", datapath.arg()],
+            &datapath.args(),
             config,
             |cmd| {
                 cmd.env(fault::ENV, fault);
@@ -95,11 +96,12 @@ impl World {
     /// Everything of the kernel's state the agent owns, as text.
     fn kernel_state(&self, agent: &Agent) -> Result<String> {
         let mut all = String::new();
-        for family in [netfilter::Family::V4, netfilter::Family::V6] {
-            for table in ["mangle", "nat"] {
-                let dump = netfilter::save(&self.hosts.a, family, table)?;
-                all += &format!("## {family:?} {table}\n");
-                all += &netfilter::rules_without_counters(&dump);
+        // Every table of both iptables flavours (a save of every table
+        // creates none, so the flavour not in use stays empty).
+        for backend in netfilter::Backend::ALL {
+            for family in [netfilter::Family::V4, netfilter::Family::V6] {
+                all += &format!("## {backend} {family:?}\n");
+                all += &netfilter::save_all(&self.hosts.a, backend, family)?;
             }
         }
         let out = self.hosts.a.command("ipset")?.arg("save").output()?;

@@ -39,12 +39,27 @@ impl Enforcement {
     }
 
     /// `run` (which first removes whatever a previous instance left), then
-    /// the target networks, then every PU under version 0.
+    /// the target networks, then every PU under version 0, in one
+    /// [`Datapath::configure_all`].
     pub fn start(&mut self, config: &Configuration) -> Result<()> {
         self.datapath.run().context("run")?;
         let networks = Step::SetTargetNetworks(config.networks.clone());
-        let pus = config.pus.iter().cloned().map(Step::Configure);
-        self.apply(std::iter::once(networks).chain(pus), config)
+        self.apply(
+            [networks],
+            &Configuration {
+                pus: Vec::new(),
+                ..config.clone()
+            },
+        )?;
+        let n = config.pus.len();
+        self.datapath
+            .configure_all(0, &config.pus)
+            .with_context(|| format!("configure the {n} PUs"))?;
+        for pu in &config.pus {
+            self.versions.insert(pu.id.clone(), 0);
+        }
+        self.applied = config.clone();
+        Ok(())
     }
 
     /// Runs `steps` in order, stopping at the first that fails (the error

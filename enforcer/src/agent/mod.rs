@@ -27,10 +27,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::control::{self, ControlSocket, DatapathStatus};
+use crate::datapath::iptables::backend::{self, Backend};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
 use crate::flowlog::FlowLogWriter;
 use crate::policy::{
-    CgroupV2Host, Configuration, DatapathChoice, MarkSettings, Mode, PolicyError, QueueSettings,
+    CgroupV2Host, Configuration, DatapathChoice, IptablesBackendChoice, MarkSettings, Mode,
+    PolicyError, QueueSettings,
 };
 use crate::trap::{PuIndex, TrapConsumer};
 
@@ -47,6 +49,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Overrides the config's `datapath` (`--datapath`).
     pub datapath: Option<DatapathChoice>,
+    /// Overrides the config's `[iptables] backend` (`--iptables-backend`).
+    pub iptables_backend: Option<IptablesBackendChoice>,
     pub instance: InstanceName,
     /// The control socket; default `/run/enforcer/<instance>.sock`.
     pub control: Option<PathBuf>,
@@ -72,6 +76,9 @@ pub struct ConfigSource {
     host: CgroupV2Host,
     /// `--datapath`, which wins over the file's `datapath`.
     datapath: Option<DatapathChoice>,
+    /// `--iptables-backend`, which wins over the file's `[iptables]
+    /// backend`.
+    iptables_backend: Option<IptablesBackendChoice>,
 }
 
 impl ConfigSource {
@@ -91,6 +98,9 @@ impl ConfigSource {
             // like: a file's `datapath` that the flag overrides is moot.
             config.datapath = choice;
         }
+        if let Some(choice) = self.iptables_backend {
+            config.iptables.backend = choice;
+        }
         Ok(config)
     }
 }
@@ -104,6 +114,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         path: options.config.clone(),
         host: CgroupV2Host::new(&cgroup2),
         datapath: options.datapath,
+        iptables_backend: options.iptables_backend,
     };
     let config = source.load()?;
     let control = options
@@ -123,12 +134,25 @@ pub fn run(options: RunOptions) -> Result<()> {
         None => choice.reason,
     };
     tracing::info!(datapath = %choice.kind, reason = %reason, "datapath chosen");
+    // In the agent's namespace (entered before this): the flavour whose
+    // rules are here. Both datapaths install netfilter rules with it.
+    let forced_by = match options.iptables_backend {
+        Some(_) => "--iptables-backend",
+        None => "iptables.backend",
+    };
+    let iptables = backend::choose(config.iptables.backend, forced_by);
+    tracing::info!(
+        "iptables backend: {} ({})",
+        iptables.backend,
+        iptables.reason
+    );
     let settings = DatapathSettings {
         mode: config.mode,
         queues: config.queues.clone(),
         marks: config.marks.layout(),
         cgroup2,
         pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
+        iptables_backend: iptables.backend,
     };
     let datapath = datapath::open(choice.kind, settings)
         .with_context(|| format!("opening the {} datapath", choice.kind))?;
@@ -138,6 +162,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         datapath: DatapathStatus {
             kind: choice.kind,
             reason,
+            iptables,
         },
         mode: config.mode,
         started: Instant::now(),
@@ -241,23 +266,32 @@ fn listen_for_signals() -> Result<mpsc::Receiver<Event>> {
 /// `enforcer cleanup`: removes whatever any datapath of `instance` could
 /// have left, for use after a crash. Refuses while an agent of the
 /// instance answers on its control socket. Idempotent.
+///
+/// It reads no config, so it cannot know which iptables flavour the agent
+/// used: it removes the agent's chains with each flavour's tools (a save
+/// of every table creates none, so the flavour not in use stays
+/// untouched).
 pub fn cleanup(instance: &InstanceName) -> Result<()> {
     control::claim(&instance.control_socket())?;
     let mounts = Mounts::read()?;
     // What each datapath removes depends on the instance (its pin
     // directory) only; mode, queues and marks are the defaults.
-    let settings = DatapathSettings {
+    let settings = |iptables_backend| DatapathSettings {
         mode: Mode::LocalServer,
         queues: QueueSettings::default(),
         marks: MarkSettings::default().layout(),
         cgroup2: mounts.cgroup2_or_default(),
         pin_dir: instance.pin_dir(&mounts.bpffs_or_default()),
+        iptables_backend,
     };
     let mut failed = Vec::new();
-    for kind in [DatapathKind::Iptables, DatapathKind::Ebpf] {
+    let each = [DatapathKind::Iptables, DatapathKind::Ebpf]
+        .into_iter()
+        .flat_map(|kind| Backend::ALL.map(|backend| (kind, backend)));
+    for (kind, backend) in each {
         // One datapath's failure, even a panic, must not keep the other's
         // state in place.
-        let settings = settings.clone();
+        let settings = settings(backend);
         let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             datapath::open(kind, settings)?.cleanup()?;
             Ok(())
@@ -267,10 +301,12 @@ pub fn cleanup(instance: &InstanceName) -> Result<()> {
             Err(anyhow!("the {kind} cleanup panicked: {message}"))
         });
         match outcome {
-            Ok(()) => tracing::info!(datapath = %kind, instance = %instance, "cleaned up"),
+            Ok(()) => {
+                tracing::info!(datapath = %kind, iptables = %backend, instance = %instance, "cleaned up");
+            }
             Err(e) => {
-                tracing::error!(datapath = %kind, "cleanup failed: {e:#}");
-                failed.push(kind.to_string());
+                tracing::error!(datapath = %kind, iptables = %backend, "cleanup failed: {e:#}");
+                failed.push(format!("{kind} ({backend})"));
             }
         }
     }

@@ -93,6 +93,7 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         ("datapath", old.datapath == new.datapath),
         ("queues", old.queues == new.queues),
         ("marks", old.marks == new.marks),
+        ("iptables", old.iptables == new.iptables),
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),

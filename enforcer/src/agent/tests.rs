@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::enforcement::fake::{FakeDatapath, TWO_PUS};
 use super::*;
 use crate::control::{Request, Response, StatusReport};
+use crate::datapath::iptables::backend::BackendChoice;
 use crate::trap::TrapCounters;
 
 struct Harness {
@@ -29,6 +30,7 @@ impl Harness {
             path: dir.join("enforcer.toml"),
             host: CgroupV2Host::new(&dir),
             datapath: None,
+            iptables_backend: None,
         };
         std::fs::write(&source.path, TWO_PUS).unwrap();
         let config = source.load().unwrap();
@@ -46,6 +48,10 @@ impl Harness {
             datapath: DatapathStatus {
                 kind: DatapathKind::Iptables,
                 reason: "a fake for tests".into(),
+                iptables: BackendChoice {
+                    backend: Backend::Legacy,
+                    reason: "a fake for tests".into(),
+                },
             },
             mode: config.mode,
             started: Instant::now(),
@@ -241,17 +247,30 @@ fn the_flag_overrides_the_files_datapath() {
     let dir = std::env::temp_dir().join(format!("enforcer-agent-{}-flag", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("enforcer.toml");
-    std::fs::write(&path, "mode = \"sidecar\"\ndatapath = \"ebpf\"").unwrap();
-    let source = |datapath| ConfigSource {
+    std::fs::write(
+        &path,
+        "mode = \"sidecar\"\ndatapath = \"ebpf\"\n[iptables]\nbackend = \"legacy\"",
+    )
+    .unwrap();
+    let source = |datapath, iptables_backend| ConfigSource {
         path: path.clone(),
         host: CgroupV2Host::new(&dir),
         datapath,
+        iptables_backend,
     };
-    assert_eq!(source(None).load().unwrap().datapath, DatapathChoice::Ebpf);
-    let flagged = source(Some(DatapathChoice::Iptables)).load().unwrap();
+    let file = source(None, None).load().unwrap();
+    assert_eq!(file.datapath, DatapathChoice::Ebpf);
+    assert_eq!(file.iptables.backend, IptablesBackendChoice::Legacy);
+    let flagged = source(
+        Some(DatapathChoice::Iptables),
+        Some(IptablesBackendChoice::Nft),
+    )
+    .load()
+    .unwrap();
     assert_eq!(flagged.datapath, DatapathChoice::Iptables);
+    assert_eq!(flagged.iptables.backend, IptablesBackendChoice::Nft);
     std::fs::write(&path, "mode = \"server\"").unwrap();
-    let err = source(None).load().unwrap_err();
+    let err = source(None, None).load().unwrap_err();
     assert!(matches!(err, ConfigError::Invalid { .. }));
     let message = format!("{:#}", anyhow::Error::from(err));
     assert_eq!(

@@ -8,7 +8,9 @@
 //! datapath is opened, and only by an exact value: `<operation>:<n>`, where
 //! the operation is `configure`, `update` or `set_target_networks` and `n`
 //! (1 or more) counts that operation's calls since the agent started (the
-//! agent's own start-up calls `set_target_networks` and `configure` too).
+//! agent's own start-up calls `set_target_networks` and `configure` too;
+//! the iptables datapath configures every start-up PU in one call, the
+//! eBPF datapath one call per PU).
 //! Any other value stops the agent at start, naming the variable, so a
 //! typo never goes unnoticed. Never set it outside tests.
 //!

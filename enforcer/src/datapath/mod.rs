@@ -61,6 +61,9 @@ pub struct DatapathSettings {
     /// This agent instance's own directory on bpffs (pins live there and
     /// nowhere else; `run` and `cleanup` remove it whole).
     pub pin_dir: PathBuf,
+    /// The iptables flavour every restore and save goes through, on both
+    /// datapaths ([`iptables::backend`]).
+    pub iptables_backend: iptables::backend::Backend,
 }
 
 /// Packets a datapath counted, as the kernel counted them.
@@ -129,6 +132,25 @@ pub trait Datapath: Send {
 
     /// Installs a new PU's policy under `version` and hooks it.
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()>;
+
+    /// Installs several new PUs under `version` as one operation: every
+    /// one, or (on error) none. What start-up uses; a datapath whose
+    /// per-PU cost grows with what is installed does them in one batch.
+    /// This default configures them in turn and deletes the ones done
+    /// after a failure.
+    fn configure_all(&mut self, version: u8, pus: &[Pu]) -> Result<()> {
+        for (done, pu) in pus.iter().enumerate() {
+            if let Err(e) = self.configure(version, pu) {
+                for earlier in &pus[..done] {
+                    if let Err(undo) = self.delete(version, earlier) {
+                        tracing::error!(pu = %earlier.id, "undoing its configure failed: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 
     /// Replaces a PU's policy with no gap: `new` under `version`, then the
     /// old one (under `version ^ 1`) removed, in one commit. Then cuts the

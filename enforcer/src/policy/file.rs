@@ -20,7 +20,8 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, MarkSettings, NetworkSettings, QueueSettings,
+    Configuration, DatapathChoice, FlowLogOutput, IptablesSettings, MarkSettings, NetworkSettings,
+    QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
@@ -38,6 +39,8 @@ struct RawConfiguration {
     marks: RawMarks,
     #[serde(default)]
     flow_log: RawFlowLog,
+    #[serde(default)]
+    iptables: RawIptables,
     #[serde(default)]
     pus: Vec<RawPu>,
 }
@@ -73,6 +76,12 @@ struct RawMarks {
 #[serde(deny_unknown_fields)]
 struct RawFlowLog {
     output: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawIptables {
+    backend: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -177,6 +186,16 @@ pub(super) fn parse(
         validate::settings(&queues, &marks, &mut errs);
     }
     let flow_log = convert_flow_log(&raw.flow_log, &mut errs);
+    let iptables = IptablesSettings {
+        backend: raw
+            .iptables
+            .backend
+            .as_ref()
+            .map_or_else(Default::default, |name| {
+                let path = FieldPath::root("iptables").key("backend");
+                keyword(&mut errs, &path, name).unwrap_or_default()
+            }),
+    };
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
         let path = FieldPath::root("pus").index(i);
@@ -206,6 +225,7 @@ pub(super) fn parse(
         queues,
         marks,
         flow_log,
+        iptables,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
 }
@@ -556,6 +576,9 @@ impl From<&Configuration> for RawConfiguration {
                     FlowLogOutput::File(path) => path.display().to_string(),
                 }),
             },
+            iptables: RawIptables {
+                backend: Some(config.iptables.backend.as_str().to_owned()),
+            },
             pus: config.pus.iter().map(RawPu::from).collect(),
         }
     }
@@ -635,7 +658,7 @@ mod tests {
     use super::*;
     use crate::policy::FailMode;
     use crate::policy::acl::{Action, Protocol};
-    use crate::policy::model::Mode;
+    use crate::policy::model::{IptablesBackendChoice, Mode};
     use crate::policy::test_support::{
         FakeHost, assert_has, assert_refused, refusals, with_process_pu,
     };
@@ -945,10 +968,38 @@ mod tests {
             Some("nft"),
             unknown(DatapathChoice::NAMES),
         );
+        assert_refused(
+            "mode = \"sidecar\"\n[iptables]\nbackend = \"nftables\"",
+            "iptables.backend",
+            Some("nftables"),
+            unknown(IptablesBackendChoice::NAMES),
+        );
         let message = refusals("mode = \"server\"")[0].to_string();
         assert_eq!(
             message,
             r#"mode: "server" is not one of: local-server, remote-container, sidecar"#
+        );
+    }
+
+    #[test]
+    fn the_iptables_backend_defaults_to_auto_and_takes_each_keyword() {
+        let default = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(default.iptables.backend, IptablesBackendChoice::Auto);
+        for choice in [
+            IptablesBackendChoice::Auto,
+            IptablesBackendChoice::Nft,
+            IptablesBackendChoice::Legacy,
+        ] {
+            let text = format!("mode = \"sidecar\"\n[iptables]\nbackend = \"{choice}\"");
+            let config = Configuration::from_toml_str(&text).unwrap();
+            assert_eq!(config.iptables.backend, choice);
+            let again = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(again.unwrap(), config);
+        }
+        let message = refusals("mode = \"sidecar\"\n[iptables]\nbackend = \"x\"")[0].to_string();
+        assert_eq!(
+            message,
+            r#"iptables.backend: "x" is not one of: auto, nft, legacy"#
         );
     }
 

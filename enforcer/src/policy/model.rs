@@ -23,6 +23,8 @@ pub struct Configuration {
     pub queues: QueueSettings,
     pub marks: MarkSettings,
     pub flow_log: FlowLogOutput,
+    /// `[iptables]`: which iptables flavour to use.
+    pub iptables: IptablesSettings,
     pub pus: Vec<Pu>,
 }
 
@@ -118,6 +120,32 @@ keywords!(DatapathChoice {
     Auto = "auto",
     Ebpf = "ebpf",
     Iptables = "iptables",
+});
+
+/// `[iptables]`: the netfilter tools both datapaths run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IptablesSettings {
+    pub backend: IptablesBackendChoice,
+}
+
+/// Which iptables flavour (xtables-legacy or xtables-nft) runs every
+/// restore and save; the other is never used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IptablesBackendChoice {
+    /// The one the host already uses, detected the way kube-proxy's
+    /// iptables-wrapper does it.
+    #[default]
+    Auto,
+    /// `iptables-nft-restore` and friends (nf_tables).
+    Nft,
+    /// `iptables-legacy-restore` and friends (x_tables).
+    Legacy,
+}
+
+keywords!(IptablesBackendChoice {
+    Auto = "auto",
+    Nft = "nft",
+    Legacy = "legacy",
 });
 
 /// Target and excluded networks as configured: IPv4 and IPv6 mixed, host

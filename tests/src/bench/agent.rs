@@ -8,10 +8,9 @@
 //! done, and confirmed through the control socket (the PUs in force,
 //! `reloads.applied`). Polling `status` for the timing itself would add a
 //! status round trip to every figure — and on the iptables datapath a
-//! status reads the counters with `iptables-save` and scans the save once
-//! per PU, which at a thousand PUs takes longer than what is measured
-//! (and longer than `enforcer status`'s own 10 s timeout, hence the
-//! client here with a longer one).
+//! status reads the counters with `iptables-save`, which at thousands of
+//! PUs takes seconds (and may take longer than `enforcer status`'s own
+//! 10 s timeout, hence the client here with a longer one).
 //!
 //! Dropping an [`Agent`] stops it with SIGTERM (it removes everything it
 //! made) and, if it does not exit in time, kills it and runs

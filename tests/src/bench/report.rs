@@ -688,9 +688,10 @@ fn why(metric: Metric) -> &'static str {
         Metric::Startup | Metric::Shutdown => {
             "eBPF pays a fixed cost at start (loading and verifying its object, pinning its maps, \
              installing its fixed rules) and at shutdown (unpinning, removing them) that iptables \
-             does not pay with few PUs; past that, iptables pays per PU (one `ipset restore` and \
-             two `iptables-restore` runs, each re-reading the whole, growing rule set), eBPF a few \
-             map writes and one cgroup attachment per hook."
+             does not pay with few PUs; past that, iptables configures the PUs in batches of 250 \
+             (one `ipset restore` and one `iptables-restore` per family each), and the kernel \
+             looks every set up by name in a list of all sets, so its cost still grows faster \
+             than the PUs; eBPF pays a few map writes and one cgroup attachment per hook."
         }
         Metric::AddPu | Metric::DeletePu | Metric::UpdatePu | Metric::TargetChange => {
             "A reload first re-reads, validates and diffs the whole config file — the same work \
@@ -702,9 +703,9 @@ fn why(metric: Metric) -> &'static str {
         }
         Metric::Status => {
             "A status reads the datapath's counters. The eBPF datapath reads one per-CPU map entry \
-             per PU; the iptables datapath runs `iptables-save -c` for both families and then \
-             scans the whole save once per PU (`save::count`), so its cost grows with PUs × rules. \
-             With few PUs both are quick and the agent's own work dominates."
+             per PU; the iptables datapath runs `iptables-save -c` for both families and reads \
+             each save once (`save::counts_by_chain`), so its cost grows with the rules. With few \
+             PUs both are quick and the agent's own work dominates."
         }
         Metric::Rss => {
             "The eBPF agent keeps the loaded object (programs, BTF, relocation data) and its map \

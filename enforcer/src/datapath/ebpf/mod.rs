@@ -653,7 +653,7 @@ impl Datapath for EbpfDatapath {
             &self.udp_trap_pin(),
         )?;
         for family in IpFamily::ALL {
-            nf::restore(family, &rules)
+            nf::restore(self.settings.iptables_backend, family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
         }
         self.watcher = Some(links::Watcher::start(self.ingress_pin(), self.links_dir())?);
@@ -888,7 +888,8 @@ impl Datapath for EbpfDatapath {
         // rule of a table it rewrites, and the UDP trap rule's check opens
         // its pinned program by path. The pins go even if the rules could
         // not: the error is reported after.
-        let rules_removed = nf::cleanup_all().context("removing netfilter rules");
+        let rules_removed =
+            nf::cleanup_all(self.settings.iptables_backend).context("removing netfilter rules");
         // Pinned maps and links of this or an earlier (crashed) instance:
         // removing the pins releases them and detaches the programs.
         match std::fs::remove_dir_all(&self.settings.pin_dir) {
@@ -984,7 +985,11 @@ impl EbpfDatapath {
     /// Best effort: the sets are in force whatever happens here.
     fn forget_removed_udp_targets(&self, old_udp: &[IpNet]) {
         let networks = self.networks();
-        match nf::forget_udp_flows(&nf::System, old_udp, &networks.target_udp) {
+        match nf::forget_udp_flows(
+            &nf::System::new(self.settings.iptables_backend),
+            old_udp,
+            &networks.target_udp,
+        ) {
             Ok(0) => {}
             Ok(n) => info!(flows = n, "UDP flows of removed target networks forgotten"),
             Err(e) => tracing::error!(

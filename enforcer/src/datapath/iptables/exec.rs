@@ -11,8 +11,10 @@
 //! its exit status, its stderr and, when the tool names a line of its
 //! input, that line.
 //!
-//! The tool names live in [`TOOLS`] only, so that choosing the legacy or
-//! the nf_tables flavour (a later issue) changes one place.
+//! The tool names live in [`tools`], [`IPSET`] and [`CONNTRACK`] only.
+//! Every restore and save names its [`Backend`] (the flavour chosen at
+//! start, see [`super::backend`]), so no call can slip into the other
+//! flavour; ipset and conntrack are the same for both.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -21,6 +23,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::IpNet;
 use tracing::debug;
 
+use super::backend::Backend;
 use super::rules::{Table, section};
 use super::{save, sets};
 use crate::datapath::conntrack::{self, Flow};
@@ -28,68 +31,86 @@ use crate::datapath::sockdiag;
 use crate::naming;
 use crate::policy::{IpFamily, PerFamily};
 
-/// The programs the datapath runs.
+/// One flavour's restore and save programs.
 #[derive(Debug, Clone)]
 pub struct Tools {
     pub restore: PerFamily<&'static str>,
     pub save: PerFamily<&'static str>,
-    pub ipset: &'static str,
-    pub conntrack: &'static str,
 }
 
-/// The alternatives-selected flavour (nf_tables on Debian).
-pub const TOOLS: Tools = Tools {
-    restore: PerFamily {
-        v4: "iptables-restore",
-        v6: "ip6tables-restore",
-    },
-    save: PerFamily {
-        v4: "iptables-save",
-        v6: "ip6tables-save",
-    },
-    ipset: "ipset",
-    conntrack: "conntrack",
-};
+/// The flavour's own names, never the alternatives-selected
+/// `iptables-restore`, which may be either.
+pub const fn tools(backend: Backend) -> Tools {
+    match backend {
+        Backend::Nft => Tools {
+            restore: PerFamily {
+                v4: "iptables-nft-restore",
+                v6: "ip6tables-nft-restore",
+            },
+            save: PerFamily {
+                v4: "iptables-nft-save",
+                v6: "ip6tables-nft-save",
+            },
+        },
+        Backend::Legacy => Tools {
+            restore: PerFamily {
+                v4: "iptables-legacy-restore",
+                v6: "ip6tables-legacy-restore",
+            },
+            save: PerFamily {
+                v4: "iptables-legacy-save",
+                v6: "ip6tables-legacy-save",
+            },
+        },
+    }
+}
+
+/// The set tool, the same whatever the iptables flavour.
+pub const IPSET: &str = "ipset";
+/// The conntrack tool, the same whatever the iptables flavour.
+pub const CONNTRACK: &str = "conntrack";
 
 /// Applies restore text to the family's tables without flushing what is
 /// there; each table section commits on its own. `--wait` waits for the
 /// xtables lock that the legacy flavour and other tools take.
-pub fn restore(family: IpFamily, text: &str) -> Result<()> {
-    run(
-        TOOLS.restore.get(family),
-        &["--noflush", "--wait"],
-        Some(text),
-    )
-    .map(drop)
+pub fn restore(backend: Backend, family: IpFamily, text: &str) -> Result<()> {
+    let program = *tools(backend).restore.get(family);
+    run(program, &["--noflush", "--wait"], Some(text)).map(drop)
 }
 
 /// One table of the family as `iptables-save` prints it, with packet and
 /// byte counters when `counters` is set.
-pub fn save(family: IpFamily, table: Table, counters: bool) -> Result<String> {
+pub fn save(backend: Backend, family: IpFamily, table: Table, counters: bool) -> Result<String> {
     let mut args = vec!["-t", table.as_str()];
     if counters {
         args.push("-c");
     }
-    run(TOOLS.save.get(family), &args, None)
+    run(tools(backend).save.get(family), &args, None)
+}
+
+/// Every table of the family that exists. Unlike a save with `-t`, this
+/// never creates a table (the legacy flavour would).
+pub fn save_all(backend: Backend, family: IpFamily) -> Result<String> {
+    run(tools(backend).save.get(family), &[], None)
 }
 
 /// Applies `ipset restore` text. The tool stops at the first failing line,
 /// keeping what the lines before it did.
 pub fn ipset_restore(text: &str) -> Result<()> {
-    run(TOOLS.ipset, &["restore"], Some(text)).map(drop)
+    run(IPSET, &["restore"], Some(text)).map(drop)
 }
 
 /// The names of every set in the namespace.
 pub fn ipset_names() -> Result<Vec<String>> {
-    let out = run(TOOLS.ipset, &["list", "-n"], None)?;
+    let out = run(IPSET, &["list", "-n"], None)?;
     Ok(out.lines().map(str::to_owned).collect())
 }
 
 /// Removes every chain, hook and set the agent made in this namespace,
-/// in both families, and nothing else. Used by `run` (leftovers of a
-/// crashed instance) and `cleanup`.
-pub fn cleanup_all() -> Result<()> {
-    remove_everything(&System)
+/// in both families, with `backend`'s tools, and nothing else. Used by
+/// `run` (leftovers of a crashed instance) and `cleanup`.
+pub fn cleanup_all(backend: Backend) -> Result<()> {
+    remove_everything(&System::new(backend))
 }
 
 /// The conntrack entries of `family` whose mark matches `value` under
@@ -97,7 +118,7 @@ pub fn cleanup_all() -> Result<()> {
 pub fn conntrack_flows(family: IpFamily, value: u32, mask: u32) -> Result<Vec<Flow>> {
     let args = conntrack::list_args(family, value, mask);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ok(conntrack::parse_list(&run(TOOLS.conntrack, &args, None)?))
+    Ok(conntrack::parse_list(&run(CONNTRACK, &args, None)?))
 }
 
 /// Deletes the conntrack entry of `flow` while its mark still matches
@@ -105,7 +126,7 @@ pub fn conntrack_flows(family: IpFamily, value: u32, mask: u32) -> Result<Vec<Fl
 pub fn conntrack_delete(flow: &Flow, value: u32, mask: u32) -> Result<bool> {
     let args = conntrack::delete_args(flow, value, mask);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match run(TOOLS.conntrack, &args, None) {
+    match run(CONNTRACK, &args, None) {
         Ok(_) => Ok(true),
         Err(e) if conntrack::nothing_deleted(&e.to_string()) => Ok(false),
         Err(e) => Err(e),
@@ -158,6 +179,8 @@ pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[Flow]) -> Result<us
 pub trait Netfilter: Send + Sync {
     fn restore(&self, family: IpFamily, text: &str) -> Result<()>;
     fn save(&self, family: IpFamily, table: Table, counters: bool) -> Result<String>;
+    /// [`save_all`].
+    fn save_all(&self, family: IpFamily) -> Result<String>;
     fn ipset_restore(&self, text: &str) -> Result<()>;
     fn ipset_names(&self) -> Result<Vec<String>>;
     /// [`conntrack_flows`].
@@ -168,17 +191,30 @@ pub trait Netfilter: Send + Sync {
     fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize>;
 }
 
-/// The real tools, in the calling thread's network namespace.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct System;
+/// The real tools of one flavour, in the calling thread's network
+/// namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct System {
+    backend: Backend,
+}
+
+impl System {
+    pub fn new(backend: Backend) -> Self {
+        Self { backend }
+    }
+}
 
 impl Netfilter for System {
     fn restore(&self, family: IpFamily, text: &str) -> Result<()> {
-        restore(family, text)
+        restore(self.backend, family, text)
     }
 
     fn save(&self, family: IpFamily, table: Table, counters: bool) -> Result<String> {
-        save(family, table, counters)
+        save(self.backend, family, table, counters)
+    }
+
+    fn save_all(&self, family: IpFamily) -> Result<String> {
+        save_all(self.backend, family)
     }
 
     fn ipset_restore(&self, text: &str) -> Result<()> {
@@ -202,18 +238,22 @@ impl Netfilter for System {
     }
 }
 
-/// [`cleanup_all`] through any [`Netfilter`]: for each family and table,
-/// unhook, flush and delete every `TRI-` chain found in the save; then
-/// destroy every set with a family prefix (rules no longer refer to
-/// them). Goes on after a failure and reports every one.
+/// [`cleanup_all`] through any [`Netfilter`]: for each family, one save
+/// of every table; in each of the agent's tables found there, unhook,
+/// flush and delete every `TRI-` chain; then destroy every set with a
+/// family prefix (rules no longer refer to them). Goes on after a failure
+/// and reports every one.
 pub(super) fn remove_everything(nf: &dyn Netfilter) -> Result<()> {
     let mut failures = Vec::new();
     for family in IpFamily::ALL {
         let attempt = || -> Result<()> {
+            let saved = nf.save_all(family)?;
             let mut text = String::new();
             for table in Table::ALL {
-                let saved = nf.save(family, table, false)?;
-                let lines = save::teardown(&saved, naming::is_agent_chain);
+                let Some(saved) = save::table(&saved, table) else {
+                    continue;
+                };
+                let lines = save::teardown(saved, naming::is_agent_chain);
                 if !lines.is_empty() {
                     text += &section(table, &lines);
                 }
@@ -331,6 +371,35 @@ mod tests {
         assert_eq!(failed_line("no such thing", input), None);
         assert_eq!(failed_line("line 0", input), None);
         assert_eq!(failed_line("line 9", input), None);
+    }
+
+    #[test]
+    fn each_flavour_names_its_own_tools() {
+        let nft = tools(Backend::Nft);
+        let legacy = tools(Backend::Legacy);
+        assert_eq!(
+            [nft.restore.v4, nft.restore.v6, nft.save.v4, nft.save.v6],
+            [
+                "iptables-nft-restore",
+                "ip6tables-nft-restore",
+                "iptables-nft-save",
+                "ip6tables-nft-save"
+            ]
+        );
+        assert_eq!(
+            [
+                legacy.restore.v4,
+                legacy.restore.v6,
+                legacy.save.v4,
+                legacy.save.v6
+            ],
+            [
+                "iptables-legacy-restore",
+                "ip6tables-legacy-restore",
+                "iptables-legacy-save",
+                "ip6tables-legacy-save"
+            ]
+        );
     }
 
     #[test]

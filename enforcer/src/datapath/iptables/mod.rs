@@ -9,7 +9,8 @@
 //!   steering rules that `run` installs, and
 //! - [`pu`]: one linux-process PU's sets, chains and hooks;
 //! - [`sets`]: `ipset restore` text; [`save`]: reading `iptables-save`;
-//! - [`exec`]: running the tools (the only I/O).
+//! - [`exec`]: running the tools (the only I/O), always with the flavour
+//!   [`backend`] chose (nf_tables or legacy, never both).
 //!
 //! IPv4 and IPv6 are one implementation: every renderer takes the family
 //! as a parameter ([`rules::Ctx`]), and each operation loops over
@@ -20,7 +21,10 @@
 //! the target networks per family — and makes every change all or
 //! nothing: sets first (nothing else happens if that fails), then one
 //! `iptables-restore` per family; a later failure undoes the earlier
-//! steps. This slice handles `local-server` mode and linux-process PUs;
+//! steps. Start-up configures every PU in one such operation (one
+//! `ipset restore`, one restore per family): each restore costs in
+//! proportion to the rules already there, so one per PU would make a
+//! start-up quadratic in the number of PUs. This slice handles `local-server` mode and linux-process PUs;
 //! anything else is refused before any change.
 //!
 //! After an update's commit, the connections only the old policy allowed
@@ -28,6 +32,7 @@
 //! connection, and the main chains accept every later packet of a marked
 //! connection without asking the PU's chain again.
 
+pub mod backend;
 pub mod exec;
 pub mod global;
 pub mod nflog;
@@ -54,6 +59,13 @@ use crate::flowlog::{FlowAction, FlowObserve};
 use crate::naming::{GlobalSet, LogTag, MAIN_CHAINS, NameRegistry, ShortName, nflog_prefix};
 use crate::policy::{Action, ObserveMode};
 use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId, PuKind};
+
+/// PUs per batch of a [`IptablesDatapath::configure_all`]. One restore per
+/// PU costs a full re-read of the rule set each (start-up grows with the
+/// square of the PUs), while `iptables-nft-restore` slows down more than
+/// linearly with the size of one input; batches of this size keep both
+/// small.
+const BATCH_PUS: usize = 250;
 
 /// Test-only ([`fault`]): a rule whose chain never exists, so that the
 /// `iptables-restore` it ends fails as a whole, as a real failure would.
@@ -148,7 +160,8 @@ impl IptablesDatapath {
     }
 
     pub fn new(settings: DatapathSettings) -> Result<Self> {
-        let mut datapath = Self::with_netfilter(settings, Box::new(System));
+        let system = System::new(settings.iptables_backend);
+        let mut datapath = Self::with_netfilter(settings, Box::new(system));
         datapath.faults = Faults::from_env()?;
         Ok(datapath)
     }
@@ -246,20 +259,57 @@ impl IptablesDatapath {
         }
     }
 
-    /// configure's steps once the name is assigned; with `fault`
-    /// (test-only), the last one fails.
-    fn install(&self, plan: &PuPlan, fault: bool) -> Result<()> {
-        let specs: Vec<sets::SetSpec> = IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)).collect();
-        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        if let Err(e) = self.nf.ipset_restore(&sets::create(&specs)) {
-            // ipset restore stops at the failing line: some sets exist.
-            let e = e.context("creating the PU's sets");
-            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+    /// configure's steps once the names are assigned, for one PU or many
+    /// at once, in batches of [`BATCH_PUS`]: per batch one `ipset restore`
+    /// with its sets, then one restore per family with its chains and
+    /// hooks. A failure undoes the batches done (their chains, then every
+    /// set). With `fault` (test-only), the last restore fails.
+    fn install(&self, plans: &[PuPlan], fault: bool) -> Result<()> {
+        let sets_of = |plans: &[PuPlan]| -> Vec<sets::SetSpec> {
+            plans
+                .iter()
+                .flat_map(|plan| IpFamily::ALL.iter().flat_map(|&f| plan.sets(f)))
+                .collect()
+        };
+        let names: Vec<String> = sets_of(plans).into_iter().map(|s| s.name).collect();
+        let mut done = 0;
+        for batch in plans.chunks(BATCH_PUS) {
+            let last = done + batch.len() == plans.len();
+            let installed = &plans[..done];
+            let undo = |e: anyhow::Error| -> DatapathError {
+                let e = match self.remove_chains(installed) {
+                    Ok(()) => e,
+                    Err(undo) => e.context(format!(
+                        "undoing the PUs configured before also failed, they stay: {undo:#}"
+                    )),
+                };
+                self.undo_sets(e, self.destroy_sets(&names))
+            };
+            if let Err(e) = self.nf.ipset_restore(&sets::create(&sets_of(batch))) {
+                // ipset restore stops at the failing line: some sets exist.
+                return Err(undo(e.context("creating the PU's sets")));
+            }
+            let install = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.install(ctx)).collect();
+            let remove = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.remove(ctx)).collect();
+            if let Err(e) = self.apply_per_family(install, remove, fault && last) {
+                return Err(undo(e));
+            }
+            done += batch.len();
         }
-        if let Err(e) =
-            self.apply_per_family(|ctx| plan.install(ctx), |ctx| plan.remove(ctx), fault)
-        {
-            return Err(self.undo_sets(e, self.destroy_sets(&names)));
+        Ok(())
+    }
+
+    /// Unhooks and removes the chains of `plans`, in both families.
+    fn remove_chains(&self, plans: &[PuPlan]) -> anyhow::Result<()> {
+        if plans.is_empty() {
+            return Ok(());
+        }
+        for family in IpFamily::ALL {
+            let ctx = self.ctx(family);
+            let lines: Vec<String> = plans.iter().flat_map(|plan| plan.remove(&ctx)).collect();
+            self.nf
+                .restore(family, &section(Table::Mangle, &lines))
+                .with_context(|| format!("removing the {family} chains"))?;
         }
         Ok(())
     }
@@ -565,19 +615,74 @@ impl Datapath for IptablesDatapath {
         let short = self.names.assign(&pu.id).map_err(anyhow::Error::from)?;
         let fault = self.faults.strikes(Operation::Configure);
         self.add_prefixes(pu, &short);
-        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&plan, fault));
+        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&[plan], fault));
         if let Err(e) = result {
             self.names.release(&pu.id);
             self.sync_prefixes();
             return Err(e);
         }
+        // Its prefixes are in already: re-reading every PU's here would
+        // make configuring the Nth PU cost in proportion to N.
         let installed = Installed {
             pu: pu.clone(),
             short,
             version,
         };
         self.pus.insert(pu.id.clone(), installed);
-        self.sync_prefixes();
+        Ok(())
+    }
+
+    /// Every PU in one [`Self::install`]: all installed, or none (and no
+    /// name kept). Refusals come first, before any change.
+    fn configure_all(&mut self, version: u8, pus: &[Pu]) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for pu in pus {
+            self.check_supported(pu)?;
+            if self.pus.contains_key(&pu.id) || !seen.insert(&pu.id) {
+                let message = format!("PU {} is already configured (update it instead)", pu.id);
+                return Err(anyhow!(message).into());
+            }
+        }
+        if pus.is_empty() {
+            return Ok(());
+        }
+        let mut shorts = Vec::with_capacity(pus.len());
+        for pu in pus {
+            match self.names.assign(&pu.id) {
+                Ok(short) => shorts.push(short),
+                Err(e) => {
+                    for done in &pus[..shorts.len()] {
+                        self.names.release(&done.id);
+                    }
+                    return Err(anyhow::Error::from(e).into());
+                }
+            }
+        }
+        let fault = self.faults.strikes(Operation::Configure);
+        let result = pus
+            .iter()
+            .zip(&shorts)
+            .map(|(pu, short)| {
+                self.add_prefixes(pu, short);
+                PuPlan::new(pu, short, version)
+            })
+            .collect::<Result<Vec<_>>>()
+            .and_then(|plans| self.install(&plans, fault));
+        if let Err(e) = result {
+            for pu in pus {
+                self.names.release(&pu.id);
+            }
+            self.sync_prefixes();
+            return Err(e);
+        }
+        for (pu, short) in pus.iter().zip(shorts) {
+            let installed = Installed {
+                pu: pu.clone(),
+                short,
+                version,
+            };
+            self.pus.insert(pu.id.clone(), installed);
+        }
         Ok(())
     }
 
@@ -666,10 +771,11 @@ impl Datapath for IptablesDatapath {
         let mut counters = Counters::default();
         for family in IpFamily::ALL {
             let saved = self.nf.save(family, Table::Mangle, true)?;
-            counters.total += save::count(&saved, &[MAIN_CHAINS.app, MAIN_CHAINS.net]);
+            let by_chain = save::counts_by_chain(&saved);
+            counters.total += save::count(&by_chain, &[MAIN_CHAINS.app, MAIN_CHAINS.net]);
             for (id, installed) in &self.pus {
                 let chains = installed.plan()?.chains();
-                let counts = save::count(&saved, &[&chains.app, &chains.net]);
+                let counts = save::count(&by_chain, &[&chains.app, &chains.net]);
                 counters.total += counts;
                 *counters.per_pu.entry(id.to_string()).or_default() += counts;
             }
@@ -774,6 +880,10 @@ mod tests {
             self.call(Call::Save(family))
                 .map(|()| "*mangle\nCOMMIT\n".to_owned())
         }
+        fn save_all(&self, family: IpFamily) -> anyhow::Result<String> {
+            self.call(Call::Save(family))
+                .map(|()| "*mangle\nCOMMIT\n*nat\nCOMMIT\n".to_owned())
+        }
         fn ipset_restore(&self, text: &str) -> anyhow::Result<()> {
             self.call(Call::Ipset(text.to_owned()))
         }
@@ -808,6 +918,7 @@ mod tests {
             marks: MarkLayout::default(),
             cgroup2: PathBuf::from("/sys/fs/cgroup"),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer-test"),
+            iptables_backend: backend::Backend::Nft,
         }
     }
 
@@ -865,26 +976,21 @@ mod tests {
             IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
         dp.run().unwrap();
         let calls = fake.take();
-        // Leftovers: a save of each table of each family (nothing found).
+        // Leftovers: one save of every table of each family (nothing found).
         assert_eq!(
-            calls[..4],
-            [
-                Call::Save(IpFamily::V4),
-                Call::Save(IpFamily::V4),
-                Call::Save(IpFamily::V6),
-                Call::Save(IpFamily::V6)
-            ]
+            calls[..2],
+            [Call::Save(IpFamily::V4), Call::Save(IpFamily::V6)]
         );
         assert!(
-            matches!(&calls[4], Call::Ipset(text) if text.starts_with("create TRI-v4-TargetTCP"))
+            matches!(&calls[2], Call::Ipset(text) if text.starts_with("create TRI-v4-TargetTCP"))
         );
         assert!(
-            matches!(&calls[5], Call::Restore(IpFamily::V4, text) if text.contains("-j TRI-App"))
+            matches!(&calls[3], Call::Restore(IpFamily::V4, text) if text.contains("-j TRI-App"))
         );
         assert!(
-            matches!(&calls[6], Call::Restore(IpFamily::V6, text) if text.contains("TRI-v6-Excluded"))
+            matches!(&calls[4], Call::Restore(IpFamily::V6, text) if text.contains("TRI-v6-Excluded"))
         );
-        assert_eq!(calls.len(), 7);
+        assert_eq!(calls.len(), 5);
         assert_eq!(fake.sets(), global_sets());
     }
 
@@ -928,6 +1034,139 @@ mod tests {
         );
         assert!(matches!(calls.last(), Some(Call::Ipset(text)) if text.starts_with("destroy ")));
         assert_eq!(fake.sets(), global_sets());
+    }
+
+    /// `web` under another id and cgroup.
+    fn named(id: &str) -> Pu {
+        Pu {
+            id: PuId::new(id).unwrap(),
+            kind: PuKind::LinuxProcess {
+                cgroup: CgroupPath::new(format!("enforcer/{id}")).unwrap(),
+            },
+            ..web(80, "10.0.0.0/8")
+        }
+    }
+
+    #[test]
+    fn configure_all_is_one_set_batch_and_one_restore_per_family() {
+        let (mut dp, fake) = running();
+        let pus: Vec<Pu> = (0..50).map(|i| named(&format!("pu{i}"))).collect();
+        dp.configure_all(0, &pus).unwrap();
+        let calls = fake.take();
+        assert_eq!(calls.len(), 3, "{calls:#?}");
+        let Call::Ipset(sets) = &calls[0] else {
+            panic!("{calls:#?}")
+        };
+        // Two port sets per family and the IPv4 ACL set.
+        assert_eq!(sets.matches("create ").count(), 50 * 5);
+        for (call, family) in calls[1..].iter().zip(IpFamily::ALL) {
+            let Call::Restore(f, text) = call else {
+                panic!("{call:?}")
+            };
+            assert_eq!(*f, family);
+            assert_eq!(text.matches("-m cgroup --path").count(), 50);
+            assert_eq!(text.matches("COMMIT").count(), 1);
+        }
+        assert_eq!(dp.pus.len(), 50);
+        // Each is a PU like any other: updated and deleted on its own.
+        dp.update(1, &pus[7], &pus[7]).unwrap();
+        dp.delete(0, &pus[3]).unwrap();
+        assert_eq!(dp.pus.len(), 49);
+        assert!(dp.configure_all(0, &[]).is_ok());
+    }
+
+    #[test]
+    fn configure_all_is_all_or_nothing() {
+        let (mut dp, fake) = running();
+        let pus: Vec<Pu> = (0..3).map(|i| named(&format!("pu{i}"))).collect();
+        fake.fail_when(is_v6_restore);
+        assert!(dp.configure_all(0, &pus).is_err());
+        let calls = fake.take();
+        let Call::Restore(IpFamily::V4, undo) = &calls[3] else {
+            panic!("{calls:#?}")
+        };
+        assert_eq!(undo.matches("-X TRI-App-").count(), 3, "{undo}");
+        assert_eq!(fake.sets(), global_sets());
+        assert!(dp.pus.is_empty());
+        assert!(pus.iter().all(|pu| dp.names.get(&pu.id).is_none()));
+        // Refusals come before any change: one unsupported PU, or one
+        // already there, and nothing is done for the others either.
+        fake.0.lock().unwrap().fail = None;
+        dp.configure(0, &pus[1]).unwrap();
+        fake.take();
+        assert!(dp.configure_all(0, &pus).is_err());
+        let host = Pu {
+            kind: PuKind::Host,
+            ..named("h")
+        };
+        assert!(dp.configure_all(0, &[pus[0].clone(), host]).is_err());
+        let twice = [pus[0].clone(), pus[0].clone()];
+        assert!(dp.configure_all(0, &twice).is_err());
+        assert_eq!(fake.take(), []);
+        // The injected fault strikes the batch's last restore, as any
+        // configure's.
+        fake.fail_when(
+            |call| matches!(call, Call::Restore(_, t) if t.contains("enforcer-test-fault")),
+        );
+        dp.faults = Faults::parse("configure:1").unwrap();
+        let rest = [pus[0].clone(), pus[2].clone()];
+        assert!(dp.configure_all(0, &rest).is_err());
+        assert_eq!(dp.pus.len(), 1);
+        dp.configure_all(0, &rest).unwrap();
+        assert_eq!(dp.pus.len(), 3);
+    }
+
+    #[test]
+    fn a_failure_in_the_last_batch_undoes_the_batches_before() {
+        let (mut dp, fake) = running();
+        let n = 2 * BATCH_PUS + 1;
+        let pus: Vec<Pu> = (0..n).map(|i| named(&format!("pu{i}"))).collect();
+        fake.fail_when(|call| matches!(call, Call::Restore(IpFamily::V6, t) if t.contains("--path enforcer/pu500 ")));
+        assert!(dp.configure_all(0, &pus).is_err());
+        let calls = fake.take();
+        // 3 batches of sets and rules, the last failing at IPv6; its IPv4
+        // half undone; then the first two batches' chains, per family.
+        let restores: Vec<(IpFamily, usize)> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Restore(f, t) => Some((*f, t.matches("-X TRI-App-").count())),
+                _ => None,
+            })
+            .collect();
+        use IpFamily::{V4, V6};
+        assert_eq!(
+            restores,
+            [
+                (V4, 0),
+                (V6, 0),
+                (V4, 0),
+                (V6, 0),
+                (V4, 0),
+                (V6, 0),
+                (V4, 1),
+                (V4, 500),
+                (V6, 500)
+            ]
+        );
+        assert_eq!(fake.sets(), global_sets());
+        assert!(dp.pus.is_empty() && dp.names.get(&pus[0].id).is_none());
+        fake.0.lock().unwrap().fail = None;
+        dp.configure_all(0, &pus).unwrap();
+        assert_eq!(dp.pus.len(), n);
+    }
+
+    #[test]
+    fn counters_read_one_save_per_family_whatever_the_number_of_pus() {
+        let (mut dp, fake) = running();
+        let pus: Vec<Pu> = (0..20).map(|i| named(&format!("pu{i}"))).collect();
+        dp.configure_all(0, &pus).unwrap();
+        fake.take();
+        let counters = dp.counters().unwrap();
+        assert_eq!(counters.per_pu.len(), 20);
+        assert_eq!(
+            fake.take(),
+            [Call::Save(IpFamily::V4), Call::Save(IpFamily::V6)]
+        );
     }
 
     #[test]
