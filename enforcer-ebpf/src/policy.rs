@@ -1,9 +1,13 @@
 //! Lookups shared by the hooks: which PU a task belongs to, whether an
 //! address is in a global set, what a PU's ACLs say, the mark layout.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
+    cty::c_long,
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_loop,
     },
     maps::lpm_trie::Key,
 };
@@ -126,6 +130,17 @@ pub enum AclVerdict {
 /// the first other match decides. A matching rule with [`RULE_LOG`] (the
 /// deciding one, or an observe-continue one) puts `flow`, completed with
 /// the rule's policy, action and observe mode, on the flow-log ring.
+///
+/// The rules are walked with the `bpf_loop` helper, so the verifier checks
+/// the body ([`step`]) once per call site instead of once per unrolled
+/// rule on every path that reaches it. Unrolled, the walk (up to
+/// [`MAX_ACL_RULES`] rules, each match possibly logging) is multiplied by
+/// every distinct state the caller arrives with — the packet parser's
+/// exits, the first walk's exits before the second walk — which took TC
+/// ingress past the verifier's million-instruction limit; walked by
+/// `bpf_loop`, every program verifies in a few thousand instructions. (A
+/// non-inlined subprogram does not help: the verifier re-walks it for
+/// every caller state; measured, ingress still processed ~400k.)
 #[inline(always)]
 pub fn evaluate(
     entry: &AclEntry,
@@ -134,34 +149,70 @@ pub fn evaluate(
     port: u16,
     flow: &FlowEvent,
 ) -> Option<AclVerdict> {
-    let proto = flow.proto;
-    let end = first.saturating_add(count);
-    // The index is the loop counter itself, bounded by a constant: the
-    // verifier can then prove every rule access in bounds (an index
-    // computed as `first + i` is hoisted by the compiler past the check).
-    let mut idx = 0;
-    while idx < MAX_ACL_RULES {
-        let i = idx as u32;
-        if i >= end {
-            break;
-        }
-        if i >= first {
-            let rule: &AclRule = &entry.rules[idx];
-            let matches = rule_matches(rule, proto, port);
-            if matches && rule.flags & RULE_LOG != 0 {
-                log_flow(flow, rule);
-            }
-            if matches && rule.observe != OBSERVE_CONTINUE {
-                return Some(if rule.action == ACTION_ACCEPT {
-                    AclVerdict::Accept
-                } else {
-                    AclVerdict::Reject
-                });
-            }
-        }
-        idx += 1;
+    let mut walk = Walk {
+        entry,
+        flow,
+        first,
+        end: first.saturating_add(count),
+        port,
+        verdict: None,
+    };
+    // Indices below `first` are skipped in `step` rather than offset from
+    // it: an index that is the helper's own counter, checked against a
+    // constant, is one the verifier can prove in bounds.
+    let loops = walk.end.min(MAX_ACL_RULES as u32);
+    // SAFETY: `step` has the callback's signature (index, context) and
+    // `walk`, its context, lives on this stack for the whole call. The
+    // helper cannot fail for a valid callback and a count this small.
+    unsafe {
+        bpf_loop(
+            loops,
+            step as *mut c_void,
+            (&raw mut walk).cast::<c_void>(),
+            0,
+        );
     }
-    None
+    walk.verdict
+}
+
+/// One [`evaluate`] walk: its inputs, and the verdict once a rule decided.
+struct Walk<'a> {
+    entry: &'a AclEntry,
+    flow: &'a FlowEvent,
+    first: u32,
+    end: u32,
+    port: u16,
+    verdict: Option<AclVerdict>,
+}
+
+/// The `bpf_loop` callback of [`evaluate`]: judges rule `index`. Returns 0
+/// to go on to the next rule, 1 to stop (past the rules to evaluate, or
+/// a rule decided).
+extern "C" fn step(index: u64, ctx: *mut c_void) -> c_long {
+    // SAFETY: `ctx` is the `Walk` evaluate passed.
+    let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    if index >= MAX_ACL_RULES as u64 || index >= u64::from(walk.end) {
+        return 1;
+    }
+    if index < u64::from(walk.first) {
+        return 0;
+    }
+    let rule: &AclRule = &walk.entry.rules[index as usize];
+    if !rule_matches(rule, walk.flow.proto, walk.port) {
+        return 0;
+    }
+    if rule.flags & RULE_LOG != 0 {
+        log_flow(walk.flow, rule);
+    }
+    if rule.observe == OBSERVE_CONTINUE {
+        return 0;
+    }
+    walk.verdict = Some(if rule.action == ACTION_ACCEPT {
+        AclVerdict::Accept
+    } else {
+        AclVerdict::Reject
+    });
+    1
 }
 
 /// Puts one flow event on the ring for a matching logged rule.
