@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod demo;
 pub mod flowlog;
 pub mod naming;
+pub mod netlink;
 pub mod policy;
 pub mod sandbox;
 pub mod trap;
