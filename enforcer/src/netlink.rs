@@ -376,24 +376,37 @@ impl<'a> Iterator for Messages<'a> {
     type Item = io::Result<Message<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let header = self.rest.get(..NLMSG_HDR)?;
-        let word = |at: usize| {
-            u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-        };
-        let len = word(0) as usize;
-        if len < NLMSG_HDR || len > self.rest.len() {
-            self.rest = &[];
-            return Some(Err(invalid(&format!("message length {len}"))));
-        }
-        let message = Message {
+        // The length is the header's first 4 bytes.
+        let record = next_record(&mut self.rest, NLMSG_HDR, "message", |h| {
+            u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize
+        })?;
+        Some(record.map(|(header, payload)| Message {
             kind: u16::from_ne_bytes([header[4], header[5]]),
             flags: u16::from_ne_bytes([header[6], header[7]]),
-            seq: word(8),
-            payload: &self.rest[NLMSG_HDR..len],
-        };
-        self.rest = self.rest.get(align4(len)..).unwrap_or(&[]);
-        Some(Ok(message))
+            seq: u32::from_ne_bytes([header[8], header[9], header[10], header[11]]),
+            payload,
+        }))
     }
+}
+
+/// Takes the next length-prefixed record (a message, an attribute) of
+/// `rest`: its header and body. `None` when fewer bytes than a header
+/// remain; one error, and an empty `rest`, when the length `len_of` reads
+/// from the header is shorter than the header or runs past `rest`.
+fn next_record<'a>(
+    rest: &mut &'a [u8],
+    header_len: usize,
+    what: &str,
+    len_of: impl Fn(&[u8]) -> usize,
+) -> Option<io::Result<(&'a [u8], &'a [u8])>> {
+    let buf: &'a [u8] = rest;
+    let len = len_of(buf.get(..header_len)?);
+    if len < header_len || len > buf.len() {
+        *rest = &[];
+        return Some(Err(invalid(&format!("{what} length {len}"))));
+    }
+    *rest = buf.get(align4(len)..).unwrap_or(&[]);
+    Some(Ok((&buf[..header_len], &buf[header_len..len])))
 }
 
 /// One attribute: its type (flag bits masked off) and value.
@@ -433,20 +446,17 @@ impl<'a> Iterator for Attributes<'a> {
     type Item = io::Result<Attribute<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let head = self.rest.get(..NLA_HDR)?;
-        let len = usize::from(u16::from_ne_bytes([head[0], head[1]]));
-        let kind = u16::from_ne_bytes([head[2], head[3]]);
-        if len < NLA_HDR || len > self.rest.len() {
-            self.rest = &[];
-            return Some(Err(invalid(&format!("attribute length {len}"))));
-        }
-        let attribute = Attribute {
-            kind: kind & NLA_TYPE_MASK,
-            nested: kind & NLA_F_NESTED != 0,
-            data: &self.rest[NLA_HDR..len],
-        };
-        self.rest = self.rest.get(align4(len)..).unwrap_or(&[]);
-        Some(Ok(attribute))
+        let record = next_record(&mut self.rest, NLA_HDR, "attribute", |h| {
+            usize::from(u16::from_ne_bytes([h[0], h[1]]))
+        })?;
+        Some(record.map(|(header, data)| {
+            let kind = u16::from_ne_bytes([header[2], header[3]]);
+            Attribute {
+                kind: kind & NLA_TYPE_MASK,
+                nested: kind & NLA_F_NESTED != 0,
+                data,
+            }
+        }))
     }
 }
 
