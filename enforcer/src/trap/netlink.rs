@@ -6,9 +6,9 @@
 //! before: it hides the socket (so it cannot be polled, only spun on or
 //! slept on) and has no batch verdict. The protocol is small — a config
 //! message per queue setting, one packet message per queued packet, a
-//! verdict message per packet or per run of packets — and every read of a
-//! received message is bounds-checked ([`parse_messages`] is pure and
-//! tested on crafted bytes).
+//! verdict message per packet or per run of packets — over the framing of
+//! [`crate::netlink`], whose reads of received bytes are all
+//! bounds-checked ([`parse_messages`] is pure and tested on crafted bytes).
 //!
 //! Verdicts are written into a fixed buffer ([`VerdictBuffer`]) and sent
 //! with one `send(2)` for many: the kernel runs every netlink message of a
