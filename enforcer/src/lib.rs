@@ -1,7 +1,7 @@
 //! The enforcer agent as a library: the policy model, kernel object
-//! naming, netlink framing, the datapaths, the trap, the agent's wiring and its command
-//! line, the demo, and the sandbox (throwaway namespaces and cgroups) the
-//! demo and the kernel tests share. `main.rs` is a thin CLI over it.
+//! naming, netlink framing, the datapaths, the trap, the agent's wiring
+//! and its command line, the demo, and the sandbox (throwaway namespaces
+//! and cgroups) the demo and the kernel tests share. `main.rs` is a thin CLI over it.
 
 pub mod agent;
 pub mod bpf;
