@@ -1,7 +1,7 @@
 //! The enforcer agent as a library: the policy model, kernel object
-//! naming, the datapaths, the trap, the agent's wiring and its command
-//! line, the demo, and the sandbox (throwaway namespaces and cgroups) the
-//! demo and the kernel tests share. `main.rs` is a thin CLI over it.
+//! naming, netlink framing, the datapaths, the trap, the agent's wiring
+//! and its command line, the demo, and the sandbox (throwaway namespaces
+//! and cgroups) the demo and the kernel tests share. `main.rs` is a thin CLI over it.
 
 pub mod agent;
 pub mod bpf;
@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod demo;
 pub mod flowlog;
 pub mod naming;
+pub mod netlink;
 pub mod policy;
 pub mod sandbox;
 pub mod trap;

@@ -9,35 +9,29 @@
 //! what the application and its peer see at once: the next call on the
 //! socket fails with `ECONNABORTED`, and a TCP peer gets a RST.
 //!
-//! Hand-written rather than a crate: two fixed-layout requests and one
-//! reply format, read with bounds checks only ([`parse_dump`] is pure and
-//! tested on crafted bytes).
+//! Hand-written rather than a crate (`netlink-packet-sock-diag` has no
+//! `SOCK_DESTROY`): two fixed-layout requests and one reply format over
+//! [`crate::netlink`]'s framing, read with bounds checks only
+//! ([`parse_dump`] is pure and tested on crafted bytes).
 
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use anyhow::Context as _;
 
 use super::revoke::{TCP, UDP};
+use crate::netlink::{self as nl, Builder, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE};
 
 /// linux/sock_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-/// linux/netlink.h
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
 /// linux/inet_diag.h attribute types.
 const INET_DIAG_MARK: u16 = 15;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 
-const NLMSG_HDR: usize = 16;
 /// `struct inet_diag_sockid`: ports, two 16-byte addresses, interface,
 /// cookie.
 const SOCKID_LEN: usize = 48;
@@ -78,7 +72,8 @@ pub struct Socket {
 /// Every TCP socket with a connection and every connected UDP socket, of
 /// both families, in the calling thread's network namespace.
 pub fn sockets() -> io::Result<Vec<Socket>> {
-    let nl = Netlink::open()?;
+    let nl = nl::Socket::open(libc::NETLINK_SOCK_DIAG, false)?;
+    let mut buf = vec![0u8; 64 * 1024];
     let mut all = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         for (protocol, states) in [(TCP, TCP_CONNECTION_STATES), (UDP, UDP_CONNECTED)] {
@@ -89,8 +84,8 @@ pub fn sockets() -> io::Result<Vec<Socket>> {
             );
             nl.send(&request)?;
             loop {
-                let reply = nl.recv()?;
-                match parse_dump(&reply, protocol)? {
+                let n = nl.recv(&mut buf)?;
+                match parse_dump(&buf[..n], protocol)? {
                     Dump::More(sockets) => all.extend(sockets),
                     Dump::Done(sockets) => {
                         all.extend(sockets);
@@ -105,14 +100,12 @@ pub fn sockets() -> io::Result<Vec<Socket>> {
 
 /// Aborts `socket` (SOCK_DESTROY). `Ok(false)` if it is gone already.
 pub fn destroy(socket: &Socket) -> io::Result<bool> {
-    let nl = Netlink::open()?;
+    let nl = nl::Socket::open(libc::NETLINK_SOCK_DIAG, false)?;
     let body = request(socket.family, socket.protocol, u32::MAX, &socket.id);
-    nl.send(&message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &body))?;
-    let reply = nl.recv()?;
-    match ack_error(&reply)? {
-        0 => Ok(true),
-        e if e == -libc::ENOENT => Ok(false),
-        e => Err(io::Error::from_raw_os_error(-e)),
+    match nl.request(&mut message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &body)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -158,72 +151,12 @@ pub fn abort_sockets(cgroup: &Path, cut: impl Fn(&Socket) -> bool) -> anyhow::Re
     Ok(aborted)
 }
 
-/// A `NETLINK_SOCK_DIAG` socket; requests go to the kernel.
-struct Netlink(OwnedFd);
-
-impl Netlink {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned from here on.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor nobody else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    fn send(&self, message: &[u8]) -> io::Result<()> {
-        // SAFETY: the buffer is live and of the given length. An unbound
-        // netlink socket sends to the kernel (port id 0).
-        let sent = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// One datagram of replies (one or more messages).
-    fn recv(&self) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: the buffer is live and of the given length.
-            let n =
-                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n >= 0 {
-                buf.truncate(n as usize);
-                return Ok(buf);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
 /// A netlink message: header, then `body`.
 fn message(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
-    let len = (NLMSG_HDR + body.len()) as u32;
-    let mut m = Vec::with_capacity(len as usize);
-    m.extend_from_slice(&len.to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-    m.extend_from_slice(body);
+    let mut m = Vec::new();
+    let mut b = Builder::new(&mut m, kind, flags);
+    b.bytes(body);
+    b.finish();
     m
 }
 
@@ -251,50 +184,20 @@ fn malformed(what: &str) -> io::Error {
     )
 }
 
-/// The messages of one reply datagram: `(type, payload)`.
-fn messages(buf: &[u8]) -> io::Result<Vec<(u16, &[u8])>> {
-    let mut out = Vec::new();
-    let mut rest = buf;
-    while rest.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        if len < NLMSG_HDR || len > rest.len() {
-            return Err(malformed(&format!("message length {len}")));
-        }
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
-        out.push((kind, &rest[NLMSG_HDR..len]));
-        rest = &rest[align4(len).min(rest.len())..];
-    }
-    Ok(out)
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// The error code of an `NLMSG_ERROR` reply (0 is an acknowledgement).
-fn ack_error(buf: &[u8]) -> io::Result<i32> {
-    match messages(buf)?.first() {
-        Some((NLMSG_ERROR, payload)) if payload.len() >= 4 => Ok(i32::from_ne_bytes(
-            payload[0..4].try_into().expect("4 bytes"),
-        )),
-        _ => Err(malformed("no acknowledgement")),
-    }
-}
-
 /// Parses one reply datagram of a dump of `protocol` sockets.
 fn parse_dump(buf: &[u8], protocol: u8) -> io::Result<Dump> {
     let mut sockets = Vec::new();
-    for (kind, payload) in messages(buf)? {
-        match kind {
+    for msg in nl::messages(buf) {
+        let msg = msg.map_err(|e| malformed(&e.to_string()))?;
+        match msg.kind {
             NLMSG_DONE => return Ok(Dump::Done(sockets)),
-            NLMSG_ERROR => {
-                let code = payload
-                    .get(0..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or_else(|| malformed("short error"))?;
-                return Err(io::Error::from_raw_os_error(-code));
+            nl::NLMSG_ERROR => {
+                let errno = msg.error().ok_or_else(|| malformed("short error"))?;
+                // An error message always carries one; 0 would be an
+                // acknowledgement, which a dump does not send.
+                return Err(io::Error::from_raw_os_error(errno));
             }
-            SOCK_DIAG_BY_FAMILY => sockets.push(parse_socket(payload, protocol)?),
+            SOCK_DIAG_BY_FAMILY => sockets.push(parse_socket(msg.payload, protocol)?),
             _ => {}
         }
     }
@@ -328,15 +231,10 @@ fn parse_socket(payload: &[u8], protocol: u8) -> io::Result<Socket> {
         family,
         id,
     };
-    let mut attrs = &payload[MSG_LEN..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            return Err(malformed(&format!("attribute length {len}")));
-        }
-        let value = &attrs[4..len];
-        match (kind, value.len()) {
+    for attr in nl::attributes(&payload[MSG_LEN..]) {
+        let attr = attr.map_err(|e| malformed(&e.to_string()))?;
+        let value = attr.data;
+        match (attr.kind, value.len()) {
             (INET_DIAG_CGROUP_ID, 8) => {
                 socket.cgroup = Some(u64::from_ne_bytes(value.try_into().expect("8 bytes")));
             }
@@ -345,7 +243,6 @@ fn parse_socket(payload: &[u8], protocol: u8) -> io::Result<Socket> {
             }
             _ => {}
         }
-        attrs = &attrs[align4(len).min(attrs.len())..];
     }
     Ok(socket)
 }
@@ -373,13 +270,15 @@ mod tests {
         m.extend_from_slice(&dst);
         m.extend_from_slice(&[7; 12]); // interface and cookie
         m.extend_from_slice(&[0; 20]);
+        // The attributes, laid out by the shared builder (its header
+        // dropped).
+        let mut msg = Vec::new();
+        let mut b = Builder::new(&mut msg, 0, 0);
         for (kind, value) in attrs {
-            let len = 4 + value.len() as u16;
-            m.extend_from_slice(&len.to_ne_bytes());
-            m.extend_from_slice(&kind.to_ne_bytes());
-            m.extend_from_slice(value);
-            m.resize(align4(m.len()), 0);
+            b.attr(*kind, value);
         }
+        b.finish();
+        m.extend_from_slice(&msg[nl::NLMSG_HDR..]);
         m
     }
 
@@ -430,10 +329,9 @@ mod tests {
 
     #[test]
     fn errors_and_truncation_are_refused_not_read_past() {
-        let error = message(NLMSG_ERROR, 0, &(-libc::EPERM).to_ne_bytes());
+        let error = message(nl::NLMSG_ERROR, 0, &(-libc::EPERM).to_ne_bytes());
         let err = parse_dump(&error, TCP).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-        assert_eq!(ack_error(&error).unwrap(), -libc::EPERM);
         let msg = diag_msg(
             libc::AF_INET as u8,
             &[1, 2, 3, 4],

@@ -6,27 +6,22 @@
 //! before: it hides the socket (so it cannot be polled, only spun on or
 //! slept on) and has no batch verdict. The protocol is small — a config
 //! message per queue setting, one packet message per queued packet, a
-//! verdict message per packet or per run of packets — and every read of a
-//! received message is bounds-checked ([`parse_messages`] is pure and
-//! tested on crafted bytes).
+//! verdict message per packet or per run of packets — over the framing of
+//! [`crate::netlink`], whose reads of received bytes are all
+//! bounds-checked ([`parse_messages`] is pure and tested on crafted bytes).
 //!
 //! Verdicts are written into a fixed buffer ([`VerdictBuffer`]) and sent
 //! with one `send(2)` for many: the kernel runs every netlink message of a
 //! datagram in order.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
-/// linux/netlink.h
-const NETLINK_NETFILTER: libc::c_int = 12;
-const NLMSG_HDR: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-/// Attribute type bits that are flags, not the type.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-/// linux/netfilter/nfnetlink.h: `struct nfgenmsg`.
-const NFGEN_HDR: usize = 4;
+use crate::netlink::{
+    self as nl, Builder, NETLINK_NETFILTER, NFGEN_HDR, NLA_HDR, NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDR,
+};
+
+/// linux/netfilter/nfnetlink.h
 const NFNL_SUBSYS_QUEUE: u16 = 3;
 /// nfnetlink_queue.h message types.
 const NFQNL_MSG_PACKET: u16 = 0;
@@ -99,12 +94,12 @@ pub enum Received<'a> {
 /// The socket.
 #[derive(Debug)]
 pub struct Socket {
-    fd: OwnedFd,
+    nl: nl::Socket,
 }
 
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.nl.as_raw_fd()
     }
 }
 
@@ -112,71 +107,27 @@ impl Socket {
     /// A non-blocking `NETLINK_NETFILTER` socket whose receive buffer
     /// holds about `rcvbuf` bytes.
     pub fn open(rcvbuf: usize) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by socket(2) and is owned by no one else.
-        let socket = Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        };
-        // SAFETY: a zeroed sockaddr_nl is valid; bind reads that many bytes.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        let rc = unsafe {
-            libc::bind(
-                fd,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let nl = nl::Socket::open(NETLINK_NETFILTER, true)?;
         // The kernel counts what overflows the buffer (`user_dropped`) and,
         // failing open, lets it through; an ENOBUFS error would only say
         // so once more.
-        socket.set_int(libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 1)?;
+        nl.set_int(libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 1)?;
         let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
         // FORCE passes net.core.rmem_max (the agent is privileged); the
         // plain option is the fallback, capped by it.
-        if socket
+        if nl
             .set_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size)
             .is_err()
         {
-            socket.set_int(libc::SOL_SOCKET, libc::SO_RCVBUF, size)?;
+            nl.set_int(libc::SOL_SOCKET, libc::SO_RCVBUF, size)?;
         }
-        Ok(socket)
-    }
-
-    fn set_int(&self, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-        // SAFETY: the option value is a live c_int of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                level,
-                name,
-                (&raw const value).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        Ok(Self { nl })
     }
 
     /// Binds `queue` to this socket and configures it: packets copied up to
     /// `copy_range` bytes, at most `max_len` waiting, and `flags` (within
-    /// `mask`). Each step is acknowledged by the kernel before the next.
+    /// `mask`). Each step is acknowledged by the kernel before the next
+    /// (only while binding, before any packet can arrive on the socket).
     pub fn bind_queue(
         &self,
         queue: u16,
@@ -185,156 +136,52 @@ impl Socket {
         flags: u32,
         mask: u32,
     ) -> io::Result<()> {
-        let mut msg = Builder::new(config_type(), NLM_F_REQUEST | NLM_F_ACK, queue);
-        msg.attr(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
-        self.request(msg)?;
-        let mut msg = Builder::new(config_type(), NLM_F_REQUEST | NLM_F_ACK, queue);
+        let mut msg = Vec::new();
+        let mut b = config(&mut msg, queue);
+        b.attr(NFQA_CFG_CMD, &[NFQNL_CFG_CMD_BIND, 0, 0, 0]);
+        b.finish();
+        self.nl.request(&mut msg)?;
+        let mut msg = Vec::new();
+        let mut b = config(&mut msg, queue);
         let mut params = copy_range.to_be_bytes().to_vec();
         params.push(NFQNL_COPY_PACKET);
-        msg.attr(NFQA_CFG_PARAMS, &params);
-        msg.attr(NFQA_CFG_QUEUE_MAXLEN, &max_len.to_be_bytes());
-        msg.attr(NFQA_CFG_MASK, &mask.to_be_bytes());
-        msg.attr(NFQA_CFG_FLAGS, &flags.to_be_bytes());
-        self.request(msg)
-    }
-
-    /// Sends one acknowledged request and waits for its answer. Only used
-    /// while binding, before any packet can arrive on the socket.
-    fn request(&self, msg: Builder) -> io::Result<()> {
-        self.send(&msg.finish())?;
-        let mut buf = vec![0u8; 8192];
-        for _ in 0..1000 {
-            let n = match self.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait_readable(1000)?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            for message in parse_messages(&buf[..n]) {
-                if let Received::Error(errno) = message {
-                    return if errno == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(errno))
-                    };
-                }
-            }
-        }
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no answer from nfnetlink_queue",
-        ))
-    }
-
-    fn wait_readable(&self, timeout_ms: libc::c_int) -> io::Result<()> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd.
-        let rc = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        b.attr(NFQA_CFG_PARAMS, &params)
+            .attr(NFQA_CFG_QUEUE_MAXLEN, &max_len.to_be_bytes())
+            .attr(NFQA_CFG_MASK, &mask.to_be_bytes())
+            .attr(NFQA_CFG_FLAGS, &flags.to_be_bytes());
+        b.finish();
+        self.nl.request(&mut msg)
     }
 
     /// One datagram into `buf` without blocking: its length, or
     /// `WouldBlock` when none is waiting.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: the kernel writes at most buf.len() bytes into buf.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        self.nl.recv(buf)
     }
 
     /// Sends one datagram (possibly several netlink messages).
     pub fn send(&self, bytes: &[u8]) -> io::Result<()> {
-        loop {
-            // SAFETY: the kernel reads bytes.len() bytes from bytes.
-            let n =
-                unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-            if n >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        self.nl.send(bytes)
     }
 }
 
 fn msg_type(msg: u16) -> u16 {
-    (NFNL_SUBSYS_QUEUE << 8) | msg
+    nl::nfnl_type(NFNL_SUBSYS_QUEUE, msg)
 }
 
-fn config_type() -> u16 {
-    msg_type(NFQNL_MSG_CONFIG)
-}
-
-/// One netlink message under construction: header, `nfgenmsg`, attributes.
-struct Builder {
-    bytes: Vec<u8>,
-}
-
-impl Builder {
-    fn new(kind: u16, flags: u16, queue: u16) -> Self {
-        let mut bytes = Vec::with_capacity(64);
-        put_header(&mut bytes, kind, flags, queue);
-        Self { bytes }
-    }
-
-    fn attr(&mut self, kind: u16, data: &[u8]) {
-        put_attr(&mut self.bytes, kind, data);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.bytes.len() as u32;
-        self.bytes[..4].copy_from_slice(&len.to_ne_bytes());
-        self.bytes
-    }
-}
-
-/// A netlink header (length filled in later) and an `nfgenmsg` for `queue`.
-fn put_header(out: &mut Vec<u8>, kind: u16, flags: u16, queue: u16) {
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // sequence: unused
-    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    out.push(libc::AF_UNSPEC as u8);
-    out.push(0); // NFNETLINK_V0
-    out.extend_from_slice(&queue.to_be_bytes());
-}
-
-fn put_attr(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = 4 + data.len();
-    out.extend_from_slice(&(len as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(data);
-    out.resize(align4(out.len()), 0);
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
+/// An acknowledged `NFQNL_MSG_CONFIG` message for `queue`.
+fn config(out: &mut Vec<u8>, queue: u16) -> Builder<'_> {
+    Builder::netfilter(
+        out,
+        NFNL_SUBSYS_QUEUE,
+        NFQNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        queue,
+    )
 }
 
 /// The size of one verdict message with a mark.
-pub const VERDICT_LEN: usize = NLMSG_HDR + NFGEN_HDR + (4 + 8) + (4 + 4);
+pub const VERDICT_LEN: usize = NLMSG_HDR + NFGEN_HDR + (NLA_HDR + 8) + (NLA_HDR + 4);
 
 /// Verdict messages gathered for one `send(2)`, in a buffer of fixed
 /// capacity (memory stays bounded whatever the load).
@@ -373,22 +220,26 @@ impl VerdictBuffer {
     /// (NFQNL_MSG_VERDICT_BATCH) — setting the packet mark to `mark`.
     /// The caller checks [`Self::has_room`] first.
     pub fn push(&mut self, queue: u16, id: u32, verdict: Verdict, mark: Option<u32>, batch: bool) {
-        let start = self.bytes.len();
-        let kind = msg_type(if batch {
+        let kind = if batch {
             NFQNL_MSG_VERDICT_BATCH
         } else {
             NFQNL_MSG_VERDICT
-        });
-        put_header(&mut self.bytes, kind, NLM_F_REQUEST, queue);
+        };
         let mut hdr = [0u8; 8];
         hdr[..4].copy_from_slice(&verdict.code().to_be_bytes());
         hdr[4..].copy_from_slice(&id.to_be_bytes());
-        put_attr(&mut self.bytes, NFQA_VERDICT_HDR, &hdr);
+        let mut b = Builder::netfilter(
+            &mut self.bytes,
+            NFNL_SUBSYS_QUEUE,
+            kind,
+            NLM_F_REQUEST,
+            queue,
+        );
+        b.attr(NFQA_VERDICT_HDR, &hdr);
         if let Some(mark) = mark {
-            put_attr(&mut self.bytes, NFQA_MARK, &mark.to_be_bytes());
+            b.attr(NFQA_MARK, &mark.to_be_bytes());
         }
-        let len = (self.bytes.len() - start) as u32;
-        self.bytes[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+        b.finish();
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -402,51 +253,32 @@ impl VerdictBuffer {
 
 /// Every netlink message of one received datagram. A message cut short
 /// ends the walk; a packet message without a packet header is `Other`.
-pub fn parse_messages(mut buf: &[u8]) -> impl Iterator<Item = Received<'_>> {
-    std::iter::from_fn(move || {
-        let header = buf.get(..NLMSG_HDR)?;
-        let len = u32::from_ne_bytes(header[..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(header[4..6].try_into().ok()?);
-        if len < NLMSG_HDR || len > buf.len() {
-            buf = &[];
-            return None;
+pub fn parse_messages(buf: &[u8]) -> impl Iterator<Item = Received<'_>> {
+    nl::messages(buf).map_while(Result::ok).map(|msg| {
+        if let Some(errno) = msg.error() {
+            Received::Error(errno)
+        } else if msg.kind == msg_type(NFQNL_MSG_PACKET) {
+            parse_packet(&msg).map_or(Received::Other, Received::Packet)
+        } else {
+            Received::Other
         }
-        let body = &buf[NLMSG_HDR..len];
-        buf = buf.get(align4(len)..).unwrap_or(&[]);
-        Some(match kind {
-            NLMSG_ERROR => match body.get(..4) {
-                Some(errno) => {
-                    Received::Error(-i32::from_ne_bytes(errno.try_into().expect("4 bytes")))
-                }
-                None => Received::Other,
-            },
-            k if k == msg_type(NFQNL_MSG_PACKET) => {
-                parse_packet(body).map_or(Received::Other, Received::Packet)
-            }
-            _ => Received::Other,
-        })
     })
 }
 
-/// An `NFQNL_MSG_PACKET` body: `nfgenmsg` then attributes.
-fn parse_packet(body: &[u8]) -> Option<Packet<'_>> {
-    let nfgen = body.get(..NFGEN_HDR)?;
-    let queue = u16::from_be_bytes([nfgen[2], nfgen[3]]);
-    let mut attrs = body.get(NFGEN_HDR..)?;
+/// An `NFQNL_MSG_PACKET`: `nfgenmsg` then attributes. Any malformed
+/// attribute makes it no packet.
+fn parse_packet<'a>(msg: &nl::Message<'a>) -> Option<Packet<'a>> {
+    let (queue, attrs) = msg.netfilter()?;
     let (mut id, mut mark, mut uid, mut payload) = (None, 0, None, &[][..]);
-    while let Some(head) = attrs.get(..4) {
-        let len = usize::from(u16::from_ne_bytes([head[0], head[1]]));
-        let kind = u16::from_ne_bytes([head[2], head[3]]) & NLA_TYPE_MASK;
-        let data = attrs.get(4..len)?;
-        let be32 = || Some(u32::from_be_bytes(data.get(..4)?.try_into().ok()?));
-        match kind {
-            NFQA_PACKET_HDR => id = be32(),
-            NFQA_MARK => mark = be32()?,
-            NFQA_UID => uid = be32(),
-            NFQA_PAYLOAD => payload = data,
+    for attr in attrs {
+        let attr = attr.ok()?;
+        match attr.kind {
+            NFQA_PACKET_HDR => id = attr.be32(),
+            NFQA_MARK => mark = attr.be32()?,
+            NFQA_UID => uid = attr.be32(),
+            NFQA_PAYLOAD => payload = attr.data,
             _ => {}
         }
-        attrs = attrs.get(align4(len)..).unwrap_or(&[]);
     }
     Some(Packet {
         queue,
@@ -463,19 +295,17 @@ pub(super) mod tests_support {
     use super::*;
 
     /// Each verdict message: (queue, id, batch?, mark).
-    pub fn verdicts(mut b: &[u8]) -> Vec<(u16, u32, bool, Option<u32>)> {
-        let mut out = Vec::new();
-        while b.len() >= NLMSG_HDR {
-            let len = u32::from_ne_bytes(b[..4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes([b[4], b[5]]);
-            let queue = u16::from_be_bytes([b[18], b[19]]);
-            let id = u32::from_be_bytes(b[28..32].try_into().unwrap());
-            let mark =
-                (len == VERDICT_LEN).then(|| u32::from_be_bytes(b[36..40].try_into().unwrap()));
-            out.push((queue, id, kind == msg_type(NFQNL_MSG_VERDICT_BATCH), mark));
-            b = &b[len..];
-        }
-        out
+    pub fn verdicts(b: &[u8]) -> Vec<(u16, u32, bool, Option<u32>)> {
+        nl::messages(b)
+            .map(|msg| {
+                let msg = msg.expect("a whole message");
+                let (queue, attrs) = msg.netfilter().expect("an nfgenmsg");
+                let attrs: Vec<_> = attrs.map(|a| a.expect("an attribute")).collect();
+                let id = u32::from_be_bytes(attrs[0].data[4..8].try_into().unwrap());
+                let batch = msg.kind == msg_type(NFQNL_MSG_VERDICT_BATCH);
+                (queue, id, batch, attrs.get(1).and_then(|a| a.be32()))
+            })
+            .collect()
     }
 }
 
@@ -485,7 +315,8 @@ mod tests {
 
     /// A packet message as the kernel writes it.
     fn packet_msg(queue: u16, id: u32, mark: Option<u32>, payload: &[u8]) -> Vec<u8> {
-        let mut msg = Builder::new(msg_type(NFQNL_MSG_PACKET), 0, queue);
+        let mut out = Vec::new();
+        let mut msg = Builder::netfilter(&mut out, NFNL_SUBSYS_QUEUE, NFQNL_MSG_PACKET, 0, queue);
         let mut hdr = id.to_be_bytes().to_vec();
         hdr.extend([0x08, 0x00, 3]); // hw protocol IPv4, hook LOCAL_OUT
         msg.attr(NFQA_PACKET_HDR, &hdr);
@@ -494,21 +325,19 @@ mod tests {
         }
         msg.attr(NFQA_UID, &1000u32.to_be_bytes());
         msg.attr(NFQA_PAYLOAD, payload);
-        msg.finish()
+        msg.finish();
+        out
     }
 
     #[test]
     fn reads_packets_errors_and_skips_the_rest() {
         let mut datagram = packet_msg(17, 42, Some(0x800), &[0x45, 1, 2]);
         datagram.extend(packet_msg(3, 7, None, &[]));
-        let mut error = Builder::new(NLMSG_ERROR, 0, 0).finish();
-        // An nlmsgerr: the errno (negative) then the offending header;
-        // the builder's nfgenmsg stands in for the errno here.
-        error.truncate(NLMSG_HDR);
-        error.extend((-2i32).to_ne_bytes());
-        let len = error.len() as u32;
-        error[..4].copy_from_slice(&len.to_ne_bytes());
-        datagram.extend(&error);
+        // An nlmsgerr: the errno (negative), here without the offending
+        // header.
+        let mut error = Builder::new(&mut datagram, nl::NLMSG_ERROR, 0);
+        error.bytes(&(-2i32).to_ne_bytes());
+        error.finish();
         let got: Vec<Received> = parse_messages(&datagram).collect();
         assert_eq!(
             got,

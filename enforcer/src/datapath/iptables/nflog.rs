@@ -6,32 +6,32 @@
 //! final drop stands for policy `default`, action reject) and its payload
 //! into the 5-tuple ([`crate::trap::packet::parse`]).
 //!
-//! The netlink messages are written by hand: a bind command and a copy
-//! mode per group, then `NFULNL_MSG_PACKET` messages read, of which only
-//! the prefix and payload attributes are used.
+//! The netlink protocol is small: a bind command and a copy mode per
+//! group, then `NFULNL_MSG_PACKET` messages read, of which only the prefix
+//! and payload attributes are used; the framing is [`crate::netlink`]'s.
 
 use std::{
     collections::BTreeMap,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::flowlog::{
     self, FlowAction, FlowDirection, FlowObserve, FlowRecord, FlowSender, Repeats, endpoint,
 };
+use crate::netlink::{self as nl, Builder, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST};
 use crate::trap::packet::{self, L4};
 
 /// The groups, as the rules name them ([`super::rules::nflog_group`]).
 pub const APP_GROUP: u16 = 10;
 pub const NET_GROUP: u16 = 11;
 
-const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -41,9 +41,6 @@ const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
 /// Bytes of each packet copied: IP (with options or extension headers)
 /// and the transport ports.
 const COPY_RANGE: u32 = 256;
@@ -127,16 +124,15 @@ impl Drop for NflogReader {
     }
 }
 
-fn read(socket: &OwnedFd, prefixes: &Mutex<Prefixes>, sender: &FlowSender, stop: &AtomicBool) {
+fn read(socket: &nl::Socket, prefixes: &Mutex<Prefixes>, sender: &FlowSender, stop: &AtomicBool) {
     let mut buf = vec![0u8; 65_536];
     let mut recent = Repeats::default();
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: a valid fd and a buffer of the stated length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN | libc::EINTR) => continue,
+        let n = match socket.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e) => match e.raw_os_error() {
+                // The receive timeout: look at the stop flag again.
+                Some(libc::EAGAIN) => continue,
                 // Messages were lost (the socket buffer overflowed): the
                 // log misses them, the reader goes on.
                 Some(libc::ENOBUFS) => {
@@ -147,9 +143,9 @@ fn read(socket: &OwnedFd, prefixes: &Mutex<Prefixes>, sender: &FlowSender, stop:
                     tracing::error!("flow log: reading NFLOG: {e}");
                     return;
                 }
-            }
-        }
-        for (group, prefix, payload) in messages(&buf[..n as usize]) {
+            },
+        };
+        for (group, prefix, payload) in messages(&buf[..n]) {
             let record = {
                 let prefixes = prefixes.lock().expect("flow prefixes lock");
                 record(&prefixes, group, prefix, payload)
@@ -164,160 +160,67 @@ fn read(socket: &OwnedFd, prefixes: &Mutex<Prefixes>, sender: &FlowSender, stop:
     }
 }
 
-/// The logged packets in one datagram: (group, prefix, payload).
-fn messages(mut buf: &[u8]) -> Vec<(u16, &str, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        let msg = &buf[16..len];
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET && msg.len() >= 4 {
-            let group = u16::from_be_bytes([msg[2], msg[3]]);
+/// The logged packets in one datagram: (group, prefix, payload). A
+/// malformed message ends the walk; a malformed attribute ends its
+/// message's attributes (what came before it is kept).
+fn messages(buf: &[u8]) -> Vec<(u16, &str, &[u8])> {
+    let packet = nl::nfnl_type(NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET);
+    nl::messages(buf)
+        .map_while(Result::ok)
+        .filter(|msg| msg.kind == packet)
+        .filter_map(|msg| {
+            let (group, attrs) = msg.netfilter()?;
             let (mut prefix, mut payload) = ("", &[][..]);
-            let mut attrs = &msg[4..];
-            while attrs.len() >= 4 {
-                let alen = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-                let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-                if alen < 4 || alen > attrs.len() {
-                    break;
-                }
-                let data = &attrs[4..alen];
-                match atype {
+            for attr in attrs.map_while(Result::ok) {
+                match attr.kind {
                     NFULA_PREFIX => {
+                        let data = attr.data;
                         let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
                         prefix = std::str::from_utf8(&data[..end]).unwrap_or("");
                     }
-                    NFULA_PAYLOAD => payload = data,
+                    NFULA_PAYLOAD => payload = attr.data,
                     _ => {}
                 }
-                attrs = &attrs[align4(alen).min(attrs.len())..];
             }
-            out.push((group, prefix, payload));
-        }
-        buf = &buf[align4(len).min(buf.len())..];
-    }
-    out
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
+            Some((group, prefix, payload))
+        })
+        .collect()
 }
 
 /// A netlink socket bound to `groups`, copying packets, with a receive
 /// timeout so the reader sees its stop flag.
-fn bind(groups: &[u16]) -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a netfilter netlink socket");
-    }
-    // SAFETY: a fresh fd nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: a zeroed sockaddr_nl is valid; then family set.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    // SAFETY: a valid fd and address of the stated length.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("binding the netlink socket");
-    }
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    let rcvbuf: libc::c_int = 1 << 20;
-    // SAFETY: valid options of the stated sizes.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as u32,
-        );
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const rcvbuf).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-    }
-    let mut seq = 0;
+fn bind(groups: &[u16]) -> anyhow::Result<nl::Socket> {
+    let socket =
+        nl::Socket::open(NETLINK_NETFILTER, false).context("opening a netfilter netlink socket")?;
+    socket
+        .set_recv_timeout(Duration::from_millis(100))
+        .context("setting the NFLOG socket's receive timeout")?;
+    // Best effort: the default buffer only loses more under a burst.
+    let _ = socket.set_int(libc::SOL_SOCKET, libc::SO_RCVBUF, 1 << 20);
     for &group in groups {
-        seq += 1;
-        request(&socket, seq, group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])
+        request(&socket, group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])
             .with_context(|| format!("binding NFLOG group {group}"))?;
-        seq += 1;
         let mut mode = COPY_RANGE.to_be_bytes().to_vec();
         mode.extend([NFULNL_COPY_PACKET, 0]);
-        request(&socket, seq, group, NFULA_CFG_MODE, &mode)
+        request(&socket, group, NFULA_CFG_MODE, &mode)
             .with_context(|| format!("setting the copy mode of NFLOG group {group}"))?;
     }
     Ok(socket)
 }
 
 /// Sends one config message with one attribute and waits for its ack.
-fn request(socket: &OwnedFd, seq: u32, group: u16, attr: u16, data: &[u8]) -> anyhow::Result<()> {
-    let attr_len = 4 + data.len();
-    let len = 16 + 4 + align4(attr_len);
-    let mut msg = Vec::with_capacity(len);
-    msg.extend((len as u32).to_ne_bytes());
-    msg.extend(((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    msg.extend((NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend(seq.to_ne_bytes());
-    msg.extend(0u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, the group (big-endian).
-    msg.extend([0, 0]);
-    msg.extend(group.to_be_bytes());
-    msg.extend((attr_len as u16).to_ne_bytes());
-    msg.extend(attr.to_ne_bytes());
-    msg.extend(data);
-    msg.resize(len, 0);
-    // SAFETY: a valid fd and buffer.
-    let sent = unsafe { libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    let mut buf = [0u8; 4096];
-    for _ in 0..10 {
-        // SAFETY: a valid fd and buffer.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e).context("waiting for the netlink ack");
-        }
-        let reply = &buf[..n as usize];
-        if reply.len() >= 20
-            && u16::from_ne_bytes([reply[4], reply[5]]) == NLMSG_ERROR
-            && u32::from_ne_bytes(reply[8..12].try_into().expect("4 bytes")) == seq
-        {
-            let errno = i32::from_ne_bytes(reply[16..20].try_into().expect("4 bytes"));
-            if errno == 0 {
-                return Ok(());
-            }
-            return Err(std::io::Error::from_raw_os_error(-errno).into());
-        }
-    }
-    bail!("no netlink ack")
+fn request(socket: &nl::Socket, group: u16, attr: u16, data: &[u8]) -> std::io::Result<()> {
+    let mut msg = Vec::new();
+    let mut b = Builder::netfilter(
+        &mut msg,
+        NFNL_SUBSYS_ULOG,
+        NFULNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        group,
+    );
+    b.attr(attr, data);
+    b.finish();
+    socket.request(&mut msg)
 }
 
 #[cfg(test)]
@@ -357,24 +260,19 @@ mod tests {
         p
     }
 
-    fn attr(kind: u16, data: &[u8]) -> Vec<u8> {
-        let mut a = ((4 + data.len()) as u16).to_ne_bytes().to_vec();
-        a.extend(kind.to_ne_bytes());
-        a.extend(data);
-        a.resize(align4(a.len()), 0);
-        a
-    }
-
     #[test]
     fn a_logged_packet_becomes_a_record() {
-        let mut body = vec![2, 0];
-        body.extend(NET_GROUP.to_be_bytes());
-        body.extend(attr(NFULA_PREFIX, b"webbBzx:reject:deny-db\0"));
-        body.extend(attr(NFULA_PAYLOAD, &syn()));
-        let mut msg = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
-        msg.extend(((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET).to_ne_bytes());
-        msg.extend([0u8; 10]);
-        msg.extend(&body);
+        let mut msg = Vec::new();
+        let mut b = Builder::netfilter(&mut msg, NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET, 0, NET_GROUP);
+        b.attr(NFULA_PREFIX, b"webbBzx:reject:deny-db\0")
+            .attr(NFULA_PAYLOAD, &syn());
+        b.finish();
+        // A config message of no interest and a cut one after it.
+        let mut b = Builder::netfilter(&mut msg, NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, 0, 1);
+        b.attr(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
+        b.finish();
+        let cut = msg[..20].to_vec();
+        msg.extend(cut);
         let found = messages(&msg);
         assert_eq!(found.len(), 1);
         let (group, prefix, payload) = found[0];
