@@ -1,5 +1,6 @@
 //! The enforcer agent as a library: the policy model, kernel object
-//! naming, the datapaths, the trap, the agent's wiring and its command
+//! naming, the datapaths, the trap, identity (labels, policy, handshake
+//! tokens and keys), the agent's wiring and its command
 //! line, the demo, and the sandbox (throwaway namespaces and cgroups) the
 //! demo and the kernel tests share. `main.rs` is a thin CLI over it.
 
@@ -10,6 +11,7 @@ pub mod control;
 pub mod datapath;
 pub mod demo;
 pub mod flowlog;
+pub mod identity;
 pub mod naming;
 pub mod policy;
 pub mod sandbox;
