@@ -938,6 +938,27 @@ mod tests {
         let batch = &config.pus[1];
         assert_eq!(batch.network_acls[0].observe, ObserveMode::Apply);
         assert_eq!(batch.labels.get("tier"), Some("batch"));
+        assert_eq!(web.labels.to_string(), "app=shop,tier=frontend");
+        let identity = &config.identity;
+        assert_eq!(identity.key, Some(PathBuf::from("/etc/enforcer/agent.key")));
+        assert_eq!(identity.trusted.len(), 2);
+        assert_eq!(identity.window, Window::default());
+        let policy = identity.policy(&web.id);
+        assert_eq!(policy.network.len(), 1);
+        assert_eq!(
+            policy.network[0]
+                .selector
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["app=shop", "tier in (api, admin)", "env!=dev"]
+        );
+        let api = Labels::new([("app", "shop"), ("tier", "api")]).unwrap();
+        assert!(policy.judge_incoming(&api, 8080).is_allowed());
+        assert!(!policy.judge_incoming(&api, 80).is_allowed());
+        assert!(policy.judge_outgoing(&api, 443).is_allowed());
+        assert!(identity.policy(&batch.id).is_empty());
     }
 
     #[test]
@@ -970,6 +991,124 @@ mod tests {
             Some("enforcer/batch"),
             Problem::CgroupMissing,
         );
+    }
+
+    #[test]
+    fn labels_are_checked_pair_by_pair() {
+        let errors = refusals(&with_process_pu(
+            "labels = { app = \"web\", \"bad key\" = \"x\", tier = \"a b\" }",
+        ));
+        assert_has(
+            &errors,
+            "pus[0].labels.bad key",
+            Some("bad key"),
+            Problem::InvalidLabelKey,
+        );
+        assert_has(
+            &errors,
+            "pus[0].labels.tier",
+            Some("a b"),
+            Problem::InvalidLabelValue,
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        let many: Vec<_> = (0..33).map(|i| format!("k{i} = \"\"")).collect();
+        let text = with_process_pu(&format!("labels = {{ {} }}", many.join(", ")));
+        assert_refused(
+            &text,
+            "pus[0].labels",
+            None,
+            Problem::TooManyLabels {
+                max_labels: 32,
+                max_bytes: 1024,
+            },
+        );
+    }
+
+    #[test]
+    fn identity_rules_and_settings_are_checked() {
+        let key = "[identity]\nkey = \"/k\"\n";
+        let rule = |table: &str, body: &str| {
+            format!(
+                "{}\n{key}",
+                with_process_pu(&format!("[[pus.{table}]]\n{body}"))
+            )
+        };
+        assert_refused(
+            &rule(
+                "network_policy",
+                "from = [\"app=web\", \"tier in front\"]\npolicy_id = \"p\"",
+            ),
+            "pus[0].network_policy[0].from[1]",
+            Some("tier in front"),
+            Problem::InvalidSelector,
+        );
+        let errors = refusals(&rule("application_policy", "ports = [0]"));
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].to",
+            None,
+            Problem::Missing,
+        );
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].policy_id",
+            None,
+            Problem::Missing,
+        );
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].ports[0]",
+            Some("0"),
+            Problem::PortOutOfRange,
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        // `from` belongs to network rules only: a shape error.
+        let err =
+            Configuration::from_toml_str(&rule("application_policy", "from = []")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `from`"), "{err}");
+        // A policy needs the key that signs the handshake.
+        let without_key =
+            with_process_pu("[[pus.network_policy]]\nfrom = []\npolicy_id = \"anyone\"");
+        assert_refused(
+            &without_key,
+            "identity.key",
+            None,
+            Problem::NeedsIdentityKey,
+        );
+        let config = Configuration::from_toml_str(&format!("{without_key}\n{key}")).unwrap();
+        assert_eq!(config.identity.policies.len(), 1);
+        let mut unkeyed = config.clone();
+        unkeyed.identity.key = None;
+        let errors = unkeyed.validate(&FakeHost(&["enforcer/web"])).unwrap_err();
+        assert_has(
+            errors.as_slice(),
+            "identity.key",
+            None,
+            Problem::NeedsIdentityKey,
+        );
+
+        for (setting, bad, min, max) in [
+            ("token_lifetime_seconds", "0", 1, 3600),
+            ("token_lifetime_seconds", "3601", 1, 3600),
+            ("clock_skew_seconds", "-1", 0, 300),
+            ("clock_skew_seconds", "301", 0, 300),
+        ] {
+            assert_refused(
+                &format!("mode = \"sidecar\"\n[identity]\n{setting} = {bad}"),
+                &format!("identity.{setting}"),
+                Some(bad),
+                Problem::OutOfRange { min, max },
+            );
+        }
+        assert_refused(
+            "mode = \"sidecar\"\n[identity]\nkey = \"/k\"\ntrusted = [\"/a\", \"\"]",
+            "identity.trusted[1]",
+            None,
+            Problem::Empty,
+        );
+        let minimal = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(minimal.identity, IdentitySettings::default());
+        assert_eq!(minimal.identity.key_files(), None);
     }
 
     #[test]
