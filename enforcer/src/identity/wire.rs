@@ -348,13 +348,13 @@ pub fn take_token(packet: &[u8]) -> Result<Option<Taken>, WireError> {
     // list padding and pad anew with end-of-list bytes where needed.
     let mut start = marker_at;
     let end = marker_at + marker_len;
-    while (end - start) % 4 != 0 && start > 0 && opts[start - 1] == 1 {
+    while !(end - start).is_multiple_of(4) && start > 0 && opts[start - 1] == 1 {
         start -= 1;
     }
     let used = list.last().map_or(0, |&(at, _, len)| at + len);
     let kept = opts[..start].iter().chain(&opts[end..used]);
     let mut new_opts: Vec<u8> = kept.copied().collect();
-    while new_opts.len() % 4 != 0 {
+    while !new_opts.len().is_multiple_of(4) {
         new_opts.push(0);
     }
     let mut stripped = Vec::with_capacity(l4 + 20 + new_opts.len());

@@ -89,7 +89,7 @@ pub(super) fn identity(identity: &IdentitySettings, errs: &mut Errors) {
     ];
     for (key, ms, min, max) in checks {
         let (min, max) = (i64::from(min), i64::from(max));
-        if !(min..=max).contains(&seconds(ms)) || ms % 1000 != 0 {
+        if !(min..=max).contains(&seconds(ms)) || !ms.is_multiple_of(1000) {
             errs.bad(
                 &path.key(key),
                 ms as f64 / 1000.0,
