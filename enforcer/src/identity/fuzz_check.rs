@@ -79,10 +79,11 @@ pub fn check_token(data: &[u8]) -> Outcome {
 /// A token the packet checks attach.
 const SAMPLE_TOKEN: &[u8] = b"sample token bytes";
 
-/// The packet property: every handshake function on `data` either
-/// refuses it or yields a well-formed packet (valid checksums, marker
-/// gone after a strip, the token back after an attach), and every token
-/// it carries obeys [`check_token`].
+/// The packet property: the trap's header reader never panics, and every
+/// handshake function on `data` either refuses it or yields a well-formed
+/// packet (valid checksums, marker gone after a strip, the token back
+/// after an attach); every token the packet carries obeys
+/// [`check_token`].
 pub fn check_packet(data: &[u8]) -> Outcome {
     let mut outcome = Outcome::Malformed;
     let mut note = |o: Outcome| {
@@ -90,6 +91,10 @@ pub fn check_packet(data: &[u8]) -> Outcome {
             outcome = o;
         }
     };
+    // The trap's header reader sees every trapped packet first.
+    if let Ok(headers) = crate::trap::packet::parse(data) {
+        let _ = headers.to_string();
+    }
     if let Ok(Some(taken)) = wire::take_token(data) {
         assert!(
             wire::checksums_valid(&taken.stripped),

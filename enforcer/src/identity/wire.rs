@@ -288,23 +288,31 @@ pub fn attach_token(packet: &[u8], token: &[u8]) -> Result<Vec<u8>, WireError> {
         return Err(WireError::SynWithData);
     }
     let opts = &packet[l4 + 20..l4 + header];
-    if options(opts)?
-        .iter()
-        .any(|&(_, kind, _)| kind == MARKER_OPTION)
-    {
+    let list = options(opts)?;
+    if list.iter().any(|&(_, kind, _)| kind == MARKER_OPTION) {
         return Err(WireError::AlreadyMarked);
     }
-    if header + MARKER_BLOCK.len() > MAX_TCP_HEADER {
+    // The marker goes right after the last option: anything after an
+    // end-of-list option is ignored by the receiver. Old padding is
+    // dropped, new padding is end-of-list bytes.
+    let used = list.last().map_or(0, |&(at, _, len)| at + len);
+    let mut new_opts = opts[..used].to_vec();
+    new_opts.extend(MARKER_BLOCK);
+    while !new_opts.len().is_multiple_of(4) {
+        new_opts.push(0);
+    }
+    let new_header = 20 + new_opts.len();
+    if new_header > MAX_TCP_HEADER {
         return Err(WireError::NoOptionSpace);
     }
-    if packet.len() + MARKER_BLOCK.len() + token.len() > max_len(seg.at) {
+    if l4 + new_header + token.len() > max_len(seg.at) {
         return Err(WireError::TooLarge);
     }
-    let mut out = Vec::with_capacity(packet.len() + MARKER_BLOCK.len() + token.len());
-    out.extend(&packet[..l4 + header]);
-    out.extend(MARKER_BLOCK);
+    let mut out = Vec::with_capacity(l4 + new_header + token.len());
+    out.extend(&packet[..l4 + 20]);
+    out.extend(&new_opts);
     out.extend(token);
-    let words = (header + MARKER_BLOCK.len()) / 4;
+    let words = new_header / 4;
     out[l4 + 12] = (words as u8) << 4 | (out[l4 + 12] & 0x0f);
     finish(&mut out, seg.at);
     Ok(out)
@@ -546,6 +554,27 @@ pub(crate) mod tests {
         assert_eq!(header % 4, 0);
         assert_eq!(&taken.stripped[at.l4 + 20..], &[2, 4, 5, 0xb4]);
         assert!(checksums_valid(&taken.stripped));
+    }
+
+    #[test]
+    fn the_marker_goes_before_an_end_of_list_option() {
+        // Found by the fuzzer: MSS, SACK-permitted, timestamps, then
+        // end-of-list and padding. A marker appended after the end of the
+        // list would be invisible to the receiver.
+        let opts = [
+            2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1,
+        ];
+        for v6 in [false, true] {
+            let original = ip(v6, TCP, &tcp_header(0x02, &opts));
+            let marked = attach_token(&original, b"token").unwrap();
+            let at = layout(&marked).unwrap();
+            // Same header length: the marker took the padding's place.
+            assert_eq!(marked[at.l4 + 12] >> 4, 10);
+            let taken = take_token(&marked).unwrap().unwrap();
+            assert_eq!(taken.token, b"token");
+            assert_eq!(&taken.stripped[at.l4 + 20..], &opts[..16]);
+            assert!(checksums_valid(&taken.stripped));
+        }
     }
 
     #[test]
