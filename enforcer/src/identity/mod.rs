@@ -11,12 +11,15 @@
 //!   files the config names;
 //! - [`wire`]: attaching the token to a SYN / SYN-ACK and stripping it,
 //!   and the UDP handshake datagram;
+//! - [`handshake`]: the steps (mint, judge, answer) as the trap consumer
+//!   takes them;
 //! - [`fuzz_check`]: the properties the fuzz targets check.
 //!
 //! docs/identity.md describes the handshake, the token format, the choice
 //! of Ed25519 and the threat model.
 
 pub mod fuzz_check;
+pub mod handshake;
 pub mod keys;
 pub mod labels;
 pub mod policy;
@@ -24,6 +27,7 @@ pub mod replay;
 pub mod token;
 pub mod wire;
 
+pub use handshake::{Handshaker, NoRandomness, Sent, Step};
 pub use keys::{AgentKey, KeyError, KeyFiles, KeyId, Keys, TrustStore};
 pub use labels::{Labels, Requirement, Selector};
 pub use policy::{Decision, IdentityPolicy, IdentityRule, Reason};
