@@ -334,8 +334,11 @@ pub fn take_token(packet: &[u8]) -> Result<Option<Taken>, WireError> {
     let (l4, header) = (seg.at.l4, seg.header);
     let opts = &packet[l4 + 20..l4 + header];
     let list = options(opts)?;
-    let mut markers = list.iter().filter(|&&(_, kind, _)| kind == MARKER_OPTION);
-    let Some(&(marker_at, _, marker_len)) = markers.next() else {
+    let mut markers = list
+        .iter()
+        .enumerate()
+        .filter(|&(_, &(_, kind, _))| kind == MARKER_OPTION);
+    let Some((marker_index, &(marker_at, _, marker_len))) = markers.next() else {
         return Ok(None);
     };
     if markers.next().is_some() {
@@ -354,10 +357,15 @@ pub fn take_token(packet: &[u8]) -> Result<Option<Taken>, WireError> {
     // Remove the marker and, to keep the 4-byte alignment, the NOPs just
     // before it (the block `attach_token` inserts); drop the old end-of-
     // list padding and pad anew with end-of-list bytes where needed.
-    let mut start = marker_at;
-    let end = marker_at + marker_len;
-    while !(end - start).is_multiple_of(4) && start > 0 && opts[start - 1] == 1 {
-        start -= 1;
+    // Only NOP options count: a byte 1 inside another option's data is
+    // not one.
+    let (mut start, end) = (marker_at, marker_at + marker_len);
+    let before = list[..marker_index].iter().rev();
+    for &(at, kind, _) in before {
+        if (end - start).is_multiple_of(4) || kind != 1 || at + 1 != start {
+            break;
+        }
+        start = at;
     }
     let used = list.last().map_or(0, |&(at, _, len)| at + len);
     let kept = opts[..start].iter().chain(&opts[end..used]);
@@ -575,6 +583,20 @@ pub(crate) mod tests {
             assert_eq!(&taken.stripped[at.l4 + 20..], &opts[..16]);
             assert!(checksums_valid(&taken.stripped));
         }
+    }
+
+    #[test]
+    fn only_nop_options_before_the_marker_are_removed_with_it() {
+        // Found by the fuzzer: the bytes before the marker are 1s, but
+        // inside another option's data (an option of kind 4, length 6).
+        let opts = [4, 6, 0, 0, 1, 1, MARKER_OPTION, 2];
+        let mut l4 = tcp_header(0x02, &opts);
+        l4.extend(b"token");
+        let taken = take_token(&ip(true, TCP, &l4)).unwrap().unwrap();
+        let at = layout(&taken.stripped).unwrap();
+        assert_eq!(&taken.stripped[at.l4 + 20..], &[4, 6, 0, 0, 1, 1, 0, 0]);
+        assert!(checksums_valid(&taken.stripped));
+        assert_eq!(take_token(&taken.stripped), Ok(None));
     }
 
     #[test]
