@@ -1,4 +1,5 @@
-//! The `enforcer` command line: `run`, `status`, `cleanup` and `demo`.
+//! The `enforcer` command line: `run`, `status`, `cleanup`, `demo` and
+//! `keygen`.
 //!
 //! `main.rs` (and the test crate's `agent` binary) call [`main`] and nothing
 //! else. Exit codes: 0 success, 1 failure, 2 a bad command line or a config
@@ -48,6 +49,19 @@ enum Command {
     /// client, a process of its own so that it can join the PU's cgroup).
     #[command(hide = true)]
     DemoClient(DemoClientArgs),
+    /// Make this agent's identity key pair for the handshake.
+    ///
+    /// Writes the Ed25519 private key to FILE (PKCS#8 PEM, mode 0600) and
+    /// its public key to FILE.pub, for the other agents' `[identity]
+    /// trusted` lists; prints the key id. Never overwrites a file.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Where the private key goes (name it in `[identity] key`).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +156,7 @@ pub fn main() -> ExitCode {
     let netns = match &cli.command {
         Command::Run(args) => args.netns.netns.as_deref(),
         Command::Cleanup(args) => args.netns.netns.as_deref(),
-        Command::Status(_) | Command::Demo(_) | Command::DemoClient(_) => None,
+        Command::Status(_) | Command::Demo(_) | Command::DemoClient(_) | Command::Keygen(_) => None,
     };
     if let Some(name) = netns
         && let Err(e) = host::enter_netns(name)
@@ -166,6 +180,7 @@ pub fn main() -> ExitCode {
             datapath: args.datapath,
         }),
         Command::DemoClient(args) => return demo::client(args.to),
+        Command::Keygen(args) => keygen(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -188,6 +203,16 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+fn keygen(args: &KeygenArgs) -> Result<()> {
+    let (id, public) = crate::identity::keys::generate_files(&args.out)?;
+    println!(
+        "wrote {} (private) and {} (public); key id {id}",
+        args.out.display(),
+        public.display()
+    );
+    Ok(())
 }
 
 fn status(args: &StatusArgs) -> Result<()> {
@@ -434,6 +459,16 @@ mod tests {
             help.contains("demo ") && !help.contains("demo-client"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn keygen_needs_an_output_file() {
+        let cli = parse(&["keygen", "--out", "/etc/enforcer/agent.key"]).unwrap();
+        let Command::Keygen(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.out, PathBuf::from("/etc/enforcer/agent.key"));
+        assert!(parse(&["keygen"]).is_err());
     }
 
     #[test]

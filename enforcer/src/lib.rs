@@ -1,7 +1,8 @@
 //! The enforcer agent as a library: the policy model, kernel object
-//! naming, netlink framing, the datapaths, the trap, the agent's wiring
-//! and its command line, the demo, and the sandbox (throwaway namespaces
-//! and cgroups) the demo and the kernel tests share. `main.rs` is a thin CLI over it.
+//! naming, netlink framing, the datapaths, the trap, identity (labels,
+//! policy, handshake tokens and keys), the agent's wiring and its command
+//! line, the demo, and the sandbox (throwaway namespaces and cgroups) the
+//! demo and the kernel tests share. `main.rs` is a thin CLI over it.
 
 pub mod agent;
 pub mod bpf;
@@ -10,6 +11,7 @@ pub mod control;
 pub mod datapath;
 pub mod demo;
 pub mod flowlog;
+pub mod identity;
 pub mod naming;
 pub mod netlink;
 pub mod policy;

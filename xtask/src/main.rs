@@ -2,11 +2,12 @@
 //! they run wherever cargo does. `cargo xtask test` is what CI runs;
 //! `cargo xtask build-and-load` builds the agent and runs its demo;
 //! `cargo xtask bench` measures it against the fallback and the bare
-//! kernel.
+//! kernel; `cargo xtask fuzz` runs the fuzz targets.
 
 mod bench;
 mod build;
 mod cmd;
+mod fuzz;
 mod lint;
 mod setup;
 mod test;
@@ -54,6 +55,9 @@ enum Task {
     /// Set up, build for release, then benchmark eBPF vs iptables vs the bare kernel
     /// (needs root; writes bench/results/<date>.md and SVG plots)
     Bench(bench::BenchArgs),
+    /// Run the fuzz targets (token, packet) from the committed corpus
+    /// (nightly; installs cargo-fuzz if missing)
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_test_args } => test::run(&ws, &cargo_test_args),
         Task::BuildAndLoad { args } => build::build_and_load(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
+        Task::Fuzz(args) => fuzz::run(&ws, &args),
     }
 }
 
@@ -107,6 +112,27 @@ mod tests {
             panic!("not the build-and-load task");
         };
         assert_eq!(args, argv[2..]);
+    }
+
+    #[test]
+    fn fuzz_takes_runs_targets_and_merge() {
+        let Task::Fuzz(args) = parse(&["xtask", "fuzz"]) else {
+            panic!("not the fuzz task");
+        };
+        assert_eq!(
+            (args.runs, args.only.len(), args.merge),
+            (1_000_000, 0, false)
+        );
+        let Task::Fuzz(args) = parse(&[
+            "xtask", "fuzz", "--runs", "10", "--only", "token", "--merge",
+        ]) else {
+            panic!("not the fuzz task");
+        };
+        assert_eq!(
+            (args.runs, args.only, args.merge),
+            (10, vec!["token".to_owned()], true)
+        );
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--only", "nope"]).is_err());
     }
 
     #[test]

@@ -67,6 +67,20 @@ pub enum ConfigError {
     },
     #[error("the config file {} is refused", path.display())]
     Invalid { path: PathBuf, source: PolicyError },
+    /// A key file named in `[identity]` cannot be used.
+    #[error("the config file {} names identity keys that cannot be loaded", path.display())]
+    Keys {
+        path: PathBuf,
+        source: crate::identity::KeyError,
+    },
+    /// Identity policies parse, but the trap does not run the handshake
+    /// yet: refused rather than silently not enforced.
+    #[error(
+        "the config file {} is refused: {what} is not enforced yet (the trap does not \
+         run the identity handshake)",
+        path.display()
+    )]
+    NotEnforced { path: PathBuf, what: String },
 }
 
 /// Where the configuration comes from, at start and on every reload.
@@ -93,6 +107,20 @@ impl ConfigSource {
                 path: self.path.clone(),
                 source,
             })?;
+        // Keys load at start and on every reload, so a bad key file stops
+        // the agent (or the reload) before anything changes.
+        if let Some(files) = config.identity.key_files() {
+            crate::identity::keys::load(&files).map_err(|source| ConfigError::Keys {
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        if let Some(id) = config.identity.policies.keys().next() {
+            return Err(ConfigError::NotEnforced {
+                path: self.path.clone(),
+                what: format!("the identity policy of PU {id}"),
+            });
+        }
         if let Some(choice) = self.datapath {
             // Overriding here, not later, makes a reload compare like with
             // like: a file's `datapath` that the flag overrides is moot.

@@ -283,3 +283,52 @@ fn the_flag_overrides_the_files_datapath() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
+    let dir = std::env::temp_dir().join(format!("enforcer-agent-{}-keys", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("enforcer.toml");
+    let source = ConfigSource {
+        path: path.clone(),
+        host: CgroupV2Host::new(&dir),
+        datapath: None,
+        iptables_backend: None,
+    };
+    let key = dir.join("agent.key");
+    let config = |trusted: &std::path::Path| {
+        format!(
+            "mode = \"sidecar\"\n[identity]\nkey = {:?}\ntrusted = [{:?}]\n",
+            key.display().to_string(),
+            trusted.display().to_string()
+        )
+    };
+    let (_, public) = crate::identity::keys::generate_files(&key).unwrap();
+    std::fs::write(&path, config(&public)).unwrap();
+    assert_eq!(source.load().unwrap().identity.key.as_ref(), Some(&key));
+
+    let missing = dir.join("peer.pub");
+    std::fs::write(&path, config(&missing)).unwrap();
+    let err = source.load().unwrap_err();
+    assert!(matches!(err, ConfigError::Keys { .. }));
+    let message = format!("{:#}", anyhow::Error::from(err));
+    assert!(
+        message.contains(&format!(
+            "identity key file {}: cannot read it",
+            missing.display()
+        )),
+        "{message}"
+    );
+
+    let policy = "[[pus]]\nid = \"c\"\nkind = \"container\"\n\
+                  [[pus.network_policy]]\nfrom = []\npolicy_id = \"p\"\n";
+    std::fs::write(&path, config(&public) + policy).unwrap();
+    let err = source.load().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the identity policy of PU c is not enforced yet"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

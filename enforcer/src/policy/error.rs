@@ -148,6 +148,22 @@ pub enum Problem {
     NoServicePorts,
     #[error("needs proxy_port to be set")]
     NeedsProxyPort,
+    #[error(
+        "is not a valid label key (1 to 63 characters from A-Z a-z 0-9 . _ - /, starting with a letter or digit)"
+    )]
+    InvalidLabelKey,
+    #[error("is not a valid label value (up to 63 characters from A-Z a-z 0-9 . _ -)")]
+    InvalidLabelValue,
+    #[error(
+        "are too many labels for a handshake token (at most {max_labels}, {max_bytes} bytes encoded)"
+    )]
+    TooManyLabels { max_labels: usize, max_bytes: usize },
+    #[error(
+        r#"is not a label requirement (write "key=value", "key!=value", "key in (a, b)" or "key")"#
+    )]
+    InvalidSelector,
+    #[error("is required when a PU has an identity policy: the handshake signs with it")]
+    NeedsIdentityKey,
 }
 
 /// A field path under construction, e.g. `pus[1].application_acls[0]`.

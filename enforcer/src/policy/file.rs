@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
+use std::path::PathBuf;
 
 use enforcer_common::marks::MAX_SHIFT;
 use ipnet::IpNet;
@@ -20,11 +21,14 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, IptablesSettings, MarkSettings, NetworkSettings,
+    Configuration, DatapathChoice, FlowLogOutput, IdentitySettings, IptablesSettings,
+    MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
     QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
+use crate::identity::labels::{self, Labels, Requirement, Selector};
+use crate::identity::{IdentityPolicy, IdentityRule, Window};
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +45,8 @@ struct RawConfiguration {
     flow_log: RawFlowLog,
     #[serde(default)]
     iptables: RawIptables,
+    #[serde(default)]
+    identity: RawIdentity,
     #[serde(default)]
     pus: Vec<RawPu>,
 }
@@ -86,6 +92,36 @@ struct RawIptables {
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+struct RawIdentity {
+    key: Option<String>,
+    #[serde(default)]
+    trusted: Vec<String>,
+    token_lifetime_seconds: Option<i64>,
+    clock_skew_seconds: Option<i64>,
+}
+
+/// `[[pus.network_policy]]`: who may connect to which of the PU's ports.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetworkRule {
+    from: Option<Vec<String>>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    policy_id: Option<String>,
+}
+
+/// `[[pus.application_policy]]`: whom, on which ports, the PU may reach.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawApplicationRule {
+    to: Option<Vec<String>>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    policy_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct RawPu {
     id: Option<String>,
     kind: Option<String>,
@@ -107,6 +143,10 @@ struct RawPu {
     application_acls: Vec<RawAcl>,
     #[serde(default)]
     network_acls: Vec<RawAcl>,
+    #[serde(default)]
+    network_policy: Vec<RawNetworkRule>,
+    #[serde(default)]
+    application_policy: Vec<RawApplicationRule>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -196,17 +236,23 @@ pub(super) fn parse(
                 keyword(&mut errs, &path, name).unwrap_or_default()
             }),
     };
+    let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
         let path = FieldPath::root("pus").index(i);
         let (pu, is_clean) = clean(&mut errs, |errs| convert_pu(raw_pu, &path, errs));
+        let policy = convert_identity_policy(raw_pu, &path, &mut errs);
         if let Some(pu) = pu {
             if is_clean {
                 validate::pu_within(&pu, &path, &mut errs);
             }
+            if !policy.is_empty() {
+                identity.policies.insert(pu.id.clone(), policy);
+            }
             pus.push((i, pu));
         }
     }
+    validate::identity(&identity, &mut errs);
 
     validate::pus_across(mode, pus.iter().map(|(i, pu)| (*i, pu)), &mut errs);
     if let Some(host) = host {
@@ -226,6 +272,7 @@ pub(super) fn parse(
         marks,
         flow_log,
         iptables,
+        identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
 }
@@ -389,12 +436,144 @@ fn convert_flow_log(raw: &RawFlowLog, errs: &mut Errors) -> FlowLogOutput {
     }
 }
 
+/// `[identity]`: key files and the token window; the PUs' policies are
+/// added as the PUs convert.
+fn convert_identity(raw: &RawIdentity, errs: &mut Errors) -> IdentitySettings {
+    let path = FieldPath::root("identity");
+    let default = IdentitySettings::default();
+    let file = |text: &str, path: &FieldPath, errs: &mut Errors| {
+        if text.is_empty() {
+            errs.field(path, Problem::Empty);
+            None
+        } else {
+            Some(PathBuf::from(text))
+        }
+    };
+    let key = raw
+        .key
+        .as_deref()
+        .and_then(|text| file(text, &path.key("key"), errs));
+    let trusted_path = path.key("trusted");
+    let trusted = raw
+        .trusted
+        .iter()
+        .enumerate()
+        .filter_map(|(k, text)| file(text, &trusted_path.index(k), errs))
+        .collect();
+    let seconds =
+        |n: Option<i64>, key: &str, default_ms: u64, min: u32, max: u32, errs: &mut Errors| {
+            let default = u32::try_from(default_ms / 1000).unwrap_or(u32::MAX);
+            u64::from(optional_int(errs, &path.key(key), n, default, min, max)) * 1000
+        };
+    let window = Window {
+        lifetime_ms: seconds(
+            raw.token_lifetime_seconds,
+            "token_lifetime_seconds",
+            default.window.lifetime_ms,
+            1,
+            MAX_TOKEN_LIFETIME_SECONDS,
+            errs,
+        ),
+        skew_ms: seconds(
+            raw.clock_skew_seconds,
+            "clock_skew_seconds",
+            default.window.skew_ms,
+            0,
+            MAX_CLOCK_SKEW_SECONDS,
+            errs,
+        ),
+    };
+    IdentitySettings {
+        key,
+        trusted,
+        window,
+        policies: BTreeMap::new(),
+    }
+}
+
+/// The PU's labels, each pair checked and named by its key.
+fn convert_labels(raw: &BTreeMap<String, String>, path: &FieldPath, errs: &mut Errors) -> Labels {
+    let pairs: Vec<_> = raw
+        .iter()
+        .filter(|(key, value)| {
+            let at = path.key(key);
+            let key_ok = errs.check(&at, key, labels::check_key(key)).is_some();
+            key_ok && errs.check(&at, value, labels::check_value(value)).is_some()
+        })
+        .collect();
+    match Labels::new(pairs) {
+        Ok(labels) => labels,
+        Err(problem) => {
+            errs.field(path, problem);
+            Labels::default()
+        }
+    }
+}
+
+/// The PU's `network_policy` and `application_policy` rules.
+fn convert_identity_policy(raw: &RawPu, path: &FieldPath, errs: &mut Errors) -> IdentityPolicy {
+    let network_path = path.key("network_policy");
+    let network = raw
+        .network_policy
+        .iter()
+        .enumerate()
+        .filter_map(|(k, rule)| {
+            let at = network_path.index(k);
+            convert_identity_rule(&rule.from, "from", &rule.ports, &rule.policy_id, &at, errs)
+        });
+    let network = network.collect();
+    let application_path = path.key("application_policy");
+    let application = raw
+        .application_policy
+        .iter()
+        .enumerate()
+        .filter_map(|(k, rule)| {
+            let at = application_path.index(k);
+            convert_identity_rule(&rule.to, "to", &rule.ports, &rule.policy_id, &at, errs)
+        });
+    let application = application.collect();
+    IdentityPolicy {
+        network,
+        application,
+    }
+}
+
+/// One rule: `selector_key` (`from` or `to`) is required but may be an
+/// empty list, which matches every verified identity.
+fn convert_identity_rule(
+    selector: &Option<Vec<String>>,
+    selector_key: &str,
+    ports: &[RawPort],
+    policy_id: &Option<String>,
+    path: &FieldPath,
+    errs: &mut Errors,
+) -> Option<IdentityRule> {
+    let selector_path = path.key(selector_key);
+    let requirements = required(errs, &selector_path, selector).map(|list| {
+        list.iter()
+            .enumerate()
+            .filter_map(|(k, text)| {
+                errs.check(&selector_path.index(k), text, Requirement::parse(text))
+            })
+            .collect()
+    });
+    let ports = convert_ports(ports, &path.key("ports"), errs);
+    let policy_id = required(errs, &path.key("policy_id"), policy_id)
+        .and_then(|id| errs.check(&path.key("policy_id"), id, PolicyId::new(id.as_str())));
+    Some(IdentityRule {
+        selector: Selector(requirements?),
+        ports,
+        policy_id: policy_id?,
+    })
+}
+
 /// A PU, when its id and kind convert; problems in its other fields are
 /// recorded and the bad entries left out.
 fn convert_pu(raw: &RawPu, path: &FieldPath, errs: &mut Errors) -> Option<Pu> {
     let id = required(errs, &path.key("id"), &raw.id)
         .and_then(|id| errs.check(&path.key("id"), id, PuId::new(id.as_str())));
     let kind = convert_kind(raw, path, errs);
+    let labels = convert_labels(&raw.labels, &path.key("labels"), errs);
     let proxy_port = raw
         .proxy_port
         .and_then(|n| convert_port(n, &path.key("proxy_port"), errs));
@@ -425,7 +604,7 @@ fn convert_pu(raw: &RawPu, path: &FieldPath, errs: &mut Errors) -> Option<Pu> {
     Some(Pu {
         id: id?,
         kind: kind?,
-        labels: raw.labels.clone(),
+        labels,
         tcp_ports,
         udp_ports,
         application_acls,
@@ -579,7 +758,24 @@ impl From<&Configuration> for RawConfiguration {
             iptables: RawIptables {
                 backend: Some(config.iptables.backend.as_str().to_owned()),
             },
-            pus: config.pus.iter().map(RawPu::from).collect(),
+            identity: RawIdentity::from(&config.identity),
+            pus: config
+                .pus
+                .iter()
+                .map(|pu| {
+                    let mut raw = RawPu::from(pu);
+                    if let Some(policy) = config.identity.policies.get(&pu.id) {
+                        raw.network_policy =
+                            policy.network.iter().map(RawNetworkRule::from).collect();
+                        raw.application_policy = policy
+                            .application
+                            .iter()
+                            .map(RawApplicationRule::from)
+                            .collect();
+                    }
+                    raw
+                })
+                .collect(),
         }
     }
 }
@@ -601,7 +797,7 @@ impl From<&Pu> for RawPu {
             kind: Some(pu.kind.name().to_owned()),
             cgroup,
             uid,
-            labels: pu.labels.clone(),
+            labels: pu.labels.to_map(),
             tcp_ports: raw_ports(&pu.tcp_ports),
             udp_ports: raw_ports(&pu.udp_ports),
             proxy_port: pu.proxy_port.map(|p| p.get().into()),
@@ -617,6 +813,44 @@ impl From<&Pu> for RawPu {
                 .collect(),
             application_acls: pu.application_acls.iter().map(RawAcl::from).collect(),
             network_acls: pu.network_acls.iter().map(RawAcl::from).collect(),
+            network_policy: Vec::new(),
+            application_policy: Vec::new(),
+        }
+    }
+}
+
+impl From<&IdentitySettings> for RawIdentity {
+    fn from(identity: &IdentitySettings) -> Self {
+        let path = |p: &PathBuf| p.display().to_string();
+        RawIdentity {
+            key: identity.key.as_ref().map(path),
+            trusted: identity.trusted.iter().map(path).collect(),
+            token_lifetime_seconds: Some((identity.window.lifetime_ms / 1000) as i64),
+            clock_skew_seconds: Some((identity.window.skew_ms / 1000) as i64),
+        }
+    }
+}
+
+fn raw_selector(selector: &Selector) -> Option<Vec<String>> {
+    Some(selector.0.iter().map(ToString::to_string).collect())
+}
+
+impl From<&IdentityRule> for RawNetworkRule {
+    fn from(rule: &IdentityRule) -> Self {
+        RawNetworkRule {
+            from: raw_selector(&rule.selector),
+            ports: raw_ports(&rule.ports),
+            policy_id: Some(rule.policy_id.to_string()),
+        }
+    }
+}
+
+impl From<&IdentityRule> for RawApplicationRule {
+    fn from(rule: &IdentityRule) -> Self {
+        RawApplicationRule {
+            to: raw_selector(&rule.selector),
+            ports: raw_ports(&rule.ports),
+            policy_id: Some(rule.policy_id.to_string()),
         }
     }
 }
@@ -727,7 +961,28 @@ mod tests {
         assert_eq!(web.network_acls[1].protocols, [Protocol::Icmp]);
         let batch = &config.pus[1];
         assert_eq!(batch.network_acls[0].observe, ObserveMode::Apply);
-        assert_eq!(batch.labels.get("tier").map(String::as_str), Some("batch"));
+        assert_eq!(batch.labels.get("tier"), Some("batch"));
+        assert_eq!(web.labels.to_string(), "app=shop,tier=frontend");
+        let identity = &config.identity;
+        assert_eq!(identity.key, Some(PathBuf::from("/etc/enforcer/agent.key")));
+        assert_eq!(identity.trusted.len(), 2);
+        assert_eq!(identity.window, Window::default());
+        let policy = identity.policy(&web.id);
+        assert_eq!(policy.network.len(), 1);
+        assert_eq!(
+            policy.network[0]
+                .selector
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["app=shop", "tier in (api, admin)", "env!=dev"]
+        );
+        let api = Labels::new([("app", "shop"), ("tier", "api")]).unwrap();
+        assert!(policy.judge_incoming(&api, 8080).is_allowed());
+        assert!(!policy.judge_incoming(&api, 80).is_allowed());
+        assert!(policy.judge_outgoing(&api, 443).is_allowed());
+        assert!(identity.policy(&batch.id).is_empty());
     }
 
     #[test]
@@ -760,6 +1015,124 @@ mod tests {
             Some("enforcer/batch"),
             Problem::CgroupMissing,
         );
+    }
+
+    #[test]
+    fn labels_are_checked_pair_by_pair() {
+        let errors = refusals(&with_process_pu(
+            "labels = { app = \"web\", \"bad key\" = \"x\", tier = \"a b\" }",
+        ));
+        assert_has(
+            &errors,
+            "pus[0].labels.bad key",
+            Some("bad key"),
+            Problem::InvalidLabelKey,
+        );
+        assert_has(
+            &errors,
+            "pus[0].labels.tier",
+            Some("a b"),
+            Problem::InvalidLabelValue,
+        );
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        let many: Vec<_> = (0..33).map(|i| format!("k{i} = \"\"")).collect();
+        let text = with_process_pu(&format!("labels = {{ {} }}", many.join(", ")));
+        assert_refused(
+            &text,
+            "pus[0].labels",
+            None,
+            Problem::TooManyLabels {
+                max_labels: 32,
+                max_bytes: 1024,
+            },
+        );
+    }
+
+    #[test]
+    fn identity_rules_and_settings_are_checked() {
+        let key = "[identity]\nkey = \"/k\"\n";
+        let rule = |table: &str, body: &str| {
+            format!(
+                "{}\n{key}",
+                with_process_pu(&format!("[[pus.{table}]]\n{body}"))
+            )
+        };
+        assert_refused(
+            &rule(
+                "network_policy",
+                "from = [\"app=web\", \"tier in front\"]\npolicy_id = \"p\"",
+            ),
+            "pus[0].network_policy[0].from[1]",
+            Some("tier in front"),
+            Problem::InvalidSelector,
+        );
+        let errors = refusals(&rule("application_policy", "ports = [0]"));
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].to",
+            None,
+            Problem::Missing,
+        );
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].policy_id",
+            None,
+            Problem::Missing,
+        );
+        assert_has(
+            &errors,
+            "pus[0].application_policy[0].ports[0]",
+            Some("0"),
+            Problem::PortOutOfRange,
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        // `from` belongs to network rules only: a shape error.
+        let err =
+            Configuration::from_toml_str(&rule("application_policy", "from = []")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `from`"), "{err}");
+        // A policy needs the key that signs the handshake.
+        let without_key =
+            with_process_pu("[[pus.network_policy]]\nfrom = []\npolicy_id = \"anyone\"");
+        assert_refused(
+            &without_key,
+            "identity.key",
+            None,
+            Problem::NeedsIdentityKey,
+        );
+        let config = Configuration::from_toml_str(&format!("{without_key}\n{key}")).unwrap();
+        assert_eq!(config.identity.policies.len(), 1);
+        let mut unkeyed = config.clone();
+        unkeyed.identity.key = None;
+        let errors = unkeyed.validate(&FakeHost(&["enforcer/web"])).unwrap_err();
+        assert_has(
+            errors.as_slice(),
+            "identity.key",
+            None,
+            Problem::NeedsIdentityKey,
+        );
+
+        for (setting, bad, min, max) in [
+            ("token_lifetime_seconds", "0", 1, 3600),
+            ("token_lifetime_seconds", "3601", 1, 3600),
+            ("clock_skew_seconds", "-1", 0, 300),
+            ("clock_skew_seconds", "301", 0, 300),
+        ] {
+            assert_refused(
+                &format!("mode = \"sidecar\"\n[identity]\n{setting} = {bad}"),
+                &format!("identity.{setting}"),
+                Some(bad),
+                Problem::OutOfRange { min, max },
+            );
+        }
+        assert_refused(
+            "mode = \"sidecar\"\n[identity]\nkey = \"/k\"\ntrusted = [\"/a\", \"\"]",
+            "identity.trusted[1]",
+            None,
+            Problem::Empty,
+        );
+        let minimal = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(minimal.identity, IdentitySettings::default());
+        assert_eq!(minimal.identity.key_files(), None);
     }
 
     #[test]

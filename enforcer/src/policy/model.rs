@@ -1,8 +1,10 @@
 //! The agent's whole configuration and its settings: mode, datapath
 //! choice, target and excluded networks, NFQUEUE layout, marks, flow-log
-//! output, and the PUs. The public entry points for loading and checking
+//! output, identity (keys, token window, the PUs' identity policies), and
+//! the PUs. The public entry points for loading and checking
 //! a configuration are the methods of [`Configuration`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use enforcer_common::marks::{self, MarkLayout};
@@ -11,8 +13,9 @@ use ipnet::IpNet;
 use super::error::{Errors, FieldPath, PolicyError, ValidationErrors};
 use super::family::{IpFamily, split_zero_prefix};
 use super::host::HostFacts;
-use super::pu::{Pu, PuKind};
+use super::pu::{Pu, PuId, PuKind};
 use super::{file, validate};
+use crate::identity::{IdentityPolicy, KeyFiles, Window};
 
 /// Everything the agent is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +28,7 @@ pub struct Configuration {
     pub flow_log: FlowLogOutput,
     /// `[iptables]`: which iptables flavour to use.
     pub iptables: IptablesSettings,
+    pub identity: IdentitySettings,
     pub pus: Vec<Pu>,
 }
 
@@ -55,6 +59,7 @@ impl Configuration {
     pub fn validate(&self, host: &dyn HostFacts) -> Result<(), ValidationErrors> {
         let mut errs = Errors::default();
         validate::settings(&self.queues, &self.marks, &mut errs);
+        validate::identity(&self.identity, &mut errs);
         validate::pus_across(Some(self.mode), self.pus.iter().enumerate(), &mut errs);
         let list = FieldPath::root("pus");
         for (i, pu) in self.pus.iter().enumerate() {
@@ -315,6 +320,47 @@ pub enum FlowLogOutput {
     Stdout,
     /// Appended to this file.
     File(PathBuf),
+}
+
+/// Longest `token_lifetime_seconds` accepted: the replay cache holds
+/// every nonce for that long.
+pub const MAX_TOKEN_LIFETIME_SECONDS: u32 = 3600;
+/// Largest `clock_skew_seconds` accepted.
+pub const MAX_CLOCK_SKEW_SECONDS: u32 = 300;
+
+/// The identity handshake's settings (`[identity]`) and every PU's
+/// identity policy (`[[pus.network_policy]]`, `[[pus.application_policy]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// This agent's private key; required once any PU has an identity
+    /// policy. Loaded at start (see [`crate::identity::keys::load`]).
+    pub key: Option<PathBuf>,
+    /// Public keys of the agents whose tokens are accepted.
+    pub trusted: Vec<PathBuf>,
+    /// Token lifetime and allowed clock skew.
+    pub window: Window,
+    /// The identity policy of each PU that has one, by PU id; a PU not
+    /// here refuses every agent peer and may reach none.
+    pub policies: BTreeMap<PuId, IdentityPolicy>,
+}
+
+impl IdentitySettings {
+    /// The key files to load, when the handshake is configured.
+    pub fn key_files(&self) -> Option<KeyFiles> {
+        self.key.as_ref().map(|key| KeyFiles {
+            key: key.clone(),
+            trusted: self.trusted.clone(),
+        })
+    }
+
+    /// The identity policy of PU `id` (empty when it has none).
+    pub fn policy(&self, id: &PuId) -> &IdentityPolicy {
+        static NONE: IdentityPolicy = IdentityPolicy {
+            network: Vec::new(),
+            application: Vec::new(),
+        };
+        self.policies.get(id).unwrap_or(&NONE)
+    }
 }
 
 #[cfg(test)]

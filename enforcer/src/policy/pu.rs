@@ -6,7 +6,6 @@
 //! reaches a rule, a set name or a restore file has already been proven
 //! harmless there.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU16;
 use std::path::Path;
@@ -16,14 +15,16 @@ use ipnet::IpNet;
 use super::acl::{Acl, PortRange};
 use super::error::Problem;
 use super::family::{HasFamily, IpFamily};
+use crate::identity::Labels;
 
 /// One processing unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pu {
     pub id: PuId,
     pub kind: PuKind,
-    /// Free-form `key = value` metadata; not used for matching here.
-    pub labels: BTreeMap<String, String>,
+    /// The PU's identity: what its handshake tokens carry and what the
+    /// peers' identity policies match.
+    pub labels: Labels,
     /// Listening TCP ports (the PU's port set). For a host-service PU they
     /// are the service itself.
     pub tcp_ports: Vec<PortRange>,

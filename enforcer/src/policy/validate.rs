@@ -13,7 +13,10 @@ use enforcer_common::marks::{MAX_SHIFT, MarkLayout};
 use super::acl::{Acl, Protocol};
 use super::error::{Errors, FieldPath, Problem};
 use super::host::HostFacts;
-use super::model::{MarkSettings, Mode, QueueSettings};
+use super::model::{
+    IdentitySettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, Mode,
+    QueueSettings,
+};
 use super::pu::{Pu, PuKind};
 
 /// Queue layout and marks.
@@ -61,6 +64,41 @@ pub(super) fn settings(queues: &QueueSettings, marks: &MarkSettings, errs: &mut 
 /// with its index in the file (a parsed config passes every PU whose id
 /// and kind converted). `mode` is `None` when it failed to parse; the
 /// pairing is then skipped.
+/// The handshake needs this agent's key as soon as a PU has an identity
+/// policy; the token window stays within what the replay cache is sized
+/// for.
+pub(super) fn identity(identity: &IdentitySettings, errs: &mut Errors) {
+    let path = FieldPath::root("identity");
+    if identity.key.is_none() && !identity.policies.is_empty() {
+        errs.field(&path.key("key"), Problem::NeedsIdentityKey);
+    }
+    let seconds = |ms: u64| i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    let checks = [
+        (
+            "token_lifetime_seconds",
+            identity.window.lifetime_ms,
+            1,
+            MAX_TOKEN_LIFETIME_SECONDS,
+        ),
+        (
+            "clock_skew_seconds",
+            identity.window.skew_ms,
+            0,
+            MAX_CLOCK_SKEW_SECONDS,
+        ),
+    ];
+    for (key, ms, min, max) in checks {
+        let (min, max) = (i64::from(min), i64::from(max));
+        if !(min..=max).contains(&seconds(ms)) || !ms.is_multiple_of(1000) {
+            errs.bad(
+                &path.key(key),
+                ms as f64 / 1000.0,
+                Problem::OutOfRange { min, max },
+            );
+        }
+    }
+}
+
 pub(super) fn pus_across<'a>(
     mode: Option<Mode>,
     pus: impl IntoIterator<Item = (usize, &'a Pu)>,
