@@ -110,6 +110,15 @@ impl Reloads {
     }
 }
 
+/// One thread of the agent, as `/proc/<pid>/task/<tid>/stat` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tid: i32,
+    pub name: String,
+    /// `R`, `S`, `D`, `T` (stopped), ...
+    pub state: char,
+}
+
 /// A running agent.
 pub struct Agent {
     bin: PathBuf,
@@ -263,9 +272,72 @@ impl Agent {
     }
 
     pub fn signal(&self, signal: Signal) -> Result<()> {
-        let child = self.child.as_ref().context("the agent is not running")?;
-        nix::sys::signal::kill(Pid::from_raw(child.id() as i32), signal)?;
+        nix::sys::signal::kill(Pid::from_raw(self.pid()?), signal)?;
         Ok(())
+    }
+
+    /// The agent's process id (the `agent` binary itself: it enters its
+    /// namespace in-process, no wrapper runs in between).
+    pub fn pid(&self) -> Result<i32> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        Ok(child.id() as i32)
+    }
+
+    /// SIGSTOP, and waits until the kernel reports *every* thread of the
+    /// agent stopped (`T` in `/proc/<pid>/task/*/stat`).
+    ///
+    /// `kill(2)` returns before the stop happens: a process-directed
+    /// SIGSTOP wakes one thread (usually the main one), and only when that
+    /// thread runs does it put the others into the group stop. Until then
+    /// the trap thread goes on reading and giving verdicts — on a loaded
+    /// machine for milliseconds, long enough for traffic sent "while
+    /// frozen" to be served.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let threads = self.threads()?;
+            if !threads.is_empty() && threads.iter().all(|t| t.state == 'T') {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not stop within {START_TIMEOUT:?} of SIGSTOP: {threads:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Every thread of the agent with its name and scheduler state, from
+    /// `/proc/<pid>/task`.
+    pub fn threads(&self) -> Result<Vec<ThreadState>> {
+        let dir = format!("/proc/{}/task", self.pid()?);
+        let mut threads = Vec::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+            let path = entry?.path();
+            // A thread may end between the listing and the read.
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue;
+            };
+            // "tid (comm) S ...": the name may hold spaces and parentheses,
+            // the state follows the last ')'.
+            let (head, tail) = stat
+                .rsplit_once(')')
+                .with_context(|| format!("parsing {}: {stat:?}", path.display()))?;
+            let (tid, name) = head
+                .split_once(" (")
+                .with_context(|| format!("parsing {}: {stat:?}", path.display()))?;
+            let state = tail
+                .trim_start()
+                .chars()
+                .next()
+                .with_context(|| format!("parsing {}: {stat:?}", path.display()))?;
+            threads.push(ThreadState {
+                tid: tid.parse()?,
+                name: name.to_string(),
+                state,
+            });
+        }
+        Ok(threads)
     }
 
     /// Sends `signal` and waits for the agent to exit; returns its exit
