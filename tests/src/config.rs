@@ -23,6 +23,8 @@ use crate::cgroup::Cgroup;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Config {
     mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    marks: Option<Marks>,
     networks: Networks,
     #[serde(skip_serializing_if = "Option::is_none")]
     flow_log: Option<FlowLog>,
@@ -34,6 +36,11 @@ struct Networks {
     target_tcp: Vec<String>,
     target_udp: Vec<String>,
     excluded: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Marks {
+    shift: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -94,6 +101,13 @@ impl Config {
 
     pub fn excluded<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
         self.networks.excluded.extend(strings(nets));
+        self
+    }
+
+    /// `[marks] shift`: where the agent's mark field starts (absent: the
+    /// default).
+    pub fn mark_shift(mut self, shift: u32) -> Self {
+        self.marks = Some(Marks { shift });
         self
     }
 
@@ -210,6 +224,12 @@ impl Acl {
     /// UDP on these ports.
     pub fn udp(self, ports: impl IntoIterator<Item = u16>) -> Self {
         self.protocol("udp", ports)
+    }
+
+    /// ICMP and ICMPv6 (each family's own), no ports.
+    pub fn icmp(mut self) -> Self {
+        self.protocols.extend(["icmp".into(), "icmpv6".into()]);
+        self
     }
 
     /// Any protocol, any port.

@@ -11,12 +11,38 @@
 #[macro_export]
 macro_rules! on_both_datapaths_and_families {
     ($($name:ident),+ $(,)?) => {
-        mod ebpf {
-            $crate::on_both_families!(@after [$($name),+] ($crate::agent::Datapath::Ebpf,));
-        }
-        mod iptables {
-            $crate::on_both_families!(@after [$($name),+] ($crate::agent::Datapath::Iptables,));
-        }
+        $crate::on_datapaths_and_families!([$($name),+] ebpf Ebpf, iptables Iptables);
+    };
+}
+
+/// [`on_both_datapaths_and_families!`] plus `auto_without_bpf::{v4,v6}::name`
+/// (`--datapath auto` on a "kernel" without `bpf(2)`: the agent must fall
+/// back to iptables and the same behaviour must hold) and
+/// `iptables_legacy::{v4,v6}::name` (the fallback on the legacy iptables
+/// flavour; the others detect nf_tables).
+#[macro_export]
+macro_rules! on_every_datapath_and_family {
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_datapaths_and_families!(
+            [$($name),+]
+            ebpf Ebpf, iptables Iptables, auto_without_bpf AutoWithoutBpf,
+            iptables_legacy IptablesLegacy
+        );
+    };
+}
+
+/// `module::{v4,v6}::name` for each `module Variant` pair (a module name
+/// and a [`Datapath`](crate::agent::Datapath) variant) and each
+/// `fn name(Datapath, Family) -> anyhow::Result<()>`: the datapaths a
+/// suite picks by hand.
+#[macro_export]
+macro_rules! on_datapaths_and_families {
+    ([$($name:ident),+ $(,)?] $($module:ident $datapath:ident),+ $(,)?) => {
+        $(mod $module {
+            $crate::on_both_families!(
+                @after [$($name),+] ($crate::agent::Datapath::$datapath,)
+            );
+        })+
     };
 }
 

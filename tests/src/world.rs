@@ -1,8 +1,10 @@
 //! A small world for tests about one linux-process PU and a few UDP
 //! peers: host `a` runs the agent and holds the PU's cgroup, host `b` the
 //! peers, one address per [`Peer`] in the world's family, routed from `a`.
-//! Used by the target-network and mark-layout suites (`targets.rs`,
-//! `marks.rs`); the behaviour suite keeps its own, richer world.
+//! The usual peers are here ([`TARGET`], [`ACL_PEER`], [`OTHER`],
+//! [`EXCLUDED`]). Used by the behaviour, target-network and mark-layout
+//! suites (`behaviour.rs` adds TCP servers on top, `targets.rs`,
+//! `marks.rs`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -29,6 +31,29 @@ pub struct Peer {
     pub addr: [&'static str; 2],
     pub nets: [&'static str; 2],
 }
+
+/// In the target networks (`b`'s veth end itself): set-up is trapped.
+pub const TARGET: Peer = Peer {
+    addr: ["10.1.0.2", "fd00:1::2"],
+    nets: ["10.1.0.0/24", "fd00:1::/64"],
+};
+/// Not a target; the usual config's accept ACL covers it.
+pub const ACL_PEER: Peer = Peer {
+    addr: ["10.2.0.2", "fd00:2::2"],
+    nets: ["10.2.0.0/16", "fd00:2::/64"],
+};
+/// Not a target, no ACL: blocked for the PU.
+pub const OTHER: Peer = Peer {
+    addr: ["10.3.0.2", "fd00:3::2"],
+    nets: ["10.3.0.0/16", "fd00:3::/64"],
+};
+/// In the excluded networks: never touched.
+pub const EXCLUDED: Peer = Peer {
+    addr: ["10.9.0.2", "fd00:9::2"],
+    nets: ["10.9.0.0/16", "fd00:9::/64"],
+};
+/// Networks holding every peer above, the excluded one included.
+pub const EVERY_PEER: [&str; 2] = ["10.0.0.0/8", "fd00::/16"];
 
 /// The index of a family's entry in [`Peer`].
 pub fn index(family: Family) -> usize {
@@ -62,6 +87,7 @@ impl PuWorld {
             let addr = format!("{}/{host_prefix}", peer.addr[i]);
             let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
             if family == Family::V6 {
+                // Usable at once, without duplicate address detection.
                 add.push("nodad");
             }
             hosts.b.ip(&add)?;
@@ -87,8 +113,14 @@ impl PuWorld {
             .expect("literal address")
     }
 
+    /// A peer's service: its address in this world's family, [`PORT`].
     pub fn addr(&self, peer: Peer) -> SocketAddr {
         SocketAddr::new(self.ip(peer), PORT)
+    }
+
+    /// A peer's network in this world's family, as a config writes it.
+    pub fn net(&self, peer: Peer) -> &'static str {
+        peer.nets[index(self.family)]
     }
 
     /// The PU's cgroup, relative to the cgroup v2 mount.
