@@ -123,16 +123,6 @@ impl PuWorld {
         peer.nets[index(self.family)]
     }
 
-    /// The PU's cgroup, relative to the cgroup v2 mount.
-    pub fn cgroup_rel(&self) -> String {
-        self.cgroup
-            .path()
-            .file_name()
-            .expect("cgroup dir name")
-            .to_string_lossy()
-            .into_owned()
-    }
-
     /// Starts the agent in `a` with `config`, on `datapath`.
     pub fn start(&self, bin: &str, datapath: Datapath, config: &str) -> Result<Agent> {
         let agent = Agent::start(bin, &self.hosts.a, datapath, config)?;
