@@ -1,7 +1,8 @@
-//! One test body run on every datapath and/or address family: macros that
-//! turn a list of bodies into `#[test]`s named `ebpf::v4::name`,
-//! `iptables::v6::name`, `ebpf::name`, `v4::name`, … so every suite
-//! spells its matrix the same way.
+//! One test body run on every datapath (or iptables flavour) and/or
+//! address family: macros that turn a list of bodies into `#[test]`s
+//! named `ebpf::v4::name`, `iptables::v6::name`, `ebpf::name`,
+//! `nft::v4::name`, `v4::name`, … so every suite spells its matrix the
+//! same way.
 //!
 //! A suite invokes them at its root, where the bodies are: each generated
 //! test calls `crate::name`, which names the invoking suite's item.
@@ -69,6 +70,25 @@ macro_rules! on_every_datapath {
         $crate::on_both_datapaths!($($name),+);
         mod iptables_legacy {
             $crate::matrix_tests!([$($name),+] ($crate::agent::Datapath::IptablesLegacy));
+        }
+    };
+}
+
+/// `nft::{v4,v6}::name` and `legacy::{v4,v6}::name` for each
+/// `fn name(Backend, Family) -> anyhow::Result<()>`: a body about the
+/// iptables flavours themselves, not about a datapath.
+#[macro_export]
+macro_rules! on_both_backends_and_families {
+    ($($name:ident),+ $(,)?) => {
+        mod nft {
+            $crate::on_both_families!(
+                @after [$($name),+] ($crate::netfilter::Backend::Nft,)
+            );
+        }
+        mod legacy {
+            $crate::on_both_families!(
+                @after [$($name),+] ($crate::netfilter::Backend::Legacy,)
+            );
         }
     };
 }

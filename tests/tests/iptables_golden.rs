@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::datapath::iptables::{
-    global,
+    exec, global,
     pu::PuPlan,
     rules::{Ctx, Table, section},
     sets,
@@ -34,58 +34,14 @@ use enforcer::naming::{self, NameRegistry, PortSet, ShortName};
 use enforcer::policy::{Configuration, Pu};
 use enforcer_tests::{
     cgroup::Cgroup,
-    netfilter::{self, Family},
+    netfilter::{self, Backend, Family},
     netns::Netns,
     privilege,
 };
 
-/// The netfilter flavour a scenario loads its text with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Nft,
-    Legacy,
-}
-
-impl Backend {
-    fn tool(self, family: Family, what: &str) -> String {
-        let family = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        let flavour = match self {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-        };
-        format!("{family}-{flavour}-{what}")
-    }
-}
-
-/// Runs each scenario body once per flavour and family:
-/// `nft::v4::name`, `nft::v6::name`, `legacy::v4::name`, …
-macro_rules! on_each_backend_and_family {
-    ($($name:ident),+ $(,)?) => {
-        on_each_backend_and_family!(@backends [$($name),+] nft Nft, legacy Legacy);
-    };
-    (@backends $names:tt $($module:ident $backend:ident),+) => {
-        $(mod $module {
-            on_each_backend_and_family!(@families $names $backend);
-        })+
-    };
-    (@families [$($name:ident),+] $backend:ident) => {
-        mod v4 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Backend::$backend, crate::Family::V4)
-            })+
-        }
-        mod v6 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Backend::$backend, crate::Family::V6)
-            })+
-        }
-    };
-}
-
-on_each_backend_and_family!(
+// Each scenario body once per flavour and family: `nft::v4::name`,
+// `nft::v6::name`, `legacy::v4::name`, …
+enforcer_tests::on_both_backends_and_families!(
     global_rules_with_the_default_mark_layout,
     global_rules_with_a_moved_mark_layout,
     pu_with_a_mix_of_acls,
@@ -136,14 +92,14 @@ impl Lab {
 
     /// `iptables-restore --test --noflush`: parsed, never committed.
     fn test(&self, text: &str) -> Result<()> {
-        let tool = self.backend.tool(self.family, "restore");
-        netfilter::feed(&self.ns, &tool, &["--test", "--noflush", "--wait"], text).map(drop)
+        let tool = exec::tools(self.backend).restore.get(self.family);
+        netfilter::feed(&self.ns, tool, &["--test", "--noflush", "--wait"], text).map(drop)
     }
 
     /// `iptables-restore --noflush`, as the agent applies its text.
     fn load(&self, text: &str) -> Result<()> {
-        let tool = self.backend.tool(self.family, "restore");
-        netfilter::feed(&self.ns, &tool, &["--noflush", "--wait"], text).map(drop)
+        let tool = exec::tools(self.backend).restore.get(self.family);
+        netfilter::feed(&self.ns, tool, &["--noflush", "--wait"], text).map(drop)
     }
 
     /// `--test`, then for real.
@@ -154,8 +110,8 @@ impl Lab {
 
     /// One table as the kernel holds it.
     fn save(&self, table: Table) -> Result<String> {
-        let tool = self.backend.tool(self.family, "save");
-        netfilter::feed(&self.ns, &tool, &["-t", table.as_str()], "")
+        let tool = exec::tools(self.backend).save.get(self.family);
+        netfilter::feed(&self.ns, tool, &["-t", table.as_str()], "")
     }
 
     /// What `run` installs: the global sets, then the global rules.
