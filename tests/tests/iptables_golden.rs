@@ -719,71 +719,55 @@ action = "reject"
 /// protocol-any ACLs in bucket order, log NEW and the rest (group 10),
 /// drop.
 fn expected_app(family: Family) -> Vec<&'static str> {
-    match family {
-        Family::V4 => vec![
-            "trial-deny tcp * NFLOG 10",
-            "trial-deny udp * NFLOG 10",
-            "no-api-5 tcp 443 NFLOG 10",
-            "no-api-5 tcp 443 DROP",
-            "quarantine tcp 1:1023 NFLOG 10",
-            "quarantine tcp 1:1023 DROP",
-            "watch-api tcp 443 NFLOG 10",
-            "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
-            "allow-api tcp 443,9000:9100 ACCEPT",
-            "dns udp 53 CONNMARK set 0x200/0x700",
-            "dns udp 53 ACCEPT",
+    let mut rules = vec![
+        "trial-deny tcp * NFLOG 10",
+        "trial-deny udp * NFLOG 10",
+        "no-api-5 tcp 443 NFLOG 10",
+        "no-api-5 tcp 443 DROP",
+        "quarantine tcp 1:1023 NFLOG 10",
+        "quarantine tcp 1:1023 DROP",
+        "watch-api tcp 443 NFLOG 10",
+        "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
+        "allow-api tcp 443,9000:9100 ACCEPT",
+        "dns udp 53 CONNMARK set 0x200/0x700",
+        "dns udp 53 ACCEPT",
+    ];
+    // The accept bucket's ACLs of one family only.
+    rules.extend(match family {
+        Family::V4 => &[
             "ping icmp * CONNMARK set 0x200/0x700",
             "ping icmp * ACCEPT",
             "v4-only tcp 22 CONNMARK set 0x200/0x700",
             "v4-only tcp 22 ACCEPT",
-            "audit-all tcp 8443 NFLOG 10",
-            "audit-all tcp 8443 CONNMARK set 0x200/0x700",
-            "audit-all tcp 8443 ACCEPT",
-            "reply metrics udp 9125 ACCEPT",
-            "trap tcp SYN 0:3 bypass",
-            "trap tcp ACK 4:7 bypass",
-            "trap udp 12:15 bypass",
-            "established ACCEPT",
-            "legacy any * NFLOG 10",
-            "legacy any * DROP",
-            "partners any * CONNMARK set 0x200/0x700",
-            "partners any * ACCEPT",
-            "default NEW NFLOG 10",
-            "default !NEW NFLOG 10",
-            "DROP",
-        ],
-        Family::V6 => vec![
-            "trial-deny tcp * NFLOG 10",
-            "trial-deny udp * NFLOG 10",
-            "no-api-5 tcp 443 NFLOG 10",
-            "no-api-5 tcp 443 DROP",
-            "quarantine tcp 1:1023 NFLOG 10",
-            "quarantine tcp 1:1023 DROP",
-            "watch-api tcp 443 NFLOG 10",
-            "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
-            "allow-api tcp 443,9000:9100 ACCEPT",
-            "dns udp 53 CONNMARK set 0x200/0x700",
-            "dns udp 53 ACCEPT",
+        ][..],
+        Family::V6 => &[
             "ping6 icmpv6 * CONNMARK set 0x200/0x700",
             "ping6 icmpv6 * ACCEPT",
-            "audit-all tcp 8443 NFLOG 10",
-            "audit-all tcp 8443 CONNMARK set 0x200/0x700",
-            "audit-all tcp 8443 ACCEPT",
-            "reply metrics udp 9125 ACCEPT",
-            "icmpv6 ACCEPT",
-            "trap tcp SYN 0:3 bypass",
-            "trap tcp ACK 4:7 bypass",
-            "trap udp 12:15 bypass",
-            "established ACCEPT",
-            "legacy any * NFLOG 10",
-            "legacy any * DROP",
-            "partners any * CONNMARK set 0x200/0x700",
-            "partners any * ACCEPT",
-            "default NEW NFLOG 10",
-            "default !NEW NFLOG 10",
-            "DROP",
         ],
+    });
+    rules.extend([
+        "audit-all tcp 8443 NFLOG 10",
+        "audit-all tcp 8443 CONNMARK set 0x200/0x700",
+        "audit-all tcp 8443 ACCEPT",
+        "reply metrics udp 9125 ACCEPT",
+    ]);
+    if family == Family::V6 {
+        rules.push("icmpv6 ACCEPT");
     }
+    rules.extend([
+        "trap tcp SYN 0:3 bypass",
+        "trap tcp ACK 4:7 bypass",
+        "trap udp 12:15 bypass",
+        "established ACCEPT",
+        "legacy any * NFLOG 10",
+        "legacy any * DROP",
+        "partners any * CONNMARK set 0x200/0x700",
+        "partners any * ACCEPT",
+        "default NEW NFLOG 10",
+        "default !NEW NFLOG 10",
+        "DROP",
+    ]);
+    rules
 }
 
 /// ACL_MIX's incoming chain, by hand: the mirror with sources, the net
