@@ -19,7 +19,7 @@
 //! a test exercises the peers of its own family only, so each family's
 //! run also proves that the other family's entries do not leak into it.
 
-use std::{ops::Deref, path::Path, time::Duration};
+use std::{ops::Deref, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
@@ -94,6 +94,23 @@ impl World {
         })
     }
 
+    /// A nettool run by a process inside the PU (`in_pu`) or by one of
+    /// host `a` outside every PU.
+    fn nettool(&self, in_pu: bool) -> Result<Command> {
+        if in_pu {
+            self.cgroup.command_in(&self.hosts.a, nettool!())
+        } else {
+            self.hosts.a.command(nettool!())
+        }
+    }
+
+    /// One UDP datagram (`sendto`) to `to`, from inside the PU or not.
+    fn udp_send(&self, to: &UdpReceiver, payload: &str, in_pu: bool) -> Result<Outcome> {
+        let mut cmd = self.nettool(in_pu)?;
+        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
+        run_nettool(cmd)
+    }
+
     /// A TCP exchange from a process inside the PU.
     fn pu_connects(&self, peer: Role) -> Result<Outcome> {
         self.connects_from(&self.cgroup, peer)
@@ -108,7 +125,7 @@ impl World {
 
     /// A TCP exchange from a process of host `a` outside every PU.
     fn outsider_connects(&self, peer: Role) -> Result<Outcome> {
-        let mut cmd = self.hosts.a.command(nettool!())?;
+        let mut cmd = self.nettool(false)?;
         cmd.args(["tcp-exchange", &self.addr(peer).to_string()]);
         run_nettool(cmd)
     }
@@ -324,23 +341,14 @@ fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath, family: Family) -
     let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
     let other = UdpReceiver::start(&w.hosts.b, w.addr(OTHER))?;
     let _agent = w.start(datapath, &web_config(&w))?;
-    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
-        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
-        run_nettool(cmd)
-    };
     let wait = Duration::from_secs(2);
-    send(&acl_peer, "pu-to-acl-peer", true)?;
+    w.udp_send(&acl_peer, "pu-to-acl-peer", true)?;
     assert!(
         acl_peer.wait_for(b"pu-to-acl-peer", wait).is_some(),
         "accept ACL"
     );
-    send(&other, "pu-to-other", true)?;
-    send(&other, "outsider-to-other", false)?;
+    w.udp_send(&other, "pu-to-other", true)?;
+    w.udp_send(&other, "outsider-to-other", false)?;
     assert!(
         other.wait_for(b"outsider-to-other", wait).is_some(),
         "outside every PU: untouched"
@@ -369,16 +377,10 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
     let target = UdpReceiver::start(&w.hosts.b, w.addr(TARGET))?;
     let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
     let agent = w.start(datapath, &web_config(&w))?;
-    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
-        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
-        run_nettool(cmd)
-    };
-    assert_eq!(send(&acl_peer, "pu-to-acl-peer", true)?, Outcome::Exchanged);
+    assert_eq!(
+        w.udp_send(&acl_peer, "pu-to-acl-peer", true)?,
+        Outcome::Exchanged
+    );
     assert!(
         acl_peer
             .wait_for(b"pu-to-acl-peer", Duration::from_secs(2))
@@ -391,11 +393,14 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
         "an ACL-accepted datagram is not trapped"
     );
     assert_eq!(
-        send(&target, "outsider-to-target", false)?,
+        w.udp_send(&target, "outsider-to-target", false)?,
         Outcome::Exchanged
     );
     assert_eq!(w.kernel_queued()?, 0, "outside every PU: not trapped");
-    assert_eq!(send(&target, "pu-to-target", true)?, Outcome::Exchanged);
+    assert_eq!(
+        w.udp_send(&target, "pu-to-target", true)?,
+        Outcome::Exchanged
+    );
     assert_eq!(
         w.kernel_queued()?,
         1,
@@ -436,11 +441,7 @@ fn pings_from_a_pu_follow_its_icmp_acls(datapath: Datapath, family: Family) -> R
             .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
     )?;
     let ping_from = |peer: Role, in_pu: bool, dgram: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
+        let mut cmd = w.nettool(in_pu)?;
         cmd.args(["ping", &w.ip(peer).to_string()]);
         if dgram {
             cmd.arg("--dgram");
