@@ -49,18 +49,21 @@ pub fn networks(role: u8) -> [String; 2] {
 /// Adds each role's source address (a host address, no DAD) to `b`'s
 /// veth end, and a host route to it on `a`.
 pub fn add_sources(hosts: &TwoHosts, family: Family, roles: &[u8]) -> Result<()> {
-    let plen = match family {
-        Family::V4 => "32",
-        Family::V6 => "128",
-    };
-    for &role in roles {
-        let src = format!("{}/{plen}", source(family, role));
+    add_addresses(hosts, roles.iter().map(|&role| source(family, role)))
+}
+
+/// Adds each address to `b`'s veth end as a host address (usable at once:
+/// no duplicate address detection), with a host route to it on `a`.
+pub fn add_addresses(hosts: &TwoHosts, addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
+    for addr in addrs {
+        let plen = if addr.is_ipv4() { 32 } else { 128 };
+        let host = format!("{addr}/{plen}");
         hosts
             .b
-            .ip(&["addr", "add", &src, "dev", &hosts.b_end.ifname, "nodad"])?;
+            .ip(&["addr", "add", &host, "dev", &hosts.b_end.ifname, "nodad"])?;
         hosts
             .a
-            .ip(&["route", "add", &src, "dev", &hosts.a_end.ifname])?;
+            .ip(&["route", "add", &host, "dev", &hosts.a_end.ifname])?;
     }
     Ok(())
 }

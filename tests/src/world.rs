@@ -1,10 +1,9 @@
-//! A small world for tests about one linux-process PU and a few UDP
-//! peers: host `a` runs the agent and holds the PU's cgroup, host `b` the
-//! peers, one address per [`Peer`] in the world's family, routed from `a`.
-//! The usual peers are here ([`TARGET`], [`ACL_PEER`], [`OTHER`],
-//! [`EXCLUDED`]). Used by the behaviour, target-network and mark-layout
-//! suites (`behaviour.rs` adds TCP servers on top, `targets.rs`,
-//! `marks.rs`).
+//! A small world for tests about one linux-process PU and a few peers:
+//! host `a` runs the agent and holds the PU's cgroup, host `b` the peers,
+//! one address per [`Peer`] in the world's family, routed from `a` (the
+//! addresses go on `b` as [`roles`] adds a role's). The usual peers are
+//! here ([`TARGET`], [`ACL_PEER`], [`OTHER`], [`EXCLUDED`]). Used by the
+//! behaviour, flow-log, target-network and mark-layout suites.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -19,7 +18,7 @@ use crate::{
     cgroup::Cgroup,
     netfilter::{self, Family},
     netns::{TwoHosts, output_ok},
-    privilege,
+    privilege, roles,
 };
 
 /// The port every peer listens on.
@@ -70,36 +69,18 @@ pub struct PuWorld {
 }
 
 impl PuWorld {
-    /// Hosts `a` and `b` with each of `peers` on `b` (its network routed
-    /// from `a`), and the PU's cgroup. A peer on `b`'s veth end itself
+    /// Hosts `a` and `b` with each of `peers` on `b` (a host route to it
+    /// on `a`, [`roles::add_addresses`]), and the PU's cgroup. A peer on `b`'s veth end itself
     /// (`10.1.0.2`, `fd00:1::2`) needs nothing more.
     pub fn new(env: &privilege::Env, family: Family, peers: &[Peer]) -> Result<Self> {
         let hosts = TwoHosts::new()?;
         let i = index(family);
-        for peer in peers {
-            if peer.addr[i] == hosts.b_end.ip(family).to_string() {
-                continue;
-            }
-            let (flag, host_prefix) = match family {
-                Family::V4 => ("-4", 32),
-                Family::V6 => ("-6", 128),
-            };
-            let addr = format!("{}/{host_prefix}", peer.addr[i]);
-            let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
-            if family == Family::V6 {
-                // Usable at once, without duplicate address detection.
-                add.push("nodad");
-            }
-            hosts.b.ip(&add)?;
-            hosts.a.ip(&[
-                flag,
-                "route",
-                "add",
-                peer.nets[i],
-                "dev",
-                &hosts.a_end.ifname,
-            ])?;
-        }
+        let b_end = hosts.b_end.ip(family);
+        let addrs = peers
+            .iter()
+            .map(|peer| peer.addr[i].parse().expect("literal address"))
+            .filter(|&addr| addr != b_end);
+        roles::add_addresses(&hosts, addrs)?;
         Ok(Self {
             family,
             cgroup: Cgroup::new(&env.cgroup2)?,
