@@ -38,10 +38,14 @@ macro_rules! on_every_datapath_and_family {
 /// suite picks by hand.
 #[macro_export]
 macro_rules! on_datapaths_and_families {
-    ([$($name:ident),+ $(,)?] $($module:ident $datapath:ident),+ $(,)?) => {
+    ([$($name:ident),+ $(,)?] $($pairs:tt)+) => {
+        $crate::on_datapaths_and_families!(@each [$($name),+] $($pairs)+);
+    };
+    // The names as one token tree, so each pair can repeat them all.
+    (@each $names:tt $($module:ident $datapath:ident),+ $(,)?) => {
         $(mod $module {
             $crate::on_both_families!(
-                @after [$($name),+] ($crate::agent::Datapath::$datapath,)
+                @after $names ($crate::agent::Datapath::$datapath,)
             );
         })+
     };

@@ -92,13 +92,13 @@ impl Lab {
 
     /// `iptables-restore --test --noflush`: parsed, never committed.
     fn test(&self, text: &str) -> Result<()> {
-        let tool = exec::tools(self.backend).restore.get(self.family);
+        let tool = *exec::tools(self.backend).restore.get(self.family);
         netfilter::feed(&self.ns, tool, &["--test", "--noflush", "--wait"], text).map(drop)
     }
 
     /// `iptables-restore --noflush`, as the agent applies its text.
     fn load(&self, text: &str) -> Result<()> {
-        let tool = exec::tools(self.backend).restore.get(self.family);
+        let tool = *exec::tools(self.backend).restore.get(self.family);
         netfilter::feed(&self.ns, tool, &["--noflush", "--wait"], text).map(drop)
     }
 
@@ -110,7 +110,7 @@ impl Lab {
 
     /// One table as the kernel holds it.
     fn save(&self, table: Table) -> Result<String> {
-        let tool = exec::tools(self.backend).save.get(self.family);
+        let tool = *exec::tools(self.backend).save.get(self.family);
         netfilter::feed(&self.ns, tool, &["-t", table.as_str()], "")
     }
 
