@@ -483,7 +483,10 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath, family: Family) -> Re
     let second = Cgroup::new(&env.cgroup2)?;
     let from_second = |peer: Role| w.connects_from(&second, peer);
     let web = pu("web", &w.cgroup, ACL_PEER.nets);
-    let agent = w.start(datapath, &config(&[TARGET.nets], &[web.clone()]))?;
+    let agent = w.start(
+        datapath,
+        &config(&[TARGET.nets], std::slice::from_ref(&web)),
+    )?;
     assert_eq!(from_second(OTHER)?, Outcome::Exchanged, "not a PU yet");
 
     // Add a PU.
