@@ -468,36 +468,27 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
     // connections with the external and the handshake mark, the UID
     // chain, and the process, host-service and host chains in that
     // priority. (The handshake's own SYN-ACK traps come with issue 7.)
-    let app = [
-        format!(
-            "mark {} -> CONNMARK save {}/{}",
-            m.authorised, m.mask, m.mask
-        ),
-        format!("mark {} -> ACCEPT", m.authorised),
-        "-> TRI-Prx-App".to_string(),
-        format!("mark {} -> ACCEPT", m.injected),
-        format!("connmark {} -> ACCEPT", m.external),
-        format!("connmark {} -> ACCEPT", m.authorised),
-        "-> TRI-UID-App".to_string(),
-        "-> TRI-Pid-App".to_string(),
-        "-> TRI-Svc-App".to_string(),
-        "-> TRI-Hst-App".to_string(),
-    ];
     // Incoming mirrors it, without the injected mark.
-    let net = [
-        format!(
-            "mark {} -> CONNMARK save {}/{}",
-            m.authorised, m.mask, m.mask
-        ),
-        format!("mark {} -> ACCEPT", m.authorised),
-        "-> TRI-Prx-Net".to_string(),
-        format!("connmark {} -> ACCEPT", m.external),
-        format!("connmark {} -> ACCEPT", m.authorised),
-        "-> TRI-UID-Net".to_string(),
-        "-> TRI-Pid-Net".to_string(),
-        "-> TRI-Svc-Net".to_string(),
-        "-> TRI-Hst-Net".to_string(),
-    ];
+    let steering = |side: &str| -> Vec<String> {
+        let mut rules = vec![
+            format!(
+                "mark {} -> CONNMARK save {}/{}",
+                m.authorised, m.mask, m.mask
+            ),
+            format!("mark {} -> ACCEPT", m.authorised),
+            format!("-> TRI-Prx-{side}"),
+        ];
+        if side == "App" {
+            rules.push(format!("mark {} -> ACCEPT", m.injected));
+        }
+        rules.extend([
+            format!("connmark {} -> ACCEPT", m.external),
+            format!("connmark {} -> ACCEPT", m.authorised),
+        ]);
+        rules.extend(["UID", "Pid", "Svc", "Hst"].map(|chain| format!("-> TRI-{chain}-{side}")));
+        rules
+    };
+    let (app, net) = (steering("App"), steering("Net"));
     let proxy = [format!("mark {} -> ACCEPT", m.proxy)];
     // Steering first in the built-in chains, before the host's rule;
     // skipped for excluded peers.
