@@ -3,7 +3,8 @@
 //! one address per [`Peer`] in the world's family, routed from `a` (the
 //! addresses go on `b` as [`roles`] adds a role's). The usual peers are
 //! here ([`TARGET`], [`ACL_PEER`], [`OTHER`], [`EXCLUDED`]). Used by the
-//! behaviour, flow-log, target-network and mark-layout suites.
+//! behaviour, flow-log, target-network and mark-layout suites, and (built
+//! by role, [`roles`]) by the incoming and malformed-packet suites.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
