@@ -23,6 +23,10 @@ use crate::cgroup::Cgroup;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Config {
     mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queues: Option<Queues>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    marks: Option<Marks>,
     networks: Networks,
     #[serde(skip_serializing_if = "Option::is_none")]
     flow_log: Option<FlowLog>,
@@ -37,6 +41,16 @@ struct Networks {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
+struct Queues {
+    fail_mode: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Marks {
+    shift: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
 struct FlowLog {
     output: String,
 }
@@ -48,9 +62,9 @@ pub struct Pu {
     kind: String,
     cgroup: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    tcp_ports: Vec<u16>,
+    tcp_ports: Vec<Port>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    udp_ports: Vec<u16>,
+    udp_ports: Vec<Port>,
     application_acls: Vec<Acl>,
     network_acls: Vec<Acl>,
 }
@@ -61,13 +75,38 @@ pub struct Acl {
     networks: Vec<String>,
     protocols: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    ports: Vec<u16>,
+    ports: Vec<Port>,
     action: String,
     log: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     observe: Option<String>,
     policy_id: String,
 }
+
+/// A port or an inclusive range of ports, as the file writes them: `443`,
+/// `"9000:9100"`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(untagged)]
+pub enum Port {
+    One(u16),
+    Range(String),
+}
+
+impl From<u16> for Port {
+    fn from(port: u16) -> Self {
+        Port::One(port)
+    }
+}
+
+impl Port {
+    /// `first` to `last`, both included.
+    pub fn range(first: u16, last: u16) -> Self {
+        Port::Range(format!("{first}:{last}"))
+    }
+}
+
+/// No ports given: an ACL of every port.
+pub const EVERY_PORT: [u16; 0] = [];
 
 fn strings<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Vec<String> {
     items.into_iter().map(Into::into).collect()
@@ -94,6 +133,22 @@ impl Config {
 
     pub fn excluded<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
         self.networks.excluded.extend(strings(nets));
+        self
+    }
+
+    /// `[marks] shift`: where the agent's mark field starts (absent: the
+    /// default).
+    pub fn mark_shift(mut self, shift: u32) -> Self {
+        self.marks = Some(Marks { shift });
+        self
+    }
+
+    /// `[queues] fail_mode = "closed"`: no trap lets a packet pass when
+    /// no one listens.
+    pub fn fail_closed(mut self) -> Self {
+        self.queues = Some(Queues {
+            fail_mode: "closed".into(),
+        });
         self
     }
 
@@ -140,13 +195,13 @@ impl Pu {
     }
 
     /// Ports the PU listens on: incoming connections to them are the PU's.
-    pub fn tcp_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
-        self.tcp_ports.extend(ports);
+    pub fn tcp_ports<P: Into<Port>>(mut self, ports: impl IntoIterator<Item = P>) -> Self {
+        self.tcp_ports.extend(ports.into_iter().map(Into::into));
         self
     }
 
-    pub fn udp_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
-        self.udp_ports.extend(ports);
+    pub fn udp_ports<P: Into<Port>>(mut self, ports: impl IntoIterator<Item = P>) -> Self {
+        self.udp_ports.extend(ports.into_iter().map(Into::into));
         self
     }
 
@@ -202,14 +257,21 @@ impl Acl {
         Self::new("reject", policy_id, nets)
     }
 
-    /// TCP to (app side) or from (net side) these ports.
-    pub fn tcp(self, ports: impl IntoIterator<Item = u16>) -> Self {
+    /// TCP to (app side) or from (net side) these ports (none: every
+    /// port).
+    pub fn tcp<P: Into<Port>>(self, ports: impl IntoIterator<Item = P>) -> Self {
         self.protocol("tcp", ports)
     }
 
-    /// UDP on these ports.
-    pub fn udp(self, ports: impl IntoIterator<Item = u16>) -> Self {
+    /// UDP on these ports (none: every port).
+    pub fn udp<P: Into<Port>>(self, ports: impl IntoIterator<Item = P>) -> Self {
         self.protocol("udp", ports)
+    }
+
+    /// ICMP and ICMPv6 (each family's own), no ports.
+    pub fn icmp(mut self) -> Self {
+        self.protocols.extend(["icmp".into(), "icmpv6".into()]);
+        self
     }
 
     /// Any protocol, any port.
@@ -218,9 +280,15 @@ impl Acl {
         self
     }
 
-    fn protocol(mut self, name: &str, ports: impl IntoIterator<Item = u16>) -> Self {
+    /// The protocol `name` as the file writes it (`"icmp"`, say), on
+    /// these ports (none: every port).
+    pub fn protocol<P: Into<Port>>(
+        mut self,
+        name: &str,
+        ports: impl IntoIterator<Item = P>,
+    ) -> Self {
         self.protocols.push(name.into());
-        self.ports.extend(ports);
+        self.ports.extend(ports.into_iter().map(Into::into));
         self.ports.sort_unstable();
         self.ports.dedup();
         self

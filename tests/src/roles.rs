@@ -7,18 +7,18 @@
 //! address (in [`TARGET_NETS`]); the others are added to `b`'s veth end by
 //! [`add_sources`], with a host route back on `a`.
 //!
-//! [`RoleHosts`] is the stage such a test plays on: those hosts, a cgroup
-//! for the PU, and the agent on `a`.
+//! The stage such a test plays on is the shared [`PuWorld`]
+//! ([`PuWorld::with_roles`]): those hosts, a cgroup for the PU, and the
+//! agent on `a`.
 
 use std::net::IpAddr;
 
 use anyhow::Result;
 
-use crate::agent::{Agent, Datapath};
-use crate::cgroup::Cgroup;
 use crate::netfilter::Family;
 use crate::netns::TwoHosts;
 use crate::privilege;
+use crate::world::PuWorld;
 
 /// A peer in a target network: `b`'s veth address.
 pub const TARGET: u8 = 1;
@@ -49,57 +49,40 @@ pub fn networks(role: u8) -> [String; 2] {
 /// Adds each role's source address (a host address, no DAD) to `b`'s
 /// veth end, and a host route to it on `a`.
 pub fn add_sources(hosts: &TwoHosts, family: Family, roles: &[u8]) -> Result<()> {
-    let plen = match family {
-        Family::V4 => "32",
-        Family::V6 => "128",
-    };
-    for &role in roles {
-        let src = format!("{}/{plen}", source(family, role));
+    add_addresses(hosts, roles.iter().map(|&role| source(family, role)))
+}
+
+/// Adds each address to `b`'s veth end as a host address (usable at once:
+/// no duplicate address detection), with a host route to it on `a`.
+pub fn add_addresses(hosts: &TwoHosts, addrs: impl IntoIterator<Item = IpAddr>) -> Result<()> {
+    for addr in addrs {
+        let plen = if addr.is_ipv4() { 32 } else { 128 };
+        let host = format!("{addr}/{plen}");
         hosts
             .b
-            .ip(&["addr", "add", &src, "dev", &hosts.b_end.ifname, "nodad"])?;
+            .ip(&["addr", "add", &host, "dev", &hosts.b_end.ifname, "nodad"])?;
         hosts
             .a
-            .ip(&["route", "add", &src, "dev", &hosts.a_end.ifname])?;
+            .ip(&["route", "add", &host, "dev", &hosts.a_end.ifname])?;
     }
     Ok(())
 }
 
-/// Two hosts with the sources of some roles on `b`, in one family, and a
-/// cgroup for the PU whose traffic `a` judges.
-pub struct RoleHosts {
-    pub family: Family,
-    pub cgroup: Cgroup,
-    // Declared last: dropped after the cgroup.
-    pub hosts: TwoHosts,
-}
-
-impl RoleHosts {
-    /// The stage, or `None` where [`privilege::require`] lets the test
-    /// skip.
-    pub fn new(family: Family, roles: &[u8]) -> Result<Option<Self>> {
+impl PuWorld {
+    /// The stage of a test by roles: two hosts with the sources of `roles`
+    /// on `b`, in one family, and a cgroup for the PU whose traffic `a`
+    /// judges; `None` where [`privilege::require`] lets the test skip.
+    pub fn with_roles(family: Family, roles: &[u8]) -> Result<Option<Self>> {
         let Some(env) = privilege::require() else {
             return Ok(None);
         };
-        let hosts = TwoHosts::new()?;
-        add_sources(&hosts, family, roles)?;
-        Ok(Some(Self {
-            family,
-            cgroup: Cgroup::new(&env.cgroup2)?,
-            hosts,
-        }))
+        let world = Self::new(&env, family, &[])?;
+        add_sources(&world.hosts, family, roles)?;
+        Ok(Some(world))
     }
 
     /// Where `a`'s servers listen: its veth address.
     pub fn server_ip(&self) -> IpAddr {
         self.hosts.a_end.ip(self.family)
-    }
-
-    /// The agent (the `bin` a suite builds) on `a` with `config`, checked
-    /// to run `datapath`.
-    pub fn start_agent(&self, bin: &str, datapath: Datapath, config: &str) -> Result<Agent> {
-        let agent = Agent::start(bin, &self.hosts.a, datapath, config)?;
-        assert_eq!(agent.status()?["datapath"]["kind"], datapath.expected());
-        Ok(agent)
     }
 }

@@ -1,8 +1,10 @@
-//! A small world for tests about one linux-process PU and a few UDP
-//! peers: host `a` runs the agent and holds the PU's cgroup, host `b` the
-//! peers, one address per [`Peer`] in the world's family, routed from `a`.
-//! Used by the target-network and mark-layout suites (`targets.rs`,
-//! `marks.rs`); the behaviour suite keeps its own, richer world.
+//! A small world for tests about one linux-process PU and a few peers:
+//! host `a` runs the agent and holds the PU's cgroup, host `b` the peers,
+//! one address per [`Peer`] in the world's family, routed from `a` (the
+//! addresses go on `b` as [`roles`] adds a role's). The usual peers are
+//! here ([`TARGET`], [`ACL_PEER`], [`OTHER`], [`EXCLUDED`]). Used by the
+//! behaviour, flow-log, target-network and mark-layout suites, and (built
+//! by role, [`roles`]) by the incoming and malformed-packet suites.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -17,7 +19,7 @@ use crate::{
     cgroup::Cgroup,
     netfilter::{self, Family},
     netns::{TwoHosts, output_ok},
-    privilege,
+    privilege, roles,
 };
 
 /// The port every peer listens on.
@@ -29,6 +31,29 @@ pub struct Peer {
     pub addr: [&'static str; 2],
     pub nets: [&'static str; 2],
 }
+
+/// In the target networks (`b`'s veth end itself): set-up is trapped.
+pub const TARGET: Peer = Peer {
+    addr: ["10.1.0.2", "fd00:1::2"],
+    nets: ["10.1.0.0/24", "fd00:1::/64"],
+};
+/// Not a target; the usual config's accept ACL covers it.
+pub const ACL_PEER: Peer = Peer {
+    addr: ["10.2.0.2", "fd00:2::2"],
+    nets: ["10.2.0.0/16", "fd00:2::/64"],
+};
+/// Not a target, no ACL: blocked for the PU.
+pub const OTHER: Peer = Peer {
+    addr: ["10.3.0.2", "fd00:3::2"],
+    nets: ["10.3.0.0/16", "fd00:3::/64"],
+};
+/// In the excluded networks: never touched.
+pub const EXCLUDED: Peer = Peer {
+    addr: ["10.9.0.2", "fd00:9::2"],
+    nets: ["10.9.0.0/16", "fd00:9::/64"],
+};
+/// Networks holding every peer above, the excluded one included.
+pub const EVERY_PEER: [&str; 2] = ["10.0.0.0/8", "fd00::/16"];
 
 /// The index of a family's entry in [`Peer`].
 pub fn index(family: Family) -> usize {
@@ -45,35 +70,18 @@ pub struct PuWorld {
 }
 
 impl PuWorld {
-    /// Hosts `a` and `b` with each of `peers` on `b` (its network routed
-    /// from `a`), and the PU's cgroup. A peer on `b`'s veth end itself
+    /// Hosts `a` and `b` with each of `peers` on `b` (a host route to it
+    /// on `a`, [`roles::add_addresses`]), and the PU's cgroup. A peer on `b`'s veth end itself
     /// (`10.1.0.2`, `fd00:1::2`) needs nothing more.
     pub fn new(env: &privilege::Env, family: Family, peers: &[Peer]) -> Result<Self> {
         let hosts = TwoHosts::new()?;
         let i = index(family);
-        for peer in peers {
-            if peer.addr[i] == hosts.b_end.ip(family).to_string() {
-                continue;
-            }
-            let (flag, host_prefix) = match family {
-                Family::V4 => ("-4", 32),
-                Family::V6 => ("-6", 128),
-            };
-            let addr = format!("{}/{host_prefix}", peer.addr[i]);
-            let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
-            if family == Family::V6 {
-                add.push("nodad");
-            }
-            hosts.b.ip(&add)?;
-            hosts.a.ip(&[
-                flag,
-                "route",
-                "add",
-                peer.nets[i],
-                "dev",
-                &hosts.a_end.ifname,
-            ])?;
-        }
+        let b_end = hosts.b_end.ip(family);
+        let addrs = peers
+            .iter()
+            .map(|peer| peer.addr[i].parse().expect("literal address"))
+            .filter(|&addr| addr != b_end);
+        roles::add_addresses(&hosts, addrs)?;
         Ok(Self {
             family,
             cgroup: Cgroup::new(&env.cgroup2)?,
@@ -87,18 +95,14 @@ impl PuWorld {
             .expect("literal address")
     }
 
+    /// A peer's service: its address in this world's family, [`PORT`].
     pub fn addr(&self, peer: Peer) -> SocketAddr {
         SocketAddr::new(self.ip(peer), PORT)
     }
 
-    /// The PU's cgroup, relative to the cgroup v2 mount.
-    pub fn cgroup_rel(&self) -> String {
-        self.cgroup
-            .path()
-            .file_name()
-            .expect("cgroup dir name")
-            .to_string_lossy()
-            .into_owned()
+    /// A peer's network in this world's family, as a config writes it.
+    pub fn net(&self, peer: Peer) -> &'static str {
+        peer.nets[index(self.family)]
     }
 
     /// Starts the agent in `a` with `config`, on `datapath`.

@@ -19,98 +19,28 @@
 //! a test exercises the peers of its own family only, so each family's
 //! run also proves that the other family's entries do not leak into it.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    time::Duration,
-};
+use std::{ops::Deref, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
+    config::{Acl, Config, Pu},
     netfilter::{self, Backend, Family},
-    netns::{TwoHosts, output_ok},
+    netns::output_ok,
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
+    world::{ACL_PEER, EVERY_PEER, EXCLUDED, OTHER, PORT, Peer as Role, PuWorld, TARGET},
 };
 use nix::sys::signal::Signal;
-
-const PORT: u16 = 7000;
-
-/// A peer's role: its address and its network, in each family.
-#[derive(Debug, Clone, Copy)]
-struct Role {
-    /// The peer's address: IPv4, IPv6.
-    addr: [&'static str; 2],
-    /// The network the config names for the role: IPv4, IPv6.
-    nets: Nets,
-}
 
 /// One network of each family, as the config writes them: IPv4, IPv6.
 type Nets = [&'static str; 2];
 
-const TARGET: Role = Role {
-    addr: ["10.1.0.2", "fd00:1::2"],
-    nets: ["10.1.0.0/24", "fd00:1::/64"],
-};
-const ACL_PEER: Role = Role {
-    addr: ["10.2.0.2", "fd00:2::2"],
-    nets: ["10.2.0.0/16", "fd00:2::/64"],
-};
-const OTHER: Role = Role {
-    addr: ["10.3.0.2", "fd00:3::2"],
-    nets: ["10.3.0.0/16", "fd00:3::/64"],
-};
-const EXCLUDED: Role = Role {
-    addr: ["10.9.0.2", "fd00:9::2"],
-    nets: ["10.9.0.0/16", "fd00:9::/64"],
-};
-/// Networks holding every peer above, the excluded one included.
-const EVERY_PEER: Nets = ["10.0.0.0/8", "fd00::/16"];
-
-/// The index of a family's entry in [`Role`] and [`Nets`].
-fn index(family: Family) -> usize {
-    match family {
-        Family::V4 => 0,
-        Family::V6 => 1,
-    }
-}
-
-/// Runs each listed test body once per datapath — and once more with
-/// `--datapath auto` on a "kernel" without `bpf(2)`, where the agent must
-/// fall back to iptables and the same behaviour must hold, and once more
-/// with the iptables datapath on the legacy iptables flavour (the others
-/// detect nf_tables) — and, in each, once per address family:
-/// `ebpf::v4::name`, `ebpf::v6::name`, …
-macro_rules! on_every_datapath_and_family {
-    ($($name:ident),+ $(,)?) => {
-        on_every_datapath_and_family!(
-            @datapaths [$($name),+]
-            ebpf Ebpf, iptables Iptables, auto_without_bpf AutoWithoutBpf,
-            iptables_legacy IptablesLegacy
-        );
-    };
-    (@datapaths $names:tt $($module:ident $datapath:ident),+) => {
-        $(mod $module {
-            on_every_datapath_and_family!(@families $names $datapath);
-        })+
-    };
-    (@families [$($name:ident),+] $datapath:ident) => {
-        mod v4 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::$datapath, crate::Family::V4)
-            })+
-        }
-        mod v6 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::$datapath, crate::Family::V6)
-            })+
-        }
-    };
-}
-
-on_every_datapath_and_family!(
+// Each body once per datapath (ebpf, iptables, auto_without_bpf,
+// iptables_legacy) and, in each, once per address family:
+// `ebpf::v4::name`, `ebpf::v6::name`, …
+enforcer_tests::on_every_datapath_and_family!(
     excluded_traffic_is_never_trapped_nor_dropped,
     target_syn_is_trapped_once_and_the_connection_proceeds,
     acl_decides_for_non_target_peers_and_others_are_untouched,
@@ -127,83 +57,58 @@ on_every_datapath_and_family!(
 
 // The eBPF datapath's few fixed netfilter rules on the legacy flavour:
 // the trap and the cleanup are what they touch.
-on_every_datapath_and_family!(
-    @datapaths [
+enforcer_tests::on_datapaths_and_families!(
+    [
         target_syn_is_trapped_once_and_the_connection_proceeds,
-        sigint_and_sigterm_leave_nothing_behind
+        sigint_and_sigterm_leave_nothing_behind,
     ]
     ebpf_legacy EbpfLegacy
 );
 
-/// The test world of one family: hosts, peers listening on every role's
-/// address, the PU's cgroup.
+/// The test world of one family: the shared [`PuWorld`] with every role
+/// on `b`, and a TCP echo server on each role's address.
 struct World {
-    family: Family,
-    cgroup: Cgroup,
     _servers: Vec<TcpEchoServer>,
-    hosts: TwoHosts,
+    world: PuWorld,
+}
+
+impl Deref for World {
+    type Target = PuWorld;
+
+    fn deref(&self) -> &PuWorld {
+        &self.world
+    }
 }
 
 impl World {
     fn new(env: &privilege::Env, family: Family) -> Result<Self> {
-        let hosts = TwoHosts::new()?;
-        let mut servers = Vec::new();
-        let i = index(family);
-        for role in [TARGET, ACL_PEER, OTHER, EXCLUDED] {
-            // The target's address is `b`'s end of the veth itself; the
-            // others are added to it, with a route on `a` to their network.
-            if role.addr != TARGET.addr {
-                let (flag, host_prefix) = match family {
-                    Family::V4 => ("-4", 32),
-                    Family::V6 => ("-6", 128),
-                };
-                let addr = format!("{}/{host_prefix}", role.addr[i]);
-                let mut add = vec![flag, "addr", "add", &addr, "dev", &hosts.b_end.ifname];
-                if family == Family::V6 {
-                    // Usable at once, without duplicate address detection.
-                    add.push("nodad");
-                }
-                hosts.b.ip(&add)?;
-                hosts.a.ip(&[
-                    flag,
-                    "route",
-                    "add",
-                    role.nets[i],
-                    "dev",
-                    &hosts.a_end.ifname,
-                ])?;
-            }
-            let peer = SocketAddr::new(role.addr[i].parse()?, PORT);
-            servers.push(TcpEchoServer::start(&hosts.b, peer)?);
-        }
+        let roles = [TARGET, ACL_PEER, OTHER, EXCLUDED];
+        let world = PuWorld::new(env, family, &roles)?;
+        let servers = roles
+            .map(|role| TcpEchoServer::start(&world.hosts.b, world.addr(role)))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            family,
-            cgroup: Cgroup::new(&env.cgroup2)?,
             _servers: servers,
-            hosts,
+            world,
         })
     }
 
-    /// A role's address in this world's family.
-    fn ip(&self, role: Role) -> IpAddr {
-        role.addr[index(self.family)]
-            .parse()
-            .expect("literal address")
+    /// A nettool run by a process inside the PU (`in_pu`) or by one of
+    /// host `a` outside every PU.
+    fn nettool(&self, in_pu: bool) -> Result<Command> {
+        if in_pu {
+            self.cgroup.command_in(&self.hosts.a, nettool!())
+        } else {
+            self.hosts.a.command(nettool!())
+        }
     }
 
-    /// A role's service: its address in this world's family, [`PORT`].
-    fn addr(&self, role: Role) -> SocketAddr {
-        SocketAddr::new(self.ip(role), PORT)
-    }
-
-    /// A role's network in this world's family, as the config writes it.
-    fn net(&self, role: Role) -> &'static str {
-        role.nets[index(self.family)]
-    }
-
-    /// The PU's cgroup, relative to the cgroup v2 mount.
-    fn cgroup_rel(&self) -> String {
-        cgroup_rel(&self.cgroup)
+    /// One UDP datagram (`sendto`) to `to`, from inside the PU or not.
+    fn udp_send(&self, to: &UdpReceiver, payload: &str, in_pu: bool) -> Result<Outcome> {
+        let mut cmd = self.nettool(in_pu)?;
+        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
+        run_nettool(cmd)
     }
 
     /// A TCP exchange from a process inside the PU.
@@ -220,17 +125,9 @@ impl World {
 
     /// A TCP exchange from a process of host `a` outside every PU.
     fn outsider_connects(&self, peer: Role) -> Result<Outcome> {
-        let mut cmd = self.hosts.a.command(nettool!())?;
+        let mut cmd = self.nettool(false)?;
         cmd.args(["tcp-exchange", &self.addr(peer).to_string()]);
         run_nettool(cmd)
-    }
-
-    /// Packets the kernel ever queued in host `a`'s namespace.
-    fn kernel_queued(&self) -> Result<u64> {
-        Ok(netfilter::queue_stats(&self.hosts.a)?
-            .iter()
-            .map(|q| u64::from(q.id_sequence))
-            .sum())
     }
 
     fn start(&self, datapath: Datapath, config: &str) -> Result<Agent> {
@@ -270,61 +167,30 @@ impl World {
     }
 }
 
-/// A cgroup's path relative to the cgroup v2 mount.
-fn cgroup_rel(cgroup: &Cgroup) -> String {
-    cgroup
-        .path()
-        .file_name()
-        .expect("cgroup dir name")
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// A TOML list of the networks of both families.
-fn toml_list(nets: &[Nets]) -> String {
-    let quoted: Vec<String> = nets.iter().flatten().map(|n| format!("\"{n}\"")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
 /// The config: TCP targets `target_tcp`, the UDP target and excluded
 /// networks of [`TARGET`] and [`EXCLUDED`], in both families, and the
 /// given PUs.
-fn config(target_tcp: &[Nets], pus: &str) -> String {
-    format!(
-        "mode = \"local-server\"\n\
-         [networks]\n\
-         target_tcp = {}\n\
-         target_udp = {}\n\
-         excluded = {}\n\
-         {pus}",
-        toml_list(target_tcp),
-        toml_list(&[TARGET.nets]),
-        toml_list(&[EXCLUDED.nets]),
-    )
+fn config(target_tcp: &[Nets], pus: &[Pu]) -> String {
+    let config = Config::local_server()
+        .target_tcp(target_tcp.iter().flatten().copied())
+        .target_udp(TARGET.nets)
+        .excluded(EXCLUDED.nets);
+    pus.iter()
+        .fold(config, |config, pu| config.pu(pu.clone()))
+        .to_toml()
 }
 
-/// A linux-process PU with an accept ACL for TCP and UDP port 7000 to
-/// `acl`'s networks, both families.
-fn pu(id: &str, cgroup: &str, acl: Nets) -> String {
-    format!(
-        "[[pus]]\n\
-         id = \"{id}\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n\
-         [[pus.application_acls]]\n\
-         networks = {}\n\
-         protocols = [\"tcp\", \"udp\"]\n\
-         ports = [{PORT}]\n\
-         action = \"accept\"\n\
-         policy_id = \"to-acl-peer\"\n",
-        toml_list(&[acl])
-    )
+/// A linux-process PU of `cgroup` with an accept ACL for TCP and UDP port
+/// 7000 to `acl`'s networks, both families.
+fn pu(id: &str, cgroup: &Cgroup, acl: Nets) -> Pu {
+    Pu::process_of(id, cgroup)
+        .application_acl(Acl::accept("to-acl-peer", acl).tcp([PORT]).udp([PORT]))
 }
 
 /// The usual config: TCP target [`TARGET`], one PU `web` whose ACL
 /// accepts [`ACL_PEER`].
 fn web_config(w: &World) -> String {
-    config(&[TARGET.nets], &pu("web", &w.cgroup_rel(), ACL_PEER.nets))
+    config(&[TARGET.nets], &[pu("web", &w.cgroup, ACL_PEER.nets)])
 }
 
 /// The per-PU counters the agent reports.
@@ -344,7 +210,7 @@ fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath, family: Fam
     let w = World::new(&env, family)?;
     let agent = w.start(
         datapath,
-        &config(&[EVERY_PEER], &pu("web", &w.cgroup_rel(), ACL_PEER.nets)),
+        &config(&[EVERY_PEER], &[pu("web", &w.cgroup, ACL_PEER.nets)]),
     )?;
     // The excluded peer is inside the target networks too: exclusion wins.
     assert_eq!(w.pu_connects(EXCLUDED)?, Outcome::Exchanged);
@@ -418,34 +284,16 @@ fn overlapping_acls_resolve_by_bucket_not_by_longest_prefix(
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let acl = |nets: Nets, action: &str, id: &str| {
-        format!(
-            "[[pus.application_acls]]
-networks = {}
-protocols = [\"tcp\"]
-ports = [{PORT}]
-\
-             action = \"{action}\"
-policy_id = \"{id}\"
-",
-            toml_list(&[nets])
-        )
-    };
-    let wide_reject = acl(EVERY_PEER, "reject", "wide-reject");
-    let narrow_accept = acl(ACL_PEER.nets, "accept", "narrow-accept");
+    let wide_reject = Acl::reject("wide-reject", EVERY_PEER).tcp([PORT]);
+    let narrow_accept = Acl::accept("narrow-accept", ACL_PEER.nets).tcp([PORT]);
     for (first, second) in [
         (&wide_reject, &narrow_accept),
         (&narrow_accept, &wide_reject),
     ] {
-        let head = format!(
-            "[[pus]]
-id = \"web\"
-kind = \"linux-process\"
-cgroup = \"{}\"
-",
-            w.cgroup_rel()
-        );
-        let agent = w.start(datapath, &config(&[TARGET.nets], &(head + first + second)))?;
+        let web = Pu::process_of("web", &w.cgroup)
+            .application_acl(first.clone())
+            .application_acl(second.clone());
+        let agent = w.start(datapath, &config(&[TARGET.nets], &[web]))?;
         let outcome = w.pu_connects(ACL_PEER)?;
         assert!(
             outcome.is_blocked(),
@@ -466,7 +314,7 @@ fn target_network_changes_apply_to_new_connections(
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let pus = pu("web", &w.cgroup_rel(), ACL_PEER.nets);
+    let pus = [pu("web", &w.cgroup, ACL_PEER.nets)];
     let agent = w.start(datapath, &config(&[TARGET.nets], &pus))?;
     assert!(w.pu_connects(OTHER)?.is_blocked());
     // The other peer's network becomes a target: its set-up is now
@@ -493,23 +341,14 @@ fn udp_datagrams_from_a_pu_follow_its_acls(datapath: Datapath, family: Family) -
     let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
     let other = UdpReceiver::start(&w.hosts.b, w.addr(OTHER))?;
     let _agent = w.start(datapath, &web_config(&w))?;
-    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
-        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
-        run_nettool(cmd)
-    };
     let wait = Duration::from_secs(2);
-    send(&acl_peer, "pu-to-acl-peer", true)?;
+    w.udp_send(&acl_peer, "pu-to-acl-peer", true)?;
     assert!(
         acl_peer.wait_for(b"pu-to-acl-peer", wait).is_some(),
         "accept ACL"
     );
-    send(&other, "pu-to-other", true)?;
-    send(&other, "outsider-to-other", false)?;
+    w.udp_send(&other, "pu-to-other", true)?;
+    w.udp_send(&other, "outsider-to-other", false)?;
     assert!(
         other.wait_for(b"outsider-to-other", wait).is_some(),
         "outside every PU: untouched"
@@ -538,16 +377,10 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
     let target = UdpReceiver::start(&w.hosts.b, w.addr(TARGET))?;
     let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
     let agent = w.start(datapath, &web_config(&w))?;
-    let send = |to: &UdpReceiver, payload: &str, in_pu: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
-        cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
-        run_nettool(cmd)
-    };
-    assert_eq!(send(&acl_peer, "pu-to-acl-peer", true)?, Outcome::Exchanged);
+    assert_eq!(
+        w.udp_send(&acl_peer, "pu-to-acl-peer", true)?,
+        Outcome::Exchanged
+    );
     assert!(
         acl_peer
             .wait_for(b"pu-to-acl-peer", Duration::from_secs(2))
@@ -560,11 +393,14 @@ fn unconnected_udp_to_a_target_is_trapped_and_to_an_acl_peer_is_not(
         "an ACL-accepted datagram is not trapped"
     );
     assert_eq!(
-        send(&target, "outsider-to-target", false)?,
+        w.udp_send(&target, "outsider-to-target", false)?,
         Outcome::Exchanged
     );
     assert_eq!(w.kernel_queued()?, 0, "outside every PU: not trapped");
-    assert_eq!(send(&target, "pu-to-target", true)?, Outcome::Exchanged);
+    assert_eq!(
+        w.udp_send(&target, "pu-to-target", true)?,
+        Outcome::Exchanged
+    );
     assert_eq!(
         w.kernel_queued()?,
         1,
@@ -593,19 +429,9 @@ fn pings_from_a_pu_follow_its_icmp_acls(datapath: Datapath, family: Family) -> R
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let icmp_acl = |nets: Nets, action: &str, id: &str| {
-        format!(
-            "[[pus.application_acls]]\n\
-             networks = {}\n\
-             protocols = [\"icmp\", \"icmpv6\"]\n\
-             action = \"{action}\"\n\
-             policy_id = \"{id}\"\n",
-            toml_list(&[nets])
-        )
-    };
-    let pus = pu("web", &w.cgroup_rel(), ACL_PEER.nets)
-        + &icmp_acl(ACL_PEER.nets, "accept", "ping-acl-peer")
-        + &icmp_acl(OTHER.nets, "reject", "no-ping-other");
+    let pus = [pu("web", &w.cgroup, ACL_PEER.nets)
+        .application_acl(Acl::accept("ping-acl-peer", ACL_PEER.nets).icmp())
+        .application_acl(Acl::reject("no-ping-other", OTHER.nets).icmp())];
     let _agent = w.start(datapath, &config(&[TARGET.nets], &pus))?;
     // Ping sockets for every group, in host `a`'s namespace only.
     output_ok(
@@ -615,11 +441,7 @@ fn pings_from_a_pu_follow_its_icmp_acls(datapath: Datapath, family: Family) -> R
             .args(["-w", "net.ipv4.ping_group_range=0 2147483647"]),
     )?;
     let ping_from = |peer: Role, in_pu: bool, dgram: bool| -> Result<Outcome> {
-        let mut cmd = if in_pu {
-            w.cgroup.command_in(&w.hosts.a, nettool!())?
-        } else {
-            w.hosts.a.command(nettool!())?
-        };
+        let mut cmd = w.nettool(in_pu)?;
         cmd.args(["ping", &w.ip(peer).to_string()]);
         if dgram {
             cmd.arg("--dgram");
@@ -659,21 +481,23 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath, family: Family) -> Re
     };
     let w = World::new(&env, family)?;
     let second = Cgroup::new(&env.cgroup2)?;
-    let second_rel = cgroup_rel(&second);
     let from_second = |peer: Role| w.connects_from(&second, peer);
-    let web = pu("web", &w.cgroup_rel(), ACL_PEER.nets);
-    let agent = w.start(datapath, &config(&[TARGET.nets], &web))?;
+    let web = pu("web", &w.cgroup, ACL_PEER.nets);
+    let agent = w.start(
+        datapath,
+        &config(&[TARGET.nets], std::slice::from_ref(&web)),
+    )?;
     assert_eq!(from_second(OTHER)?, Outcome::Exchanged, "not a PU yet");
 
     // Add a PU.
-    let both = web.clone() + &pu("batch", &second_rel, ACL_PEER.nets);
+    let both = [web.clone(), pu("batch", &second, ACL_PEER.nets)];
     agent.reload(&config(&[TARGET.nets], &both))?;
     assert!(from_second(OTHER)?.is_blocked(), "batch is enforced now");
     assert!(agent.status()?["counters"]["per_pu"]["batch"].is_object());
 
     // Change it: batch may now reach the other peer, and no longer the
     // ACL peer.
-    let changed = web.clone() + &pu("batch", &second_rel, OTHER.nets);
+    let changed = [web.clone(), pu("batch", &second, OTHER.nets)];
     agent.reload(&config(&[TARGET.nets], &changed))?;
     assert_eq!(
         from_second(OTHER)?,
@@ -684,7 +508,7 @@ fn sighup_adds_changes_and_removes_pus(datapath: Datapath, family: Family) -> Re
     assert!(w.pu_connects(OTHER)?.is_blocked(), "web unchanged");
 
     // Remove it.
-    agent.reload(&config(&[TARGET.nets], &web))?;
+    agent.reload(&config(&[TARGET.nets], &[web]))?;
     assert_eq!(
         from_second(ACL_PEER)?,
         Outcome::Exchanged,

@@ -4,8 +4,8 @@
 //! and action; "Order of evaluation inside a PU": the final drop logs).
 //!
 //! The world: host `a` runs the agent and one PU (a cgroup of the test's
-//! own) listening on [`PU_PORT`]; host `b` holds one address per role and
-//! family, each serving TCP [`PORT`]. The target networks are the veth's,
+//! own) listening on [`PU_PORT`]; host `b` holds one address per peer and
+//! family ([`PuWorld`]), each serving TCP [`PORT`]. The target networks are the veth's,
 //! so no peer below is trapped.
 //!
 //! App side (the PU connects out to `b`):
@@ -30,107 +30,44 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
-    agent::{Agent, Datapath},
+    agent::Datapath,
     cgroup::Cgroup,
     config::{Acl, Config, Pu},
     netfilter::Family,
     netns::TwoHosts,
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, run_nettool, tcp_exchange_from},
+    world::{ACL_PEER, OTHER, PORT, Peer, PuWorld, TARGET},
 };
 use serde_json::Value;
 
-/// The peers' service on `b` (app side).
-const PORT: u16 = 7000;
 /// The PU's listening port on `a` (net side).
 const PU_PORT: u16 = 8080;
 
-/// A peer's role on `b`: the second octet of its IPv4 address, the second
-/// group of its IPv6 one (`10.<n>.0.2`, `fd00:<n>::2`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    AclPeer = 2,
-    Other = 3,
-    Denied = 4,
-}
+/// Refused by a logged reject ACL (the usual peers are `world`'s).
+const DENIED: Peer = Peer {
+    addr: ["10.4.0.2", "fd00:4::2"],
+    nets: ["10.4.0.0/16", "fd00:4::/64"],
+};
 
-impl Role {
-    fn ip(self, family: Family) -> IpAddr {
-        let n = self as u8;
-        let text = match family {
-            Family::V4 => format!("10.{n}.0.2"),
-            Family::V6 => format!("fd00:{n}::2"),
-        };
-        text.parse().expect("literal address")
-    }
+enforcer_tests::on_both_datapaths_and_families!(acl_observe_and_final_drop_decisions_are_logged);
 
-    fn net(self, family: Family) -> String {
-        let n = self as u8;
-        match family {
-            Family::V4 => format!("10.{n}.0.0/16"),
-            Family::V6 => format!("fd00:{n}::/64"),
-        }
-    }
-}
-
-macro_rules! on_both_datapaths_and_families {
-    ($($name:ident),+ $(,)?) => {
-        on_both_datapaths_and_families!(@datapaths [$($name),+] ebpf Ebpf, iptables Iptables);
-    };
-    (@datapaths $names:tt $($module:ident $datapath:ident),+) => {
-        $(mod $module {
-            on_both_datapaths_and_families!(@families $names $datapath);
-        })+
-    };
-    (@families [$($name:ident),+] $datapath:ident) => {
-        mod v4 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::$datapath, crate::Family::V4)
-            })+
-        }
-        mod v6 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Datapath::$datapath, crate::Family::V6)
-            })+
-        }
-    };
-}
-
-on_both_datapaths_and_families!(acl_observe_and_final_drop_decisions_are_logged);
-
-/// Every role's network, both families, as a real config lists them.
-fn nets(role: Role) -> [String; 2] {
-    [role.net(Family::V4), role.net(Family::V6)]
-}
-
-fn config(cgroup: &str, log: &Path) -> String {
+fn config(cgroup: &Cgroup, log: &Path) -> String {
     Config::local_server()
-        .target_tcp(["10.1.0.0/24", "fd00:1::/64"])
+        .target_tcp(TARGET.nets)
         // An empty list would mean every network.
-        .target_udp(["10.1.0.0/24", "fd00:1::/64"])
+        .target_udp(TARGET.nets)
         .flow_log_file(log)
-        .pu(Pu::process("web", cgroup)
+        .pu(Pu::process_of("web", cgroup)
             .tcp_ports([PU_PORT])
             .application_acl(
-                Acl::reject("watch-peer", nets(Role::AclPeer))
+                Acl::reject("watch-peer", ACL_PEER.nets)
                     .tcp([PORT])
                     .observe_continue(),
             )
-            .application_acl(
-                Acl::accept("allow-peer", nets(Role::AclPeer))
-                    .tcp([PORT])
-                    .log(),
-            )
-            .application_acl(
-                Acl::reject("deny-other", nets(Role::Denied))
-                    .tcp([PORT])
-                    .log(),
-            )
-            .network_acl(
-                Acl::accept("from-peer", nets(Role::AclPeer))
-                    .tcp([PU_PORT])
-                    .log(),
-            ))
+            .application_acl(Acl::accept("allow-peer", ACL_PEER.nets).tcp([PORT]).log())
+            .application_acl(Acl::reject("deny-other", DENIED.nets).tcp([PORT]).log())
+            .network_acl(Acl::accept("from-peer", ACL_PEER.nets).tcp([PU_PORT]).log()))
         .to_toml()
 }
 
@@ -157,94 +94,67 @@ fn acl_observe_and_final_drop_decisions_are_logged(
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    let hosts = TwoHosts::new()?;
-    let (flag, plen) = match family {
-        Family::V4 => ("-4", "32"),
-        Family::V6 => ("-6", "128"),
-    };
-    let mut servers = Vec::new();
-    for role in [Role::AclPeer, Role::Other, Role::Denied] {
-        let ip = role.ip(family);
-        let host = format!("{ip}/{plen}");
-        let mut add = vec![flag, "addr", "add", &host, "dev", &hosts.b_end.ifname];
-        if family == Family::V6 {
-            add.push("nodad");
-        }
-        hosts.b.ip(&add)?;
-        hosts
-            .a
-            .ip(&[flag, "route", "add", &host, "dev", &hosts.a_end.ifname])?;
-        servers.push(TcpEchoServer::start(&hosts.b, SocketAddr::new(ip, PORT))?);
-    }
-    let pu_addr = SocketAddr::new(hosts.a_end.ip(family), PU_PORT);
-    let _pu_server = TcpEchoServer::start(&hosts.a, pu_addr)?;
-    let cgroup = Cgroup::new(&env.cgroup2)?;
-    let cgroup_rel = cgroup
-        .path()
-        .file_name()
-        .context("cgroup dir name")?
-        .to_string_lossy()
-        .into_owned();
+    let w = PuWorld::new(&env, family, &[ACL_PEER, OTHER, DENIED])?;
+    let _servers = [ACL_PEER, OTHER, DENIED]
+        .map(|peer| TcpEchoServer::start(&w.hosts.b, w.addr(peer)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let pu_addr = SocketAddr::new(w.hosts.a_end.ip(family), PU_PORT);
+    let _pu_server = TcpEchoServer::start(&w.hosts.a, pu_addr)?;
     let dir = tempdir()?;
     let log = dir.join("flows.log");
-    let agent = Agent::start(
+    let agent = w.start(
         env!("CARGO_BIN_EXE_agent"),
-        &hosts.a,
         datapath,
-        &config(&cgroup_rel, &log),
+        &config(&w.cgroup, &log),
     )?;
-    assert_eq!(agent.status()?["datapath"]["kind"], datapath.expected());
 
-    let pu_connects = |role: Role| -> Result<Outcome> {
-        let mut cmd = cgroup.command_in(&hosts.a, nettool!())?;
-        cmd.args([
-            "tcp-exchange",
-            &SocketAddr::new(role.ip(family), PORT).to_string(),
-        ]);
+    let pu_connects = |peer: Peer| -> Result<Outcome> {
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &w.addr(peer).to_string()]);
         run_nettool(cmd)
     };
-    let connects_to_pu = |role: Role| -> Result<Outcome> {
-        let from = role.ip(family);
-        hosts
+    let connects_to_pu = |peer: Peer| -> Result<Outcome> {
+        let from = w.ip(peer);
+        w.hosts
             .b
             .run(|| tcp_exchange_from(Some(from), pu_addr, b"ping"))
     };
     assert_eq!(
-        pu_connects(Role::AclPeer)?,
+        pu_connects(ACL_PEER)?,
         Outcome::Exchanged,
         "the accept ACL decides, the observed reject does not"
     );
-    let denied = pu_connects(Role::Denied)?;
+    let denied = pu_connects(DENIED)?;
     assert!(denied.is_blocked(), "reject ACL: got {denied:?}");
-    let other = pu_connects(Role::Other)?;
+    let other = pu_connects(OTHER)?;
     assert!(other.is_blocked(), "final drop: got {other:?}");
     for payload in ["first", "second"] {
-        let mut cmd = cgroup.command_in(&hosts.a, nettool!())?;
-        let to = SocketAddr::new(Role::Other.ip(family), PORT).to_string();
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        let to = w.addr(OTHER).to_string();
         cmd.args(["udp-send", &to, "--payload", payload]);
         let sent = run_nettool(cmd)?;
         assert!(sent.is_blocked(), "UDP final drop: got {sent:?}");
     }
     assert_eq!(
-        connects_to_pu(Role::AclPeer)?,
+        connects_to_pu(ACL_PEER)?,
         Outcome::Exchanged,
         "network accept ACL"
     );
-    let other_in = connects_to_pu(Role::Other)?;
+    let other_in = connects_to_pu(OTHER)?;
     assert!(other_in.is_blocked(), "net final drop: got {other_in:?}");
 
-    let peer = |role: Role| SocketAddr::new(role.ip(family), PORT);
-    let app = |policy_id, action, observe, role| Expected {
+    let app = |policy_id, action, observe, peer| Expected {
         count: 1,
         protocol: "tcp",
         policy_id,
         action,
         observe,
-        dst: peer(role),
+        dst: w.addr(peer),
         direction: "app",
         src_ip: None,
     };
-    let net = |policy_id, action, role: Role| Expected {
+    let net = |policy_id, action, peer: Peer| Expected {
         count: 1,
         protocol: "tcp",
         policy_id,
@@ -252,20 +162,20 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         observe: "none",
         dst: pu_addr,
         direction: "net",
-        src_ip: Some(role.ip(family)),
+        src_ip: Some(w.ip(peer)),
     };
     let expected = [
-        app("watch-peer", "reject", "observe-continue", Role::AclPeer),
-        app("allow-peer", "accept", "none", Role::AclPeer),
-        app("deny-other", "reject", "none", Role::Denied),
-        app("default", "reject", "none", Role::Other),
+        app("watch-peer", "reject", "observe-continue", ACL_PEER),
+        app("allow-peer", "accept", "none", ACL_PEER),
+        app("deny-other", "reject", "none", DENIED),
+        app("default", "reject", "none", OTHER),
         Expected {
             count: 2,
             protocol: "udp",
-            ..app("default", "reject", "none", Role::Other)
+            ..app("default", "reject", "none", OTHER)
         },
-        net("from-peer", "accept", Role::AclPeer),
-        net("default", "reject", Role::Other),
+        net("from-peer", "accept", ACL_PEER),
+        net("default", "reject", OTHER),
     ];
     let total = expected.iter().map(|e| e.count).sum();
     let lines = wait_for_lines(&log, total, Duration::from_secs(10))?;
@@ -295,7 +205,7 @@ fn acl_observe_and_final_drop_decisions_are_logged(
                 line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
                 "{line}"
             );
-            sources.push(check_src(datapath, family, &hosts, want, line));
+            sources.push(check_src(datapath, family, &w.hosts, want, line));
         }
         sources.sort();
         sources.dedup();

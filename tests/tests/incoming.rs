@@ -16,8 +16,9 @@ use enforcer_tests::{
     config::{Acl, Config, Pu},
     netfilter::{self, Family},
     on_both_datapaths_and_families,
-    roles::{self, ACL_PEER, EXCLUDED, OTHER, RoleHosts, TARGET, TARGET_NETS, source},
+    roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
     traffic::{Outcome, TcpEchoServer, tcp_exchange_from},
+    world::PuWorld,
 };
 
 const PU_PORT: u16 = 8080;
@@ -40,13 +41,13 @@ fn connections_to_a_pu_port_are_judged_by_their_source(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(stage) = RoleHosts::new(family, &[ACL_PEER, OTHER, EXCLUDED])? else {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER, EXCLUDED])? else {
         return Ok(());
     };
     let (hosts, server_ip) = (&stage.hosts, stage.server_ip());
     let _pu_server = TcpEchoServer::start(&hosts.a, SocketAddr::new(server_ip, PU_PORT))?;
     let _other_server = TcpEchoServer::start(&hosts.a, SocketAddr::new(server_ip, OTHER_PORT))?;
-    let _agent = stage.start_agent(
+    let _agent = stage.start(
         env!("CARGO_BIN_EXE_agent"),
         datapath,
         &config(&stage.cgroup),

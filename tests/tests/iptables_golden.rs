@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::datapath::iptables::{
-    global,
+    exec, global,
     pu::PuPlan,
     rules::{Ctx, Table, section},
     sets,
@@ -34,58 +34,15 @@ use enforcer::naming::{self, NameRegistry, PortSet, ShortName};
 use enforcer::policy::{Configuration, Pu};
 use enforcer_tests::{
     cgroup::Cgroup,
-    netfilter::{self, Family},
+    config::{Acl, Config, EVERY_PORT, Port, Pu as PuFile},
+    netfilter::{self, Backend, Family},
     netns::Netns,
     privilege,
 };
 
-/// The netfilter flavour a scenario loads its text with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Nft,
-    Legacy,
-}
-
-impl Backend {
-    fn tool(self, family: Family, what: &str) -> String {
-        let family = match family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        };
-        let flavour = match self {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-        };
-        format!("{family}-{flavour}-{what}")
-    }
-}
-
-/// Runs each scenario body once per flavour and family:
-/// `nft::v4::name`, `nft::v6::name`, `legacy::v4::name`, …
-macro_rules! on_each_backend_and_family {
-    ($($name:ident),+ $(,)?) => {
-        on_each_backend_and_family!(@backends [$($name),+] nft Nft, legacy Legacy);
-    };
-    (@backends $names:tt $($module:ident $backend:ident),+) => {
-        $(mod $module {
-            on_each_backend_and_family!(@families $names $backend);
-        })+
-    };
-    (@families [$($name:ident),+] $backend:ident) => {
-        mod v4 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Backend::$backend, crate::Family::V4)
-            })+
-        }
-        mod v6 {
-            $(#[test] fn $name() -> anyhow::Result<()> {
-                crate::$name(crate::Backend::$backend, crate::Family::V6)
-            })+
-        }
-    };
-}
-
-on_each_backend_and_family!(
+// Each scenario body once per flavour and family: `nft::v4::name`,
+// `nft::v6::name`, `legacy::v4::name`, …
+enforcer_tests::on_both_backends_and_families!(
     global_rules_with_the_default_mark_layout,
     global_rules_with_a_moved_mark_layout,
     pu_with_a_mix_of_acls,
@@ -136,14 +93,14 @@ impl Lab {
 
     /// `iptables-restore --test --noflush`: parsed, never committed.
     fn test(&self, text: &str) -> Result<()> {
-        let tool = self.backend.tool(self.family, "restore");
-        netfilter::feed(&self.ns, &tool, &["--test", "--noflush", "--wait"], text).map(drop)
+        let tool = *exec::tools(self.backend).restore.get(self.family);
+        netfilter::feed(&self.ns, tool, &["--test", "--noflush", "--wait"], text).map(drop)
     }
 
     /// `iptables-restore --noflush`, as the agent applies its text.
     fn load(&self, text: &str) -> Result<()> {
-        let tool = self.backend.tool(self.family, "restore");
-        netfilter::feed(&self.ns, &tool, &["--noflush", "--wait"], text).map(drop)
+        let tool = *exec::tools(self.backend).restore.get(self.family);
+        netfilter::feed(&self.ns, tool, &["--noflush", "--wait"], text).map(drop)
     }
 
     /// `--test`, then for real.
@@ -154,8 +111,8 @@ impl Lab {
 
     /// One table as the kernel holds it.
     fn save(&self, table: Table) -> Result<String> {
-        let tool = self.backend.tool(self.family, "save");
-        netfilter::feed(&self.ns, &tool, &["-t", table.as_str()], "")
+        let tool = *exec::tools(self.backend).save.get(self.family);
+        netfilter::feed(&self.ns, tool, &["-t", table.as_str()], "")
     }
 
     /// What `run` installs: the global sets, then the global rules.
@@ -512,36 +469,27 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
     // connections with the external and the handshake mark, the UID
     // chain, and the process, host-service and host chains in that
     // priority. (The handshake's own SYN-ACK traps come with issue 7.)
-    let app = [
-        format!(
-            "mark {} -> CONNMARK save {}/{}",
-            m.authorised, m.mask, m.mask
-        ),
-        format!("mark {} -> ACCEPT", m.authorised),
-        "-> TRI-Prx-App".to_string(),
-        format!("mark {} -> ACCEPT", m.injected),
-        format!("connmark {} -> ACCEPT", m.external),
-        format!("connmark {} -> ACCEPT", m.authorised),
-        "-> TRI-UID-App".to_string(),
-        "-> TRI-Pid-App".to_string(),
-        "-> TRI-Svc-App".to_string(),
-        "-> TRI-Hst-App".to_string(),
-    ];
     // Incoming mirrors it, without the injected mark.
-    let net = [
-        format!(
-            "mark {} -> CONNMARK save {}/{}",
-            m.authorised, m.mask, m.mask
-        ),
-        format!("mark {} -> ACCEPT", m.authorised),
-        "-> TRI-Prx-Net".to_string(),
-        format!("connmark {} -> ACCEPT", m.external),
-        format!("connmark {} -> ACCEPT", m.authorised),
-        "-> TRI-UID-Net".to_string(),
-        "-> TRI-Pid-Net".to_string(),
-        "-> TRI-Svc-Net".to_string(),
-        "-> TRI-Hst-Net".to_string(),
-    ];
+    let steering = |side: &str| -> Vec<String> {
+        let mut rules = vec![
+            format!(
+                "mark {} -> CONNMARK save {}/{}",
+                m.authorised, m.mask, m.mask
+            ),
+            format!("mark {} -> ACCEPT", m.authorised),
+            format!("-> TRI-Prx-{side}"),
+        ];
+        if side == "App" {
+            rules.push(format!("mark {} -> ACCEPT", m.injected));
+        }
+        rules.extend([
+            format!("connmark {} -> ACCEPT", m.external),
+            format!("connmark {} -> ACCEPT", m.authorised),
+        ]);
+        rules.extend(["UID", "Pid", "Svc", "Hst"].map(|chain| format!("-> TRI-{chain}-{side}")));
+        rules
+    };
+    let (app, net) = (steering("App"), steering("Net"));
     let proxy = [format!("mark {} -> ACCEPT", m.proxy)];
     // Steering first in the built-in chains, before the host's rule;
     // skipped for excluded peers.
@@ -612,147 +560,87 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
 
 // --------------------------------------------------------- PU with ACLs
 
-/// The PU `web` with a mix of ACLs, declared in an order that is not the
-/// bucket order; `{cgroup}` is its cgroup.
-const ACL_MIX: &str = r#"
-[[pus]]
-id = "web"
-kind = "linux-process"
-cgroup = "{cgroup}"
-tcp_ports = [80, "8000:8080"]
-udp_ports = [5353]
+/// The PU `web` of `cgroup` with a mix of ACLs, declared in an order
+/// that is not the bucket order; `a<n>`/`n<n>` is an ACL's index among its
+/// side's (the index its sets are named by).
+fn acl_mix(cgroup: &Cgroup) -> PuFile {
+    PuFile::process_of("web", cgroup)
+        .tcp_ports([Port::from(80), Port::range(8000, 8080)])
+        .udp_ports([5353])
+        // a0: accept, a port and a range
+        .application_acl(
+            Acl::accept("allow-api", ["10.30.0.0/16", "fd00:30::/64"])
+                .tcp([Port::from(443), Port::range(9000, 9100)]),
+        )
+        // a1: reject observe-continue, two protocols, every port
+        .application_acl(
+            Acl::reject("trial-deny", ["10.30.0.0/16", "fd00:30::/64"])
+                .tcp(EVERY_PORT)
+                .udp(EVERY_PORT)
+                .observe_continue(),
+        )
+        // a2: UDP accept (its replies are accepted on the net side)
+        .application_acl(Acl::accept("dns", ["10.0.0.53/32", "fd00::53/128"]).udp([53]))
+        // a3: accept observe-apply to every address (/0: split in halves)
+        .application_acl(
+            Acl::accept("audit-all", ["0.0.0.0/0", "::/0"])
+                .tcp([8443])
+                .observe_apply(),
+        )
+        // a4: reject, logged, inside a0's networks
+        .application_acl(
+            Acl::reject("no-api-5", ["10.30.5.0/24", "fd00:30::5:0/112"])
+                .tcp([443])
+                .log(),
+        )
+        // a5: accept observe-continue
+        .application_acl(
+            Acl::accept("watch-api", ["10.30.0.0/16", "fd00:30::/64"])
+                .tcp([443])
+                .observe_continue(),
+        )
+        // a6: reject observe-apply, a range
+        .application_acl(
+            Acl::reject("quarantine", ["10.31.0.0/16", "fd00:31::/64"])
+                .tcp([Port::range(1, 1023)])
+                .observe_apply(),
+        )
+        // a7: protocol any, reject, logged
+        .application_acl(
+            Acl::reject("legacy", ["192.168.100.0/24", "fd00:100::/64"])
+                .any()
+                .log(),
+        )
+        // a8: protocol any, accept
+        .application_acl(Acl::accept("partners", ["172.16.0.0/12", "fd00:172::/48"]).any())
+        // a9: ICMP accept: IPv4 only
+        .application_acl(
+            Acl::accept("ping", ["10.99.0.0/24", "fd00:99::/64"]).protocol("icmp", EVERY_PORT),
+        )
+        // a10: ICMPv6 accept: IPv6 only
+        .application_acl(
+            Acl::accept("ping6", ["10.99.0.0/24", "fd00:99::/64"]).protocol("icmpv6", EVERY_PORT),
+        )
+        // a11: IPv4 networks only
+        .application_acl(Acl::accept("v4-only", ["10.40.0.0/16"]).tcp([22]))
+        // n0: accept from every address, two ports
+        .network_acl(Acl::accept("public-web", ["0.0.0.0/0", "::/0"]).tcp([80, 443]))
+        // n1: protocol any, reject observe-apply, logged
+        .network_acl(
+            Acl::reject("no-guests", ["10.66.0.0/16", "fd00:66::/64"])
+                .any()
+                .observe_apply()
+                .log(),
+        )
+        // n2: UDP accept (its replies are accepted on the app side)
+        .network_acl(Acl::accept("metrics", ["10.70.0.0/16", "fd00:70::/64"]).udp([9125]))
+        // n3: reject, every port
+        .network_acl(
+            Acl::reject("block-scanners", ["10.67.0.0/16", "fd00:67::/64"]).tcp(EVERY_PORT),
+        )
+}
 
-# a0: accept, a port and a range
-[[pus.application_acls]]
-policy_id = "allow-api"
-networks = ["10.30.0.0/16", "fd00:30::/64"]
-protocols = ["tcp"]
-ports = [443, "9000:9100"]
-action = "accept"
-
-# a1: reject observe-continue, two protocols, every port
-[[pus.application_acls]]
-policy_id = "trial-deny"
-networks = ["10.30.0.0/16", "fd00:30::/64"]
-protocols = ["tcp", "udp"]
-action = "reject"
-observe = "observe-continue"
-
-# a2: UDP accept (its replies are accepted on the net side)
-[[pus.application_acls]]
-policy_id = "dns"
-networks = ["10.0.0.53/32", "fd00::53/128"]
-protocols = ["udp"]
-ports = [53]
-action = "accept"
-
-# a3: accept observe-apply to every address (/0: split in halves)
-[[pus.application_acls]]
-policy_id = "audit-all"
-networks = ["0.0.0.0/0", "::/0"]
-protocols = ["tcp"]
-ports = [8443]
-action = "accept"
-observe = "observe-apply"
-
-# a4: reject, logged, inside a0's networks
-[[pus.application_acls]]
-policy_id = "no-api-5"
-networks = ["10.30.5.0/24", "fd00:30::5:0/112"]
-protocols = ["tcp"]
-ports = [443]
-action = "reject"
-log = true
-
-# a5: accept observe-continue
-[[pus.application_acls]]
-policy_id = "watch-api"
-networks = ["10.30.0.0/16", "fd00:30::/64"]
-protocols = ["tcp"]
-ports = [443]
-action = "accept"
-observe = "observe-continue"
-
-# a6: reject observe-apply, a range
-[[pus.application_acls]]
-policy_id = "quarantine"
-networks = ["10.31.0.0/16", "fd00:31::/64"]
-protocols = ["tcp"]
-ports = ["1:1023"]
-action = "reject"
-observe = "observe-apply"
-
-# a7: protocol any, reject, logged
-[[pus.application_acls]]
-policy_id = "legacy"
-networks = ["192.168.100.0/24", "fd00:100::/64"]
-protocols = ["any"]
-action = "reject"
-log = true
-
-# a8: protocol any, accept
-[[pus.application_acls]]
-policy_id = "partners"
-networks = ["172.16.0.0/12", "fd00:172::/48"]
-protocols = ["any"]
-action = "accept"
-
-# a9: ICMP accept: IPv4 only
-[[pus.application_acls]]
-policy_id = "ping"
-networks = ["10.99.0.0/24", "fd00:99::/64"]
-protocols = ["icmp"]
-action = "accept"
-
-# a10: ICMPv6 accept: IPv6 only
-[[pus.application_acls]]
-policy_id = "ping6"
-networks = ["10.99.0.0/24", "fd00:99::/64"]
-protocols = ["icmpv6"]
-action = "accept"
-
-# a11: IPv4 networks only
-[[pus.application_acls]]
-policy_id = "v4-only"
-networks = ["10.40.0.0/16"]
-protocols = ["tcp"]
-ports = [22]
-action = "accept"
-
-# n0: accept from every address, two ports
-[[pus.network_acls]]
-policy_id = "public-web"
-networks = ["0.0.0.0/0", "::/0"]
-protocols = ["tcp"]
-ports = [80, 443]
-action = "accept"
-
-# n1: protocol any, reject observe-apply, logged
-[[pus.network_acls]]
-policy_id = "no-guests"
-networks = ["10.66.0.0/16", "fd00:66::/64"]
-protocols = ["any"]
-action = "reject"
-observe = "observe-apply"
-log = true
-
-# n2: UDP accept (its replies are accepted on the app side)
-[[pus.network_acls]]
-policy_id = "metrics"
-networks = ["10.70.0.0/16", "fd00:70::/64"]
-protocols = ["udp"]
-ports = [9125]
-action = "accept"
-
-# n3: reject, every port
-[[pus.network_acls]]
-policy_id = "block-scanners"
-networks = ["10.67.0.0/16", "fd00:67::/64"]
-protocols = ["tcp"]
-action = "reject"
-"#;
-
-/// ACL_MIX's outgoing chain, by hand from SPEC ("Order of evaluation
+/// acl_mix()'s outgoing chain, by hand from SPEC ("Order of evaluation
 /// inside a PU"): specific-protocol ACLs bucket by bucket — reject
 /// observe-continue, reject, reject observe-apply, accept
 /// observe-continue, accept, accept observe-apply — declaration order
@@ -763,74 +651,58 @@ action = "reject"
 /// protocol-any ACLs in bucket order, log NEW and the rest (group 10),
 /// drop.
 fn expected_app(family: Family) -> Vec<&'static str> {
-    match family {
-        Family::V4 => vec![
-            "trial-deny tcp * NFLOG 10",
-            "trial-deny udp * NFLOG 10",
-            "no-api-5 tcp 443 NFLOG 10",
-            "no-api-5 tcp 443 DROP",
-            "quarantine tcp 1:1023 NFLOG 10",
-            "quarantine tcp 1:1023 DROP",
-            "watch-api tcp 443 NFLOG 10",
-            "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
-            "allow-api tcp 443,9000:9100 ACCEPT",
-            "dns udp 53 CONNMARK set 0x200/0x700",
-            "dns udp 53 ACCEPT",
+    let mut rules = vec![
+        "trial-deny tcp * NFLOG 10",
+        "trial-deny udp * NFLOG 10",
+        "no-api-5 tcp 443 NFLOG 10",
+        "no-api-5 tcp 443 DROP",
+        "quarantine tcp 1:1023 NFLOG 10",
+        "quarantine tcp 1:1023 DROP",
+        "watch-api tcp 443 NFLOG 10",
+        "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
+        "allow-api tcp 443,9000:9100 ACCEPT",
+        "dns udp 53 CONNMARK set 0x200/0x700",
+        "dns udp 53 ACCEPT",
+    ];
+    // The accept bucket's ACLs of one family only.
+    rules.extend(match family {
+        Family::V4 => &[
             "ping icmp * CONNMARK set 0x200/0x700",
             "ping icmp * ACCEPT",
             "v4-only tcp 22 CONNMARK set 0x200/0x700",
             "v4-only tcp 22 ACCEPT",
-            "audit-all tcp 8443 NFLOG 10",
-            "audit-all tcp 8443 CONNMARK set 0x200/0x700",
-            "audit-all tcp 8443 ACCEPT",
-            "reply metrics udp 9125 ACCEPT",
-            "trap tcp SYN 0:3 bypass",
-            "trap tcp ACK 4:7 bypass",
-            "trap udp 12:15 bypass",
-            "established ACCEPT",
-            "legacy any * NFLOG 10",
-            "legacy any * DROP",
-            "partners any * CONNMARK set 0x200/0x700",
-            "partners any * ACCEPT",
-            "default NEW NFLOG 10",
-            "default !NEW NFLOG 10",
-            "DROP",
-        ],
-        Family::V6 => vec![
-            "trial-deny tcp * NFLOG 10",
-            "trial-deny udp * NFLOG 10",
-            "no-api-5 tcp 443 NFLOG 10",
-            "no-api-5 tcp 443 DROP",
-            "quarantine tcp 1:1023 NFLOG 10",
-            "quarantine tcp 1:1023 DROP",
-            "watch-api tcp 443 NFLOG 10",
-            "allow-api tcp 443,9000:9100 CONNMARK set 0x200/0x700",
-            "allow-api tcp 443,9000:9100 ACCEPT",
-            "dns udp 53 CONNMARK set 0x200/0x700",
-            "dns udp 53 ACCEPT",
+        ][..],
+        Family::V6 => &[
             "ping6 icmpv6 * CONNMARK set 0x200/0x700",
             "ping6 icmpv6 * ACCEPT",
-            "audit-all tcp 8443 NFLOG 10",
-            "audit-all tcp 8443 CONNMARK set 0x200/0x700",
-            "audit-all tcp 8443 ACCEPT",
-            "reply metrics udp 9125 ACCEPT",
-            "icmpv6 ACCEPT",
-            "trap tcp SYN 0:3 bypass",
-            "trap tcp ACK 4:7 bypass",
-            "trap udp 12:15 bypass",
-            "established ACCEPT",
-            "legacy any * NFLOG 10",
-            "legacy any * DROP",
-            "partners any * CONNMARK set 0x200/0x700",
-            "partners any * ACCEPT",
-            "default NEW NFLOG 10",
-            "default !NEW NFLOG 10",
-            "DROP",
         ],
+    });
+    rules.extend([
+        "audit-all tcp 8443 NFLOG 10",
+        "audit-all tcp 8443 CONNMARK set 0x200/0x700",
+        "audit-all tcp 8443 ACCEPT",
+        "reply metrics udp 9125 ACCEPT",
+    ]);
+    if family == Family::V6 {
+        rules.push("icmpv6 ACCEPT");
     }
+    rules.extend([
+        "trap tcp SYN 0:3 bypass",
+        "trap tcp ACK 4:7 bypass",
+        "trap udp 12:15 bypass",
+        "established ACCEPT",
+        "legacy any * NFLOG 10",
+        "legacy any * DROP",
+        "partners any * CONNMARK set 0x200/0x700",
+        "partners any * ACCEPT",
+        "default NEW NFLOG 10",
+        "default !NEW NFLOG 10",
+        "DROP",
+    ]);
+    rules
 }
 
-/// ACL_MIX's incoming chain, by hand: the mirror with sources, the net
+/// acl_mix()'s incoming chain, by hand: the mirror with sources, the net
 /// queue ranges (SYN 16-19, ACK 20-23, service 28-31), the UDP trap
 /// rate-limited, NFLOG group 11.
 fn expected_net(family: Family) -> Vec<&'static str> {
@@ -859,12 +731,13 @@ fn expected_net(family: Family) -> Vec<&'static str> {
     rules
 }
 
-fn pu_config(pus: &str, cgroup: &str) -> Result<Configuration> {
-    let text = format!(
-        "mode = \"local-server\"\n{}",
-        pus.replace("{cgroup}", cgroup)
-    );
-    Ok(Configuration::from_toml_str(&text)?)
+/// A `local-server` configuration of one PU, through the agent's parser.
+fn pu_config(pu: PuFile) -> Result<Configuration> {
+    parse(Config::local_server().pu(pu))
+}
+
+fn parse(config: Config) -> Result<Configuration> {
+    Ok(Configuration::from_toml_str(&config.to_toml())?)
 }
 
 fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
@@ -872,7 +745,7 @@ fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
         return Ok(());
     };
     let lab = Lab::new(&env, backend, family)?;
-    let config = pu_config(ACL_MIX, &lab.cgroup_rel())?;
+    let config = pu_config(acl_mix(&lab.cgroup))?;
     let ctx = ctx(&config, family);
     let pu = &config.pus[0];
     let short = short_name(pu)?;
@@ -951,9 +824,10 @@ fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
 
     // Failing closed (SPEC, "The trap"): the same rules, the same ranges,
     // and no trap rule lets a packet pass when no one listens.
-    let closed = pu_config(
-        &format!("[queues]\nfail_mode = \"closed\"\n{ACL_MIX}"),
-        &lab.cgroup_rel(),
+    let closed = parse(
+        Config::local_server()
+            .fail_closed()
+            .pu(acl_mix(&lab.cgroup)),
     )?;
     let text = section(Table::Mangle, &plan.install(&self::ctx(&closed, family)));
     lab.test_and_load(&text)?;
@@ -981,23 +855,14 @@ fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
 
 // ----------------------------------------------------------- PU update
 
-/// The PU `web` before the update: one accept ACL.
-const BEFORE: &str = r#"
-[[pus]]
-id = "web"
-kind = "linux-process"
-cgroup = "{cgroup}"
-tcp_ports = [80]
+/// The PU `web` of `cgroup` before the update: one accept ACL.
+fn before(cgroup: &str) -> PuFile {
+    PuFile::process("web", cgroup)
+        .tcp_ports([80])
+        .application_acl(Acl::accept("api-v0", ["10.30.0.0/16", "fd00:30::/64"]).tcp([443]))
+}
 
-[[pus.application_acls]]
-policy_id = "api-v0"
-networks = ["10.30.0.0/16", "fd00:30::/64"]
-protocols = ["tcp"]
-ports = [443]
-action = "accept"
-"#;
-
-/// BEFORE's chains, by hand.
+/// before()'s chains, by hand.
 fn expected_before(family: Family) -> (Vec<&'static str>, Vec<&'static str>) {
     let icmpv6: &[&str] = match family {
         Family::V4 => &[],
@@ -1049,8 +914,8 @@ fn pu_update_hooks_the_new_version_and_unhooks_the_old(
         return Ok(());
     };
     let lab = Lab::new(&env, backend, family)?;
-    let before = pu_config(BEFORE, &lab.cgroup_rel())?;
-    let after = pu_config(ACL_MIX, &lab.cgroup_rel())?;
+    let before = pu_config(self::before(&lab.cgroup_rel()))?;
+    let after = pu_config(acl_mix(&lab.cgroup))?;
     let ctx = ctx(&before, family);
     let (old_pu, new_pu) = (&before.pus[0], &after.pus[0]);
     let short = short_name(old_pu)?;
@@ -1142,7 +1007,7 @@ fn the_loader_refuses_what_the_kernel_refuses(backend: Backend, family: Family) 
         return Ok(());
     };
     let lab = Lab::new(&env, backend, family)?;
-    let config = pu_config(BEFORE, &lab.cgroup_rel())?;
+    let config = pu_config(before(&lab.cgroup_rel()))?;
     let ctx = ctx(&config, family);
     let pu = &config.pus[0];
     let short = short_name(pu)?;
@@ -1159,7 +1024,7 @@ fn the_loader_refuses_what_the_kernel_refuses(backend: Backend, family: Family) 
     expect_refusal(lab.load(&install), at_line(hook))?;
     lab.install_global(&ctx)?;
     // The cgroup is missing: the same PU elsewhere.
-    let elsewhere = pu_config(BEFORE, "enft-no-such-cgroup")?;
+    let elsewhere = pu_config(before("enft-no-such-cgroup"))?;
     let ghost = PuPlan::new(&elsewhere.pus[0], &short, 0)?;
     let ghost = section(Table::Mangle, &ghost.install(&ctx));
     // `--test` does not see it; the kernel does, at the hook (nf_tables)

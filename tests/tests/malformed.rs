@@ -25,8 +25,9 @@ use enforcer_tests::{
     netfilter::Family,
     netns::{Netns, output_ok},
     on_both_datapaths_and_families,
-    roles::{self, ACL_PEER, OTHER, RoleHosts, TARGET_NETS, source},
+    roles::{self, ACL_PEER, OTHER, TARGET_NETS, source},
     traffic::{UdpReceiver, send_raw_ip},
+    world::PuWorld,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -56,17 +57,17 @@ fn config(cgroup: &Cgroup) -> String {
 struct World {
     agent: Agent,
     receiver: UdpReceiver,
-    stage: RoleHosts,
+    stage: PuWorld,
 }
 
 impl World {
     fn new(datapath: Datapath, family: Family) -> Result<Option<Self>> {
-        let Some(stage) = RoleHosts::new(family, &[ACL_PEER, OTHER])? else {
+        let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER])? else {
             return Ok(None);
         };
         let receiver =
             UdpReceiver::start(&stage.hosts.a, SocketAddr::new(stage.server_ip(), PU_PORT))?;
-        let agent = stage.start_agent(
+        let agent = stage.start(
             env!("CARGO_BIN_EXE_agent"),
             datapath,
             &config(&stage.cgroup),

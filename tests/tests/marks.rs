@@ -17,26 +17,12 @@ use anyhow::{Context as _, Result};
 use enforcer_common::marks::{Class, Kind, MarkLayout};
 use enforcer_tests::{
     agent::Datapath,
+    cgroup::Cgroup,
+    config::{Acl, Config, Pu},
     netfilter::{self, Family},
     nettool, privilege,
     traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
-    world::{PORT, Peer, PuWorld},
-};
-
-/// In the target TCP and UDP networks: set-up is trapped (and accepted).
-const TARGET: Peer = Peer {
-    addr: ["10.1.0.2", "fd00:1::2"],
-    nets: ["10.1.0.0/24", "fd00:1::/64"],
-};
-/// Covered by an accept ACL (TCP and UDP, port 7000).
-const ACL_PEER: Peer = Peer {
-    addr: ["10.2.0.2", "fd00:2::2"],
-    nets: ["10.2.0.0/16", "fd00:2::/64"],
-};
-/// Neither: refused.
-const OTHER: Peer = Peer {
-    addr: ["10.3.0.2", "fd00:3::2"],
-    nets: ["10.3.0.0/16", "fd00:3::/64"],
+    world::{ACL_PEER, OTHER, PORT, Peer, PuWorld, TARGET},
 };
 
 /// kube-proxy's masquerade and drop bits.
@@ -51,34 +37,22 @@ enforcer_tests::on_both_datapaths!(
     injected_packets_are_never_trapped_v6,
 );
 
-fn list(nets: &[&str]) -> String {
-    let quoted: Vec<String> = nets.iter().map(|n| format!("\"{n}\"")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
-/// One PU whose ACL accepts [`ACL_PEER`]; [`TARGET`]'s networks are the
-/// TCP and UDP targets; the field at `shift` (none: the default).
-fn config(cgroup: &str, shift: Option<u32>) -> String {
-    let marks = shift.map_or(String::new(), |s| format!("[marks]\nshift = {s}\n"));
-    format!(
-        "mode = \"local-server\"\n\
-         {marks}\
-         [networks]\n\
-         target_tcp = {targets}\n\
-         target_udp = {targets}\n\
-         [[pus]]\n\
-         id = \"web\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n\
-         [[pus.application_acls]]\n\
-         networks = {acl}\n\
-         protocols = [\"tcp\", \"udp\"]\n\
-         ports = [{PORT}]\n\
-         action = \"accept\"\n\
-         policy_id = \"to-acl-peer\"\n",
-        targets = list(&TARGET.nets),
-        acl = list(&ACL_PEER.nets),
-    )
+/// One PU whose ACL accepts [`ACL_PEER`] (TCP and UDP, port 7000);
+/// [`TARGET`]'s networks are the TCP and UDP targets; the field at `shift`
+/// (none: the default).
+fn config(cgroup: &Cgroup, shift: Option<u32>) -> String {
+    let mut config = Config::local_server()
+        .target_tcp(TARGET.nets)
+        .target_udp(TARGET.nets)
+        .pu(Pu::process_of("web", cgroup).application_acl(
+            Acl::accept("to-acl-peer", ACL_PEER.nets)
+                .tcp([PORT])
+                .udp([PORT]),
+        ));
+    if let Some(shift) = shift {
+        config = config.mark_shift(shift);
+    }
+    config.to_toml()
 }
 
 fn kube_proxy_bits_survive_beside_the_default_field(datapath: Datapath) -> Result<()> {
@@ -141,7 +115,7 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
     let agent = w.start(
         env!("CARGO_BIN_EXE_agent"),
         datapath,
-        &config(&w.cgroup_rel(), shift),
+        &config(&w.cgroup, shift),
     )?;
 
     let connect = |peer: Peer| -> Result<Outcome> {
@@ -222,7 +196,7 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
     let agent = w.start(
         env!("CARGO_BIN_EXE_agent"),
         datapath,
-        &config(&w.cgroup_rel(), None),
+        &config(&w.cgroup, None),
     )?;
     let injected = MarkLayout::default().kind(Kind::Injected);
     let send = |to: &UdpReceiver, payload: &str, mark: Option<u32>| -> Result<Outcome> {

@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::Result;
 use enforcer_tests::{
     agent::Datapath,
+    cgroup::Cgroup,
+    config::{Acl, Config, Pu},
     netfilter::Family,
     nettool, privilege,
     traffic::UdpReceiver,
@@ -33,44 +35,24 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_flow_to_a_removed_udp_target_meets_an_accepting_acl,
 );
 
-/// A TOML list of networks.
-fn list(nets: &[&str]) -> String {
-    let quoted: Vec<String> = nets.iter().map(|n| format!("\"{n}\"")).collect();
-    format!("[{}]", quoted.join(", "))
-}
-
 /// One PU `web`; `peer_is_target` puts [`PEER`]'s networks in the target
 /// UDP networks beside [`STAYS`]; `acl` adds a protocol-any accept ACL for
 /// them (protocol-any ACLs come after the trap, so it decides only once
 /// the peer is no target).
-fn config(cgroup: &str, peer_is_target: bool, acl: bool) -> String {
+fn config(cgroup: &Cgroup, peer_is_target: bool, acl: bool) -> String {
     let mut udp: Vec<&str> = STAYS.to_vec();
     if peer_is_target {
         udp.extend(PEER.nets);
     }
-    let mut text = format!(
-        "mode = \"local-server\"\n\
-         [networks]\n\
-         target_tcp = {}\n\
-         target_udp = {}\n\
-         [[pus]]\n\
-         id = \"web\"\n\
-         kind = \"linux-process\"\n\
-         cgroup = \"{cgroup}\"\n",
-        list(&STAYS),
-        list(&udp),
-    );
+    let mut web = Pu::process_of("web", cgroup);
     if acl {
-        text += &format!(
-            "[[pus.application_acls]]\n\
-             networks = {}\n\
-             protocols = [\"any\"]\n\
-             action = \"accept\"\n\
-             policy_id = \"peer\"\n",
-            list(&PEER.nets)
-        );
+        web = web.application_acl(Acl::accept("peer", PEER.nets).any());
     }
-    text
+    Config::local_server()
+        .target_tcp(STAYS)
+        .target_udp(udp)
+        .pu(web)
+        .to_toml()
 }
 
 /// The flow is trapped and accepted; the peer's network leaves the UDP
@@ -82,11 +64,10 @@ fn run(datapath: Datapath, family: Family, acl: bool) -> Result<()> {
     };
     let w = PuWorld::new(&env, family, &[PEER])?;
     let peer = UdpReceiver::start(&w.hosts.b, w.addr(PEER))?;
-    let cgroup = w.cgroup_rel();
     let agent = w.start(
         env!("CARGO_BIN_EXE_agent"),
         datapath,
-        &config(&cgroup, true, acl),
+        &config(&w.cgroup, true, acl),
     )?;
     let mut flow = w.udp_flow(nettool!(), w.addr(PEER))?;
     let wait = Duration::from_secs(2);
@@ -111,7 +92,7 @@ fn run(datapath: Datapath, family: Family, acl: bool) -> Result<()> {
     );
     assert_eq!(w.udp_entries(PEER)?.len(), 1, "the flow's entry");
 
-    agent.reload(&config(&cgroup, false, acl))?;
+    agent.reload(&config(&w.cgroup, false, acl))?;
     let entries = w.udp_entries(PEER)?;
     assert!(
         entries.is_empty(),
