@@ -65,6 +65,13 @@ pub const MAX_ACL_RULES: usize = 32;
 /// entry is needed only from the sendmsg hook to the netfilter rule, a few
 /// microseconds of the same system call, so the map can be small.
 pub const MAX_UDP_TRAPS: u32 = 16_384;
+/// Held-back flow events ([`PendingFlowKey`]): an LRU map, so events of
+/// a connection whose first packet never leaves (the route lookup after
+/// the hook failed, the trap dropped the SYN) age out by themselves.
+pub const MAX_PENDING_FLOWS: u32 = 16_384;
+/// Flow events one decision can hold back; a decision logging more (many
+/// matching observe-continue rules) emits the rest without a source.
+pub const MAX_DEFERRED_FLOWS: u32 = 4;
 /// Depth of cgroup nesting searched for a PU's cgroup above the current
 /// task's cgroup.
 pub const MAX_CGROUP_DEPTH: u32 = 16;
@@ -118,6 +125,29 @@ impl UdpTrapKey {
             addr,
             port,
             pad: [0; 6],
+        }
+    }
+}
+
+/// A flow event a connect or sendmsg hook held back until its socket's
+/// first packet, which carries the source address and port the hook
+/// cannot know yet: the socket (cookie) and the event's place among that
+/// decision's events (an observe-continue rule's, then the deciding
+/// rule's).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingFlowKey {
+    pub cookie: u64,
+    pub index: u32,
+    pub pad: u32,
+}
+
+impl PendingFlowKey {
+    pub const fn new(cookie: u64, index: u32) -> Self {
+        Self {
+            cookie,
+            index,
+            pad: 0,
         }
     }
 }
@@ -240,11 +270,11 @@ pub struct FlowEvent {
     /// The rule's `AclRule::policy` index, or [`POLICY_DEFAULT`].
     pub policy: u32,
     /// Addresses, IPv4-mapped for IPv4; all zero when not known (the
-    /// source on the app side: the socket hooks run before routing).
+    /// source of an app-side refusal: no packet is ever built).
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// Host order; 0 when not known (the source port of a socket not
-    /// bound yet).
+    /// Host order; 0 when not known (the source port of an app-side TCP
+    /// refusal on a socket not bound yet).
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,

@@ -37,8 +37,8 @@ use enforcer_common::{
 
 use crate::maps::UDP_TRAPS;
 use crate::policy::{
-    AclVerdict, Count, Side, acl_entry, count, current_pu, evaluate, in_agent_netns, in_set,
-    log_final_drop, mark_layout,
+    AclVerdict, Count, Deferral, Side, acl_entry, count, current_pu, evaluate, in_agent_netns,
+    in_set, log_final_drop, mark_layout,
 };
 
 const PROCEED: i32 = 1;
@@ -174,7 +174,13 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
     // The source address is not known before the first packet is routed;
     // the port is once the socket is bound: always by sendmsg (UDP binds
-    // before its hook), by connect only if the application bound it.
+    // before its hook), by connect only if the application bound it. The
+    // events of a decision that lets the connection through wait for its
+    // first packet, which the egress program completes them from; a
+    // refusal's go out now, as no packet will ever leave.
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
+    let mut defer = Deferral::socket(cookie);
     let flow = FlowEvent {
         slot,
         src_port: bound_port(sa),
@@ -187,9 +193,11 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
 
     if !target_tcp
         && let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, 0, entry.specific, port, &flow)
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, port, &flow, &mut defer)
     {
-        return apply(sa, slot, verdict, hook);
+        let verdict = apply(sa, slot, verdict, hook);
+        defer.finish(verdict == REFUSE);
+        return verdict;
     }
     if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr))
     {
@@ -202,13 +210,17 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
             set_class(sa, class);
         }
         count(slot, Count::Trapped);
+        defer.finish(false);
         return TRAP;
     }
     if let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, port, &flow)
+        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, port, &flow, &mut defer)
     {
-        return apply(sa, slot, verdict, hook);
+        let verdict = apply(sa, slot, verdict, hook);
+        defer.finish(verdict == REFUSE);
+        return verdict;
     }
+    defer.finish(true);
     log_final_drop(&flow);
     count(slot, Count::Dropped);
     REFUSE

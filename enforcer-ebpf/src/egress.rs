@@ -16,11 +16,17 @@
 //! 4. the protocol-any ACLs;
 //! 5. anything else is dropped.
 //!
+//! For TCP and UDP it only completes the hooks' flow-log events: a
+//! connect or sendmsg hook runs before routing (and, for TCP, the bind),
+//! so it holds the events of a decision it lets through back until the
+//! socket's first packet passes here with the source address and port
+//! (`policy::Deferral`).
+//!
 //! Each packet is judged by the policy in force (there is no connection
 //! state here): a policy update applies to the next echo request.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -32,8 +38,8 @@ use enforcer_common::maps::{
 use crate::{
     packet::{self, L4, Parsed},
     policy::{
-        AclVerdict, Count, Side, acl_entry, count, evaluate, in_agent_netns, in_set,
-        log_final_drop, pu_of_cgroup,
+        AclVerdict, Count, Deferral, Side, acl_entry, count, evaluate, in_agent_netns, in_set,
+        log_final_drop, pu_of_cgroup, take_pending,
     },
 };
 
@@ -43,6 +49,7 @@ const DROP: i32 = 0;
 #[cgroup_skb]
 pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
     if hooked_transport(&ctx) {
+        log_held_back(&ctx);
         return PASS;
     }
     match packet::parse_ip(&ctx) {
@@ -51,6 +58,23 @@ pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
         // follow their first; the kernel built what it cannot read.
         _ => PASS,
     }
+}
+
+/// The flow events a connect or sendmsg hook held back for this packet's
+/// socket, now that its source is known: the first packet (a SYN, a
+/// datagram) carries the address the route picked and the port the bind
+/// did.
+#[inline(always)]
+fn log_held_back(ctx: &SkBuffContext) {
+    take_pending(
+        // SAFETY: the program's own context; `skb->sk` is the sending
+        // socket, the one whose cookie the hook had.
+        || unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) },
+        || match packet::parse_ip(ctx) {
+            Parsed::L4(l4) => Some((l4.src, l4.src_port)),
+            _ => None,
+        },
+    );
 }
 
 /// Is this TCP or UDP by its fixed IP header alone? Those are the
@@ -95,7 +119,7 @@ fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
     };
     if !in_set(SCOPE_TARGET_TCP, l4.dst)
         && let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, 0, entry.specific, 0, &flow)
+        && let Some(verdict) = evaluate(entry, 0, entry.specific, 0, &flow, &mut Deferral::none())
     {
         return apply(slot, verdict);
     }
@@ -103,7 +127,14 @@ fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
         return PASS;
     }
     if let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, 0, &flow)
+        && let Some(verdict) = evaluate(
+            entry,
+            entry.specific,
+            entry.any,
+            0,
+            &flow,
+            &mut Deferral::none(),
+        )
     {
         return apply(slot, verdict);
     }

@@ -41,7 +41,8 @@ use crate::{
     maps::PU_PORTS,
     packet::{self, L4, Parsed},
     policy::{
-        AclVerdict, Count, Side, acl_entry, count, evaluate, in_set, log_final_drop, mark_layout,
+        AclVerdict, Count, Deferral, Side, acl_entry, count, evaluate, in_set, log_final_drop,
+        mark_layout,
     },
 };
 
@@ -86,7 +87,14 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     };
     if !target_tcp
         && let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, 0, entry.specific, l4.dst_port, &flow)
+        && let Some(verdict) = evaluate(
+            entry,
+            0,
+            entry.specific,
+            l4.dst_port,
+            &flow,
+            &mut Deferral::none(),
+        )
     {
         return apply(ctx, slot, verdict);
     }
@@ -103,7 +111,14 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
         return TC_ACT_OK;
     }
     if let Some(entry) = entry
-        && let Some(verdict) = evaluate(entry, entry.specific, entry.any, l4.dst_port, &flow)
+        && let Some(verdict) = evaluate(
+            entry,
+            entry.specific,
+            entry.any,
+            l4.dst_port,
+            &flow,
+            &mut Deferral::none(),
+        )
     {
         return apply(ctx, slot, verdict);
     }

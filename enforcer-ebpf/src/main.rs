@@ -7,6 +7,11 @@
 //! the socket mark (`enforcer_common::marks`), or refuse the connection.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap, so core leaves the atomic
+// types without `fetch_add`; the intrinsic compiles to BPF's own atomic
+// add (`policy::add_pending`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod egress;

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::maps::{
-    AclEntry, FLOW_EVENTS_BYTES, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, MAX_UDP_TRAPS, NetKey,
-    PortKey, PuCounts, UdpTrapKey,
+    AclEntry, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_NETS, MAX_PENDING_FLOWS, MAX_PUS,
+    MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpTrapKey,
 };
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
@@ -44,3 +44,17 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 /// destination; the fixed netfilter rule's socket filter reads it.
 #[map(name = "UDP_TRAPS")]
 pub static UDP_TRAPS: LruHashMap<UdpTrapKey, u8> = LruHashMap::with_max_entries(MAX_UDP_TRAPS, 0);
+
+/// App-side flow events held back until the socket's first packet fills
+/// in the source (`policy::Deferral`); the egress program emits them.
+#[map(name = "PENDING_FLOWS")]
+pub static PENDING_FLOWS: LruHashMap<PendingFlowKey, FlowEvent> =
+    LruHashMap::with_max_entries(MAX_PENDING_FLOWS, 0);
+
+/// One counter: decisions whose events are waiting in `PENDING_FLOWS`, so
+/// that the egress program looks a TCP or UDP packet's socket up only
+/// while there may be some. It may overcount (a connection whose first
+/// packet never leaves, an entry the LRU evicted), never undercount: the
+/// cost of an overcount is that lookup per packet, never a lost line.
+#[map(name = "PENDING_COUNT")]
+pub static PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);

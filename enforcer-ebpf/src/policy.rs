@@ -1,7 +1,10 @@
 //! Lookups shared by the hooks: which PU a task belongs to, whether an
 //! address is in a global set, what a PU's ACLs say, the mark layout.
 
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     cty::c_long,
@@ -14,13 +17,16 @@ use aya_ebpf::{
 use enforcer_common::{
     maps::{
         ACTION_ACCEPT, ACTION_REJECT, AclEntry, AclRule, FlowEvent, MAX_ACL_RULES,
-        MAX_CGROUP_DEPTH, NetKey, OBSERVE_CONTINUE, OBSERVE_NONE, POLICY_DEFAULT, PROTO_ANY,
-        PuCounts, RULE_LOG, SCOPE_BITS, acl_scope, family_scope, is_v4_mapped, net_acl_scope,
+        MAX_CGROUP_DEPTH, MAX_DEFERRED_FLOWS, NetKey, OBSERVE_CONTINUE, OBSERVE_NONE,
+        POLICY_DEFAULT, PROTO_ANY, PendingFlowKey, PuCounts, RULE_LOG, SCOPE_BITS, acl_scope,
+        family_scope, is_v4_mapped, net_acl_scope,
     },
     marks::MarkLayout,
 };
 
-use crate::maps::{ACLS, FLOW_EVENTS, NETS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION};
+use crate::maps::{
+    ACLS, FLOW_EVENTS, NETS, PENDING_COUNT, PENDING_FLOWS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION,
+};
 
 /// The mark layout's shift; the loader sets it before loading.
 #[unsafe(no_mangle)]
@@ -129,7 +135,8 @@ pub enum AclVerdict {
 /// connection of `proto` to `port`. Observe-continue rules only observe;
 /// the first other match decides. A matching rule with [`RULE_LOG`] (the
 /// deciding one, or an observe-continue one) puts `flow`, completed with
-/// the rule's policy, action and observe mode, on the flow-log ring.
+/// the rule's policy, action and observe mode, on the flow-log ring, or
+/// holds it back in `defer` (see [`Deferral`]).
 ///
 /// The rules are walked with the `bpf_loop` helper, so the verifier checks
 /// the body ([`step`]) once per call site instead of once per unrolled
@@ -148,10 +155,12 @@ pub fn evaluate(
     count: u32,
     port: u16,
     flow: &FlowEvent,
+    defer: &mut Deferral,
 ) -> Option<AclVerdict> {
     let mut walk = Walk {
         entry,
         flow,
+        defer: *defer,
         first,
         end: first.saturating_add(count),
         port,
@@ -172,6 +181,7 @@ pub fn evaluate(
             0,
         );
     }
+    *defer = walk.defer;
     walk.verdict
 }
 
@@ -179,6 +189,7 @@ pub fn evaluate(
 struct Walk<'a> {
     entry: &'a AclEntry,
     flow: &'a FlowEvent,
+    defer: Deferral,
     first: u32,
     end: u32,
     port: u16,
@@ -202,7 +213,7 @@ extern "C" fn step(index: u64, ctx: *mut c_void) -> c_long {
         return 0;
     }
     if rule.flags & RULE_LOG != 0 {
-        log_flow(walk.flow, rule);
+        log_flow(walk.flow, rule, &mut walk.defer);
     }
     if rule.observe == OBSERVE_CONTINUE {
         return 0;
@@ -215,10 +226,14 @@ extern "C" fn step(index: u64, ctx: *mut c_void) -> c_long {
     1
 }
 
-/// Puts one flow event on the ring for a matching logged rule.
+/// Puts one flow event on the ring for a matching logged rule, or holds
+/// it back in `defer`.
 #[inline(always)]
-fn log_flow(flow: &FlowEvent, rule: &AclRule) {
-    emit(flow, rule.policy, rule.action, rule.observe);
+fn log_flow(flow: &FlowEvent, rule: &AclRule, defer: &mut Deferral) {
+    let event = completed(flow, rule.policy, rule.action, rule.observe);
+    if !defer.hold(&event) {
+        submit(&event);
+    }
 }
 
 /// Puts the final drop's flow event on the ring: every connection refused
@@ -226,20 +241,157 @@ fn log_flow(flow: &FlowEvent, rule: &AclRule) {
 /// logs every new one too), as policy [`POLICY_DEFAULT`].
 #[inline(always)]
 pub fn log_final_drop(flow: &FlowEvent) {
-    emit(flow, POLICY_DEFAULT, ACTION_REJECT, OBSERVE_NONE);
+    submit(&completed(
+        flow,
+        POLICY_DEFAULT,
+        ACTION_REJECT,
+        OBSERVE_NONE,
+    ));
+}
+
+#[inline(always)]
+fn completed(flow: &FlowEvent, policy: u32, action: u8, observe: u8) -> FlowEvent {
+    let mut event = *flow;
+    event.policy = policy;
+    event.action = action;
+    event.observe = observe;
+    event
 }
 
 /// Puts one flow event on the ring; a full ring loses the event, never
 /// the verdict.
 #[inline(always)]
-fn emit(flow: &FlowEvent, policy: u32, action: u8, observe: u8) {
+pub fn submit(event: &FlowEvent) {
     if let Some(mut entry) = FLOW_EVENTS.reserve::<FlowEvent>(0) {
-        let mut event = *flow;
-        event.policy = policy;
-        event.action = action;
-        event.observe = observe;
-        entry.write(event);
+        entry.write(*event);
         entry.submit(0);
+    }
+}
+
+/// Where a decision's flow events go: straight to the ring, or (a connect
+/// or sendmsg hook's, which runs before the kernel routes and binds the
+/// socket) held back in `PENDING_FLOWS` under the socket's cookie until
+/// the egress program sees the socket's first packet and fills in its
+/// source address and port ([`take_pending`]).
+#[derive(Clone, Copy)]
+pub struct Deferral {
+    /// The socket's cookie; 0 to emit at once.
+    cookie: u64,
+    /// Events held back so far.
+    held: u32,
+}
+
+impl Deferral {
+    /// Emit at once.
+    pub const fn none() -> Self {
+        Self { cookie: 0, held: 0 }
+    }
+
+    /// Hold back the events of `cookie`'s socket.
+    pub const fn socket(cookie: u64) -> Self {
+        Self { cookie, held: 0 }
+    }
+
+    /// Holds `event` back; false if it must be emitted now (not deferring,
+    /// or this decision already holds [`MAX_DEFERRED_FLOWS`]).
+    #[inline(always)]
+    fn hold(&mut self, event: &FlowEvent) -> bool {
+        if self.cookie == 0 || self.held >= MAX_DEFERRED_FLOWS {
+            return false;
+        }
+        let key = PendingFlowKey::new(self.cookie, self.held);
+        if PENDING_FLOWS.insert(key, *event, 0).is_err() {
+            return false;
+        }
+        self.held += 1;
+        true
+    }
+
+    /// The decision is final. Let through, its events wait for the first
+    /// packet: the entry after them is cleared (one an earlier decision
+    /// on this socket left would be taken for this one's), and the
+    /// pending count raised. Refused, no packet will ever leave: they go
+    /// to the ring now, without a source.
+    #[inline(always)]
+    pub fn finish(self, refused: bool) {
+        if self.held == 0 {
+            return;
+        }
+        if refused {
+            let mut index = 0;
+            while index < MAX_DEFERRED_FLOWS {
+                if index >= self.held {
+                    break;
+                }
+                let key = PendingFlowKey::new(self.cookie, index);
+                // SAFETY: a map lookup with a key on the stack; the value
+                // is copied out before the entry is removed.
+                if let Some(event) = unsafe { PENDING_FLOWS.get(key) } {
+                    let event = *event;
+                    submit(&event);
+                }
+                let _ = PENDING_FLOWS.remove(key);
+                index += 1;
+            }
+            return;
+        }
+        let _ = PENDING_FLOWS.remove(PendingFlowKey::new(self.cookie, self.held));
+        add_pending(1);
+    }
+}
+
+/// Adds `delta` (wrapping) to the pending count, atomically: every CPU
+/// shares it.
+#[inline(always)]
+fn add_pending(delta: u64) {
+    if let Some(count) = PENDING_COUNT.get_ptr_mut(0) {
+        // SAFETY: a pointer to the map's own value; the result is unused,
+        // so this is BPF's plain atomic add, which every CPU version has.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, delta) };
+    }
+}
+
+/// Emits the events held back for the socket `cookie`, with the source of
+/// its first packet, `src`:`src_port`. Cheap while nothing is held back:
+/// one array read.
+#[inline(always)]
+pub fn take_pending(
+    cookie: impl FnOnce() -> u64,
+    source: impl FnOnce() -> Option<([u8; 16], u16)>,
+) {
+    if PENDING_COUNT.get(0).copied().unwrap_or(0) == 0 {
+        return;
+    }
+    let cookie = cookie();
+    let first = PendingFlowKey::new(cookie, 0);
+    // SAFETY: a map lookup with a key on the stack.
+    if unsafe { PENDING_FLOWS.get(first) }.is_none() {
+        return;
+    }
+    let Some((src, src_port)) = source() else {
+        return;
+    };
+    let mut index = 0;
+    while index < MAX_DEFERRED_FLOWS {
+        let key = PendingFlowKey::new(cookie, index);
+        // SAFETY: as above; the value is copied out before removal.
+        let Some(event) = (unsafe { PENDING_FLOWS.get(key) }) else {
+            break;
+        };
+        let mut event = *event;
+        event.src = src;
+        event.src_port = src_port;
+        // Of two packets of one socket on two CPUs, only the one whose
+        // removal succeeds emits, so each event is written once and the
+        // count falls once per decision.
+        if PENDING_FLOWS.remove(key).is_ok() {
+            submit(&event);
+            if index == 0 {
+                // Adding all ones subtracts one.
+                add_pending(u64::MAX);
+            }
+        }
+        index += 1;
     }
 }
 

@@ -27,19 +27,24 @@
 //! SYN's retransmissions too) and the TC hook every SYN, so records of
 //! one 5-tuple repeated within a minute are dropped ([`Repeats`]).
 //!
-//! The eBPF app-side records carry no source address (the family's
-//! unspecified one): the connect and sendmsg hooks decide before the
-//! kernel routes the first packet and picks it. They carry the source
-//! port when the socket is bound (always for sendmsg, as UDP binds before
-//! its hook; for connect only if the application bound it), 0 otherwise:
-//! a refused connect never gets a port at all (the fallback sees one
-//! because the SYN is built, then dropped). An accepted connection's
-//! source could be added by a second per-PU program (a `sock_ops`
-//! TCP_CONNECT callback, keyed by socket cookie) holding back the event
-//! until then; that costs a link per PU and would still leave refusals
-//! without one, so it is not done. Two connects from a PU's unbound
-//! sockets to one peer are then indistinguishable, and each is its own
-//! decision, so those records are never folded.
+//! App-side records carry the PU's source address and port on both
+//! datapaths for every flow whose packets leave. The eBPF connect and
+//! sendmsg hooks decide before the kernel routes the first packet (and,
+//! for a TCP connect on an unbound socket, binds it), so they hold the
+//! events of a decision that lets the flow through back, by socket
+//! cookie, and the PU's egress program completes them from the socket's
+//! first packet (the SYN, the datagram) and puts them on the ring. A
+//! flow the eBPF hooks refuse never has a packet: its record carries the
+//! family's unspecified address, with the port when the socket is bound
+//! (always for sendmsg, as UDP binds before its hook; for connect only if
+//! the application bound it), 0 otherwise. The fallback's refusal is a
+//! drop in OUTPUT, after the SYN was built, so NFLOG sees its source. Two
+//! refused connects from a PU's unbound sockets to one peer are then
+//! indistinguishable on eBPF, and each is its own decision, so those
+//! records are never folded. A let-through connection whose first packet
+//! never leaves (its route lookup fails after the hook, the trap drops
+//! its SYN) writes no app-side line on eBPF; its held-back events age out
+//! of an LRU map.
 
 use std::{
     collections::HashMap,

@@ -85,6 +85,9 @@ struct Expected {
     direction: &'static str,
     /// The peer's address for a net-side line (its port is the client's).
     src_ip: Option<IpAddr>,
+    /// The flow's packets leave the PU (an app-side accept): its line
+    /// carries the PU's own source on both datapaths.
+    leaves: bool,
 }
 
 fn acl_observe_and_final_drop_decisions_are_logged(
@@ -153,6 +156,9 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         dst: w.addr(peer),
         direction: "app",
         src_ip: None,
+        // The ACL peer's connection is the one let through (the observed
+        // reject only watches it).
+        leaves: peer.addr == ACL_PEER.addr,
     };
     let net = |policy_id, action, peer: Peer| Expected {
         count: 1,
@@ -163,6 +169,7 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         dst: pu_addr,
         direction: "net",
         src_ip: Some(w.ip(peer)),
+        leaves: false,
     };
     let expected = [
         app("watch-peer", "reject", "observe-continue", ACL_PEER),
@@ -211,18 +218,28 @@ fn acl_observe_and_final_drop_decisions_are_logged(
         sources.dedup();
         assert_eq!(sources.len(), want.count, "one line per flow: {sources:?}");
     }
+    // The observed reject and the accept are one connection: one source.
+    let accepted_sources: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["direction"] == "app" && l["dst"] == w.addr(ACL_PEER).to_string())
+        .map(|l| &l["src"])
+        .collect();
+    assert_eq!(accepted_sources.len(), 2, "{}", context());
+    assert_eq!(accepted_sources[0], accepted_sources[1], "{}", context());
     assert_eq!(lines.len(), total, "no other line; {}", context());
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-/// The source: on the net side the peer, from a client port; on the app
-/// side the PU host's address and port where the datapath knows them
-/// (NFLOG sees the packet); on eBPF the unspecified address of the
-/// family (the hooks run before routing), with the port of a bound
-/// socket (UDP binds before sending) or 0 (a TCP connect runs before
-/// the bind).
+/// The source: on the net side the peer, from a client port. On the app
+/// side the PU host's address and port, on both datapaths, for every flow
+/// whose packets leave (eBPF completes the hooks' events from the first
+/// packet; NFLOG sees the packet). A refused flow's packet leaves only in
+/// the fallback (its drop is in OUTPUT); eBPF refuses the connect or send
+/// before any packet exists, so there the line carries the unspecified
+/// address of the family, with the port of a bound socket (UDP binds
+/// before sending) or 0 (a TCP connect runs before the bind).
 fn check_src(
     datapath: Datapath,
     family: Family,
@@ -239,7 +256,7 @@ fn check_src(
             assert_eq!(src.ip(), ip, "{line}");
             assert_ne!(src.port(), 0, "{line}");
         }
-        (None, Datapath::Ebpf) => {
+        (None, Datapath::Ebpf) if !want.leaves => {
             let unspecified: IpAddr = match family {
                 Family::V4 => "0.0.0.0".parse().expect("literal"),
                 Family::V6 => "::".parse().expect("literal"),
