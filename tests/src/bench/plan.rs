@@ -281,8 +281,8 @@ pub struct Plan {
 }
 
 /// The probes of scenarios 1 and 3. Unconnected UDP only to the ACL
-/// peer: the eBPF datapath does not trap unconnected UDP to a target
-/// network yet, so there is no like-for-like figure there.
+/// peer for now: a probe to a target peer (whose first datagram both
+/// datapaths trap) is still to be added.
 const BASE_PROBES: [Probe; 7] = [
     Probe::TcpThroughput(Peer::Acl),
     Probe::TcpThroughput(Peer::Target),

@@ -660,21 +660,21 @@ fn why(metric: Metric) -> &'static str {
              is accepted by its connection mark — by iptables after an excluded-set lookup and \
              about five rules of `TRI-App`/`TRI-Net`, by eBPF after two fixed rules. No per-PU \
              rule, ACL or target set is consulted, so neither grows with PUs, ACLs or networks. \
-             The difference is per packet: it can show with small datagrams, and it vanishes in \
-             bulk TCP, where a packet is a 64 KiB GSO segment and copying dominates — within the \
-             noise of a veth pair on two shared cores."
+             The difference is per packet: every packet a PU sends also passes eBPF's \
+             `cgroup_skb` egress program (it judges ICMP and other protocols, and completes \
+             pending flow-log lines from a connection's first packet: two header loads and one \
+             array read for TCP/UDP), which iptables does not have. It shows with small \
+             datagrams, and it vanishes in bulk TCP, where a packet is a 64 KiB GSO segment and \
+             copying dominates."
         }
         Metric::ConnRate(Peer::Target)
         | Metric::ConnP50(Peer::Target)
         | Metric::ConnP99(Peer::Target) => {
             "Every new connection to a target network waits for the agent's verdict in user space \
-             (NFQUEUE) in both datapaths. That round trip — with the consumer's 1 ms sleep when its \
-             queue socket is idle (`trap::IDLE_WAIT`; the `nfq` crate exposes no descriptor to \
-             block on) — is far above either datapath's classification (a walk of the cgroup hooks \
-             and PU chain, or a hash and LPM lookup), so it sets the rate and the latency. The \
-             rate is bimodal (about 6 k/s, or 20–30 k/s) depending on whether the consumer finds \
-             the next SYN waiting or goes to sleep first — a property of the consumer, the same \
-             for both datapaths. Until it blocks on its socket, eBPF's cheaper classification \
+             (NFQUEUE) in both datapaths, through the same consumer (one thread woken by \
+             `poll(2)`, batch verdicts). That round trip is far above either datapath's \
+             classification (a walk of the cgroup hooks and PU chain, or a hash and LPM lookup), \
+             so it sets the rate and the latency alike for both; eBPF's cheaper classification \
              shows here only where the iptables walk grows long (many PUs or ACLs)."
         }
         Metric::ConnRate(Peer::Acl) | Metric::ConnP50(Peer::Acl) | Metric::ConnP99(Peer::Acl) => {
@@ -842,15 +842,16 @@ fn not_measured(md: &mut String, ctx: &Context) -> std::fmt::Result {
          is not implemented yet (issue 7); today the agent accepts every trapped SYN without \
          exchanging a token, which is what the connection-rate figures measure.",
         "Incoming (network-side) traffic to a PU's listening ports: N/A — not yet measured, \
-         because the eBPF datapath's network side (a TC ingress classifier and fixed INPUT \
-         rules) is being wired into the agent as this harness lands; every probe here goes out \
-         of the PU. (Replies to the PU's own connections already cross the fixed INPUT rules.)",
+         because the harness has no scenario for it yet (both datapaths judge it: TC ingress \
+         in eBPF, `TRI-Net` in the fallback); every probe here goes out of the PU. (Replies to \
+         the PU's own connections already cross the fixed INPUT rules.)",
         "IPv6: N/A — not yet measured, because the benchmark world is IPv4-only for now; both \
          datapaths handle IPv6 through the same code as IPv4 (iptables: the same rules in \
          ip6tables; eBPF: IPv4-mapped keys in the same maps).",
-        "Unconnected UDP to a target network: N/A — not yet measured, because the eBPF datapath \
-         does not trap unconnected UDP yet (its sendmsg hook only accepts or refuses), so there \
-         is no like-for-like figure; unconnected UDP to the ACL peer is measured.",
+        "Unconnected UDP to a target network: N/A — not yet measured, because the harness has \
+         no scenario for it yet (both datapaths trap its first datagram: eBPF through a \
+         socket-cookie map read by a pinned `-m bpf` filter); unconnected UDP to the ACL peer \
+         is measured.",
         "The bare kernel in scenarios 4 and 5: N/A — there is no agent, no control plane and \
          nothing held in the kernel.",
         "Kernel memory of iptables rules: N/A — no kernel interface reports it per rule set; \
