@@ -78,19 +78,22 @@ pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
-/// sent on this socket to `addr`:`port`. Only a decision that changed (the
-/// target networks or the PU's policy did) has anything to forget; a
+/// sent on this socket to `addr`:`port`; false when a trap decision could
+/// not be recorded (the map refused the entry), so the caller refuses the
+/// datagram rather than let it out untrapped. Only a decision that changed
+/// (the target networks or the PU's policy did) has anything to forget; a
 /// missing entry is fine. A full map evicts its least recently used
 /// entry, never the one just written.
 #[inline(always)]
-fn remember_udp_trap(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16, trap: bool) {
+fn remember_udp_trap(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16, trap: bool) -> bool {
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
     let key = UdpTrapKey::new(cookie, addr, port);
     if trap {
-        let _ = UDP_TRAPS.insert(key, 1, 0);
+        UDP_TRAPS.insert(key, 1, 0).is_ok()
     } else {
         let _ = UDP_TRAPS.remove(key);
+        true
     }
 }
 
@@ -136,7 +139,9 @@ fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
         let port = u16::from_be(unsafe { (*sa).user_port } as u16);
-        remember_udp_trap(sa, addr, port, verdict == TRAP);
+        if !remember_udp_trap(sa, addr, port, verdict == TRAP) {
+            return REFUSE;
+        }
     }
     match verdict {
         REFUSE => REFUSE,

@@ -54,6 +54,16 @@ pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
     }
     match packet::parse_ip(&ctx) {
         Parsed::L4(l4) if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP => decide(&ctx, &l4),
+        // Headers this program cannot read whole (a raw socket's own IP
+        // header, a runaway extension-header chain) never get a more
+        // permissive verdict than a readable packet: a PU's is dropped.
+        Parsed::Malformed => match pu_slot(&ctx) {
+            Some(slot) => {
+                count(slot, Count::Dropped);
+                DROP
+            }
+            None => PASS,
+        },
         // TCP and UDP: judged by the sock_addr hooks. Later fragments
         // follow their first; the kernel built what it cannot read.
         _ => PASS,
@@ -91,18 +101,24 @@ fn hooked_transport(ctx: &SkBuffContext) -> bool {
     matches!(proto, Ok(PROTO_TCP | PROTO_UDP))
 }
 
+/// The PU of the sending socket's cgroup, for a packet of the agent's
+/// network namespace.
 #[inline(always)]
-fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
+fn pu_slot(ctx: &SkBuffContext) -> Option<u32> {
     let skb = ctx.skb.skb;
     if !in_agent_netns(skb.cast()) {
-        return PASS;
+        return None;
     }
-    // The PU of the sending socket's cgroup.
     // SAFETY: helpers on the program's own context; 0 means none.
     let own = unsafe { bpf_skb_cgroup_id(skb) };
-    let Some(slot) = pu_of_cgroup(own, |level| unsafe {
+    pu_of_cgroup(own, |level| unsafe {
         bpf_skb_ancestor_cgroup_id(skb, level)
-    }) else {
+    })
+}
+
+#[inline(always)]
+fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
+    let Some(slot) = pu_slot(ctx) else {
         return PASS;
     };
     if in_set(SCOPE_EXCLUDED, l4.dst) {

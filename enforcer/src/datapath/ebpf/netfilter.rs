@@ -104,6 +104,15 @@ pub fn render(marks: MarkLayout, queues: &QueueSettings, udp_trap_pin: &Path) ->
                 "-A {chain} -p udp -m conntrack --ctstate NEW \
                  -m bpf --object-pinned {pin} -j NFQUEUE {service}"
             ));
+        } else {
+            // Above the rate limit a datagram TC classed for the trap must
+            // not fall off the chain into INPUT's accept: the fallback
+            // sends it on to the PU's ACLs and final drop; TC already
+            // passed the ACLs that come before the trap, so it is dropped.
+            rules.push(format!(
+                "-A {chain} -p udp -m conntrack --ctstate NEW \
+                 -m mark --mark {trap_udp:#x}/{class:#x} -j DROP"
+            ));
         }
     }
     rules.push("COMMIT\n".to_string());
@@ -170,6 +179,7 @@ mod tests {
              -A TRI-Net -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
              -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/sec -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
+             -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j DROP\n\
              COMMIT\n"
         );
     }
