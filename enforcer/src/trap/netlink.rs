@@ -108,9 +108,9 @@ impl Socket {
     /// holds about `rcvbuf` bytes.
     pub fn open(rcvbuf: usize) -> io::Result<Self> {
         let nl = nl::Socket::open(NETLINK_NETFILTER, true)?;
-        // The kernel counts what overflows the buffer (`user_dropped`) and,
-        // failing open, lets it through; an ENOBUFS error would only say
-        // so once more.
+        // What overflows the buffer the kernel lets through when failing
+        // open, and otherwise drops and counts (`user_dropped`); an ENOBUFS
+        // error would only say so once more.
         nl.set_int(libc::SOL_NETLINK, libc::NETLINK_NO_ENOBUFS, 1)?;
         let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
         // FORCE passes net.core.rmem_max (the agent is privileged); the
