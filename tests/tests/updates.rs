@@ -47,6 +47,7 @@ const CUT_WITHIN: Duration = Duration::from_secs(5);
 on_both_datapaths!(
     a_hundred_updates_leave_no_gap,
     a_connection_only_the_old_policy_allowed_is_cut,
+    an_update_cuts_nothing_of_another_pu,
 );
 
 struct World {
@@ -93,7 +94,12 @@ impl World {
 
     /// A long-lived connection from a process inside the PU.
     fn stream(&self, peer: &str) -> Result<Stream> {
-        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool!())?;
+        self.stream_from(&self.cgroup, peer)
+    }
+
+    /// A long-lived connection from a process inside `cgroup`.
+    fn stream_from(&self, cgroup: &Cgroup, peer: &str) -> Result<Stream> {
+        let mut cmd = cgroup.command_in(&self.hosts.a, nettool!())?;
         cmd.args(["tcp-stream", &addr(peer).to_string(), "--seconds", "300"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -379,6 +385,49 @@ fn a_connection_only_the_old_policy_allowed_is_cut(datapath: Datapath) -> Result
         "a new connection to the peer only A allows is refused under B"
     );
     assert_eq!(w.pu_connects(BOTH)?, Outcome::Exchanged);
+    Ok(())
+}
+
+/// Another PU's connection to a peer the updated PU may no longer reach is
+/// not the update's to cut (SPEC `update`: only what the old policy alone
+/// allowed, of this PU).
+fn an_update_cuts_nothing_of_another_pu(datapath: Datapath) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env)?;
+    let other = Cgroup::new(&env.cgroup2)?;
+    let two = |web: &[&str]| {
+        Config::local_server()
+            .target_tcp(["10.1.0.0/24"])
+            .target_udp(["10.1.0.0/24"])
+            .pu(Pu::process_of("web", &w.cgroup).accepting_tcp_to(web, PORT))
+            .pu(Pu::process_of("api", &other).accepting_tcp_to(["10.4.0.0/16"], PORT))
+            .to_toml()
+    };
+    let agent = w.start(datapath, &two(&["10.2.0.0/16", "10.4.0.0/16"]))?;
+    let mut others = w.stream_from(&other, A_ONLY)?;
+    let mut own = w.stream(A_ONLY)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        own.running()? && others.running()?,
+        "both PUs' streams run before the update"
+    );
+
+    agent.reload(&two(&["10.2.0.0/16"]))?;
+    ensure!(
+        own.ended_within(CUT_WITHIN)?.is_some(),
+        "web's own connection to {A_ONLY} still runs {CUT_WITHIN:?} after its update:\n{}",
+        agent.log()
+    );
+    assert!(
+        others.running()?,
+        "api's connection, allowed by api's unchanged policy, must go on: {:?}\n{}",
+        others.report(),
+        agent.log()
+    );
+    let others = others.finish()?;
+    assert!(others.ok, "api's connection: {others:?}");
     Ok(())
 }
 

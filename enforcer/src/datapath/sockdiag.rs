@@ -48,6 +48,8 @@ const TCP_CONNECTION_STATES: u32 =
     (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 /// A connected UDP socket is in TCP_ESTABLISHED (1).
 const UDP_CONNECTED: u32 = 1 << 1;
+/// UDP sockets that are bound but not connected (`TCP_CLOSE`).
+const UDP_UNCONNECTED: u32 = 1 << 7;
 
 /// One socket of the dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,11 +74,29 @@ pub struct Socket {
 /// Every TCP socket with a connection and every connected UDP socket, of
 /// both families, in the calling thread's network namespace.
 pub fn sockets() -> io::Result<Vec<Socket>> {
+    dump(UDP_CONNECTED)
+}
+
+/// Every TCP socket with a connection and every UDP socket, connected or
+/// only bound, created in the cgroup tree at `cgroup`.
+pub fn cgroup_sockets(cgroup: &Path) -> anyhow::Result<Vec<Socket>> {
+    let ids = cgroup_tree_ids(cgroup)
+        .with_context(|| format!("listing the cgroups under {}", cgroup.display()))?;
+    let all = dump(UDP_CONNECTED | UDP_UNCONNECTED).context("listing sockets (sock_diag)")?;
+    Ok(all
+        .into_iter()
+        .filter(|s| s.cgroup.is_some_and(|id| ids.contains(&id)))
+        .collect())
+}
+
+/// TCP sockets with a connection and UDP sockets in `udp_states`, of both
+/// families.
+fn dump(udp_states: u32) -> io::Result<Vec<Socket>> {
     let nl = nl::Socket::open(libc::NETLINK_SOCK_DIAG, false)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut all = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for (protocol, states) in [(TCP, TCP_CONNECTION_STATES), (UDP, UDP_CONNECTED)] {
+        for (protocol, states) in [(TCP, TCP_CONNECTION_STATES), (UDP, udp_states)] {
             let request = message(
                 SOCK_DIAG_BY_FAMILY,
                 NLM_F_REQUEST | NLM_F_DUMP,

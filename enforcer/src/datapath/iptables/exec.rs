@@ -173,6 +173,28 @@ pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[Flow]) -> Result<us
     Ok(sockdiag::abort_sockets(cgroup, outgoing)?.len())
 }
 
+/// The flows of `flows` that sockets of the cgroup tree at `cgroup` sent:
+/// the socket's protocol, local port and address (or a wildcard bind),
+/// and its peer when it is connected. Flows of other PUs, of the host and
+/// incoming ones (their source port is the peer's) are left out.
+pub fn own_flows(cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>> {
+    let sockets = sockdiag::cgroup_sockets(cgroup)?;
+    Ok(flows
+        .into_iter()
+        .filter(|flow| sockets.iter().any(|socket| sent(socket, flow)))
+        .collect())
+}
+
+/// Did `socket` send `flow` (original direction)?
+fn sent(socket: &sockdiag::Socket, flow: &Flow) -> bool {
+    let local = socket.local.ip().to_canonical();
+    socket.protocol == flow.protocol
+        && socket.local.port() == flow.sport
+        && (local.is_unspecified() || local == flow.src.to_canonical())
+        && (socket.remote.port() == 0
+            || socket.remote == std::net::SocketAddr::new(flow.dst.to_canonical(), flow.dport))
+}
+
 /// The kernel calls the iptables datapath makes: the netfilter tools, and
 /// cutting revoked connections. [`System`] does them for real; the
 /// datapath's tests substitute a recording fake.
@@ -189,6 +211,8 @@ pub trait Netfilter: Send + Sync {
     fn conntrack_delete(&self, flow: &Flow, value: u32, mask: u32) -> Result<bool>;
     /// [`abort_flow_sockets`].
     fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize>;
+    /// [`own_flows`].
+    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>>;
 }
 
 /// The real tools of one flavour, in the calling thread's network
@@ -235,6 +259,10 @@ impl Netfilter for System {
 
     fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize> {
         abort_flow_sockets(cgroup, flows)
+    }
+
+    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>> {
+        own_flows(cgroup, flows)
     }
 }
 

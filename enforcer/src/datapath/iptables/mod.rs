@@ -459,6 +459,15 @@ impl IptablesDatapath {
             return Err(anyhow!("PU {} is not a linux-process PU", new.id));
         };
         let cgroup = self.settings.cgroup2.join(cgroup.as_path());
+        // Only what this PU sent: another PU's flow to the same peer, or
+        // an incoming one, is not this policy's to cut.
+        let revoked = self
+            .nf
+            .own_flows(&cgroup, revoked)
+            .context("finding the PU's own flows")?;
+        if revoked.is_empty() {
+            return Ok(());
+        }
         let sockets = self.nf.abort_flow_sockets(&cgroup, &revoked);
         let mut forgotten = 0;
         for flow in &revoked {
@@ -908,6 +917,14 @@ mod tests {
         ) -> anyhow::Result<usize> {
             self.call(Call::AbortSockets(cgroup.to_owned(), flows.to_vec()))
                 .map(|()| flows.len())
+        }
+
+        fn own_flows(
+            &self,
+            _cgroup: &std::path::Path,
+            flows: Vec<Flow>,
+        ) -> anyhow::Result<Vec<Flow>> {
+            Ok(flows)
         }
     }
 
