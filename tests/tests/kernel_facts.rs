@@ -63,6 +63,19 @@ on_both_families!(
     cgroup_skb_egress_sees_raw_and_ping_socket_icmp,
 );
 
+/// Loads the facts program `name` and attaches it to `cgroup`'s egress
+/// (it stays attached while `bpf` lives).
+fn attach_egress(bpf: &mut Ebpf, name: &str, cgroup: &Cgroup) -> Result<()> {
+    let prog: &mut CgroupSkb = bpf.program_mut(name).context(name.to_owned())?.try_into()?;
+    prog.load()?;
+    prog.attach(
+        cgroup.dir()?,
+        CgroupSkbAttachType::Egress,
+        CgroupAttachMode::Single,
+    )?;
+    Ok(())
+}
+
 fn load_facts() -> Result<Ebpf> {
     Ebpf::load(enforcer::bpf::kernel_facts_object()?).context("loading the kernel-facts object")
 }
@@ -447,16 +460,7 @@ fn cgroup_skb_egress_drops_only_its_cgroup(family: Family) -> Result<()> {
 
     let cgroup = Cgroup::new(&env.cgroup2)?;
     let mut bpf = load_facts()?;
-    let prog: &mut CgroupSkb = bpf
-        .program_mut(facts::PROG_EGRESS_DROP)
-        .context(facts::PROG_EGRESS_DROP)?
-        .try_into()?;
-    prog.load()?;
-    prog.attach(
-        cgroup.dir()?,
-        CgroupSkbAttachType::Egress,
-        CgroupAttachMode::Single,
-    )?;
+    attach_egress(&mut bpf, facts::PROG_EGRESS_DROP, &cgroup)?;
 
     let mut inside = cgroup.command_in(&hosts.a, nettool!())?;
     inside.args(["udp-send", &to, "--payload", "from-cgroup"]);
@@ -645,16 +649,7 @@ fn cgroup_skb_egress_sees_raw_and_ping_socket_icmp(family: Family) -> Result<()>
     }
 
     let mut bpf = load_facts()?;
-    let prog: &mut CgroupSkb = bpf
-        .program_mut(facts::PROG_EGRESS_ICMP)
-        .context(facts::PROG_EGRESS_ICMP)?
-        .try_into()?;
-    prog.load()?;
-    prog.attach(
-        cgroup.dir()?,
-        CgroupSkbAttachType::Egress,
-        CgroupAttachMode::Single,
-    )?;
+    attach_egress(&mut bpf, facts::PROG_EGRESS_ICMP, &cgroup)?;
 
     for dgram in [false, true] {
         let inside = ping(true, dgram)?;

@@ -616,29 +616,7 @@ impl Datapath for IptablesDatapath {
     }
 
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
-        self.check_supported(pu)?;
-        if self.pus.contains_key(&pu.id) {
-            let message = format!("PU {} is already configured (update it instead)", pu.id);
-            return Err(anyhow!(message).into());
-        }
-        let short = self.names.assign(&pu.id).map_err(anyhow::Error::from)?;
-        let fault = self.faults.strikes(Operation::Configure);
-        self.add_prefixes(pu, &short);
-        let result = PuPlan::new(pu, &short, version).and_then(|plan| self.install(&[plan], fault));
-        if let Err(e) = result {
-            self.names.release(&pu.id);
-            self.sync_prefixes();
-            return Err(e);
-        }
-        // Its prefixes are in already: re-reading every PU's here would
-        // make configuring the Nth PU cost in proportion to N.
-        let installed = Installed {
-            pu: pu.clone(),
-            short,
-            version,
-        };
-        self.pus.insert(pu.id.clone(), installed);
-        Ok(())
+        self.configure_all(version, std::slice::from_ref(pu))
     }
 
     /// Every PU in one [`Self::install`]: all installed, or none (and no
