@@ -55,6 +55,100 @@ pub fn find(cgroup2: &Path, bpffs: &Path) -> Result<Vec<String>> {
     Ok(found)
 }
 
+/// Removes what an earlier run that was killed (SIGKILL, a lost session)
+/// left behind under `prefix`: objects named `<prefix><pid>x<n>` (see
+/// `enforcer::sandbox::unique_name`) whose `<pid>` is no longer running.
+/// Processes still inside them go first (a killed benchmark leaves its
+/// agent and servers running in its namespaces and cgroups). Returns what
+/// it removed, one `kind: path` line each; an object it could not remove
+/// is an error naming it.
+pub fn sweep_stale(prefix: &str, cgroup2: &Path, bpffs: &Path) -> Result<Vec<String>> {
+    let stale = |name: &str| {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        !Path::new("/proc").join(pid.to_string()).exists()
+    };
+    let names = |dir: &Path, suffix: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(suffix) && stale(name.trim_end_matches(suffix)))
+            .collect()
+    };
+    let mut removed = Vec::new();
+    for name in names(cgroup2, "") {
+        let dir = cgroup2.join(&name);
+        remove_cgroup_tree(&dir).with_context(|| format!("removing cgroup {}", dir.display()))?;
+        removed.push(format!("cgroup: {}", dir.display()));
+    }
+    let netns_dir = Path::new("/run/netns");
+    for name in names(netns_dir, "") {
+        let pids = output(Command::new("ip").args(["netns", "pids", &name]))?;
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        output(Command::new("ip").args(["netns", "del", &name]))?;
+        removed.push(format!("netns: {}", netns_dir.join(name).display()));
+    }
+    let pin_root = bpffs.join("enforcer");
+    for name in names(&pin_root, "") {
+        let dir = pin_root.join(name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        removed.push(format!("pin: {}", dir.display()));
+    }
+    let sockets = Path::new(InstanceName::CONTROL_DIR);
+    for name in names(sockets, ".sock") {
+        let path = sockets.join(name);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        removed.push(format!("control socket: {}", path.display()));
+    }
+    Ok(removed)
+}
+
+/// Kills every process of a cgroup tree (`cgroup.kill`), waits until they
+/// are gone, and removes the directories, deepest first.
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("cgroup.kill"), "1")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // `populated 0` in cgroup.events: no process in the whole subtree.
+    while std::fs::read_to_string(dir.join("cgroup.events"))?
+        .lines()
+        .any(|line| line == "populated 1")
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("its processes did not end within 5 s of cgroup.kill");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    remove_dirs(dir)
+}
+
+fn remove_dirs(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_dirs(&entry.path())?;
+        }
+    }
+    // A cgroup directory holds only the kernel's interface files, which
+    // go with it: `rmdir`, never a recursive file removal.
+    std::fs::remove_dir(dir)?;
+    Ok(())
+}
+
 /// `TRI-` chains, rules that jump to them from other chains, and `TRI-`
 /// ipsets in the calling thread's network namespace, in either iptables
 /// flavour.
@@ -110,6 +204,45 @@ fn output(cmd: &mut Command) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run "killed" earlier: objects named for a pid above `pid_max`
+    /// (never alive), one with a process still inside; the sweep removes
+    /// them all, and leaves a live run's (this process's) alone.
+    #[test]
+    fn sweep_removes_a_dead_runs_objects_and_nothing_else() {
+        let Some(env) = crate::privilege::require() else {
+            return;
+        };
+        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let prefix = format!("{}sweep", crate::NAME_PREFIX);
+        let dead = format!("{prefix}{}x0", pid_max + 1);
+        let live = enforcer::sandbox::unique_name(&prefix);
+        let cgroup = env.cgroup2.join(&dead);
+        std::fs::create_dir_all(cgroup.join("pu0")).unwrap();
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        std::fs::write(cgroup.join("pu0/cgroup.procs"), child.id().to_string()).unwrap();
+        for name in [&dead, &live] {
+            output(Command::new("ip").args(["netns", "add", name])).unwrap();
+        }
+        let pins = env.bpffs.join("enforcer").join(&dead);
+        std::fs::create_dir_all(pins.join("maps")).unwrap();
+
+        let removed = sweep_stale(&prefix, &env.cgroup2, &env.bpffs);
+        let live_left = Path::new("/run/netns").join(&live).exists();
+        let _ = output(Command::new("ip").args(["netns", "del", &live]));
+        let removed = removed.unwrap();
+
+        assert!(live_left, "the live run's namespace was removed");
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(!cgroup.exists() && !pins.exists());
+        assert!(!Path::new("/run/netns").join(&dead).exists());
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the process inside was not killed");
+    }
 
     #[test]
     fn agent_rules_lists_chains_and_hooks_only() {

@@ -12,6 +12,10 @@
 
 use crate::policy::QueueSettings;
 
+/// The seed's rate limit of the network-side UDP trap, as an iptables
+/// `limit` match takes it; both datapaths render it.
+pub const NET_UDP_TRAP_LIMIT: &str = "1000/s";
+
 /// Which side of a PU a trapped packet is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

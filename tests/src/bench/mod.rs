@@ -80,6 +80,13 @@ pub fn run(options: &Options) -> Result<PathBuf> {
         bail!("the benchmarks need root: they create namespaces, cgroups, programs and rules");
     }
     let env = crate::privilege::require().context("the benchmarks cannot run here")?;
+    // A benchmark killed outright (SIGKILL, a lost session) could not
+    // remove its world; the next one does, before it makes its own.
+    for removed in crate::leftovers::sweep_stale(world::PREFIX, &env.cgroup2, &env.bpffs)
+        .context("removing what an earlier, killed benchmark left")?
+    {
+        eprintln!("removed a killed benchmark's leftover {removed}");
+    }
     let agent = std::fs::canonicalize(&options.agent)
         .with_context(|| format!("the agent {}", options.agent.display()))?;
     let plan = Plan::new(options.quick, &options.only);

@@ -886,10 +886,13 @@ impl Datapath for EbpfDatapath {
         self.acl_prefixes = 0;
         // The rules go before the pins: iptables-legacy re-checks every
         // rule of a table it rewrites, and the UDP trap rule's check opens
-        // its pinned program by path. The pins go even if the rules could
-        // not: the error is reported after.
-        let rules_removed =
-            nf::cleanup_all(self.settings.iptables_backend).context("removing netfilter rules");
+        // its pinned program by path. If a rule is left, so are the pins:
+        // without its program that rule would make legacy refuse every
+        // later rewrite of mangle, and the programs still attached keep
+        // enforcing until a later `cleanup` or `run` retries both.
+        nf::cleanup_all(self.settings.iptables_backend).context(
+            "removing netfilter rules (pins kept, so the rules left still work; retry cleanup)",
+        )?;
         // Pinned maps and links of this or an earlier (crashed) instance:
         // removing the pins releases them and detaches the programs.
         match std::fs::remove_dir_all(&self.settings.pin_dir) {
@@ -906,7 +909,6 @@ impl Datapath for EbpfDatapath {
         if let Some(parent) = self.settings.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
-        rules_removed?;
         Ok(())
     }
 

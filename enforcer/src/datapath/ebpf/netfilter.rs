@@ -9,12 +9,9 @@ use std::path::Path;
 use anyhow::{Result, ensure};
 use enforcer_common::marks::{Class, Kind, MarkLayout};
 
-use crate::datapath::queues::{self, Direction, Trapped};
+use crate::datapath::queues::{self, Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::naming::MAIN_CHAINS;
 use crate::policy::QueueSettings;
-
-/// The seed's limit on the network-side UDP trap.
-const NET_UDP_TRAP_LIMIT: &str = "1000/sec";
 
 /// The longest path xt_bpf takes (`XT_BPF_PATH_MAX`, with its NUL).
 const XT_BPF_PATH_MAX: usize = 512;
@@ -178,7 +175,7 @@ mod tests {
              -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-Net -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
-             -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/sec -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
+             -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j DROP\n\
              COMMIT\n"
         );

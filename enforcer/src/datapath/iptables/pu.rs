@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use super::rules::{Ctx, declare, nflog_group, opposite, peer};
 use super::sets::SetSpec;
-use crate::datapath::queues::{Direction, Trapped};
+use crate::datapath::queues::{Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::datapath::{DatapathError, DatapathKind};
 use crate::naming::{
     self, ChainPair, GlobalSet, LogTag, PROCESS_CHAINS, PortSet, ShortName, nflog_prefix,
@@ -28,9 +28,6 @@ const MAX_ACLS: usize = u16::MAX as usize + 1;
 
 /// Ports one `multiport` match takes; a range takes two.
 const MULTIPORT_SLOTS: usize = 15;
-
-/// The seed's rate limit of the network-side UDP trap.
-const NET_UDP_TRAP_LIMIT: &str = "1000/s";
 
 /// The first ACK of a connection: the initiator's (original direction),
 /// among its first three packets. conntrack (priority -200) has counted
