@@ -26,6 +26,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::token::MAX_TOKEN_LEN;
+use crate::trap::packet::{V6Chain, V6Step};
 
 /// The TCP option that says "a token follows as payload" (the seed's).
 pub const MARKER_OPTION: u8 = 34;
@@ -123,32 +124,28 @@ fn layout(p: &[u8]) -> Result<Layout, WireError> {
                     len: p.len(),
                 });
             }
-            let (mut next, mut at) = (p[6], 40);
-            // Each extension header moves at least 8 bytes on, so the
-            // walk ends within the packet.
-            loop {
-                match next {
-                    0 | 43 | 60 => {
-                        let len = p.get(at + 1).map(|&n| (usize::from(n) + 1) * 8);
-                        let (Some(&following), Some(len)) = (p.get(at), len) else {
-                            return Err(WireError::BadIpHeader);
-                        };
-                        if at + len > p.len() {
-                            return Err(WireError::BadIpHeader);
-                        }
-                        (next, at) = (following, at + len);
-                    }
-                    44 => return Err(WireError::Fragment),
-                    51 => return Err(WireError::Authenticated),
-                    protocol => {
+            for step in V6Chain::new(p) {
+                match step {
+                    V6Step::Extension {
+                        header: V6Step::FRAGMENT,
+                        ..
+                    } => return Err(WireError::Fragment),
+                    V6Step::Extension {
+                        header: V6Step::AUTH,
+                        ..
+                    } => return Err(WireError::Authenticated),
+                    V6Step::Extension { .. } => {}
+                    V6Step::Transport { protocol, at } => {
                         return Ok(Layout {
                             v6: true,
                             l4: at,
                             protocol,
                         });
                     }
+                    V6Step::Truncated { .. } => return Err(WireError::BadIpHeader),
                 }
             }
+            Err(WireError::BadIpHeader)
         }
         _ => Err(WireError::NotIp),
     }

@@ -140,7 +140,7 @@ fn parse_v6(p: &[u8]) -> Result<Headers, PacketError> {
     })?;
     let src = Ipv6Addr::from(array::<16>(&header[8..24]));
     let dst = Ipv6Addr::from(array::<16>(&header[24..40]));
-    let (protocol, l4) = v6_transport(header[6], &p[40..]);
+    let (protocol, l4) = v6_transport(p);
     Ok(Headers {
         src: src.into(),
         dst: dst.into(),
@@ -149,32 +149,93 @@ fn parse_v6(p: &[u8]) -> Result<Headers, PacketError> {
     })
 }
 
-/// Walks the IPv6 extension headers to the transport header. Each step
-/// moves forward by at least 8 bytes, so the walk ends within the buffer.
-fn v6_transport(mut next: u8, mut rest: &[u8]) -> (u8, L4) {
-    const HOP_BY_HOP: u8 = 0;
-    const ROUTING: u8 = 43;
-    const FRAGMENT: u8 = 44;
-    const AUTH: u8 = 51;
-    const DEST_OPTS: u8 = 60;
-    loop {
-        let len = match next {
-            HOP_BY_HOP | ROUTING | DEST_OPTS => rest.get(1).map(|&n| (usize::from(n) + 1) * 8),
-            AUTH => rest.get(1).map(|&n| (usize::from(n) + 2) * 4),
-            FRAGMENT => {
-                let Some(ext) = rest.get(..8) else {
-                    return (next, L4::Truncated);
-                };
-                if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
-                    return (ext[0], L4::LaterFragment);
+/// The transport protocol and header of an IPv6 packet, through its
+/// extension headers; a later fragment has none to read.
+fn v6_transport(p: &[u8]) -> (u8, L4) {
+    for step in V6Chain::new(p) {
+        match step {
+            V6Step::Extension {
+                header: V6Step::FRAGMENT,
+                at,
+                ..
+            } => {
+                // The fragment offset, in 8-byte units: non-zero is a
+                // later fragment. The step's length says all 8 bytes are
+                // there.
+                if be16(p, at + 2).unwrap_or(0) >> 3 != 0 {
+                    return (p[at], L4::LaterFragment);
                 }
-                Some(8)
             }
-            _ => return (next, transport(next, rest)),
+            V6Step::Extension { .. } => {}
+            V6Step::Transport { protocol, at } => return (protocol, transport(protocol, &p[at..])),
+            V6Step::Truncated { header } => return (header, L4::Truncated),
+        }
+    }
+    unreachable!("an IPv6 header chain ends in a transport or truncated step")
+}
+
+/// One step along an IPv6 packet's header chain, after the fixed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6Step {
+    /// An extension header of type `header` at offset `at`, `len` bytes
+    /// long, all of them within the packet.
+    Extension { header: u8, at: usize, len: usize },
+    /// The transport header (or any protocol that is not an extension
+    /// header) of type `protocol` at offset `at`. Ends the chain.
+    Transport { protocol: u8, at: usize },
+    /// An extension header of type `header` that does not fit the
+    /// packet. Ends the chain.
+    Truncated { header: u8 },
+}
+
+impl V6Step {
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const AUTH: u8 = 51;
+    pub const DEST_OPTS: u8 = 60;
+}
+
+/// The header chain of an IPv6 packet (`p` from its first byte, at least
+/// its 40-byte fixed header), step by step. Every extension step moves on
+/// by at least 8 bytes and is checked against the packet's end, so the
+/// walk ends within the buffer, with a `Transport` or `Truncated` step.
+/// The one walk both the trap's reader and the handshake's packet changes
+/// (`identity::wire`) use.
+pub struct V6Chain<'a> {
+    p: &'a [u8],
+    next: Option<(u8, usize)>,
+}
+
+impl<'a> V6Chain<'a> {
+    pub fn new(p: &'a [u8]) -> Self {
+        Self {
+            p,
+            next: p.get(6).map(|&next| (next, 40)),
+        }
+    }
+}
+
+impl Iterator for V6Chain<'_> {
+    type Item = V6Step;
+
+    fn next(&mut self) -> Option<V6Step> {
+        let (header, at) = self.next.take()?;
+        let p = self.p;
+        let len = match header {
+            V6Step::HOP_BY_HOP | V6Step::ROUTING | V6Step::DEST_OPTS => {
+                p.get(at + 1).map(|&n| (usize::from(n) + 1) * 8)
+            }
+            V6Step::AUTH => p.get(at + 1).map(|&n| (usize::from(n) + 2) * 4),
+            V6Step::FRAGMENT => Some(8),
+            protocol => return Some(V6Step::Transport { protocol, at }),
         };
-        match len.and_then(|len| Some((*rest.first()?, rest.get(len..)?))) {
-            Some((following, after)) => (next, rest) = (following, after),
-            None => return (next, L4::Truncated),
+        match len.filter(|&len| at + len <= p.len()) {
+            Some(len) => {
+                self.next = Some((p[at], at + len));
+                Some(V6Step::Extension { header, at, len })
+            }
+            None => Some(V6Step::Truncated { header }),
         }
     }
 }
