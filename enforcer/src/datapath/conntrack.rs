@@ -188,6 +188,20 @@ tcp      6 10 CLOSE src=10.0.0.1 dst=not-an-address sport=1 dport=2
     }
 
     #[test]
+    fn a_flows_ends_are_the_pus_and_the_peers_by_side() {
+        let flow = parse_list(
+            "tcp 6 99 ESTABLISHED src=10.4.0.2 dst=10.0.0.1 sport=40000 dport=8080 \
+             src=10.0.0.1 dst=10.4.0.2 sport=8080 dport=40000\n",
+        )[0];
+        let (pu, peer): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.4.0.2:40000".parse().unwrap(),
+        );
+        assert_eq!(flow.ends(Direction::Net), (pu, peer), "incoming");
+        assert_eq!(flow.ends(Direction::App), (peer, pu), "as if outgoing");
+    }
+
+    #[test]
     fn udp_flows_with_an_end_no_longer_a_target_are_stale() {
         let nets = |l: &[&str]| -> Vec<IpNet> { l.iter().map(|n| n.parse().unwrap()).collect() };
         let flows = parse_list(
