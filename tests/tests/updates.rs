@@ -56,6 +56,7 @@ on_both_datapaths!(
     a_connection_only_the_old_policy_allowed_is_cut,
     an_update_cuts_nothing_of_another_pu,
 );
+
 /// The network side, on both families as well (its own module: the
 /// matrices above and here would both make `ebpf` and `iptables`).
 mod incoming {
