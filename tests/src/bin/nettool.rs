@@ -94,6 +94,10 @@ enum Cmd {
     /// Listen on ADDR and echo every connection's data back, until stdin
     /// closes. Prints `listening` once bound.
     TcpEchoServer { addr: SocketAddr },
+    /// Bind ADDR and send every datagram back to its sender (`sendto` on
+    /// the unconnected socket, as a UDP server does), until stdin closes.
+    /// Prints `listening` once bound.
+    UdpEchoServer { addr: SocketAddr },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             );
         }
         Cmd::TcpEchoServer { addr } => return tcp_echo_server(addr),
+        Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -210,6 +215,29 @@ fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
         }
     });
     // The harness closes our stdin to say "stop now".
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    ExitCode::SUCCESS
+}
+
+/// `nettool udp-echo-server`.
+fn udp_echo_server(addr: SocketAddr) -> ExitCode {
+    let socket = match std::net::UdpSocket::bind(addr) {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        // A refused reply (EPERM from a hook) is the policy's answer,
+        // not the server's end: keep serving.
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     ExitCode::SUCCESS
 }
