@@ -86,7 +86,9 @@ impl TcpEchoServer {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+/// Echoes what the client sends until it closes its side (or is silent
+/// for 10 s): the server side of [`tcp_exchange`].
+pub fn echo(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut buf = [0u8; 4096];
     while let Ok(n) = stream.read(&mut buf) {

@@ -5,6 +5,7 @@
 //!
 //! `nettool tcp-stream` keeps one connection busy for a while (see
 //! [`tcp_stream`]): the long-lived connection of the update tests.
+//! `nettool serve` is a server inside a PU's cgroup (the port tests).
 //!
 //! Also `nettool leftovers`: lists harness objects a test run left on the
 //! machine — namespaces, cgroups, pins, control sockets, and any `TRI-`
@@ -85,6 +86,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
     },
+    /// A server inside the caller's namespace and cgroup: echoes every TCP
+    /// connection to ADDR and, with `--udp`, binds ADDR for UDP too and
+    /// prints `udp <sender> <payload>` for each datagram. Prints
+    /// `listening` once bound; when stdin closes, closes its sockets,
+    /// prints `closed` and exits. The PU's own server of the port tests.
+    Serve {
+        addr: SocketAddr,
+        #[arg(long)]
+        udp: bool,
+    },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -125,6 +136,7 @@ fn main() -> ExitCode {
                 Duration::from_millis(timeout_ms),
             );
         }
+        Cmd::Serve { addr, udp } => return serve(addr, udp),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -178,6 +190,45 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
         }
         let _ = std::io::stdout().flush();
     }
+    ExitCode::SUCCESS
+}
+
+/// `nettool serve`.
+fn serve(addr: SocketAddr, udp: bool) -> ExitCode {
+    let bound = std::net::TcpListener::bind(addr).and_then(|tcp| {
+        let udp = match udp {
+            true => Some(std::net::UdpSocket::bind(addr)?),
+            false => None,
+        };
+        Ok((tcp, udp))
+    });
+    let (listener, udp) = match bound {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || traffic::echo(stream));
+        }
+    });
+    if let Some(socket) = udp {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                println!("udp {from} {}", String::from_utf8_lossy(&buf[..n]));
+                let _ = std::io::stdout().flush();
+            }
+        });
+    }
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    // Exiting closes every socket at once, the threads' included.
+    println!("closed");
+    let _ = std::io::stdout().flush();
     ExitCode::SUCCESS
 }
 
