@@ -7,20 +7,17 @@
 //! listening, the port is no PU's again.
 //!
 //! Host `a` runs the agent; PU `web` (its config lists TCP 8080 only)
-//! starts a server on 8081, TCP and UDP, inside its cgroup while the agent
-//! runs. Host `b` connects from one source address per role. Discovery is
+//! starts echo servers on 8081, TCP and UDP, inside its cgroup while the
+//! agent runs. Host `b` connects from one source address per role. Discovery is
 //! waited for by polling with a deadline; the time it took is printed
 //! (`--nocapture`), as the lag README.md reports.
 
 use std::{
-    io::{BufRead as _, BufReader},
     net::SocketAddr,
-    process::{Child, ChildStdin, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, bail};
 use enforcer_tests::{
     agent::Datapath,
     cgroup::Cgroup,
@@ -28,7 +25,9 @@ use enforcer_tests::{
     netfilter::Family,
     on_both_datapaths_and_families,
     roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
-    traffic::{Outcome, TcpEchoServer, tcp_exchange_from, udp_send},
+    traffic::{
+        Outcome, PuEchoServer, TcpEchoServer, Transport, tcp_exchange_from, udp_exchange_from,
+    },
     world::PuWorld,
 };
 use serde_json::json;
@@ -40,8 +39,6 @@ const NEW_PORT: u16 = 8081;
 /// How long discovery may take to notice a change: the default interval
 /// is 500 ms; the rest is room for a loaded machine.
 const DISCOVERY_DEADLINE: Duration = Duration::from_secs(15);
-/// How long a datagram the policy lets through may take to arrive.
-const DELIVERY: Duration = Duration::from_secs(3);
 
 on_both_datapaths_and_families!(a_port_the_pu_starts_listening_on_follows_its_policy);
 
@@ -49,13 +46,19 @@ fn config(cgroup: &Cgroup) -> String {
     let from_acl_peer = Acl::accept("from-acl-peer", roles::networks(ACL_PEER))
         .tcp(EVERY_PORT)
         .udp(EVERY_PORT);
+    // The UDP server answers from its unconnected socket: an application
+    // ACL lets its answers out to both peers whatever the datapath's own
+    // handling of answers, so that only the incoming side decides.
+    let peers = [roles::networks(ACL_PEER), roles::networks(OTHER)].concat();
+    let answers = Acl::accept("answers", peers).udp(EVERY_PORT);
     Config::local_server()
         .target_tcp(TARGET_NETS)
         .target_udp(TARGET_NETS)
         .excluded(roles::networks(EXCLUDED))
         .pu(Pu::process_of("web", cgroup)
             .tcp_ports([CONFIG_PORT])
-            .network_acl(from_acl_peer))
+            .network_acl(from_acl_peer)
+            .application_acl(answers))
         .to_toml()
 }
 
@@ -79,12 +82,22 @@ fn a_port_the_pu_starts_listening_on_follows_its_policy(
             .b
             .run(|| tcp_exchange_from(Some(from), new_port, b"ping"))
     };
+    let datagram = |role: u8| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(from), new_port, b"ping"))
+    };
     let web_ports =
         |key: &str| -> Result<serde_json::Value> { Ok(agent.status()?["pus"][0][key].clone()) };
+    let pu_server = |transport| {
+        let nettool = env!("CARGO_BIN_EXE_nettool");
+        PuEchoServer::start(nettool, transport, &stage.cgroup, &hosts.a, new_port)
+    };
 
     // The PU starts listening: once discovery found the port, a peer no
     // ACL names is blocked (before, the port was no PU's: it connected).
-    let server = PuServer::start(&stage, new_port)?;
+    let servers = [pu_server(Transport::Tcp)?, pu_server(Transport::Udp)?];
     let lag = wait_until(|| Ok(connect(OTHER)?.is_blocked())).context(
         "a peer no ACL names still connects to the port the PU listens on: \
          the port never became the PU's",
@@ -119,28 +132,23 @@ fn a_port_the_pu_starts_listening_on_follows_its_policy(
         1,
         "the SYN from the target network reaches user space"
     );
-    // UDP in the same port set: the ACL's peer gets through, another peer
-    // does not (its datagram, sent first on the same path, never arrives).
-    let send = |role: u8, payload: &'static [u8]| -> Result<Outcome> {
-        let from = source(family, role);
-        hosts.b.run(|| udp_send(Some(from), new_port, payload))
-    };
-    send(OTHER, b"from-other")?;
-    send(ACL_PEER, b"from-acl-peer")?;
-    ensure!(
-        server.got_udp("from-acl-peer", DELIVERY),
-        "the ACL's peer's datagram to the new UDP port never arrived"
+    // UDP in the same port set.
+    assert_eq!(
+        datagram(ACL_PEER)?,
+        Outcome::Exchanged,
+        "UDP: network ACL accepts"
     );
+    let dropped = datagram(OTHER)?;
     assert!(
-        !server.got_udp("from-other", Duration::ZERO),
-        "a peer no ACL names reached the new UDP port"
+        dropped.is_blocked(),
+        "UDP, no ACL: dropped, got {dropped:?}"
     );
 
     // The PU stops listening; a server outside the PU takes the port. Once
     // discovery noticed (waited for in `status`: a blocked connection
     // would succeed on its SYN's retransmission a second later, so it
     // cannot time the change), the port is no PU's: every peer connects.
-    server.close()?;
+    drop(servers);
     let _outside = TcpEchoServer::start(&hosts.a, new_port)?;
     let lag = wait_until(|| Ok(web_ports("discovered_ports")? == json!([])))
         .context("the port the PU stopped listening on is still among its discovered ports")?;
@@ -169,84 +177,5 @@ fn wait_until(mut done: impl FnMut() -> Result<bool>) -> Result<Duration> {
             bail!("not within {DISCOVERY_DEADLINE:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `nettool serve` inside the PU's cgroup on host `a`: the PU's own
-/// server of a port its config does not list.
-struct PuServer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    /// Every line it printed after `listening`.
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl PuServer {
-    /// Starts it on `addr` (TCP and UDP); returns once it listens.
-    fn start(stage: &PuWorld, addr: SocketAddr) -> Result<Self> {
-        let mut cmd = stage
-            .cgroup
-            .command_in(&stage.hosts.a, env!("CARGO_BIN_EXE_nettool"))?;
-        cmd.args(["serve", &addr.to_string(), "--udp"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().context("starting nettool serve")?;
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut first = String::new();
-        stdout.read_line(&mut first)?;
-        if first.trim() != "listening" {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("nettool serve on {addr} did not start: {first}");
-        }
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lines lock").push(line);
-            }
-        });
-        Ok(Self {
-            child,
-            stdin,
-            lines,
-        })
-    }
-
-    /// Whether a datagram with `payload` arrived, waiting up to `within`.
-    fn got_udp(&self, payload: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            let lines = self.lines.lock().expect("lines lock");
-            if lines
-                .iter()
-                .any(|l| l.starts_with("udp ") && l.ends_with(&format!(" {payload}")))
-            {
-                return true;
-            }
-            drop(lines);
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Closes its sockets (it exits when its stdin closes) and waits until
-    /// it is gone.
-    fn close(mut self) -> Result<()> {
-        drop(self.stdin.take());
-        let status = self.child.wait().context("waiting for nettool serve")?;
-        ensure!(status.success(), "nettool serve ended with {status}");
-        Ok(())
-    }
-}
-
-impl Drop for PuServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

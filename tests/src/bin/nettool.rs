@@ -5,7 +5,9 @@
 //!
 //! `nettool tcp-stream` keeps one connection busy for a while (see
 //! [`tcp_stream`]): the long-lived connection of the update tests.
-//! `nettool serve` is a server inside a PU's cgroup (the port tests).
+//! `nettool tcp-echo-server` is the server side as a process, so that a
+//! PU's listening socket (and the connections it accepts) belong to the
+//! PU's cgroup.
 //!
 //! Also `nettool leftovers`: lists harness objects a test run left on the
 //! machine — namespaces, cgroups, pins, control sockets, and any `TRI-`
@@ -85,17 +87,17 @@ enum Cmd {
         /// wait before the connection counts as failed.
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
-    },
-    /// A server inside the caller's namespace and cgroup: echoes every TCP
-    /// connection to ADDR and, with `--udp`, binds ADDR for UDP too and
-    /// prints `udp <sender> <payload>` for each datagram. Prints
-    /// `listening` once bound; when stdin closes, closes its sockets,
-    /// prints `closed` and exits. The PU's own server of the port tests.
-    Serve {
-        addr: SocketAddr,
+        /// Source address to bind to.
         #[arg(long)]
-        udp: bool,
+        from: Option<std::net::IpAddr>,
     },
+    /// Listen on ADDR and echo every connection's data back, until stdin
+    /// closes. Prints `listening` once bound.
+    TcpEchoServer { addr: SocketAddr },
+    /// Bind ADDR and send every datagram back to its sender (`sendto` on
+    /// the unconnected socket, as a UDP server does), until stdin closes.
+    /// Prints `listening` once bound.
+    UdpEchoServer { addr: SocketAddr },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -129,14 +131,17 @@ fn main() -> ExitCode {
             to,
             seconds,
             timeout_ms,
+            from,
         } => {
             return tcp_stream(
                 to,
+                from,
                 Duration::from_secs(seconds),
                 Duration::from_millis(timeout_ms),
             );
         }
-        Cmd::Serve { addr, udp } => return serve(addr, udp),
+        Cmd::TcpEchoServer { addr } => return tcp_echo_server(addr),
+        Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -193,48 +198,58 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `nettool serve`.
-fn serve(addr: SocketAddr, udp: bool) -> ExitCode {
-    let bound = std::net::TcpListener::bind(addr).and_then(|tcp| {
-        let udp = match udp {
-            true => Some(std::net::UdpSocket::bind(addr)?),
-            false => None,
-        };
-        Ok((tcp, udp))
-    });
-    let (listener, udp) = match bound {
-        Ok(sockets) => sockets,
+/// `nettool tcp-echo-server`.
+fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(listener) => listener,
         Err(e) => {
             println!("error={e}");
             return ExitCode::FAILURE;
         }
     };
+    println!("listening");
+    let _ = std::io::stdout().flush();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || traffic::echo(stream));
         }
     });
-    if let Some(socket) = udp {
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                println!("udp {from} {}", String::from_utf8_lossy(&buf[..n]));
-                let _ = std::io::stdout().flush();
-            }
-        });
-    }
+    // The harness closes our stdin to say "stop now".
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    ExitCode::SUCCESS
+}
+
+/// `nettool udp-echo-server`.
+fn udp_echo_server(addr: SocketAddr) -> ExitCode {
+    let socket = match std::net::UdpSocket::bind(addr) {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
     println!("listening");
     let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        // A refused reply (EPERM from a hook) is the policy's answer,
+        // not the server's end: keep serving.
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-    // Exiting closes every socket at once, the threads' included.
-    println!("closed");
-    let _ = std::io::stdout().flush();
     ExitCode::SUCCESS
 }
 
 /// `nettool tcp-stream`.
-fn tcp_stream(to: SocketAddr, duration: Duration, timeout: Duration) -> ExitCode {
-    let mut stream = match TcpStream::connect_timeout(&to, traffic::CONNECT_TIMEOUT) {
+fn tcp_stream(
+    to: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    duration: Duration,
+    timeout: Duration,
+) -> ExitCode {
+    let mut stream = match traffic::tcp_connect(from, to) {
         Ok(stream) => stream,
         Err(e) => {
             println!("bytes=0 rounds=0 max_gap_ms=0 retransmits=0 error=connect:{e}");
