@@ -837,7 +837,10 @@ impl Datapath for EbpfDatapath {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
         let cgroup = self.pus[&old.id].cgroup.clone();
-        self.cut_refused(new, &cgroup);
+        // Judged with the run-time ports, which are the PU's listening
+        // ports as much as its configured ones.
+        let listening = ports::with_runtime(new, &self.pus[&old.id].runtime);
+        self.cut_refused(&listening, &cgroup);
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }

@@ -739,7 +739,7 @@ impl Datapath for IptablesDatapath {
             return Err(e);
         }
         let short = installed.short.clone();
-        let replaced = self.pus.insert(
+        self.pus.insert(
             new.id.clone(),
             Installed {
                 pu: new.clone(),
@@ -751,10 +751,10 @@ impl Datapath for IptablesDatapath {
         self.sync_prefixes();
         // The new policy is in force: cutting what it no longer allows
         // cannot undo it, so a failure there is logged, not returned (the
-        // record of what is in force must stay true).
-        if let Some(old) = replaced
-            && let Err(e) = self.cut_revoked(&old.pu, new)
-        {
+        // record of what is in force must stay true). Both policies are
+        // judged with the run-time ports: they are the PU's listening ports
+        // as much as its configured ones.
+        if let Err(e) = self.cut_revoked(&old_sets, &new_sets) {
             tracing::error!(
                 pu = %new.id,
                 "the new policy is in force, but cutting the connections only the old one \
