@@ -797,8 +797,8 @@ impl Datapath for EbpfDatapath {
         self.write_acls(slot, generation, &entries)?;
         let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
         // New ports are mapped before the switch, old-only ones unmapped
-        // after it: a port in both policies is never unmapped.
-        // The run-time ports stay, whatever the new config lists.
+        // after it: a port in both policies is never unmapped. The
+        // run-time ports stay, whatever the new config lists.
         let old_ports = self.pus[&old.id].ports.clone();
         let ports = entries::port_keys(&ports::with_runtime(new, &self.pus[&old.id].runtime));
         let added_ports: BTreeSet<PortKey> = ports.difference(&old_ports).copied().collect();
