@@ -4,7 +4,9 @@
 //! network policy once the agent's port discovery has found it — the
 //! excluded networks untouched, the target networks trapped, the network
 //! ACLs for everyone else, the rest dropped — and when it stops
-//! listening, the port is no PU's again.
+//! listening, the port is no PU's again. A port the config lists and the
+//! PU listens on stays the PU's through a reload that drops it from the
+//! config.
 //!
 //! Host `a` runs the agent; PU `web` (its config lists TCP 8080 only)
 //! starts echo servers on 8081, TCP and UDP, inside its cgroup while the
@@ -40,9 +42,17 @@ const NEW_PORT: u16 = 8081;
 /// is 500 ms; the rest is room for a loaded machine.
 const DISCOVERY_DEADLINE: Duration = Duration::from_secs(15);
 
-on_both_datapaths_and_families!(a_port_the_pu_starts_listening_on_follows_its_policy);
+on_both_datapaths_and_families!(
+    a_port_the_pu_starts_listening_on_follows_its_policy,
+    a_port_listened_on_stays_when_a_reload_drops_it_from_the_config,
+);
 
 fn config(cgroup: &Cgroup) -> String {
+    config_with_ports(cgroup, &[CONFIG_PORT])
+}
+
+/// `web` with `tcp_ports` in its config.
+fn config_with_ports(cgroup: &Cgroup, tcp_ports: &[u16]) -> String {
     let from_acl_peer = Acl::accept("from-acl-peer", roles::networks(ACL_PEER))
         .tcp(EVERY_PORT)
         .udp(EVERY_PORT);
@@ -56,7 +66,7 @@ fn config(cgroup: &Cgroup) -> String {
         .target_udp(TARGET_NETS)
         .excluded(roles::networks(EXCLUDED))
         .pu(Pu::process_of("web", cgroup)
-            .tcp_ports([CONFIG_PORT])
+            .tcp_ports(tcp_ports.iter().copied())
             .network_acl(from_acl_peer)
             .application_acl(answers))
         .to_toml()
@@ -159,6 +169,55 @@ fn a_port_the_pu_starts_listening_on_follows_its_policy(
         "the port is no PU's any more: a peer no ACL names connects"
     );
     assert_eq!(web_ports("config_ports")?, json!(["8080/tcp"]));
+    Ok(())
+}
+
+/// A port the config lists and the PU listens on is discovered too, so a
+/// reload that drops it from the config leaves it in the PU's port set:
+/// the update keeps the run-time ports, and at no moment is the port no
+/// PU's (a peer no ACL names is blocked right after the reload, not only
+/// once discovery has run again).
+fn a_port_listened_on_stays_when_a_reload_drops_it_from_the_config(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let new_port = SocketAddr::new(stage.server_ip(), NEW_PORT);
+    let both = config_with_ports(&stage.cgroup, &[CONFIG_PORT, NEW_PORT]);
+    let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &both)?;
+    let connect = |role: u8| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts
+            .b
+            .run(|| tcp_exchange_from(Some(from), new_port, b"ping"))
+    };
+    let discovered = || -> Result<serde_json::Value> {
+        Ok(agent.status()?["pus"][0]["discovered_ports"].clone())
+    };
+    let nettool = env!("CARGO_BIN_EXE_nettool");
+    let _server = PuEchoServer::start(nettool, Transport::Tcp, &stage.cgroup, &hosts.a, new_port)?;
+    wait_until(|| Ok(discovered()? == json!(["8081/tcp"])))
+        .context("the configured port the PU listens on was never discovered")?;
+
+    agent.reload(&config(&stage.cgroup))?;
+    let blocked = connect(OTHER)?;
+    assert!(
+        blocked.is_blocked(),
+        "right after the reload, a peer no ACL names is still blocked, got {blocked:?}"
+    );
+    assert_eq!(
+        connect(ACL_PEER)?,
+        Outcome::Exchanged,
+        "network ACL accepts"
+    );
+    assert_eq!(
+        agent.status()?["pus"][0]["config_ports"],
+        json!(["8080/tcp"])
+    );
+    assert_eq!(discovered()?, json!(["8081/tcp"]));
     Ok(())
 }
 
