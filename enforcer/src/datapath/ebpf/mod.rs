@@ -71,6 +71,7 @@ const BPF_NOEXIST: u64 = 1;
 use self::entries::{AclPrefix, Side};
 use self::grace::GracePeriod;
 use super::fault::{self, Faults, Operation};
+use super::ports::{self, ListenPort, RuntimePorts};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{
@@ -107,8 +108,10 @@ struct PuState {
     /// could make a running hook miss); the next update removes them
     /// first.
     retired: BTreeSet<AclPrefix>,
-    /// Its listening ports in `PU_PORTS`.
+    /// Its listening ports in `PU_PORTS`: configured and run-time.
     ports: BTreeSet<PortKey>,
+    /// Its run-time ports ([`ports`]).
+    runtime: RuntimePorts,
     /// The policy in force (what a change of the target networks judges
     /// its sockets by).
     policy: Pu,
@@ -756,6 +759,7 @@ impl Datapath for EbpfDatapath {
                 prefixes,
                 retired: BTreeSet::new(),
                 ports,
+                runtime: RuntimePorts::new(),
                 policy: pu.clone(),
                 links,
             },
@@ -796,9 +800,10 @@ impl Datapath for EbpfDatapath {
         self.write_acls(slot, generation, &entries)?;
         let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
         // New ports are mapped before the switch, old-only ones unmapped
-        // after it: a port in both policies is never unmapped.
+        // after it: a port in both policies is never unmapped. The
+        // run-time ports stay, whatever the new config lists.
         let old_ports = self.pus[&old.id].ports.clone();
-        let ports = entries::port_keys(new);
+        let ports = entries::port_keys(&ports::with_runtime(new, &self.pus[&old.id].runtime));
         let added_ports: BTreeSet<PortKey> = ports.difference(&old_ports).copied().collect();
         if let Err(e) = self.add_ports(slot, &added_ports) {
             self.remove_acls(slot, generation, &prefixes);
@@ -835,7 +840,14 @@ impl Datapath for EbpfDatapath {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
         let cgroup = self.pus[&old.id].cgroup.clone();
-        self.cut_refused(old, new, &cgroup);
+        // Judged with the run-time ports, which are the PU's listening
+        // ports as much as its configured ones, under both policies.
+        let runtime = &self.pus[&old.id].runtime;
+        let (old, new) = (
+            ports::with_runtime(old, runtime),
+            ports::with_runtime(new, runtime),
+        );
+        self.cut_refused(&old, &new, &cgroup);
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -913,6 +925,62 @@ impl Datapath for EbpfDatapath {
             let _ = std::fs::remove_dir(parent);
         }
         Ok(())
+    }
+
+    /// One `PU_PORTS` entry, created with BPF_NOEXIST: the kernel too
+    /// refuses a port another PU holds.
+    fn add_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let state = self
+            .pus
+            .get(id)
+            .ok_or_else(|| DatapathError::UnknownPu(id.clone()))?;
+        if state.runtime.contains(&port) {
+            return Ok(());
+        }
+        let others = self.pus.values().map(|s| (&s.policy, &s.runtime));
+        ports::check_free(id, port, others)?;
+        let (slot, key) = (state.slot, entries::port_key(port));
+        if !state.ports.contains(&key) {
+            self.add_ports(slot, &BTreeSet::from([key]))?;
+        }
+        let state = self.pus.get_mut(id).expect("checked above");
+        state.ports.insert(key);
+        state.runtime.insert(port);
+        Ok(())
+    }
+
+    fn remove_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let Some(state) = self.pus.get(id) else {
+            return Ok(());
+        };
+        if !state.runtime.contains(&port) {
+            return Ok(());
+        }
+        let (slot, key) = (state.slot, entries::port_key(port));
+        let configured = ports::configured(&state.policy, port);
+        if !configured {
+            // Only while the entry is still this PU's (as `remove_ports`),
+            // but a failure is returned: the port stays recorded, and the
+            // next removal tries again.
+            let map = &mut self.loaded()?.ports;
+            if map.get(&key, 0).ok() == Some(slot) {
+                map.remove(&key)
+                    .with_context(|| format!("unmapping port {port} of PU {id}"))?;
+            }
+        }
+        let state = self.pus.get_mut(id).expect("checked above");
+        if !configured {
+            state.ports.remove(&key);
+        }
+        state.runtime.remove(&port);
+        Ok(())
+    }
+
+    fn runtime_ports(&self, id: &PuId) -> RuntimePorts {
+        self.pus
+            .get(id)
+            .map(|s| s.runtime.clone())
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Result<Counters> {
