@@ -332,8 +332,15 @@ fn udp_flood(to: SocketAddr, duration: Duration, size: usize, connected: bool) -
 /// peers' acceptor does (a plain close; the connector resets); says
 /// `ready` once it listens.
 fn accept(port: u16, duration: Duration) -> Result<Value> {
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("listening on {port}"))?;
+    // A deep accept queue: a full one drops the SYN, and the connector
+    // waits a second for its retransmission.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .and_then(|()| socket.listen(4096))
+        .with_context(|| format!("listening on {port}"))?;
+    let listener: TcpListener = socket.into();
     // accept(2) honours SO_RCVTIMEO: the loop looks at the clock at least
     // this often without a busy wait.
     SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(50)))?;
