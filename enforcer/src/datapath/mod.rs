@@ -173,6 +173,7 @@ pub trait Datapath: Send {
 pub mod conntrack;
 pub mod ebpf;
 pub mod fault;
+pub mod handshake;
 pub mod iptables;
 pub mod probe;
 pub mod queues;
