@@ -292,7 +292,9 @@ COMMIT
         );
         assert_eq!(
             with("-j MARK"),
-            ["-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j MARK --set-xmark 0x80000/0x380000"]
+            [
+                "-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j MARK --set-xmark 0x80000/0x380000"
+            ]
         );
         assert_eq!(
             with("-I "),
