@@ -103,8 +103,8 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
          -A OUTPUT -d {acl_peer} -j MARK --or-mark {KUBE:#x}\n\
          COMMIT\n\
          *mangle\n\
-         -A POSTROUTING -d {target} -m comment --comment target-out -m mark --mark 0x0/0x0\n\
-         -A POSTROUTING -d {target} -m comment --comment target-kube-and-agent -m mark --mark {KUBE_MASQ:#x}/{KUBE_MASQ:#x} -m mark --mark {KUBE_DROP:#x}/{KUBE_DROP:#x} -m connmark --mark {authorised:#x}/{kind:#x}\n\
+         -A POSTROUTING -d {target} -p tcp ! --syn -m comment --comment target-out -m mark --mark 0x0/0x0\n\
+         -A POSTROUTING -d {target} -p tcp ! --syn -m comment --comment target-kube-and-agent -m mark --mark {KUBE_MASQ:#x}/{KUBE_MASQ:#x} -m mark --mark {KUBE_DROP:#x}/{KUBE_DROP:#x} -m connmark --mark {authorised:#x}/{kind:#x}\n\
          -A POSTROUTING -d {acl_peer} -m comment --comment acl-out -m mark --mark 0x0/0x0\n\
          -A POSTROUTING -d {acl_peer} -m comment --comment acl-kube-and-agent -m mark --mark {KUBE:#x}/{KUBE:#x} {acl_accepted}\n\
          -A POSTROUTING -d {target} -j CONNMARK --or-mark {KUBE:#x}\n\
@@ -125,14 +125,19 @@ fn beside_kube_proxy(datapath: Datapath, shift: Option<u32>) -> Result<()> {
     };
     // The agent's decisions, unchanged by the foreign bits.
     assert_eq!(connect(TARGET)?, Outcome::Exchanged, "{}", agent.log());
-    assert_eq!(w.kernel_queued()?, 1, "the target's SYN is trapped, once");
+    assert_eq!(
+        w.kernel_queued()?,
+        3,
+        "the target's handshake (SYN, SYN-ACK, first ACK) is trapped, once"
+    );
     assert_eq!(connect(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 2, "each connection's SYN, once");
+    assert_eq!(w.kernel_queued()?, 6, "each connection's handshake, once");
     assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
     assert!(connect(OTHER)?.is_blocked());
-    assert_eq!(w.kernel_queued()?, 2, "ACL peers are not trapped");
+    assert_eq!(w.kernel_queued()?, 6, "ACL peers are not trapped");
 
-    // Every packet that left for the target carried kube-proxy's bits
+    // Every packet that left for the target after its SYN (the agent
+    // decides a connection at its first ACK) carried kube-proxy's bits
     // *and* belonged to a connection the agent authorised; every one for
     // the ACL peer carried them beside the agent's accept.
     let count = |comment: &str| netfilter::packets(&w.hosts.a, family, "mangle", comment);
