@@ -32,7 +32,7 @@ pub const UDP_SIGNATURE: &str = "n30njxq7bmiwr6dtxq";
 pub const SYN_ACK: &str = "-p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK";
 
 /// A SYN (without ACK) carrying TCP option 34.
-pub const SYN_WITH_OPTION_34: &str = "-p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34";
+pub const SYN_WITH_OPTION_34: &str = "-p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN";
 
 /// A packet carrying [`UDP_SIGNATURE`] anywhere (Boyer-Moore over the
 /// whole packet, as the seed searches it); the rules put it after their

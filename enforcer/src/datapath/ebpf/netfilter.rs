@@ -287,7 +287,7 @@ mod tests {
              -A TRI-Net -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 24:27 --queue-bypass\n\
-             -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34 -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
+             -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
              -A TRI-Net {ack} -m connmark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 20:23 --queue-bypass\n\
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j CONNMARK --save-mark --nfmask 0x3800 --ctmask 0x3800\n\
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\

@@ -228,7 +228,7 @@ mod tests {
 -A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-UID-Net
 -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 24:27 --queue-bypass
--A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34 -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 16:19 --queue-bypass
+-A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 16:19 --queue-bypass
 -A TRI-Net -j TRI-Pid-Net
 -A TRI-Net -j TRI-Svc-Net
 -A TRI-Net -j TRI-Hst-Net
@@ -286,7 +286,7 @@ COMMIT
                 "-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j NFQUEUE --queue-num 102",
                 "-A TRI-Net -p udp -m set --match-set TRI-v6-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-num 107",
                 "-A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 106",
-                "-A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN --tcp-option 34 -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 104",
+                "-A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 104",
             ],
             "{text}"
         );
