@@ -1,9 +1,12 @@
 //! The socket filters that fixed netfilter rules run (`-m bpf
 //! --object-pinned`) for the identity handshake's global traps (SPEC,
 //! "Global steering"): is the packet's peer in the target networks of its
-//! own protocol — target TCP for TCP, target UDP for UDP? The peer is the
-//! source of what arrives (`enforcer_target_src`, in INPUT) and the
-//! destination of what leaves (`enforcer_target_dst`, in OUTPUT).
+//! own protocol — target TCP for TCP, target UDP for UDP — and not in the
+//! excluded networks? The peer is the source of what arrives
+//! (`enforcer_target_src`, in INPUT) and the destination of what leaves
+//! (`enforcer_target_dst`, in OUTPUT). The fallback skips its main chains
+//! for excluded peers; these rules run in chains every packet enters, so
+//! the exclusion is checked here (excluded networks are never touched).
 //!
 //! These traps cover every port, not only a PU's (a SYN-ACK answering a
 //! PU's connect, a UDP reply to its ephemeral port), so TC ingress, which
@@ -12,7 +15,9 @@
 //! unreadable, or of another protocol, does not match.
 
 use aya_ebpf::{macros::socket_filter, programs::SkBuffContext};
-use enforcer_common::maps::{PROTO_TCP, PROTO_UDP, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP};
+use enforcer_common::maps::{
+    PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+};
 
 use crate::{
     packet::{self, Parsed},
@@ -43,5 +48,9 @@ fn peer_is_target(ctx: &SkBuffContext, source: bool) -> i64 {
         _ => return NO_MATCH,
     };
     let peer = if source { l4.src } else { l4.dst };
-    if in_set(scope, peer) { MATCH } else { NO_MATCH }
+    if in_set(scope, peer) && !in_set(SCOPE_EXCLUDED, peer) {
+        MATCH
+    } else {
+        NO_MATCH
+    }
 }

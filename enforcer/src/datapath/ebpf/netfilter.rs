@@ -49,7 +49,8 @@ pub struct Pins {
 /// - a SYN-ACK to (outgoing: classed `TrapTcp` first, as the fallback
 ///   does) or from a target TCP network is queued to the direction's
 ///   SYN-ACK range; incoming, so is a SYN from one carrying TCP option 34,
-///   to the SYN range;
+///   to the SYN range (whether the peer is a target, and not excluded, the
+///   pinned `enforcer_target_src` / `enforcer_target_dst` filters say);
 /// - the first ACK ([`handshake::first_ack`]) of a connection whose SYN
 ///   was classed `TrapTcp` — the class the SYN rule below saves into the
 ///   connection mark — is queued to the direction's ACK range;
