@@ -22,6 +22,14 @@
 //! --bytecode`, in the kernel since 3.9 and on both iptables flavours)
 //! whether the TCP payload is empty. Without that, the first data packet
 //! would race the verdict into the queue.
+//!
+//! The other side of that choice, for the identity handshake (issue 7) to
+//! settle: a data packet sent while the first ACK waits for its verdict is
+//! not trapped — it passes as the PU chain's established traffic, before
+//! the connection is decided. The seed instead traps every ACK of an
+//! undecided connection, data included; a handshake that refuses at the
+//! ACK needs that (or a drop of such packets), at the price of an extra
+//! queued packet whenever data races the verdict.
 
 use crate::policy::IpFamily;
 
