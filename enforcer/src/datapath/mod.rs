@@ -8,13 +8,17 @@
 //!   ([`enforcer_common::marks`]) and look up LPM tries and hash maps, plus
 //!   a fixed handful of netfilter rules for conntrack state and NFQUEUE.
 //!
-//! Both queue trapped packets to the same NFQUEUE numbers and honour the
-//! same verdict contract (see [`crate::trap`]): the consumer accepts a
-//! packet by setting the kind [`Kind::Authorised`] in its mark and
-//! returning NF_REPEAT; the first rule each datapath puts on the path
-//! saves that kind into the connection mark, and the next accepts every
-//! packet of a connection whose mark carries it, so no later packet of the
-//! connection is queued.
+//! Both trap the same packets ([`handshake`]: a TCP connection's SYN,
+//! SYN-ACK and first ACK with a target network, a UDP flow's first
+//! datagram, and the global traps) to the same NFQUEUE numbers
+//! ([`queues`]), and honour the same verdict contract (see
+//! [`crate::trap`]): the consumer decides a connection by setting the kind
+//! [`Kind::Authorised`] in a packet's mark and returning NF_REPEAT; the
+//! first rule each datapath puts on the path saves that kind into the
+//! connection mark and accepts the packet, and a later one accepts every
+//! packet of a connection whose mark carries it — but for a SYN-ACK — so
+//! no later packet of the connection is queued. A packet the consumer lets
+//! through undecided (a SYN, a SYN-ACK) gets NF_ACCEPT.
 //!
 //! An `update` also cuts the PU's connections that only the old policy
 //! allowed, outgoing and incoming ([`revoke`] decides which; [`sockdiag`]
@@ -200,6 +204,7 @@ pub trait Datapath: Send {
 pub mod conntrack;
 pub mod ebpf;
 pub mod fault;
+pub mod handshake;
 pub mod iptables;
 pub mod ports;
 pub mod probe;

@@ -52,8 +52,11 @@ pub enum Verdict {
     /// The handshake's refusal (issue 7); until then only tests send it.
     #[allow(dead_code)]
     Drop,
+    /// Let the packet go on (NF_ACCEPT) without deciding its connection:
+    /// the hook's later rules are skipped, as by an ACCEPT rule.
+    Accept,
     /// Run the hook again from its first rule (NF_REPEAT): how the
-    /// consumer accepts, with the decision in the packet mark.
+    /// consumer accepts a connection, with the decision in the packet mark.
     Repeat,
 }
 
@@ -61,6 +64,7 @@ impl Verdict {
     fn code(self) -> u32 {
         match self {
             Verdict::Drop => 0,
+            Verdict::Accept => 1,
             Verdict::Repeat => 4,
         }
     }

@@ -30,7 +30,9 @@
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
 //!   ACLs or networks. One of them runs the pinned socket filter
 //!   `enforcer_udp_trap` to find the unconnected UDP datagrams a sendmsg
-//!   hook decided to trap.
+//!   hook decided to trap; the handshake's global traps run
+//!   `enforcer_target_src` / `enforcer_target_dst` to ask whether a
+//!   packet's peer is in a target network.
 
 mod entries;
 mod flowlog;
@@ -58,8 +60,8 @@ use aya::{
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
     MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS,
-    PROG_INGRESS, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-    SCOPE_TARGET_UDP,
+    PROG_INGRESS, PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts,
+    RULE_FILTERS, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -182,10 +184,10 @@ impl EbpfDatapath {
         self.settings.pin_dir.join("progs").join(PROG_INGRESS)
     }
 
-    /// Where the UDP trap's socket filter is pinned: the fixed netfilter
-    /// rule names it (`-m bpf --object-pinned`).
-    fn udp_trap_pin(&self) -> PathBuf {
-        self.settings.pin_dir.join("progs").join(PROG_UDP_TRAP)
+    /// Where a socket filter of [`RULE_FILTERS`] is pinned: the fixed
+    /// netfilter rules name it (`-m bpf --object-pinned`).
+    fn filter_pin(&self, name: &str) -> PathBuf {
+        self.settings.pin_dir.join("progs").join(name)
     }
 
     /// Loads the object with the mark layout patched in, pins its maps.
@@ -220,17 +222,19 @@ impl EbpfDatapath {
         ingress
             .pin(&ingress_pin)
             .with_context(|| format!("pinning {}", ingress_pin.display()))?;
-        let udp_trap_pin = self.udp_trap_pin();
-        let udp_trap: &mut SocketFilter = bpf
-            .program_mut(PROG_UDP_TRAP)
-            .with_context(|| format!("program {PROG_UDP_TRAP} missing from the object"))?
-            .try_into()?;
-        udp_trap
-            .load()
-            .with_context(|| format!("loading program {PROG_UDP_TRAP}"))?;
-        udp_trap
-            .pin(&udp_trap_pin)
-            .with_context(|| format!("pinning {}", udp_trap_pin.display()))?;
+        for name in RULE_FILTERS {
+            let pin = self.filter_pin(name);
+            let filter: &mut SocketFilter = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            filter
+                .load()
+                .with_context(|| format!("loading program {name}"))?;
+            filter
+                .pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
         let egress: &mut CgroupSkb = bpf
             .program_mut(PROG_EGRESS)
             .with_context(|| format!("program {PROG_EGRESS} missing from the object"))?
@@ -653,12 +657,14 @@ impl Datapath for EbpfDatapath {
             )?);
         }
         self.loaded = Some(loaded);
-        let rules = netfilter::render(
-            self.settings.marks,
-            &self.settings.queues,
-            &self.udp_trap_pin(),
-        )?;
+        let pins = netfilter::Pins {
+            udp_trap: self.filter_pin(PROG_UDP_TRAP),
+            target_src: self.filter_pin(PROG_TARGET_SRC),
+            target_dst: self.filter_pin(PROG_TARGET_DST),
+        };
         for family in IpFamily::ALL {
+            let rules =
+                netfilter::render(self.settings.marks, &self.settings.queues, family, &pins)?;
             nf::restore(self.settings.iptables_backend, family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
         }

@@ -59,7 +59,7 @@ use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::flowlog::{FlowAction, FlowObserve};
-use crate::naming::{GlobalSet, LogTag, MAIN_CHAINS, NameRegistry, ShortName, nflog_prefix};
+use crate::naming::{GlobalSet, LogTag, NameRegistry, ShortName, nflog_prefix};
 use crate::policy::{Action, ObserveMode};
 use crate::policy::{
     FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, PortRange, Pu, PuId, PuKind,
@@ -855,8 +855,11 @@ impl Datapath for IptablesDatapath {
         let mut counters = Counters::default();
         for family in IpFamily::ALL {
             let saved = self.nf.save(family, Table::Mangle, true)?;
+            // The total is the PUs' sum, as on eBPF: the main chains'
+            // only counted rules are the handshake's global traps, which
+            // continue a set-up a PU's chain counted (a SYN-ACK) or
+            // belong to no PU.
             let by_chain = save::counts_by_chain(&saved);
-            counters.total += save::count(&by_chain, &[MAIN_CHAINS.app, MAIN_CHAINS.net]);
             for (id, installed) in &self.pus {
                 let chains = installed.plan()?.chains();
                 let counts = save::count(&by_chain, &[&chains.app, &chains.net]);
