@@ -1,6 +1,12 @@
-//! `cgroup/connect4|6` and `cgroup/sendmsg4|6` (unconnected UDP),
-//! attached to each PU's cgroup: the application side of a PU's policy,
-//! decided before the first packet leaves (SPEC, "Order of evaluation inside a PU", outgoing):
+//! `cgroup/connect4|6` and `cgroup/sendmsg4|6` (unconnected UDP): the
+//! application side of a PU's policy, decided before the first packet
+//! leaves (SPEC, "Order of evaluation inside a PU", outgoing). One set is
+//! attached to each linux-process PU's cgroup, another to the host scope
+//! for the PUs that are no cgroup's (uid, host-service, host, container);
+//! both make the same decision, for the PU [`judging_pu`] names — so each
+//! task is judged once, by one PU, in SPEC's priority.
+//!
+//! The decision:
 //!
 //! 1. a destination in the excluded networks is never touched;
 //! 2. if the destination is not a target TCP network, the specific-protocol
@@ -15,9 +21,14 @@
 //! 4. the protocol-any ACLs;
 //! 5. anything else is refused, and logged (policy `default`).
 //!
-//! A connection of a task in no PU's cgroup (the PU was just deleted) is
-//! left alone, and so is a socket the agent marked as its own injected
-//! traffic (kind `Injected`).
+//! Between 2 and 3, a sidecar lets DNS (UDP to port 53) through, as the
+//! seed does.
+//!
+//! A connection of a task no PU claims is left alone, and so is a socket
+//! the agent marked as its own injected traffic (kind `Injected`). A
+//! datagram sent from one of the PU's own listening UDP ports is its
+//! service answering: the network side judged whoever asked, and conntrack
+//! (which this hook cannot see) would call the answer ESTABLISHED.
 
 use core::ffi::c_void;
 
@@ -29,16 +40,17 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        DIRECTION_APP, FlowEvent, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-        SCOPE_TARGET_UDP, UdpTrapKey,
+        DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED,
+        SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UdpTrapKey,
     },
     marks::{Class, Kind, MarkLayout},
 };
 
 use crate::maps::UDP_TRAPS;
 use crate::policy::{
-    AclVerdict, Count, Deferral, Side, acl_entry, count, current_pu, evaluate, in_agent_netns,
-    in_set, log_final_drop, mark_layout,
+    AclVerdict, Count, Deferral, Scope, Side, acl_entry, allow_dns, count, current_cgroup_pu,
+    current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop, mark_layout,
+    port_pu,
 };
 
 const PROCEED: i32 = 1;
@@ -59,22 +71,42 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::PuCgroup)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn enforcer_host_connect4(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::Host)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn enforcer_host_connect6(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::Host)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enforcer_host_sendmsg4(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::Host)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enforcer_host_sendmsg6(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::Host)
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
@@ -133,8 +165,8 @@ const TRAP: i32 = 2;
 /// What the hook returns for [`decide`]'s verdict; for a datagram, the
 /// trap decision is recorded (or an earlier one forgotten) first.
 #[inline(always)]
-fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
-    let verdict = decide(sa, addr, hook);
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
+    let verdict = decide(sa, addr, hook, scope);
     if hook == Hook::SendMsg && verdict != REFUSE {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
@@ -152,16 +184,25 @@ fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
 /// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
 /// to be trapped) or [`REFUSE`].
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
     if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
-    let Some(slot) = current_pu() else {
+    // SAFETY: valid context. The port is in network order in the low 16 bits.
+    let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    let port = u16::from_be(user_port as u16);
+    let local_port = bound_port(sa);
+    let local = (local_port != 0).then(|| PortKey::new(proto, local_port));
+    let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
     if socket_mark(sa) & mark_layout().kind_mask() == mark_layout().kind(Kind::Injected) {
         // The agent's own injected packets bypass every PU's policy, as
         // the fixed OUTPUT rule that accepts them first does.
+        return PROCEED;
+    }
+    if hook == Hook::SendMsg && local.and_then(port_pu) == Some(slot) {
+        // The PU's own service answering from its listening port.
         return PROCEED;
     }
     if in_set(SCOPE_EXCLUDED, addr) {
@@ -172,9 +213,6 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         }
         return PROCEED;
     }
-    // SAFETY: valid context. The port is in network order in the low 16 bits.
-    let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
-    let port = u16::from_be(user_port as u16);
     let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
     // The source address is not known before the first packet is routed;
@@ -188,7 +226,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let mut defer = Deferral::socket(cookie);
     let flow = FlowEvent {
         slot,
-        src_port: bound_port(sa),
+        src_port: local_port,
         dst: addr,
         dst_port: port,
         proto,
@@ -203,6 +241,13 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         let verdict = apply(sa, slot, verdict, hook);
         defer.finish(verdict == REFUSE);
         return verdict;
+    }
+    if allow_dns() && proto == PROTO_UDP && port == DNS_PORT {
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        defer.finish(false);
+        return PROCEED;
     }
     if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr))
     {

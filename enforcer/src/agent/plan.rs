@@ -94,6 +94,7 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         ("queues", old.queues == new.queues),
         ("marks", old.marks == new.marks),
         ("iptables", old.iptables == new.iptables),
+        ("host", old.host == new.host),
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),

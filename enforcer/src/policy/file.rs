@@ -21,7 +21,7 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, IdentitySettings, IptablesSettings,
+    Configuration, DatapathChoice, FlowLogOutput, HostSettings, IdentitySettings, IptablesSettings,
     MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
     QueueSettings,
 };
@@ -45,6 +45,8 @@ struct RawConfiguration {
     flow_log: RawFlowLog,
     #[serde(default)]
     iptables: RawIptables,
+    #[serde(default)]
+    host: RawHost,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -88,6 +90,12 @@ struct RawFlowLog {
 #[serde(deny_unknown_fields)]
 struct RawIptables {
     backend: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    cgroup: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -236,6 +244,7 @@ pub(super) fn parse(
                 keyword(&mut errs, &path, name).unwrap_or_default()
             }),
     };
+    let host_settings = convert_host(&raw.host, &mut errs);
     let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
@@ -257,6 +266,7 @@ pub(super) fn parse(
     validate::pus_across(mode, pus.iter().map(|(i, pu)| (*i, pu)), &mut errs);
     if let Some(host) = host {
         validate::host(pus.iter().map(|(i, pu)| (*i, pu)), host, &mut errs);
+        validate::host_scope(&host_settings, host, &mut errs);
     }
 
     errs.finish()?;
@@ -272,6 +282,7 @@ pub(super) fn parse(
         marks,
         flow_log,
         iptables,
+        host: host_settings,
         identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
@@ -434,6 +445,19 @@ fn convert_flow_log(raw: &RawFlowLog, errs: &mut Errors) -> FlowLogOutput {
         }
         Some(path) => FlowLogOutput::File(path.into()),
     }
+}
+
+/// `[host] cgroup`: `"/"` (the default) for the cgroup v2 root, else a
+/// cgroup path under the mount.
+fn convert_host(raw: &RawHost, errs: &mut Errors) -> HostSettings {
+    let cgroup = match raw.cgroup.as_deref() {
+        None | Some("/") => None,
+        Some(text) => {
+            let path = FieldPath::root("host").key("cgroup");
+            errs.check(&path, text, CgroupPath::new(text))
+        }
+    };
+    HostSettings { cgroup }
 }
 
 /// `[identity]`: key files and the token window; the PUs' policies are
@@ -757,6 +781,15 @@ impl From<&Configuration> for RawConfiguration {
             },
             iptables: RawIptables {
                 backend: Some(config.iptables.backend.as_str().to_owned()),
+            },
+            host: RawHost {
+                cgroup: Some(
+                    config
+                        .host
+                        .cgroup
+                        .as_ref()
+                        .map_or_else(|| "/".to_owned(), ToString::to_string),
+                ),
             },
             identity: RawIdentity::from(&config.identity),
             pus: config
@@ -1352,6 +1385,44 @@ mod tests {
             message,
             r#"mode: "server" is not one of: local-server, remote-container, sidecar"#
         );
+    }
+
+    /// `[host] cgroup`: the root by default and as `"/"`, else a cgroup
+    /// path that must stay under the mount and, loaded on a host, exist.
+    #[test]
+    fn the_host_scope_is_the_root_or_an_existing_cgroup() {
+        let default = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(default.host.cgroup, None);
+        let root = Configuration::from_toml_str("mode = \"sidecar\"\n[host]\ncgroup = \"/\"");
+        assert_eq!(root.unwrap(), default);
+        let text = "mode = \"local-server\"\n[host]\ncgroup = \"enforcer/hosts\"";
+        let scoped = Configuration::from_toml_str(text).unwrap();
+        let cgroup = CgroupPath::new("enforcer/hosts").unwrap();
+        assert_eq!(scoped.host.cgroup.as_ref(), Some(&cgroup));
+        // Both read back as written.
+        for config in [&default, &scoped] {
+            let back = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(&back.unwrap(), config);
+        }
+        for (bad, problem) in [
+            ("/sys/fs/cgroup", Problem::CgroupAbsolute),
+            ("a/../b", Problem::CgroupBadComponent),
+            ("", Problem::Empty),
+        ] {
+            let text = format!("mode = \"local-server\"\n[host]\ncgroup = \"{bad}\"");
+            assert_refused(&text, "host.cgroup", Some(bad), problem);
+        }
+        let Err(PolicyError::Invalid(errors)) = Configuration::load(text, &FakeHost(&[])) else {
+            panic!("a missing host scope loaded");
+        };
+        let errors: Vec<_> = errors.into_iter().collect();
+        assert_has(
+            &errors,
+            "host.cgroup",
+            Some("enforcer/hosts"),
+            Problem::CgroupMissing,
+        );
+        assert!(Configuration::load(text, &FakeHost(&["enforcer/hosts"])).is_ok());
     }
 
     #[test]

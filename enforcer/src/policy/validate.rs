@@ -14,8 +14,8 @@ use super::acl::{Acl, Protocol};
 use super::error::{Errors, FieldPath, Problem};
 use super::host::HostFacts;
 use super::model::{
-    IdentitySettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, Mode,
-    QueueSettings,
+    HostSettings, IdentitySettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS,
+    MarkSettings, Mode, QueueSettings,
 };
 use super::pu::{Pu, PuKind};
 
@@ -273,6 +273,16 @@ pub(super) fn host<'a>(
             let path = FieldPath::root("pus").index(i).key("cgroup");
             errs.bad(&path, cgroup, Problem::CgroupMissing);
         }
+    }
+}
+
+/// Host facts: the host scope's cgroup directory exists.
+pub(super) fn host_scope(settings: &HostSettings, host: &dyn HostFacts, errs: &mut Errors) {
+    if let Some(cgroup) = &settings.cgroup
+        && !host.cgroup_dir_exists(cgroup)
+    {
+        let path = FieldPath::root("host").key("cgroup");
+        errs.bad(&path, cgroup, Problem::CgroupMissing);
     }
 }
 

@@ -162,14 +162,22 @@ pub fn tcp_exchange(to: SocketAddr, payload: &[u8]) -> Outcome {
 
 /// [`tcp_exchange`] from a given local address (a peer with several).
 pub fn tcp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
+    tcp_exchange_bound(from.map(|ip| SocketAddr::new(ip, 0)), to, payload)
+}
+
+/// [`tcp_exchange`] from a socket bound to `bind` first (an address, a
+/// port, or both), with `SO_REUSEADDR` so that a port just used can be
+/// used again towards another peer.
+pub fn tcp_exchange_bound(bind: Option<SocketAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
     let connected = || -> std::io::Result<TcpStream> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(to),
             socket2::Type::STREAM,
             None,
         )?;
-        if let Some(from) = from {
-            socket.bind(&SocketAddr::new(from, 0).into())?;
+        if let Some(bind) = bind {
+            socket.set_reuse_address(true)?;
+            socket.bind(&bind.into())?;
         }
         socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
         Ok(socket.into())
