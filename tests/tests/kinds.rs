@@ -266,7 +266,7 @@ fn net_acl() -> Acl {
 }
 
 /// The host PU: every process of the namespace (in the scope), every
-/// port.
+/// port; then updated, then deleted.
 fn a_host_pu_holds_every_process_of_the_namespace(
     datapath: Datapath,
     family: Family,
@@ -274,11 +274,17 @@ fn a_host_pu_holds_every_process_of_the_namespace(
     let Some(stage) = Stage::new(family, &[TARGET, ACL_PEER, OTHER])? else {
         return Ok(());
     };
-    let config = stage.config(Config::local_server()).pu(Pu::host("host")
-        .application_acl(app_acl())
-        .network_acl(net_acl()));
-    let _agent = stage.start(datapath, &config)?;
-    stage.outgoing_follows_the_acls(Client::in_cgroup(&stage.cgroup))?;
+    let host = Pu::host("host").network_acl(net_acl());
+    let config = |pus: &[Pu]| {
+        let config = stage.config(Config::local_server());
+        pus.iter().fold(config, |config, pu| config.pu(pu.clone()))
+    };
+    let agent = stage.start(
+        datapath,
+        &config(&[host.clone().application_acl(app_acl())]),
+    )?;
+    let anyone = Client::in_cgroup(&stage.cgroup);
+    stage.outgoing_follows_the_acls(anyone)?;
     // A port of no listed service is the host's too.
     stage.incoming_follows_the_acls(SERVICE_PORT)?;
     let _other = TcpEchoServer::start(
@@ -290,6 +296,23 @@ fn a_host_pu_holds_every_process_of_the_namespace(
         blocked.is_blocked(),
         "the ACL names another port: blocked, got {blocked:?}"
     );
+
+    // An update: the ACL now names the other peer.
+    let to_other = Acl::accept("to-other", OTHER.nets).tcp([PORT]);
+    agent.reload(&config(&[host.application_acl(to_other)]).to_toml())?;
+    assert_eq!(agent.reloads()?.applied, 1, "{}", agent.log());
+    assert_eq!(
+        anyone.connect(&stage, OTHER)?,
+        Outcome::Exchanged,
+        "updated"
+    );
+    let blocked = anyone.connect(&stage, ACL_PEER)?;
+    assert!(blocked.is_blocked(), "updated: blocked, got {blocked:?}");
+    // Deleted: nothing of it is left in force.
+    agent.reload(&config(&[]).to_toml())?;
+    assert_eq!(agent.reloads()?.applied, 2, "{}", agent.log());
+    assert_eq!(anyone.connect(&stage, ACL_PEER)?, Outcome::Exchanged);
+    assert_eq!(stage.connect_in(ACL_PEER, OTHER_PORT)?, Outcome::Exchanged);
     Ok(())
 }
 

@@ -522,6 +522,44 @@ mod tests {
         }
     }
 
+    /// SPEC, "Mode": local-server manages linux-process, uid, host and
+    /// host-service PUs, remote-container and sidecar their container;
+    /// every other pairing is refused, naming the kind and the mode. The
+    /// whole table, written out here rather than derived from
+    /// `Mode::accepted_kinds`, so that a change there fails here.
+    #[test]
+    fn every_pairing_spec_forbids_is_refused_and_every_other_accepted() {
+        let allowed = [
+            (Mode::LocalServer, "linux-process"),
+            (Mode::LocalServer, "uid"),
+            (Mode::LocalServer, "host"),
+            (Mode::LocalServer, "host-service"),
+            (Mode::RemoteContainer, "container"),
+            (Mode::Sidecar, "container"),
+        ];
+        let kind_fields = |kind: &str| match kind {
+            "linux-process" => "cgroup = \"enforcer/web\"",
+            "uid" => "uid = 1000",
+            "host-service" => "tcp_ports = [22]",
+            _ => "",
+        };
+        for mode in [Mode::LocalServer, Mode::RemoteContainer, Mode::Sidecar] {
+            for &kind in PuKind::NAMES {
+                let text = format!(
+                    "mode = \"{mode}\"\n[[pus]]\nid = \"p\"\nkind = \"{kind}\"\n{}",
+                    kind_fields(kind)
+                );
+                if allowed.contains(&(mode, kind)) {
+                    let loaded = Configuration::from_toml_str(&text);
+                    assert!(loaded.is_ok(), "{mode} with {kind}: {loaded:?}");
+                } else {
+                    let problem = Problem::KindNotAccepted { mode };
+                    assert_refused(&text, "pus[0].kind", Some(kind), problem);
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_second_container_or_host_pu_is_refused() {
         let text = "mode = \"remote-container\"\n[[pus]]\nid = \"a\"\nkind = \"container\"\n\

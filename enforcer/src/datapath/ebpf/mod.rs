@@ -26,9 +26,14 @@
 //! - The network side: a TC ingress program on every interface of the
 //!   agent's namespace (kept there by [`links::Watcher`], `lo` and new
 //!   interfaces included) finds the PU by its listening port
-//!   (`PU_PORTS`) and judges set-up by the PU's network ACLs, written
-//!   beside its application ACLs under the same generation.
-//! - `delete` detaches the hooks and unmaps the cgroup, waits for a grace
+//!   (`PU_PORTS`), else gives the packet to the namespace-wide PU (host or
+//!   container) if there is one, and judges set-up by the PU's network
+//!   ACLs, written beside its application ACLs under the same generation.
+//!   A refusal of the namespace-wide PU is carried out by a fixed rule in
+//!   INPUT, which knows the conntrack state TC cannot see (an answer to
+//!   what the PU sent passes).
+//! - `delete` unmaps the claim (the host scope judges the PU's tasks from
+//!   then on, if it is attached), detaches the hooks, waits for a grace
 //!   period, then removes the entries and frees the slot for reuse.
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
 //!   ACLs or networks. One of them runs the pinned socket filter
