@@ -963,7 +963,10 @@ mod tests {
         );
 
         let ids: Vec<_> = config.pus.iter().map(|pu| pu.id.as_str()).collect();
-        assert_eq!(ids, ["web", "batch-worker"]);
+        assert_eq!(ids, ["web", "batch-worker", "ssh", "host"]);
+        assert_eq!(config.pus[2].kind, PuKind::HostService);
+        assert_eq!(config.pus[3].kind, PuKind::Host);
+        assert_eq!(config.host.cgroup, None);
         let web = &config.pus[0];
         assert_eq!(
             web.kind,
