@@ -322,11 +322,14 @@ fn a_uid_pu_holds_every_process_of_its_user(datapath: Datapath, family: Family) 
     let Some(stage) = Stage::new(family, &[TARGET, ACL_PEER, OTHER])? else {
         return Ok(());
     };
-    let pu = Pu::uid("user", TEST_UID)
-        .tcp_ports([SERVICE_PORT])
-        .application_acl(app_acl())
-        .network_acl(net_acl());
-    let _agent = stage.start(datapath, &stage.config(Config::local_server()).pu(pu))?;
+    let pu = |uid| {
+        Pu::uid("user", uid)
+            .tcp_ports([SERVICE_PORT])
+            .application_acl(app_acl())
+            .network_acl(net_acl())
+    };
+    let config = |uid| stage.config(Config::local_server()).pu(pu(uid));
+    let agent = stage.start(datapath, &config(TEST_UID))?;
     let root = Client::in_cgroup(&stage.cgroup);
     stage.outgoing_follows_the_acls(root.as_user(TEST_UID))?;
     assert_eq!(
@@ -343,6 +346,21 @@ fn a_uid_pu_holds_every_process_of_its_user(datapath: Datapath, family: Family) 
         stage.connect_in(OTHER, OTHER_PORT)?,
         Outcome::Exchanged,
         "a port of no PU: untouched"
+    );
+
+    // The PU moves to another user: the first is nobody's any more.
+    let next = TEST_UID + 1;
+    agent.reload(&config(next).to_toml())?;
+    assert_eq!(agent.reloads()?.applied, 1, "{}", agent.log());
+    let blocked = root.as_user(next).connect(&stage, OTHER)?;
+    assert!(
+        blocked.is_blocked(),
+        "the new user: blocked, got {blocked:?}"
+    );
+    assert_eq!(
+        root.as_user(TEST_UID).connect(&stage, OTHER)?,
+        Outcome::Exchanged,
+        "the old user: untouched"
     );
     Ok(())
 }

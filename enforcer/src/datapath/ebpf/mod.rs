@@ -146,6 +146,9 @@ pub struct EbpfDatapath {
     /// Pins of the host scope's links, while a PU needs them
     /// ([`Claim::in_host_scope`]).
     host_links: Vec<PathBuf>,
+    /// Configured PUs that need the host scope. A count, not a look at
+    /// `pus`: `configure_replacing` takes a PU out of `pus` for a moment.
+    host_users: usize,
     /// Where flow records go, if the agent wants them.
     flow_log: Option<crate::flowlog::FlowSender>,
     /// Slot and policy names for the flow-log reader.
@@ -168,6 +171,7 @@ impl EbpfDatapath {
             faults: Faults::from_env()?,
             watcher: None,
             host_links: Vec::new(),
+            host_users: 0,
             flow_log: None,
             flow_names: Arc::default(),
             flow_reader: None,
@@ -563,10 +567,25 @@ impl EbpfDatapath {
     /// a port another PU holds is an error, never taken over); on failure
     /// removes what it wrote.
     fn add_ports(&mut self, owner: u32, ports: &BTreeSet<PortKey>) -> Result<()> {
+        self.take_ports(owner, ports, None)
+    }
+
+    /// [`Self::add_ports`], except that a port `from` holds is taken over
+    /// in place (one map write: the port is never unmapped in between).
+    /// On failure, what it wrote is removed, the taken ones included
+    /// (`configure_replacing` gives those back).
+    fn take_ports(
+        &mut self,
+        owner: u32,
+        ports: &BTreeSet<PortKey>,
+        from: Option<u32>,
+    ) -> Result<()> {
         let map = &mut self.loaded()?.ports;
         let mut written = Vec::new();
         for key in ports {
-            if let Err(e) = map.insert(key, owner, BPF_NOEXIST) {
+            let taken = from.is_some() && map.get(key, 0).ok() == from;
+            let flags = if taken { 0 } else { BPF_NOEXIST };
+            if let Err(e) = map.insert(key, owner, flags) {
                 for key in &written {
                     let _ = map.remove(key);
                 }
@@ -704,100 +723,8 @@ impl Datapath for EbpfDatapath {
         Ok(())
     }
 
-    /// In order, each step undone on a later failure: the slot and its
-    /// counters, the ACL entries and generation, the ports, the programs
-    /// (the PU cgroup's own, or the host scope's if not attached yet),
-    /// then the claim is mapped — last, so that a task is never left to a
-    /// program that is not there ([`claim`]).
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
-        self.check_supported(pu)?;
-        if self.pus.contains_key(&pu.id) {
-            return Err(anyhow!("PU {} is already configured", pu.id).into());
-        }
-        let claim = Claim::of(pu, &self.settings.cgroup2)?;
-        let entries = self.entries_for(pu)?;
-        let generation = u32::from(version & 1);
-        let fault = self.faults.strikes(Operation::Configure);
-        let slot = self.take_slot()?;
-        type Undo = Box<dyn FnOnce(&mut EbpfDatapath)>;
-        let mut undo: Vec<Undo> = vec![Box::new(move |this| this.free_slots.push(slot))];
-        let rollback = |this: &mut Self, undo: Vec<Undo>, e: DatapathError| {
-            for step in undo.into_iter().rev() {
-                step(this);
-            }
-            Err(e)
-        };
-        if let Err(e) = self.reset_counts(slot) {
-            return rollback(self, undo, e);
-        }
-        if let Err(e) = self.write_acls(slot, generation, &entries) {
-            return rollback(self, undo, e);
-        }
-        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
-        let written = prefixes.clone();
-        undo.push(Box::new(move |this| {
-            this.remove_acls(slot, generation, &written)
-        }));
-        let set_generation = self.loaded().and_then(|l| {
-            Ok(l.generation
-                .set(slot, generation, 0)
-                .context("setting the PU generation")?)
-        });
-        if let Err(e) = set_generation {
-            return rollback(self, undo, e);
-        }
-        let ports = claim.ports(pu);
-        let owner = claim.port_owner(slot);
-        if let Err(e) = self.add_ports(owner, &ports) {
-            return rollback(self, undo, e);
-        }
-        let added = ports.clone();
-        undo.push(Box::new(move |this| this.remove_ports(owner, &added)));
-        let links = match claim.cgroup() {
-            Some(cgroup) => {
-                let pin = format!("pu{slot}");
-                self.attach(PU_PROGRAMS, PROG_EGRESS, cgroup, &pin, fault)
-            }
-            None => self.attach_host_scope().map(|()| Vec::new()),
-        };
-        let links = match links {
-            Ok(links) => links,
-            Err(e) => return rollback(self, undo, e),
-        };
-        let pinned = links.clone();
-        undo.push(Box::new(move |this| {
-            detach(pinned);
-            this.release_host_scope();
-        }));
-        // With `fault` (test-only) a PU of the host scope fails here, its
-        // last step; a linux-process PU's last attach failed above.
-        let registered = match fault && claim.in_host_scope() {
-            true => Err(injected("mapping the PU's claim")),
-            false => self.loaded().and_then(|l| Ok(claim.register(l, slot)?)),
-        };
-        if let Err(e) = registered {
-            return rollback(self, undo, e);
-        }
-        info!(pu = %pu.id, slot, claim = ?claim, "PU configured");
-        self.pus.insert(
-            pu.id.clone(),
-            PuState {
-                slot,
-                generation,
-                claim,
-                prefixes,
-                retired: BTreeSet::new(),
-                ports,
-                policy: pu.clone(),
-                links,
-            },
-        );
-        self.flow_names
-            .lock()
-            .expect("flow names lock")
-            .slots
-            .insert(slot, pu.id.to_string());
-        Ok(())
+        self.configure_taking_ports(version, pu, None)
     }
 
     fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
@@ -886,7 +813,10 @@ impl Datapath for EbpfDatapath {
             state.claim.unregister(l, state.slot);
         }
         detach(state.links);
-        self.release_host_scope();
+        if state.claim.in_host_scope() {
+            self.host_users -= 1;
+            self.release_host_scope();
+        }
         self.remove_ports(state.claim.port_owner(state.slot), &state.ports);
         let mut waited = Err(anyhow!("the datapath is not running"));
         if let Ok(l) = self.loaded() {
@@ -919,6 +849,7 @@ impl Datapath for EbpfDatapath {
             detach(state.links);
         }
         detach(std::mem::take(&mut self.host_links));
+        self.host_users = 0;
         self.loaded = None;
         self.sets.clear();
         self.free_slots.clear();
@@ -962,6 +893,111 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
+    /// In order, each step undone on a later failure: the slot and its
+    /// counters, the ACL entries and generation, the ports, the programs
+    /// (the PU cgroup's own, or the host scope's if not attached yet),
+    /// then the claim is mapped — last, so that a task is never left to a
+    /// program that is not there ([`claim`]). The ports `ports_from` (a
+    /// `PU_PORTS` owner) holds are taken over in place.
+    fn configure_taking_ports(
+        &mut self,
+        version: u8,
+        pu: &Pu,
+        ports_from: Option<u32>,
+    ) -> Result<()> {
+        self.check_supported(pu)?;
+        if self.pus.contains_key(&pu.id) {
+            return Err(anyhow!("PU {} is already configured", pu.id).into());
+        }
+        let claim = Claim::of(pu, &self.settings.cgroup2)?;
+        let entries = self.entries_for(pu)?;
+        let generation = u32::from(version & 1);
+        let fault = self.faults.strikes(Operation::Configure);
+        let slot = self.take_slot()?;
+        type Undo = Box<dyn FnOnce(&mut EbpfDatapath)>;
+        let mut undo: Vec<Undo> = vec![Box::new(move |this| this.free_slots.push(slot))];
+        let rollback = |this: &mut Self, undo: Vec<Undo>, e: DatapathError| {
+            for step in undo.into_iter().rev() {
+                step(this);
+            }
+            Err(e)
+        };
+        if let Err(e) = self.reset_counts(slot) {
+            return rollback(self, undo, e);
+        }
+        if let Err(e) = self.write_acls(slot, generation, &entries) {
+            return rollback(self, undo, e);
+        }
+        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
+        let written = prefixes.clone();
+        undo.push(Box::new(move |this| {
+            this.remove_acls(slot, generation, &written)
+        }));
+        let set_generation = self.loaded().and_then(|l| {
+            Ok(l.generation
+                .set(slot, generation, 0)
+                .context("setting the PU generation")?)
+        });
+        if let Err(e) = set_generation {
+            return rollback(self, undo, e);
+        }
+        let ports = claim.ports(pu);
+        let owner = claim.port_owner(slot);
+        if let Err(e) = self.take_ports(owner, &ports, ports_from) {
+            return rollback(self, undo, e);
+        }
+        let added = ports.clone();
+        undo.push(Box::new(move |this| this.remove_ports(owner, &added)));
+        let links = match claim.cgroup() {
+            Some(cgroup) => {
+                let pin = format!("pu{slot}");
+                self.attach(PU_PROGRAMS, PROG_EGRESS, cgroup, &pin, fault)
+            }
+            None => self.attach_host_scope().map(|()| Vec::new()),
+        };
+        let links = match links {
+            Ok(links) => links,
+            Err(e) => return rollback(self, undo, e),
+        };
+        let pinned = links.clone();
+        undo.push(Box::new(move |this| {
+            detach(pinned);
+            this.release_host_scope();
+        }));
+        // With `fault` (test-only) a PU of the host scope fails here, its
+        // last step; a linux-process PU's last attach failed above.
+        let registered = match fault && claim.in_host_scope() {
+            true => Err(injected("mapping the PU's claim")),
+            false => self.loaded().and_then(|l| Ok(claim.register(l, slot)?)),
+        };
+        if let Err(e) = registered {
+            return rollback(self, undo, e);
+        }
+        info!(pu = %pu.id, slot, claim = ?claim, "PU configured");
+        if claim.in_host_scope() {
+            self.host_users += 1;
+        }
+        self.pus.insert(
+            pu.id.clone(),
+            PuState {
+                slot,
+                generation,
+                claim,
+                prefixes,
+                retired: BTreeSet::new(),
+                ports,
+                policy: pu.clone(),
+                links,
+            },
+        );
+        self.flow_names
+            .lock()
+            .expect("flow names lock")
+            .slots
+            .insert(slot, pu.id.to_string());
+        Ok(())
+    }
+
     /// Attaches the host scope's programs ([`claim`]) unless they are.
     fn attach_host_scope(&mut self) -> Result<()> {
         if !self.host_links.is_empty() {
@@ -977,8 +1013,7 @@ impl EbpfDatapath {
     /// them: with only linux-process PUs, nothing is attached beyond their
     /// own cgroups.
     fn release_host_scope(&mut self) {
-        let needed = self.pus.values().any(|state| state.claim.in_host_scope());
-        if !needed && !self.host_links.is_empty() {
+        if self.host_users == 0 && !self.host_links.is_empty() {
             detach(std::mem::take(&mut self.host_links));
             info!("host scope detached");
         }
@@ -1124,7 +1159,10 @@ impl EbpfDatapath {
             .pus
             .remove(&old.id)
             .ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
-        match self.configure(version, new) {
+        // Ports in both policies pass from the old slot to the new one in
+        // place; the old PU's delete then leaves them alone.
+        let old_owner = state.claim.port_owner(state.slot);
+        match self.configure_taking_ports(version, new, Some(old_owner)) {
             Ok(()) => {
                 let new_state = self.pus.remove(&new.id).expect("just configured");
                 self.pus.insert(old.id.clone(), state);
@@ -1133,6 +1171,13 @@ impl EbpfDatapath {
                 Ok(())
             }
             Err(e) => {
+                // What the failed configure took, and then removed, is the
+                // old PU's again (a port it still has is left as it is).
+                if let Ok(l) = self.loaded() {
+                    for key in &state.ports {
+                        let _ = l.ports.insert(key, old_owner, BPF_NOEXIST);
+                    }
+                }
                 self.pus.insert(old.id.clone(), state);
                 Err(e)
             }
