@@ -1,5 +1,5 @@
 //! Every PU kind and mode SPEC allows, on both datapaths and both
-//! families: what a process of the PU may reach (its application ACLs: an
+//! families (the priority test also through the legacy iptables tools): what a process of the PU may reach (its application ACLs: an
 //! ACL peer connects, another peer is blocked, a target peer connects and
 //! its SYN is trapped once), what may reach the PU (its network ACLs, the
 //! same three ways), and — with several kinds at once — that each process
@@ -40,6 +40,13 @@ on_both_datapaths_and_families!(
     a_remote_container_agent_enforces_for_its_container,
     a_sidecar_agent_lets_dns_through,
     each_process_follows_exactly_one_pu_by_priority,
+);
+
+// Every kind's hook at once, through the legacy iptables tools too (the
+// owner and cgroup matches in chains only OUTPUT reaches).
+enforcer_tests::on_datapaths_and_families!(
+    [each_process_follows_exactly_one_pu_by_priority]
+    iptables_legacy IptablesLegacy
 );
 
 /// The port a PU listens on (a service's own).
