@@ -119,11 +119,12 @@ impl Port {
 pub const EVERY_PORT: [u16; 0] = [];
 
 /// A test cgroup's path relative to the cgroup v2 mount, as a config
-/// names it: every component below the mount (test cgroups are made under
-/// it, [`Cgroup::new`], or below one another, [`Cgroup::child`]).
+/// names it. Test cgroups are made under the mount ([`Cgroup::new`]) or
+/// below one another ([`Cgroup::child`]), each named with the harness's
+/// [`NAME_PREFIX`](crate::NAME_PREFIX): the path below the mount is the
+/// run of such names at the end of the cgroup's path.
 fn relative_cgroup(cgroup: &Cgroup) -> String {
     let path = cgroup.path();
-    // The mount is the first ancestor that is no test cgroup.
     let prefix = crate::NAME_PREFIX;
     let below: Vec<String> = path
         .ancestors()

@@ -195,7 +195,7 @@ impl<'a> PuPlan<'a> {
             .port_sets(family)
             .into_iter()
             .map(|(name, ports)| SetSpec::ports(name, ports));
-        ports.into_iter().chain(self.acl_sets(family)).collect()
+        ports.chain(self.acl_sets(family)).collect()
     }
 
     /// The PU's chains with their rules, then the hooks into them
