@@ -28,7 +28,7 @@ impl Harness {
         std::fs::create_dir_all(&dir).unwrap();
         let source = ConfigSource {
             path: dir.join("enforcer.toml"),
-            host: CgroupV2Host::new(&dir),
+            mounts: Mounts::cgroup2_at(&dir),
             datapath: None,
             iptables_backend: None,
         };
@@ -50,6 +50,11 @@ impl Harness {
                 reason: "a fake for tests".into(),
                 iptables: BackendChoice {
                     backend: Backend::Legacy,
+                    reason: "a fake for tests".into(),
+                },
+                cgroups: CgroupChoice {
+                    flavour: CgroupFlavour::V2,
+                    mount: dir.clone(),
                     reason: "a fake for tests".into(),
                 },
             },
@@ -254,7 +259,7 @@ fn the_flag_overrides_the_files_datapath() {
     .unwrap();
     let source = |datapath, iptables_backend| ConfigSource {
         path: path.clone(),
-        host: CgroupV2Host::new(&dir),
+        mounts: Mounts::cgroup2_at(&dir),
         datapath,
         iptables_backend,
     };
@@ -292,7 +297,7 @@ fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
     let path = dir.join("enforcer.toml");
     let source = ConfigSource {
         path: path.clone(),
-        host: CgroupV2Host::new(&dir),
+        mounts: Mounts::cgroup2_at(&dir),
         datapath: None,
         iptables_backend: None,
     };

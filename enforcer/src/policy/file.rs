@@ -21,9 +21,9 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, IdentitySettings, IptablesSettings,
-    MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
-    PortSettings, QueueSettings,
+    CgroupSettings, CgroupVersion, Configuration, DatapathChoice, FlowLogOutput, IdentitySettings,
+    IptablesSettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings,
+    NetworkSettings, PortSettings, QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
@@ -47,6 +47,8 @@ struct RawConfiguration {
     iptables: RawIptables,
     #[serde(default)]
     ports: RawPorts,
+    #[serde(default)]
+    cgroups: RawCgroups,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -96,6 +98,14 @@ struct RawIptables {
 #[serde(deny_unknown_fields)]
 struct RawPorts {
     discover_interval_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgroups {
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    net_cls_mount: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -255,6 +265,7 @@ pub(super) fn parse(
             86_400_000,
         ),
     };
+    let cgroups = convert_cgroups(&raw.cgroups, &mut errs);
     let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
@@ -292,6 +303,7 @@ pub(super) fn parse(
         flow_log,
         iptables,
         ports,
+        cgroups,
         identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
@@ -453,6 +465,34 @@ fn convert_flow_log(raw: &RawFlowLog, errs: &mut Errors) -> FlowLogOutput {
             FlowLogOutput::Stdout
         }
         Some(path) => FlowLogOutput::File(path.into()),
+    }
+}
+
+/// `[cgroups]`: the version keyword, and a net_cls mount that is an
+/// absolute path and only given where v1 can be chosen.
+fn convert_cgroups(raw: &RawCgroups, errs: &mut Errors) -> CgroupSettings {
+    let path = FieldPath::root("cgroups");
+    let version = raw.version.as_ref().map_or_else(Default::default, |name| {
+        keyword(errs, &path.key("version"), name).unwrap_or_default()
+    });
+    let net_cls_mount = raw.net_cls_mount.as_deref().and_then(|text| {
+        let field = path.key("net_cls_mount");
+        let problem = if !text.starts_with('/') {
+            Some(Problem::NotAbsolute)
+        } else if version == CgroupVersion::V2 {
+            Some(Problem::NetClsMountWithV2)
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => errs.bad(&field, text, problem),
+            None => return Some(PathBuf::from(text)),
+        }
+        None
+    });
+    CgroupSettings {
+        version,
+        net_cls_mount,
     }
 }
 
@@ -781,6 +821,14 @@ impl From<&Configuration> for RawConfiguration {
             ports: RawPorts {
                 discover_interval_ms: Some(config.ports.discover_interval_ms.into()),
             },
+            cgroups: RawCgroups {
+                version: Some(config.cgroups.version.as_str().to_owned()),
+                net_cls_mount: config
+                    .cgroups
+                    .net_cls_mount
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            },
             identity: RawIdentity::from(&config.identity),
             pus: config
                 .pus
@@ -1028,7 +1076,7 @@ mod tests {
         };
         assert_eq!(
             errors.to_string(),
-            r#"pus[1].cgroup: "enforcer/batch" is not a directory under the cgroup v2 mount"#
+            r#"pus[1].cgroup: "enforcer/batch" is not a directory under the cgroup mount (cgroup v2, or net_cls with [cgroups] version = "v1")"#
         );
         let config = Configuration::from_toml_str(EXAMPLE).unwrap();
         let errors = config.validate(&only_web).unwrap_err();

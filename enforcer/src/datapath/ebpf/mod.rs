@@ -315,6 +315,14 @@ impl EbpfDatapath {
         if !matches!(pu.kind, PuKind::LinuxProcess { .. }) {
             return unsupported(&format!("PU kind {}", pu.kind.name()));
         }
+        if self.settings.net_cls_mount.is_some() {
+            // The cgroup hooks attach to cgroup v2 only; a net_cls class
+            // id is matched by iptables alone.
+            return unsupported(&format!(
+                "PU {}: a net_cls (cgroup v1) cgroup ([cgroups] version = \"v1\")",
+                pu.id
+            ));
+        }
         let not_yet = [
             (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
             (

@@ -54,6 +54,7 @@ use self::exec::{Netfilter, System};
 use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
+use super::netcls::{ClassId, ClassIds};
 use super::ports::{self, ListenPort, RuntimePorts, Transport};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
@@ -88,11 +89,13 @@ struct Installed {
     version: u8,
     /// Its run-time ports ([`ports`]), in its port sets beside `pu`'s.
     runtime: RuntimePorts,
+    /// Its net_cls class id, when its cgroup is cgroup v1 ([`netcls`]).
+    class_id: Option<ClassId>,
 }
 
 impl Installed {
     fn plan(&self) -> Result<PuPlan<'_>> {
-        PuPlan::new(&self.pu, &self.short, self.version)
+        Ok(PuPlan::new(&self.pu, &self.short, self.version)?.with_class_id(self.class_id))
     }
 
     /// `ipset restore` text adding (`add`) or deleting `port` in the
@@ -123,6 +126,8 @@ pub struct IptablesDatapath {
     nf: Box<dyn Netfilter>,
     names: NameRegistry,
     pus: BTreeMap<PuId, Installed>,
+    /// The class ids of net_cls (cgroup v1) PUs.
+    class_ids: ClassIds,
     /// What the global sets hold; `None` until `run` has created them.
     targets: Option<PerFamily<FamilyNetworks>>,
     /// Test-only fault injection ([`fault`]).
@@ -196,11 +201,16 @@ impl IptablesDatapath {
     }
 
     fn with_netfilter(settings: DatapathSettings, nf: Box<dyn Netfilter>) -> Self {
+        let class_ids = ClassIds::new(
+            settings.net_cls_mount.clone(),
+            settings.net_cls_record.clone(),
+        );
         Self {
             settings,
             nf,
             names: NameRegistry::new(),
             pus: BTreeMap::new(),
+            class_ids,
             targets: None,
             faults: Faults::none(),
             flow_log: None,
@@ -574,6 +584,7 @@ impl Datapath for IptablesDatapath {
         self.forget_everything();
         exec::remove_everything(self.nf.as_ref())
             .context("removing what a previous instance left")?;
+        self.class_ids.reset_all();
         let install = || -> anyhow::Result<()> {
             let specs: Vec<sets::SetSpec> =
                 IpFamily::ALL.into_iter().flat_map(global::sets).collect();
@@ -679,18 +690,29 @@ impl Datapath for IptablesDatapath {
             }
         }
         let fault = self.faults.strikes(Operation::Configure);
-        let result = pus
+        let net_cls: Vec<_> = pus
             .iter()
-            .zip(&shorts)
-            .map(|(pu, short)| {
-                self.add_prefixes(pu, short);
-                PuPlan::new(pu, short, version)
+            .filter_map(|pu| match &pu.kind {
+                PuKind::LinuxProcess { cgroup } => Some((&pu.id, cgroup)),
+                _ => None,
             })
-            .collect::<Result<Vec<_>>>()
-            .and_then(|plans| self.install(&plans, fault));
+            .collect();
+        let result = self.class_ids.assign(&net_cls).and_then(|()| {
+            let plans = pus
+                .iter()
+                .zip(&shorts)
+                .map(|(pu, short)| {
+                    self.add_prefixes(pu, short);
+                    let class_id = self.class_ids.get(&pu.id);
+                    Ok(PuPlan::new(pu, short, version)?.with_class_id(class_id))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.install(&plans, fault)
+        });
         if let Err(e) = result {
             for pu in pus {
                 self.names.release(&pu.id);
+                self.class_ids.release(&pu.id);
             }
             self.sync_prefixes();
             return Err(e);
@@ -701,6 +723,7 @@ impl Datapath for IptablesDatapath {
                 short,
                 version,
                 runtime: RuntimePorts::new(),
+                class_id: self.class_ids.get(&pu.id),
             };
             self.pus.insert(pu.id.clone(), installed);
         }
@@ -736,13 +759,28 @@ impl Datapath for IptablesDatapath {
             ports::with_runtime(&installed.pu, &runtime),
             ports::with_runtime(new, &runtime),
         );
-        let old_plan = PuPlan::new(&old_sets, &installed.short, installed.version)?;
-        let new_plan = PuPlan::new(&new_sets, &installed.short, version)?;
+        let class_id = installed.class_id;
+        let old_plan =
+            PuPlan::new(&old_sets, &installed.short, installed.version)?.with_class_id(class_id);
+        let new_plan = PuPlan::new(&new_sets, &installed.short, version)?.with_class_id(class_id);
+        // A net_cls PU keeps its class id, so its hook stays the same; a
+        // new cgroup gets the id before the swap and the old one loses it
+        // after.
+        let moving = match &new.kind {
+            PuKind::LinuxProcess { cgroup } => self.class_ids.start_move(&new.id, cgroup)?,
+            _ => None,
+        };
         let fault = self.faults.strikes(Operation::Update);
         self.add_prefixes(new, &installed.short);
         if let Err(e) = self.replace(&new_plan, &old_plan, fault) {
+            if let Some(to) = moving {
+                self.class_ids.undo_move(&new.id, to);
+            }
             self.sync_prefixes();
             return Err(e);
+        }
+        if let Some(to) = moving {
+            self.class_ids.finish_move(&new.id, to);
         }
         let short = installed.short.clone();
         self.pus.insert(
@@ -752,6 +790,7 @@ impl Datapath for IptablesDatapath {
                 short,
                 version,
                 runtime,
+                class_id,
             },
         );
         self.sync_prefixes();
@@ -780,19 +819,30 @@ impl Datapath for IptablesDatapath {
         if version != installed.version {
             // Also whatever the caller believes is installed, if it can
             // name it: a failed undo may have left that version behind.
-            plans.extend(PuPlan::new(pu, &installed.short, version).ok());
+            let class_id = installed.class_id;
+            plans.extend(
+                PuPlan::new(pu, &installed.short, version)
+                    .ok()
+                    .map(|plan| plan.with_class_id(class_id)),
+            );
         }
         self.uninstall(&plans)
             .with_context(|| format!("deleting PU {}", pu.id))?;
         self.pus.remove(&pu.id);
         self.names.release(&pu.id);
+        // Unhooked first: its traffic never meets a hook without its id.
+        self.class_ids.release(&pu.id);
         self.sync_prefixes();
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<()> {
         self.forget_everything();
-        exec::remove_everything(self.nf.as_ref())?;
+        let removed = exec::remove_everything(self.nf.as_ref());
+        // Also when the rules could not all be removed: a class id left
+        // behind outlives the agent.
+        self.class_ids.reset_all();
+        removed?;
         Ok(())
     }
 
@@ -1012,6 +1062,9 @@ mod tests {
             queues: QueueSettings::default(),
             marks: MarkLayout::default(),
             cgroup2: PathBuf::from("/sys/fs/cgroup"),
+            net_cls_mount: None,
+            // Never written: no PU here has a class id.
+            net_cls_record: PathBuf::from("/nonexistent/enforcer-test.net_cls"),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer-test"),
             iptables_backend: backend::Backend::Nft,
         }

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use super::rules::{Ctx, declare, nflog_group, opposite, peer};
 use super::sets::SetSpec;
 use crate::datapath::handshake;
+use crate::datapath::netcls::ClassId;
 use crate::datapath::queues::{Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::datapath::{DatapathError, DatapathKind};
 use crate::naming::{
@@ -37,6 +38,9 @@ pub struct PuPlan<'a> {
     cgroup: &'a CgroupPath,
     short: &'a ShortName,
     version: u8,
+    /// The net_cls class id of a PU whose cgroup is cgroup v1: its
+    /// outgoing traffic is matched by it rather than by cgroup path.
+    class_id: Option<ClassId>,
 }
 
 /// One ACL as installed in one family: its set, holding its networks of
@@ -91,7 +95,23 @@ impl<'a> PuPlan<'a> {
             cgroup: check(pu)?,
             short,
             version,
+            class_id: None,
         })
+    }
+
+    /// The same plan for a net_cls (cgroup v1) PU with `class_id` (none:
+    /// a cgroup v2 PU). Only the outgoing hook's match differs.
+    pub fn with_class_id(self, class_id: Option<ClassId>) -> Self {
+        Self { class_id, ..self }
+    }
+
+    /// What recognises the PU's outgoing traffic: its cgroup v2 path, or
+    /// the class id its net_cls cgroup stamps on its sockets.
+    fn outgoing_match(&self) -> String {
+        match self.class_id {
+            Some(class_id) => format!("-m cgroup --cgroup {class_id}"),
+            None => format!("-m cgroup --path {}", self.cgroup),
+        }
     }
 
     /// `TRI-App-<short>-<version>` and `TRI-Net-<short>-<version>`.
@@ -159,17 +179,19 @@ impl<'a> PuPlan<'a> {
     }
 
     /// The rules sending the PU's traffic to its chains, without `-A`/`-D`:
-    /// outgoing by cgroup, incoming by listening port. Both port hooks are
-    /// always there (an empty set matches nothing), so ports can change
-    /// without a rule change.
+    /// outgoing by cgroup (path or class id), incoming by listening port.
+    /// Both port hooks are always there (an empty set matches nothing), so
+    /// ports can change without a rule change.
     fn hooks(&self, family: IpFamily) -> impl Iterator<Item = String> + use<> {
         let chains = self.chains();
         let comment = format!("-m comment --comment \"PU {}\"", self.pu.id);
         let [(tcp, _), (udp, _)] = self.port_sets(family);
         [
             format!(
-                "{} -m cgroup --path {} {comment} -j {}",
-                PROCESS_CHAINS.app, self.cgroup, chains.app
+                "{} {} {comment} -j {}",
+                PROCESS_CHAINS.app,
+                self.outgoing_match(),
+                chains.app
             ),
             format!(
                 "{} -p tcp -m set --match-set {tcp} dst {comment} -j {}",
