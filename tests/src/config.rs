@@ -30,6 +30,8 @@ pub struct Config {
     networks: Networks,
     #[serde(skip_serializing_if = "Option::is_none")]
     flow_log: Option<FlowLog>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroups: Option<Cgroups>,
     pus: Vec<Pu>,
 }
 
@@ -53,6 +55,12 @@ struct Marks {
 #[derive(Debug, Clone, Default, Serialize)]
 struct FlowLog {
     output: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Cgroups {
+    version: String,
+    net_cls_mount: String,
 }
 
 /// One PU.
@@ -160,6 +168,16 @@ impl Config {
         self
     }
 
+    /// `[cgroups] version = "v1"` with the net_cls hierarchy at `mount`:
+    /// PU cgroups are net_cls cgroups relative to it.
+    pub fn net_cls(mut self, mount: &Path) -> Self {
+        self.cgroups = Some(Cgroups {
+            version: "v1".into(),
+            net_cls_mount: mount.display().to_string(),
+        });
+        self
+    }
+
     pub fn pu(mut self, pu: Pu) -> Self {
         self.pus.push(pu);
         self
@@ -184,7 +202,8 @@ impl Pu {
     }
 
     /// A `linux-process` PU of a test's [`Cgroup`]: made directly under
-    /// the cgroup v2 mount, its directory name is its path there.
+    /// the cgroup mount (v2, or net_cls v1), its directory name is its
+    /// path there.
     pub fn process_of(id: &str, cgroup: &Cgroup) -> Self {
         let name = cgroup
             .path()
