@@ -354,18 +354,17 @@ fn reset(entry: &Entry) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    /// A fake net_cls hierarchy: directories with a `net_cls.classid`
-    /// file each, as the kernel shows them.
-    struct Hierarchy(PathBuf);
+    /// A fake net_cls hierarchy in a temporary directory: directories
+    /// with a `net_cls.classid` file each, as the kernel shows them.
+    pub(crate) struct Hierarchy(pub(crate) PathBuf);
 
     impl Hierarchy {
-        fn new(cgroups: &[&str]) -> Self {
+        pub(crate) fn new(cgroups: &[&str]) -> Self {
             let root = std::env::temp_dir().join(format!(
-                "enforcer-netcls-{}-{}",
-                std::process::id(),
+                "enforcer-netcls-{}",
                 crate::sandbox::unique_name("u")
             ));
             for cgroup in cgroups {
@@ -376,12 +375,12 @@ mod tests {
             Self(root)
         }
 
-        fn classid(&self, cgroup: &str) -> u32 {
+        pub(crate) fn classid(&self, cgroup: &str) -> u32 {
             let text = fs::read_to_string(self.0.join(cgroup).join(CLASSID_FILE)).unwrap();
             text.trim().parse().unwrap()
         }
 
-        fn ids(&self, record: &str) -> ClassIds {
+        pub(crate) fn ids(&self, record: &str) -> ClassIds {
             ClassIds::new(Some(self.0.clone()), self.0.join(record))
         }
     }
@@ -391,6 +390,12 @@ mod tests {
             let _ = fs::remove_dir_all(&self.0);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::Hierarchy;
+    use super::*;
 
     fn id(text: &str) -> PuId {
         PuId::new(text).unwrap()
@@ -489,5 +494,49 @@ mod tests {
         ids.assign(&[(&web, &cgroup("web"))]).unwrap();
         assert_eq!((ids.get(&web), h.classid("web")), (None, 0));
         assert!(!ids.enabled());
+    }
+
+    /// The eBPF datapath attaches to cgroup v2 only: it refuses a PU of a
+    /// net_cls cgroup by name, before anything changes.
+    #[test]
+    fn the_ebpf_datapath_refuses_a_net_cls_pu() {
+        use crate::datapath::{Datapath, DatapathKind, DatapathSettings};
+        use crate::policy::{Mode, Pu, PuKind, QueueSettings};
+        let settings = DatapathSettings {
+            mode: Mode::LocalServer,
+            queues: QueueSettings::default(),
+            marks: enforcer_common::marks::MarkLayout::default(),
+            cgroup2: PathBuf::from("/sys/fs/cgroup"),
+            net_cls_mount: Some(PathBuf::from("/sys/fs/cgroup/net_cls")),
+            net_cls_record: PathBuf::from("/nonexistent/enforcer-test.net_cls"),
+            pin_dir: PathBuf::from("/nonexistent/enforcer-test-pins"),
+            iptables_backend: crate::datapath::iptables::backend::Backend::Nft,
+        };
+        let mut ebpf = crate::datapath::ebpf::EbpfDatapath::new(settings).unwrap();
+        let pu = Pu {
+            id: id("web"),
+            kind: PuKind::LinuxProcess {
+                cgroup: cgroup("web"),
+            },
+            labels: Default::default(),
+            tcp_ports: vec![],
+            udp_ports: vec![],
+            application_acls: vec![],
+            network_acls: vec![],
+            proxy_port: None,
+            dns_proxy_port: None,
+            dependent_services: vec![],
+            exposed_services: vec![],
+        };
+        let err = ebpf.configure(0, &pu).unwrap_err();
+        assert!(
+            matches!(&err, DatapathError::Unsupported(_, DatapathKind::Ebpf)),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "PU web: a net_cls (cgroup v1) cgroup ([cgroups] version = \"v1\") is not \
+             supported by the ebpf datapath"
+        );
     }
 }

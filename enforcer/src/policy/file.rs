@@ -1448,6 +1448,60 @@ mod tests {
     }
 
     #[test]
+    fn cgroups_default_to_auto_and_a_net_cls_mount_is_absolute_and_not_for_v2() {
+        let default = Configuration::from_toml_str("mode = \"local-server\"").unwrap();
+        assert_eq!(default.cgroups, CgroupSettings::default());
+        assert_eq!(default.cgroups.version, CgroupVersion::Auto);
+        for (version, mount) in [
+            ("auto", None),
+            ("v2", None),
+            ("v1", None),
+            ("v1", Some("/sys/fs/cgroup/net_cls")),
+            ("auto", Some("/mnt/net cls")),
+        ] {
+            let mount_line = mount.map_or(String::new(), |m| format!("net_cls_mount = \"{m}\""));
+            let text = format!(
+                "mode = \"local-server\"\n[cgroups]\nversion = \"{version}\"\n{mount_line}"
+            );
+            let config = Configuration::from_toml_str(&text).unwrap();
+            assert_eq!(config.cgroups.version.as_str(), version);
+            assert_eq!(
+                config.cgroups.net_cls_mount.as_deref(),
+                mount.map(std::path::Path::new)
+            );
+            let again = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(again.unwrap(), config);
+        }
+        assert_refused(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v3\"",
+            "cgroups.version",
+            Some("v3"),
+            Problem::UnknownKeyword {
+                expected: &["auto", "v2", "v1"],
+            },
+        );
+        assert_refused(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v1\"\nnet_cls_mount = \"net_cls\"",
+            "cgroups.net_cls_mount",
+            Some("net_cls"),
+            Problem::NotAbsolute,
+        );
+        let errors = refusals(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v2\"\nnet_cls_mount = \"/nc\"",
+        );
+        assert_has(
+            &errors,
+            "cgroups.net_cls_mount",
+            Some("/nc"),
+            Problem::NetClsMountWithV2,
+        );
+        assert_eq!(
+            errors[0].to_string(),
+            r#"cgroups.net_cls_mount: "/nc" is a net_cls (cgroup v1) mount, but version = "v2" never uses one"#
+        );
+    }
+
+    #[test]
     fn port_discovery_runs_every_500_ms_unless_told_otherwise() {
         let default = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
         assert_eq!(

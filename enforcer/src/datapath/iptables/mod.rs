@@ -1184,6 +1184,82 @@ mod tests {
         assert_eq!(fake.sets(), global_sets());
     }
 
+    /// A net_cls PU: its class id is written to its cgroup tree, and its
+    /// outgoing hook matches the id; an update keeps the id (a new cgroup
+    /// gets it, the old one is reset); delete resets it and the record
+    /// goes.
+    #[test]
+    fn a_net_cls_pu_is_hooked_by_the_class_id_of_its_cgroup() {
+        use crate::datapath::netcls::test_support::Hierarchy;
+        let h = Hierarchy::new(&["enforcer/web", "enforcer/web/worker", "enforcer/api"]);
+        let fake = Fake::default();
+        let settings = DatapathSettings {
+            net_cls_mount: Some(h.0.clone()),
+            net_cls_record: h.0.join("record"),
+            ..settings(Mode::LocalServer)
+        };
+        let mut dp = IptablesDatapath::with_netfilter(settings, Box::new(fake.clone()));
+        dp.run().unwrap();
+        fake.take();
+        let old = web(80, "10.0.0.0/8");
+        dp.configure(0, &old).unwrap();
+        let id = ClassId::nth(0).unwrap().value();
+        assert_eq!(
+            [h.classid("enforcer/web"), h.classid("enforcer/web/worker")],
+            [id, id]
+        );
+        assert!(h.0.join("record").exists());
+        let hook = "-A TRI-Pid-App -m cgroup --cgroup 286326884 -m comment --comment \"PU web\"";
+        let hooked = |calls: &[Call], family| {
+            calls
+                .iter()
+                .any(|c| matches!(c, Call::Restore(f, text) if *f == family && text.contains(hook)))
+        };
+        let calls = fake.take();
+        assert!(
+            IpFamily::ALL.into_iter().all(|f| hooked(&calls, f)),
+            "{calls:#?}"
+        );
+        assert!(calls.iter().all(|c| !format!("{c:?}").contains("--path")));
+
+        let moved = Pu {
+            kind: PuKind::LinuxProcess {
+                cgroup: CgroupPath::new("enforcer/api").unwrap(),
+            },
+            ..web(81, "10.0.0.0/8")
+        };
+        dp.update(1, &moved, &old).unwrap();
+        assert!(hooked(&fake.take(), IpFamily::V4));
+        assert_eq!(
+            [h.classid("enforcer/web"), h.classid("enforcer/api")],
+            [0, id]
+        );
+
+        dp.delete(1, &moved).unwrap();
+        assert_eq!(h.classid("enforcer/api"), 0);
+        assert!(!h.0.join("record").exists());
+    }
+
+    /// A configure that fails in the kernel leaves no class id behind.
+    #[test]
+    fn a_failed_net_cls_configure_resets_the_class_id() {
+        use crate::datapath::netcls::test_support::Hierarchy;
+        let h = Hierarchy::new(&["enforcer/web"]);
+        let fake = Fake::default();
+        let settings = DatapathSettings {
+            net_cls_mount: Some(h.0.clone()),
+            net_cls_record: h.0.join("record"),
+            ..settings(Mode::LocalServer)
+        };
+        let mut dp = IptablesDatapath::with_netfilter(settings, Box::new(fake.clone()));
+        dp.run().unwrap();
+        fake.fail_when(is_v6_restore);
+        assert!(dp.configure(0, &web(80, "10.0.0.0/8")).is_err());
+        assert_eq!(h.classid("enforcer/web"), 0);
+        assert_eq!(dp.class_ids.get(&PuId::new("web").unwrap()), None);
+        assert!(!h.0.join("record").exists());
+    }
+
     /// `web` under another id and cgroup.
     fn named(id: &str) -> Pu {
         Pu {

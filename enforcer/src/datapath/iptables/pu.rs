@@ -805,6 +805,40 @@ COMMIT
         assert_eq!(multiport("--dports", &[]), [""]);
     }
 
+    /// A net_cls (cgroup v1) PU: the outgoing hook matches its class id
+    /// (decimal, as `iptables-save` prints it) instead of a path; its
+    /// chains and incoming hooks are the cgroup v2 PU's, line for line.
+    #[test]
+    fn a_net_cls_pu_is_hooked_by_class_id() {
+        let pu = web_with_acls();
+        let short = short("web");
+        let queues = QueueSettings::default();
+        let class_id = ClassId::nth(0);
+        for family in IpFamily::ALL {
+            let ctx = ctx(family, &queues);
+            let by_path = PuPlan::new(&pu, &short, 1).unwrap();
+            let by_id = by_path.with_class_id(class_id);
+            let (v2, v1) = (by_path.install(&ctx), by_id.install(&ctx));
+            let hook = r#"-A TRI-Pid-App -m cgroup --cgroup 286326884 -m comment --comment "PU web" -j TRI-App-webbBzx-1"#;
+            let differ: Vec<(&String, &String)> =
+                v2.iter().zip(&v1).filter(|(a, b)| a != b).collect();
+            assert_eq!(v2.len(), v1.len());
+            assert_eq!(
+                differ,
+                [(
+                    &r#"-A TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-1"#.to_owned(),
+                    &hook.to_owned()
+                )]
+            );
+            let removed = by_id.remove(&ctx);
+            assert_eq!(removed[0], hook.replacen("-A", "-D", 1));
+            assert!(
+                removed.iter().all(|l| !l.contains("--path")),
+                "{removed:#?}"
+            );
+        }
+    }
+
     #[test]
     fn kinds_other_than_linux_process_are_unsupported() {
         let pu = Pu {
