@@ -221,7 +221,7 @@ pub fn run(options: RunOptions) -> Result<()> {
             kind: choice.kind,
             reason,
             iptables,
-            cgroups,
+            cgroups: cgroups.clone(),
         },
         mode: config.mode,
         started: Instant::now(),
@@ -231,10 +231,19 @@ pub fn run(options: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let discovery = config
+    let mut discovery = config
         .ports
         .discover_interval()
         .map(|interval| PortDiscovery { interval, cgroup2 });
+    if discovery.is_some() && cgroups.flavour == CgroupFlavour::NetClsV1 {
+        // sock_diag names a socket's cgroup v2 id only: a net_cls PU's
+        // sockets cannot be told apart by it.
+        tracing::warn!(
+            "port discovery is off: it finds a PU's sockets by cgroup v2 id, and the PUs' \
+             cgroups are net_cls (cgroup v1); list their ports in the config"
+        );
+        discovery = None;
+    }
     runtime.block_on(serve(datapath, config, source, identity, discovery))
 }
 

@@ -503,6 +503,15 @@ impl IptablesDatapath {
         let PuKind::LinuxProcess { cgroup } = &new.kind else {
             return Err(anyhow!("PU {} is not a linux-process PU", new.id));
         };
+        if self.class_ids.enabled() {
+            // sock_diag names a socket's cgroup v2 id only, so a net_cls
+            // PU's own flows cannot be told from another's.
+            return Err(anyhow!(
+                "{} flows only the old policy allowed stay: a net_cls (cgroup v1) PU's \
+                 sockets are not found by cgroup yet",
+                revoked.len()
+            ));
+        }
         let cgroup = self.settings.cgroup2.join(cgroup.as_path());
         let revoked = self
             .nf
