@@ -127,6 +127,16 @@ impl ConfigSource {
             self.mounts.cgroup2.as_deref(),
             self.mounts.net_cls.as_deref(),
         )
+        .and_then(|choice| {
+            let classid = choice.mount.join("net_cls.classid");
+            if choice.flavour == CgroupFlavour::NetClsV1 && !classid.is_file() {
+                anyhow::bail!(
+                    "{} is not a net_cls cgroup hierarchy (it has no net_cls.classid)",
+                    choice.mount.display()
+                );
+            }
+            Ok(choice)
+        })
         .map_err(|e| ConfigError::Cgroups {
             path: self.path.clone(),
             reason: format!("{e:#}"),
