@@ -2,8 +2,8 @@
 //! version = "v1"`), on the iptables datapath: the agent gives it a class
 //! id, its processes' traffic is matched by that id, and the PU's ACLs and
 //! the trap apply exactly as to a cgroup v2 PU; a process outside is
-//! untouched; the id is reset when the agent stops, and after a crash by
-//! `cleanup`. The eBPF datapath refuses such a PU by name, and `auto`
+//! untouched; an update keeps the id; the id is reset when the agent
+//! stops, and after a crash by `cleanup`. The eBPF datapath refuses such a PU by name, and `auto`
 //! picks iptables for it.
 //!
 //! The world is the behaviour suite's ([`enforcer_tests::world`]): host
@@ -76,13 +76,16 @@ impl World {
 
     /// TCP target [`TARGET`], UDP target and excluded networks, and PU
     /// `web` of the net_cls cgroup accepting TCP and UDP to [`ACL_PEER`]'s
-    /// port [`PORT`].
-    fn config(&self) -> String {
-        let web = Pu::process_of("web", &self.world.cgroup).application_acl(
-            Acl::accept("to-acl-peer", ACL_PEER.nets)
-                .tcp([PORT])
-                .udp([PORT]),
-        );
+    /// port [`PORT`] (with `acl`; without, no ACL).
+    fn config_with(&self, acl: bool) -> String {
+        let mut web = Pu::process_of("web", &self.world.cgroup);
+        if acl {
+            web = web.application_acl(
+                Acl::accept("to-acl-peer", ACL_PEER.nets)
+                    .tcp([PORT])
+                    .udp([PORT]),
+            );
+        }
         Config::local_server()
             .net_cls(self.mount.path())
             .target_tcp(TARGET.nets)
@@ -90,6 +93,10 @@ impl World {
             .excluded(EXCLUDED.nets)
             .pu(web)
             .to_toml()
+    }
+
+    fn config(&self) -> String {
+        self.config_with(true)
     }
 
     fn start(&self, args: &[&str]) -> Result<Agent> {
@@ -238,6 +245,15 @@ fn acls_and_trap_apply_by_class_id(family: Family) -> Result<()> {
     assert_eq!(trapped, 1, "one set-up trapped");
     assert!(accepted >= 2, "accepted {accepted}");
     assert!(dropped >= 2, "dropped {dropped}");
+
+    // An update (a reload without the ACL) keeps the class id and the
+    // hook; the new policy applies.
+    agent.reload(&w.config_with(false))?;
+    assert_eq!(agent.reloads()?.applied, 1, "{:?}", agent.reloads()?);
+    assert_eq!(w.classid(w.world.cgroup.path())?, FIRST_CLASS_ID);
+    let blocked = w.connects(true, ACL_PEER)?;
+    assert!(blocked.is_blocked(), "the ACL is gone: got {blocked:?}");
+    assert_eq!(w.connects(false, ACL_PEER)?, Outcome::Exchanged);
 
     // Stopping the agent resets the class ids it wrote.
     let status = agent.stop_with(Signal::SIGTERM)?;
