@@ -315,7 +315,7 @@ impl EbpfDatapath {
         if !matches!(pu.kind, PuKind::LinuxProcess { .. }) {
             return unsupported(&format!("PU kind {}", pu.kind.name()));
         }
-        if self.settings.net_cls_mount.is_some() {
+        if self.settings.net_cls_mount.is_some() && matches!(pu.kind, PuKind::LinuxProcess { .. }) {
             // The cgroup hooks attach to cgroup v2 only; a net_cls class
             // id is matched by iptables alone.
             return unsupported(&format!(
