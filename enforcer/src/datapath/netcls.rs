@@ -20,7 +20,7 @@
 //! still the recorded one, so a cgroup someone else changed since is left
 //! alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -137,22 +137,22 @@ impl ClassIds {
         let Some(mount) = self.mount.clone() else {
             return Ok(());
         };
-        let mut new = Vec::new();
+        // One pass over the ids in order, skipping the taken ones: a
+        // start-up with many PUs stays linear.
+        let taken: BTreeSet<ClassId> = self.assigned.values().map(|e| e.class_id).collect();
+        let mut free = (0..CAPACITY)
+            .filter_map(ClassId::nth)
+            .filter(|c| !taken.contains(c));
+        let mut new: Vec<(PuId, Entry)> = Vec::new();
+        let mut seen = BTreeSet::new();
         for &(id, cgroup) in pus {
-            if self.assigned.contains_key(id) || new.iter().any(|(n, _)| n == id) {
+            if self.assigned.contains_key(id) || !seen.insert(id) {
                 continue;
             }
-            let taken = |c: ClassId| {
-                self.assigned.values().any(|e| e.class_id == c)
-                    || new.iter().any(|(_, e): &(PuId, Entry)| e.class_id == c)
-            };
-            let class_id = (0..CAPACITY)
-                .filter_map(ClassId::nth)
-                .find(|&c| !taken(c))
-                .ok_or_else(|| DatapathError::Full {
-                    what: "the net_cls class ids".into(),
-                    capacity: CAPACITY,
-                })?;
+            let class_id = free.next().ok_or_else(|| DatapathError::Full {
+                what: "the net_cls class ids".into(),
+                capacity: CAPACITY,
+            })?;
             let cgroup = mount.join(cgroup.as_path());
             new.push((id.clone(), Entry { class_id, cgroup }));
         }
