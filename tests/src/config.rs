@@ -32,6 +32,7 @@ pub struct Config {
     flow_log: Option<FlowLog>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<Host>,
+    cgroups: Option<Cgroups>,
     pus: Vec<Pu>,
 }
 
@@ -60,6 +61,12 @@ struct Marks {
 #[derive(Debug, Clone, Default, Serialize)]
 struct FlowLog {
     output: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Cgroups {
+    version: String,
+    net_cls_mount: String,
 }
 
 /// One PU.
@@ -213,6 +220,16 @@ impl Config {
         self
     }
 
+    /// `[cgroups] version = "v1"` with the net_cls hierarchy at `mount`:
+    /// PU cgroups are net_cls cgroups relative to it.
+    pub fn net_cls(mut self, mount: &Path) -> Self {
+        self.cgroups = Some(Cgroups {
+            version: "v1".into(),
+            net_cls_mount: mount.display().to_string(),
+        });
+        self
+    }
+
     pub fn pu(mut self, pu: Pu) -> Self {
         self.pus.push(pu);
         self
@@ -235,7 +252,7 @@ impl Pu {
     }
 
     /// A `linux-process` PU of a test's [`Cgroup`] (made under the cgroup
-    /// v2 mount, or below another test cgroup).
+    /// mount — v2, or net_cls v1 — or below another test cgroup).
     pub fn process_of(id: &str, cgroup: &Cgroup) -> Self {
         Self::process(id, &relative_cgroup(cgroup))
     }

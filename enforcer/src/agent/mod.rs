@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, ControlSocket, DatapathStatus};
 use crate::datapath::iptables::backend::{self, Backend};
+use crate::datapath::probe::{CgroupChoice, CgroupFlavour};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
 use crate::flowlog::FlowLogWriter;
 use crate::policy::{
@@ -69,6 +70,9 @@ pub enum ConfigError {
     },
     #[error("the config file {} is refused", path.display())]
     Invalid { path: PathBuf, source: PolicyError },
+    /// `[cgroups]` asks for a hierarchy the host does not have.
+    #[error("the config file {} is refused: {reason}", path.display())]
+    Cgroups { path: PathBuf, reason: String },
     /// A key file named in `[identity]` cannot be used.
     #[error("the config file {} names identity keys that cannot be loaded", path.display())]
     Keys {
@@ -89,7 +93,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
     path: PathBuf,
-    host: CgroupV2Host,
+    /// Where the cgroup hierarchies are, for `[cgroups]` to choose from.
+    mounts: Mounts,
     /// `--datapath`, which wins over the file's `datapath`.
     datapath: Option<DatapathChoice>,
     /// `--iptables-backend`, which wins over the file's `[iptables]
@@ -100,15 +105,45 @@ pub struct ConfigSource {
 impl ConfigSource {
     /// Reads and validates the file, host checks included.
     fn load(&self) -> Result<Configuration, ConfigError> {
+        self.load_with_cgroups().map(|(config, _)| config)
+    }
+
+    /// [`Self::load`], and the cgroup hierarchy its `[cgroups]` chose,
+    /// against which its PU cgroups were checked.
+    fn load_with_cgroups(&self) -> Result<(Configuration, CgroupChoice), ConfigError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
             path: self.path.clone(),
             source,
         })?;
-        let mut config =
-            Configuration::load(&text, &self.host).map_err(|source| ConfigError::Invalid {
-                path: self.path.clone(),
-                source,
-            })?;
+        let invalid = |source| ConfigError::Invalid {
+            path: self.path.clone(),
+            source,
+        };
+        // The file says which hierarchy its cgroups are in: parsed first,
+        // then checked against that hierarchy.
+        let mut config = Configuration::from_toml_str(&text).map_err(invalid)?;
+        let cgroups = probe::choose_cgroups(
+            &config.cgroups,
+            self.mounts.cgroup2.as_deref(),
+            self.mounts.net_cls.as_deref(),
+        )
+        .and_then(|choice| {
+            let classid = choice.mount.join("net_cls.classid");
+            if choice.flavour == CgroupFlavour::NetClsV1 && !classid.is_file() {
+                anyhow::bail!(
+                    "{} is not a net_cls cgroup hierarchy (it has no net_cls.classid)",
+                    choice.mount.display()
+                );
+            }
+            Ok(choice)
+        })
+        .map_err(|e| ConfigError::Cgroups {
+            path: self.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        config
+            .validate(&CgroupV2Host::new(&cgroups.mount))
+            .map_err(|e| invalid(e.into()))?;
         // Keys load at start and on every reload, so a bad key file stops
         // the agent (or the reload) before anything changes.
         if let Some(files) = config.identity.key_files() {
@@ -131,7 +166,7 @@ impl ConfigSource {
         if let Some(choice) = self.iptables_backend {
             config.iptables.backend = choice;
         }
-        Ok(config)
+        Ok((config, cgroups))
     }
 }
 
@@ -142,11 +177,12 @@ pub fn run(options: RunOptions) -> Result<()> {
     let cgroup2 = mounts.cgroup2_or_default();
     let source = ConfigSource {
         path: options.config.clone(),
-        host: CgroupV2Host::new(&cgroup2),
+        mounts: mounts.clone(),
         datapath: options.datapath,
         iptables_backend: options.iptables_backend,
     };
-    let config = source.load()?;
+    let (config, cgroups) = source.load_with_cgroups()?;
+    tracing::info!(cgroups = %cgroups.flavour, reason = %cgroups.reason, "PU cgroups chosen");
     let control = options
         .control
         .clone()
@@ -157,7 +193,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     control::claim(&control)?;
 
     let requested = config.datapath;
-    let choice = probe::choose(requested)
+    let choice = probe::choose(requested, cgroups.flavour)
         .with_context(|| format!("choosing the datapath (asked for {requested})"))?;
     let reason = match options.datapath {
         Some(flag) => format!("{} (--datapath {flag})", choice.reason),
@@ -186,6 +222,8 @@ pub fn run(options: RunOptions) -> Result<()> {
         marks: config.marks.layout(),
         cgroup2: cgroup2.clone(),
         host_scope,
+        net_cls_mount: (cgroups.flavour == CgroupFlavour::NetClsV1).then(|| cgroups.mount.clone()),
+        net_cls_record: options.instance.net_cls_record(),
         pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend: iptables.backend,
     };
@@ -198,6 +236,7 @@ pub fn run(options: RunOptions) -> Result<()> {
             kind: choice.kind,
             reason,
             iptables,
+            cgroups: cgroups.clone(),
         },
         mode: config.mode,
         started: Instant::now(),
@@ -207,10 +246,19 @@ pub fn run(options: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let discovery = config
+    let mut discovery = config
         .ports
         .discover_interval()
         .map(|interval| PortDiscovery { interval, cgroup2 });
+    if discovery.is_some() && cgroups.flavour == CgroupFlavour::NetClsV1 {
+        // sock_diag names a socket's cgroup v2 id only: a net_cls PU's
+        // sockets cannot be told apart by it.
+        tracing::warn!(
+            "port discovery is off: it finds a PU's sockets by cgroup v2 id, and the PUs' \
+             cgroups are net_cls (cgroup v1); list their ports in the config"
+        );
+        discovery = None;
+    }
     runtime.block_on(serve(datapath, config, source, identity, discovery))
 }
 
@@ -327,6 +375,10 @@ pub fn cleanup(instance: &InstanceName) -> Result<()> {
         marks: MarkSettings::default().layout(),
         cgroup2: mounts.cgroup2_or_default(),
         host_scope: mounts.cgroup2_or_default(),
+        // Class ids are reset from the instance's record, which names
+        // every cgroup written: no mount needed.
+        net_cls_mount: None,
+        net_cls_record: instance.net_cls_record(),
         pin_dir: instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend,
     };

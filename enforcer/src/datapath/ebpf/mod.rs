@@ -91,7 +91,7 @@ use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
     iptables::exec as nf, sockdiag,
 };
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -342,6 +342,14 @@ impl EbpfDatapath {
             // skipped it.
             let kind = pu.kind.name();
             return unsupported(&format!("a {kind} PU ({}) in mode {mode}", pu.id));
+        }
+        if self.settings.net_cls_mount.is_some() && matches!(pu.kind, PuKind::LinuxProcess { .. }) {
+            // The cgroup hooks attach to cgroup v2 only; a net_cls class
+            // id is matched by iptables alone.
+            return unsupported(&format!(
+                "PU {}: a net_cls (cgroup v1) cgroup ([cgroups] version = \"v1\")",
+                pu.id
+            ));
         }
         let not_yet = [
             (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
