@@ -125,7 +125,7 @@ impl Port {
 /// No ports given: an ACL of every port.
 pub const EVERY_PORT: [u16; 0] = [];
 
-/// A test cgroup's path relative to the cgroup v2 mount, as a config
+/// A test cgroup's path relative to its cgroup mount (v2, or a test's net_cls), as a config
 /// names it. Test cgroups are made under the mount ([`Cgroup::new`]) or
 /// below one another ([`Cgroup::child`]), each named with the harness's
 /// [`NAME_PREFIX`](crate::NAME_PREFIX): the path below the mount is the
@@ -137,7 +137,10 @@ fn relative_cgroup(cgroup: &Cgroup) -> String {
         .ancestors()
         .map_while(|dir| {
             let name = dir.file_name()?.to_string_lossy();
-            name.starts_with(prefix).then(|| name.into_owned())
+            // A test's cgroups, up to the mount's root (whose parent is
+            // no cgroup: a test-made net_cls mount carries the prefix too).
+            let in_mount = dir.parent()?.join("cgroup.procs").exists();
+            (name.starts_with(prefix) && in_mount).then(|| name.into_owned())
         })
         .collect();
     below.into_iter().rev().collect::<Vec<_>>().join("/")
