@@ -6,7 +6,8 @@
 //! ACLs for everyone else, the rest dropped — and when it stops
 //! listening, the port is no PU's again. A port the config lists and the
 //! PU listens on stays the PU's through a reload that drops it from the
-//! config.
+//! config. A uid PU's user that starts listening, in no PU's cgroup, gets
+//! the same for its uid PU, found by the socket's owner.
 //!
 //! Host `a` runs the agent; PU `web` (its config lists TCP 8080 only)
 //! starts echo servers on 8081, TCP and UDP, inside its cgroup while the
@@ -28,7 +29,8 @@ use enforcer_tests::{
     on_both_datapaths_and_families,
     roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
     traffic::{
-        Outcome, PuEchoServer, TcpEchoServer, Transport, tcp_exchange_from, udp_exchange_from,
+        Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, tcp_exchange_from,
+        udp_exchange_from,
     },
     world::PuWorld,
 };
@@ -45,6 +47,7 @@ const DISCOVERY_DEADLINE: Duration = Duration::from_secs(15);
 on_both_datapaths_and_families!(
     a_port_the_pu_starts_listening_on_follows_its_policy,
     a_port_listened_on_stays_when_a_reload_drops_it_from_the_config,
+    a_port_a_uid_pus_user_starts_listening_on_follows_its_policy,
 );
 
 fn config(cgroup: &Cgroup) -> String {
@@ -53,6 +56,24 @@ fn config(cgroup: &Cgroup) -> String {
 
 /// `web` with `tcp_ports` in its config.
 fn config_with_ports(cgroup: &Cgroup, tcp_ports: &[u16]) -> String {
+    networks()
+        .pu(with_acls(
+            Pu::process_of("web", cgroup).tcp_ports(tcp_ports.iter().copied()),
+        ))
+        .to_toml()
+}
+
+/// The target and excluded networks of every config here.
+fn networks() -> Config {
+    Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .excluded(roles::networks(EXCLUDED))
+}
+
+/// `pu` with the ACLs of every PU here: a network ACL for [`ACL_PEER`],
+/// TCP and UDP; and an application ACL for UDP answers.
+fn with_acls(pu: Pu) -> Pu {
     let from_acl_peer = Acl::accept("from-acl-peer", roles::networks(ACL_PEER))
         .tcp(EVERY_PORT)
         .udp(EVERY_PORT);
@@ -61,15 +82,7 @@ fn config_with_ports(cgroup: &Cgroup, tcp_ports: &[u16]) -> String {
     // handling of answers, so that only the incoming side decides.
     let peers = [roles::networks(ACL_PEER), roles::networks(OTHER)].concat();
     let answers = Acl::accept("answers", peers).udp(EVERY_PORT);
-    Config::local_server()
-        .target_tcp(TARGET_NETS)
-        .target_udp(TARGET_NETS)
-        .excluded(roles::networks(EXCLUDED))
-        .pu(Pu::process_of("web", cgroup)
-            .tcp_ports(tcp_ports.iter().copied())
-            .network_acl(from_acl_peer)
-            .application_acl(answers))
-        .to_toml()
+    pu.network_acl(from_acl_peer).application_acl(answers)
 }
 
 fn a_port_the_pu_starts_listening_on_follows_its_policy(
@@ -219,6 +232,104 @@ fn a_port_listened_on_stays_when_a_reload_drops_it_from_the_config(
         json!(["8080/tcp"])
     );
     assert_eq!(discovered()?, json!(["8081/tcp"]));
+    Ok(())
+}
+
+/// A uid PU's user (a process run as [`TEST_UID`] in the world's cgroup,
+/// which is no PU's but the eBPF host scope) starts echo servers, TCP and
+/// UDP, on a port the uid PU's config does not list: once discovery found
+/// them by their sockets' owner, the PU's network ACLs judge the port,
+/// while root's server in the same cgroup stays no PU's. Once they close,
+/// the port is no PU's again.
+fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let at = |port| SocketAddr::new(stage.server_ip(), port);
+    let new_port = at(NEW_PORT);
+    let config = networks()
+        .host_scope(&stage.cgroup)
+        .pu(with_acls(
+            Pu::uid("user", TEST_UID).tcp_ports([CONFIG_PORT]),
+        ))
+        .to_toml();
+    let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &config)?;
+    let connect = |role: u8, to: SocketAddr| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts.b.run(|| tcp_exchange_from(Some(from), to, b"ping"))
+    };
+    let datagram = |role: u8| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(from), new_port, b"ping"))
+    };
+    let user_ports =
+        |key: &str| -> Result<serde_json::Value> { Ok(agent.status()?["pus"][0][key].clone()) };
+    let nettool = env!("CARGO_BIN_EXE_nettool");
+    let user_server = |transport| {
+        PuEchoServer::start_as_user(
+            nettool,
+            transport,
+            &stage.cgroup,
+            &hosts.a,
+            new_port,
+            TEST_UID,
+        )
+    };
+
+    // Root's server first: every round that sees the user's saw it too.
+    let root_port = at(NEW_PORT + 1);
+    let _root = PuEchoServer::start(nettool, Transport::Tcp, &stage.cgroup, &hosts.a, root_port)?;
+    let servers = [user_server(Transport::Tcp)?, user_server(Transport::Udp)?];
+    let lag = wait_until(|| Ok(connect(OTHER, new_port)?.is_blocked())).context(
+        "a peer no ACL names still connects to the port the uid PU's user listens on: \
+         the port never became the PU's",
+    )?;
+    eprintln!("{datapath:?} {family:?}: the uid PU's new port was its within {lag:?} of listen()");
+    assert_eq!(user_ports("config_ports")?, json!(["8080/tcp"]));
+    assert_eq!(
+        user_ports("discovered_ports")?,
+        json!(["8081/tcp", "8081/udp"]),
+        "the user's ports, not root's"
+    );
+    assert_eq!(
+        connect(ACL_PEER, new_port)?,
+        Outcome::Exchanged,
+        "network ACL accepts"
+    );
+    let blocked = connect(OTHER, new_port)?;
+    assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
+    assert_eq!(
+        datagram(ACL_PEER)?,
+        Outcome::Exchanged,
+        "UDP: network ACL accepts"
+    );
+    let dropped = datagram(OTHER)?;
+    assert!(
+        dropped.is_blocked(),
+        "UDP, no ACL: dropped, got {dropped:?}"
+    );
+    assert_eq!(
+        connect(OTHER, root_port)?,
+        Outcome::Exchanged,
+        "root's port in the same cgroup is no PU's"
+    );
+
+    // The user's servers close; one outside the PU takes the port.
+    drop(servers);
+    let _outside = TcpEchoServer::start(&hosts.a, new_port)?;
+    wait_until(|| Ok(user_ports("discovered_ports")? == json!([])))
+        .context("the port the user stopped listening on is still among its discovered ports")?;
+    assert_eq!(
+        connect(OTHER, new_port)?,
+        Outcome::Exchanged,
+        "the port is no PU's any more: a peer no ACL names connects"
+    );
     Ok(())
 }
 
