@@ -6,8 +6,9 @@
 //! ACLs for everyone else, the rest dropped — and when it stops
 //! listening, the port is no PU's again. A port the config lists and the
 //! PU listens on stays the PU's through a reload that drops it from the
-//! config. A uid PU's user that starts listening, in no PU's cgroup, gets
-//! the same for its uid PU, found by the socket's owner.
+//! config. A uid PU's user that starts listening gets the same for its uid
+//! PU, found by the socket's owner — in no PU's cgroup, and in a
+//! linux-process PU's (the uid PU first, SPEC's priority).
 //!
 //! Host `a` runs the agent; PU `web` (its config lists TCP 8080 only)
 //! starts echo servers on 8081, TCP and UDP, inside its cgroup while the
@@ -32,6 +33,7 @@ use enforcer_tests::{
         Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, tcp_exchange_from,
         udp_exchange_from,
     },
+    unique_name,
     world::PuWorld,
 };
 use serde_json::json;
@@ -235,12 +237,13 @@ fn a_port_listened_on_stays_when_a_reload_drops_it_from_the_config(
     Ok(())
 }
 
-/// A uid PU's user (a process run as [`TEST_UID`] in the world's cgroup,
-/// which is no PU's but the eBPF host scope) starts echo servers, TCP and
-/// UDP, on a port the uid PU's config does not list: once discovery found
-/// them by their sockets' owner, the PU's network ACLs judge the port,
-/// while root's server in the same cgroup stays no PU's. Once they close,
-/// the port is no PU's again.
+/// A uid PU's user (processes run as [`TEST_UID`]) starts echo servers on
+/// ports the uid PU's config does not list: once discovery found them by
+/// their sockets' owner, the uid PU's network ACLs judge them — TCP and UDP
+/// from the world's cgroup (no PU's, and the eBPF host scope), and TCP from
+/// a linux-process PU's cgroup too (SPEC's priority: the uid PU first),
+/// while root's server in that cgroup is the process PU's. Once the user's
+/// servers close, their port is no PU's again.
 fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
     datapath: Datapath,
     family: Family,
@@ -249,13 +252,16 @@ fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
         return Ok(());
     };
     let hosts = &stage.hosts;
+    let web = stage.cgroup.child(&unique_name())?;
     let at = |port| SocketAddr::new(stage.server_ip(), port);
-    let new_port = at(NEW_PORT);
+    let (new_port, roots, users_in_web) = (at(NEW_PORT), at(NEW_PORT + 1), at(NEW_PORT + 2));
+    // `web` has no ACL: everything to its ports is blocked.
     let config = networks()
         .host_scope(&stage.cgroup)
         .pu(with_acls(
             Pu::uid("user", TEST_UID).tcp_ports([CONFIG_PORT]),
         ))
+        .pu(Pu::process_of("web", &web))
         .to_toml();
     let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &config)?;
     let connect = |role: u8, to: SocketAddr| -> Result<Outcome> {
@@ -268,35 +274,39 @@ fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
             .b
             .run(|| udp_exchange_from(Some(from), new_port, b"ping"))
     };
-    let user_ports =
-        |key: &str| -> Result<serde_json::Value> { Ok(agent.status()?["pus"][0][key].clone()) };
+    let discovered = || -> Result<[serde_json::Value; 2]> {
+        let status = agent.status()?;
+        Ok([0, 1].map(|i| status["pus"][i]["discovered_ports"].clone()))
+    };
     let nettool = env!("CARGO_BIN_EXE_nettool");
-    let user_server = |transport| {
-        PuEchoServer::start_as_user(
-            nettool,
-            transport,
-            &stage.cgroup,
-            &hosts.a,
-            new_port,
-            TEST_UID,
-        )
+    let user_server = |transport, cgroup, addr| {
+        PuEchoServer::start_as_user(nettool, transport, cgroup, &hosts.a, addr, TEST_UID)
     };
 
-    // Root's server first: every round that sees the user's saw it too.
-    let root_port = at(NEW_PORT + 1);
-    let _root = PuEchoServer::start(nettool, Transport::Tcp, &stage.cgroup, &hosts.a, root_port)?;
-    let servers = [user_server(Transport::Tcp)?, user_server(Transport::Udp)?];
-    let lag = wait_until(|| Ok(connect(OTHER, new_port)?.is_blocked())).context(
-        "a peer no ACL names still connects to the port the uid PU's user listens on: \
-         the port never became the PU's",
-    )?;
-    eprintln!("{datapath:?} {family:?}: the uid PU's new port was its within {lag:?} of listen()");
-    assert_eq!(user_ports("config_ports")?, json!(["8080/tcp"]));
-    assert_eq!(
-        user_ports("discovered_ports")?,
-        json!(["8081/tcp", "8081/udp"]),
-        "the user's ports, not root's"
+    let servers = [
+        user_server(Transport::Tcp, &stage.cgroup, new_port)?,
+        user_server(Transport::Udp, &stage.cgroup, new_port)?,
+        user_server(Transport::Tcp, &web, users_in_web)?,
+    ];
+    let _root = PuEchoServer::start(nettool, Transport::Tcp, &web, &hosts.a, roots)?;
+    let expected = [
+        json!(["8081/tcp", "8083/tcp", "8081/udp"]),
+        json!(["8082/tcp"]),
+    ];
+    let lag = wait_until(|| Ok(discovered()? == expected)).with_context(|| {
+        format!(
+            "the user's ports are the uid PU's, root's in web's cgroup web's: {:?}",
+            discovered()
+        )
+    })?;
+    eprintln!(
+        "{datapath:?} {family:?}: the uid PU's new ports were its within {lag:?} of listen()"
     );
+    assert_eq!(
+        agent.status()?["pus"][0]["config_ports"],
+        json!(["8080/tcp"])
+    );
+
     assert_eq!(
         connect(ACL_PEER, new_port)?,
         Outcome::Exchanged,
@@ -315,16 +325,22 @@ fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
         "UDP, no ACL: dropped, got {dropped:?}"
     );
     assert_eq!(
-        connect(OTHER, root_port)?,
+        connect(ACL_PEER, users_in_web)?,
         Outcome::Exchanged,
-        "root's port in the same cgroup is no PU's"
+        "the user's port in web's cgroup: the uid PU's network ACL accepts"
+    );
+    let blocked = connect(ACL_PEER, roots)?;
+    assert!(
+        blocked.is_blocked(),
+        "root's port in web's cgroup: web's, which has no ACL, got {blocked:?}"
     );
 
-    // The user's servers close; one outside the PU takes the port.
+    // The user's servers close; one outside every PU takes the port.
     drop(servers);
     let _outside = TcpEchoServer::start(&hosts.a, new_port)?;
-    wait_until(|| Ok(user_ports("discovered_ports")? == json!([])))
-        .context("the port the user stopped listening on is still among its discovered ports")?;
+    let expected = [json!([]), json!(["8082/tcp"])];
+    wait_until(|| Ok(discovered()? == expected))
+        .context("the ports the user stopped listening on are still among its discovered ports")?;
     assert_eq!(
         connect(OTHER, new_port)?,
         Outcome::Exchanged,
