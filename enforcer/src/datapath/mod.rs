@@ -200,7 +200,8 @@ pub trait Datapath: Send {
     /// [`Self::remove_port`]. The run-time ports outlive updates of the
     /// PU's policy ([`ports`] has the rules both datapaths share).
     /// Idempotent; a port another PU holds is refused
-    /// ([`DatapathError::PortTaken`]).
+    /// ([`DatapathError::PortTaken`]), and so is any port of a host or
+    /// container PU, which has no port set ([`DatapathError::Unsupported`]).
     fn add_port(&mut self, id: &PuId, port: ports::ListenPort) -> Result<()>;
 
     /// Takes a run-time `port` out of PU `id`'s port set, unless its

@@ -142,8 +142,9 @@ pub struct IptablesSettings {
 }
 
 /// `[ports]`: the agent's discovery of listening ports. Every
-/// `discover_interval_ms` it lists the sockets of each linux-process PU's
-/// cgroup and adds the ports they listen on to the PU's port set (and
+/// `discover_interval_ms` it lists the listening sockets of each uid PU's
+/// user and each linux-process PU's cgroup (the uid PU first) and adds
+/// their ports to the PU's port set (and
 /// takes out the ones no longer listened on; the config's ports always
 /// stay). 0 turns discovery off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

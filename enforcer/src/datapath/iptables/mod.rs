@@ -112,13 +112,21 @@ impl Installed {
             Transport::Tcp => 0,
             Transport::Udp => 1,
         };
-        Ok(IpFamily::ALL
+        IpFamily::ALL
             .into_iter()
             .map(|family| {
-                let (name, _) = &plan.port_sets(family)[index];
-                sets::port_diff(name, from, to)
+                // A host or container PU has every port no other PU holds,
+                // and no port set to put one in.
+                let sets = plan.port_sets(family);
+                let (name, _) = sets.get(index).ok_or_else(|| {
+                    DatapathError::Unsupported(
+                        format!("PU {}: a run-time port (it has no port set)", self.pu.id),
+                        DatapathKind::Iptables,
+                    )
+                })?;
+                Ok(sets::port_diff(name, from, to))
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -1557,6 +1565,54 @@ mod tests {
         assert!(
             matches!(&calls[1], Call::Ipset(t) if t.starts_with("del TRI-v4-ProcPort-webbBzx 9090"))
         );
+    }
+
+    #[test]
+    fn runtime_ports_of_a_uid_pu_go_into_its_uid_sets_and_a_host_pu_has_none() {
+        let (mut dp, fake) = running();
+        let mut user = web(80, "10.0.0.0/8");
+        user.kind = PuKind::Uid {
+            user: crate::policy::UserSpec::Id(4_042_424),
+        };
+        dp.configure(0, &user).unwrap();
+        fake.take();
+        let port = |p| std::num::NonZeroU16::new(p).unwrap();
+        dp.add_port(&user.id, ListenPort::tcp(port(8081))).unwrap();
+        dp.add_port(&user.id, ListenPort::udp(port(5353))).unwrap();
+        dp.remove_port(&user.id, ListenPort::tcp(port(8081)))
+            .unwrap();
+        let ipset = |text: &str| Call::Ipset(text.to_owned());
+        assert_eq!(
+            fake.take(),
+            [
+                ipset(
+                    "add TRI-v4-UID-Port-webbBzx 8081 -exist\n\
+                     add TRI-v6-UID-Port-webbBzx 8081 -exist\n"
+                ),
+                ipset(
+                    "add TRI-v4-UID-UDP-webbBzx 5353 -exist\n\
+                     add TRI-v6-UID-UDP-webbBzx 5353 -exist\n"
+                ),
+                ipset(
+                    "del TRI-v4-UID-Port-webbBzx 8081 -exist\n\
+                     del TRI-v6-UID-Port-webbBzx 8081 -exist\n"
+                ),
+            ]
+        );
+
+        let mut host = web(80, "10.0.0.0/8");
+        (host.id, host.kind, host.tcp_ports) = (PuId::new("host").unwrap(), PuKind::Host, vec![]);
+        dp.configure(0, &host).unwrap();
+        fake.take();
+        let err = dp
+            .add_port(&host.id, ListenPort::tcp(port(8082)))
+            .unwrap_err();
+        assert!(
+            matches!(err, DatapathError::Unsupported(..)),
+            "refused, not a panic: {err}"
+        );
+        assert!(dp.runtime_ports(&host.id).is_empty());
+        assert_eq!(fake.take(), []);
     }
 
     #[test]
