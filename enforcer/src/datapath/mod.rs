@@ -221,6 +221,7 @@ pub mod fault;
 pub mod handshake;
 pub mod iptables;
 pub mod netcls;
+pub mod owner;
 pub mod ports;
 pub mod probe;
 pub mod queues;

@@ -23,6 +23,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+use super::owner::PuSockets;
 use super::revoke::{TCP, UDP};
 use crate::netlink::{self as nl, Builder, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE};
 
@@ -94,16 +95,12 @@ pub fn listening() -> io::Result<Vec<Socket>> {
 }
 
 /// Every TCP socket with a connection and every UDP socket, connected or
-/// only bound, created in the cgroup tree at `cgroup`.
-pub fn cgroup_sockets(cgroup: &Path) -> anyhow::Result<Vec<Socket>> {
-    let ids = cgroup_tree_ids(cgroup)
-        .with_context(|| format!("listing the cgroups under {}", cgroup.display()))?;
+/// only bound, that is the PU's ([`PuSockets`]).
+pub fn pu_sockets(pu: &PuSockets) -> anyhow::Result<Vec<Socket>> {
+    let selector = pu.resolve().context("finding the PU's sockets")?;
     let all = dump(TCP_CONNECTION_STATES, UDP_CONNECTED | UDP_UNCONNECTED)
         .context("listing sockets (sock_diag)")?;
-    Ok(all
-        .into_iter()
-        .filter(|s| s.cgroup.is_some_and(|id| ids.contains(&id)))
-        .collect())
+    Ok(all.into_iter().filter(|s| selector.owns(s)).collect())
 }
 
 /// TCP sockets in `tcp_states` and UDP sockets in `udp_states`, of both
@@ -133,6 +130,30 @@ fn dump(tcp_states: u32, udp_states: u32) -> io::Result<Vec<Socket>> {
         }
     }
     Ok(all)
+}
+
+impl Socket {
+    /// A socket as a dump would give it, for the tests of code that
+    /// selects sockets.
+    #[cfg(test)]
+    pub fn fake(
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+        uid: u32,
+        cgroup: Option<u64>,
+    ) -> Self {
+        Self {
+            protocol,
+            local,
+            remote,
+            cgroup,
+            mark: None,
+            uid,
+            family: libc::AF_INET as u8,
+            id: [0; SOCKID_LEN],
+        }
+    }
 }
 
 /// Aborts `socket` (SOCK_DESTROY). `Ok(false)` if it is gone already.
@@ -165,15 +186,14 @@ pub fn cgroup_tree_ids(dir: &Path) -> io::Result<BTreeSet<u64>> {
     Ok(ids)
 }
 
-/// Aborts every socket created in the cgroup tree at `cgroup` that `cut`
-/// selects; returns the sockets aborted. A socket that closed meanwhile is
-/// not an error; any other failure stops and names the socket.
-pub fn abort_sockets(cgroup: &Path, cut: impl Fn(&Socket) -> bool) -> anyhow::Result<Vec<Socket>> {
-    let ids = cgroup_tree_ids(cgroup)
-        .with_context(|| format!("listing the cgroups under {}", cgroup.display()))?;
+/// Aborts every socket of the PU ([`PuSockets`]) that `cut` selects;
+/// returns the sockets aborted. A socket that closed meanwhile is not an
+/// error; any other failure stops and names the socket.
+pub fn abort_sockets(pu: &PuSockets, cut: impl Fn(&Socket) -> bool) -> anyhow::Result<Vec<Socket>> {
+    let selector = pu.resolve().context("finding the PU's sockets")?;
     let mut aborted = Vec::new();
     for socket in sockets().context("listing sockets (sock_diag)")? {
-        if socket.cgroup.is_some_and(|id| ids.contains(&id)) && cut(&socket) {
+        if selector.owns(&socket) && cut(&socket) {
             let gone = !destroy(&socket).with_context(|| {
                 format!(
                     "aborting the socket {} -> {} (SOCK_DESTROY)",

@@ -40,7 +40,7 @@ use crate::policy::{Pu, PuKind, UserSpec};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// A linux-process PU's cgroup: its id (the directory's inode) and
-    /// directory (the sockets an update cuts are found by it).
+    /// directory (its programs are attached there).
     Cgroup { id: u64, path: PathBuf },
     /// A uid PU's uid, resolved.
     Uid(u32),

@@ -88,6 +88,7 @@ use self::claim::Claim;
 use self::entries::{AclPrefix, Side};
 use self::grace::GracePeriod;
 use super::fault::{self, Faults, Operation};
+use super::owner::{Owner, PuSockets};
 use super::ports::{self, ListenPort, RuntimePorts};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
@@ -821,18 +822,14 @@ impl Datapath for EbpfDatapath {
         if let Err(e) = self.clear_retired(&old.id) {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
-        // Only a linux-process PU's own sockets are found by its cgroup;
-        // the other kinds' are not cut yet (README, "Not enforced yet").
         // Judged with the run-time ports, which are the PU's listening
         // ports as much as its configured ones, under both policies.
-        if let Some(cgroup) = self.pus[&old.id].claim.cgroup().map(Path::to_owned) {
-            let runtime = &self.pus[&old.id].runtime;
-            let (old, new) = (
-                ports::with_runtime(old, runtime),
-                ports::with_runtime(new, runtime),
-            );
-            self.cut_refused(&old, &new, &cgroup);
-        }
+        let runtime = &self.pus[&old.id].runtime;
+        let (old, new) = (
+            ports::with_runtime(old, runtime),
+            ports::with_runtime(new, runtime),
+        );
+        self.cut_refused(&old, &new, &self.pu_sockets(&old));
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -1143,7 +1140,8 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Aborts the sockets of the PU's cgroup whose connection an ACL
+    /// Aborts the PU's sockets (`sockets`: found by its cgroup, user or
+    /// ports, or as what no other PU has, [`super::owner`]) whose connection an ACL
     /// accepted and that `new`, now in force, refuses; `old` was in force
     /// before it. Nothing judges an established connection again per
     /// packet: a socket keeps what its `connect()` decided, and TC ingress
@@ -1166,7 +1164,7 @@ impl EbpfDatapath {
     /// fixed rules accept by connection mark only what the trap
     /// authorised). Best effort: the policy is in force whatever happens
     /// here, so a failure is logged loudly.
-    fn cut_refused(&self, old: &Pu, new: &Pu, cgroup: &Path) {
+    fn cut_refused(&self, old: &Pu, new: &Pu, sockets: &PuSockets) {
         let networks = self.networks();
         let marks = self.settings.marks;
         let accepted = |mark: u32| mark & marks.class_mask() == marks.class(Class::AclAccept);
@@ -1181,7 +1179,7 @@ impl EbpfDatapath {
                     && revoke::refused_now(new, &networks, side, setup(side))
             }
         };
-        match sockdiag::abort_sockets(cgroup, cut) {
+        match sockdiag::abort_sockets(sockets, cut) {
             Ok(cut) if cut.is_empty() => {}
             Ok(cut) => {
                 info!(pu = %new.id, sockets = cut.len(), "connections the new policy refuses cut")
@@ -1236,15 +1234,13 @@ impl EbpfDatapath {
             Err(e) => debug!("listing sockets before the cut failed, cutting anyway: {e}"),
         }
         for (id, state) in &self.pus {
-            let Some(cgroup) = state.claim.cgroup() else {
-                continue;
-            };
             let cut = |socket: &sockdiag::Socket| {
                 let side = Direction::App;
                 let setup = Setup::between(side, socket.protocol, socket.local, socket.remote);
                 candidate(socket) && revoke::refused_now(&state.policy, &networks, side, setup)
             };
-            match sockdiag::abort_sockets(cgroup, cut) {
+            let sockets = self.pu_sockets(&ports::with_runtime(&state.policy, &state.runtime));
+            match sockdiag::abort_sockets(&sockets, cut) {
                 Ok(cut) if cut.is_empty() => {}
                 Ok(cut) => {
                     info!(pu = %id, sockets = cut.len(), "UDP sockets to removed targets cut")
@@ -1255,6 +1251,19 @@ impl EbpfDatapath {
                 ),
             }
         }
+    }
+
+    /// The sockets of `pu` (its run-time ports included) among the other
+    /// PUs' ([`super::owner`]).
+    fn pu_sockets(&self, pu: &Pu) -> PuSockets {
+        let cgroup2 = &self.settings.cgroup2;
+        let own = Owner::of(pu, &RuntimePorts::new(), cgroup2, false);
+        let others = self
+            .pus
+            .iter()
+            .filter(|(id, _)| **id != pu.id)
+            .map(|(_, s)| Owner::of(&s.policy, &s.runtime, cgroup2, false));
+        PuSockets::new(own, others)
     }
 
     /// The global sets as a policy sees them, both families together.

@@ -27,6 +27,7 @@ use super::backend::Backend;
 use super::rules::{Table, section};
 use super::{save, sets};
 use crate::datapath::conntrack::{self, Flow};
+use crate::datapath::owner::PuSockets;
 use crate::datapath::queues::Direction;
 use crate::datapath::sockdiag;
 use crate::naming;
@@ -165,24 +166,24 @@ pub fn forget_udp_flows(nf: &dyn Netfilter, old: &[IpNet], new: &[IpNet]) -> Res
 /// (incoming, to one of its listening ports).
 pub type SidedFlow = (Direction, Flow);
 
-/// Aborts the sockets created in the cgroup tree at `cgroup` whose
-/// connection is one of `flows`, on its side (the socket's local end and
-/// peer are the flow's, [`Flow::ends`]). Returns how many.
-pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize> {
+/// Aborts the PU's sockets ([`PuSockets`]) whose connection is one of
+/// `flows`, on its side (the socket's local end and peer are the flow's,
+/// [`Flow::ends`]). Returns how many.
+pub fn abort_flow_sockets(pu: &PuSockets, flows: &[SidedFlow]) -> Result<usize> {
     let connected = |socket: &sockdiag::Socket| {
         flows.iter().any(|(side, flow)| {
             flow.protocol == socket.protocol && flow.ends(*side) == (socket.local, socket.remote)
         })
     };
-    Ok(sockdiag::abort_sockets(cgroup, connected)?.len())
+    Ok(sockdiag::abort_sockets(pu, connected)?.len())
 }
 
-/// The flows of `flows` that sockets of the cgroup tree at `cgroup` carry
-/// on their side ([`carries`]). Flows of other PUs and of the host, and a
-/// flow taken for the wrong side (an incoming one as outgoing: its source
-/// port is the peer's), are left out.
-pub fn own_flows(cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
-    let sockets = sockdiag::cgroup_sockets(cgroup)?;
+/// The flows of `flows` that the PU's sockets ([`PuSockets`]) carry on
+/// their side ([`carries`]). Flows of other PUs, and a flow taken for the
+/// wrong side (an incoming one as outgoing: its source port is the
+/// peer's), are left out.
+pub fn own_flows(pu: &PuSockets, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
+    let sockets = sockdiag::pu_sockets(pu)?;
     Ok(flows
         .into_iter()
         .filter(|flow| sockets.iter().any(|socket| carries(socket, flow)))
@@ -216,9 +217,9 @@ pub trait Netfilter: Send + Sync {
     /// [`conntrack_delete`].
     fn conntrack_delete(&self, flow: &Flow, value: u32, mask: u32) -> Result<bool>;
     /// [`abort_flow_sockets`].
-    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize>;
+    fn abort_flow_sockets(&self, pu: &PuSockets, flows: &[SidedFlow]) -> Result<usize>;
     /// [`own_flows`].
-    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>>;
+    fn own_flows(&self, pu: &PuSockets, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>>;
 }
 
 /// The real tools of one flavour, in the calling thread's network
@@ -263,12 +264,12 @@ impl Netfilter for System {
         conntrack_delete(flow, value, mask)
     }
 
-    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize> {
-        abort_flow_sockets(cgroup, flows)
+    fn abort_flow_sockets(&self, pu: &PuSockets, flows: &[SidedFlow]) -> Result<usize> {
+        abort_flow_sockets(pu, flows)
     }
 
-    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
-        own_flows(cgroup, flows)
+    fn own_flows(&self, pu: &PuSockets, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
+        own_flows(pu, flows)
     }
 }
 

@@ -56,6 +56,7 @@ use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
 use super::netcls::{ClassId, ClassIds};
+use super::owner::{Owner, PuSockets};
 use super::ports::{self, ListenPort, RuntimePorts, Transport};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
@@ -470,9 +471,10 @@ impl IptablesDatapath {
     /// original direction's destination port and, outgoing, its
     /// destination, incoming, its source ([`Flow::ends`]). Conntrack does
     /// not know the PU: a flow counts as the PU's on a side when one of
-    /// the sockets of its cgroup carries it there (an accepted connection
-    /// belongs to its listener's cgroup). Another PU's marked flow to the
-    /// same peer is left alone.
+    /// the PU's sockets carries it there — found by its cgroup, user or
+    /// ports, or as what no other PU has, whatever its kind ([`super::owner`]; an
+    /// accepted connection is its listener's). Another PU's marked flow to
+    /// the same peer is left alone.
     ///
     /// First the PU's own sockets of those flows are aborted: the
     /// application sees ECONNABORTED, and the RST leaves through the entry
@@ -512,35 +514,15 @@ impl IptablesDatapath {
         if revoked.is_empty() {
             return Ok(());
         }
-        let PuKind::LinuxProcess { cgroup } = &new.kind else {
-            // Only a linux-process PU's own flows can be told apart yet (by
-            // its cgroup's sockets): README, "Not enforced yet".
-            warn!(
-                pu = %new.id,
-                flows = revoked.len(),
-                "connections only the old policy allowed are not cut for a {} PU yet",
-                new.kind.name()
-            );
-            return Ok(());
-        };
-        if self.class_ids.enabled() {
-            // sock_diag names a socket's cgroup v2 id only, so a net_cls
-            // PU's own flows cannot be told from another's.
-            return Err(anyhow!(
-                "{} flows only the old policy allowed stay: a net_cls (cgroup v1) PU's \
-                 sockets are not found by cgroup yet",
-                revoked.len()
-            ));
-        }
-        let cgroup = self.settings.cgroup2.join(cgroup.as_path());
+        let sockets = self.pu_sockets(old);
         let revoked = self
             .nf
-            .own_flows(&cgroup, revoked)
+            .own_flows(&sockets, revoked)
             .context("finding the PU's own flows")?;
         if revoked.is_empty() {
             return Ok(());
         }
-        let sockets = self.nf.abort_flow_sockets(&cgroup, &revoked);
+        let aborted = self.nf.abort_flow_sockets(&sockets, &revoked);
         let mut forgotten = 0;
         for (_, flow) in &revoked {
             forgotten += usize::from(self.nf.conntrack_delete(flow, value, mask)?);
@@ -551,9 +533,23 @@ impl IptablesDatapath {
             forgotten,
             "connections only the old policy allowed are cut"
         );
-        let sockets = sockets.context("aborting the PU's sockets of those flows")?;
-        tracing::debug!(pu = %new.id, sockets, "sockets aborted");
+        let aborted = aborted.context("aborting the PU's sockets of those flows")?;
+        tracing::debug!(pu = %new.id, sockets = aborted, "sockets aborted");
         Ok(())
+    }
+
+    /// The sockets of `pu` (as the policy in force before an update had
+    /// it, run-time ports included) among the other PUs' ([`super::owner`]).
+    fn pu_sockets(&self, pu: &Pu) -> PuSockets {
+        let cgroup2 = &self.settings.cgroup2;
+        let net_cls = |id: &PuId| self.pus.get(id).is_some_and(|i| i.class_id.is_some());
+        let own = Owner::of(pu, &RuntimePorts::new(), cgroup2, net_cls(&pu.id));
+        let others = self
+            .pus
+            .values()
+            .filter(|i| i.pu.id != pu.id)
+            .map(|i| Owner::of(&i.pu, &i.runtime, cgroup2, i.class_id.is_some()));
+        PuSockets::new(own, others)
     }
 
     fn forget_everything(&mut self) {
@@ -967,6 +963,7 @@ mod tests {
     use crate::datapath::conntrack::Flow;
     use crate::policy::{
         Acl, Action, CgroupPath, Mode, ObserveMode, PolicyId, PortRange, Protocol, QueueSettings,
+        UserSpec,
     };
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -976,7 +973,7 @@ mod tests {
         Ipset(String),
         ConntrackList(IpFamily),
         ConntrackDelete(Flow),
-        AbortSockets(PathBuf, Vec<exec::SidedFlow>),
+        AbortSockets(PuSockets, Vec<exec::SidedFlow>),
     }
 
     type Failure = fn(&Call) -> bool;
@@ -1069,16 +1066,16 @@ mod tests {
         }
         fn abort_flow_sockets(
             &self,
-            cgroup: &std::path::Path,
+            pu: &PuSockets,
             flows: &[exec::SidedFlow],
         ) -> anyhow::Result<usize> {
-            self.call(Call::AbortSockets(cgroup.to_owned(), flows.to_vec()))
+            self.call(Call::AbortSockets(pu.clone(), flows.to_vec()))
                 .map(|()| flows.len())
         }
 
         fn own_flows(
             &self,
-            _cgroup: &std::path::Path,
+            _pu: &PuSockets,
             flows: Vec<exec::SidedFlow>,
         ) -> anyhow::Result<Vec<exec::SidedFlow>> {
             Ok(flows)
@@ -1733,6 +1730,70 @@ mod tests {
         assert_eq!(fake.sets(), global_sets());
     }
 
+    /// The sockets of [`web`], the only PU.
+    fn web_sockets() -> PuSockets {
+        PuSockets::new(Owner::Cgroup("/sys/fs/cgroup/enforcer/web".into()), [])
+    }
+
+    /// Every kind's cut finds the PU's sockets, among the other PUs': a
+    /// uid PU's by its user, the host PU's as what no other PU has.
+    #[test]
+    fn update_cuts_the_flows_of_every_kind_by_its_sockets() {
+        let (mut dp, fake) = running();
+        let of_kind = |id: &str, kind: PuKind, net: &str| Pu {
+            id: PuId::new(id).unwrap(),
+            kind,
+            tcp_ports: vec![],
+            ..web(80, net)
+        };
+        let uid = |net| {
+            of_kind(
+                "user",
+                PuKind::Uid {
+                    user: UserSpec::Id(1000),
+                },
+                net,
+            )
+        };
+        let host = |net| of_kind("host", PuKind::Host, net);
+        for pu in [web(80, "10.0.0.0/8"), uid("10.0.0.0/8"), host("10.0.0.0/8")] {
+            dp.configure(0, &pu).unwrap();
+        }
+        let only_old = flow("10.4.0.2", 7000);
+        fake.0.lock().unwrap().flows = vec![flow("10.2.0.2", 7000), only_old];
+        let web_cgroup = Owner::Cgroup("/sys/fs/cgroup/enforcer/web".into());
+        let uid_owner = Owner::Uid(UserSpec::Id(1000));
+        for (old, new, sockets) in [
+            (
+                uid("10.0.0.0/8"),
+                uid("10.2.0.0/16"),
+                PuSockets::new(uid_owner.clone(), [Owner::Namespace, web_cgroup.clone()]),
+            ),
+            (
+                host("10.0.0.0/8"),
+                host("10.2.0.0/16"),
+                PuSockets::new(Owner::Namespace, [uid_owner.clone(), web_cgroup.clone()]),
+            ),
+        ] {
+            fake.take();
+            dp.update(1, &new, &old).unwrap();
+            let cuts: Vec<Call> = fake
+                .take()
+                .into_iter()
+                .filter(|c| matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..)))
+                .collect();
+            assert_eq!(
+                cuts,
+                [
+                    Call::AbortSockets(sockets, vec![(Direction::App, only_old)]),
+                    Call::ConntrackDelete(only_old),
+                ],
+                "{}",
+                new.id
+            );
+        }
+    }
+
     fn flow(dst: &str, dport: u16) -> Flow {
         Flow {
             protocol: revoke::TCP,
@@ -1767,10 +1828,7 @@ mod tests {
         assert_eq!(
             cuts,
             [
-                Call::AbortSockets(
-                    PathBuf::from("/sys/fs/cgroup/enforcer/web"),
-                    vec![(Direction::App, only_old)]
-                ),
+                Call::AbortSockets(web_sockets(), vec![(Direction::App, only_old)]),
                 Call::ConntrackDelete(only_old),
             ],
             "sockets first (their RST leaves through the marked entry), then the entries"
@@ -1835,7 +1893,7 @@ mod tests {
             cuts,
             [
                 Call::AbortSockets(
-                    PathBuf::from("/sys/fs/cgroup/enforcer/web"),
+                    web_sockets(),
                     vec![(Direction::Net, v4), (Direction::Net, v6)]
                 ),
                 Call::ConntrackDelete(v4),
