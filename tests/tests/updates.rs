@@ -38,8 +38,11 @@ use enforcer_tests::{
     netns::TwoHosts,
     nettool, on_both_datapaths, privilege,
     roles::{self, ACL_PEER, TARGET_NETS},
-    traffic::{Outcome, PuEchoServer, TcpEchoServer, Transport, run_nettool, tcp_exchange_from},
-    world::PuWorld,
+    traffic::{
+        Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, become_user, run_nettool,
+        tcp_exchange_from,
+    },
+    world::{self, PuWorld},
 };
 
 const PORT: u16 = 7000;
@@ -62,6 +65,17 @@ on_both_datapaths!(
 mod incoming {
     enforcer_tests::on_both_datapaths_and_families!(
         an_incoming_connection_only_the_old_policy_allowed_is_cut
+    );
+}
+
+/// The same cut for the PU kinds found without a cgroup — a uid PU (its
+/// user's processes, its listening port) and the host PU (every process
+/// of the namespace no other PU has) — on both families.
+mod kinds {
+    enforcer_tests::on_both_datapaths_and_families!(
+        a_uid_pus_connection_only_the_old_policy_allowed_is_cut,
+        a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
+        a_host_pus_connection_only_the_old_policy_allowed_is_cut,
     );
 }
 
@@ -571,6 +585,218 @@ fn an_incoming_connection_only_the_old_policy_allowed_is_cut(
         kept.ok && !kept.fields.contains_key("error"),
         "the connection both policies accept: {kept:?}"
     );
+    Ok(())
+}
+
+/// A world for the uid and host PUs: [`PuWorld`] whose cgroup is the eBPF
+/// host scope, with echo servers on `b` at [`world::PORT`] for the peer
+/// both policies accept ([`world::ACL_PEER`]) and the one only the old
+/// accepts ([`world::OTHER`]).
+struct KindStage {
+    _servers: Vec<TcpEchoServer>,
+    world: PuWorld,
+}
+
+impl KindStage {
+    fn new(family: Family) -> Result<Option<Self>> {
+        let Some(env) = privilege::require() else {
+            return Ok(None);
+        };
+        let world = PuWorld::new(&env, family, &[world::ACL_PEER, world::OTHER])?;
+        let servers = [world::ACL_PEER, world::OTHER]
+            .iter()
+            .map(|&peer| TcpEchoServer::start(&world.hosts.b, world.addr(peer)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Self {
+            _servers: servers,
+            world,
+        }))
+    }
+
+    /// A local-server config with `pu`, the scope as host scope.
+    fn config(&self, pu: Pu) -> String {
+        Config::local_server()
+            .target_tcp(world::TARGET.nets)
+            .target_udp(world::TARGET.nets)
+            .host_scope(&self.world.cgroup)
+            .pu(pu)
+            .to_toml()
+    }
+
+    /// A long-lived connection to `peer` from a process of `a` in the
+    /// scope, running as `uid` if given.
+    fn stream(&self, peer: world::Peer, uid: Option<u32>) -> Result<Stream> {
+        let mut cmd = self
+            .world
+            .cgroup
+            .command_in(&self.world.hosts.a, nettool!())?;
+        if let Some(uid) = uid {
+            become_user(&mut cmd, uid);
+        }
+        Stream::start(cmd, self.world.addr(peer), None)
+    }
+}
+
+/// Application ACLs accepting TCP to [`world::PORT`] of each of `peers`.
+fn accepting_to(mut pu: Pu, peers: &[world::Peer]) -> Pu {
+    for (i, peer) in peers.iter().enumerate() {
+        pu = pu.application_acl(Acl::accept(&format!("to-{i}"), peer.nets).tcp([world::PORT]));
+    }
+    pu
+}
+
+/// [`a_connection_only_the_old_policy_allowed_is_cut`] for a PU made by
+/// `pu` whose processes run as `uid` (root if `None`): its connection to
+/// the peer only the old policy accepts is cut, the one to the peer both
+/// accept goes on; and (`bystander`) a process that is not the PU's keeps
+/// its connection to the same peer.
+fn cut_for_kind(
+    datapath: Datapath,
+    family: Family,
+    pu: fn() -> Pu,
+    uid: Option<u32>,
+    bystander: Option<u32>,
+) -> Result<()> {
+    let Some(stage) = KindStage::new(family)? else {
+        return Ok(());
+    };
+    let old = stage.config(accepting_to(pu(), &[world::ACL_PEER, world::OTHER]));
+    let new = stage.config(accepting_to(pu(), &[world::ACL_PEER]));
+    let agent = stage
+        .world
+        .start(env!("CARGO_BIN_EXE_agent"), datapath, &old)?;
+    let mut revoked = stage.stream(world::OTHER, uid)?;
+    let mut kept = stage.stream(world::ACL_PEER, uid)?;
+    let mut other = bystander
+        .map(|u| stage.stream(world::OTHER, Some(u)))
+        .transpose()?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        revoked.running()? && kept.running()?,
+        "both streams run under the old policy"
+    );
+
+    agent.reload(&new)?;
+    let Some(cut) = revoked.ended_within(CUT_WITHIN)? else {
+        bail!(
+            "{datapath:?}/{family:?}: the connection to {} (allowed by the old policy only) \
+             still runs {CUT_WITHIN:?} after the update:\n{}",
+            revoked.peer,
+            agent.log()
+        );
+    };
+    assert!(
+        !cut.ok && cut.fields.contains_key("error"),
+        "the cut connection must fail, not end cleanly: {cut:?}"
+    );
+    assert!(
+        kept.running()?,
+        "the connection both policies allow must go on: {:?}\n{}",
+        kept.report(),
+        agent.log()
+    );
+    if let Some(other) = &mut other {
+        assert!(
+            other.running()?,
+            "a process that is not the PU's keeps its connection: {:?}\n{}",
+            other.report(),
+            agent.log()
+        );
+    }
+    let kept = kept.finish()?;
+    assert!(kept.ok, "the connection both policies allow: {kept:?}");
+    Ok(())
+}
+
+fn uid_pu() -> Pu {
+    Pu::uid("user", TEST_UID)
+}
+
+fn a_uid_pus_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    // Root's connection to the same peer is no PU's: untouched.
+    cut_for_kind(datapath, family, uid_pu, Some(TEST_UID), Some(0))
+}
+
+fn a_host_pus_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    cut_for_kind(datapath, family, || Pu::host("host"), None, None)
+}
+
+/// [`an_incoming_connection_only_the_old_policy_allowed_is_cut`] for a
+/// uid PU: its user's server on the PU's port.
+fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let server = SocketAddr::new(stage.server_ip(), PU_PORT);
+    let _server = PuEchoServer::start_as_user(
+        nettool!(),
+        Transport::Tcp,
+        &stage.cgroup,
+        &hosts.a,
+        server,
+        TEST_UID,
+    )?;
+    let config = |accepted: &[u8]| {
+        let mut pu = Pu::uid("user", TEST_UID).tcp_ports([PU_PORT]);
+        for &role in accepted {
+            let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).tcp([PU_PORT]);
+            pu = pu.network_acl(acl);
+        }
+        Config::local_server()
+            .target_tcp(TARGET_NETS)
+            .target_udp(TARGET_NETS)
+            .host_scope(&stage.cgroup)
+            .pu(pu)
+            .to_toml()
+    };
+    let agent = stage.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&[ACL_PEER, OLD_ONLY]),
+    )?;
+    let from = |role: u8| -> Result<Stream> {
+        let cmd = hosts.b.command(nettool!())?;
+        Stream::start(cmd, server, Some(roles::source(family, role)))
+    };
+    let mut revoked = from(OLD_ONLY)?;
+    let mut kept = from(ACL_PEER)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        revoked.running()? && kept.running()?,
+        "both peers' streams run under the old policy"
+    );
+
+    agent.reload(&config(&[ACL_PEER]))?;
+    let Some(cut) = revoked.ended_within(CUT_WITHIN)? else {
+        bail!(
+            "{datapath:?}/{family:?}: the connection from {} to the uid PU's server (accepted \
+             by the old network ACLs only) still runs {CUT_WITHIN:?} after the update:\n{}",
+            revoked.peer,
+            agent.log()
+        );
+    };
+    assert!(
+        !cut.ok && cut.fields.contains_key("error"),
+        "the cut connection must fail, not end cleanly: {cut:?}"
+    );
+    assert!(
+        kept.running()?,
+        "the connection both policies accept must go on: {:?}\n{}",
+        kept.report(),
+        agent.log()
+    );
+    let kept = kept.finish()?;
+    assert!(kept.ok, "the connection both policies accept: {kept:?}");
     Ok(())
 }
 
