@@ -16,7 +16,7 @@ use super::ConfigSource;
 use super::owner::DatapathOwner;
 use super::plan::{needs_restart, plan};
 use crate::control::{ControlSocket, DatapathStatus, ReloadStats, Request, Response, StatusReport};
-use crate::trap::{self, TrapCounters};
+use crate::trap::{self, TrapCounters, TrapUpdater};
 
 /// What the agent is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,8 @@ struct Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     source: ConfigSource,
+    /// Hands each applied configuration to the trap consumer.
+    trap: Option<TrapUpdater>,
 }
 
 /// Why a reload did not (fully) happen.
@@ -74,7 +76,18 @@ impl Daemon {
             config: source.path.clone(),
             reloads: Mutex::new(ReloadStats::default()),
         });
-        Self { shared, source }
+        Self {
+            shared,
+            source,
+            trap: None,
+        }
+    }
+
+    /// The trap consumer that each applied reload updates (its PU lookup,
+    /// identities and keys).
+    pub fn with_trap_updater(mut self, trap: TrapUpdater) -> Self {
+        self.trap = Some(trap);
+        self
     }
 
     /// Serves `control` and handles `events` until a shutdown; then
@@ -182,10 +195,12 @@ impl Daemon {
 
     /// The steps applied, by name.
     async fn try_reload(&self) -> Result<Vec<String>, ReloadError> {
-        let new = self
+        let (new, keys) = self
             .source
-            .load()
+            .load_with_keys()
             .map_err(|e| ReloadError::Refused(format!("{:#}", anyhow::Error::from(e))))?;
+        let index = self.trap.as_ref().map(|_| self.source.trap_index(&new));
+        let window = new.identity.window;
         // Comparing and applying in one job: nothing can change what is in
         // force between the two.
         let job = self.shared.owner.call(move |e| {
@@ -202,8 +217,19 @@ impl Daemon {
                 .map(|()| names)
                 .map_err(|err| ReloadError::Failed(format!("{err:#}")))
         });
-        job.await
-            .map_err(|e| ReloadError::Failed(format!("{e:#}")))?
+        let steps = job
+            .await
+            .map_err(|e| ReloadError::Failed(format!("{e:#}")))??;
+        // The trap follows once the datapath has the new configuration:
+        // a PU's packets are found and judged by its new policy from then
+        // on.
+        if let (Some(trap), Some(index)) = (&self.trap, index) {
+            trap.set_pus(index);
+            if let Some(keys) = keys {
+                trap.set_keys(keys, window);
+            }
+        }
+        Ok(steps)
     }
 }
 

@@ -30,11 +30,12 @@ use crate::control::{self, ControlSocket, DatapathStatus};
 use crate::datapath::iptables::backend::{self, Backend};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
 use crate::flowlog::FlowLogWriter;
+use crate::identity::Keys;
 use crate::policy::{
     CgroupV2Host, Configuration, DatapathChoice, IptablesBackendChoice, MarkSettings, Mode,
-    PolicyError, QueueSettings,
+    PolicyError, PuKind, QueueSettings,
 };
-use crate::trap::{PuIndex, TrapConsumer};
+use crate::trap::{HandshakeSetup, PuIndex, TrapConsumer};
 
 use daemon::{Daemon, Event, Identity};
 use enforcement::Enforcement;
@@ -73,14 +74,6 @@ pub enum ConfigError {
         path: PathBuf,
         source: crate::identity::KeyError,
     },
-    /// Identity policies parse, but the trap does not run the handshake
-    /// yet: refused rather than silently not enforced.
-    #[error(
-        "the config file {} is refused: {what} is not enforced yet (the trap does not \
-         run the identity handshake)",
-        path.display()
-    )]
-    NotEnforced { path: PathBuf, what: String },
 }
 
 /// Where the configuration comes from, at start and on every reload.
@@ -97,7 +90,14 @@ pub struct ConfigSource {
 
 impl ConfigSource {
     /// Reads and validates the file, host checks included.
+    #[cfg(test)]
     fn load(&self) -> Result<Configuration, ConfigError> {
+        self.load_with_keys().map(|(config, _)| config)
+    }
+
+    /// [`Self::load`], and the identity keys it names (loaded from their
+    /// files), when `[identity]` is configured.
+    fn load_with_keys(&self) -> Result<(Configuration, Option<Keys>), ConfigError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
             path: self.path.clone(),
             source,
@@ -109,18 +109,16 @@ impl ConfigSource {
             })?;
         // Keys load at start and on every reload, so a bad key file stops
         // the agent (or the reload) before anything changes.
-        if let Some(files) = config.identity.key_files() {
-            crate::identity::keys::load(&files).map_err(|source| ConfigError::Keys {
-                path: self.path.clone(),
-                source,
-            })?;
-        }
-        if let Some(id) = config.identity.policies.keys().next() {
-            return Err(ConfigError::NotEnforced {
-                path: self.path.clone(),
-                what: format!("the identity policy of PU {id}"),
-            });
-        }
+        let keys =
+            match config.identity.key_files() {
+                Some(files) => Some(crate::identity::keys::load(&files).map_err(|source| {
+                    ConfigError::Keys {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         if let Some(choice) = self.datapath {
             // Overriding here, not later, makes a reload compare like with
             // like: a file's `datapath` that the flag overrides is moot.
@@ -129,7 +127,31 @@ impl ConfigSource {
         if let Some(choice) = self.iptables_backend {
             config.iptables.backend = choice;
         }
-        Ok(config)
+        Ok((config, keys))
+    }
+
+    /// The trap's PU lookup for `config`: ports and uids, the cgroups of
+    /// the linux-process PUs (an outgoing packet's PU is found by its
+    /// socket's cgroup), and with `[identity]` what the handshake needs
+    /// of each PU.
+    fn trap_index(&self, config: &Configuration) -> PuIndex {
+        let mut index = PuIndex::new(config.mode, &config.pus);
+        if config.identity.key.is_none() {
+            return index;
+        }
+        index.set_identities(&config.pus, &config.identity);
+        for pu in &config.pus {
+            if let PuKind::LinuxProcess { cgroup } = &pu.kind {
+                let dir = self.host.mount().join(cgroup.as_path());
+                if let Err(e) = index.add_process_dir(dir.clone(), pu.id.clone()) {
+                    // Validation saw it; a PU whose cgroup went since is
+                    // found by its ports only (its outgoing SYNs refused).
+                    tracing::warn!(pu = %pu.id, dir = %dir.display(), error = %e,
+                        "reading a PU's cgroup ids for the handshake failed");
+                }
+            }
+        }
+        index
     }
 }
 
@@ -144,7 +166,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         datapath: options.datapath,
         iptables_backend: options.iptables_backend,
     };
-    let config = source.load()?;
+    let (config, keys) = source.load_with_keys()?;
     let control = options
         .control
         .clone()
@@ -200,13 +222,14 @@ pub fn run(options: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(datapath, config, source, identity))
+    runtime.block_on(serve(datapath, config, keys, source, identity))
 }
 
 /// The async part of [`run`].
 async fn serve(
     datapath: Box<dyn datapath::Datapath>,
     config: Configuration,
+    keys: Option<Keys>,
     source: ConfigSource,
     identity: Identity,
 ) -> Result<()> {
@@ -217,7 +240,7 @@ async fn serve(
     // until the agent is ready.
     let control = identity.control.clone();
     let socket = ControlSocket::bind(&control)?;
-    let result = start_and_serve(datapath, config, source, identity, events, socket).await;
+    let result = start_and_serve(datapath, config, keys, source, identity, events, socket).await;
     control::remove(&control)?;
     result
 }
@@ -225,23 +248,29 @@ async fn serve(
 async fn start_and_serve(
     mut datapath: Box<dyn datapath::Datapath>,
     config: Configuration,
+    keys: Option<Keys>,
     source: ConfigSource,
     identity: Identity,
     events: mpsc::Receiver<Event>,
     socket: ControlSocket,
 ) -> Result<()> {
+    let flow_log = FlowLogWriter::start(&config.flow_log)?;
     // The trap binds its queues before the datapath installs the rules
     // that feed them, so no trapped packet ever finds the queue without a
     // listener (dropped when failing closed).
-    let trap = TrapConsumer::start(&config.queues, config.marks.layout())?;
-    trap.set_pus(PuIndex::new(config.mode, &config.pus));
-    let flow_log = match FlowLogWriter::start(&config.flow_log) {
-        Ok(writer) => writer,
+    let handshake = keys.map(|keys| HandshakeSetup {
+        keys,
+        window: config.identity.window,
+        flow_log: Some(flow_log.sender()),
+    });
+    let trap = match TrapConsumer::start(&config.queues, config.marks.layout(), handshake) {
+        Ok(trap) => trap,
         Err(e) => {
-            trap.stop();
+            flow_log.stop();
             return Err(e);
         }
     };
+    trap.set_pus(source.trap_index(&config));
     datapath.set_flow_log(flow_log.sender());
     let owner = DatapathOwner::spawn(Enforcement::new(datapath, &config))?;
     let start = {
@@ -258,7 +287,8 @@ async fn start_and_serve(
         flow_log.stop();
         return Err(e.context("starting the datapath"));
     }
-    let daemon = Daemon::new(owner, trap.counters(), identity, source);
+    let daemon =
+        Daemon::new(owner, trap.counters(), identity, source).with_trap_updater(trap.updater());
     let result = daemon.run(events, socket).await;
     // After the datapath's cleanup no rule queues any more: stopping the
     // consumer now strands no packet.

@@ -57,7 +57,7 @@ impl Harness {
             started: Instant::now(),
         };
         let socket = ControlSocket::bind(&identity.control).unwrap();
-        let trap = Arc::new(TrapCounters::new(&config.queues));
+        let trap = Arc::new(TrapCounters::new(&config.queues, false));
         let (events, rx) = mpsc::channel(8);
         let daemon = tokio::spawn(Daemon::new(owner, trap, identity, source).run(rx, socket));
         Self {
@@ -321,14 +321,17 @@ fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
         "{message}"
     );
 
+    // Identity policies are enforced by the trap: a config with one loads,
+    // with its keys.
     let policy = "[[pus]]\nid = \"c\"\nkind = \"container\"\n\
                   [[pus.network_policy]]\nfrom = []\npolicy_id = \"p\"\n";
     std::fs::write(&path, config(&public) + policy).unwrap();
-    let err = source.load().unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("the identity policy of PU c is not enforced yet"),
-        "{err}"
-    );
+    let (loaded, keys) = source.load_with_keys().unwrap();
+    assert_eq!(loaded.identity.policies.len(), 1);
+    // The own key, listed as trusted too.
+    assert_eq!(keys.unwrap().trust.len(), 1);
+    let index = source.trap_index(&loaded);
+    let id = crate::policy::PuId::new("c").unwrap();
+    assert_eq!(index.identity(&id).unwrap().policy.network.len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
