@@ -12,6 +12,10 @@
 //! fail; new connections to that peer must all succeed, to the peer
 //! neither allows all fail. Then: a connection only A allowed is cut when
 //! B comes in.
+//!
+//! The network side too, on both families: a peer's connection to the
+//! PU's listening port that only the old network ACLs accepted is cut by
+//! the update, while another peer's, which both accept, goes on.
 
 use std::{
     collections::HashMap,
@@ -29,10 +33,13 @@ use anyhow::{Context as _, Result, bail, ensure};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
-    config::{Config, Pu},
-    netns::TwoHosts,
+    config::{Acl, Config, Pu},
+    netfilter::Family,
+    netns::{Netns, TwoHosts},
     nettool, on_both_datapaths, privilege,
-    traffic::{Outcome, TcpEchoServer, run_nettool},
+    roles::{self, ACL_PEER, TARGET_NETS},
+    traffic::{Outcome, TcpEchoServer, run_nettool, tcp_exchange_from},
+    world::PuWorld,
 };
 
 const PORT: u16 = 7000;
@@ -49,6 +56,19 @@ on_both_datapaths!(
     a_connection_only_the_old_policy_allowed_is_cut,
     an_update_cuts_nothing_of_another_pu,
 );
+
+/// The network side, on both families as well (its own module: the
+/// matrices above and here would both make `ebpf` and `iptables`).
+mod incoming {
+    enforcer_tests::on_both_datapaths_and_families!(
+        an_incoming_connection_only_the_old_policy_allowed_is_cut
+    );
+}
+
+/// The PU's listening port, for the network side.
+const PU_PORT: u16 = 8080;
+/// A peer role only the old policy's network ACLs accept ([`roles`]).
+const OLD_ONLY: u8 = 4;
 
 struct World {
     cgroup: Cgroup,
@@ -99,24 +119,8 @@ impl World {
 
     /// A long-lived connection from a process inside `cgroup`.
     fn stream_from(&self, cgroup: &Cgroup, peer: &str) -> Result<Stream> {
-        let mut cmd = cgroup.command_in(&self.hosts.a, nettool!())?;
-        cmd.args(["tcp-stream", &addr(peer).to_string(), "--seconds", "300"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().context("starting nettool tcp-stream")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut first = String::new();
-        stdout.read_line(&mut first)?;
-        if first.trim() != "connected" {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the stream to {peer} did not connect: {first}");
-        }
-        Ok(Stream {
-            peer: peer.to_owned(),
-            child,
-            stdout,
-        })
+        let cmd = cgroup.command_in(&self.hosts.a, nettool!())?;
+        Stream::start(cmd, addr(peer), None)
     }
 }
 
@@ -148,6 +152,38 @@ impl Report {
 }
 
 impl Stream {
+    /// Starts `nettool tcp-stream` to `to`, from `from` if given, with
+    /// `cmd` (a `nettool` placed in a namespace, maybe a cgroup); returns
+    /// once it connected. Its peer, for messages, is `from` when given (a
+    /// peer connecting to the PU), else `to`.
+    fn start(
+        mut cmd: std::process::Command,
+        to: SocketAddr,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<Self> {
+        cmd.args(["tcp-stream", &to.to_string(), "--seconds", "300"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(from) = from {
+            cmd.args(["--from", &from.to_string()]);
+        }
+        let peer = from.unwrap_or(to.ip()).to_string();
+        let mut child = cmd.spawn().context("starting nettool tcp-stream")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut first = String::new();
+        stdout.read_line(&mut first)?;
+        if first.trim() != "connected" {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the stream to {peer} did not connect: {first}");
+        }
+        Ok(Self {
+            peer,
+            child,
+            stdout,
+        })
+    }
+
     /// Still exchanging?
     fn running(&mut self) -> Result<bool> {
         Ok(self.child.try_wait()?.is_none())
@@ -428,6 +464,142 @@ fn an_update_cuts_nothing_of_another_pu(datapath: Datapath) -> Result<()> {
     );
     let others = others.finish()?;
     assert!(others.ok, "api's connection: {others:?}");
+    Ok(())
+}
+
+/// `nettool tcp-echo-server` in a namespace and a cgroup: a PU's server,
+/// whose sockets (the accepted ones too) belong to the PU.
+struct EchoServer(Child);
+
+impl EchoServer {
+    fn start(cgroup: &Cgroup, ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let mut cmd = cgroup.command_in(ns, nettool!())?;
+        cmd.args(["tcp-echo-server", &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("starting nettool tcp-echo-server")?;
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
+        let server = Self(child);
+        ensure!(
+            first.trim() == "listening",
+            "the PU's server on {addr}: {first}"
+        );
+        Ok(server)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A PU listening on TCP [`PU_PORT`] whose network ACLs accept that port
+/// from each of `roles`' networks.
+fn listening_config(cgroup: &Cgroup, accepted: &[u8]) -> String {
+    let mut pu = Pu::process_of("web", cgroup).tcp_ports([PU_PORT]);
+    for &role in accepted {
+        let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).tcp([PU_PORT]);
+        pu = pu.network_acl(acl);
+    }
+    Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .pu(pu)
+        .to_toml()
+}
+
+/// SPEC `update`, the network side: peers connect to the PU's listening
+/// port; the update's network ACLs refuse one of them. Its connection is
+/// cut at once, the other peer's (accepted by both) goes on, and the
+/// refused peer cannot connect again.
+fn an_incoming_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let server = SocketAddr::new(stage.server_ip(), PU_PORT);
+    let _server = EchoServer::start(&stage.cgroup, &hosts.a, server)?;
+    let agent = stage.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &listening_config(&stage.cgroup, &[ACL_PEER, OLD_ONLY]),
+    )?;
+    let from = |role: u8| -> Result<Stream> {
+        let cmd = hosts.b.command(nettool!())?;
+        Stream::start(cmd, server, Some(roles::source(family, role)))
+    };
+    let mut revoked = from(OLD_ONLY)?;
+    let mut kept = from(ACL_PEER)?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        revoked.running()? && kept.running()?,
+        "both peers' streams run under the old policy"
+    );
+
+    agent.reload(&listening_config(&stage.cgroup, &[ACL_PEER]))?;
+    let Some(cut) = revoked.ended_within(CUT_WITHIN)? else {
+        bail!(
+            "{datapath:?}/{family:?}: the connection from {} (accepted by the old network ACLs \
+             only) still runs {CUT_WITHIN:?} after the update:\n{}",
+            revoked.peer,
+            agent.log()
+        );
+    };
+    assert!(
+        !cut.ok && cut.fields.contains_key("error"),
+        "the cut connection must fail, not end cleanly: {cut:?}"
+    );
+    eprintln!(
+        "{datapath:?}/{family:?}: the connection only the old policy accepted ended with {cut:?}"
+    );
+    assert!(
+        kept.running()?,
+        "the connection both policies accept must go on: {:?}\n{}",
+        kept.report(),
+        agent.log()
+    );
+    if datapath == Datapath::Iptables {
+        // Mechanism: the accepted flow's conntrack entry is gone too, so
+        // no later packet of it is accepted by its mark.
+        let conntrack_family = match family {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        };
+        let source = roles::source(family, OLD_ONLY).to_string();
+        let out = hosts
+            .a
+            .command("conntrack")?
+            .args(["-L", "-f", conntrack_family, "-s", &source])
+            .output()?;
+        let entries = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            entries.trim().is_empty(),
+            "conntrack still has the revoked flow:\n{entries}"
+        );
+    }
+    let connect = |role: u8| -> Result<Outcome> {
+        let source = roles::source(family, role);
+        hosts
+            .b
+            .run(|| tcp_exchange_from(Some(source), server, b"ping"))
+    };
+    let again = connect(OLD_ONLY)?;
+    assert!(
+        again.is_blocked(),
+        "a new connection from the refused peer: {again:?}"
+    );
+    assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
+    let kept = kept.finish()?;
+    assert!(
+        kept.ok && !kept.fields.contains_key("error"),
+        "the connection both policies accept: {kept:?}"
+    );
     Ok(())
 }
 

@@ -11,10 +11,11 @@
 //! address, port or number — nothing from a policy or the listing is
 //! passed through as text, and no shell is involved.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use super::queues::Direction;
 use crate::policy::IpFamily;
 
 /// The original direction of a TCP or UDP conntrack entry.
@@ -26,6 +27,21 @@ pub struct Flow {
     pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
+}
+
+impl Flow {
+    /// The flow's ends as a PU's socket sees them, (local, peer), if the
+    /// PU is on `side` of it: the sender of the original direction for an
+    /// outgoing flow, its receiver for an incoming one. Addresses as a
+    /// socket dump gives them (an IPv4-mapped address as IPv4).
+    pub fn ends(&self, side: Direction) -> (SocketAddr, SocketAddr) {
+        let src = SocketAddr::new(self.src.to_canonical(), self.sport);
+        let dst = SocketAddr::new(self.dst.to_canonical(), self.dport);
+        match side {
+            Direction::App => (src, dst),
+            Direction::Net => (dst, src),
+        }
+    }
 }
 
 /// The TCP and UDP entries of `conntrack -L` output, original direction
@@ -169,6 +185,20 @@ tcp      6 10 CLOSE src=10.0.0.1 dst=not-an-address sport=1 dport=2
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_flows_ends_are_the_pus_and_the_peers_by_side() {
+        let flow = parse_list(
+            "tcp 6 99 ESTABLISHED src=10.4.0.2 dst=10.0.0.1 sport=40000 dport=8080 \
+             src=10.0.0.1 dst=10.4.0.2 sport=8080 dport=40000\n",
+        )[0];
+        let (pu, peer): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.4.0.2:40000".parse().unwrap(),
+        );
+        assert_eq!(flow.ends(Direction::Net), (pu, peer), "incoming");
+        assert_eq!(flow.ends(Direction::App), (peer, pu), "as if outgoing");
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //! connection is queued.
 //!
 //! An `update` also cuts the PU's connections that only the old policy
-//! allowed ([`revoke`] decides which; [`sockdiag`] aborts sockets,
+//! allowed, outgoing and incoming ([`revoke`] decides which; [`sockdiag`]
+//! aborts sockets,
 //! [`conntrack`] names the flows the iptables datapath forgets). Removing
 //! a UDP target network makes both datapaths forget its UDP flows
 //! ([`conntrack::no_longer_udp_target`]), so they are judged again.
@@ -155,7 +156,8 @@ pub trait Datapath: Send {
     /// Replaces a PU's policy with no gap: `new` under `version`, then the
     /// old one (under `version ^ 1`) removed, in one commit. Then cuts the
     /// PU's connections that an ACL of the old policy accepted and the new
-    /// policy refuses ([`revoke`]); the new policy is in force by then, so
+    /// policy refuses, its own and peers' to its listening ports
+    /// ([`revoke`]); the new policy is in force by then, so
     /// a failure to cut is logged as an error, not returned.
     fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()>;
 

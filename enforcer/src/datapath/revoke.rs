@@ -1,16 +1,21 @@
 //! Which connections an `update` must cut (SPEC, `update`: "a connection
-//! allowed only by the old policy is cut"). Pure: the decision a PU's
-//! application policy gives a connection set-up, and the choice of flows
-//! and sockets to cut from it; the datapaths do the cutting
+//! allowed only by the old policy is cut"). Pure: the decision one side of
+//! a PU's policy gives a connection set-up, and the choice of flows and
+//! sockets to cut from it; the datapaths do the cutting
 //! ([`super::sockdiag`], [`super::conntrack`]).
 //!
-//! [`app_verdict`] is SPEC's "Order of evaluation inside a PU" for the
-//! outgoing side, as both datapaths install it (the connect hooks of
-//! `enforcer-ebpf/src/connect.rs`, the PU chain of `iptables/pu.rs`):
-//! excluded peers are untouched; the specific-protocol ACLs, in bucket
-//! order, for peers outside the target TCP networks; then the trap (TCP
-//! to a target TCP network, UDP to a target UDP network); then the
-//! protocol-any ACLs; then refusal. Observe-continue ACLs only log.
+//! [`verdict`] is SPEC's "Order of evaluation inside a PU" for either
+//! side, as both datapaths install it. Outgoing (the connect hooks of
+//! `enforcer-ebpf/src/connect.rs`, the PU's app chain of `iptables/pu.rs`),
+//! the application ACLs judge the destination; incoming (TC ingress in
+//! `enforcer-ebpf/src/ingress.rs`, the PU's net chain), the network ACLs
+//! judge the source of a connection to one of the PU's listening ports —
+//! incoming traffic reaches a PU's policy by those ports only. Either way,
+//! with the peer and the destination port: excluded peers are untouched;
+//! the specific-protocol ACLs, in bucket order, for peers outside the
+//! target TCP networks; then the trap (TCP with a target TCP network, UDP
+//! with a target UDP network); then the protocol-any ACLs; then refusal.
+//! Observe-continue ACLs only log.
 //!
 //! Only a connection some ACL accepted can be revoked: a trapped one was
 //! authorised by the handshake, which a policy update does not redo, and an
@@ -22,13 +27,15 @@
 //! kernel's tables (the socket hash for eBPF, confirmed conntrack entries
 //! for iptables) only after they were read, microseconds later.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
+use super::queues::Direction;
 use crate::policy::{Acl, Action, FamilyNetworks, ObserveMode, Protocol, Pu, in_bucket_order};
 
-/// A connection's set-up as a policy judges it: protocol, peer, peer port.
+/// A connection's set-up as a policy judges it: protocol, peer, and the
+/// port its ACLs match (the destination's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Setup {
     /// `IPPROTO_TCP` or `IPPROTO_UDP`; anything else is never revoked.
@@ -37,10 +44,30 @@ pub struct Setup {
     pub port: u16,
 }
 
-/// What a PU's application policy does with a connection set-up.
+impl Setup {
+    /// The set-up of a connection between a PU's `local` end and its
+    /// `peer`, as the `side` of its policy judges it: ACLs match the
+    /// destination port — the peer's for an outgoing connection, the PU's
+    /// own for an incoming one. An IPv4 peer of an IPv6 socket counts as
+    /// IPv4.
+    pub fn between(side: Direction, protocol: u8, local: SocketAddr, peer: SocketAddr) -> Self {
+        let port = match side {
+            Direction::App => peer.port(),
+            Direction::Net => local.port(),
+        };
+        Self {
+            protocol,
+            peer: peer.ip().to_canonical(),
+            port,
+        }
+    }
+}
+
+/// What one side of a PU's policy does with a connection set-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The peer is in the excluded networks: no policy applies.
+    /// No policy applies: the peer is in the excluded networks, or (the
+    /// network side) the port is none of the PU's listening ports.
     Untouched,
     /// An ACL accepts it.
     Accept,
@@ -54,14 +81,20 @@ pub enum Verdict {
 pub const TCP: u8 = libc::IPPROTO_TCP as u8;
 pub const UDP: u8 = libc::IPPROTO_UDP as u8;
 
-/// The verdict of `pu`'s application ACLs on `setup`, with the target and
-/// excluded networks `networks` (either family, or both mixed).
-pub fn app_verdict(pu: &Pu, networks: &FamilyNetworks, setup: Setup) -> Verdict {
+/// The verdict of `pu`'s ACLs of `side` (application ACLs outgoing,
+/// network ACLs incoming) on `setup`, with the target and excluded
+/// networks `networks` (either family, or both mixed).
+pub fn verdict(pu: &Pu, networks: &FamilyNetworks, side: Direction, setup: Setup) -> Verdict {
     let within = |list: &[IpNet]| list.iter().any(|net| net.contains(&setup.peer));
     if within(&networks.excluded) {
         return Verdict::Untouched;
     }
-    let ordered = in_bucket_order(&pu.application_acls);
+    let acls = match side {
+        Direction::App => &pu.application_acls,
+        Direction::Net if listens(pu, setup.protocol, setup.port) => &pu.network_acls,
+        Direction::Net => return Verdict::Untouched,
+    };
+    let ordered = in_bucket_order(acls);
     let (any, specific): (Vec<&Acl>, Vec<&Acl>) =
         ordered.into_iter().partition(|acl| acl.is_protocol_any());
     let decide = |acls: &[&Acl]| {
@@ -85,6 +118,17 @@ pub fn app_verdict(pu: &Pu, networks: &FamilyNetworks, setup: Setup) -> Verdict 
         return Verdict::Trap;
     }
     decide(&any).unwrap_or(Verdict::Refuse)
+}
+
+/// Whether `port` is one of `pu`'s listening ports (its port set) for
+/// `protocol`: where its network side applies.
+pub fn listens(pu: &Pu, protocol: u8, port: u16) -> bool {
+    let ranges = match protocol {
+        TCP => &pu.tcp_ports,
+        UDP => &pu.udp_ports,
+        _ => return false,
+    };
+    ranges.iter().any(|r| (r.start()..=r.end()).contains(&port))
 }
 
 /// Does `acl` cover `setup`: its peer in one of the networks, its protocol
@@ -111,18 +155,25 @@ fn matches(acl: &Acl, setup: Setup) -> bool {
 }
 
 /// Whether `update` from `old` to `new` cuts a connection with this
-/// set-up: the old policy accepted it by an ACL and the new one refuses it.
-pub fn revoked(old: &Pu, new: &Pu, networks: &FamilyNetworks, setup: Setup) -> bool {
-    app_verdict(old, networks, setup) == Verdict::Accept
-        && app_verdict(new, networks, setup) == Verdict::Refuse
+/// set-up on `side`: the old policy accepted it by an ACL and the new one
+/// refuses it.
+pub fn revoked(
+    old: &Pu,
+    new: &Pu,
+    networks: &FamilyNetworks,
+    side: Direction,
+    setup: Setup,
+) -> bool {
+    verdict(old, networks, side, setup) == Verdict::Accept
+        && verdict(new, networks, side, setup) == Verdict::Refuse
 }
 
 /// Whether a socket an ACL accepted when it connected (the eBPF datapath
 /// knows this from the class in its mark) must be cut now that `pu` is in
 /// force: the policy in force refuses it. Whatever earlier policy accepted
 /// it, it is not allowed now.
-pub fn refused_now(pu: &Pu, networks: &FamilyNetworks, setup: Setup) -> bool {
-    app_verdict(pu, networks, setup) == Verdict::Refuse
+pub fn refused_now(pu: &Pu, networks: &FamilyNetworks, side: Direction, setup: Setup) -> bool {
+    verdict(pu, networks, side, setup) == Verdict::Refuse
 }
 
 #[cfg(test)]
@@ -130,6 +181,7 @@ mod tests {
     use super::*;
     use crate::policy::test_support::acl;
     use crate::policy::{CgroupPath, PuId, PuKind};
+    use Direction::{App, Net};
 
     fn pu(acls: Vec<Acl>) -> Pu {
         Pu {
@@ -146,6 +198,22 @@ mod tests {
             dns_proxy_port: None,
             dependent_services: vec![],
             exposed_services: vec![],
+        }
+    }
+
+    /// A PU listening on `tcp` and `udp` port ranges, with network ACLs
+    /// `acls` and none on the application side.
+    fn listening(tcp: &[(u16, u16)], udp: &[(u16, u16)], acls: Vec<Acl>) -> Pu {
+        let ranges = |l: &[(u16, u16)]| {
+            l.iter()
+                .map(|&(a, b)| crate::policy::PortRange::new(a, b).unwrap())
+                .collect()
+        };
+        Pu {
+            tcp_ports: ranges(tcp),
+            udp_ports: ranges(udp),
+            network_acls: acls,
+            ..pu(vec![])
         }
     }
 
@@ -193,30 +261,33 @@ mod tests {
         ]);
         let nets = networks(&["10.1.0.0/24"], &["10.5.0.0/16"], &["10.9.0.0/16"]);
         assert_eq!(
-            app_verdict(&p, &nets, tcp("10.9.0.2", 7000)),
+            verdict(&p, &nets, App, tcp("10.9.0.2", 7000)),
             Verdict::Untouched
         );
         assert_eq!(
-            app_verdict(&p, &nets, tcp("10.2.0.2", 7000)),
+            verdict(&p, &nets, App, tcp("10.2.0.2", 7000)),
             Verdict::Accept
         );
         assert_eq!(
-            app_verdict(&p, &nets, tcp("fd02::2", 7000)),
+            verdict(&p, &nets, App, tcp("fd02::2", 7000)),
             Verdict::Accept
         );
         // Another port: the any ACL after the trap accepts it.
         assert_eq!(
-            app_verdict(&p, &nets, tcp("10.2.0.2", 7001)),
+            verdict(&p, &nets, App, tcp("10.2.0.2", 7001)),
             Verdict::Accept
         );
-        assert_eq!(app_verdict(&p, &nets, tcp("10.1.0.2", 7000)), Verdict::Trap);
-        assert_eq!(app_verdict(&p, &nets, udp("10.5.0.2", 53)), Verdict::Trap);
         assert_eq!(
-            app_verdict(&p, &nets, tcp("192.168.0.1", 7000)),
+            verdict(&p, &nets, App, tcp("10.1.0.2", 7000)),
+            Verdict::Trap
+        );
+        assert_eq!(verdict(&p, &nets, App, udp("10.5.0.2", 53)), Verdict::Trap);
+        assert_eq!(
+            verdict(&p, &nets, App, tcp("192.168.0.1", 7000)),
             Verdict::Refuse
         );
         assert_eq!(
-            app_verdict(&p, &nets, tcp("fd03::2", 7000)),
+            verdict(&p, &nets, App, tcp("fd03::2", 7000)),
             Verdict::Refuse
         );
     }
@@ -232,7 +303,7 @@ mod tests {
         ]);
         let nets = networks(&[], &[], &[]);
         assert_eq!(
-            app_verdict(&p, &nets, tcp("10.2.0.2", 80)),
+            verdict(&p, &nets, App, tcp("10.2.0.2", 80)),
             Verdict::Refuse,
             "the wider reject comes first"
         );
@@ -240,7 +311,10 @@ mod tests {
             p.application_acls[0].clone(),
             p.application_acls[2].clone(),
         ]);
-        assert_eq!(app_verdict(&p, &nets, tcp("10.2.0.2", 80)), Verdict::Accept);
+        assert_eq!(
+            verdict(&p, &nets, App, tcp("10.2.0.2", 80)),
+            Verdict::Accept
+        );
     }
 
     #[test]
@@ -262,18 +336,30 @@ mod tests {
         let a = pu(vec![both.clone(), only_a]);
         let b = pu(vec![both]);
         let nets = networks(&["10.1.0.0/24"], &["10.4.3.0/24"], &["10.4.9.0/24"]);
-        assert!(revoked(&a, &b, &nets, tcp("10.4.0.2", 7000)));
-        assert!(revoked(&a, &b, &nets, udp("10.4.0.2", 7000)));
-        assert!(!revoked(&a, &b, &nets, tcp("10.2.0.2", 7000)), "both allow");
-        assert!(!revoked(&b, &a, &nets, tcp("10.4.0.2", 7000)), "new allows");
-        assert!(!revoked(&a, &b, &nets, tcp("10.4.0.2", 7001)), "neither");
-        assert!(!revoked(&a, &b, &nets, tcp("10.4.9.2", 7000)), "excluded");
+        assert!(revoked(&a, &b, &nets, App, tcp("10.4.0.2", 7000)));
+        assert!(revoked(&a, &b, &nets, App, udp("10.4.0.2", 7000)));
         assert!(
-            !revoked(&a, &b, &nets, udp("10.4.3.2", 7000)),
+            !revoked(&a, &b, &nets, App, tcp("10.2.0.2", 7000)),
+            "both allow"
+        );
+        assert!(
+            !revoked(&b, &a, &nets, App, tcp("10.4.0.2", 7000)),
+            "new allows"
+        );
+        assert!(
+            !revoked(&a, &b, &nets, App, tcp("10.4.0.2", 7001)),
+            "neither"
+        );
+        assert!(
+            !revoked(&a, &b, &nets, App, tcp("10.4.9.2", 7000)),
+            "excluded"
+        );
+        assert!(
+            !revoked(&a, &b, &nets, App, udp("10.4.3.2", 7000)),
             "the new policy traps it: not refused"
         );
-        assert!(refused_now(&b, &nets, tcp("10.4.0.2", 7000)));
-        assert!(!refused_now(&b, &nets, tcp("10.2.0.2", 7000)));
+        assert!(refused_now(&b, &nets, App, tcp("10.4.0.2", 7000)));
+        assert!(!refused_now(&b, &nets, App, tcp("10.2.0.2", 7000)));
     }
 
     #[test]
@@ -286,13 +372,150 @@ mod tests {
             "u",
         )]);
         let nets = networks(&["10.1.0.0/24"], &["10.1.0.0/24"], &[]);
-        assert_eq!(app_verdict(&p, &nets, udp("10.2.0.2", 55)), Verdict::Accept);
-        assert_eq!(app_verdict(&p, &nets, udp("10.2.0.2", 61)), Verdict::Refuse);
-        assert_eq!(app_verdict(&p, &nets, tcp("10.2.0.2", 55)), Verdict::Refuse);
+        assert_eq!(
+            verdict(&p, &nets, App, udp("10.2.0.2", 55)),
+            Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&p, &nets, App, udp("10.2.0.2", 61)),
+            Verdict::Refuse
+        );
+        assert_eq!(
+            verdict(&p, &nets, App, tcp("10.2.0.2", 55)),
+            Verdict::Refuse
+        );
         let other = Setup {
             protocol: libc::IPPROTO_SCTP as u8,
             ..udp("10.2.0.2", 55)
         };
-        assert_eq!(app_verdict(&p, &nets, other), Verdict::Refuse);
+        assert_eq!(verdict(&p, &nets, App, other), Verdict::Refuse);
+    }
+
+    #[test]
+    fn setups_take_the_destination_port_of_their_side() {
+        let (pu_end, peer_end) = (
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.2.0.2:40000".parse().unwrap(),
+        );
+        assert_eq!(
+            Setup::between(Net, TCP, pu_end, peer_end),
+            tcp("10.2.0.2", 8080)
+        );
+        assert_eq!(
+            Setup::between(App, TCP, pu_end, peer_end),
+            tcp("10.2.0.2", 40000)
+        );
+        let mapped = "[::ffff:10.2.0.2]:40000".parse().unwrap();
+        assert_eq!(
+            Setup::between(Net, UDP, "[::]:53".parse().unwrap(), mapped),
+            udp("10.2.0.2", 53),
+            "an IPv4 peer of an IPv6 socket is judged as IPv4"
+        );
+    }
+
+    /// The network side mirrors the application side at the PU's own
+    /// listening ports: excluded, specific ACLs in bucket order for
+    /// sources outside the target TCP networks, trap, protocol-any ACLs,
+    /// refusal — with the network ACLs, never the application ones.
+    #[test]
+    fn the_network_side_judges_sources_at_the_pus_listening_ports() {
+        let mut p = listening(
+            &[(8080, 8080)],
+            &[(5000, 5001)],
+            vec![
+                acl(
+                    &["10.2.0.0/16", "fd02::/16"],
+                    &[Protocol::Tcp],
+                    &[(8080, 8080)],
+                    Action::Accept,
+                    "a",
+                ),
+                acl(&["10.2.3.0/24"], &[Protocol::Tcp], &[], Action::Reject, "r"),
+                acl(
+                    &["10.0.0.0/8"],
+                    &[Protocol::Any],
+                    &[],
+                    Action::Accept,
+                    "any",
+                ),
+            ],
+        );
+        // Application ACLs that accept everything play no part.
+        p.application_acls = vec![acl(
+            &["0.0.0.0/0", "::/0"],
+            &[Protocol::Any],
+            &[],
+            Action::Accept,
+            "app",
+        )];
+        let nets = networks(&["10.1.0.0/24"], &["10.1.0.0/24"], &["10.9.0.0/16"]);
+        let net = |setup| verdict(&p, &nets, Net, setup);
+        assert_eq!(net(tcp("10.2.0.2", 8080)), Verdict::Accept);
+        assert_eq!(net(tcp("fd02::2", 8080)), Verdict::Accept);
+        assert_eq!(
+            net(tcp("10.2.3.2", 8080)),
+            Verdict::Refuse,
+            "the reject on a narrower prefix still comes first"
+        );
+        assert_eq!(net(tcp("10.9.0.2", 8080)), Verdict::Untouched);
+        assert_eq!(
+            net(tcp("10.2.0.2", 9090)),
+            Verdict::Untouched,
+            "not one of its ports: not its traffic"
+        );
+        assert_eq!(
+            net(udp("10.2.0.2", 8080)),
+            Verdict::Untouched,
+            "8080 is a TCP port of the PU only"
+        );
+        assert_eq!(net(tcp("10.1.0.2", 8080)), Verdict::Trap);
+        assert_eq!(net(udp("10.1.0.2", 5001)), Verdict::Trap);
+        assert_eq!(net(udp("10.5.0.2", 5000)), Verdict::Accept, "the any ACL");
+        assert_eq!(net(tcp("192.168.0.1", 8080)), Verdict::Refuse);
+        assert_eq!(net(tcp("fd03::2", 8080)), Verdict::Refuse);
+        // The application side of the same PU judges by its own ACLs.
+        assert_eq!(
+            verdict(&p, &nets, App, tcp("192.168.0.1", 8080)),
+            Verdict::Accept
+        );
+    }
+
+    #[test]
+    fn an_incoming_connection_only_the_old_network_acls_accepted_is_revoked() {
+        let both = acl(
+            &["10.2.0.0/16", "fd02::/16"],
+            &[Protocol::Tcp, Protocol::Udp],
+            &[(8080, 8080)],
+            Action::Accept,
+            "both",
+        );
+        let only_a = acl(
+            &["10.4.0.0/16", "fd04::/16", "10.1.0.0/24"],
+            &[Protocol::Tcp, Protocol::Udp],
+            &[(8080, 8080)],
+            Action::Accept,
+            "a",
+        );
+        let a = listening(&[(8080, 8080)], &[(8080, 8080)], vec![both.clone(), only_a]);
+        let b = listening(&[(8080, 8080)], &[(8080, 8080)], vec![both.clone()]);
+        let nets = networks(&["10.1.0.0/24"], &["10.1.0.0/24"], &["10.4.9.0/24"]);
+        let revoked_net = |old: &Pu, new: &Pu, setup| revoked(old, new, &nets, Net, setup);
+        assert!(revoked_net(&a, &b, tcp("10.4.0.2", 8080)));
+        assert!(revoked_net(&a, &b, tcp("fd04::2", 8080)));
+        assert!(revoked_net(&a, &b, udp("10.4.0.2", 8080)));
+        assert!(!revoked_net(&a, &b, tcp("10.2.0.2", 8080)), "both accept");
+        assert!(!revoked_net(&b, &a, tcp("10.4.0.2", 8080)), "new accepts");
+        assert!(!revoked_net(&a, &b, tcp("10.4.9.2", 8080)), "excluded");
+        assert!(
+            !revoked_net(&a, &b, tcp("10.1.0.2", 8080)),
+            "trapped under both: the handshake decided it"
+        );
+        assert!(
+            !revoked(&a, &b, &nets, App, tcp("10.4.0.2", 8080)),
+            "the application side has no ACL in either"
+        );
+        // A port the new policy no longer listens on is not its to judge.
+        let c = listening(&[(9090, 9090)], &[], vec![both]);
+        assert!(!revoked_net(&a, &c, tcp("10.4.0.2", 8080)));
     }
 }

@@ -86,7 +86,10 @@ impl TcpEchoServer {
     }
 }
 
-fn echo(mut stream: TcpStream) {
+/// Echoes what `stream` reads until the client closes its side (or stays
+/// silent for 10 s): the server side of every TCP exchange, also for
+/// servers that run in a process of their own (`nettool tcp-echo-server`).
+pub fn echo(mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut buf = [0u8; 4096];
     while let Ok(n) = stream.read(&mut buf) {
@@ -160,21 +163,24 @@ pub fn tcp_exchange(to: SocketAddr, payload: &[u8]) -> Outcome {
     tcp_exchange_from(None, to, payload)
 }
 
+/// A TCP connection to `to`, from a given local address (a peer with
+/// several) or the one routing picks, within [`CONNECT_TIMEOUT`].
+pub fn tcp_connect(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(from) = from {
+        socket.bind(&SocketAddr::new(from, 0).into())?;
+    }
+    socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+    Ok(socket.into())
+}
+
 /// [`tcp_exchange`] from a given local address (a peer with several).
 pub fn tcp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
-    let connected = || -> std::io::Result<TcpStream> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        if let Some(from) = from {
-            socket.bind(&SocketAddr::new(from, 0).into())?;
-        }
-        socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
-        Ok(socket.into())
-    };
-    let mut stream = match connected() {
+    let mut stream = match tcp_connect(from, to) {
         Ok(s) => s,
         Err(e) => return Outcome::from_io(&e),
     };

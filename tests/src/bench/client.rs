@@ -8,7 +8,7 @@
 //! by a timeout); the runner kills a client that outlives its deadline.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,14 @@ pub enum Client {
         to: SocketAddr,
         secs: f64,
         threads: usize,
+        /// Bind this source address first (a peer with several).
+        #[arg(long)]
+        from: Option<IpAddr>,
     },
+    /// A server on PORT (every address) that accepts and drops
+    /// connections for SECS: the PU's side of the incoming probe. Prints
+    /// `ready` once it listens, then its count.
+    Accept { port: u16, secs: f64 },
 }
 
 impl Client {
@@ -82,12 +89,26 @@ impl Client {
                 }
                 args
             }
-            Client::ConnectRate { to, secs, threads } => vec![
-                "connect-rate".into(),
-                to.to_string(),
-                secs.to_string(),
-                threads.to_string(),
-            ],
+            Client::ConnectRate {
+                to,
+                secs,
+                threads,
+                from,
+            } => {
+                let mut args = vec![
+                    "connect-rate".into(),
+                    to.to_string(),
+                    secs.to_string(),
+                    threads.to_string(),
+                ];
+                if let Some(from) = from {
+                    args.extend(["--from".into(), from.to_string()]);
+                }
+                args
+            }
+            Client::Accept { port, secs } => {
+                vec!["accept".into(), port.to_string(), secs.to_string()]
+            }
         }
     }
 
@@ -95,7 +116,8 @@ impl Client {
         match self {
             Client::TcpThroughput { secs, .. }
             | Client::UdpFlood { secs, .. }
-            | Client::ConnectRate { secs, .. } => *secs,
+            | Client::ConnectRate { secs, .. }
+            | Client::Accept { secs, .. } => *secs,
         }
     }
 
@@ -115,9 +137,10 @@ impl Client {
                 unconnected,
                 ..
             } => udp_flood(to, duration, size.clamp(1, 1472), !unconnected),
-            Client::ConnectRate { to, threads, .. } => {
-                connect_rate(to, duration, threads.clamp(1, 64))
-            }
+            Client::ConnectRate {
+                to, threads, from, ..
+            } => connect_rate(to, from, duration, threads.clamp(1, 64)),
+            Client::Accept { port, .. } => accept(port, duration),
         }
     }
 
@@ -127,6 +150,78 @@ impl Client {
         let mut cmd = cgroup.command_in(ns, exe)?;
         cmd.arg("client").args(self.args());
         run_process(cmd, Duration::from_secs_f64(self.secs()) + GRACE)
+    }
+
+    /// Runs the client as a process of its own inside `ns`, in this
+    /// process's cgroup (a peer's side, which no PU policy covers).
+    pub fn run_in_netns(&self, exe: &std::path::Path, ns: &Netns) -> Result<Value> {
+        let mut cmd = ns.command(exe)?;
+        cmd.arg("client").args(self.args());
+        run_process(cmd, Duration::from_secs_f64(self.secs()) + GRACE)
+    }
+
+    /// Starts a server client ([`Client::Accept`]) inside `ns` and
+    /// `cgroup` and returns once it listens; [`Server::finish`] collects
+    /// what it printed.
+    pub fn serve_in(&self, exe: &std::path::Path, ns: &Netns, cgroup: &Cgroup) -> Result<Server> {
+        use std::io::BufRead as _;
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = cgroup.command_in(ns, exe)?;
+        cmd.arg("client")
+            .args(self.args())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting a server")?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        match lines.next() {
+            Some(Ok(line)) if line == "ready" => Ok(Server {
+                child,
+                lines,
+                limit: Duration::from_secs_f64(self.secs()) + GRACE,
+            }),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the server did not start listening (it printed {other:?})")
+            }
+        }
+    }
+}
+
+/// A running server client.
+pub struct Server {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    limit: Duration,
+}
+
+impl Server {
+    /// Waits for the server's end (killing it after its time) and
+    /// returns the last line it printed.
+    pub fn finish(mut self) -> Result<Value> {
+        let deadline = Instant::now() + self.limit;
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("the server did not finish within {:?}", self.limit);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let last = self.lines.by_ref().map_while(Result::ok).last();
+        let line = last.context("the server printed nothing after ready")?;
+        serde_json::from_str(&line).with_context(|| format!("the server printed {line:?}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server given up on (an error on the way) must not outlive the
+        // run: it holds the PU's cgroup.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -233,7 +328,39 @@ fn udp_flood(to: SocketAddr, duration: Duration, size: usize, connected: bool) -
     Ok(json!({ "sent": sent, "dropped": dropped, "secs": secs }))
 }
 
-fn connect_rate(to: SocketAddr, duration: Duration, threads: usize) -> Result<Value> {
+/// Accepts and drops connections on `port` for `duration`, as the
+/// peers' acceptor does (a plain close; the connector resets); says
+/// `ready` once it listens.
+fn accept(port: u16, duration: Duration) -> Result<Value> {
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("listening on {port}"))?;
+    // accept(2) honours SO_RCVTIMEO: the loop looks at the clock at least
+    // this often without a busy wait.
+    SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(50)))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let start = Instant::now();
+    let mut accepted = 0u64;
+    while start.elapsed() < duration {
+        match listener.accept() {
+            Ok(_) => accepted += 1,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("accepting"),
+        }
+    }
+    Ok(json!({ "accepted": accepted }))
+}
+
+fn connect_rate(
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    duration: Duration,
+    threads: usize,
+) -> Result<Value> {
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
@@ -243,7 +370,7 @@ fn connect_rate(to: SocketAddr, duration: Duration, threads: usize) -> Result<Va
                 let mut last_error = None;
                 while start.elapsed() < duration {
                     let t0 = Instant::now();
-                    match TcpStream::connect_timeout(&to, IO_TIMEOUT) {
+                    match connect_from(from, to) {
                         Ok(stream) => {
                             latencies.push(t0.elapsed().as_secs_f64());
                             // Linger 0: close with a reset, leaving no
@@ -289,6 +416,21 @@ fn connect_rate(to: SocketAddr, duration: Duration, threads: usize) -> Result<Va
     }))
 }
 
+/// A TCP connection to `to`, from `from` when given.
+fn connect_from(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect_timeout(&to, IO_TIMEOUT);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -322,6 +464,17 @@ mod tests {
                 to,
                 secs: 1.0,
                 threads: 4,
+                from: None,
+            },
+            Client::ConnectRate {
+                to,
+                secs: 1.0,
+                threads: 4,
+                from: Some("10.2.0.2".parse().unwrap()),
+            },
+            Client::Accept {
+                port: 5004,
+                secs: 3.0,
             },
         ] {
             let argv = std::iter::once("bench".to_string()).chain(client.args());

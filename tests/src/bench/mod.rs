@@ -50,7 +50,7 @@ use plan::{ControlOp, Metric, Mode, Plan, Probe, Setup};
 use progress::{Progress, interrupted, pause};
 use results::Results;
 use servers::{ACCEPT_PORT, TCP_SINK_PORT, UDP_PORT};
-use world::{PREFIX, Variant, World};
+use world::{PREFIX, PU_PORT, Variant, World};
 
 pub use client::Client;
 pub use plan::Part;
@@ -388,7 +388,12 @@ impl Bench<'_> {
             Probe::Connect(peer) => {
                 let to = World::addr(peer, ACCEPT_PORT);
                 let threads = client::CONNECT_THREADS;
-                let v = run(Client::ConnectRate { to, secs, threads })?;
+                let v = run(Client::ConnectRate {
+                    to,
+                    secs,
+                    threads,
+                    from: None,
+                })?;
                 let (ok, failed) = (num(&v, "connections")?, num(&v, "failed")?);
                 if failed > 0.0 {
                     let total = ok + failed;
@@ -404,6 +409,38 @@ impl Bench<'_> {
                     (Metric::ConnRate(peer), ok / num(&v, "secs")?),
                     (Metric::ConnP50(peer), num(&v, "p50")?),
                     (Metric::ConnP99(peer), num(&v, "p99")?),
+                ]
+            }
+            Probe::Incoming(peer) => {
+                // The server lives a little longer than the connectors,
+                // so that none of them finds it gone.
+                let server = Client::Accept {
+                    port: PU_PORT,
+                    secs: secs + 1.0,
+                }
+                .serve_in(&self.exe, &world.host, cgroup)?;
+                let v = Client::ConnectRate {
+                    to: World::pu_addr(),
+                    secs,
+                    threads: client::CONNECT_THREADS,
+                    from: Some(World::ip(peer)),
+                }
+                .run_in_netns(&self.exe, &world.peers)?;
+                let accepted = num(&server.finish()?, "accepted")?;
+                let (ok, failed) = (num(&v, "connections")?, num(&v, "failed")?);
+                if failed > 0.0 || accepted < ok {
+                    let last = v["last_error"].clone();
+                    self.note(format!(
+                        "{} ({mode:?} at {}): {failed} connections failed, {ok} succeeded, \
+                         the server accepted {accepted} (last error: {last})",
+                        probe.name(),
+                        setup.scale
+                    ));
+                }
+                vec![
+                    (Metric::InConnRate(peer), ok / num(&v, "secs")?),
+                    (Metric::InConnP50(peer), num(&v, "p50")?),
+                    (Metric::InConnP99(peer), num(&v, "p99")?),
                 ]
             }
         })

@@ -104,6 +104,9 @@ pub enum Probe {
     UdpSendto(Peer),
     /// New TCP connections, [`super::client::CONNECT_THREADS`] at a time.
     Connect(Peer),
+    /// New TCP connections from the peer to a server in the PU (its
+    /// listening port), as many at a time: the network side.
+    Incoming(Peer),
 }
 
 impl Probe {
@@ -113,6 +116,7 @@ impl Probe {
             Probe::Udp(p) => format!("udp 64 B → {}", p.name()),
             Probe::UdpSendto(p) => format!("udp 64 B sendto → {}", p.name()),
             Probe::Connect(p) => format!("connect rate → {}", p.name()),
+            Probe::Incoming(p) => format!("incoming connect rate ← {}", p.name()),
         }
     }
 }
@@ -151,6 +155,10 @@ pub enum Metric {
     ConnRate(Peer),
     ConnP50(Peer),
     ConnP99(Peer),
+    /// New TCP connections from the peer to the PU's listening port.
+    InConnRate(Peer),
+    InConnP50(Peer),
+    InConnP99(Peer),
     /// Agent start to "enforcer ready" (every PU configured).
     Startup,
     /// SIGTERM to exit (everything removed).
@@ -184,6 +192,9 @@ impl Metric {
             Metric::ConnRate(p) => format!("new TCP connections → {}", p.name()),
             Metric::ConnP50(p) => format!("connect latency p50 → {}", p.name()),
             Metric::ConnP99(p) => format!("connect latency p99 → {}", p.name()),
+            Metric::InConnRate(p) => format!("new incoming TCP connections ← {}", p.name()),
+            Metric::InConnP50(p) => format!("incoming connect latency p50 ← {}", p.name()),
+            Metric::InConnP99(p) => format!("incoming connect latency p99 ← {}", p.name()),
             Metric::Startup => "start-up to ready".into(),
             Metric::Shutdown => "shutdown (cleanup)".into(),
             Metric::Status => "status request".into(),
@@ -204,7 +215,7 @@ impl Metric {
             Metric::UdpDelivered(_) | Metric::UdpSent(_) | Metric::UdpSendtoDelivered(_) => {
                 Unit::PacketsPerSecond
             }
-            Metric::ConnRate(_) => Unit::ConnectionsPerSecond,
+            Metric::ConnRate(_) | Metric::InConnRate(_) => Unit::ConnectionsPerSecond,
             Metric::Rss | Metric::KernelMemory => Unit::Bytes,
             Metric::Rules | Metric::OpenFiles => Unit::Count,
             _ => Unit::Seconds,
@@ -245,6 +256,9 @@ impl Setup {
             Metric::ConnRate(p) | Metric::ConnP50(p) | Metric::ConnP99(p) => {
                 probe(Probe::Connect(p))
             }
+            Metric::InConnRate(p) | Metric::InConnP50(p) | Metric::InConnP99(p) => {
+                probe(Probe::Incoming(p))
+            }
             Metric::Startup | Metric::Shutdown | Metric::Status => agent,
             Metric::AddPu | Metric::DeletePu => op(ControlOp::AddPu),
             Metric::UpdatePu => op(ControlOp::UpdatePu),
@@ -280,17 +294,18 @@ pub struct Plan {
     pub start_budget: Duration,
 }
 
-/// The probes of scenarios 1 and 3. Unconnected UDP only to the ACL
-/// peer for now: a probe to a target peer (whose first datagram both
-/// datapaths trap) is still to be added.
-const BASE_PROBES: [Probe; 7] = [
+/// The probes of scenarios 1 and 3, out of the PU and into it.
+const BASE_PROBES: [Probe; 10] = [
     Probe::TcpThroughput(Peer::Acl),
     Probe::TcpThroughput(Peer::Target),
     Probe::Udp(Peer::Acl),
     Probe::Udp(Peer::Target),
     Probe::UdpSendto(Peer::Acl),
+    Probe::UdpSendto(Peer::Target),
     Probe::Connect(Peer::Target),
     Probe::Connect(Peer::Acl),
+    Probe::Incoming(Peer::Target),
+    Probe::Incoming(Peer::Acl),
 ];
 
 /// Scenario 1 and 3 for the last PU at scale: established TCP, small UDP
@@ -410,8 +425,8 @@ mod tests {
     fn only_selects_parts_and_steps_count_every_line() {
         let plan = Plan::new(true, &[Part::Base]);
         assert_eq!(plan.setups.len(), 1);
-        // bare: 7 probes × 3; each datapath: start, 21 probe runs,
+        // bare: 10 probes × 3; each datapath: start, 30 probe runs,
         // (2 + 1 + 2) reloads × 3, footprint, stop.
-        assert_eq!(plan.steps(), 21 + 2 * (2 + 21 + 15 + 1));
+        assert_eq!(plan.steps(), 30 + 2 * (2 + 30 + 15 + 1));
     }
 }

@@ -107,7 +107,7 @@ const SCALE_METRICS: [Metric; 6] = [
     Metric::ConnP99(Peer::Acl),
 ];
 
-const ESTABLISHED: [Metric; 7] = [
+const ESTABLISHED: [Metric; 8] = [
     Metric::TcpThroughput(Peer::Acl),
     Metric::TcpThroughput(Peer::Target),
     Metric::UdpDelivered(Peer::Acl),
@@ -115,15 +115,22 @@ const ESTABLISHED: [Metric; 7] = [
     Metric::UdpSent(Peer::Acl),
     Metric::UdpSent(Peer::Target),
     Metric::UdpSendtoDelivered(Peer::Acl),
+    Metric::UdpSendtoDelivered(Peer::Target),
 ];
 
-const CONNECTIONS: [Metric; 6] = [
+const CONNECTIONS: [Metric; 12] = [
     Metric::ConnRate(Peer::Target),
     Metric::ConnP50(Peer::Target),
     Metric::ConnP99(Peer::Target),
     Metric::ConnRate(Peer::Acl),
     Metric::ConnP50(Peer::Acl),
     Metric::ConnP99(Peer::Acl),
+    Metric::InConnRate(Peer::Target),
+    Metric::InConnP50(Peer::Target),
+    Metric::InConnP99(Peer::Target),
+    Metric::InConnRate(Peer::Acl),
+    Metric::InConnP50(Peer::Acl),
+    Metric::InConnP99(Peer::Acl),
 ];
 
 const FOOTPRINT: [Metric; 4] = [
@@ -300,7 +307,10 @@ fn write_markdown(
         "New TCP connections from {CONNECT_THREADS} threads inside the PU, each closed with a \
          reset at once, for the probe's duration; latency is connect() to established. To the \
          target peer every SYN is trapped to the agent and accepted there; to the ACL peer no \
-         connection is trapped. Connections through the identity handshake: N/A (see below).\n"
+         connection is trapped. Incoming: the same from the peer's namespace (bound to the \
+         peer's address) to a server inside the PU's cgroup on its listening port — from the \
+         target peer every SYN is trapped on the network side, from the ACL peer a network \
+         ACL accepts it. Connections through the identity handshake: N/A (see below).\n"
     )?;
     mode_table(md, ctx, Scale::BASE, &CONNECTIONS)?;
 
@@ -677,6 +687,15 @@ fn why(metric: Metric) -> &'static str {
              so it sets the rate and the latency alike for both; eBPF's cheaper classification \
              shows here only where the iptables walk grows long (many PUs or ACLs)."
         }
+        Metric::InConnRate(_) | Metric::InConnP50(_) | Metric::InConnP99(_) => {
+            "An incoming connection is judged at its SYN on the network side: iptables walks \
+             `TRI-Net` to the PU's chain (found by its port set) and the PU's network ACL rules; \
+             eBPF's TC ingress program on the veth parses every packet, looks the PU up by port \
+             and the source in the LPM trie and writes the mark the fixed rules act on. From a \
+             target network the SYN then waits for the agent's verdict in both, through the same \
+             consumer, which sets the rate; from an ACL peer the connection's own set-up \
+             dominates with a small policy."
+        }
         Metric::ConnRate(Peer::Acl) | Metric::ConnP50(Peer::Acl) | Metric::ConnP99(Peer::Acl) => {
             "A new connection to an ACL peer is judged once, at its SYN: iptables walks \
              `TRI-Pid-App` (one `-m cgroup` rule per PU, in order) and the PU's ACL rules (one per \
@@ -841,17 +860,9 @@ fn not_measured(md: &mut String, ctx: &Context) -> std::fmt::Result {
         "Scenario 3 with the identity handshake: N/A — not yet measured, because the handshake \
          is not implemented yet (issue 7); today the agent accepts every trapped SYN without \
          exchanging a token, which is what the connection-rate figures measure.",
-        "Incoming (network-side) traffic to a PU's listening ports: N/A — not yet measured, \
-         because the harness has no scenario for it yet (both datapaths judge it: TC ingress \
-         in eBPF, `TRI-Net` in the fallback); every probe here goes out of the PU. (Replies to \
-         the PU's own connections already cross the fixed INPUT rules.)",
         "IPv6: N/A — not yet measured, because the benchmark world is IPv4-only for now; both \
          datapaths handle IPv6 through the same code as IPv4 (iptables: the same rules in \
          ip6tables; eBPF: IPv4-mapped keys in the same maps).",
-        "Unconnected UDP to a target network: N/A — not yet measured, because the harness has \
-         no scenario for it yet (both datapaths trap its first datagram: eBPF through a \
-         socket-cookie map read by a pinned `-m bpf` filter); unconnected UDP to the ACL peer \
-         is measured.",
         "The bare kernel in scenarios 4 and 5: N/A — there is no agent, no control plane and \
          nothing held in the kernel.",
         "Kernel memory of iptables rules: N/A — no kernel interface reports it per rule set; \

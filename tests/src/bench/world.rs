@@ -33,6 +33,10 @@ use super::servers::PeerServers;
 /// The prefix of every object a run makes.
 pub const PREFIX: &str = "enfbench";
 
+/// The host end of the veth: where the peers reach the PU's server.
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+/// The measured PU's listening port (the incoming probe's server).
+pub const PU_PORT: u16 = 5004;
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const ACL_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
 const TARGET_NET: &str = "10.1.0.0/24";
@@ -63,7 +67,7 @@ pub struct World {
     parent: Cgroup,
     parent_name: String,
     pub host: Netns,
-    _peers: Netns,
+    pub peers: Netns,
 }
 
 impl World {
@@ -88,7 +92,7 @@ impl World {
             parent,
             parent_name,
             host,
-            _peers: peers,
+            peers,
         })
     }
 
@@ -115,11 +119,19 @@ impl World {
     }
 
     pub fn addr(peer: Peer, port: u16) -> SocketAddr {
-        let ip = match peer {
+        SocketAddr::new(Self::ip(peer), port)
+    }
+
+    pub fn ip(peer: Peer) -> IpAddr {
+        IpAddr::V4(match peer {
             Peer::Acl => ACL_IP,
             Peer::Target => TARGET_IP,
-        };
-        SocketAddr::new(IpAddr::V4(ip), port)
+        })
+    }
+
+    /// Where the peers reach the measured PU's server.
+    pub fn pu_addr() -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(HOST_IP), PU_PORT)
     }
 
     /// The agent's config for `scale` in `variant`.
@@ -155,6 +167,9 @@ fn render_config(parent: &str, scale: Scale, variant: Variant) -> String {
             "\n[[pus]]\nid = \"pu{i}\"\nkind = \"linux-process\"\ncgroup = \"{parent}/pu{i}\"\n"
         );
         if last {
+            // The incoming probe's server (keys of the PU itself, so
+            // before any table of it).
+            let _ = writeln!(text, "tcp_ports = [{PU_PORT}]");
             for j in 0..scale.acls.saturating_sub(1) {
                 let _ = write!(
                     text,
@@ -175,6 +190,15 @@ fn render_config(parent: &str, scale: Scale, variant: Variant) -> String {
             "[[pus.application_acls]]\nnetworks = [{networks}]\n\
              protocols = [\"tcp\", \"udp\"]\naction = \"accept\"\npolicy_id = \"to-peer\"\n"
         );
+        if last {
+            // The incoming probe's server: the ACL peer may connect, the
+            // target peer's SYN is trapped.
+            let _ = write!(
+                text,
+                "[[pus.network_acls]]\nnetworks = [\"{ACL_NET}\"]\n\
+                 protocols = [\"tcp\"]\naction = \"accept\"\npolicy_id = \"from-peer\"\n"
+            );
+        }
     }
     text
 }
@@ -233,6 +257,9 @@ mod tests {
         let last = &config.pus[2];
         assert_eq!(last.application_acls.len(), 5);
         assert_eq!(last.application_acls[4].policy_id.as_str(), "to-peer");
+        assert_eq!(last.network_acls.len(), 1);
+        assert_eq!(last.tcp_ports.len(), 1);
+        assert!(config.pus[0].tcp_ports.is_empty() && config.pus[0].network_acls.is_empty());
         assert_eq!(config.pus[0].application_acls.len(), 1);
         assert_eq!(config.networks.target_tcp.len(), 4);
 

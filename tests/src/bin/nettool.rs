@@ -5,6 +5,9 @@
 //!
 //! `nettool tcp-stream` keeps one connection busy for a while (see
 //! [`tcp_stream`]): the long-lived connection of the update tests.
+//! `nettool tcp-echo-server` is the server side as a process, so that a
+//! PU's listening socket (and the connections it accepts) belong to the
+//! PU's cgroup.
 //!
 //! Also `nettool leftovers`: lists harness objects a test run left on the
 //! machine — namespaces, cgroups, pins, control sockets, and any `TRI-`
@@ -84,7 +87,13 @@ enum Cmd {
         /// wait before the connection counts as failed.
         #[arg(long, default_value_t = 3000)]
         timeout_ms: u64,
+        /// Source address to bind to.
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
     },
+    /// Listen on ADDR and echo every connection's data back, until stdin
+    /// closes. Prints `listening` once bound.
+    TcpEchoServer { addr: SocketAddr },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -123,13 +132,16 @@ fn main() -> ExitCode {
             to,
             seconds,
             timeout_ms,
+            from,
         } => {
             return tcp_stream(
                 to,
+                from,
                 Duration::from_secs(seconds),
                 Duration::from_millis(timeout_ms),
             );
         }
+        Cmd::TcpEchoServer { addr } => return tcp_echo_server(addr),
         Cmd::Leftovers => return report_leftovers(),
         Cmd::TcpEchoServer { at } => return tcp_echo_server(at),
     };
@@ -222,9 +234,35 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `nettool tcp-echo-server`.
+fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || traffic::echo(stream));
+        }
+    });
+    // The harness closes our stdin to say "stop now".
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    ExitCode::SUCCESS
+}
+
 /// `nettool tcp-stream`.
-fn tcp_stream(to: SocketAddr, duration: Duration, timeout: Duration) -> ExitCode {
-    let mut stream = match TcpStream::connect_timeout(&to, traffic::CONNECT_TIMEOUT) {
+fn tcp_stream(
+    to: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    duration: Duration,
+    timeout: Duration,
+) -> ExitCode {
+    let mut stream = match traffic::tcp_connect(from, to) {
         Ok(stream) => stream,
         Err(e) => {
             println!("bytes=0 rounds=0 max_gap_ms=0 retransmits=0 error=connect:{e}");

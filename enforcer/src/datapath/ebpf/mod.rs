@@ -16,9 +16,10 @@
 //!   ([`grace`]: until no hook that read the old generation still runs),
 //!   then removes the old entries: every connection is judged wholly by
 //!   the old or wholly by the new policy, and none misses its entry. Then
-//!   it aborts the PU's sockets that an ACL accepted at `connect()` and
-//!   the new policy refuses ([`super::sockdiag`]): a socket keeps the
-//!   class its connect gave it, nothing re-judges it per packet.
+//!   it aborts the PU's sockets whose connection an ACL accepted and the
+//!   new policy refuses ([`super::sockdiag`]), outgoing (accepted at
+//!   `connect()`) and incoming (accepted by TC ingress at the SYN):
+//!   nothing re-judges an established connection per packet.
 //! - The network side: a TC ingress program on every interface of the
 //!   agent's namespace (kept there by [`links::Watcher`], `lo` and new
 //!   interfaces included) finds the PU by its listening port
@@ -70,9 +71,11 @@ const BPF_NOEXIST: u64 = 1;
 use self::entries::{AclPrefix, Side};
 use self::grace::GracePeriod;
 use super::fault::{self, Faults, Operation};
+use super::queues::Direction;
+use super::revoke::{self, Setup};
 use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
-    iptables::exec as nf, revoke, sockdiag,
+    iptables::exec as nf, sockdiag,
 };
 use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
 
@@ -832,7 +835,7 @@ impl Datapath for EbpfDatapath {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
         let cgroup = self.pus[&old.id].cgroup.clone();
-        self.cut_refused(new, &cgroup);
+        self.cut_refused(old, new, &cgroup);
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -947,29 +950,51 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Aborts the sockets of the PU's cgroup that an ACL accepted when they
-    /// connected (class `AclAccept` in their mark, so outgoing ones) and
-    /// that `pu`, now in force, refuses. Best effort: the policy is in
-    /// force whatever happens here, so a failure is logged loudly.
-    fn cut_refused(&self, pu: &Pu, cgroup: &Path) {
+    /// Aborts the sockets of the PU's cgroup whose connection an ACL
+    /// accepted and that `new`, now in force, refuses; `old` was in force
+    /// before it. Nothing judges an established connection again per
+    /// packet: a socket keeps what its `connect()` decided, and TC ingress
+    /// judges a TCP connection by its SYN only.
+    /// - A connection to one of the PU's (old) listening ports was set up
+    ///   by a peer and judged by the old network ACLs at TC ingress; no
+    ///   class on the socket says so (an accepted socket takes its
+    ///   listener's mark, or with `tcp_fwmark_accept` its SYN's), so the
+    ///   old policy's verdict stands for it ([`revoke::revoked`]). A
+    ///   trapped one is never cut.
+    /// - Any other connection is the PU's own: its mark carries the class
+    ///   its connect hook gave it, `AclAccept` for one an ACL accepted
+    ///   ([`revoke::refused_now`]).
+    ///
+    /// An aborted TCP socket sends the peer a RST; the peer's later
+    /// packets find no socket and are answered by RSTs, and a new SYN
+    /// meets the new policy at TC ingress. Incoming UDP needs no more: TC
+    /// ingress judges every datagram, so a refused peer's next one is
+    /// dropped. No conntrack state holds an accepted connection here (the
+    /// fixed rules accept by connection mark only what the trap
+    /// authorised). Best effort: the policy is in force whatever happens
+    /// here, so a failure is logged loudly.
+    fn cut_refused(&self, old: &Pu, new: &Pu, cgroup: &Path) {
         let networks = self.networks();
         let marks = self.settings.marks;
         let accepted = |mark: u32| mark & marks.class_mask() == marks.class(Class::AclAccept);
         let cut = |socket: &sockdiag::Socket| {
-            let setup = revoke::Setup {
-                protocol: socket.protocol,
-                peer: socket.remote.ip(),
-                port: socket.remote.port(),
-            };
-            socket.mark.is_some_and(accepted) && revoke::refused_now(pu, &networks, setup)
+            let setup = |side| Setup::between(side, socket.protocol, socket.local, socket.remote);
+            if revoke::listens(old, socket.protocol, socket.local.port()) {
+                let side = Direction::Net;
+                revoke::revoked(old, new, &networks, side, setup(side))
+            } else {
+                let side = Direction::App;
+                socket.mark.is_some_and(accepted)
+                    && revoke::refused_now(new, &networks, side, setup(side))
+            }
         };
         match sockdiag::abort_sockets(cgroup, cut) {
             Ok(cut) if cut.is_empty() => {}
             Ok(cut) => {
-                info!(pu = %pu.id, sockets = cut.len(), "connections the new policy refuses cut")
+                info!(pu = %new.id, sockets = cut.len(), "connections the new policy refuses cut")
             }
             Err(e) => tracing::error!(
-                pu = %pu.id,
+                pu = %new.id,
                 "the new policy is in force, but cutting the connections it refuses failed: {e:#}"
             ),
         }
@@ -1019,12 +1044,9 @@ impl EbpfDatapath {
         }
         for (id, state) in &self.pus {
             let cut = |socket: &sockdiag::Socket| {
-                let setup = revoke::Setup {
-                    protocol: socket.protocol,
-                    peer: socket.remote.ip().to_canonical(),
-                    port: socket.remote.port(),
-                };
-                candidate(socket) && revoke::refused_now(&state.policy, &networks, setup)
+                let side = Direction::App;
+                let setup = Setup::between(side, socket.protocol, socket.local, socket.remote);
+                candidate(socket) && revoke::refused_now(&state.policy, &networks, side, setup)
             };
             match sockdiag::abort_sockets(&state.cgroup, cut) {
                 Ok(cut) if cut.is_empty() => {}

@@ -27,6 +27,7 @@ use super::backend::Backend;
 use super::rules::{Table, section};
 use super::{save, sets};
 use crate::datapath::conntrack::{self, Flow};
+use crate::datapath::queues::Direction;
 use crate::datapath::sockdiag;
 use crate::naming;
 use crate::policy::{IpFamily, PerFamily};
@@ -159,40 +160,45 @@ pub fn forget_udp_flows(nf: &dyn Netfilter, old: &[IpNet], new: &[IpNet]) -> Res
     Ok(forgotten)
 }
 
+/// A PU's flow, with the side of its policy that judged it: `App` if the
+/// PU sent its original direction (outgoing), `Net` if a peer did
+/// (incoming, to one of its listening ports).
+pub type SidedFlow = (Direction, Flow);
+
 /// Aborts the sockets created in the cgroup tree at `cgroup` whose
-/// connection is one of `flows` (local end = the flow's source, peer = its
-/// destination: outgoing connections). Returns how many.
-pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize> {
-    let outgoing = |socket: &sockdiag::Socket| {
-        flows.iter().any(|f| {
-            f.protocol == socket.protocol
-                && std::net::SocketAddr::new(f.src.to_canonical(), f.sport) == socket.local
-                && std::net::SocketAddr::new(f.dst.to_canonical(), f.dport) == socket.remote
+/// connection is one of `flows`, on its side (the socket's local end and
+/// peer are the flow's, [`Flow::ends`]). Returns how many.
+pub fn abort_flow_sockets(cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize> {
+    let connected = |socket: &sockdiag::Socket| {
+        flows.iter().any(|(side, flow)| {
+            flow.protocol == socket.protocol && flow.ends(*side) == (socket.local, socket.remote)
         })
     };
-    Ok(sockdiag::abort_sockets(cgroup, outgoing)?.len())
+    Ok(sockdiag::abort_sockets(cgroup, connected)?.len())
 }
 
-/// The flows of `flows` that sockets of the cgroup tree at `cgroup` sent:
-/// the socket's protocol, local port and address (or a wildcard bind),
-/// and its peer when it is connected. Flows of other PUs, of the host and
-/// incoming ones (their source port is the peer's) are left out.
-pub fn own_flows(cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>> {
+/// The flows of `flows` that sockets of the cgroup tree at `cgroup` carry
+/// on their side ([`carries`]). Flows of other PUs and of the host, and a
+/// flow taken for the wrong side (an incoming one as outgoing: its source
+/// port is the peer's), are left out.
+pub fn own_flows(cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
     let sockets = sockdiag::cgroup_sockets(cgroup)?;
     Ok(flows
         .into_iter()
-        .filter(|flow| sockets.iter().any(|socket| sent(socket, flow)))
+        .filter(|flow| sockets.iter().any(|socket| carries(socket, flow)))
         .collect())
 }
 
-/// Did `socket` send `flow` (original direction)?
-fn sent(socket: &sockdiag::Socket, flow: &Flow) -> bool {
-    let local = socket.local.ip().to_canonical();
+/// Does `socket` carry `flow` on its side: the protocol, the local port
+/// and address (or a wildcard bind), and the peer when the socket is
+/// connected (an unconnected UDP socket sends to and receives from any)?
+fn carries(socket: &sockdiag::Socket, (side, flow): &SidedFlow) -> bool {
+    let (local, peer) = flow.ends(*side);
+    let bound = socket.local.ip().to_canonical();
     socket.protocol == flow.protocol
-        && socket.local.port() == flow.sport
-        && (local.is_unspecified() || local == flow.src.to_canonical())
-        && (socket.remote.port() == 0
-            || socket.remote == std::net::SocketAddr::new(flow.dst.to_canonical(), flow.dport))
+        && socket.local.port() == local.port()
+        && (bound.is_unspecified() || bound == local.ip())
+        && (socket.remote.port() == 0 || socket.remote == peer)
 }
 
 /// The kernel calls the iptables datapath makes: the netfilter tools, and
@@ -210,9 +216,9 @@ pub trait Netfilter: Send + Sync {
     /// [`conntrack_delete`].
     fn conntrack_delete(&self, flow: &Flow, value: u32, mask: u32) -> Result<bool>;
     /// [`abort_flow_sockets`].
-    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize>;
+    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize>;
     /// [`own_flows`].
-    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>>;
+    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>>;
 }
 
 /// The real tools of one flavour, in the calling thread's network
@@ -257,11 +263,11 @@ impl Netfilter for System {
         conntrack_delete(flow, value, mask)
     }
 
-    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[Flow]) -> Result<usize> {
+    fn abort_flow_sockets(&self, cgroup: &std::path::Path, flows: &[SidedFlow]) -> Result<usize> {
         abort_flow_sockets(cgroup, flows)
     }
 
-    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<Flow>) -> Result<Vec<Flow>> {
+    fn own_flows(&self, cgroup: &std::path::Path, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
         own_flows(cgroup, flows)
     }
 }

@@ -28,9 +28,10 @@
 //! anything else is refused before any change.
 //!
 //! After an update's commit, the connections only the old policy allowed
-//! are cut ([`IptablesDatapath::cut_revoked`]): an ACL's accept marks the
-//! connection, and the main chains accept every later packet of a marked
-//! connection without asking the PU's chain again.
+//! are cut, outgoing and incoming ([`IptablesDatapath::cut_revoked`]): an
+//! ACL's accept marks the connection, and the main chains accept every
+//! later packet of a marked connection without asking the PU's chain
+//! again.
 
 pub mod backend;
 pub mod exec;
@@ -53,6 +54,7 @@ use self::exec::{Netfilter, System};
 use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
+use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::flowlog::{FlowAction, FlowObserve};
@@ -407,27 +409,32 @@ impl IptablesDatapath {
     }
 
     /// After an update from `old` to `new`: cuts the connections the old
-    /// policy's ACLs accepted and the new one refuses ([`revoke::revoked`]).
+    /// policy's ACLs accepted and the new one refuses ([`revoke::revoked`]),
+    /// on either side — the PU's outgoing connections by its application
+    /// ACLs, the connections peers made to its listening ports by its
+    /// network ACLs.
     ///
     /// An ACL's accept marks the connection (kind `ExternalAccepted`), and
     /// the main chains accept every later packet of a marked connection,
-    /// so the new chain never sees them. Such flows are found in conntrack
-    /// by that mark and judged by their original direction (destination,
-    /// protocol, port) against both policies. Conntrack does not know the
-    /// PU: another PU's marked flow to the same destination is forgotten
-    /// too, and re-judged by its own PU's chain on its next packet
-    /// (`nf_conntrack_tcp_loose` picks a mid-stream packet up as NEW), which
-    /// accepts and marks it again if its policy allows it.
+    /// in both directions, so the new chains never see them. Such flows are
+    /// found in conntrack by that mark and judged on each side, by the
+    /// original direction's destination port and, outgoing, its
+    /// destination, incoming, its source ([`Flow::ends`]). Conntrack does
+    /// not know the PU: a flow counts as the PU's on a side when one of
+    /// the sockets of its cgroup carries it there (an accepted connection
+    /// belongs to its listener's cgroup). Another PU's marked flow to the
+    /// same peer is left alone.
     ///
     /// First the PU's own sockets of those flows are aborted: the
     /// application sees ECONNABORTED, and the RST leaves through the entry
     /// still marked, so the peer sees it too. Forgetting the entry alone
-    /// would not do for them: if the peer's packet came first after the
-    /// deletion, conntrack would pick the flow up in the reverse
-    /// direction, and the PU chain accepts replies of an ESTABLISHED flow.
-    /// Then the entries are deleted, which covers unconnected UDP (no
-    /// socket names the peer): its next datagram is NEW and meets the new
-    /// chain.
+    /// would not do for them: if the packet that came first after the
+    /// deletion went the reply way, conntrack would pick the flow up with
+    /// its ends swapped, and a chain accepts what it takes for replies of
+    /// an ESTABLISHED flow. Then the entries are deleted, which covers
+    /// unconnected UDP (no socket names the peer; a server's socket serves
+    /// every peer and stays): the next datagram is NEW and meets the new
+    /// chain, which refuses it.
     fn cut_revoked(&self, old: &Pu, new: &Pu) -> anyhow::Result<()> {
         let targets = self.targets.as_ref().ok_or_else(not_running)?;
         let networks = FamilyNetworks {
@@ -443,14 +450,15 @@ impl IptablesDatapath {
                 .nf
                 .conntrack_flows(family, value, mask)
                 .with_context(|| format!("listing the accepted {family} flows"))?;
-            revoked.extend(flows.into_iter().filter(|flow| {
-                let setup = Setup {
-                    protocol: flow.protocol,
-                    peer: flow.dst,
-                    port: flow.dport,
-                };
-                revoke::revoked(old, new, &networks, setup)
-            }));
+            for flow in flows {
+                for side in [Direction::App, Direction::Net] {
+                    let (local, peer) = flow.ends(side);
+                    let setup = Setup::between(side, flow.protocol, local, peer);
+                    if revoke::revoked(old, new, &networks, side, setup) {
+                        revoked.push((side, flow));
+                    }
+                }
+            }
         }
         if revoked.is_empty() {
             return Ok(());
@@ -459,8 +467,6 @@ impl IptablesDatapath {
             return Err(anyhow!("PU {} is not a linux-process PU", new.id));
         };
         let cgroup = self.settings.cgroup2.join(cgroup.as_path());
-        // Only what this PU sent: another PU's flow to the same peer, or
-        // an incoming one, is not this policy's to cut.
         let revoked = self
             .nf
             .own_flows(&cgroup, revoked)
@@ -470,7 +476,7 @@ impl IptablesDatapath {
         }
         let sockets = self.nf.abort_flow_sockets(&cgroup, &revoked);
         let mut forgotten = 0;
-        for flow in &revoked {
+        for (_, flow) in &revoked {
             forgotten += usize::from(self.nf.conntrack_delete(flow, value, mask)?);
         }
         info!(
@@ -797,7 +803,7 @@ mod tests {
         Ipset(String),
         ConntrackList(IpFamily),
         ConntrackDelete(Flow),
-        AbortSockets(PathBuf, Vec<Flow>),
+        AbortSockets(PathBuf, Vec<exec::SidedFlow>),
     }
 
     type Failure = fn(&Call) -> bool;
@@ -891,7 +897,7 @@ mod tests {
         fn abort_flow_sockets(
             &self,
             cgroup: &std::path::Path,
-            flows: &[Flow],
+            flows: &[exec::SidedFlow],
         ) -> anyhow::Result<usize> {
             self.call(Call::AbortSockets(cgroup.to_owned(), flows.to_vec()))
                 .map(|()| flows.len())
@@ -900,8 +906,8 @@ mod tests {
         fn own_flows(
             &self,
             _cgroup: &std::path::Path,
-            flows: Vec<Flow>,
-        ) -> anyhow::Result<Vec<Flow>> {
+            flows: Vec<exec::SidedFlow>,
+        ) -> anyhow::Result<Vec<exec::SidedFlow>> {
             Ok(flows)
         }
     }
@@ -1387,7 +1393,10 @@ mod tests {
         assert_eq!(
             cuts,
             [
-                Call::AbortSockets(PathBuf::from("/sys/fs/cgroup/enforcer/web"), vec![only_old]),
+                Call::AbortSockets(
+                    PathBuf::from("/sys/fs/cgroup/enforcer/web"),
+                    vec![(Direction::App, only_old)]
+                ),
                 Call::ConntrackDelete(only_old),
             ],
             "sockets first (their RST leaves through the marked entry), then the entries"
@@ -1400,6 +1409,64 @@ mod tests {
                 .iter()
                 .all(|c| !matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..))),
             "{calls:#?}"
+        );
+    }
+
+    /// The network side: a peer's connection to the PU's listening port
+    /// that only the old network ACLs accepted is cut; one both accept,
+    /// one to another port and an outgoing one stay.
+    #[test]
+    fn update_cuts_incoming_flows_only_the_old_network_acls_accepted() {
+        let (mut dp, fake) = running();
+        let listening = |nets: &[&str]| Pu {
+            network_acls: vec![Acl {
+                networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
+                ports: vec![PortRange::new(8080, 8080).unwrap()],
+                ..web(8080, "10.0.0.0/8").application_acls[0].clone()
+            }],
+            ..web(8080, "10.0.0.0/8")
+        };
+        let old = listening(&["10.2.0.0/16", "10.4.0.0/16", "fd04::/64"]);
+        let new = listening(&["10.2.0.0/16"]);
+        dp.configure(0, &old).unwrap();
+        let incoming = |src: &str, dport: u16| Flow {
+            protocol: revoke::TCP,
+            src: src.parse().unwrap(),
+            dst: if src.contains(':') {
+                "fd00::1"
+            } else {
+                "10.0.0.1"
+            }
+            .parse()
+            .unwrap(),
+            sport: 40000,
+            dport,
+        };
+        let (v4, v6) = (incoming("10.4.0.2", 8080), incoming("fd04::2", 8080));
+        fake.0.lock().unwrap().flows = vec![
+            incoming("10.2.0.2", 8080),
+            v4,
+            incoming("10.4.0.2", 9090),
+            flow("10.4.0.2", 7000),
+            v6,
+        ];
+        fake.take();
+        dp.update(1, &new, &old).unwrap();
+        let cuts: Vec<Call> = fake
+            .take()
+            .into_iter()
+            .filter(|c| matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..)))
+            .collect();
+        assert_eq!(
+            cuts,
+            [
+                Call::AbortSockets(
+                    PathBuf::from("/sys/fs/cgroup/enforcer/web"),
+                    vec![(Direction::Net, v4), (Direction::Net, v6)]
+                ),
+                Call::ConntrackDelete(v4),
+                Call::ConntrackDelete(v6),
+            ]
         );
     }
 
