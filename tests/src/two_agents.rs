@@ -96,7 +96,7 @@ pub struct PuServer {
 impl PuServer {
     pub fn start(nettool: &str, cgroup: &Cgroup, ns: &Netns, at: SocketAddr) -> Result<Self> {
         let mut cmd = cgroup.command_in(ns, nettool)?;
-        cmd.args(["tcp-echo-server", &at.to_string()])
+        cmd.args(["tcp-echo-server", &at.to_string(), "--report-accepted"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = cmd.spawn().context("starting nettool tcp-echo-server")?;

@@ -92,16 +92,16 @@ enum Cmd {
         from: Option<std::net::IpAddr>,
     },
     /// Listen on ADDR and echo every connection's data back, until stdin
-    /// closes. Prints `listening` once bound.
-    TcpEchoServer { addr: SocketAddr },
+    /// closes. Prints `listening` once bound (and, with
+    /// `--report-accepted`, `accepted <peer>` for each connection).
+    TcpEchoServer {
+        addr: SocketAddr,
+        #[arg(long)]
+        report_accepted: bool,
+    },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
-    /// Listen on AT and echo every connection until stdin closes: a
-    /// server that is a process of its own, so it can be placed in a PU's
-    /// cgroup. Prints `listening` once bound, then `accepted <peer>` for
-    /// each connection.
-    TcpEchoServer { at: SocketAddr },
 }
 
 fn main() -> ExitCode {
@@ -141,49 +141,16 @@ fn main() -> ExitCode {
                 Duration::from_millis(timeout_ms),
             );
         }
-        Cmd::TcpEchoServer { addr } => return tcp_echo_server(addr),
+        Cmd::TcpEchoServer {
+            addr,
+            report_accepted,
+        } => return tcp_echo_server(addr, report_accepted),
         Cmd::Leftovers => return report_leftovers(),
-        Cmd::TcpEchoServer { at } => return tcp_echo_server(at),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
         eprintln!("{why}");
     }
     ExitCode::from(outcome.exit_code())
-}
-
-/// `nettool tcp-echo-server`.
-fn tcp_echo_server(at: SocketAddr) -> ExitCode {
-    let listener = match std::net::TcpListener::bind(at) {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("binding {at}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    println!("listening");
-    let _ = std::io::stdout().flush();
-    // The harness closes stdin to stop the server.
-    std::thread::spawn(|| {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        std::process::exit(0);
-    });
-    for stream in listener.incoming().flatten() {
-        if let Ok(peer) = stream.peer_addr() {
-            println!("accepted {peer}");
-            let _ = std::io::stdout().flush();
-        }
-        std::thread::spawn(move || {
-            let mut stream = stream;
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    ExitCode::SUCCESS
 }
 
 /// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.
@@ -235,7 +202,7 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
 }
 
 /// `nettool tcp-echo-server`.
-fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
+fn tcp_echo_server(addr: SocketAddr, report_accepted: bool) -> ExitCode {
     let listener = match std::net::TcpListener::bind(addr) {
         Ok(listener) => listener,
         Err(e) => {
@@ -247,6 +214,10 @@ fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
+            if report_accepted && let Ok(peer) = stream.peer_addr() {
+                println!("accepted {peer}");
+                let _ = std::io::stdout().flush();
+            }
             std::thread::spawn(move || traffic::echo(stream));
         }
     });
