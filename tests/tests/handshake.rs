@@ -61,18 +61,22 @@ fn an_allowed_identity_connects_and_only_its_handshake_reaches_user_space(
     assert_eq!(w.server.accepted().len(), 1);
     // The initiator's agent sees the SYN it signs and the SYN-ACK it
     // checks; the responder's the SYN, its SYN-ACK and the first ACK.
-    // Nothing else: the connection mark keeps the rest in the kernel.
-    let handshake = (w.queued(Host::A)?, w.queued(Host::B)?);
-    assert_eq!(handshake, (2, 3), "packets queued on a and b");
+    // Nothing else: the connection mark keeps the rest in the kernel. (A
+    // retransmitted SYN would be queued too: one is tolerated.)
+    let first = (w.queued(Host::A)?, w.queued(Host::B)?);
+    assert!(
+        (2..=3).contains(&first.0) && (3..=4).contains(&first.1),
+        "packets queued on a and b for one connection: {first:?}"
+    );
 
-    // A connection that moves many segments each way: still only its
-    // handshake reaches user space.
+    // A connection that moves a hundred segments each way: still only
+    // its handshake reaches user space.
     let big = "x".repeat(100_000);
     assert_eq!(w.connect(nettool!(), &w.web, &big)?, Outcome::Exchanged);
-    assert_eq!(
-        (w.queued(Host::A)?, w.queued(Host::B)?),
-        (2 * handshake.0, 2 * handshake.1),
-        "the second connection's packets queued on a and b"
+    let second = (w.queued(Host::A)? - first.0, w.queued(Host::B)? - first.1);
+    assert!(
+        (2..=3).contains(&second.0) && (3..=4).contains(&second.1),
+        "packets queued on a and b for a 100 kB exchange: {second:?}"
     );
     assert_eq!(handshake_count(&a, "allowed")?, 2);
     assert_eq!(handshake_count(&b, "allowed")?, 2);

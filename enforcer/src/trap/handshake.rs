@@ -53,6 +53,9 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 60_000;
 /// SYN nonces remembered per connection: a SYN-ACK may answer an earlier
 /// transmission than the last.
 const MAX_SENT: usize = 4;
+/// Decided connections remembered, and for how long: see [`Decided`].
+const DECIDED_CAPACITY: usize = 1 << 16;
+const DECIDED_MS: u64 = 10_000;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -238,12 +241,8 @@ struct ConnKey {
 #[derive(Debug, Clone)]
 enum Conn {
     /// This side sent the SYN for PU `pu`, with these nonces (newest
-    /// last); `accepted` once a SYN-ACK was.
-    Initiating {
-        pu: PuId,
-        sent: Vec<Nonce>,
-        accepted: bool,
-    },
+    /// last).
+    Initiating { pu: PuId, sent: Vec<Nonce> },
     /// This side allowed the SYN of `peer` to PU `pu`; `reply` is the
     /// token minted with the decision, for the first SYN-ACK.
     Responding {
@@ -329,11 +328,51 @@ impl Table {
     }
 }
 
+/// Connections decided lately. A packet of one that the datapath trapped
+/// before the connection mark took effect — a second ACK racing the
+/// verdict on the first, a SYN-ACK retransmitted because the ACK was lost
+/// — is authorised again, not dropped as a packet of an unknown
+/// handshake. Forgetting one early only costs such a packet a drop (TCP
+/// sends it again), so when full the oldest is forgotten; no entry ever
+/// lets a connection through that was not decided.
+#[derive(Debug, Default)]
+struct Decided {
+    keys: HashMap<ConnKey, u64>,
+    order: VecDeque<(u64, ConnKey)>,
+}
+
+impl Decided {
+    fn forget_one(&mut self) {
+        if let Some((at, key)) = self.order.pop_front()
+            && self.keys.get(&key) == Some(&at)
+        {
+            self.keys.remove(&key);
+        }
+    }
+
+    fn insert(&mut self, key: ConnKey, now: u64) {
+        while self.order.front().is_some_and(|&(at, _)| at <= now) {
+            self.forget_one();
+        }
+        while self.order.len() >= DECIDED_CAPACITY {
+            self.forget_one();
+        }
+        let expires = now.saturating_add(DECIDED_MS);
+        self.keys.insert(key, expires);
+        self.order.push_back((expires, key));
+    }
+
+    fn contains(&self, key: &ConnKey, now: u64) -> bool {
+        self.keys.get(key).is_some_and(|&at| at > now)
+    }
+}
+
 /// One agent's handshake engine, owned by the trap thread.
 #[derive(Debug)]
 pub struct Engine {
     handshaker: Handshaker,
     table: Table,
+    decided: Decided,
     counters: Arc<HandshakeCounters>,
     flow_log: Option<FlowSender>,
 }
@@ -383,6 +422,7 @@ impl Engine {
         Self {
             handshaker: Handshaker::new(setup.keys, setup.window),
             table: Table::new(capacity),
+            decided: Decided::default(),
             counters,
             flow_log: setup.flow_log,
         }
@@ -453,7 +493,7 @@ impl Engine {
             (Direction::Net, SYN) => self.respond(&p, pus, now_ms),
             (Direction::App, f) if f == SYN | ACK => self.answer(&p, pus, now_ms),
             (Direction::Net, f) if f == SYN | ACK => self.complete(&p, pus, now_ms),
-            (_, ACK) => self.acknowledge(&p),
+            (_, ACK) => self.acknowledge(&p, now_ms),
             // Nothing else is trapped; never more than a drop.
             _ => self.count(Counted::BadPacket, Action::Drop),
         }
@@ -535,11 +575,7 @@ impl Engine {
             nonces.remove(0);
         }
         nonces.push(sent.nonce);
-        let conn = Conn::Initiating {
-            pu,
-            sent: nonces,
-            accepted: false,
-        };
+        let conn = Conn::Initiating { pu, sent: nonces };
         if !self.table.insert(p.key, conn, now_ms) {
             tracing::warn!(src = %p.src, dst = %p.dst, "handshake table full; SYN dropped");
             return self.count(Counted::TableFull, Action::Drop);
@@ -649,14 +685,18 @@ impl Engine {
         let (pu, sent) = match self.table.get_mut(&p.key) {
             Some(Conn::Initiating { pu, sent, .. }) => (pu.clone(), sent.clone()),
             _ => {
-                // Not a handshake of this agent (a process outside every
-                // PU connecting): its SYN-ACK goes on, without a token
-                // the application would otherwise read as data.
+                // A connection decided already (its SYN-ACK sent again)
+                // stays authorised; one that is not a handshake of this
+                // agent (a process outside every PU connecting) goes on.
+                // Either way without a token, which the application
+                // would otherwise read as data.
+                let authorise = self.decided.contains(&p.key, now_ms);
                 return match wire::take_token(p.bytes) {
                     Ok(Some(taken)) => Action::Rewrite {
                         packet: taken.stripped,
-                        authorise: false,
+                        authorise,
                     },
+                    Ok(None) if authorise => Action::Authorise,
                     Ok(None) => Action::Pass,
                     Err(_) => self.count(Counted::BadPacket, Action::Drop),
                 };
@@ -675,7 +715,7 @@ impl Engine {
             if !self.external(p, &pu, &identity, TCP, &identity.application_acls) {
                 return Action::Drop;
             }
-            self.mark_accepted(&p.key);
+            self.finish(p.key, now_ms);
             return self.count(Counted::Authorised, Action::Authorise);
         };
         // The nonce it answers, among the SYNs sent (a retransmission's
@@ -695,7 +735,7 @@ impl Engine {
         if !step.decision.is_allowed() {
             return Action::Drop;
         }
-        self.mark_accepted(&p.key);
+        self.finish(p.key, now_ms);
         self.count(
             Counted::Authorised,
             Action::Rewrite {
@@ -705,24 +745,23 @@ impl Engine {
         )
     }
 
-    fn mark_accepted(&mut self, key: &ConnKey) {
-        if let Some(Conn::Initiating { accepted, .. }) = self.table.get_mut(key) {
-            *accepted = true;
-        }
+    /// A handshake is over and its connection authorised: its entry makes
+    /// room, the connection is remembered as decided.
+    fn finish(&mut self, key: ConnKey, now_ms: u64) {
+        self.table.remove(&key);
+        self.decided.insert(key, now_ms);
     }
 
     /// The first ACK: the responder's handshake is complete (the
     /// initiator's was at the SYN-ACK; its ACK only comes here when the
     /// datapath traps it before the connection mark is set).
-    fn acknowledge(&mut self, p: &Trapped) -> Action {
+    fn acknowledge(&mut self, p: &Trapped, now_ms: u64) -> Action {
         match (p.direction, self.table.get_mut(&p.key)) {
             (Direction::Net, Some(Conn::Responding { .. } | Conn::External)) => {
-                self.table.remove(&p.key);
+                self.finish(p.key, now_ms);
                 self.count(Counted::Authorised, Action::Authorise)
             }
-            (Direction::App, Some(Conn::Initiating { accepted: true, .. })) => {
-                self.count(Counted::Authorised, Action::Authorise)
-            }
+            _ if self.decided.contains(&p.key, now_ms) => Action::Authorise,
             _ => {
                 tracing::debug!(src = %p.src, dst = %p.dst, "handshake: ACK of no known handshake dropped");
                 self.count(Counted::UnknownConnection, Action::Drop)

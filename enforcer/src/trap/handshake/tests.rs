@@ -239,8 +239,12 @@ fn an_allowed_identity_completes_the_handshake_in_both_families() {
             (a.count(Counted::Authorised), b.count(Counted::Authorised)),
             (1, 1)
         );
-        // The responder forgot the finished handshake.
+        // Both forgot the finished handshake; a second ACK that raced
+        // the verdict (or a SYN-ACK sent again) is authorised again.
         assert_eq!(b.engine.in_progress(), 0);
+        assert_eq!(a.engine.in_progress(), 0);
+        assert_eq!(b.decide(Direction::Net, &ack, NOW + 6), Action::Authorise);
+        assert_eq!(b.count(Counted::UnknownConnection), 0);
 
         // Each side logged its decision with both identities.
         let [logged] = &b.flows()[..] else {
