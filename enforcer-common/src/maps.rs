@@ -25,6 +25,7 @@ pub const MAP_PU_COUNTS: &str = "PU_COUNTS";
 pub const MAP_PU_PORTS: &str = "PU_PORTS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_UDP_TRAPS: &str = "UDP_TRAPS";
+pub const MAP_UDP_ANSWERS: &str = "UDP_ANSWERS";
 
 /// Bytes of the flow-log ring buffer (a power of two, a multiple of the
 /// page size).
@@ -65,6 +66,18 @@ pub const MAX_ACL_RULES: usize = 32;
 /// entry is needed only from the sendmsg hook to the netfilter rule, a few
 /// microseconds of the same system call, so the map can be small.
 pub const MAX_UDP_TRAPS: u32 = 16_384;
+/// Peers a PU's UDP service may answer ([`UdpAnswerKey`]): an LRU map,
+/// so flows that ended age out by themselves; one that was evicted while
+/// still alive is answered again after the peer's next datagram.
+pub const MAX_UDP_ANSWERS: u32 = 16_384;
+/// How long after a peer's last accepted datagram the PU may answer it:
+/// conntrack's timeout for a UDP flow seen both ways
+/// (`nf_conntrack_udp_timeout_stream`, 120 s), which bounds the fallback's
+/// reverse ESTABLISHED accept the same way.
+pub const UDP_ANSWER_WINDOW_NS: u64 = 120_000_000_000;
+/// How stale a [`UdpAnswerKey`]'s time may get before a datagram of the
+/// flow refreshes it: one map write per second per flow, not per datagram.
+pub const UDP_ANSWER_REFRESH_NS: u64 = 1_000_000_000;
 /// Held-back flow events ([`PendingFlowKey`]): an LRU map, so events of
 /// a connection whose first packet never leaves (the route lookup after
 /// the hook failed, the trap dropped the SYN) age out by themselves.
@@ -125,6 +138,33 @@ impl UdpTrapKey {
             addr,
             port,
             pad: [0; 6],
+        }
+    }
+}
+
+/// A UDP datagram TC ingress let through to a PU's port because a network
+/// ACL accepts its source: the PU may answer from that port (SPEC: "UDP
+/// accepts add a reverse ESTABLISHED accept on the other side"). The value
+/// is the time (`bpf_ktime_get_ns`) of the peer's last such datagram.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpAnswerKey {
+    /// The peer (IPv4-mapped for IPv4).
+    pub peer: [u8; 16],
+    /// Host order, as the other ports here.
+    pub peer_port: u16,
+    /// The PU's port the datagram came to.
+    pub local_port: u16,
+    pub pad: [u8; 4],
+}
+
+impl UdpAnswerKey {
+    pub const fn new(peer: [u8; 16], peer_port: u16, local_port: u16) -> Self {
+        Self {
+            peer,
+            peer_port,
+            local_port,
+            pad: [0; 4],
         }
     }
 }

@@ -15,6 +15,13 @@
 //! 4. the protocol-any ACLs;
 //! 5. anything else is refused, and logged (policy `default`).
 //!
+//! A UDP answer from one of the PU's listening ports to a peer whose
+//! datagram to that port a network ACL accepted lately (`UDP_ANSWERS`,
+//! written by TC ingress) goes out if the network ACLs in force still
+//! accept that peer, whatever the application ACLs say: the fallback's
+//! reverse ESTABLISHED accept (SPEC: "UDP accepts add a reverse
+//! ESTABLISHED accept on the other side").
+//!
 //! A connection of a task in no PU's cgroup (the PU was just deleted) is
 //! left alone, and so is a socket the agent marked as its own injected
 //! traffic (kind `Injected`).
@@ -23,19 +30,19 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
+    helpers::generated::{bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use enforcer_common::{
     maps::{
-        DIRECTION_APP, FlowEvent, PROTO_TCP, PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-        SCOPE_TARGET_UDP, UdpTrapKey,
+        DIRECTION_APP, DIRECTION_NET, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED,
+        SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_WINDOW_NS, UdpAnswerKey, UdpTrapKey,
     },
     marks::{Class, Kind, MarkLayout},
 };
 
-use crate::maps::UDP_TRAPS;
+use crate::maps::{PU_PORTS, UDP_ANSWERS, UDP_TRAPS};
 use crate::policy::{
     AclVerdict, Count, Deferral, Side, acl_entry, count, current_pu, evaluate, in_agent_netns,
     in_set, log_final_drop, mark_layout,
@@ -175,6 +182,9 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     // SAFETY: valid context. The port is in network order in the low 16 bits.
     let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
     let port = u16::from_be(user_port as u16);
+    if proto == PROTO_UDP && answers(sa, slot, addr, port) {
+        return apply(sa, slot, AclVerdict::Accept, hook);
+    }
     let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
     // The source address is not known before the first packet is routed;
@@ -246,6 +256,59 @@ fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict, hook: Hook) -> 
             REFUSE
         }
     }
+}
+
+/// Is this datagram (or UDP connect) an answer of the PU's UDP service
+/// to `peer`:`peer_port`? It is when the socket is bound to one of the
+/// PU's UDP ports, the peer sent to that port within
+/// [`UDP_ANSWER_WINDOW_NS`] and a network ACL accepted it then, and the
+/// network ACLs in force still accept it (a policy update that refuses
+/// the peer ends its answers at once). The re-check logs nothing: the
+/// datagram it answers was logged by TC ingress if its ACL logs.
+#[inline(always)]
+fn answers(sa: *mut bpf_sock_addr, slot: u32, peer: [u8; 16], peer_port: u16) -> bool {
+    let local = bound_port(sa);
+    if local == 0 {
+        return false;
+    }
+    // SAFETY: map lookups with keys on the stack.
+    if unsafe { PU_PORTS.get(PortKey::new(PROTO_UDP, local)) } != Some(&slot) {
+        return false;
+    }
+    let key = UdpAnswerKey::new(peer, peer_port, local);
+    // SAFETY: as above.
+    let Some(&seen) = (unsafe { UDP_ANSWERS.get(key) }) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    if unsafe { bpf_ktime_get_ns() }.saturating_sub(seen) > UDP_ANSWER_WINDOW_NS {
+        return false;
+    }
+    // TC ingress's order for the peer's datagrams: a peer in the target
+    // UDP networks is trapped, never accepted by an ACL.
+    if in_set(SCOPE_TARGET_UDP, peer) {
+        return false;
+    }
+    let Some(entry) = acl_entry(Side::Net, slot, peer) else {
+        return false;
+    };
+    let flow = FlowEvent {
+        slot,
+        src: peer,
+        src_port: peer_port,
+        dst_port: local,
+        proto: PROTO_UDP,
+        direction: DIRECTION_NET,
+        ..FlowEvent::default()
+    };
+    let mut silent = Deferral::silent();
+    let specific = match in_set(SCOPE_TARGET_TCP, peer) {
+        true => None,
+        false => evaluate(entry, 0, entry.specific, local, &flow, &mut silent),
+    };
+    let verdict =
+        specific.or_else(|| evaluate(entry, entry.specific, entry.any, local, &flow, &mut silent));
+    verdict == Some(AclVerdict::Accept)
 }
 
 /// The socket's local port, 0 while it is not bound.

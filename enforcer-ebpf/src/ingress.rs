@@ -17,6 +17,10 @@
 //! 5. the protocol-any network ACLs;
 //! 6. anything else is dropped, and logged (policy `default`).
 //!
+//! A UDP datagram a network ACL accepts also lets the PU answer its
+//! sender from that port for a while (`UDP_ANSWERS`, read by the sendmsg
+//! and connect hooks): the fallback's reverse ESTABLISHED accept.
+//!
 //! Fragments after the first carry no ports and pass: the first fragment
 //! carries them and is judged, and a datagram never reassembles without
 //! it — so a fragmented datagram gets the verdict of its first fragment,
@@ -26,19 +30,20 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use enforcer_common::{
     maps::{
         DIRECTION_NET, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-        SCOPE_TARGET_UDP,
+        SCOPE_TARGET_UDP, UDP_ANSWER_REFRESH_NS, UdpAnswerKey,
     },
     marks::Class,
 };
 
 use crate::{
-    maps::PU_PORTS,
+    maps::{PU_PORTS, UDP_ANSWERS},
     packet::{self, L4, Parsed},
     policy::{
         AclVerdict, Count, Deferral, Side, acl_entry, count, evaluate, in_set, log_final_drop,
@@ -96,7 +101,7 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
             &mut Deferral::none(),
         )
     {
-        return apply(ctx, slot, verdict);
+        return apply(ctx, l4, slot, verdict);
     }
     if (l4.proto == PROTO_TCP && target_tcp)
         || (l4.proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, l4.src))
@@ -120,7 +125,7 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
             &mut Deferral::none(),
         )
     {
-        return apply(ctx, slot, verdict);
+        return apply(ctx, l4, slot, verdict);
     }
     log_final_drop(&flow);
     count(slot, Count::Dropped);
@@ -128,9 +133,12 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
 }
 
 #[inline(always)]
-fn apply(ctx: &TcContext, slot: u32, verdict: AclVerdict) -> i32 {
+fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict) -> i32 {
     match verdict {
         AclVerdict::Accept => {
+            if l4.proto == PROTO_UDP {
+                allow_answers(l4);
+            }
             set_class(ctx, Class::AclAccept);
             count(slot, Count::Accepted);
             TC_ACT_OK
@@ -140,6 +148,24 @@ fn apply(ctx: &TcContext, slot: u32, verdict: AclVerdict) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// Lets the PU answer the sender of this accepted datagram from the port
+/// it came to (`UdpAnswerKey`). The time is refreshed at most once per
+/// [`UDP_ANSWER_REFRESH_NS`], so a busy flow costs a lookup per datagram,
+/// not a write. A full map evicts its least recently used flow.
+#[inline(always)]
+fn allow_answers(l4: &L4) {
+    let key = UdpAnswerKey::new(l4.src, l4.src_port, l4.dst_port);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a map lookup with a key on the stack.
+    if let Some(&seen) = unsafe { UDP_ANSWERS.get(key) }
+        && now.saturating_sub(seen) < UDP_ANSWER_REFRESH_NS
+    {
+        return;
+    }
+    let _ = UDP_ANSWERS.insert(key, now, 0);
 }
 
 /// Writes the class into `skb->mark`, keeping every other bit.

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use enforcer_common::maps::{
     AclEntry, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_NETS, MAX_PENDING_FLOWS, MAX_PUS,
-    MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpTrapKey,
+    MAX_UDP_ANSWERS, MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpAnswerKey,
+    UdpTrapKey,
 };
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
@@ -44,6 +45,12 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 /// destination; the fixed netfilter rule's socket filter reads it.
 #[map(name = "UDP_TRAPS")]
 pub static UDP_TRAPS: LruHashMap<UdpTrapKey, u8> = LruHashMap::with_max_entries(MAX_UDP_TRAPS, 0);
+
+/// Peers a PU's UDP service may answer, written by TC ingress when a
+/// network ACL accepts a datagram, read by the sendmsg and connect hooks.
+#[map(name = "UDP_ANSWERS")]
+pub static UDP_ANSWERS: LruHashMap<UdpAnswerKey, u64> =
+    LruHashMap::with_max_entries(MAX_UDP_ANSWERS, 0);
 
 /// App-side flow events held back until the socket's first packet fills
 /// in the source (`policy::Deferral`); the egress program emits them.

@@ -279,23 +279,46 @@ pub struct Deferral {
     cookie: u64,
     /// Events held back so far.
     held: u32,
+    /// Emit nothing: a re-check of a decision already logged.
+    silent: bool,
 }
 
 impl Deferral {
     /// Emit at once.
     pub const fn none() -> Self {
-        Self { cookie: 0, held: 0 }
+        Self {
+            cookie: 0,
+            held: 0,
+            silent: false,
+        }
     }
 
     /// Hold back the events of `cookie`'s socket.
     pub const fn socket(cookie: u64) -> Self {
-        Self { cookie, held: 0 }
+        Self {
+            cookie,
+            held: 0,
+            silent: false,
+        }
+    }
+
+    /// Emit nothing (the fallback's reverse ESTABLISHED accept of a UDP
+    /// answer logs nothing either).
+    pub const fn silent() -> Self {
+        Self {
+            cookie: 0,
+            held: 0,
+            silent: true,
+        }
     }
 
     /// Holds `event` back; false if it must be emitted now (not deferring,
     /// or this decision already holds [`MAX_DEFERRED_FLOWS`]).
     #[inline(always)]
     fn hold(&mut self, event: &FlowEvent) -> bool {
+        if self.silent {
+            return true;
+        }
         if self.cookie == 0 || self.held >= MAX_DEFERRED_FLOWS {
             return false;
         }

@@ -113,6 +113,42 @@ impl Drop for UdpReceiver {
     }
 }
 
+/// Sends `payload` in one datagram from an unconnected socket (bound to
+/// `from` if given) and waits up to [`UDP_ANSWER_WAIT`] for it to come
+/// back from `to` (an echo server).
+pub fn udp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
+    let exchanged = (|| -> std::io::Result<bool> {
+        let socket = UdpSocket::bind(bind_addr(from, to))?;
+        socket.set_read_timeout(Some(UDP_ANSWER_WAIT))?;
+        socket.send_to(payload, to)?;
+        let mut buf = [0u8; 2048];
+        loop {
+            let (n, sender) = socket.recv_from(&mut buf)?;
+            if sender == to {
+                return Ok(&buf[..n] == payload);
+            }
+        }
+    })();
+    match exchanged {
+        Ok(true) => Outcome::Exchanged,
+        Ok(false) => Outcome::Failed("the answer differs from what was sent".into()),
+        Err(e) => Outcome::from_io(&e),
+    }
+}
+
+/// How long [`udp_exchange_from`] waits for its answer.
+pub const UDP_ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// The local address a client socket binds: `from`, else any of `to`'s
+/// family.
+fn bind_addr(from: Option<IpAddr>, to: SocketAddr) -> SocketAddr {
+    match (from, to) {
+        (Some(ip), _) => SocketAddr::new(ip, 0),
+        (None, SocketAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
+        (None, SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
+    }
+}
+
 /// Sends one datagram, optionally from a given source address.
 pub fn udp_send(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
     udp_send_n(from, to, payload, 1)
@@ -121,12 +157,7 @@ pub fn udp_send(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome
 /// Sends `count` datagrams from one unconnected socket (`sendto` each
 /// time), optionally bound to a given source address.
 pub fn udp_send_n(from: Option<IpAddr>, to: SocketAddr, payload: &[u8], count: u32) -> Outcome {
-    let bind: SocketAddr = match (from, to) {
-        (Some(ip), _) => SocketAddr::new(ip, 0),
-        (None, SocketAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
-        (None, SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
-    };
-    let sent = UdpSocket::bind(bind)
+    let sent = UdpSocket::bind(bind_addr(from, to))
         .and_then(|s| (0..count).try_for_each(|_| s.send_to(payload, to).map(drop)));
     match sent {
         Ok(()) => Outcome::Exchanged,
@@ -243,4 +274,57 @@ pub fn send_raw_ip(dst: IpAddr, packet: &[u8]) -> Result<()> {
     sock.send_to(packet, &SocketAddr::new(dst, 0).into())
         .with_context(|| format!("raw send to {dst}"))?;
     Ok(())
+}
+
+/// A PU's echo server: `nettool tcp-echo-server` or `udp-echo-server` as
+/// a process inside the PU's cgroup and a namespace, so that its sockets
+/// (accepted ones too) and its replies are the PU's. Killed on drop.
+/// `nettool` is the binary's path (`nettool!()` in a test).
+pub struct PuEchoServer(std::process::Child);
+
+/// What a [`PuEchoServer`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl PuEchoServer {
+    pub fn start(
+        nettool: &str,
+        transport: Transport,
+        cgroup: &crate::cgroup::Cgroup,
+        ns: &Netns,
+        addr: SocketAddr,
+    ) -> Result<Self> {
+        use std::io::BufRead as _;
+        use std::process::Stdio;
+        let kind = match transport {
+            Transport::Tcp => "tcp-echo-server",
+            Transport::Udp => "udp-echo-server",
+        };
+        let mut cmd = cgroup.command_in(ns, nettool)?;
+        cmd.args([kind, &addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting nettool {kind}"))?;
+        let mut first = String::new();
+        let stdout = child.stdout.take().context("the server's stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut first)?;
+        let server = Self(child);
+        anyhow::ensure!(
+            first.trim() == "listening",
+            "the PU's {kind} on {addr}: {first}"
+        );
+        Ok(server)
+    }
+}
+
+impl Drop for PuEchoServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

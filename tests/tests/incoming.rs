@@ -15,9 +15,11 @@ use enforcer_tests::{
     cgroup::Cgroup,
     config::{Acl, Config, Pu},
     netfilter::{self, Family},
-    on_both_datapaths_and_families,
+    nettool, on_both_datapaths_and_families,
     roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
-    traffic::{Outcome, TcpEchoServer, tcp_exchange_from},
+    traffic::{
+        Outcome, PuEchoServer, TcpEchoServer, Transport, tcp_exchange_from, udp_exchange_from,
+    },
     world::PuWorld,
 };
 
@@ -25,6 +27,11 @@ const PU_PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
 
 on_both_datapaths_and_families!(connections_to_a_pu_port_are_judged_by_their_source);
+
+mod udp {
+    use super::*;
+    on_both_datapaths_and_families!(datagrams_to_a_pu_port_are_judged_by_their_source_and_answered);
+}
 
 fn config(cgroup: &Cgroup) -> String {
     Config::local_server()
@@ -35,6 +42,56 @@ fn config(cgroup: &Cgroup) -> String {
             .tcp_ports([PU_PORT])
             .network_acl(Acl::accept("from-acl-peer", roles::networks(ACL_PEER)).tcp([PU_PORT])))
         .to_toml()
+}
+
+/// UDP to a PU's port (SPEC: "UDP accepts add a reverse ESTABLISHED
+/// accept on the other side"): the PU's server answers with `sendto`,
+/// and the answer to a peer that only a *network* ACL accepts must get
+/// out although no application ACL covers that peer; a peer no ACL
+/// accepts gets nothing through; an excluded one is untouched.
+fn datagrams_to_a_pu_port_are_judged_by_their_source_and_answered(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER, EXCLUDED])? else {
+        return Ok(());
+    };
+    let (hosts, server) = (&stage.hosts, SocketAddr::new(stage.server_ip(), PU_PORT));
+    let _server = PuEchoServer::start(nettool!(), Transport::Udp, &stage.cgroup, &hosts.a, server)?;
+    let config = Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .excluded(roles::networks(EXCLUDED))
+        .pu(Pu::process_of("dns", &stage.cgroup)
+            .udp_ports([PU_PORT])
+            .network_acl(Acl::accept("from-acl-peer", roles::networks(ACL_PEER)).udp([PU_PORT])))
+        .to_toml();
+    let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &config)?;
+    let exchange = |role: u8, payload: &str| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(from), server, payload.as_bytes()))
+    };
+    assert_eq!(
+        exchange(ACL_PEER, "from-acl-peer")?,
+        Outcome::Exchanged,
+        "a network ACL accepts the datagram, and the PU's answer goes back\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        exchange(ACL_PEER, "again")?,
+        Outcome::Exchanged,
+        "the flow's next datagram and answer"
+    );
+    let blocked = exchange(OTHER, "from-other")?;
+    assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
+    assert_eq!(
+        exchange(EXCLUDED, "from-excluded")?,
+        Outcome::Exchanged,
+        "excluded: untouched"
+    );
+    Ok(())
 }
 
 fn connections_to_a_pu_port_are_judged_by_their_source(

@@ -35,10 +35,10 @@ use enforcer_tests::{
     cgroup::Cgroup,
     config::{Acl, Config, Pu},
     netfilter::Family,
-    netns::{Netns, TwoHosts},
+    netns::TwoHosts,
     nettool, on_both_datapaths, privilege,
     roles::{self, ACL_PEER, TARGET_NETS},
-    traffic::{Outcome, TcpEchoServer, run_nettool, tcp_exchange_from},
+    traffic::{Outcome, PuEchoServer, TcpEchoServer, Transport, run_nettool, tcp_exchange_from},
     world::PuWorld,
 };
 
@@ -467,35 +467,6 @@ fn an_update_cuts_nothing_of_another_pu(datapath: Datapath) -> Result<()> {
     Ok(())
 }
 
-/// `nettool tcp-echo-server` in a namespace and a cgroup: a PU's server,
-/// whose sockets (the accepted ones too) belong to the PU.
-struct EchoServer(Child);
-
-impl EchoServer {
-    fn start(cgroup: &Cgroup, ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        let mut cmd = cgroup.command_in(ns, nettool!())?;
-        cmd.args(["tcp-echo-server", &addr.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = cmd.spawn().context("starting nettool tcp-echo-server")?;
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
-        let server = Self(child);
-        ensure!(
-            first.trim() == "listening",
-            "the PU's server on {addr}: {first}"
-        );
-        Ok(server)
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A PU listening on TCP [`PU_PORT`] whose network ACLs accept that port
 /// from each of `roles`' networks.
 fn listening_config(cgroup: &Cgroup, accepted: &[u8]) -> String {
@@ -524,7 +495,7 @@ fn an_incoming_connection_only_the_old_policy_allowed_is_cut(
     };
     let hosts = &stage.hosts;
     let server = SocketAddr::new(stage.server_ip(), PU_PORT);
-    let _server = EchoServer::start(&stage.cgroup, &hosts.a, server)?;
+    let _server = PuEchoServer::start(nettool!(), Transport::Tcp, &stage.cgroup, &hosts.a, server)?;
     let agent = stage.start(
         env!("CARGO_BIN_EXE_agent"),
         datapath,

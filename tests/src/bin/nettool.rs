@@ -99,6 +99,10 @@ enum Cmd {
         #[arg(long)]
         report_accepted: bool,
     },
+    /// Bind ADDR and send every datagram back to its sender (`sendto` on
+    /// the unconnected socket, as a UDP server does), until stdin closes.
+    /// Prints `listening` once bound.
+    UdpEchoServer { addr: SocketAddr },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
             addr,
             report_accepted,
         } => return tcp_echo_server(addr, report_accepted),
+        Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -222,6 +227,29 @@ fn tcp_echo_server(addr: SocketAddr, report_accepted: bool) -> ExitCode {
         }
     });
     // The harness closes our stdin to say "stop now".
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    ExitCode::SUCCESS
+}
+
+/// `nettool udp-echo-server`.
+fn udp_echo_server(addr: SocketAddr) -> ExitCode {
+    let socket = match std::net::UdpSocket::bind(addr) {
+        Ok(socket) => socket,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        // A refused reply (EPERM from a hook) is the policy's answer,
+        // not the server's end: keep serving.
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     ExitCode::SUCCESS
 }
