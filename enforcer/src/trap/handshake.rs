@@ -379,7 +379,11 @@ pub struct Engine {
 
 /// The packet being decided, with what the steps share.
 struct Trapped<'a> {
+    /// Which way the packet goes (its queue).
     direction: Direction,
+    /// Which end of its connection the PU is: the packet's direction, but
+    /// for a SYN-ACK, which travels against its connection.
+    side: Direction,
     bytes: &'a [u8],
     uid: Option<u32>,
     src: SocketAddr,
@@ -388,10 +392,19 @@ struct Trapped<'a> {
 }
 
 impl Trapped<'_> {
+    /// The connection's direction, as its flow-log line has it.
     fn flow_direction(&self) -> FlowDirection {
-        match self.direction {
+        match self.side {
             Direction::App => FlowDirection::App,
             Direction::Net => FlowDirection::Net,
+        }
+    }
+
+    /// The connection's source and destination (initiator, responder).
+    fn ends(&self) -> (SocketAddr, SocketAddr) {
+        match self.side {
+            Direction::App => (self.key.local, self.key.remote),
+            Direction::Net => (self.key.remote, self.key.local),
         }
     }
 
@@ -477,8 +490,17 @@ impl Engine {
                 remote: src,
             },
         };
+        let reverse = |d| match d {
+            Direction::App => Direction::Net,
+            Direction::Net => Direction::App,
+        };
+        let side = match flags {
+            Some(f) if f & (SYN | ACK) == SYN | ACK => reverse(direction),
+            _ => direction,
+        };
         let p = Trapped {
             direction,
+            side,
             bytes,
             uid,
             src,
@@ -800,7 +822,10 @@ impl Engine {
         protocol: u8,
         acls: &[Acl],
     ) -> bool {
-        let port = Some(p.dst.port());
+        // The connection's destination port: the peer's for an outgoing
+        // connection, the PU's for an incoming one (as the datapaths'
+        // ACLs match `--dports`).
+        let port = Some(p.ends().1.port());
         let acl = policy::deciding(acls, p.peer(), protocol, port);
         let accepted = acl.is_some_and(|acl| acl.action == policy::Action::Accept);
         let counted = if accepted {
@@ -892,6 +917,7 @@ impl Engine {
         let Some(flow_log) = &self.flow_log else {
             return;
         };
+        let (src, dst) = p.ends();
         let record = FlowRecord {
             time: flowlog::now(),
             pu: what.pu.to_string(),
@@ -903,8 +929,8 @@ impl Engine {
             },
             observe: what.observe,
             protocol: flowlog::protocol_name(what.protocol),
-            src: flowlog::endpoint(p.src.ip(), p.src.port()),
-            dst: flowlog::endpoint(p.dst.ip(), p.dst.port()),
+            src: flowlog::endpoint(src.ip(), src.port()),
+            dst: flowlog::endpoint(dst.ip(), dst.port()),
             direction: p.flow_direction(),
             handshake: Some(HandshakeLog {
                 reason: what.reason.to_owned(),

@@ -268,7 +268,10 @@ fn an_allowed_identity_completes_the_handshake_in_both_families() {
             (logged.pu.as_str(), logged.policy_id.as_str()),
             ("web", "web-to-db")
         );
-        assert_eq!(logged.direction, FlowDirection::Net);
+        // The initiator's decision is about its outgoing connection.
+        assert_eq!(logged.direction, FlowDirection::App);
+        assert_eq!(logged.src, flowlog::endpoint(client.ip(), client.port()));
+        assert_eq!(logged.dst, flowlog::endpoint(server.ip(), server.port()));
         assert_eq!(
             logged.handshake.as_ref().unwrap().peer_labels.as_deref(),
             Some("app=db")
@@ -442,6 +445,38 @@ fn the_initiator_judges_the_answer() {
             ..
         }
     ));
+}
+
+#[test]
+fn a_tokenless_answer_is_judged_by_the_application_acls_on_the_peers_port() {
+    let pus = r#"
+[[pus]]
+id = "web"
+kind = "linux-process"
+cgroup = "web"
+[[pus.application_acls]]
+networks = ["10.0.0.2/32"]
+protocols = ["tcp"]
+ports = [443]
+action = "accept"
+policy_id = "to-server"
+"#;
+    let mut a = agent(1, &[], pus, MAX_CONNECTIONS);
+    for (server, expected) in [(SERVER, Action::Authorise), ("10.0.0.2:444", Action::Drop)] {
+        let (client, server) = (addr(CLIENT), addr(server));
+        let _ = passed(a.decide(Direction::App, &segment(client, server, SYN), NOW));
+        let syn_ack = segment(server, client, SYN | ACK);
+        assert_eq!(
+            a.decide(Direction::Net, &syn_ack, NOW),
+            expected,
+            "{server}"
+        );
+    }
+    let flows = a.flows();
+    assert_eq!(flows[0].policy_id, "to-server");
+    assert_eq!(flows[0].direction, FlowDirection::App);
+    assert_eq!(flows[0].dst, "10.0.0.2:443");
+    assert_eq!(flows[1].action, FlowAction::Reject);
 }
 
 #[test]
