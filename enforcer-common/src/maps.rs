@@ -48,6 +48,13 @@ pub const PROG_EGRESS: &str = "enforcer_egress";
 /// --object-pinned`): does this datagram's socket have a trap decision of
 /// a sendmsg hook for this destination ([`UdpTrapKey`])?
 pub const PROG_UDP_TRAP: &str = "enforcer_udp_trap";
+/// The socket filters the handshake's global trap rules run (`-m bpf
+/// --object-pinned`): is the packet's source (incoming) or destination
+/// (outgoing) in the target networks of its protocol?
+pub const PROG_TARGET_SRC: &str = "enforcer_target_src";
+pub const PROG_TARGET_DST: &str = "enforcer_target_dst";
+/// Every socket filter a fixed netfilter rule names by its pin.
+pub const RULE_FILTERS: [&str; 3] = [PROG_UDP_TRAP, PROG_TARGET_SRC, PROG_TARGET_DST];
 
 /// Globals the loader sets before loading: the mark layout's shift, and
 /// the cookie of the agent's network namespace.

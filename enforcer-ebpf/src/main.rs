@@ -19,6 +19,7 @@ mod ingress;
 mod maps;
 mod packet;
 mod policy;
+mod target_peer;
 mod udp_trap;
 
 #[cfg(not(test))]

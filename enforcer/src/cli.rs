@@ -300,6 +300,28 @@ fn write_report(w: &mut impl std::fmt::Write, r: &StatusReport) -> std::fmt::Res
             [&"(total)", &"", &"", &t.trapped, &t.accepted, &t.dropped],
         )?;
     }
+    // Each PU's port set: what its config lists, what discovery found it
+    // listening on.
+    let with_ports = r
+        .pus
+        .iter()
+        .filter(|pu| !pu.config_ports.is_empty() || !pu.discovered_ports.is_empty());
+    for (n, pu) in with_ports.enumerate() {
+        if n == 0 {
+            writeln!(w, "\n{:<24} CONFIG | DISCOVERED", "PU PORTS")?;
+        }
+        let list = |ports: &[String]| match ports.is_empty() {
+            true => "-".to_owned(),
+            false => ports.join(" "),
+        };
+        writeln!(
+            w,
+            "{:<24} {} | {}",
+            pu.id,
+            list(&pu.config_ports),
+            list(&pu.discovered_ports)
+        )?;
+    }
 
     let t = &r.trap;
     writeln!(
@@ -501,6 +523,11 @@ mod tests {
         assert_eq!(
             web.split_whitespace().collect::<Vec<_>>(),
             ["web", "linux-process", "1", "3", "2", "1"]
+        );
+        let ports = text.lines().filter(|l| l.starts_with("web ")).nth(1);
+        assert_eq!(
+            ports.unwrap().split_whitespace().collect::<Vec<_>>(),
+            ["web", "80/tcp", "8000:8080/tcp", "|", "80/tcp", "9090/tcp"]
         );
         let queue = text.lines().find(|l| l.contains("app-syn")).unwrap();
         assert_eq!(

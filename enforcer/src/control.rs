@@ -98,6 +98,13 @@ pub struct PuStatus {
     pub kind: String,
     /// The version its policy is installed under (0 or 1; flips on update).
     pub version: u8,
+    /// The listening ports its config lists: `80/tcp`, `8000:8080/tcp`.
+    #[serde(default)]
+    pub config_ports: Vec<String>,
+    /// The ports port discovery found it listening on and keeps in its
+    /// port set (configured ones included): `8081/tcp`.
+    #[serde(default)]
+    pub discovered_ports: Vec<String>,
 }
 
 /// What became of the SIGHUP reloads so far.
@@ -376,6 +383,8 @@ pub(crate) mod tests {
                 id: "web".into(),
                 kind: "linux-process".into(),
                 version: 1,
+                config_ports: vec!["80/tcp".into(), "8000:8080/tcp".into()],
+                discovered_ports: vec!["80/tcp".into(), "9090/tcp".into()],
             }],
             counters: Some(counters),
             trap: TrapStats {

@@ -1,8 +1,8 @@
 //! Traffic for kernel tests: the library's TCP servers, clients and
 //! [`Outcome`]s ([`enforcer::sandbox::traffic`]), plus what only tests
 //! need: a UDP receiver and sender, an ICMP echo ("ping") over a raw
-//! socket, the `nettool` client process, and raw IP packets for headers no
-//! socket API would send.
+//! socket, the `nettool` client process, and raw IP packets and TCP SYNs
+//! for headers no socket API would send.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -327,4 +327,54 @@ impl Drop for PuEchoServer {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Sends one TCP SYN from `from`:`src_port` to `to` through a raw TCP
+/// socket, carrying `options` (padded with end-of-list bytes to a whole
+/// number of 32-bit words) — TCP option 34, say, which no `connect()`
+/// sends unasked. The kernel builds the IP header; the TCP checksum is
+/// computed here over the family's pseudo-header. Call it inside a
+/// namespace ([`Netns::run`]).
+pub fn send_tcp_syn(from: IpAddr, src_port: u16, to: SocketAddr, options: &[u8]) -> Result<()> {
+    const SYN: u8 = 0x02;
+    let padded = options.len().div_ceil(4) * 4;
+    let header_len = 20 + padded;
+    let mut segment = Vec::with_capacity(header_len);
+    segment.extend_from_slice(&src_port.to_be_bytes());
+    segment.extend_from_slice(&to.port().to_be_bytes());
+    segment.extend_from_slice(&0x5eed_0001u32.to_be_bytes()); // sequence
+    segment.extend_from_slice(&[0; 4]); // acknowledgment
+    segment.push(u8::try_from(header_len / 4).context("TCP options too long")? << 4);
+    segment.push(SYN);
+    segment.extend_from_slice(&u16::MAX.to_be_bytes()); // window
+    segment.extend_from_slice(&[0; 4]); // checksum, urgent pointer
+    segment.extend_from_slice(options);
+    segment.resize(header_len, 0);
+    let length = u16::try_from(header_len).context("TCP options too long")?;
+    let mut pseudo = Vec::new();
+    match (from, to.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&length.to_be_bytes());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            pseudo.extend_from_slice(&src.octets());
+            pseudo.extend_from_slice(&dst.octets());
+            pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_TCP as u8]);
+        }
+        _ => anyhow::bail!("{from} and {to} are of different families"),
+    }
+    pseudo.extend_from_slice(&segment);
+    let sum = internet_checksum(&pseudo).to_be_bytes();
+    segment[16..18].copy_from_slice(&sum);
+    let sock = Socket::new(Domain::for_address(to), Type::RAW, Some(Protocol::TCP))
+        .context("opening a raw TCP socket")?;
+    sock.bind(&SocketAddr::new(from, 0).into())
+        .with_context(|| format!("binding a raw TCP socket to {from}"))?;
+    sock.send_to(&segment, &SocketAddr::new(to.ip(), 0).into())
+        .with_context(|| format!("raw SYN to {to}"))?;
+    Ok(())
 }

@@ -37,12 +37,17 @@ use nix::sys::signal::Signal;
 /// One network of each family, as the config writes them: IPv4, IPv6.
 type Nets = [&'static str; 2];
 
+/// Packets of a PU's TCP connection with a target that reach user space:
+/// its set-up — the SYN, the SYN-ACK and the first ACK — and nothing
+/// after (`tests/tests/trap_contract.rs` checks each one's queue).
+const HANDSHAKE: u64 = 3;
+
 // Each body once per datapath (ebpf, iptables, auto_without_bpf,
 // iptables_legacy) and, in each, once per address family:
 // `ebpf::v4::name`, `ebpf::v6::name`, …
 enforcer_tests::on_every_datapath_and_family!(
     excluded_traffic_is_never_trapped_nor_dropped,
-    target_syn_is_trapped_once_and_the_connection_proceeds,
+    target_handshake_is_trapped_once_and_the_connection_proceeds,
     acl_decides_for_non_target_peers_and_others_are_untouched,
     overlapping_acls_resolve_by_bucket_not_by_longest_prefix,
     target_network_changes_apply_to_new_connections,
@@ -59,7 +64,7 @@ enforcer_tests::on_every_datapath_and_family!(
 // the trap and the cleanup are what they touch.
 enforcer_tests::on_datapaths_and_families!(
     [
-        target_syn_is_trapped_once_and_the_connection_proceeds,
+        target_handshake_is_trapped_once_and_the_connection_proceeds,
         sigint_and_sigterm_leave_nothing_behind,
     ]
     ebpf_legacy EbpfLegacy
@@ -220,11 +225,15 @@ fn excluded_traffic_is_never_trapped_nor_dropped(datapath: Datapath, family: Fam
     // And the target networks do hold it but for the exclusion: the
     // target peer beside it is trapped.
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 1, "the target's SYN is trapped");
+    assert_eq!(
+        w.kernel_queued()?,
+        HANDSHAKE,
+        "the target's handshake is trapped"
+    );
     Ok(())
 }
 
-fn target_syn_is_trapped_once_and_the_connection_proceeds(
+fn target_handshake_is_trapped_once_and_the_connection_proceeds(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
@@ -234,14 +243,23 @@ fn target_syn_is_trapped_once_and_the_connection_proceeds(
     let w = World::new(&env, family)?;
     let agent = w.start(datapath, &web_config(&w))?;
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 1, "only the SYN reaches user space");
+    assert_eq!(
+        w.kernel_queued()?,
+        HANDSHAKE,
+        "only the handshake reaches user space"
+    );
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 2, "one SYN per connection");
+    assert_eq!(
+        w.kernel_queued()?,
+        2 * HANDSHAKE,
+        "one handshake per connection"
+    );
     let (trapped, _, dropped) = pu_counts(&agent.status()?, "web")?;
-    assert_eq!((trapped, dropped), (2, 0));
-    // A process outside the PU is not trapped.
+    assert_eq!((trapped, dropped), (2, 0), "one set-up per connection");
+    // A process outside the PU: only its SYN-ACK from the target network
+    // is trapped, by the global rule (SPEC, "Global steering").
     assert_eq!(w.outsider_connects(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 2);
+    assert_eq!(w.kernel_queued()?, 2 * HANDSHAKE + 1);
     Ok(())
 }
 
@@ -321,13 +339,13 @@ fn target_network_changes_apply_to_new_connections(
     // trapped (and, in this slice, accepted by the agent).
     agent.reload(&config(&[TARGET.nets, OTHER.nets], &pus))?;
     assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 1);
+    assert_eq!(w.kernel_queued()?, HANDSHAKE);
     // And back: the target's network is no target any more, and has no
     // ACL.
     agent.reload(&config(&[OTHER.nets], &pus))?;
     assert!(w.pu_connects(TARGET)?.is_blocked());
     assert_eq!(w.pu_connects(OTHER)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 2);
+    assert_eq!(w.kernel_queued()?, 2 * HANDSHAKE);
     Ok(())
 }
 
@@ -650,7 +668,7 @@ fn run_after_sigkill_starts_clean(datapath: Datapath, family: Family) -> Result<
     assert_eq!(w.pu_connects(ACL_PEER)?, Outcome::Exchanged);
     assert!(w.pu_connects(OTHER)?.is_blocked());
     assert_eq!(w.pu_connects(TARGET)?, Outcome::Exchanged);
-    assert_eq!(w.kernel_queued()?, 1);
+    assert_eq!(w.kernel_queued()?, HANDSHAKE);
     assert!(second.stop_with(Signal::SIGTERM)?.success());
     assert_nothing_left(&w, &env.bpffs, first.instance())?;
     Ok(())

@@ -6,7 +6,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramInfo, SchedClassifier, SocketFilter};
-use enforcer_common::maps::{PROG_EGRESS, PROG_INGRESS, PROG_UDP_TRAP, PU_PROGRAMS};
+use enforcer_common::maps::{PROG_EGRESS, PROG_INGRESS, PU_PROGRAMS, RULE_FILTERS};
 use enforcer_tests::privilege;
 
 /// The verifier's limit on instructions processed per program.
@@ -46,14 +46,11 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         .load()
         .with_context(|| format!("verifying {PROG_EGRESS}"))?;
     processed.push((PROG_EGRESS, verified(PROG_EGRESS, egress.info()?)?));
-    let udp_trap: &mut SocketFilter = bpf
-        .program_mut(PROG_UDP_TRAP)
-        .context(PROG_UDP_TRAP)?
-        .try_into()?;
-    udp_trap
-        .load()
-        .with_context(|| format!("verifying {PROG_UDP_TRAP}"))?;
-    processed.push((PROG_UDP_TRAP, verified(PROG_UDP_TRAP, udp_trap.info()?)?));
+    for name in RULE_FILTERS {
+        let filter: &mut SocketFilter = bpf.program_mut(name).context(name)?.try_into()?;
+        filter.load().with_context(|| format!("verifying {name}"))?;
+        processed.push((name, verified(name, filter.info()?)?));
+    }
 
     let report = processed
         .iter()

@@ -145,8 +145,9 @@ fn connections_to_a_pu_port_are_judged_by_their_source(
     );
     assert_eq!(
         queued()?,
-        1,
-        "only the SYN from the target network reaches user space"
+        3,
+        "only the set-up with the target network reaches user space: \
+         its SYN, the PU's SYN-ACK and its first ACK"
     );
     Ok(())
 }

@@ -219,17 +219,21 @@ fn target(words: &[String]) -> String {
             format!("CONNMARK set {}", arg("--set-xmark"))
         }
         "CONNMARK" => format!("CONNMARK save {}/{}", arg("--nfmask"), arg("--ctmask")),
+        "MARK" => format!("MARK set {}", arg("--set-xmark")),
         other => other.into(),
     }
 }
 
-/// A global rule in a few words: its mark, connection-mark, set and
-/// address-type conditions and its target, e.g.
-/// `mark 0x100/0x700 -> ACCEPT`, `!TRI-v4-Excluded dst -> TRI-App`.
+/// A global rule in a few words: its protocol, TCP flags and option,
+/// string, mark, connection-mark, set and address-type conditions and its
+/// target, e.g. `mark 0x100/0x700 -> ACCEPT`, `!TRI-v4-Excluded dst ->
+/// TRI-App`, `tcp flags SYN,ACK SYN,ACK TRI-v4-TargetTCP src -> NFQUEUE
+/// 24:27 bypass`.
 fn global_summary(rule: &str) -> String {
     let w = words(rule);
     let mut parts = Vec::new();
     let mut module = "";
+    let not = |i: usize| if i > 0 && w[i - 1] == "!" { "!" } else { "" };
     for (i, word) in w.iter().enumerate() {
         let next = w.get(i + 1).map(String::as_str).unwrap_or("?");
         match word.as_str() {
@@ -237,6 +241,13 @@ fn global_summary(rule: &str) -> String {
             "--mark" => parts.push(format!("{module} {next}")),
             "--dst-type" => parts.push(format!("dst-type {next}")),
             "--comment" => parts.push(format!("comment {next}")),
+            "-p" => parts.push(format!("{}{next}", not(i))),
+            "--tcp-flags" => {
+                let comparison = w.get(i + 2).map(String::as_str).unwrap_or("?");
+                parts.push(format!("{}flags {next} {comparison}", not(i)));
+            }
+            "--tcp-option" => parts.push(format!("option {next}")),
+            "--string" => parts.push(format!("string {next}")),
             "--match-set" => {
                 let not = if w[i - 1] == "!" { "!" } else { "" };
                 let dir = w.get(i + 2).map(String::as_str).unwrap_or("?");
@@ -385,8 +396,8 @@ fn assert_hooks(
     assert_eq!(
         summaries,
         [
-            format!("{tcp} dst comment PU web -> {}", chains.1),
-            format!("{udp} dst comment PU web -> {}", chains.1),
+            format!("tcp {tcp} dst comment PU web -> {}", chains.1),
+            format!("udp {udp} dst comment PU web -> {}", chains.1),
         ]
     );
 }
@@ -404,6 +415,8 @@ struct Marks {
     external: &'static str,
     proxy: &'static str,
     injected: &'static str,
+    /// The class "trap TCP set-up" under the class mask.
+    trap_tcp: &'static str,
     /// The kind mask alone, as CONNMARK's save masks print it.
     mask: &'static str,
 }
@@ -416,6 +429,7 @@ fn global_rules_with_the_default_mark_layout(backend: Backend, family: Family) -
         external: "0x200/0x700",
         proxy: "0x300/0x700",
         injected: "0x400/0x700",
+        trap_tcp: "0x800/0x3800",
         mask: "0x700",
     };
     global_rules(backend, family, "", &marks)
@@ -428,6 +442,7 @@ fn global_rules_with_a_moved_mark_layout(backend: Backend, family: Family) -> Re
         external: "0x20000/0x70000",
         proxy: "0x30000/0x70000",
         injected: "0x40000/0x70000",
+        trap_tcp: "0x80000/0x380000",
         mask: "0x70000",
     };
     global_rules(backend, family, "[marks]\nshift = 16\n", &marks)
@@ -466,10 +481,19 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
     // SPEC, "Global steering", outgoing: the consumer's verdict (kind
     // authorised in the packet mark) is saved into the connection and
     // accepted ("The trap"); then the proxy chain, injected packets,
-    // connections with the external and the handshake mark, the UID
-    // chain, and the process, host-service and host chains in that
-    // priority. (The handshake's own SYN-ACK traps come with issue 7.)
-    // Incoming mirrors it, without the injected mark.
+    // connections with the external and — but for SYN-ACKs — the
+    // handshake mark, the UID chain, a SYN-ACK to a target TCP network
+    // classed and trapped, and the process, host-service and host chains
+    // in that priority. Incoming mirrors it, without the injected mark,
+    // with the UDP signature trapped before the connection accepts, and
+    // a SYN-ACK and a SYN with TCP option 34 from a target TCP network
+    // trapped. Default queues: app SYN-ACK 8-11; net SYN 16-19, SYN-ACK
+    // 24-27, service 28-31.
+    let (target_tcp, target_udp) = (
+        format!("TRI-{}-TargetTCP", tag(family)),
+        format!("TRI-{}-TargetUDP", tag(family)),
+    );
+    let synack = "tcp flags SYN,ACK SYN,ACK";
     let steering = |side: &str| -> Vec<String> {
         let mut rules = vec![
             format!(
@@ -481,12 +505,32 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
         ];
         if side == "App" {
             rules.push(format!("mark {} -> ACCEPT", m.injected));
+        } else {
+            rules.push(format!(
+                "udp {target_udp} src string n30njxq7bmiwr6dtxq -> NFQUEUE 28:31 bypass"
+            ));
         }
         rules.extend([
             format!("connmark {} -> ACCEPT", m.external),
-            format!("connmark {} -> ACCEPT", m.authorised),
+            format!(
+                "tcp !flags SYN,ACK SYN,ACK connmark {} -> ACCEPT",
+                m.authorised
+            ),
+            format!("!tcp connmark {} -> ACCEPT", m.authorised),
+            format!("-> TRI-UID-{side}"),
         ]);
-        rules.extend(["UID", "Pid", "Svc", "Hst"].map(|chain| format!("-> TRI-{chain}-{side}")));
+        if side == "App" {
+            rules.extend([
+                format!("{synack} {target_tcp} dst -> MARK set {}", m.trap_tcp),
+                format!("{synack} {target_tcp} dst -> NFQUEUE 8:11 bypass"),
+            ]);
+        } else {
+            rules.extend([
+                format!("{synack} {target_tcp} src -> NFQUEUE 24:27 bypass"),
+                format!("tcp option 34 flags SYN,ACK SYN {target_tcp} src -> NFQUEUE 16:19 bypass"),
+            ]);
+        }
+        rules.extend(["Pid", "Svc", "Hst"].map(|chain| format!("-> TRI-{chain}-{side}")));
         rules
     };
     let (app, net) = (steering("App"), steering("Net"));
@@ -836,7 +880,15 @@ fn pu_with_a_mix_of_acls(backend: Backend, family: Family) -> Result<()> {
         rules.iter().map(|r| r.replace(" bypass", "")).collect()
     };
     for (what, rules) in [("rendered", text.as_str()), ("kernel", &saved)] {
-        assert!(!rules.contains("--queue-bypass"), "{what}:\n{rules}");
+        // (The global chains in the kernel are the fail-open ones
+        // installed first.)
+        for chain in [&chains.app, &chains.net] {
+            let bypassing: Vec<String> = chain_rules(rules, chain)
+                .into_iter()
+                .filter(|r| r.contains("--queue-bypass"))
+                .collect();
+            assert!(bypassing.is_empty(), "{what}: {bypassing:#?}");
+        }
         assert_eq!(
             pu_chain(rules, &chains.app, &acls),
             without_bypass(expected_app(family)),

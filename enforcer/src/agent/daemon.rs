@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::ConfigSource;
 use super::owner::DatapathOwner;
 use super::plan::{needs_restart, plan};
+use super::ports::{Discovery, PortDiscovery};
 use crate::control::{ControlSocket, DatapathStatus, ReloadStats, Request, Response, StatusReport};
 use crate::trap::{self, TrapCounters, TrapUpdater};
 
@@ -51,6 +52,8 @@ pub struct Daemon {
     source: ConfigSource,
     /// Hands each applied configuration to the trap consumer.
     trap: Option<TrapUpdater>,
+    /// How port discovery runs; `None`: it does not.
+    port_discovery: Option<PortDiscovery>,
 }
 
 /// Why a reload did not (fully) happen.
@@ -80,6 +83,7 @@ impl Daemon {
             shared,
             source,
             trap: None,
+            port_discovery: None,
         }
     }
 
@@ -87,6 +91,12 @@ impl Daemon {
     /// identities and keys).
     pub fn with_trap_updater(mut self, trap: TrapUpdater) -> Self {
         self.trap = Some(trap);
+        self
+    }
+
+    /// Runs port discovery ([`super::ports`]) while the daemon serves.
+    pub fn with_port_discovery(mut self, discovery: Option<PortDiscovery>) -> Self {
+        self.port_discovery = discovery;
         self
     }
 
@@ -104,6 +114,10 @@ impl Daemon {
             async move { shared.answer(request).await }
         }));
         self.log_ready().await;
+        let discovery = self
+            .port_discovery
+            .clone()
+            .map(|d| tokio::spawn(discover_ports(self.shared.clone(), d)));
 
         let why = loop {
             match events.recv().await {
@@ -113,6 +127,11 @@ impl Daemon {
             }
         };
         tracing::info!("{why}: shutting down; removing everything the datapath made");
+        if let Some(task) = discovery {
+            // A round already queued on the owner thread runs before the
+            // cleanup, never after it.
+            task.abort();
+        }
         let cleanup = self.shared.owner.call(|e| e.cleanup());
         tokio::pin!(cleanup);
         let cleaned = loop {
@@ -230,6 +249,42 @@ impl Daemon {
             }
         }
         Ok(steps)
+    }
+}
+
+/// Runs a port discovery round every `interval` until aborted. A failing
+/// round (the socket table unreadable, say) is logged when it starts
+/// failing and when it works again, not in every round.
+async fn discover_ports(shared: Arc<Shared>, config: PortDiscovery) {
+    tracing::info!(
+        interval_ms = config.interval.as_millis() as u64,
+        "port discovery running"
+    );
+    let discovery = Arc::new(Mutex::new(Discovery::new(config.cgroup2)));
+    let mut ticks = tokio::time::interval(config.interval);
+    // A slow round delays the next; rounds never pile up.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticks.tick().await;
+        let d = discovery.clone();
+        let round = shared
+            .owner
+            .call(move |e| e.discover_ports(&mut d.lock().expect("discovery lock")))
+            .await
+            .and_then(|r| r);
+        match round {
+            Ok(_) if failing => {
+                tracing::info!("port discovery works again");
+                failing = false;
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                tracing::error!("port discovery failed (retrying every round): {e:#}");
+                failing = true;
+            }
+            Err(_) => {}
+        }
     }
 }
 

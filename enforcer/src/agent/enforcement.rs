@@ -12,10 +12,12 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 
 use crate::control::PuStatus;
+use crate::datapath::ports::{self, Transport};
 use crate::datapath::{self, Counters, Datapath};
 use crate::policy::{Configuration, PuId};
 
 use super::plan::Step;
+use super::ports::{Changes, Discovery};
 
 pub struct Enforcement {
     datapath: Box<dyn Datapath>,
@@ -123,17 +125,39 @@ impl Enforcement {
         &self.applied
     }
 
-    /// The PUs in force, in config order, with their versions.
+    /// The PUs in force, in config order, with their versions and ports.
     pub fn pus(&self) -> Vec<PuStatus> {
         self.applied
             .pus
             .iter()
-            .map(|pu| PuStatus {
-                id: pu.id.to_string(),
-                kind: pu.kind.name().to_owned(),
-                version: self.versions.get(&pu.id).copied().unwrap_or(0),
+            .map(|pu| {
+                let config = [(Transport::Tcp, "tcp"), (Transport::Udp, "udp")]
+                    .into_iter()
+                    .flat_map(|(transport, name)| {
+                        ports::configured_ranges(pu, transport)
+                            .iter()
+                            .map(move |range| format!("{range}/{name}"))
+                    });
+                PuStatus {
+                    id: pu.id.to_string(),
+                    kind: pu.kind.name().to_owned(),
+                    version: self.versions.get(&pu.id).copied().unwrap_or(0),
+                    config_ports: config.collect(),
+                    discovered_ports: self
+                        .datapath
+                        .runtime_ports(&pu.id)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                }
             })
             .collect()
+    }
+
+    /// One round of port discovery ([`super::ports`]) for the PUs in
+    /// force.
+    pub fn discover_ports(&mut self, discovery: &mut Discovery) -> Result<Changes> {
+        discovery.round(self.datapath.as_mut(), &self.applied.pus)
     }
 }
 
@@ -142,11 +166,13 @@ pub(super) mod fake {
     //! A datapath that records the operations it is asked for, and fails
     //! the ones it is told to.
 
+    use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
+    use crate::datapath::ports::{ListenPort, RuntimePorts};
     use crate::datapath::{Counters, Datapath, DatapathError, DatapathKind, PacketCounts, Result};
-    use crate::policy::{NetworkSettings, Pu};
+    use crate::policy::{NetworkSettings, Pu, PuId};
 
     /// The config the agent's unit tests start from: PU `a` (uid 1000) and
     /// PU `b` (the host). Tests that change it edit its lines as text.
@@ -169,6 +195,8 @@ kind = "host"
         pub fail: Arc<Mutex<Option<String>>>,
         /// How long `cleanup` takes.
         pub cleanup_delay: Duration,
+        /// Each PU's run-time ports.
+        pub runtime: Arc<Mutex<BTreeMap<PuId, RuntimePorts>>>,
     }
 
     impl FakeDatapath {
@@ -218,6 +246,22 @@ kind = "host"
         fn cleanup(&mut self) -> Result<()> {
             std::thread::sleep(self.cleanup_delay);
             self.record("cleanup".into())
+        }
+        fn add_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+            self.record(format!("add-port {id} {port}"))?;
+            let mut runtime = self.runtime.lock().unwrap();
+            runtime.entry(id.clone()).or_default().insert(port);
+            Ok(())
+        }
+        fn remove_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+            self.record(format!("remove-port {id} {port}"))?;
+            let mut runtime = self.runtime.lock().unwrap();
+            runtime.entry(id.clone()).or_default().remove(&port);
+            Ok(())
+        }
+        fn runtime_ports(&self, id: &PuId) -> RuntimePorts {
+            let runtime = self.runtime.lock().unwrap();
+            runtime.get(id).cloned().unwrap_or_default()
         }
         fn counters(&self) -> Result<Counters> {
             Ok(Counters {

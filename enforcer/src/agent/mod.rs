@@ -4,9 +4,9 @@
 //! is refused before anything changes, as a [`ConfigError`]), chooses and
 //! opens the datapath, binds the trap's queues, starts the datapath on its
 //! owner thread, and hands over to the `daemon` loop, which serves the
-//! control socket, applies SIGHUP reloads through the [`plan`] diff, and
-//! removes everything on SIGINT/SIGTERM. [`cleanup`] is `enforcer cleanup`,
-//! for after a crash.
+//! control socket, applies SIGHUP reloads through the [`plan`] diff, runs
+//! port discovery ([`ports`]), and removes everything on SIGINT/SIGTERM.
+//! [`cleanup`] is `enforcer cleanup`, for after a crash.
 //!
 //! The caller must have entered the agent's network namespace first
 //! ([`host::enter_netns`]); everything here may start threads.
@@ -17,6 +17,7 @@ pub mod host;
 mod instance;
 mod owner;
 pub mod plan;
+mod ports;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -41,6 +42,7 @@ use daemon::{Daemon, Event, Identity};
 use enforcement::Enforcement;
 use host::Mounts;
 use owner::DatapathOwner;
+use ports::PortDiscovery;
 
 pub use instance::InstanceName;
 
@@ -200,7 +202,7 @@ pub fn run(options: RunOptions) -> Result<()> {
         mode: config.mode,
         queues: config.queues.clone(),
         marks: config.marks.layout(),
-        cgroup2,
+        cgroup2: cgroup2.clone(),
         pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend: iptables.backend,
     };
@@ -222,16 +224,21 @@ pub fn run(options: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(datapath, config, keys, source, identity))
+    let discovery = config
+        .ports
+        .discover_interval()
+        .map(|interval| PortDiscovery { interval, cgroup2 });
+    runtime.block_on(serve(datapath, (config, keys), source, identity, discovery))
 }
 
 /// The async part of [`run`].
+/// `loaded`: the configuration and its identity keys.
 async fn serve(
     datapath: Box<dyn datapath::Datapath>,
-    config: Configuration,
-    keys: Option<Keys>,
+    loaded: (Configuration, Option<Keys>),
     source: ConfigSource,
     identity: Identity,
+    discovery: Option<PortDiscovery>,
 ) -> Result<()> {
     // Signals first, so that one arriving during start-up is not fatal
     // (the default action) but handled once the agent is up.
@@ -240,17 +247,20 @@ async fn serve(
     // until the agent is ready.
     let control = identity.control.clone();
     let socket = ControlSocket::bind(&control)?;
-    let result = start_and_serve(datapath, config, keys, source, identity, events, socket).await;
+    let result = start_and_serve(
+        datapath, loaded, source, identity, discovery, events, socket,
+    )
+    .await;
     control::remove(&control)?;
     result
 }
 
 async fn start_and_serve(
     mut datapath: Box<dyn datapath::Datapath>,
-    config: Configuration,
-    keys: Option<Keys>,
+    (config, keys): (Configuration, Option<Keys>),
     source: ConfigSource,
     identity: Identity,
+    discovery: Option<PortDiscovery>,
     events: mpsc::Receiver<Event>,
     socket: ControlSocket,
 ) -> Result<()> {
@@ -287,8 +297,9 @@ async fn start_and_serve(
         flow_log.stop();
         return Err(e.context("starting the datapath"));
     }
-    let daemon =
-        Daemon::new(owner, trap.counters(), identity, source).with_trap_updater(trap.updater());
+    let daemon = Daemon::new(owner, trap.counters(), identity, source)
+        .with_trap_updater(trap.updater())
+        .with_port_discovery(discovery);
     let result = daemon.run(events, socket).await;
     // After the datapath's cleanup no rule queues any more: stopping the
     // consumer now strands no packet.

@@ -94,6 +94,8 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         ("queues", old.queues == new.queues),
         ("marks", old.marks == new.marks),
         ("iptables", old.iptables == new.iptables),
+        // The discovery loop is started with its interval.
+        ("ports", old.ports == new.ports),
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),

@@ -8,13 +8,17 @@
 //!   ([`enforcer_common::marks`]) and look up LPM tries and hash maps, plus
 //!   a fixed handful of netfilter rules for conntrack state and NFQUEUE.
 //!
-//! Both queue trapped packets to the same NFQUEUE numbers and honour the
-//! same verdict contract (see [`crate::trap`]): the consumer accepts a
-//! packet by setting the kind [`Kind::Authorised`] in its mark and
-//! returning NF_REPEAT; the first rule each datapath puts on the path
-//! saves that kind into the connection mark, and the next accepts every
-//! packet of a connection whose mark carries it, so no later packet of the
-//! connection is queued.
+//! Both trap the same packets ([`handshake`]: a TCP connection's SYN,
+//! SYN-ACK and first ACK with a target network, a UDP flow's first
+//! datagram, and the global traps) to the same NFQUEUE numbers
+//! ([`queues`]), and honour the same verdict contract (see
+//! [`crate::trap`]): the consumer decides a connection by setting the kind
+//! [`Kind::Authorised`] in a packet's mark and returning NF_REPEAT; the
+//! first rule each datapath puts on the path saves that kind into the
+//! connection mark and accepts the packet, and a later one accepts every
+//! packet of a connection whose mark carries it — but for a SYN-ACK — so
+//! no later packet of the connection is queued. A packet the consumer lets
+//! through undecided (a SYN, a SYN-ACK) gets NF_ACCEPT.
 //!
 //! An `update` also cuts the PU's connections that only the old policy
 //! allowed, outgoing and incoming ([`revoke`] decides which; [`sockdiag`]
@@ -22,6 +26,8 @@
 //! [`conntrack`] names the flows the iptables datapath forgets). Removing
 //! a UDP target network makes both datapaths forget its UDP flows
 //! ([`conntrack::no_longer_udp_target`]), so they are judged again.
+//! A PU's listening ports may change while it runs ([`ports`]:
+//! [`Datapath::add_port`] and [`Datapath::remove_port`]).
 //! [`fault`] is the test-only hook that makes an operation's last kernel
 //! batch fail.
 //!
@@ -102,6 +108,14 @@ pub enum DatapathError {
     /// The operation names a PU the datapath does not have.
     #[error("no PU {0} is configured")]
     UnknownPu(PuId),
+    /// A run-time port another PU holds already ([`ports::check_free`]):
+    /// never taken over.
+    #[error("port {port} of PU {pu} is PU {owner}'s already")]
+    PortTaken {
+        port: ports::ListenPort,
+        pu: PuId,
+        owner: PuId,
+    },
     /// The PU kind or a policy feature is not supported by this datapath
     /// yet; refused before anything changed.
     #[error("{0} is not supported by the {1} datapath")]
@@ -168,6 +182,21 @@ pub trait Datapath: Send {
     /// made, and nothing else.
     fn cleanup(&mut self) -> Result<()>;
 
+    /// Adds `port` to PU `id`'s port set while it runs (SPEC, "port set
+    /// add/remove"): incoming traffic to it is the PU's from now on, until
+    /// [`Self::remove_port`]. The run-time ports outlive updates of the
+    /// PU's policy ([`ports`] has the rules both datapaths share).
+    /// Idempotent; a port another PU holds is refused
+    /// ([`DatapathError::PortTaken`]).
+    fn add_port(&mut self, id: &PuId, port: ports::ListenPort) -> Result<()>;
+
+    /// Takes a run-time `port` out of PU `id`'s port set, unless its
+    /// config lists it. Idempotent.
+    fn remove_port(&mut self, id: &PuId, port: ports::ListenPort) -> Result<()>;
+
+    /// PU `id`'s run-time ports; none for an unknown PU.
+    fn runtime_ports(&self, id: &PuId) -> ports::RuntimePorts;
+
     /// The kernel's counters, total and per PU.
     fn counters(&self) -> Result<Counters>;
 }
@@ -175,7 +204,9 @@ pub trait Datapath: Send {
 pub mod conntrack;
 pub mod ebpf;
 pub mod fault;
+pub mod handshake;
 pub mod iptables;
+pub mod ports;
 pub mod probe;
 pub mod queues;
 pub mod revoke;

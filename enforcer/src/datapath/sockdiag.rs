@@ -1,7 +1,8 @@
 //! The kernel's socket table through `NETLINK_SOCK_DIAG` (linux/inet_diag.h):
 //! the TCP and connected UDP sockets of the calling thread's network
 //! namespace, each with its cgroup and mark, and `SOCK_DESTROY` to abort
-//! one (`CONFIG_INET_DIAG_DESTROY`).
+//! one (`CONFIG_INET_DIAG_DESTROY`); and the listening ones ([`listening`]),
+//! from which the agent learns the PUs' ports.
 //!
 //! This is how an `update` cuts a PU's connections that the new policy
 //! refuses ([`super::revoke`]): a socket judged once at `connect()` (eBPF)
@@ -46,6 +47,8 @@ const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
 /// socket to abort) and NEW_SYN_RECV (12, a request, not a socket yet).
 const TCP_CONNECTION_STATES: u32 =
     (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+/// A listening TCP socket is in TCP_LISTEN (10).
+const TCP_LISTENING: u32 = 1 << 10;
 /// A connected UDP socket is in TCP_ESTABLISHED (1).
 const UDP_CONNECTED: u32 = 1 << 1;
 /// UDP sockets that are bound but not connected (`TCP_CLOSE`).
@@ -74,7 +77,14 @@ pub struct Socket {
 /// Every TCP socket with a connection and every connected UDP socket, of
 /// both families, in the calling thread's network namespace.
 pub fn sockets() -> io::Result<Vec<Socket>> {
-    dump(UDP_CONNECTED)
+    dump(TCP_CONNECTION_STATES, UDP_CONNECTED)
+}
+
+/// Every listening TCP socket and every bound, unconnected UDP socket, of
+/// both families, in the calling thread's network namespace: the
+/// listening ports the agent's discovery looks for.
+pub fn listening() -> io::Result<Vec<Socket>> {
+    dump(TCP_LISTENING, UDP_UNCONNECTED)
 }
 
 /// Every TCP socket with a connection and every UDP socket, connected or
@@ -82,21 +92,22 @@ pub fn sockets() -> io::Result<Vec<Socket>> {
 pub fn cgroup_sockets(cgroup: &Path) -> anyhow::Result<Vec<Socket>> {
     let ids = cgroup_tree_ids(cgroup)
         .with_context(|| format!("listing the cgroups under {}", cgroup.display()))?;
-    let all = dump(UDP_CONNECTED | UDP_UNCONNECTED).context("listing sockets (sock_diag)")?;
+    let all = dump(TCP_CONNECTION_STATES, UDP_CONNECTED | UDP_UNCONNECTED)
+        .context("listing sockets (sock_diag)")?;
     Ok(all
         .into_iter()
         .filter(|s| s.cgroup.is_some_and(|id| ids.contains(&id)))
         .collect())
 }
 
-/// TCP sockets with a connection and UDP sockets in `udp_states`, of both
+/// TCP sockets in `tcp_states` and UDP sockets in `udp_states`, of both
 /// families.
-fn dump(udp_states: u32) -> io::Result<Vec<Socket>> {
+fn dump(tcp_states: u32, udp_states: u32) -> io::Result<Vec<Socket>> {
     let nl = nl::Socket::open(libc::NETLINK_SOCK_DIAG, false)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut all = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for (protocol, states) in [(TCP, TCP_CONNECTION_STATES), (UDP, udp_states)] {
+        for (protocol, states) in [(TCP, tcp_states), (UDP, udp_states)] {
             let request = message(
                 SOCK_DIAG_BY_FAMILY,
                 NLM_F_REQUEST | NLM_F_DUMP,

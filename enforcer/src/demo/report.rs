@@ -141,10 +141,10 @@ pub struct CheckItem {
 }
 
 /// Checks every kind's outcomes against the policy, and the agent's and
-/// the kernel's trap counts against the number of target connections:
-/// trapped by the agent for the PU = queued by the kernel = target
-/// connections, and nothing more trapped in total (so 0 for the
-/// excluded and outside-PU connections).
+/// the kernel's trap counts against the connections made: trapped by the
+/// agent for the PU = target connections, and nothing more trapped in
+/// total (so 0 for the excluded and outside-PU connections); queued by
+/// the kernel = what each connection's kind queues ([`Kind::queued`]).
 pub fn check(tally: &Tally, agent: &AgentView) -> Vec<CheckItem> {
     let mut items = Vec::new();
     for kind in Kind::ALL {
@@ -184,15 +184,22 @@ pub fn check(tally: &Tally, agent: &AgentView) -> Vec<CheckItem> {
         "",
     );
     equal(
-        "queued by the kernel (sum of id_sequence)",
-        Some(agent.kernel_queued),
-        "",
-    );
-    equal(
         "trapped by the agent in total",
         agent.total.map(|c| c.trapped),
         " (so 0 for excluded and outside-PU connections)",
     );
+    let queued: u64 = Kind::ALL
+        .iter()
+        .map(|&kind| tally.of(kind).sent * kind.queued())
+        .sum();
+    items.push(CheckItem {
+        ok: agent.kernel_queued == queued,
+        what: format!(
+            "queued by the kernel (sum of id_sequence): {}, expected {queued} \
+             (3 per target connection, 1 per outside-PU one)",
+            agent.kernel_queued
+        ),
+    });
     items
 }
 
@@ -247,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_run_as_the_policy_says_passes() {
-        let items = check(&as_expected(3), &agent(3, 3, 3));
+        let items = check(&as_expected(3), &agent(3, 12, 3));
         assert!(items.iter().all(|i| i.ok), "{items:#?}");
         let text = summary(3, "ebpf", &items);
         assert!(
@@ -272,22 +279,25 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            failed(&as_expected(3), &agent(2, 3, 3)),
+            failed(&as_expected(3), &agent(2, 12, 3)),
             ["trapped by the agent for PU demo: 2, target connections: 3"]
         );
         assert_eq!(
-            failed(&as_expected(3), &agent(3, 4, 3)),
-            ["queued by the kernel (sum of id_sequence): 4, target connections: 3"]
+            failed(&as_expected(3), &agent(3, 10, 3)),
+            [
+                "queued by the kernel (sum of id_sequence): 10, expected 12 \
+                 (3 per target connection, 1 per outside-PU one)"
+            ]
         );
         // Something outside the PU was trapped.
-        assert_eq!(failed(&as_expected(3), &agent(3, 3, 4)).len(), 1);
+        assert_eq!(failed(&as_expected(3), &agent(3, 12, 4)).len(), 1);
 
         let mut leaky = as_expected(3);
         leaky.0[2].blocked = 2;
         leaky.0[2].failed = 1;
         leaky.0[2].last_failure = Some("connection reset".into());
         assert_eq!(
-            failed(&leaky, &agent(3, 3, 3)),
+            failed(&leaky, &agent(3, 12, 3)),
             ["no-acl: 2 of 3 blocked; 1 failed, the last with: connection reset"]
         );
 
@@ -296,7 +306,8 @@ mod tests {
             ..AgentView::default()
         };
         let failures = failed(&as_expected(0), &unknown);
-        // Nothing sent fails every kind; missing counters fail two items.
+        // Nothing sent fails every kind; missing counters fail two items
+        // (nothing queued is as expected).
         assert_eq!(failures.len(), Kind::ALL.len() + 2, "{failures:#?}");
         assert!(failures[Kind::ALL.len()].contains("unknown (datapath counters: not ready)"));
         assert!(summary(0, "iptables", &check(&as_expected(0), &unknown)).contains("check FAILED"));

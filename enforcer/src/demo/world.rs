@@ -79,7 +79,9 @@ pub enum Kind {
     NoAcl,
     /// From the PU to an excluded peer: connects, untouched.
     Excluded,
-    /// From a process outside every PU to the target network: untouched.
+    /// From a process outside every PU to the target network: connects;
+    /// only its SYN-ACK is trapped (the global rule for every SYN-ACK from
+    /// a target TCP network), and accepted.
     OutsidePu,
 }
 
@@ -123,9 +125,21 @@ impl Kind {
         self != Kind::NoAcl
     }
 
-    /// Whether its set-up is trapped to the agent.
+    /// Whether its set-up is trapped to the agent for the PU.
     pub fn trapped(self) -> bool {
         self == Kind::Target
+    }
+
+    /// Packets of one such connection the kernel queues to the agent: a
+    /// PU's set-up with the target network, its SYN, SYN-ACK and first
+    /// ACK; an outside process's SYN-ACK from the target network (SPEC,
+    /// "Global steering"); nothing else.
+    pub fn queued(self) -> u64 {
+        match self {
+            Kind::Target => 3,
+            Kind::OutsidePu => 1,
+            Kind::AclAllowed | Kind::NoAcl | Kind::Excluded => 0,
+        }
     }
 
     /// What should happen, in words.
@@ -134,7 +148,8 @@ impl Kind {
             Kind::Target => "connects, trapped",
             Kind::AclAllowed => "connects (ACL)",
             Kind::NoAcl => "blocked",
-            Kind::Excluded | Kind::OutsidePu => "connects, untouched",
+            Kind::Excluded => "connects, untouched",
+            Kind::OutsidePu => "connects, SYN-ACK trapped",
         }
     }
 }

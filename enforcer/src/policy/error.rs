@@ -128,6 +128,11 @@ pub enum Problem {
     CgroupContains { other: String, other_cgroup: String },
     #[error("is also used by {first}")]
     Duplicate { first: String },
+    #[error(
+        "overlaps {other} ({other_ports}); a listening port belongs to one PU \
+         (incoming traffic finds its PU by the port)"
+    )]
+    PortsOverlap { other: String, other_ports: String },
     #[error("is a PU kind that mode {mode} does not accept (it accepts: {})", .mode.accepted_kinds().join(", "))]
     KindNotAccepted { mode: Mode },
     #[error("is a second {kind} PU; an agent instance manages at most one (the first is {first})")]

@@ -23,7 +23,7 @@ use super::host::HostFacts;
 use super::model::{
     Configuration, DatapathChoice, FlowLogOutput, IdentitySettings, IptablesSettings,
     MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
-    QueueSettings,
+    PortSettings, QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
@@ -45,6 +45,8 @@ struct RawConfiguration {
     flow_log: RawFlowLog,
     #[serde(default)]
     iptables: RawIptables,
+    #[serde(default)]
+    ports: RawPorts,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -88,6 +90,12 @@ struct RawFlowLog {
 #[serde(deny_unknown_fields)]
 struct RawIptables {
     backend: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawPorts {
+    discover_interval_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -236,6 +244,17 @@ pub(super) fn parse(
                 keyword(&mut errs, &path, name).unwrap_or_default()
             }),
     };
+    let ports = PortSettings {
+        discover_interval_ms: optional_int(
+            &mut errs,
+            &FieldPath::root("ports").key("discover_interval_ms"),
+            raw.ports.discover_interval_ms,
+            PortSettings::default().discover_interval_ms,
+            0,
+            // A day: anything longer is a mistake, not a setting.
+            86_400_000,
+        ),
+    };
     let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
@@ -272,6 +291,7 @@ pub(super) fn parse(
         marks,
         flow_log,
         iptables,
+        ports,
         identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
@@ -757,6 +777,9 @@ impl From<&Configuration> for RawConfiguration {
             },
             iptables: RawIptables {
                 backend: Some(config.iptables.backend.as_str().to_owned()),
+            },
+            ports: RawPorts {
+                discover_interval_ms: Some(config.ports.discover_interval_ms.into()),
             },
             identity: RawIdentity::from(&config.identity),
             pus: config
@@ -1373,6 +1396,29 @@ mod tests {
         assert_eq!(
             message,
             r#"iptables.backend: "x" is not one of: auto, nft, legacy"#
+        );
+    }
+
+    #[test]
+    fn port_discovery_runs_every_500_ms_unless_told_otherwise() {
+        let default = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(
+            default.ports.discover_interval(),
+            Some(std::time::Duration::from_millis(500))
+        );
+        for (ms, interval) in [(0, None), (50, Some(50))] {
+            let text = format!("mode = \"sidecar\"\n[ports]\ndiscover_interval_ms = {ms}");
+            let config = Configuration::from_toml_str(&text).unwrap();
+            let expected = interval.map(std::time::Duration::from_millis);
+            assert_eq!(config.ports.discover_interval(), expected);
+            let again = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(again.unwrap(), config);
+        }
+        let message =
+            refusals("mode = \"sidecar\"\n[ports]\ndiscover_interval_ms = -1")[0].to_string();
+        assert!(
+            message.starts_with(r#"ports.discover_interval_ms: "-1""#),
+            "{message}"
         );
     }
 

@@ -82,6 +82,7 @@ pub use family::{HasFamily, IpFamily, PerFamily, split_by_family, split_zero_pre
 pub use host::{CgroupV2Host, HostFacts};
 pub use model::{
     Configuration, DatapathChoice, FailMode, FamilyNetworks, FlowLogOutput, IdentitySettings,
-    IptablesBackendChoice, IptablesSettings, MarkSettings, Mode, NetworkSettings, QueueSettings,
+    IptablesBackendChoice, IptablesSettings, MarkSettings, Mode, NetworkSettings, PortSettings,
+    QueueSettings,
 };
 pub use pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};

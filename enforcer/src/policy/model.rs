@@ -28,6 +28,8 @@ pub struct Configuration {
     pub flow_log: FlowLogOutput,
     /// `[iptables]`: which iptables flavour to use.
     pub iptables: IptablesSettings,
+    /// `[ports]`: how the PUs' listening ports are discovered.
+    pub ports: PortSettings,
     pub identity: IdentitySettings,
     pub pus: Vec<Pu>,
 }
@@ -131,6 +133,32 @@ keywords!(DatapathChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IptablesSettings {
     pub backend: IptablesBackendChoice,
+}
+
+/// `[ports]`: the agent's discovery of listening ports. Every
+/// `discover_interval_ms` it lists the sockets of each linux-process PU's
+/// cgroup and adds the ports they listen on to the PU's port set (and
+/// takes out the ones no longer listened on; the config's ports always
+/// stay). 0 turns discovery off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSettings {
+    pub discover_interval_ms: u32,
+}
+
+impl PortSettings {
+    /// How often discovery runs; `None` when it is off.
+    pub fn discover_interval(self) -> Option<std::time::Duration> {
+        (self.discover_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.discover_interval_ms.into()))
+    }
+}
+
+impl Default for PortSettings {
+    fn default() -> Self {
+        Self {
+            discover_interval_ms: 500,
+        }
+    }
 }
 
 /// Which iptables flavour (xtables-legacy or xtables-nft) runs every

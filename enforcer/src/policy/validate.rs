@@ -10,7 +10,7 @@ use std::hash::Hash;
 use enforcer_common::maps::MAX_CGROUP_DEPTH;
 use enforcer_common::marks::{MAX_SHIFT, MarkLayout};
 
-use super::acl::{Acl, Protocol};
+use super::acl::{Acl, PortRange, Protocol};
 use super::error::{Errors, FieldPath, Problem};
 use super::host::HostFacts;
 use super::model::{
@@ -110,6 +110,7 @@ pub(super) fn pus_across<'a>(
     let mut distinct_cgroups = Vec::new();
     let mut users = HashMap::new();
     let mut singletons = HashMap::new();
+    let mut listening = Vec::new();
     let list = FieldPath::root("pus");
 
     for (i, pu) in pus {
@@ -150,8 +151,57 @@ pub(super) fn pus_across<'a>(
             }
             PuKind::Container | PuKind::Host | PuKind::HostService => {}
         }
+        for (key, ports) in [("tcp_ports", &pu.tcp_ports), ("udp_ports", &pu.udp_ports)] {
+            for (j, &range) in ports.iter().enumerate() {
+                listening.push((key, range, i, j));
+            }
+        }
     }
     nested_cgroups(&cgroups, &distinct_cgroups, errs);
+    ports_have_one_owner(listening, errs);
+}
+
+/// Refuses a listening port (TCP or UDP) that two PUs claim: an incoming
+/// packet is a PU's by its destination port, so a shared one would be
+/// judged by whichever PU a datapath happened to find. Ranges are sorted
+/// by protocol and start, so each is compared with the furthest-reaching
+/// one before it; a range is blamed on the later PU in the file, naming
+/// the earlier. Ports repeated within one PU are harmless.
+fn ports_have_one_owner(
+    mut listening: Vec<(&'static str, PortRange, usize, usize)>,
+    errs: &mut Errors,
+) {
+    let list = FieldPath::root("pus");
+    listening.sort_by_key(|&(key, range, pu, j)| (key, range.start(), pu, j));
+    let mut found = Vec::new();
+    // The range reaching furthest so far in this protocol: (key, range, pu, j).
+    let mut reach: Option<(&str, PortRange, usize, usize)> = None;
+    for (key, range, pu, j) in listening {
+        match reach {
+            Some((k, r, owner, oj)) if k == key && range.start() <= r.end() => {
+                if owner != pu {
+                    let (blamed, bj, br, other, ok, or) = if pu > owner {
+                        (pu, j, range, owner, oj, r)
+                    } else {
+                        (owner, oj, r, pu, j, range)
+                    };
+                    let problem = Problem::PortsOverlap {
+                        other: list.index(other).key(key).index(ok).to_string(),
+                        other_ports: or.to_string(),
+                    };
+                    found.push((blamed, list.index(blamed).key(key).index(bj), br, problem));
+                }
+                if range.end() > r.end() {
+                    reach = Some((key, range, pu, j));
+                }
+            }
+            _ => reach = Some((key, range, pu, j)),
+        }
+    }
+    found.sort_by_key(|(blamed, ..)| *blamed);
+    for (_, path, value, problem) in found {
+        errs.bad(&path, value, problem);
+    }
 }
 
 /// Refuses PU cgroups nested in one another (`a` and `a/b`): a process in
@@ -529,6 +579,47 @@ mod tests {
             first: "pus[0]".into(),
         };
         assert_refused(text, "pus[2].kind", Some("host"), problem);
+    }
+
+    #[test]
+    fn a_listening_port_belongs_to_one_pu() {
+        let pu = |id: &str, cgroup: &str, ports: &str| {
+            format!(
+                "[[pus]]\nid = \"{id}\"\nkind = \"linux-process\"\ncgroup = \"{cgroup}\"\n{ports}\n"
+            )
+        };
+        let text = format!(
+            "mode = \"local-server\"\n{}{}{}",
+            pu(
+                "a",
+                "x/a",
+                "tcp_ports = [80, \"8000:8080\"]\nudp_ports = [53]"
+            ),
+            pu(
+                "b",
+                "x/b",
+                "tcp_ports = [443, \"8080:8090\"]\nudp_ports = [80]"
+            ),
+            pu("c", "x/c", "udp_ports = [53, 53]"),
+        );
+        let errors = refusals(&text);
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        // c's two 53s are each blamed; its repeat within c is not.
+        assert_eq!(shown.len(), 3, "{shown:#?}");
+        assert!(
+            shown[0].starts_with(
+                "pus[1].tcp_ports[1]: \"8080:8090\" overlaps pus[0].tcp_ports[1] (8000:8080)"
+            ),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[1].starts_with("pus[2].udp_ports[0]: \"53\" overlaps pus[0].udp_ports[0] (53)"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[2].starts_with("pus[2].udp_ports[1]: \"53\""),
+            "{shown:#?}"
+        );
     }
 
     #[test]

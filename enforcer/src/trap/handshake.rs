@@ -512,7 +512,7 @@ impl Engine {
         };
         match (direction, flags & (SYN | ACK | FIN_RST)) {
             (Direction::App, SYN) => self.initiate(&p, pus, now_ms, sockets),
-            (Direction::Net, SYN) => self.respond(&p, pus, now_ms),
+            (Direction::Net, SYN) => self.respond(&p, pus, now_ms, sockets),
             (Direction::App, f) if f == SYN | ACK => self.answer(&p, pus, now_ms),
             (Direction::Net, f) if f == SYN | ACK => self.complete(&p, pus, now_ms),
             (_, ACK) => self.acknowledge(&p, now_ms),
@@ -558,8 +558,17 @@ impl Engine {
         pus.find(&key).cloned()
     }
 
-    /// The PU of an incoming packet: by its destination port.
-    fn net_pu(&self, p: &Trapped, protocol: u8, pus: &PuIndex) -> Option<PuId> {
+    /// The PU of an incoming packet: by its destination port in the
+    /// configured port sets; else, when linux-process PUs are found by
+    /// cgroup, by the cgroup of the socket listening there (a port
+    /// discovered while the PU runs); else the host PU.
+    fn net_pu(
+        &self,
+        p: &Trapped,
+        protocol: u8,
+        pus: &PuIndex,
+        sockets: &mut dyn SocketCgroups,
+    ) -> Option<PuId> {
         let key = Key {
             direction: Some(Direction::Net),
             protocol,
@@ -567,6 +576,15 @@ impl Engine {
             uid: None,
             cgroup: None,
         };
+        if let Some(id) = pus.find_specific(&key) {
+            return Some(id.clone());
+        }
+        if pus.has_process_cgroups()
+            && let Some(cgroup) = sockets.cgroup(protocol, p.key.local, p.key.remote)
+            && let Some(id) = pus.process_pu_of_cgroup(cgroup)
+        {
+            return Some(id.clone());
+        }
         pus.find(&key).cloned()
     }
 
@@ -623,8 +641,14 @@ impl Engine {
     }
 
     /// Responder, incoming SYN: verify and judge.
-    fn respond(&mut self, p: &Trapped, pus: &PuIndex, now_ms: u64) -> Action {
-        let Some(pu) = self.net_pu(p, TCP, pus) else {
+    fn respond(
+        &mut self,
+        p: &Trapped,
+        pus: &PuIndex,
+        now_ms: u64,
+        sockets: &mut dyn SocketCgroups,
+    ) -> Action {
+        let Some(pu) = self.net_pu(p, TCP, pus, sockets) else {
             return self.count(Counted::UnknownPu, Action::Drop);
         };
         let identity = identity_of(pus, &pu);
@@ -795,7 +819,7 @@ impl Engine {
     fn udp(&mut self, p: &Trapped, pus: &PuIndex, sockets: &mut dyn SocketCgroups) -> Action {
         let pu = match p.direction {
             Direction::App => self.app_pu(p, UDP, pus, sockets),
-            Direction::Net => self.net_pu(p, UDP, pus),
+            Direction::Net => self.net_pu(p, UDP, pus, sockets),
         };
         let Some(pu) = pu else {
             return self.count(Counted::UnknownPu, Action::Drop);

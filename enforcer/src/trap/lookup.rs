@@ -213,9 +213,15 @@ impl PuIndex {
 
     /// The PU of a packet, in the SPEC's priority order.
     pub fn find<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
+        self.find_specific(key).or(self.fallback.as_ref())
+    }
+
+    /// [`Self::find`] without the host or container PU that everything
+    /// else falls to.
+    pub fn find_specific<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
         let port =
             |ports: &'a Ports| -> Option<&'a PuId> { ports.get(key.protocol, key.local_port?) };
-        let found = match key.direction {
+        match key.direction {
             Some(Direction::App) => key
                 .uid
                 .and_then(|uid| self.uids.get(&uid))
@@ -225,8 +231,15 @@ impl PuIndex {
                 .or_else(|| port(&self.process_ports))
                 .or_else(|| port(&self.service_ports)),
             None => None,
-        };
-        found.or(self.fallback.as_ref())
+        }
+    }
+
+    /// The cgroup id of a linux-process PU's own cgroup or of one below
+    /// it, known or found now ([`Self::cgroup_below`]).
+    pub fn process_pu_of_cgroup(&self, cgroup: u64) -> Option<&PuId> {
+        self.cgroups
+            .get(&cgroup)
+            .or_else(|| self.cgroup_below(cgroup))
     }
 }
 

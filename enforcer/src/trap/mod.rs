@@ -11,15 +11,21 @@
 //! connection reaches the queue. `tests/tests/kernel_facts.rs`
 //! (`nfqueue_round_trip`) proves the mechanism on the real kernel.
 //!
-//! Without `[identity]` every trapped packet is accepted: the consumer
-//! reads only headers (a copy range of [`COPY_RANGE`] bytes), finds the
-//! packet's PU through a [`PuIndex`] (by queue, uid and port, never by
-//! scanning the PUs) and logs both at debug level. With `[identity]` the
-//! [`handshake`] engine decides each packet instead — attaching, checking
-//! and stripping identity tokens, with verdicts that carry the changed
-//! packet — and the queues that carry SYNs and SYN-ACKs copy whole
-//! packets ([`HANDSHAKE_COPY_RANGE`]). Packets of other queues keep the
-//! batched path below either way.
+//! A TCP connection's set-up reaches the queues as up to three packets —
+//! its SYN, its SYN-ACK and its first ACK ([`crate::datapath::handshake`]).
+//! Without `[identity]` the connection is decided at the last: the SYN
+//! and the SYN-ACK are let through as they are (NF_ACCEPT, [`verdict`]),
+//! so the connection's next set-up packet is trapped in turn; the first
+//! ACK, a UDP flow's first datagram or any other trapped packet gets the
+//! contract's verdict above, which marks its connection authorised. The
+//! consumer reads only headers (a copy range of [`COPY_RANGE`] bytes),
+//! finds the packet's PU through a [`PuIndex`] (by queue, uid and port,
+//! never by scanning the PUs) and logs both at debug level.
+//!
+//! With `[identity]` the [`handshake`] engine decides each packet instead
+//! — attaching, checking and stripping identity tokens, with verdicts
+//! that carry the changed packet — and the queues that carry SYNs and
+//! SYN-ACKs copy whole packets ([`HANDSHAKE_COPY_RANGE`]).
 //!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
@@ -539,8 +545,9 @@ impl Server {
             self.apply(p, action);
             return;
         }
+        let headers = packet::parse(p.payload);
+        let (verdict, mark) = verdict(headers.as_ref().ok(), p.mark, self.marks);
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let headers = packet::parse(p.payload);
             let located = queues::locate(&self.settings, p.queue);
             let key = lookup_key(located.map(|l| l.direction), p, headers.as_ref().ok());
             tracing::debug!(
@@ -549,10 +556,10 @@ impl Server {
                 mark = format_args!("{:#x}", p.mark),
                 pu = pus.find(&key).map_or("-", |id| id.as_str()),
                 packet = %describe(p.payload),
+                authorised = mark.is_some(),
                 "trapped packet accepted"
             );
         }
-        let mark = self.marks.with_kind(p.mark, Kind::Authorised);
         // The verdict buffer is sized for a round of single-packet
         // datagrams (what the kernel sends); should one ever carry more,
         // the round is sent early rather than a verdict lost.
@@ -560,8 +567,7 @@ impl Server {
             self.send();
         }
         let slot = self.counters.index(p.queue);
-        self.batcher
-            .add(slot, p.queue, p.id, Verdict::Repeat, Some(mark));
+        self.batcher.add(slot, p.queue, p.id, verdict, mark);
     }
 
     /// Gives `p` the handshake's verdict.
@@ -651,6 +657,30 @@ impl Server {
         }
         self.batcher.out.clear();
         self.batcher.sent.clear();
+    }
+}
+
+/// The verdict for a trapped packet with `headers` (`None`: unreadable)
+/// and packet mark `mark`, and the mark it gets. A SYN or SYN-ACK is
+/// accepted as it is: its connection is not decided before the
+/// handshake's last packet, the first ACK, which — like a UDP flow's first
+/// datagram — is accepted with [`Kind::Authorised`] in its mark (every
+/// other bit kept) and repeated, so that its connection is marked and no
+/// later packet of it is trapped. A packet whose headers cannot be read
+/// is let through without marking anything: nothing about its connection
+/// can be known from it.
+fn verdict(
+    headers: Option<&packet::Headers>,
+    mark: u32,
+    marks: MarkLayout,
+) -> (Verdict, Option<u32>) {
+    match headers.map(|h| h.l4) {
+        Some(packet::L4::Tcp { flags, .. }) if flags.has_syn() => (Verdict::Accept, None),
+        Some(_) => (
+            Verdict::Repeat,
+            Some(marks.with_kind(mark, Kind::Authorised)),
+        ),
+        None => (Verdict::Accept, None),
     }
 }
 
@@ -948,6 +978,42 @@ mod tests {
         b.flush_all();
         assert_eq!(written(&b).len(), MAX_ROUND);
         assert_eq!(b.sent.iter().map(|s| s.1).sum::<u32>(), MAX_ROUND as u32);
+    }
+
+    /// A SYN and a SYN-ACK go on undecided; the first ACK and a datagram
+    /// mark their connection authorised, foreign mark bits kept; an
+    /// unreadable packet goes on undecided.
+    #[test]
+    fn the_set_up_is_decided_at_its_last_packet() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let marks = MarkLayout::default();
+        let headers = |l4| packet::Headers {
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            protocol: 6,
+            l4,
+        };
+        let tcp = |flags| {
+            headers(packet::L4::Tcp {
+                src: 40000,
+                dst: 80,
+                flags: packet::TcpFlags(flags),
+            })
+        };
+        let foreign = 0x4000 | 0x0800;
+        assert_eq!(
+            verdict(Some(&tcp(0x02)), foreign, marks),
+            (Verdict::Accept, None)
+        );
+        assert_eq!(
+            verdict(Some(&tcp(0x12)), foreign, marks),
+            (Verdict::Accept, None)
+        );
+        let authorised = (Verdict::Repeat, Some(foreign | 0x100));
+        assert_eq!(verdict(Some(&tcp(0x10)), foreign, marks), authorised);
+        let udp = headers(packet::L4::Udp { src: 5000, dst: 53 });
+        assert_eq!(verdict(Some(&udp), foreign, marks), authorised);
+        assert_eq!(verdict(None, foreign, marks), (Verdict::Accept, None));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! The kernel copies at most the consumer's copy range of each packet, and
 //! a packet may be malformed, so every read is bounds-checked: a short
 //! buffer yields a [`PacketError`] or an [`L4::Truncated`], never a panic.
-//! Nothing here decides a verdict; the consumer gives one to every packet,
-//! parsed or not.
+//! The consumer gives a verdict to every packet, parsed or not; the TCP
+//! flags tell it where a connection's set-up stands.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -60,6 +60,11 @@ impl TcpFlags {
     /// A connection's first packet: SYN without ACK.
     pub fn is_syn_only(self) -> bool {
         self.0 & 0x12 == 0x02
+    }
+
+    /// A SYN or a SYN-ACK.
+    pub fn has_syn(self) -> bool {
+        self.0 & 0x02 != 0
     }
 }
 

@@ -332,8 +332,15 @@ fn udp_flood(to: SocketAddr, duration: Duration, size: usize, connected: bool) -
 /// peers' acceptor does (a plain close; the connector resets); says
 /// `ready` once it listens.
 fn accept(port: u16, duration: Duration) -> Result<Value> {
-    let listener =
-        TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("listening on {port}"))?;
+    // A deep accept queue: a full one drops the SYN, and the connector
+    // waits a second for its retransmission.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket
+        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .and_then(|()| socket.listen(4096))
+        .with_context(|| format!("listening on {port}"))?;
+    let listener: TcpListener = socket.into();
     // accept(2) honours SO_RCVTIMEO: the loop looks at the clock at least
     // this often without a busy wait.
     SockRef::from(&listener).set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -426,6 +433,24 @@ fn connect_from(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStre
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
+    // The port is picked at connect(2), knowing the destination, as for
+    // an unbound socket: bind(2) alone would pick it blind, and at
+    // thousands of connections a second it lands on a 4-tuple the server
+    // side still holds, costing a SYN retransmission (a 1 s connect).
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the stated size.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     socket.bind(&SocketAddr::new(from, 0).into())?;
     socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
     Ok(socket.into())

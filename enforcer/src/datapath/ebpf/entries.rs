@@ -20,6 +20,7 @@ use enforcer_common::maps::{
 use ipnet::IpNet;
 
 use crate::datapath::DatapathError;
+use crate::datapath::ports::{ListenPort, Transport};
 use crate::policy::{
     Acl, Action, ObserveMode, PortRange, Protocol, Pu, in_bucket_order, split_zero_prefix,
 };
@@ -137,6 +138,15 @@ pub fn port_keys(pu: &Pu) -> BTreeSet<PortKey> {
         .into_iter()
         .chain(keys(PROTO_UDP, &pu.udp_ports))
         .collect()
+}
+
+/// The `PU_PORTS` key of one run-time port.
+pub fn port_key(port: ListenPort) -> PortKey {
+    let proto = match port.transport {
+        Transport::Tcp => PROTO_TCP,
+        Transport::Udp => PROTO_UDP,
+    };
+    PortKey::new(proto, port.port.get())
 }
 
 /// One rule per protocol and port range of an ACL.

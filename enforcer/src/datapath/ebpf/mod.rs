@@ -30,7 +30,9 @@
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
 //!   ACLs or networks. One of them runs the pinned socket filter
 //!   `enforcer_udp_trap` to find the unconnected UDP datagrams a sendmsg
-//!   hook decided to trap.
+//!   hook decided to trap; the handshake's global traps run
+//!   `enforcer_target_src` / `enforcer_target_dst` to ask whether a
+//!   packet's peer is in a target network.
 
 mod entries;
 mod flowlog;
@@ -58,8 +60,8 @@ use aya::{
 use enforcer_common::maps::{
     AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
     MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS,
-    PROG_INGRESS, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-    SCOPE_TARGET_UDP,
+    PROG_INGRESS, PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts,
+    RULE_FILTERS, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -71,6 +73,7 @@ const BPF_NOEXIST: u64 = 1;
 use self::entries::{AclPrefix, Side};
 use self::grace::GracePeriod;
 use super::fault::{self, Faults, Operation};
+use super::ports::{self, ListenPort, RuntimePorts};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{
@@ -107,8 +110,10 @@ struct PuState {
     /// could make a running hook miss); the next update removes them
     /// first.
     retired: BTreeSet<AclPrefix>,
-    /// Its listening ports in `PU_PORTS`.
+    /// Its listening ports in `PU_PORTS`: configured and run-time.
     ports: BTreeSet<PortKey>,
+    /// Its run-time ports ([`ports`]).
+    runtime: RuntimePorts,
     /// The policy in force (what a change of the target networks judges
     /// its sockets by).
     policy: Pu,
@@ -179,10 +184,10 @@ impl EbpfDatapath {
         self.settings.pin_dir.join("progs").join(PROG_INGRESS)
     }
 
-    /// Where the UDP trap's socket filter is pinned: the fixed netfilter
-    /// rule names it (`-m bpf --object-pinned`).
-    fn udp_trap_pin(&self) -> PathBuf {
-        self.settings.pin_dir.join("progs").join(PROG_UDP_TRAP)
+    /// Where a socket filter of [`RULE_FILTERS`] is pinned: the fixed
+    /// netfilter rules name it (`-m bpf --object-pinned`).
+    fn filter_pin(&self, name: &str) -> PathBuf {
+        self.settings.pin_dir.join("progs").join(name)
     }
 
     /// Loads the object with the mark layout patched in, pins its maps.
@@ -217,17 +222,19 @@ impl EbpfDatapath {
         ingress
             .pin(&ingress_pin)
             .with_context(|| format!("pinning {}", ingress_pin.display()))?;
-        let udp_trap_pin = self.udp_trap_pin();
-        let udp_trap: &mut SocketFilter = bpf
-            .program_mut(PROG_UDP_TRAP)
-            .with_context(|| format!("program {PROG_UDP_TRAP} missing from the object"))?
-            .try_into()?;
-        udp_trap
-            .load()
-            .with_context(|| format!("loading program {PROG_UDP_TRAP}"))?;
-        udp_trap
-            .pin(&udp_trap_pin)
-            .with_context(|| format!("pinning {}", udp_trap_pin.display()))?;
+        for name in RULE_FILTERS {
+            let pin = self.filter_pin(name);
+            let filter: &mut SocketFilter = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            filter
+                .load()
+                .with_context(|| format!("loading program {name}"))?;
+            filter
+                .pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
         let egress: &mut CgroupSkb = bpf
             .program_mut(PROG_EGRESS)
             .with_context(|| format!("program {PROG_EGRESS} missing from the object"))?
@@ -650,12 +657,14 @@ impl Datapath for EbpfDatapath {
             )?);
         }
         self.loaded = Some(loaded);
-        let rules = netfilter::render(
-            self.settings.marks,
-            &self.settings.queues,
-            &self.udp_trap_pin(),
-        )?;
+        let pins = netfilter::Pins {
+            udp_trap: self.filter_pin(PROG_UDP_TRAP),
+            target_src: self.filter_pin(PROG_TARGET_SRC),
+            target_dst: self.filter_pin(PROG_TARGET_DST),
+        };
         for family in IpFamily::ALL {
+            let rules =
+                netfilter::render(self.settings.marks, &self.settings.queues, family, &pins)?;
             nf::restore(self.settings.iptables_backend, family, &rules)
                 .with_context(|| format!("installing the fixed {family} rules"))?;
         }
@@ -756,6 +765,7 @@ impl Datapath for EbpfDatapath {
                 prefixes,
                 retired: BTreeSet::new(),
                 ports,
+                runtime: RuntimePorts::new(),
                 policy: pu.clone(),
                 links,
             },
@@ -796,9 +806,10 @@ impl Datapath for EbpfDatapath {
         self.write_acls(slot, generation, &entries)?;
         let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
         // New ports are mapped before the switch, old-only ones unmapped
-        // after it: a port in both policies is never unmapped.
+        // after it: a port in both policies is never unmapped. The
+        // run-time ports stay, whatever the new config lists.
         let old_ports = self.pus[&old.id].ports.clone();
-        let ports = entries::port_keys(new);
+        let ports = entries::port_keys(&ports::with_runtime(new, &self.pus[&old.id].runtime));
         let added_ports: BTreeSet<PortKey> = ports.difference(&old_ports).copied().collect();
         if let Err(e) = self.add_ports(slot, &added_ports) {
             self.remove_acls(slot, generation, &prefixes);
@@ -835,7 +846,14 @@ impl Datapath for EbpfDatapath {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
         let cgroup = self.pus[&old.id].cgroup.clone();
-        self.cut_refused(old, new, &cgroup);
+        // Judged with the run-time ports, which are the PU's listening
+        // ports as much as its configured ones, under both policies.
+        let runtime = &self.pus[&old.id].runtime;
+        let (old, new) = (
+            ports::with_runtime(old, runtime),
+            ports::with_runtime(new, runtime),
+        );
+        self.cut_refused(&old, &new, &cgroup);
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -913,6 +931,62 @@ impl Datapath for EbpfDatapath {
             let _ = std::fs::remove_dir(parent);
         }
         Ok(())
+    }
+
+    /// One `PU_PORTS` entry, created with BPF_NOEXIST: the kernel too
+    /// refuses a port another PU holds.
+    fn add_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let state = self
+            .pus
+            .get(id)
+            .ok_or_else(|| DatapathError::UnknownPu(id.clone()))?;
+        if state.runtime.contains(&port) {
+            return Ok(());
+        }
+        let others = self.pus.values().map(|s| (&s.policy, &s.runtime));
+        ports::check_free(id, port, others)?;
+        let (slot, key) = (state.slot, entries::port_key(port));
+        if !state.ports.contains(&key) {
+            self.add_ports(slot, &BTreeSet::from([key]))?;
+        }
+        let state = self.pus.get_mut(id).expect("checked above");
+        state.ports.insert(key);
+        state.runtime.insert(port);
+        Ok(())
+    }
+
+    fn remove_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let Some(state) = self.pus.get(id) else {
+            return Ok(());
+        };
+        if !state.runtime.contains(&port) {
+            return Ok(());
+        }
+        let (slot, key) = (state.slot, entries::port_key(port));
+        let configured = ports::configured(&state.policy, port);
+        if !configured {
+            // Only while the entry is still this PU's (as `remove_ports`),
+            // but a failure is returned: the port stays recorded, and the
+            // next removal tries again.
+            let map = &mut self.loaded()?.ports;
+            if map.get(&key, 0).ok() == Some(slot) {
+                map.remove(&key)
+                    .with_context(|| format!("unmapping port {port} of PU {id}"))?;
+            }
+        }
+        let state = self.pus.get_mut(id).expect("checked above");
+        if !configured {
+            state.ports.remove(&key);
+        }
+        state.runtime.remove(&port);
+        Ok(())
+    }
+
+    fn runtime_ports(&self, id: &PuId) -> RuntimePorts {
+        self.pus
+            .get(id)
+            .map(|s| s.runtime.clone())
+            .unwrap_or_default()
     }
 
     fn counters(&self) -> Result<Counters> {

@@ -2,17 +2,19 @@
 //! target and excluded sets, the `TRI-` chains, and the rules that steer
 //! traffic into them (SPEC, "Global steering" and "The trap"). Pure text.
 //!
-//! The identity handshake's own traps — a SYN-ACK to or from a target
-//! network, a SYN carrying TCP option 34, a UDP packet carrying the
-//! handshake signature — come with the handshake (issue 7), in both
-//! datapaths at once. Until then a connection the consumer authorised is
-//! accepted whole, its SYN-ACK included: once the SYN is decided, no later
-//! packet of the connection reaches user space.
+//! The global traps of the identity handshake ([`crate::datapath::handshake`])
+//! are here: a SYN-ACK to or from a target TCP network, a SYN from one
+//! carrying TCP option 34, a UDP packet from a target UDP network carrying
+//! the handshake signature. A connection the consumer authorised (at its
+//! first ACK) is accepted whole — but for a SYN-ACK, which is trapped
+//! again should it come (a retransmission after a lost ACK).
 
-use enforcer_common::marks::Kind;
+use enforcer_common::marks::{Class, Kind};
 
 use super::rules::{Ctx, Table, declare, section};
 use super::sets::SetSpec;
+use crate::datapath::handshake::{SYN_ACK, SYN_WITH_OPTION_34, udp_signature};
+use crate::datapath::queues::{Direction, Trapped};
 use crate::naming::{
     GlobalSet, HOST_CHAINS, HOST_SERVICE_CHAINS, MAIN_CHAINS, PROCESS_CHAINS, PROXY_CHAINS,
     REDIRECT_CHAINS, UID_CHAINS,
@@ -53,6 +55,8 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     lines.push(format!("-A {} {proxy} -j ACCEPT", PROXY_CHAINS.net));
 
     // Outgoing.
+    let target_tcp = ctx.set(GlobalSet::TargetTcp);
+    let target_udp = ctx.set(GlobalSet::TargetUdp);
     lines.extend(verdict_rules(ctx, app));
     lines.push(format!("-A {app} -j {}", PROXY_CHAINS.app));
     lines.push(format!(
@@ -63,6 +67,17 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     if local_server {
         lines.push(format!("-A {app} -j {}", UID_CHAINS.app));
     }
+    // A SYN-ACK to a target TCP network is classed for the trap (the
+    // consumer sees the same class as on the eBPF datapath) and queued.
+    let synack_to_target = format!("{SYN_ACK} -m set --match-set {target_tcp} dst");
+    lines.push(format!(
+        "-A {app} {synack_to_target} -j {}",
+        ctx.set_class(Class::TrapTcp)
+    ));
+    lines.push(format!(
+        "-A {app} {synack_to_target} -j {}",
+        ctx.queue(Direction::App, Trapped::SynAck)
+    ));
     if local_server {
         for pair in [PROCESS_CHAINS, HOST_SERVICE_CHAINS, HOST_CHAINS] {
             lines.push(format!("-A {app} -j {}", pair.app));
@@ -72,10 +87,23 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     // Incoming.
     lines.extend(verdict_rules(ctx, net));
     lines.push(format!("-A {net} -j {}", PROXY_CHAINS.net));
+    lines.push(format!(
+        "-A {net} -p udp -m set --match-set {target_udp} src {} -j {}",
+        udp_signature(),
+        ctx.queue(Direction::Net, Trapped::Service)
+    ));
     lines.extend(connection_accepts(ctx, net));
     if local_server {
         lines.push(format!("-A {net} -j {}", UID_CHAINS.net));
     }
+    lines.push(format!(
+        "-A {net} {SYN_ACK} -m set --match-set {target_tcp} src -j {}",
+        ctx.queue(Direction::Net, Trapped::SynAck)
+    ));
+    lines.push(format!(
+        "-A {net} {SYN_WITH_OPTION_34} -m set --match-set {target_tcp} src -j {}",
+        ctx.queue(Direction::Net, Trapped::Syn)
+    ));
     if local_server {
         for pair in [PROCESS_CHAINS, HOST_SERVICE_CHAINS, HOST_CHAINS] {
             lines.push(format!("-A {net} -j {}", pair.net));
@@ -108,14 +136,17 @@ fn verdict_rules(ctx: &Ctx, chain: &str) -> [String; 2] {
 }
 
 /// Connections an ACL accepted, then connections the consumer authorised
-/// (whole: see the module docs on SYN-ACKs).
-fn connection_accepts(ctx: &Ctx, chain: &str) -> [String; 2] {
+/// — but for their SYN-ACKs (SPEC): the two rules accept every other TCP
+/// packet and every packet of another protocol.
+fn connection_accepts(ctx: &Ctx, chain: &str) -> [String; 3] {
+    let authorised = ctx.connmark_is(Kind::Authorised);
     [
         format!(
             "-A {chain} {} -j ACCEPT",
             ctx.connmark_is(Kind::ExternalAccepted)
         ),
-        format!("-A {chain} {} -j ACCEPT", ctx.connmark_is(Kind::Authorised)),
+        format!("-A {chain} -p tcp ! --tcp-flags SYN,ACK SYN,ACK {authorised} -j ACCEPT"),
+        format!("-A {chain} ! -p tcp {authorised} -j ACCEPT"),
     ]
 }
 
@@ -180,17 +211,24 @@ mod tests {
 -A TRI-App -j TRI-Prx-App
 -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT
 -A TRI-App -m connmark --mark 0x200/0x700 -j ACCEPT
--A TRI-App -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-App -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-App ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-App -j TRI-UID-App
+-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v4-TargetTCP dst -j MARK --set-xmark 0x800/0x3800
+-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v4-TargetTCP dst -j NFQUEUE --queue-balance 8:11 --queue-bypass
 -A TRI-App -j TRI-Pid-App
 -A TRI-App -j TRI-Svc-App
 -A TRI-App -j TRI-Hst-App
 -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700
 -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-Prx-Net
+-A TRI-Net -p udp -m set --match-set TRI-v4-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-balance 28:31 --queue-bypass
 -A TRI-Net -m connmark --mark 0x200/0x700 -j ACCEPT
--A TRI-Net -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-Net -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT
+-A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-UID-Net
+-A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 24:27 --queue-bypass
+-A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 16:19 --queue-bypass
 -A TRI-Net -j TRI-Pid-Net
 -A TRI-Net -j TRI-Svc-Net
 -A TRI-Net -j TRI-Hst-Net
@@ -218,9 +256,9 @@ COMMIT
         );
     }
 
-    /// IPv6 with a moved mark field (shift 16: kind mask 0x70000). Only
-    /// the set names and marks differ from IPv4; no global rule queues
-    /// (the handshake's traps come with the handshake).
+    /// IPv6 with a moved mark field (shift 16: kind mask 0x70000, class
+    /// mask 0x380000), one queue per range from 100, failing closed. Only
+    /// the set names, marks and queues differ from IPv4.
     #[test]
     fn global_rules_v6() {
         let queues = QueueSettings {
@@ -242,7 +280,22 @@ COMMIT
                 .filter(|l| l.contains(needle))
                 .collect()
         };
-        assert!(with("NFQUEUE").is_empty(), "{text}");
+        assert_eq!(
+            with("NFQUEUE"),
+            [
+                "-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j NFQUEUE --queue-num 102",
+                "-A TRI-Net -p udp -m set --match-set TRI-v6-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-num 107",
+                "-A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 106",
+                "-A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 104",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            with("-j MARK"),
+            [
+                "-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j MARK --set-xmark 0x80000/0x380000"
+            ]
+        );
         assert_eq!(
             with("-I "),
             [
@@ -261,9 +314,12 @@ COMMIT
         let v4 = rules(&super::tests::ctx(IpFamily::V4, &v4_queues));
         assert_eq!(lines.len(), v4.lines().count());
         assert!(!text.contains("v4"));
-        let marks = with("--mark ");
-        assert_eq!(marks.len(), 13);
-        assert!(marks.iter().all(|l| l.contains("/0x70000 ")), "{marks:#?}");
+        let kinds: Vec<&str> = with("--mark ")
+            .into_iter()
+            .filter(|l| !l.contains("-j MARK"))
+            .collect();
+        assert_eq!(kinds.len(), 15);
+        assert!(kinds.iter().all(|l| l.contains("/0x70000 ")), "{kinds:#?}");
     }
 
     #[test]

@@ -54,13 +54,16 @@ use self::exec::{Netfilter, System};
 use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
+use super::ports::{self, ListenPort, RuntimePorts, Transport};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::flowlog::{FlowAction, FlowObserve};
-use crate::naming::{GlobalSet, LogTag, MAIN_CHAINS, NameRegistry, ShortName, nflog_prefix};
+use crate::naming::{GlobalSet, LogTag, NameRegistry, ShortName, nflog_prefix};
 use crate::policy::{Action, ObserveMode};
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, Pu, PuId, PuKind};
+use crate::policy::{
+    FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, PortRange, Pu, PuId, PuKind,
+};
 
 /// PUs per batch of a [`IptablesDatapath::configure_all`]. One restore per
 /// PU costs a full re-read of the rule set each (start-up grows with the
@@ -83,11 +86,35 @@ struct Installed {
     pu: Pu,
     short: ShortName,
     version: u8,
+    /// Its run-time ports ([`ports`]), in its port sets beside `pu`'s.
+    runtime: RuntimePorts,
 }
 
 impl Installed {
     fn plan(&self) -> Result<PuPlan<'_>> {
         PuPlan::new(&self.pu, &self.short, self.version)
+    }
+
+    /// `ipset restore` text adding (`add`) or deleting `port` in the
+    /// PU's port set of its transport, in both families.
+    fn port_change(&self, port: ListenPort, add: bool) -> Result<String> {
+        let plan = self.plan()?;
+        let one = [port.range()];
+        let (from, to): (&[PortRange], &[PortRange]) = match add {
+            true => (&[], &one),
+            false => (&one, &[]),
+        };
+        let index = match port.transport {
+            Transport::Tcp => 0,
+            Transport::Udp => 1,
+        };
+        Ok(IpFamily::ALL
+            .into_iter()
+            .map(|family| {
+                let (name, _) = &plan.port_sets(family)[index];
+                sets::port_diff(name, from, to)
+            })
+            .collect())
     }
 }
 
@@ -673,6 +700,7 @@ impl Datapath for IptablesDatapath {
                 pu: pu.clone(),
                 short,
                 version,
+                runtime: RuntimePorts::new(),
             };
             self.pus.insert(pu.id.clone(), installed);
         }
@@ -701,8 +729,15 @@ impl Datapath for IptablesDatapath {
             );
             return Err(anyhow!(message).into());
         }
-        let old_plan = installed.plan()?;
-        let new_plan = PuPlan::new(new, &installed.short, version)?;
+        // The port sets hold the run-time ports too, before and after: a
+        // port the new config drops stays while the PU listens there.
+        let runtime = installed.runtime.clone();
+        let (old_sets, new_sets) = (
+            ports::with_runtime(&installed.pu, &runtime),
+            ports::with_runtime(new, &runtime),
+        );
+        let old_plan = PuPlan::new(&old_sets, &installed.short, installed.version)?;
+        let new_plan = PuPlan::new(&new_sets, &installed.short, version)?;
         let fault = self.faults.strikes(Operation::Update);
         self.add_prefixes(new, &installed.short);
         if let Err(e) = self.replace(&new_plan, &old_plan, fault) {
@@ -710,21 +745,22 @@ impl Datapath for IptablesDatapath {
             return Err(e);
         }
         let short = installed.short.clone();
-        let replaced = self.pus.insert(
+        self.pus.insert(
             new.id.clone(),
             Installed {
                 pu: new.clone(),
                 short,
                 version,
+                runtime,
             },
         );
         self.sync_prefixes();
         // The new policy is in force: cutting what it no longer allows
         // cannot undo it, so a failure there is logged, not returned (the
-        // record of what is in force must stay true).
-        if let Some(old) = replaced
-            && let Err(e) = self.cut_revoked(&old.pu, new)
-        {
+        // record of what is in force must stay true). Both policies are
+        // judged with the run-time ports: they are the PU's listening ports
+        // as much as its configured ones.
+        if let Err(e) = self.cut_revoked(&old_sets, &new_sets) {
             tracing::error!(
                 pu = %new.id,
                 "the new policy is in force, but cutting the connections only the old one \
@@ -760,12 +796,70 @@ impl Datapath for IptablesDatapath {
         Ok(())
     }
 
+    /// One `ipset restore` for both families' sets; if it fails part-way,
+    /// the reverse change (every line `-exist`) undoes what it did.
+    fn add_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let installed = self
+            .pus
+            .get(id)
+            .ok_or_else(|| DatapathError::UnknownPu(id.clone()))?;
+        if installed.runtime.contains(&port) {
+            return Ok(());
+        }
+        let others = self.pus.values().map(|i| (&i.pu, &i.runtime));
+        ports::check_free(id, port, others)?;
+        if !ports::configured(&installed.pu, port) {
+            let forward = installed.port_change(port, true)?;
+            if let Err(e) = self.nf.ipset_restore(&forward) {
+                let e = e.context(format!("adding port {port} to PU {id}'s port set"));
+                let undo = installed
+                    .port_change(port, false)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|back| self.nf.ipset_restore(&back));
+                return Err(self.undo_sets(e, undo));
+            }
+        }
+        let installed = self.pus.get_mut(id).expect("checked above");
+        installed.runtime.insert(port);
+        Ok(())
+    }
+
+    fn remove_port(&mut self, id: &PuId, port: ListenPort) -> Result<()> {
+        let Some(installed) = self.pus.get(id) else {
+            return Ok(());
+        };
+        if !installed.runtime.contains(&port) {
+            return Ok(());
+        }
+        if !ports::configured(&installed.pu, port) {
+            // On failure the port stays recorded: a retry (every line
+            // `-exist`) finishes what this one began.
+            let text = installed.port_change(port, false)?;
+            self.nf
+                .ipset_restore(&text)
+                .with_context(|| format!("removing port {port} from PU {id}'s port set"))?;
+        }
+        let installed = self.pus.get_mut(id).expect("checked above");
+        installed.runtime.remove(&port);
+        Ok(())
+    }
+
+    fn runtime_ports(&self, id: &PuId) -> RuntimePorts {
+        self.pus
+            .get(id)
+            .map(|i| i.runtime.clone())
+            .unwrap_or_default()
+    }
+
     fn counters(&self) -> Result<Counters> {
         let mut counters = Counters::default();
         for family in IpFamily::ALL {
             let saved = self.nf.save(family, Table::Mangle, true)?;
+            // The total is the PUs' sum, as on eBPF: the main chains'
+            // only counted rules are the handshake's global traps, which
+            // continue a set-up a PU's chain counted (a SYN-ACK) or
+            // belong to no PU.
             let by_chain = save::counts_by_chain(&saved);
-            counters.total += save::count(&by_chain, &[MAIN_CHAINS.app, MAIN_CHAINS.net]);
             for (id, installed) in &self.pus {
                 let chains = installed.plan()?.chains();
                 let counts = save::count(&by_chain, &[&chains.app, &chains.net]);
@@ -1239,6 +1333,79 @@ mod tests {
         );
         assert_eq!(after.len(), before.len());
         assert_eq!(dp.pus[&new.id].version, 1);
+    }
+
+    #[test]
+    fn runtime_ports_go_in_and_out_of_the_port_sets_and_outlive_updates() {
+        let (mut dp, fake) = running();
+        let (old, mut other) = (web(80, "10.0.0.0/8"), web(5432, "10.0.0.0/8"));
+        other.id = PuId::new("db").unwrap();
+        dp.configure(0, &old).unwrap();
+        dp.configure(0, &other).unwrap();
+        fake.take();
+        let port = |p| ListenPort::tcp(std::num::NonZeroU16::new(p).unwrap());
+        let ipset = |text: &str| vec![Call::Ipset(text.to_owned())];
+
+        dp.add_port(&old.id, port(8081)).unwrap();
+        assert_eq!(
+            fake.take(),
+            ipset(
+                "add TRI-v4-ProcPort-webbBzx 8081 -exist\n\
+                 add TRI-v6-ProcPort-webbBzx 8081 -exist\n"
+            )
+        );
+        // Idempotent; a configured port is recorded with no kernel change.
+        dp.add_port(&old.id, port(8081)).unwrap();
+        dp.add_port(&old.id, port(80)).unwrap();
+        assert_eq!(fake.take(), []);
+        // Another PU's port, by config or at run time, is refused.
+        let err = dp.add_port(&old.id, port(5432)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "port 5432/tcp of PU web is PU db's already"
+        );
+        assert!(dp.add_port(&other.id, port(8081)).is_err());
+        assert!(matches!(
+            dp.add_port(&PuId::new("nobody").unwrap(), port(1)),
+            Err(DatapathError::UnknownPu(_))
+        ));
+        assert_eq!(fake.take(), []);
+
+        // An update that drops 80 from the config keeps it (listened on),
+        // and the run-time 8081 stays.
+        let new = web(443, "10.0.0.0/8");
+        dp.update(1, &new, &old).unwrap();
+        let calls = fake.take();
+        let Call::Ipset(forward) = &calls[0] else {
+            panic!("{calls:#?}")
+        };
+        assert!(
+            forward.ends_with(
+                "-exist\nadd TRI-v4-ProcPort-webbBzx 443 -exist\n\
+                 add TRI-v6-ProcPort-webbBzx 443 -exist\n"
+            ),
+            "only 443 is added, nothing deleted: {forward}"
+        );
+        assert_eq!(dp.runtime_ports(&new.id), [port(80), port(8081)].into());
+
+        // Removing: 80 goes now that the config no longer lists it.
+        dp.remove_port(&new.id, port(80)).unwrap();
+        dp.remove_port(&new.id, port(80)).unwrap();
+        assert_eq!(
+            fake.take(),
+            ipset(
+                "del TRI-v4-ProcPort-webbBzx 80 -exist\n\
+                 del TRI-v6-ProcPort-webbBzx 80 -exist\n"
+            )
+        );
+        // A failed add leaves nothing recorded, and undoes itself.
+        fake.fail_when(|call| matches!(call, Call::Ipset(t) if t.starts_with("add")));
+        assert!(dp.add_port(&new.id, port(9090)).is_err());
+        assert!(!dp.runtime_ports(&new.id).contains(&port(9090)));
+        let calls = fake.take();
+        assert!(
+            matches!(&calls[1], Call::Ipset(t) if t.starts_with("del TRI-v4-ProcPort-webbBzx 9090"))
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 
 use super::rules::{Ctx, declare, nflog_group, opposite, peer};
 use super::sets::SetSpec;
+use crate::datapath::handshake;
 use crate::datapath::queues::{Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::datapath::{DatapathError, DatapathKind};
 use crate::naming::{
@@ -28,17 +29,6 @@ const MAX_ACLS: usize = u16::MAX as usize + 1;
 
 /// Ports one `multiport` match takes; a range takes two.
 const MULTIPORT_SLOTS: usize = 15;
-
-/// The first ACK of a connection: the initiator's (original direction),
-/// among its first three packets. conntrack (priority -200) has counted
-/// the packet itself before mangle (-150) sees it, so the handshake ACK
-/// is packet 2, or 3 after one SYN retransmission. Without the bound, a
-/// connection that is never marked (one that predates the agent, say)
-/// would send every one of its packets to user space, as the seed's
-/// "every ACK" rule does; without the direction, the responder's first
-/// data would be taken for it.
-const FIRST_ACK: &str = "-m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL \
-                         -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets";
 
 /// What a linux-process PU is made of in the kernel under one version.
 #[derive(Debug, Clone, Copy)]
@@ -353,8 +343,10 @@ fn reverse_udp_accepts(ctx: &Ctx, direction: Direction, chain: &str, r: &AclRef)
         .collect()
 }
 
-/// The trap: TCP set-up with target TCP networks and UDP with target UDP
-/// networks go to user space; incoming UDP at a bounded rate.
+/// The trap: TCP set-up with target TCP networks — the SYN here, the
+/// first ACK ([`handshake::first_ack`]; the SYN-ACK is the global
+/// chains') — and UDP with target UDP networks go to user space; incoming
+/// UDP at a bounded rate.
 fn trap_rules(ctx: &Ctx, direction: Direction, chain: &str) -> [String; 3] {
     let peer = peer(direction);
     let tcp = format!(
@@ -375,7 +367,12 @@ fn trap_rules(ctx: &Ctx, direction: Direction, chain: &str) -> [String; 3] {
             "-A {chain} {tcp} -m tcp --tcp-flags SYN,ACK SYN -j {}",
             queue(Trapped::Syn)
         ),
-        format!("-A {chain} {tcp} {FIRST_ACK} -j {}", queue(Trapped::Ack)),
+        format!(
+            "-A {chain} {} -m set --match-set {} {peer} -j {}",
+            handshake::first_ack(ctx.family),
+            ctx.set(GlobalSet::TargetTcp),
+            queue(Trapped::Ack)
+        ),
         format!(
             "-A {chain} {} -j {}",
             join(&[&udp, &limit]),
@@ -601,7 +598,7 @@ mod tests {
 -A TRI-App-webbBzx-1 -p icmp -m set --match-set TRI-v4-Acl-webbBzx-1a4 dst -m set ! --match-set TRI-v4-TargetTCP dst -j CONNMARK --set-xmark 0x200/0x700
 -A TRI-App-webbBzx-1 -p icmp -m set --match-set TRI-v4-Acl-webbBzx-1a4 dst -m set ! --match-set TRI-v4-TargetTCP dst -j ACCEPT
 -A TRI-App-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP dst -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 0:3 --queue-bypass
--A TRI-App-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP dst -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 4:7 --queue-bypass
+-A TRI-App-webbBzx-1 -p tcp -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -m bpf --bytecode "12,40 0 0 2,2 0 0 0,177 0 0 0,80 0 0 12,116 0 0 2,84 0 0 60,12 0 0 0,7 0 0 0,96 0 0 0,29 0 1 0,6 0 0 1,6 0 0 0" -m set --match-set TRI-v4-TargetTCP dst -j NFQUEUE --queue-balance 4:7 --queue-bypass
 -A TRI-App-webbBzx-1 -p udp -m set --match-set TRI-v4-TargetUDP dst -j NFQUEUE --queue-balance 12:15 --queue-bypass
 -A TRI-App-webbBzx-1 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
 -A TRI-App-webbBzx-1 -m set --match-set TRI-v4-Acl-webbBzx-1a1 dst -j NFLOG --nflog-group 10 --nflog-prefix webbBzx:reject-oc:legacy-trial
@@ -612,7 +609,7 @@ mod tests {
 -A TRI-Net-webbBzx-1 -p tcp -m conntrack --ctstate NEW -m set --match-set TRI-v4-Acl-webbBzx-1n0 src -m set ! --match-set TRI-v4-TargetTCP src -m multiport --dports 80,443 -j ACCEPT
 -A TRI-Net-webbBzx-1 -p udp -m conntrack --ctstate ESTABLISHED -m set --match-set TRI-v4-Acl-webbBzx-1a2 src -m set ! --match-set TRI-v4-TargetTCP src -m multiport --sports 53 -j ACCEPT
 -A TRI-Net-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 16:19 --queue-bypass
--A TRI-Net-webbBzx-1 -p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 20:23 --queue-bypass
+-A TRI-Net-webbBzx-1 -p tcp -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -m bpf --bytecode "12,40 0 0 2,2 0 0 0,177 0 0 0,80 0 0 12,116 0 0 2,84 0 0 60,12 0 0 0,7 0 0 0,96 0 0 0,29 0 1 0,6 0 0 1,6 0 0 0" -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 20:23 --queue-bypass
 -A TRI-Net-webbBzx-1 -p udp -m set --match-set TRI-v4-TargetUDP src -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass
 -A TRI-Net-webbBzx-1 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
 -A TRI-Net-webbBzx-1 -m set --match-set TRI-v4-Acl-webbBzx-1n1 src -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:reject-oa:no-guests
@@ -747,7 +744,7 @@ COMMIT
             net,
             [
                 "-p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK SYN -j NFQUEUE --queue-balance 16:19 --queue-bypass",
-                "-p tcp -m set --match-set TRI-v4-TargetTCP src -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -j NFQUEUE --queue-balance 20:23 --queue-bypass",
+                "-p tcp -m tcp --tcp-flags SYN,ACK,FIN,RST ACK -m conntrack --ctdir ORIGINAL -m connbytes --connbytes 0:3 --connbytes-dir original --connbytes-mode packets -m bpf --bytecode \"12,40 0 0 2,2 0 0 0,177 0 0 0,80 0 0 12,116 0 0 2,84 0 0 60,12 0 0 0,7 0 0 0,96 0 0 0,29 0 1 0,6 0 0 1,6 0 0 0\" -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 20:23 --queue-bypass",
                 "-p udp -m set --match-set TRI-v4-TargetUDP src -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass",
                 "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
                 "-m conntrack --ctstate NEW -j NFLOG --nflog-group 11 --nflog-prefix webbBzx:default:",

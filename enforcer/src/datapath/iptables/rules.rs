@@ -2,7 +2,7 @@
 //! renderer needs besides the policy ([`Ctx`]), and the small match and
 //! target fragments shared by the global and the per-PU rules. Pure text.
 
-use enforcer_common::marks::{Kind, MarkLayout};
+use enforcer_common::marks::{Class, Kind, MarkLayout};
 
 use crate::datapath::queues::{self, Direction, Trapped};
 use crate::naming::GlobalSet;
@@ -76,6 +76,13 @@ impl Ctx<'_> {
     /// kind, every other bit kept.
     pub fn set_connmark(&self, kind: Kind) -> String {
         format!("CONNMARK --set-xmark {}", self.kind(kind))
+    }
+
+    /// `MARK --set-xmark <class>/<class mask>`: writes the packet's class,
+    /// every other bit kept.
+    pub fn set_class(&self, class: Class) -> String {
+        let (value, mask) = (self.marks.class(class), self.marks.class_mask());
+        format!("MARK --set-xmark {value:#x}/{mask:#x}")
     }
 
     /// `CONNMARK --save-mark` of the kind sub-field only: the trap

@@ -95,7 +95,10 @@ pub fn table(save: &str, table: Table) -> Option<&str> {
 
 /// The packets counted by the rules of each chain of the save, read in one
 /// pass (a status at thousands of PUs looks up every PU's chains in the
-/// same save): NFQUEUE rules as trapped, ACCEPT rules that match an ACL
+/// same save): NFQUEUE rules as trapped — but for the handshake's first
+/// ACK (the one trap bounded by `--connbytes`), which continues a set-up
+/// already counted at its SYN, as the eBPF datapath counts a set-up once
+/// — ACCEPT rules that match an ACL
 /// set as accepted (not the established or ICMPv6 accepts), DROP rules as
 /// dropped (ACL rejects and the final drop). Chains without such a rule
 /// are absent.
@@ -104,6 +107,7 @@ pub fn counts_by_chain(save: &str) -> HashMap<&str, PacketCounts> {
     for rule in rules(save) {
         let mut counts = PacketCounts::default();
         match rule.target() {
+            Some("NFQUEUE") if rule.tokens.iter().any(|t| t == "--connbytes") => continue,
             Some("NFQUEUE") => counts.trapped = rule.packets,
             Some("ACCEPT") if rule.matches_acl_set() => counts.accepted = rule.packets,
             Some("DROP") => counts.dropped = rule.packets,
@@ -198,12 +202,12 @@ COMMIT
     fn counts_by_target_in_the_given_chains() {
         let by_chain = counts_by_chain(CAPTURED);
         let pu = count(&by_chain, &["TRI-App-webbBzx-1", "TRI-Net-webbBzx-1"]);
-        // Trapped: SYN 1 + ACK 2. Accepted: the ACL's ACCEPT only, not
+        // Trapped: the SYN 1 (not the first ACK's 2). Accepted: the ACL's ACCEPT only, not
         // the established one. Dropped: the reject 2 + the net drop 2.
         assert_eq!(
             pu,
             PacketCounts {
-                trapped: 3,
+                trapped: 1,
                 accepted: 1,
                 dropped: 4
             }

@@ -12,6 +12,7 @@ use crate::identity::token::tests::NOW;
 use crate::policy::Configuration;
 
 const WEB_CGROUP: u64 = 11;
+const DB_CGROUP: u64 = 22;
 
 /// An agent: its engine, its PUs, and its flow log.
 struct Agent {
@@ -38,8 +39,12 @@ fn agent(own: u8, trusted: &[u8], pus: &str, capacity: usize) -> Agent {
     let config = Configuration::from_toml_str(&text).unwrap();
     let mut index = PuIndex::new(config.mode, &config.pus);
     index.set_identities(&config.pus, &config.identity);
-    if let Some(web) = config.pus.iter().find(|p| p.id.as_str() == "web") {
-        index.add_cgroup(WEB_CGROUP, web.id.clone());
+    for pu in &config.pus {
+        match pu.id.as_str() {
+            "web" => index.add_cgroup(WEB_CGROUP, pu.id.clone()),
+            "db" => index.add_cgroup(DB_CGROUP, pu.id.clone()),
+            _ => {}
+        }
     }
     let (tx, flows) = channel();
     let counters = Arc::new(HandshakeCounters::default());
@@ -509,6 +514,36 @@ fn the_pu_of_an_outgoing_syn_is_its_sockets_cgroup() {
         a.decide_from(Direction::App, &syn, Some(WEB_CGROUP), NOW),
         Action::Rewrite { .. }
     ));
+}
+
+#[test]
+fn a_port_the_pu_listens_on_without_configuring_it_is_found_by_its_socket() {
+    let pus = r#"
+[[pus]]
+id = "db"
+kind = "linux-process"
+cgroup = "db"
+labels = { app = "db" }
+[[pus.network_policy]]
+from = ["app=web"]
+policy_id = "web-in"
+"#;
+    let mut b = agent(2, &[1], pus, MAX_CONNECTIONS);
+    let mut a = host_a(r#"app = "web""#, 1);
+    let syn = segment(addr(CLIENT), addr(SERVER), SYN);
+    let marked = passed(a.decide(Direction::App, &syn, NOW));
+    // No socket listening in a PU: no PU.
+    assert_eq!(
+        b.decide_from(Direction::Net, &marked, None, NOW),
+        Action::Drop
+    );
+    assert_eq!(b.count(Counted::UnknownPu), 1);
+    let marked = passed(a.decide(Direction::App, &syn, NOW));
+    assert!(matches!(
+        b.decide_from(Direction::Net, &marked, Some(DB_CGROUP), NOW),
+        Action::Rewrite { .. }
+    ));
+    assert_eq!(b.count(Counted::Allowed), 1);
 }
 
 #[test]
