@@ -128,6 +128,19 @@ impl PuServer {
     pub fn accepted(&self) -> Vec<String> {
         self.accepted.lock().expect("server lines").clone()
     }
+
+    /// How many connections the server accepted, once it reports at least
+    /// `n` (its lines are read by a thread) or a second passed.
+    pub fn wait_accepted(&self, n: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let seen = self.accepted().len();
+            if seen >= n || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for PuServer {
@@ -174,6 +187,17 @@ impl TwoAgents {
         );
         let at = SocketAddr::new(hosts.b_end.ip(family), PORT);
         let server = PuServer::start(nettool, &db, &hosts.b, at)?;
+        // One exchange before any agent runs: the neighbour entries exist
+        // (IPv6's first solicitation on a fresh link can take a second,
+        // which a test would see as a retransmitted SYN) and the server
+        // answers.
+        let warm_up = hosts
+            .a
+            .run(move || crate::traffic::tcp_exchange(at, b"warm-up"))?;
+        ensure!(
+            warm_up == Outcome::Exchanged,
+            "the server at {at} before any agent: {warm_up:?}"
+        );
         let flows = [Host::A, Host::B].map(|_| std::env::temp_dir().join(unique_name()));
         Ok(Self {
             family,
