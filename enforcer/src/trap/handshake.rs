@@ -649,7 +649,19 @@ impl Engine {
         sockets: &mut dyn SocketCgroups,
     ) -> Action {
         let Some(pu) = self.net_pu(p, TCP, pus, sockets) else {
-            return self.count(Counted::UnknownPu, Action::Drop);
+            // A marked SYN is trapped whatever its port (SPEC, "Global
+            // steering"); to a port of no PU it is none of the
+            // handshake's business, and goes on as its sender's
+            // application made it. An unmarked one came through a PU's
+            // rules: without the PU it cannot be judged.
+            self.counters.add(Counted::UnknownPu);
+            return match wire::take_token(p.bytes) {
+                Ok(Some(taken)) => Action::Rewrite {
+                    packet: taken.stripped,
+                    authorise: false,
+                },
+                _ => Action::Drop,
+            };
         };
         let identity = identity_of(pus, &pu);
         let taken = match wire::take_token(p.bytes) {

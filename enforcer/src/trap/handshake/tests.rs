@@ -410,9 +410,13 @@ fn the_initiator_judges_the_answer() {
     let other_port = addr("10.0.0.2:444");
     let syn_444 = segment(client, other_port, SYN);
     let marked = passed(a.decide(Direction::App, &syn_444, NOW));
-    // B has no PU on 444: unknown PU, dropped.
-    assert_eq!(b.decide(Direction::Net, &marked, NOW), Action::Drop);
+    // B has no PU on 444: not the handshake's business, it goes on
+    // without the token (and its tokenless answer is A's to judge).
+    let stripped = passed(b.decide(Direction::Net, &marked, NOW));
+    assert_eq!(wire::take_token(&stripped), Ok(None));
     assert_eq!(b.count(Counted::UnknownPu), 1);
+    // Unmarked, it came through a PU's rules: refused.
+    assert_eq!(b.decide(Direction::Net, &syn_444, NOW), Action::Drop);
 
     // A SYN-ACK without a token: A's application ACLs decide (none).
     let _ = passed(a.decide(Direction::App, &syn, NOW));
@@ -531,13 +535,10 @@ policy_id = "web-in"
     let mut b = agent(2, &[1], pus, MAX_CONNECTIONS);
     let mut a = host_a(r#"app = "web""#, 1);
     let syn = segment(addr(CLIENT), addr(SERVER), SYN);
-    let marked = passed(a.decide(Direction::App, &syn, NOW));
-    // No socket listening in a PU: no PU.
-    assert_eq!(
-        b.decide_from(Direction::Net, &marked, None, NOW),
-        Action::Drop
-    );
+    // No socket listening in a PU: no PU to judge it.
+    assert_eq!(b.decide_from(Direction::Net, &syn, None, NOW), Action::Drop);
     assert_eq!(b.count(Counted::UnknownPu), 1);
+    assert_eq!(b.count(Counted::Allowed), 0);
     let marked = passed(a.decide(Direction::App, &syn, NOW));
     assert!(matches!(
         b.decide_from(Direction::Net, &marked, Some(DB_CGROUP), NOW),
