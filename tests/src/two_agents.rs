@@ -290,6 +290,26 @@ impl TwoAgents {
             .sum())
     }
 
+    /// Packets the kernel ever queued on `host`, by queue range
+    /// (`app-syn`, `net-synack`, …; the default layout), ranges with none
+    /// left out.
+    pub fn queued_by_range(&self, host: Host) -> Result<Vec<(&'static str, u64)>> {
+        let stats = netfilter::queue_stats(self.ns(host))?;
+        let ranges = enforcer::datapath::queues::ranges(&Default::default());
+        Ok(ranges
+            .into_iter()
+            .map(|range| {
+                let queued = stats
+                    .iter()
+                    .filter(|q| range.queues().contains(&q.queue))
+                    .map(|q| u64::from(q.id_sequence))
+                    .sum();
+                (range.name, queued)
+            })
+            .filter(|&(_, queued)| queued > 0)
+            .collect())
+    }
+
     /// The flow log lines of `host`'s agent so far.
     pub fn flow_lines(&self, host: Host) -> Vec<serde_json::Value> {
         let path = &self.flows[host as usize];

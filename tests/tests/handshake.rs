@@ -78,6 +78,19 @@ fn an_allowed_identity_connects_and_only_its_handshake_reaches_user_space(
         (2..=3).contains(&second.0) && (3..=4).contains(&second.1),
         "packets queued on a and b for a 100 kB exchange: {second:?}"
     );
+    // By queue range: the initiator's SYNs and the SYN-ACKs it checked;
+    // the responder's SYNs, SYN-ACKs and first ACKs. The initiator's ACK
+    // and everything after it stayed in the kernel.
+    let ranges = |host| -> Result<Vec<&str>> {
+        Ok(w.queued_by_range(host)?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    };
+    assert_eq!(ranges(Host::A)?, ["app-syn", "net-synack"]);
+    assert_eq!(ranges(Host::B)?, ["app-synack", "net-syn", "net-ack"]);
+    let acks = w.queued_by_range(Host::B)?;
+    assert_eq!(acks.last(), Some(&("net-ack", 2)), "one first ACK each");
     assert_eq!(handshake_count(&a, "allowed")?, 2);
     assert_eq!(handshake_count(&b, "allowed")?, 2);
     assert_eq!(handshake_count(&b, "authorised")?, 2);
