@@ -651,3 +651,43 @@ fn unreadable_packets_are_dropped() {
     assert_eq!(b.decide(Direction::Net, &fin, NOW), Action::Drop);
     assert_eq!(b.count(Counted::BadPacket), 5);
 }
+
+/// Every prefix and every one-byte change of a marked SYN B accepted:
+/// no panic, nothing authorised, and whatever goes on is a well-formed
+/// packet without the token (a copy of the token is a replay, a changed
+/// token does not verify).
+#[test]
+fn mangled_copies_of_an_accepted_syn_get_nothing() {
+    for (client, server) in [(CLIENT, SERVER), (CLIENT6, SERVER6)] {
+        let mut a = host_a(r#"app = "web""#, 1);
+        let mut b = host_b("", MAX_CONNECTIONS);
+        let syn = segment(addr(client), addr(server), SYN);
+        let marked = passed(a.decide(Direction::App, &syn, NOW));
+        let _ = passed(b.decide(Direction::Net, &marked, NOW));
+        let check = |action: Action, what: &str| match action {
+            Action::Drop | Action::Pass => {}
+            Action::Rewrite {
+                packet,
+                authorise: false,
+            } => {
+                assert!(wire::checksums_valid(&packet), "{what}");
+                assert_eq!(wire::take_token(&packet), Ok(None), "{what}");
+            }
+            other => panic!("{what}: {other:?}"),
+        };
+        for len in 0..marked.len() {
+            check(b.decide(Direction::Net, &marked[..len], NOW), "a prefix");
+        }
+        for at in 0..marked.len() {
+            for flip in [0x01] {
+                let mut mangled = marked.clone();
+                mangled[at] ^= flip;
+                check(
+                    b.decide(Direction::Net, &mangled, NOW),
+                    &format!("byte {at} ^ {flip:#x}"),
+                );
+            }
+        }
+        assert_eq!(b.count(Counted::Allowed), 1, "only the original");
+    }
+}
