@@ -679,14 +679,12 @@ fn mangled_copies_of_an_accepted_syn_get_nothing() {
             check(b.decide(Direction::Net, &marked[..len], NOW), "a prefix");
         }
         for at in 0..marked.len() {
-            for flip in [0x01] {
-                let mut mangled = marked.clone();
-                mangled[at] ^= flip;
-                check(
-                    b.decide(Direction::Net, &mangled, NOW),
-                    &format!("byte {at} ^ {flip:#x}"),
-                );
-            }
+            let mut mangled = marked.clone();
+            mangled[at] ^= 0x01;
+            check(
+                b.decide(Direction::Net, &mangled, NOW),
+                &format!("byte {at} flipped"),
+            );
         }
         assert_eq!(b.count(Counted::Allowed), 1, "only the original");
     }
