@@ -32,6 +32,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_disallowed_identity_is_refused,
     a_token_of_an_untrusted_key_is_refused,
     a_peer_without_an_agent_is_judged_by_the_acls,
+    a_server_without_an_agent_is_judged_by_the_application_acls,
     a_replayed_syn_is_refused,
     a_tampered_token_is_refused,
 );
@@ -187,6 +188,52 @@ fn a_peer_without_an_agent_is_judged_by_the_acls(datapath: Datapath, family: Fam
             && l["policy_id"] == "link-in"
             && l["handshake"]["reason"] == "no-token"),
         "b's flow log: {lines:#?}"
+    );
+    Ok(())
+}
+
+fn a_server_without_an_agent_is_judged_by_the_application_acls(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    // Only a runs an agent: its SYNs carry a token b's kernel ignores (a
+    // SYN's payload is not accepted without a Fast Open cookie), b's
+    // SYN-ACK carries none.
+    let a = w.start(Host::A, AGENT, datapath, &w.config_a("a").to_toml())?;
+    let refused = w.connect(nettool!(), &w.web, "hello")?;
+    assert!(
+        refused.is_blocked(),
+        "no token back, no ACL: got {refused:?}"
+    );
+    assert!(handshake_count(&a, "no-token")? >= 1);
+    // An application ACL for b's network accepts it as an external peer;
+    // the data that follows is the application's own, the token never
+    // reached b's application.
+    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
+        .label("app", "web")
+        .application_policy("to-db", &["app=db"], [PORT])
+        .application_acl(Acl::accept("link-out", LINK).tcp([PORT]));
+    let config = enforcer_tests::config::Config::local_server()
+        .target_tcp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), [w.keys.public("b")])
+        .pu(web)
+        .to_toml();
+    a.reload(&config)?;
+    assert_eq!(a.reloads()?.applied, 1, "{:?}", a.reloads()?);
+    assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
+    assert_eq!(handshake_count(&a, "external-allowed")?, 1);
+    let lines = w.flow_lines(Host::A);
+    assert!(
+        lines.iter().any(|l| l["action"] == "accept"
+            && l["policy_id"] == "link-out"
+            && l["direction"] == "app"
+            && l["handshake"]["reason"] == "no-token"),
+        "a's flow log: {lines:#?}"
     );
     Ok(())
 }
