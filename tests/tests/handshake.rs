@@ -31,6 +31,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     an_allowed_identity_connects_and_only_its_handshake_reaches_user_space,
     a_disallowed_identity_is_refused,
     a_token_of_an_untrusted_key_is_refused,
+    a_key_removed_from_the_trust_store_by_a_reload_is_refused,
     a_peer_without_an_agent_is_judged_by_the_acls,
     a_server_without_an_agent_is_judged_by_the_application_acls,
     a_replayed_syn_is_refused,
@@ -158,6 +159,35 @@ fn a_token_of_an_untrusted_key_is_refused(datapath: Datapath, family: Family) ->
     assert!(refused.is_blocked(), "got {refused:?}");
     assert_eq!(w.server.accepted().len(), 1, "only the warm-up");
     assert!(handshake_count(&b, "untrusted-key")? >= 1);
+    Ok(())
+}
+
+/// Revocation (docs/identity.md, "Key rotation"): b stops trusting a's
+/// key by a reload, without a restart.
+fn a_key_removed_from_the_trust_store_by_a_reload_is_refused(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let (_a, b) = both(&w, datapath, "a")?;
+    assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
+    let revoked = enforcer_tests::config::Config::local_server()
+        .target_tcp(LINK)
+        .flow_log_file(&w.flows[1])
+        .identity(&w.keys.key("b"), [w.keys.public("stranger")])
+        .pu(w.db_pu())
+        .to_toml();
+    b.reload(&revoked)?;
+    assert_eq!(b.reloads()?.applied, 1, "{:?}", b.reloads()?);
+    let refused = w.connect(nettool!(), &w.web, "hello")?;
+    assert!(refused.is_blocked(), "a's key revoked: got {refused:?}");
+    assert!(handshake_count(&b, "untrusted-key")? >= 1);
+    // And trusted again.
+    b.reload(&w.config_b().to_toml())?;
+    assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
     Ok(())
 }
 
