@@ -26,6 +26,8 @@ pub const MAP_PU_PORTS: &str = "PU_PORTS";
 pub const MAP_FLOW_EVENTS: &str = "FLOW_EVENTS";
 pub const MAP_UDP_TRAPS: &str = "UDP_TRAPS";
 pub const MAP_UDP_ANSWERS: &str = "UDP_ANSWERS";
+pub const MAP_PU_BY_UID: &str = "PU_BY_UID";
+pub const MAP_FALLBACK_PU: &str = "FALLBACK_PU";
 
 /// Bytes of the flow-log ring buffer (a power of two, a multiple of the
 /// page size).
@@ -44,6 +46,23 @@ pub const PU_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4,
 /// The cgroup_skb egress program, attached to each PU's cgroup: judges
 /// what the sock_addr hooks never see (ICMP from ping and raw sockets).
 pub const PROG_EGRESS: &str = "enforcer_egress";
+/// The sock_addr programs of the *host scope*: the same decisions as
+/// [`PU_PROGRAMS`], attached once to the host-scope cgroup (by default the
+/// cgroup v2 root) while a PU that is not a cgroup's is configured — uid,
+/// host-service, host and container PUs. They leave alone a task in a
+/// linux-process PU's cgroup: its own cgroup's programs judge it.
+pub const PROG_HOST_CONNECT4: &str = "enforcer_host_connect4";
+pub const PROG_HOST_CONNECT6: &str = "enforcer_host_connect6";
+pub const PROG_HOST_SENDMSG4: &str = "enforcer_host_sendmsg4";
+pub const PROG_HOST_SENDMSG6: &str = "enforcer_host_sendmsg6";
+pub const HOST_PROGRAMS: [&str; 4] = [
+    PROG_HOST_CONNECT4,
+    PROG_HOST_CONNECT6,
+    PROG_HOST_SENDMSG4,
+    PROG_HOST_SENDMSG6,
+];
+/// The cgroup_skb egress program of the host scope ([`HOST_PROGRAMS`]).
+pub const PROG_HOST_EGRESS: &str = "enforcer_host_egress";
 /// The socket filter a fixed netfilter rule runs (`-m bpf
 /// --object-pinned`): does this datagram's socket have a trap decision of
 /// a sendmsg hook for this destination ([`UdpTrapKey`])?
@@ -56,10 +75,15 @@ pub const PROG_TARGET_DST: &str = "enforcer_target_dst";
 /// Every socket filter a fixed netfilter rule names by its pin.
 pub const RULE_FILTERS: [&str; 3] = [PROG_UDP_TRAP, PROG_TARGET_SRC, PROG_TARGET_DST];
 
-/// Globals the loader sets before loading: the mark layout's shift, and
-/// the cookie of the agent's network namespace.
+/// Globals the loader sets before loading: the mark layout's shift, the
+/// cookie of the agent's network namespace, and whether DNS is let
+/// through (1 in sidecar mode, as the seed does for sidecars).
 pub const GLOBAL_MARK_SHIFT: &str = "MARK_SHIFT";
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
+pub const GLOBAL_ALLOW_DNS: &str = "ALLOW_DNS";
+
+/// The DNS port a sidecar lets through.
+pub const DNS_PORT: u16 = 53;
 
 /// Capacities. A full map is an error in user space, never a silent drop.
 pub const MAX_NETS: u32 = 65_536;
@@ -100,6 +124,28 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 pub const SCOPE_BITS: u32 = 32;
 /// Bits of the IPv4-mapped prefix `::ffff:0:0/96`.
 pub const V4_MAPPED_BITS: u32 = 96;
+
+/// The `PU_PORTS` value of a port of a host-service PU: its slot with this
+/// bit set. A host-service PU is also found by its ports on the
+/// application side (a socket bound to one of them is the service's);
+/// a listening port of a linux-process or uid PU only says where incoming
+/// connections go.
+pub const PORT_OF_SERVICE: u32 = 1 << 31;
+
+/// The `PU_PORTS` value for a port of `slot`: [`PORT_OF_SERVICE`] set for a
+/// host-service PU.
+pub const fn port_owner(slot: u32, service: bool) -> u32 {
+    if service {
+        slot | PORT_OF_SERVICE
+    } else {
+        slot
+    }
+}
+
+/// The slot of a `PU_PORTS` value.
+pub const fn port_slot(owner: u32) -> u32 {
+    owner & !PORT_OF_SERVICE
+}
 
 /// A PU's listening port: which PU an incoming connection is for.
 #[repr(C)]

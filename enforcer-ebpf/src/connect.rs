@@ -1,6 +1,12 @@
-//! `cgroup/connect4|6` and `cgroup/sendmsg4|6` (unconnected UDP),
-//! attached to each PU's cgroup: the application side of a PU's policy,
-//! decided before the first packet leaves (SPEC, "Order of evaluation inside a PU", outgoing):
+//! `cgroup/connect4|6` and `cgroup/sendmsg4|6` (unconnected UDP): the
+//! application side of a PU's policy, decided before the first packet
+//! leaves (SPEC, "Order of evaluation inside a PU", outgoing). One set is
+//! attached to each linux-process PU's cgroup, another to the host scope
+//! for the PUs that are no cgroup's (uid, host-service, host, container);
+//! both make the same decision, for the PU [`judging_pu`] names — so each
+//! task is judged once, by one PU, in SPEC's priority.
+//!
+//! The decision:
 //!
 //! 1. a destination in the excluded networks is never touched;
 //! 2. if the destination is not a target TCP network, the specific-protocol
@@ -15,16 +21,19 @@
 //! 4. the protocol-any ACLs;
 //! 5. anything else is refused, and logged (policy `default`).
 //!
+//! Between 2 and 3, a sidecar lets DNS (UDP to port 53) through, as the
+//! seed does.
+//!
 //! A UDP answer from one of the PU's listening ports to a peer whose
 //! datagram to that port a network ACL accepted lately (`UDP_ANSWERS`,
 //! written by TC ingress) goes out if the network ACLs in force still
 //! accept that peer, whatever the application ACLs say: the fallback's
 //! reverse ESTABLISHED accept (SPEC: "UDP accepts add a reverse
-//! ESTABLISHED accept on the other side").
+//! ESTABLISHED accept on the other side"). Anything else sent from the
+//! service's port is judged as any datagram of the PU.
 //!
-//! A connection of a task in no PU's cgroup (the PU was just deleted) is
-//! left alone, and so is a socket the agent marked as its own injected
-//! traffic (kind `Injected`).
+//! A connection of a task no PU claims is left alone, and so is a socket
+//! the agent marked as its own injected traffic (kind `Injected`).
 
 use core::ffi::c_void;
 
@@ -36,16 +45,18 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        DIRECTION_APP, DIRECTION_NET, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED,
-        SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_WINDOW_NS, UdpAnswerKey, UdpTrapKey,
+        DIRECTION_APP, DIRECTION_NET, DNS_PORT, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey,
+        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_WINDOW_NS, UdpAnswerKey,
+        UdpTrapKey,
     },
     marks::{Class, Kind, MarkLayout},
 };
 
-use crate::maps::{PU_PORTS, UDP_ANSWERS, UDP_TRAPS};
+use crate::maps::{UDP_ANSWERS, UDP_TRAPS};
 use crate::policy::{
-    AclVerdict, Count, Deferral, Side, acl_entry, count, current_pu, evaluate, in_agent_netns,
-    in_set, log_final_drop, mark_layout,
+    AclVerdict, Count, Deferral, Scope, Side, acl_entry, allow_dns, count, current_cgroup_pu,
+    current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop, mark_layout,
+    port_pu,
 };
 
 const PROCEED: i32 = 1;
@@ -66,22 +77,42 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::PuCgroup)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::PuCgroup)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn enforcer_host_connect4(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::Host)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn enforcer_host_connect6(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::Host)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enforcer_host_sendmsg4(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::Host)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enforcer_host_sendmsg6(ctx: SockAddrContext) -> i32 {
+    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::Host)
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
@@ -140,8 +171,8 @@ const TRAP: i32 = 2;
 /// What the hook returns for [`decide`]'s verdict; for a datagram, the
 /// trap decision is recorded (or an earlier one forgotten) first.
 #[inline(always)]
-fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
-    let verdict = decide(sa, addr, hook);
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
+    let verdict = decide(sa, addr, hook, scope);
     if hook == Hook::SendMsg && verdict != REFUSE {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
@@ -159,17 +190,25 @@ fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
 /// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
 /// to be trapped) or [`REFUSE`].
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
     if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
-    let Some(slot) = current_pu() else {
+    // SAFETY: valid context. The port is in network order in the low 16 bits.
+    let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
+    let port = u16::from_be(user_port as u16);
+    let local_port = bound_port(sa);
+    let local = (local_port != 0).then(|| PortKey::new(proto, local_port));
+    let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
     if socket_mark(sa) & mark_layout().kind_mask() == mark_layout().kind(Kind::Injected) {
         // The agent's own injected packets bypass every PU's policy, as
         // the fixed OUTPUT rule that accepts them first does.
         return PROCEED;
+    }
+    if proto == PROTO_UDP && answers(sa, slot, addr, port) {
+        return apply(sa, slot, AclVerdict::Accept, hook);
     }
     if in_set(SCOPE_EXCLUDED, addr) {
         // A socket reconnected from a target to an excluded peer must not
@@ -178,12 +217,6 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
             clear_class(sa);
         }
         return PROCEED;
-    }
-    // SAFETY: valid context. The port is in network order in the low 16 bits.
-    let (proto, user_port) = unsafe { ((*sa).protocol as u8, (*sa).user_port) };
-    let port = u16::from_be(user_port as u16);
-    if proto == PROTO_UDP && answers(sa, slot, addr, port) {
-        return apply(sa, slot, AclVerdict::Accept, hook);
     }
     let entry = acl_entry(Side::App, slot, addr);
     let target_tcp = in_set(SCOPE_TARGET_TCP, addr);
@@ -198,7 +231,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
     let mut defer = Deferral::socket(cookie);
     let flow = FlowEvent {
         slot,
-        src_port: bound_port(sa),
+        src_port: local_port,
         dst: addr,
         dst_port: port,
         proto,
@@ -213,6 +246,13 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook) -> i32 {
         let verdict = apply(sa, slot, verdict, hook);
         defer.finish(verdict == REFUSE);
         return verdict;
+    }
+    if allow_dns() && proto == PROTO_UDP && port == DNS_PORT {
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        defer.finish(false);
+        return PROCEED;
     }
     if (proto == PROTO_TCP && target_tcp) || (proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, addr))
     {
@@ -271,8 +311,7 @@ fn answers(sa: *mut bpf_sock_addr, slot: u32, peer: [u8; 16], peer_port: u16) ->
     if local == 0 {
         return false;
     }
-    // SAFETY: map lookups with keys on the stack.
-    if unsafe { PU_PORTS.get(PortKey::new(PROTO_UDP, local)) } != Some(&slot) {
+    if port_pu(PortKey::new(PROTO_UDP, local)) != Some(slot) {
         return false;
     }
     let key = UdpAnswerKey::new(peer, peer_port, local);

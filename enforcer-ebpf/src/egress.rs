@@ -1,9 +1,12 @@
-//! `cgroup_skb` egress, attached to each PU's cgroup: the application side
-//! of a PU's policy for what the sock_addr hooks never see — ICMP from
-//! ping and raw sockets, and every other protocol but TCP and UDP (whose
-//! sockets the connect and sendmsg hooks judge). It runs after netfilter,
-//! so it can only let a packet go or drop it (ARCHITECTURE.md), which is
-//! all these protocols need: nothing of them is trapped.
+//! `cgroup_skb` egress, attached to each linux-process PU's cgroup and
+//! (as `enforcer_host_egress`) to the host scope, as the sock_addr hooks
+//! are (see `connect`; [`judging_pu`] picks the one PU that judges): the
+//! application side of a PU's policy for what the sock_addr hooks never
+//! see — ICMP from ping and raw sockets, and every other protocol but TCP
+//! and UDP (whose sockets the connect and sendmsg hooks judge). It runs
+//! after netfilter, so it can only let a packet go or drop it
+//! (ARCHITECTURE.md), which is all these protocols need: nothing of them
+//! is trapped.
 //!
 //! For such a packet, in SPEC's order ("Order of evaluation inside a PU",
 //! outgoing), as the fallback's chain does:
@@ -13,8 +16,12 @@
 //!    `icmpv6` one IPv6's) in bucket order;
 //! 3. ICMPv6 is accepted (IPv6 only: neighbour discovery and path MTU
 //!    must work whatever the ACLs);
-//! 4. the protocol-any ACLs;
-//! 5. anything else is dropped.
+//! 4. an ICMP answer (echo reply, error) passes, where the fallback's
+//!    chain accepts ESTABLISHED and RELATED packets: the kernel answers
+//!    pings and sends errors from sockets of its own, which a host scope
+//!    at the cgroup root holds;
+//! 5. the protocol-any ACLs;
+//! 6. anything else is dropped.
 //!
 //! For TCP and UDP it only completes the hooks' flow-log events: a
 //! connect or sendmsg hook runs before routing (and, for TCP, the bind),
@@ -26,7 +33,9 @@
 //! state here): a policy update applies to the next echo request.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
@@ -36,10 +45,10 @@ use enforcer_common::maps::{
 };
 
 use crate::{
-    packet::{self, L4, Parsed},
+    packet::{self, L4, Parsed, is_icmp_answer},
     policy::{
-        AclVerdict, Count, Deferral, Side, acl_entry, count, evaluate, in_agent_netns, in_set,
-        log_final_drop, pu_of_cgroup, take_pending,
+        AclVerdict, Count, Deferral, Scope, Side, acl_entry, count, evaluate, in_agent_netns,
+        in_set, judging_pu, log_final_drop, pu_of_cgroup, take_pending,
     },
 };
 
@@ -48,16 +57,28 @@ const DROP: i32 = 0;
 
 #[cgroup_skb]
 pub fn enforcer_egress(ctx: SkBuffContext) -> i32 {
-    if hooked_transport(&ctx) {
-        log_held_back(&ctx);
+    egress(&ctx, Scope::PuCgroup)
+}
+
+#[cgroup_skb]
+pub fn enforcer_host_egress(ctx: SkBuffContext) -> i32 {
+    egress(&ctx, Scope::Host)
+}
+
+#[inline(always)]
+fn egress(ctx: &SkBuffContext, scope: Scope) -> i32 {
+    if hooked_transport(ctx) {
+        // Whichever program runs first takes the held-back events; the
+        // other finds none.
+        log_held_back(ctx);
         return PASS;
     }
-    match packet::parse_ip(&ctx) {
-        Parsed::L4(l4) if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP => decide(&ctx, &l4),
+    match packet::parse_ip(ctx) {
+        Parsed::L4(l4) if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP => decide(ctx, &l4, scope),
         // Headers this program cannot read whole (a raw socket's own IP
         // header, a runaway extension-header chain) never get a more
         // permissive verdict than a readable packet: a PU's is dropped.
-        Parsed::Malformed => match pu_slot(&ctx) {
+        Parsed::Malformed => match pu_slot(ctx, scope) {
             Some(slot) => {
                 count(slot, Count::Dropped);
                 DROP
@@ -101,24 +122,30 @@ fn hooked_transport(ctx: &SkBuffContext) -> bool {
     matches!(proto, Ok(PROTO_TCP | PROTO_UDP))
 }
 
-/// The PU of the sending socket's cgroup, for a packet of the agent's
-/// network namespace.
+/// The PU that judges a packet of the agent's network namespace from
+/// `scope` ([`judging_pu`]), by the sending socket's cgroup and owner.
+/// These protocols have no port: a host-service PU never claims them.
 #[inline(always)]
-fn pu_slot(ctx: &SkBuffContext) -> Option<u32> {
+fn pu_slot(ctx: &SkBuffContext, scope: Scope) -> Option<u32> {
     let skb = ctx.skb.skb;
     if !in_agent_netns(skb.cast()) {
         return None;
     }
-    // SAFETY: helpers on the program's own context; 0 means none.
-    let own = unsafe { bpf_skb_cgroup_id(skb) };
-    pu_of_cgroup(own, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    })
+    let cgroup = || {
+        // SAFETY: helpers on the program's own context; 0 means none.
+        let own = unsafe { bpf_skb_cgroup_id(skb) };
+        pu_of_cgroup(own, |level| unsafe {
+            bpf_skb_ancestor_cgroup_id(skb, level)
+        })
+    };
+    // SAFETY: as above; the overflow uid when there is no socket.
+    let uid = || unsafe { bpf_get_socket_uid(skb) };
+    judging_pu(scope, cgroup, uid, None)
 }
 
 #[inline(always)]
-fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
-    let Some(slot) = pu_slot(ctx) else {
+fn decide(ctx: &SkBuffContext, l4: &L4, scope: Scope) -> i32 {
+    let Some(slot) = pu_slot(ctx, scope) else {
         return PASS;
     };
     if in_set(SCOPE_EXCLUDED, l4.dst) {
@@ -140,6 +167,9 @@ fn decide(ctx: &SkBuffContext, l4: &L4) -> i32 {
         return apply(slot, verdict);
     }
     if l4.proto == PROTO_ICMPV6 && !is_v4_mapped(&l4.dst) {
+        return PASS;
+    }
+    if is_icmp_answer(l4.proto, l4.icmp_type) {
         return PASS;
     }
     if let Some(entry) = entry

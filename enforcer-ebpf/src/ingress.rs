@@ -3,7 +3,10 @@
 //! evaluation inside a PU", incoming), decided before netfilter.
 //!
 //! A packet is for a PU when its destination port is one of the PU's
-//! listening ports (`PU_PORTS`). For those, in SPEC's order:
+//! listening ports (`PU_PORTS`: linux-process, uid and host-service PUs);
+//! any other packet is the namespace-wide PU's, if there is one (the host
+//! PU, or the container PU of a remote-container or sidecar agent). For
+//! those, in SPEC's order:
 //! 1. a source in the excluded networks is never touched;
 //! 2. TCP: only connection set-up (SYN without ACK) is judged here — TC
 //!    runs before conntrack, and a connection whose SYN was dropped never
@@ -16,6 +19,12 @@
 //!    queues it;
 //! 5. the protocol-any network ACLs;
 //! 6. anything else is dropped, and logged (policy `default`).
+//!
+//! Before 4, ICMPv6 is let in (neighbour discovery), and a sidecar lets DNS
+//! answers (UDP from port 53) in, as the seed does. A refusal for a port
+//! PU drops the packet here; one for the namespace-wide PU is left to a
+//! fixed rule in INPUT (class `RefuseNew`), which drops it unless
+//! conntrack knows its flow — see [`Refusal`].
 //!
 //! A UDP datagram a network ACL accepts also lets the PU answer its
 //! sender from that port for a while (`UDP_ANSWERS`, read by the sendmsg
@@ -36,18 +45,19 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        DIRECTION_NET, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
-        SCOPE_TARGET_UDP, UDP_ANSWER_REFRESH_NS, UdpAnswerKey,
+        DIRECTION_NET, DNS_PORT, FlowEvent, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PortKey,
+        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_REFRESH_NS, UdpAnswerKey,
+        is_v4_mapped,
     },
     marks::Class,
 };
 
 use crate::{
-    maps::{PU_PORTS, UDP_ANSWERS},
+    maps::UDP_ANSWERS,
     packet::{self, L4, Parsed},
     policy::{
-        AclVerdict, Count, Deferral, Side, acl_entry, count, evaluate, in_set, log_final_drop,
-        mark_layout,
+        AclVerdict, Count, Deferral, Side, acl_entry, allow_dns, count, evaluate, fallback_pu,
+        in_set, log_final_drop, mark_layout, port_pu,
     },
 };
 
@@ -65,12 +75,19 @@ pub fn enforcer_ingress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn decide(ctx: &TcContext, l4: &L4) -> i32 {
-    if l4.proto != PROTO_TCP && l4.proto != PROTO_UDP {
-        return TC_ACT_OK;
-    }
-    // SAFETY: a map lookup with a key on the stack.
-    let Some(&slot) = (unsafe { PU_PORTS.get(PortKey::new(l4.proto, l4.dst_port)) }) else {
-        return TC_ACT_OK;
+    let ported = l4.proto == PROTO_TCP || l4.proto == PROTO_UDP;
+    let by_port = match ported {
+        true => port_pu(PortKey::new(l4.proto, l4.dst_port)),
+        false => None,
+    };
+    let (slot, refusal) = match by_port.map(|slot| (slot, Refusal::Drop)) {
+        Some(found) => found,
+        None => match fallback_pu() {
+            // No PU's port: the namespace-wide PU's packet. Every protocol
+            // is judged (ICMP too, which no port PU ever sees).
+            Some(slot) => (slot, Refusal::UnlessKnown),
+            None => return TC_ACT_OK,
+        },
     };
     if in_set(SCOPE_EXCLUDED, l4.src) {
         return TC_ACT_OK;
@@ -80,6 +97,9 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     }
     let entry = acl_entry(Side::Net, slot, l4.src);
     let target_tcp = in_set(SCOPE_TARGET_TCP, l4.src);
+    // One for both walks: every byte of this frame counts (the verifier
+    // allows 512 for it and the ACL walk's callback together).
+    let mut no_deferral = Deferral::none();
     let flow = FlowEvent {
         slot,
         src: l4.src,
@@ -98,10 +118,17 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
             entry.specific,
             l4.dst_port,
             &flow,
-            &mut Deferral::none(),
+            &mut no_deferral,
         )
     {
-        return apply(ctx, l4, slot, verdict);
+        return apply(ctx, l4, slot, verdict, refusal);
+    }
+    if l4.proto == PROTO_ICMPV6 && !is_v4_mapped(&l4.src) {
+        // Neighbour discovery and path MTU work whatever the ACLs.
+        return TC_ACT_OK;
+    }
+    if allow_dns() && l4.proto == PROTO_UDP && l4.src_port == DNS_PORT {
+        return TC_ACT_OK;
     }
     if (l4.proto == PROTO_TCP && target_tcp)
         || (l4.proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, l4.src))
@@ -122,21 +149,60 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
             entry.any,
             l4.dst_port,
             &flow,
-            &mut Deferral::none(),
+            &mut no_deferral,
         )
     {
-        return apply(ctx, l4, slot, verdict);
+        return apply(ctx, l4, slot, verdict, refusal);
     }
-    log_final_drop(&flow);
-    count(slot, Count::Dropped);
-    TC_ACT_SHOT
+    if refusal.counted(l4.proto) {
+        log_final_drop(&flow);
+        count(slot, Count::Dropped);
+    }
+    refuse(ctx, refusal)
+}
+
+/// How a refusal is carried out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Here: the packet is for a PU's listening port, so it starts
+    /// something (a TCP SYN, a datagram to a service).
+    Drop,
+    /// By the fixed rule in INPUT, unless conntrack knows the flow: a
+    /// packet of the namespace-wide PU may answer what the PU sent (a
+    /// datagram back, an ICMP error), which the fallback's chain accepts
+    /// as ESTABLISHED or RELATED; and only a packet for this host reaches
+    /// INPUT, so what the host forwards is never the PU's.
+    UnlessKnown,
+}
+
+impl Refusal {
+    /// Whether a refusal is counted and logged here. A deferred one is
+    /// only for a TCP SYN, which always starts a connection; any other
+    /// packet may yet turn out to be an answer that conntrack lets in.
+    #[inline(always)]
+    fn counted(self, proto: u8) -> bool {
+        self == Refusal::Drop || proto == PROTO_TCP
+    }
 }
 
 #[inline(always)]
-fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict) -> i32 {
+fn refuse(ctx: &TcContext, refusal: Refusal) -> i32 {
+    match refusal {
+        Refusal::Drop => TC_ACT_SHOT,
+        Refusal::UnlessKnown => {
+            set_class(ctx, Class::RefuseNew);
+            TC_ACT_OK
+        }
+    }
+}
+
+#[inline(always)]
+fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict, refusal: Refusal) -> i32 {
     match verdict {
         AclVerdict::Accept => {
-            if l4.proto == PROTO_UDP {
+            // Only a port PU's service answers from its port; the
+            // namespace-wide PU's answers are conntrack's business.
+            if l4.proto == PROTO_UDP && refusal == Refusal::Drop {
                 allow_answers(l4);
             }
             set_class(ctx, Class::AclAccept);
@@ -144,8 +210,10 @@ fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict) -> i32 {
             TC_ACT_OK
         }
         AclVerdict::Reject => {
-            count(slot, Count::Dropped);
-            TC_ACT_SHOT
+            if refusal.counted(l4.proto) {
+                count(slot, Count::Dropped);
+            }
+            refuse(ctx, refusal)
         }
     }
 }

@@ -32,8 +32,20 @@ pub static PU_GENERATION: Array<u32> = Array::with_max_entries(MAX_PUS, 0);
 #[map(name = "PU_COUNTS")]
 pub static PU_COUNTS: PerCpuArray<PuCounts> = PerCpuArray::with_max_entries(MAX_PUS, 0);
 
-/// A PU's listening port → its slot: which PU an incoming connection is
-/// for.
+/// A uid PU's uid → its slot.
+#[map(name = "PU_BY_UID")]
+pub static PU_BY_UID: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PUS, 0);
+
+/// The namespace-wide PU (the host PU of a local-server agent, or the
+/// container PU of a remote-container or sidecar one): its slot plus one,
+/// 0 while there is none.
+#[map(name = "FALLBACK_PU")]
+pub static FALLBACK_PU: Array<u32> = Array::with_max_entries(1, 0);
+
+/// A PU's listening port → its slot (`enforcer_common::maps::port_owner`:
+/// with `PORT_OF_SERVICE` set for a host-service PU's): which PU an
+/// incoming connection is for, and which host-service PU a socket bound
+/// to the port belongs to.
 #[map(name = "PU_PORTS")]
 pub static PU_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(MAX_PUS * 4, 0);
 

@@ -9,8 +9,8 @@ use core::{
 use aya_ebpf::{
     cty::c_long,
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_loop,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_uid_gid,
+        bpf_get_netns_cookie, bpf_loop,
     },
     maps::lpm_trie::Key,
 };
@@ -18,14 +18,15 @@ use enforcer_common::{
     maps::{
         ACTION_ACCEPT, ACTION_REJECT, AclEntry, AclRule, FlowEvent, MAX_ACL_RULES,
         MAX_CGROUP_DEPTH, MAX_DEFERRED_FLOWS, NetKey, OBSERVE_CONTINUE, OBSERVE_NONE,
-        POLICY_DEFAULT, PROTO_ANY, PendingFlowKey, PuCounts, RULE_LOG, SCOPE_BITS, acl_scope,
-        family_scope, is_v4_mapped, net_acl_scope,
+        POLICY_DEFAULT, PORT_OF_SERVICE, PROTO_ANY, PendingFlowKey, PortKey, PuCounts, RULE_LOG,
+        SCOPE_BITS, acl_scope, family_scope, is_v4_mapped, net_acl_scope, port_slot,
     },
     marks::MarkLayout,
 };
 
 use crate::maps::{
-    ACLS, FLOW_EVENTS, NETS, PENDING_COUNT, PENDING_FLOWS, PU_BY_CGROUP, PU_COUNTS, PU_GENERATION,
+    ACLS, FALLBACK_PU, FLOW_EVENTS, NETS, PENDING_COUNT, PENDING_FLOWS, PU_BY_CGROUP, PU_BY_UID,
+    PU_COUNTS, PU_GENERATION, PU_PORTS,
 };
 
 /// The mark layout's shift; the loader sets it before loading.
@@ -35,6 +36,10 @@ static MARK_SHIFT: u32 = enforcer_common::marks::DEFAULT_SHIFT;
 /// The cookie of the agent's network namespace; the loader sets it.
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: u64 = 0;
+
+/// 1 when DNS is let through (sidecar mode); the loader sets it.
+#[unsafe(no_mangle)]
+static ALLOW_DNS: u32 = 0;
 
 /// Cgroup hooks act on every process of the cgroup, whatever its network
 /// namespace; the agent enforces in its own only (as its netfilter rules
@@ -56,16 +61,112 @@ pub fn mark_layout() -> MarkLayout {
     MarkLayout::new(shift).unwrap_or_default()
 }
 
-/// The PU slot of the current task: its own cgroup, or the nearest
+/// Which attachment a program runs from: a linux-process PU's own cgroup,
+/// or the host scope (one cgroup, by default the cgroup v2 root, holding
+/// every task a uid, host-service, host or container PU can claim).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    PuCgroup,
+    Host,
+}
+
+/// The PU whose policy judges what a task sends, if it is this program's
+/// to judge — SPEC's priority: the uid PU of the task's user, then the
+/// linux-process PU of its cgroup, then the host-service PU whose port the
+/// socket is bound to (`local_port`), then the namespace-wide PU (host or
+/// container).
+///
+/// A cgroup program runs for the tasks of its cgroup and of every cgroup
+/// below it, and programs linked to a cgroup and to an ancestor both run
+/// (links always stack). A task in a PU's cgroup under the host scope
+/// meets both the PU cgroup's programs and the host scope's: the host
+/// scope's leave it alone, and the PU cgroup's judge it whole — by its uid
+/// PU if it has one, else by the cgroup's PU. So every task is judged
+/// exactly once, by one PU: `cgroup` is the task's PU cgroup lookup
+/// ([`pu_of_cgroup`]), `uid` its user.
+///
+/// A PU cgroup is mapped in `PU_BY_CGROUP` only while its programs are
+/// attached (the agent attaches before it maps, unmaps before it
+/// detaches), so a task the host scope leaves alone is always judged.
+#[inline(always)]
+pub fn judging_pu(
+    scope: Scope,
+    cgroup: impl FnOnce() -> Option<u32>,
+    uid: impl FnOnce() -> u32,
+    local_port: Option<PortKey>,
+) -> Option<u32> {
+    let in_cgroup = cgroup();
+    match scope {
+        // No PU maps the cgroup (yet, or any more): the host scope judges.
+        Scope::PuCgroup => {
+            in_cgroup?;
+            uid_pu(uid()).or(in_cgroup)
+        }
+        Scope::Host if in_cgroup.is_some() => None,
+        Scope::Host => uid_pu(uid())
+            .or_else(|| local_port.and_then(service_pu))
+            .or_else(fallback_pu),
+    }
+}
+
+/// The PU slot of the current task's cgroup: its own, or the nearest
 /// ancestor that is a PU's cgroup (processes in sub-cgroups belong to the
 /// PU above them).
 #[inline(always)]
-pub fn current_pu() -> Option<u32> {
+pub fn current_cgroup_pu() -> Option<u32> {
     // SAFETY: helpers without arguments that can fail; 0 means none (and
     // 0 for levels deeper than the task's cgroup).
     pu_of_cgroup(unsafe { bpf_get_current_cgroup_id() }, |level| unsafe {
         bpf_get_current_ancestor_cgroup_id(level)
     })
+}
+
+/// The current task's uid.
+#[inline(always)]
+pub fn current_uid() -> u32 {
+    // SAFETY: a helper without arguments; the low half is the uid.
+    unsafe { bpf_get_current_uid_gid() as u32 }
+}
+
+/// The uid PU of `uid`.
+#[inline(always)]
+fn uid_pu(uid: u32) -> Option<u32> {
+    // SAFETY: a map lookup with a key on the stack.
+    unsafe { PU_BY_UID.get(uid) }.copied()
+}
+
+/// The PU listening on a port (any kind): whose an incoming packet is.
+#[inline(always)]
+pub fn port_pu(key: PortKey) -> Option<u32> {
+    // SAFETY: a map lookup with a key on the stack.
+    unsafe { PU_PORTS.get(key) }.map(|&owner| port_slot(owner))
+}
+
+/// The host-service PU of a port: whose a socket bound to it is.
+#[inline(always)]
+fn service_pu(key: PortKey) -> Option<u32> {
+    // SAFETY: a map lookup with a key on the stack.
+    match unsafe { PU_PORTS.get(key) } {
+        Some(&owner) if owner & PORT_OF_SERVICE != 0 => Some(port_slot(owner)),
+        _ => None,
+    }
+}
+
+/// The namespace-wide PU: the host PU, or the container PU.
+#[inline(always)]
+pub fn fallback_pu() -> Option<u32> {
+    match FALLBACK_PU.get(0).copied() {
+        Some(plus_one) if plus_one != 0 => Some(plus_one - 1),
+        _ => None,
+    }
+}
+
+/// Whether DNS is let through whatever the ACLs (sidecar mode).
+#[inline(always)]
+pub fn allow_dns() -> bool {
+    // SAFETY: a plain read of a global the loader patched; volatile as
+    // for the mark shift.
+    unsafe { core::ptr::read_volatile(&ALLOW_DNS) != 0 }
 }
 
 /// The PU slot of a cgroup, given its id and its ancestors' by level

@@ -146,26 +146,52 @@ impl GlobalSet {
 /// A PU's port set: the listening ports that identify its traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PortSet {
-    /// Of a uid PU.
+    /// The TCP ports of a uid PU (the seed's set).
     Uid,
+    /// The UDP ports of a uid PU. The seed hooked only TCP to a uid PU's
+    /// chain; its UDP services are the PU's as much.
+    UidUdp,
     /// The TCP ports of a linux-process PU (the seed's set).
     Process,
     /// The UDP ports of a linux-process PU. The seed matched them with
     /// `multiport` in the hook rule; a set of their own lets them change at
     /// run time like the TCP ones, without touching a rule.
     ProcessUdp,
+    /// The TCP ports of a host-service PU: the service itself. The seed
+    /// matched them with `multiport`; a set keeps the rule one line
+    /// whatever the number of ports.
+    Service,
+    /// The UDP ports of a host-service PU.
+    ServiceUdp,
 }
 
 impl PortSet {
-    /// `TRI-v4-UID-Port-<short>`, `TRI-v4-ProcPort-<short>` or
-    /// `TRI-v4-ProcUDP-<short>`.
+    /// Every kind of port set.
+    pub const ALL: [PortSet; 6] = [
+        PortSet::Uid,
+        PortSet::UidUdp,
+        PortSet::Process,
+        PortSet::ProcessUdp,
+        PortSet::Service,
+        PortSet::ServiceUdp,
+    ];
+
+    /// `TRI-v4-UID-Port-<short>`, `TRI-v4-UID-UDP-<short>`,
+    /// `TRI-v4-ProcPort-<short>`, `TRI-v4-ProcUDP-<short>`,
+    /// `TRI-v4-SvcPort-<short>` or `TRI-v4-SvcUDP-<short>`.
     pub fn name(self, family: IpFamily, short: &ShortName) -> String {
-        let kind = match self {
+        set_name(family, self.kind(), short)
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
             PortSet::Uid => "UID-Port-",
+            PortSet::UidUdp => "UID-UDP-",
             PortSet::Process => "ProcPort-",
             PortSet::ProcessUdp => "ProcUDP-",
-        };
-        set_name(family, kind, short)
+            PortSet::Service => "SvcPort-",
+            PortSet::ServiceUdp => "SvcUDP-",
+        }
     }
 }
 
@@ -462,15 +488,13 @@ mod tests {
         assert!(chains.net.len() <= MAX_CHAIN_NAME_LEN, "{}", chains.net);
         for family in IpFamily::ALL {
             // The seed cut prefixes to 16 characters; ours never need it.
-            for kind in ["UID-Port-", "ProcPort-", "ProcUDP-", PROXY_SET_PREFIX] {
+            let kinds = PortSet::ALL.map(PortSet::kind);
+            for kind in kinds.into_iter().chain([PROXY_SET_PREFIX]) {
                 assert!(family.set_prefix().len() + kind.len() <= 16, "{kind}");
             }
             let proxy = proxy_sets(family, &short);
             let mut names = vec![proxy.destinations, proxy.server_ports];
-            names.extend(
-                [PortSet::Uid, PortSet::Process, PortSet::ProcessUdp]
-                    .map(|s| s.name(family, &short)),
-            );
+            names.extend(PortSet::ALL.map(|s| s.name(family, &short)));
             names.extend(GlobalSet::ALL.map(|s| s.name(family)));
             names.push(acl_set(family, &short, u8::MAX, Direction::Net, u16::MAX));
             for name in names {

@@ -33,6 +33,8 @@ pub struct Config {
     flow_log: Option<FlowLog>,
     #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<Host>,
     pus: Vec<Pu>,
 }
 
@@ -54,6 +56,11 @@ pub struct IdentityRule {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     ports: Vec<Port>,
     policy_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Host {
+    cgroup: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -83,7 +90,10 @@ struct FlowLog {
 pub struct Pu {
     id: String,
     kind: String,
-    cgroup: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tcp_ports: Vec<Port>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -137,6 +147,24 @@ impl Port {
 /// No ports given: an ACL of every port.
 pub const EVERY_PORT: [u16; 0] = [];
 
+/// A test cgroup's path relative to the cgroup v2 mount, as a config
+/// names it. Test cgroups are made under the mount ([`Cgroup::new`]) or
+/// below one another ([`Cgroup::child`]), each named with the harness's
+/// [`NAME_PREFIX`](crate::NAME_PREFIX): the path below the mount is the
+/// run of such names at the end of the cgroup's path.
+fn relative_cgroup(cgroup: &Cgroup) -> String {
+    let path = cgroup.path();
+    let prefix = crate::NAME_PREFIX;
+    let below: Vec<String> = path
+        .ancestors()
+        .map_while(|dir| {
+            let name = dir.file_name()?.to_string_lossy();
+            name.starts_with(prefix).then(|| name.into_owned())
+        })
+        .collect();
+    below.into_iter().rev().collect::<Vec<_>>().join("/")
+}
+
 fn strings<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Vec<String> {
     items.into_iter().map(Into::into).collect()
 }
@@ -144,10 +172,35 @@ fn strings<S: Into<String>>(items: impl IntoIterator<Item = S>) -> Vec<String> {
 impl Config {
     /// `mode = "local-server"`, no networks, no PUs.
     pub fn local_server() -> Self {
+        Self::in_mode("local-server")
+    }
+
+    /// `mode = "remote-container"`: the agent runs inside the container's
+    /// network namespace, for its one container PU.
+    pub fn remote_container() -> Self {
+        Self::in_mode("remote-container")
+    }
+
+    /// `mode = "sidecar"`: as remote-container, and DNS is let through.
+    pub fn sidecar() -> Self {
+        Self::in_mode("sidecar")
+    }
+
+    fn in_mode(mode: &str) -> Self {
         Self {
-            mode: "local-server".into(),
+            mode: mode.into(),
             ..Self::default()
         }
+    }
+
+    /// `[host] cgroup`: the eBPF datapath's host scope, a test's own
+    /// cgroup (relative to the cgroup v2 mount) so that its programs never
+    /// sit on the machine's root cgroup.
+    pub fn host_scope(mut self, cgroup: &Cgroup) -> Self {
+        self.host = Some(Host {
+            cgroup: relative_cgroup(cgroup),
+        });
+        self
     }
 
     pub fn target_tcp<S: Into<String>>(mut self, nets: impl IntoIterator<Item = S>) -> Self {
@@ -222,22 +275,46 @@ impl Pu {
     /// cgroup v2 mount).
     pub fn process(id: &str, cgroup: &str) -> Self {
         Self {
-            id: id.into(),
-            kind: "linux-process".into(),
-            cgroup: cgroup.into(),
-            ..Self::default()
+            cgroup: Some(cgroup.into()),
+            ..Self::of_kind(id, "linux-process")
         }
     }
 
-    /// A `linux-process` PU of a test's [`Cgroup`]: made directly under
-    /// the cgroup v2 mount, its directory name is its path there.
+    /// A `linux-process` PU of a test's [`Cgroup`] (made under the cgroup
+    /// v2 mount, or below another test cgroup).
     pub fn process_of(id: &str, cgroup: &Cgroup) -> Self {
-        let name = cgroup
-            .path()
-            .file_name()
-            .expect("a cgroup has a directory name")
-            .to_string_lossy();
-        Self::process(id, &name)
+        Self::process(id, &relative_cgroup(cgroup))
+    }
+
+    /// A `uid` PU: every process of the user `uid`.
+    pub fn uid(id: &str, uid: u32) -> Self {
+        Self {
+            uid: Some(uid),
+            ..Self::of_kind(id, "uid")
+        }
+    }
+
+    /// A `host-service` PU: give it its ports next.
+    pub fn host_service(id: &str) -> Self {
+        Self::of_kind(id, "host-service")
+    }
+
+    /// The `host` PU: the whole host.
+    pub fn host(id: &str) -> Self {
+        Self::of_kind(id, "host")
+    }
+
+    /// The `container` PU of a remote-container or sidecar agent.
+    pub fn container(id: &str) -> Self {
+        Self::of_kind(id, "container")
+    }
+
+    fn of_kind(id: &str, kind: &str) -> Self {
+        Self {
+            id: id.into(),
+            kind: kind.into(),
+            ..Self::default()
+        }
     }
 
     /// Ports the PU listens on: incoming connections to them are the PU's.

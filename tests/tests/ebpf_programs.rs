@@ -6,7 +6,9 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramInfo, SchedClassifier, SocketFilter};
-use enforcer_common::maps::{PROG_EGRESS, PROG_INGRESS, PU_PROGRAMS, RULE_FILTERS};
+use enforcer_common::maps::{
+    HOST_PROGRAMS, PROG_EGRESS, PROG_HOST_EGRESS, PROG_INGRESS, PU_PROGRAMS, RULE_FILTERS,
+};
 use enforcer_tests::privilege;
 
 /// The verifier's limit on instructions processed per program.
@@ -25,7 +27,7 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         .load(enforcer::bpf::datapath_object()?)
         .context("loading the datapath object")?;
     let mut processed = Vec::new();
-    for name in PU_PROGRAMS {
+    for name in PU_PROGRAMS.into_iter().chain(HOST_PROGRAMS) {
         let prog: &mut CgroupSockAddr = bpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("verifying {name}"))?;
         processed.push((name, verified(name, prog.info()?)?));
@@ -38,14 +40,11 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         .load()
         .with_context(|| format!("verifying {PROG_INGRESS}"))?;
     processed.push((PROG_INGRESS, verified(PROG_INGRESS, ingress.info()?)?));
-    let egress: &mut CgroupSkb = bpf
-        .program_mut(PROG_EGRESS)
-        .context(PROG_EGRESS)?
-        .try_into()?;
-    egress
-        .load()
-        .with_context(|| format!("verifying {PROG_EGRESS}"))?;
-    processed.push((PROG_EGRESS, verified(PROG_EGRESS, egress.info()?)?));
+    for name in [PROG_EGRESS, PROG_HOST_EGRESS] {
+        let egress: &mut CgroupSkb = bpf.program_mut(name).context(name)?.try_into()?;
+        egress.load().with_context(|| format!("verifying {name}"))?;
+        processed.push((name, verified(name, egress.info()?)?));
+    }
     for name in RULE_FILTERS {
         let filter: &mut SocketFilter = bpf.program_mut(name).context(name)?.try_into()?;
         filter.load().with_context(|| format!("verifying {name}"))?;

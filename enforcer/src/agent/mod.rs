@@ -198,11 +198,16 @@ pub fn run(options: RunOptions) -> Result<()> {
         iptables.backend,
         iptables.reason
     );
+    let host_scope = match &config.host.cgroup {
+        Some(cgroup) => cgroup2.join(cgroup.as_path()),
+        None => cgroup2.clone(),
+    };
     let settings = DatapathSettings {
         mode: config.mode,
         queues: config.queues.clone(),
         marks: config.marks.layout(),
         cgroup2: cgroup2.clone(),
+        host_scope,
         pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend: iptables.backend,
     };
@@ -350,6 +355,7 @@ pub fn cleanup(instance: &InstanceName) -> Result<()> {
         queues: QueueSettings::default(),
         marks: MarkSettings::default().layout(),
         cgroup2: mounts.cgroup2_or_default(),
+        host_scope: mounts.cgroup2_or_default(),
         pin_dir: instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend,
     };

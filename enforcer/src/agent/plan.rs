@@ -96,6 +96,7 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         ("iptables", old.iptables == new.iptables),
         // The discovery loop is started with its interval.
         ("ports", old.ports == new.ports),
+        ("host", old.host == new.host),
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),

@@ -65,6 +65,9 @@ pub struct DatapathSettings {
     pub marks: MarkLayout,
     /// Where cgroup v2 is mounted; PU cgroup paths are relative to it.
     pub cgroup2: PathBuf,
+    /// The host scope (`[host] cgroup`, absolute): where the eBPF
+    /// datapath attaches the programs of the PUs that are no cgroup's.
+    pub host_scope: PathBuf,
     /// This agent instance's own directory on bpffs (pins live there and
     /// nowhere else; `run` and `cleanup` remove it whole).
     pub pin_dir: PathBuf,

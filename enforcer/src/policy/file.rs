@@ -21,7 +21,7 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, IdentitySettings, IptablesSettings,
+    Configuration, DatapathChoice, FlowLogOutput, HostSettings, IdentitySettings, IptablesSettings,
     MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
     PortSettings, QueueSettings,
 };
@@ -47,6 +47,8 @@ struct RawConfiguration {
     iptables: RawIptables,
     #[serde(default)]
     ports: RawPorts,
+    #[serde(default)]
+    host: RawHost,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -96,6 +98,12 @@ struct RawIptables {
 #[serde(deny_unknown_fields)]
 struct RawPorts {
     discover_interval_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    cgroup: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -255,6 +263,7 @@ pub(super) fn parse(
             86_400_000,
         ),
     };
+    let host_settings = convert_host(&raw.host, &mut errs);
     let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
@@ -276,6 +285,7 @@ pub(super) fn parse(
     validate::pus_across(mode, pus.iter().map(|(i, pu)| (*i, pu)), &mut errs);
     if let Some(host) = host {
         validate::host(pus.iter().map(|(i, pu)| (*i, pu)), host, &mut errs);
+        validate::host_scope(&host_settings, host, &mut errs);
     }
 
     errs.finish()?;
@@ -292,6 +302,7 @@ pub(super) fn parse(
         flow_log,
         iptables,
         ports,
+        host: host_settings,
         identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
@@ -454,6 +465,19 @@ fn convert_flow_log(raw: &RawFlowLog, errs: &mut Errors) -> FlowLogOutput {
         }
         Some(path) => FlowLogOutput::File(path.into()),
     }
+}
+
+/// `[host] cgroup`: `"/"` (the default) for the cgroup v2 root, else a
+/// cgroup path under the mount.
+fn convert_host(raw: &RawHost, errs: &mut Errors) -> HostSettings {
+    let cgroup = match raw.cgroup.as_deref() {
+        None | Some("/") => None,
+        Some(text) => {
+            let path = FieldPath::root("host").key("cgroup");
+            errs.check(&path, text, CgroupPath::new(text))
+        }
+    };
+    HostSettings { cgroup }
 }
 
 /// `[identity]`: key files and the token window; the PUs' policies are
@@ -781,6 +805,15 @@ impl From<&Configuration> for RawConfiguration {
             ports: RawPorts {
                 discover_interval_ms: Some(config.ports.discover_interval_ms.into()),
             },
+            host: RawHost {
+                cgroup: Some(
+                    config
+                        .host
+                        .cgroup
+                        .as_ref()
+                        .map_or_else(|| "/".to_owned(), ToString::to_string),
+                ),
+            },
             identity: RawIdentity::from(&config.identity),
             pus: config
                 .pus
@@ -953,7 +986,10 @@ mod tests {
         );
 
         let ids: Vec<_> = config.pus.iter().map(|pu| pu.id.as_str()).collect();
-        assert_eq!(ids, ["web", "batch-worker"]);
+        assert_eq!(ids, ["web", "batch-worker", "ssh", "host"]);
+        assert_eq!(config.pus[2].kind, PuKind::HostService);
+        assert_eq!(config.pus[3].kind, PuKind::Host);
+        assert_eq!(config.host.cgroup, None);
         let web = &config.pus[0];
         assert_eq!(
             web.kind,
@@ -1375,6 +1411,44 @@ mod tests {
             message,
             r#"mode: "server" is not one of: local-server, remote-container, sidecar"#
         );
+    }
+
+    /// `[host] cgroup`: the root by default and as `"/"`, else a cgroup
+    /// path that must stay under the mount and, loaded on a host, exist.
+    #[test]
+    fn the_host_scope_is_the_root_or_an_existing_cgroup() {
+        let default = Configuration::from_toml_str("mode = \"sidecar\"").unwrap();
+        assert_eq!(default.host.cgroup, None);
+        let root = Configuration::from_toml_str("mode = \"sidecar\"\n[host]\ncgroup = \"/\"");
+        assert_eq!(root.unwrap(), default);
+        let text = "mode = \"local-server\"\n[host]\ncgroup = \"enforcer/hosts\"";
+        let scoped = Configuration::from_toml_str(text).unwrap();
+        let cgroup = CgroupPath::new("enforcer/hosts").unwrap();
+        assert_eq!(scoped.host.cgroup.as_ref(), Some(&cgroup));
+        // Both read back as written.
+        for config in [&default, &scoped] {
+            let back = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(&back.unwrap(), config);
+        }
+        for (bad, problem) in [
+            ("/sys/fs/cgroup", Problem::CgroupAbsolute),
+            ("a/../b", Problem::CgroupBadComponent),
+            ("", Problem::Empty),
+        ] {
+            let text = format!("mode = \"local-server\"\n[host]\ncgroup = \"{bad}\"");
+            assert_refused(&text, "host.cgroup", Some(bad), problem);
+        }
+        let Err(PolicyError::Invalid(errors)) = Configuration::load(text, &FakeHost(&[])) else {
+            panic!("a missing host scope loaded");
+        };
+        let errors: Vec<_> = errors.into_iter().collect();
+        assert_has(
+            &errors,
+            "host.cgroup",
+            Some("enforcer/hosts"),
+            Problem::CgroupMissing,
+        );
+        assert!(Configuration::load(text, &FakeHost(&["enforcer/hosts"])).is_ok());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::error::{Errors, FieldPath, PolicyError, ValidationErrors};
 use super::family::{IpFamily, split_zero_prefix};
 use super::host::HostFacts;
-use super::pu::{Pu, PuId, PuKind};
+use super::pu::{CgroupPath, Pu, PuId, PuKind};
 use super::{file, validate};
 use crate::identity::{IdentityPolicy, KeyFiles, Window};
 
@@ -30,6 +30,9 @@ pub struct Configuration {
     pub iptables: IptablesSettings,
     /// `[ports]`: how the PUs' listening ports are discovered.
     pub ports: PortSettings,
+    /// `[host]`: where the eBPF datapath finds the tasks of the PUs that
+    /// are no cgroup's.
+    pub host: HostSettings,
     pub identity: IdentitySettings,
     pub pus: Vec<Pu>,
 }
@@ -68,6 +71,7 @@ impl Configuration {
             validate::pu_within(pu, &list.index(i), &mut errs);
         }
         validate::host(self.pus.iter().enumerate(), host, &mut errs);
+        validate::host_scope(&self.host, host, &mut errs);
         errs.finish()
     }
 
@@ -180,6 +184,20 @@ keywords!(IptablesBackendChoice {
     Nft = "nft",
     Legacy = "legacy",
 });
+
+/// `[host]`: the *host scope* of the eBPF datapath. cgroup programs act on
+/// the tasks of the cgroup they are attached to and of every cgroup below
+/// it, whatever their network namespace; the programs that judge uid,
+/// host-service, host and container PUs are attached to this one cgroup
+/// (and filter by the agent's network namespace), so a task outside it is
+/// none of those PUs'. The iptables datapath sees every task of the
+/// namespace and needs no scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSettings {
+    /// The cgroup, relative to the cgroup v2 mount; `None` (written `"/"`,
+    /// the default) is the root, which holds every task of the machine.
+    pub cgroup: Option<CgroupPath>,
+}
 
 /// Target and excluded networks as configured: IPv4 and IPv6 mixed, host
 /// bits cleared, possibly empty. Datapaths take [`NetworkSettings::for_family`].

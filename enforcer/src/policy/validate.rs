@@ -14,8 +14,8 @@ use super::acl::{Acl, PortRange, Protocol};
 use super::error::{Errors, FieldPath, Problem};
 use super::host::HostFacts;
 use super::model::{
-    IdentitySettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, Mode,
-    QueueSettings,
+    HostSettings, IdentitySettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS,
+    MarkSettings, Mode, QueueSettings,
 };
 use super::pu::{Pu, PuKind};
 
@@ -326,6 +326,16 @@ pub(super) fn host<'a>(
     }
 }
 
+/// Host facts: the host scope's cgroup directory exists.
+pub(super) fn host_scope(settings: &HostSettings, host: &dyn HostFacts, errs: &mut Errors) {
+    if let Some(cgroup) = &settings.cgroup
+        && !host.cgroup_dir_exists(cgroup)
+    {
+        let path = FieldPath::root("host").key("cgroup");
+        errs.bad(&path, cgroup, Problem::CgroupMissing);
+    }
+}
+
 /// Remembers where `key` was first seen; returns that index on a repeat.
 fn first_seen<K: Eq + Hash>(seen: &mut HashMap<K, usize>, key: K, i: usize) -> Option<usize> {
     match seen.entry(key) {
@@ -559,6 +569,44 @@ mod tests {
                 Some(kind),
                 Problem::KindNotAccepted { mode },
             );
+        }
+    }
+
+    /// SPEC, "Mode": local-server manages linux-process, uid, host and
+    /// host-service PUs, remote-container and sidecar their container;
+    /// every other pairing is refused, naming the kind and the mode. The
+    /// whole table, written out here rather than derived from
+    /// `Mode::accepted_kinds`, so that a change there fails here.
+    #[test]
+    fn every_pairing_spec_forbids_is_refused_and_every_other_accepted() {
+        let allowed = [
+            (Mode::LocalServer, "linux-process"),
+            (Mode::LocalServer, "uid"),
+            (Mode::LocalServer, "host"),
+            (Mode::LocalServer, "host-service"),
+            (Mode::RemoteContainer, "container"),
+            (Mode::Sidecar, "container"),
+        ];
+        let kind_fields = |kind: &str| match kind {
+            "linux-process" => "cgroup = \"enforcer/web\"",
+            "uid" => "uid = 1000",
+            "host-service" => "tcp_ports = [22]",
+            _ => "",
+        };
+        for mode in [Mode::LocalServer, Mode::RemoteContainer, Mode::Sidecar] {
+            for &kind in PuKind::NAMES {
+                let text = format!(
+                    "mode = \"{mode}\"\n[[pus]]\nid = \"p\"\nkind = \"{kind}\"\n{}",
+                    kind_fields(kind)
+                );
+                if allowed.contains(&(mode, kind)) {
+                    let loaded = Configuration::from_toml_str(&text);
+                    assert!(loaded.is_ok(), "{mode} with {kind}: {loaded:?}");
+                } else {
+                    let problem = Problem::KindNotAccepted { mode };
+                    assert_refused(&text, "pus[0].kind", Some(kind), problem);
+                }
+            }
         }
     }
 

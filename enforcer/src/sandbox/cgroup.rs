@@ -1,8 +1,9 @@
 //! cgroup v2 directories, and processes started in them.
 //!
 //! A [`Cgroup`] is a fresh directory directly under the cgroup v2 mount
-//! (never the root cgroup itself); dropping it kills whatever still runs
-//! inside (`cgroup.kill`) and removes it. [`Cgroup::command_in`] starts a
+//! (never the root cgroup itself), or below another one
+//! ([`Cgroup::child`]); dropping it kills whatever still runs inside
+//! (`cgroup.kill`) and removes it. [`Cgroup::command_in`] starts a
 //! program inside a network namespace *and* this cgroup: the child joins
 //! both between fork and exec, so cgroup membership is its own.
 
@@ -41,6 +42,12 @@ impl Cgroup {
         std::fs::create_dir(&path)
             .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
+    }
+
+    /// Creates `<this cgroup>/<name>`, a cgroup below this one. Drop it
+    /// before this one (a cgroup with children cannot be removed).
+    pub fn child(&self, name: &str) -> Result<Self> {
+        Self::named(&self.path, name)
     }
 
     pub fn path(&self) -> &Path {

@@ -166,13 +166,21 @@ pub fn tcp_exchange(to: SocketAddr, payload: &[u8]) -> Outcome {
 /// A TCP connection to `to`, from a given local address (a peer with
 /// several) or the one routing picks, within [`CONNECT_TIMEOUT`].
 pub fn tcp_connect(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    tcp_connect_bound(from.map(|ip| SocketAddr::new(ip, 0)), to)
+}
+
+/// [`tcp_connect`] from a socket bound to `bind` first (an address, a
+/// port, or both), with `SO_REUSEADDR` so that a port just used can be
+/// used again towards another peer.
+pub fn tcp_connect_bound(bind: Option<SocketAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
         None,
     )?;
-    if let Some(from) = from {
-        socket.bind(&SocketAddr::new(from, 0).into())?;
+    if let Some(bind) = bind {
+        socket.set_reuse_address(true)?;
+        socket.bind(&bind.into())?;
     }
     socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
     Ok(socket.into())
@@ -180,7 +188,12 @@ pub fn tcp_connect(from: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpS
 
 /// [`tcp_exchange`] from a given local address (a peer with several).
 pub fn tcp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
-    let mut stream = match tcp_connect(from, to) {
+    tcp_exchange_bound(from.map(|ip| SocketAddr::new(ip, 0)), to, payload)
+}
+
+/// [`tcp_exchange`] from a socket bound to `bind` first ([`tcp_connect_bound`]).
+pub fn tcp_exchange_bound(bind: Option<SocketAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
+    let mut stream = match tcp_connect_bound(bind, to) {
         Ok(s) => s,
         Err(e) => return Outcome::from_io(&e),
     };

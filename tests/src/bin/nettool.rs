@@ -44,6 +44,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long, default_value = "ping")]
         payload: String,
+        /// Local port to bind to first (a host service's, say).
+        #[arg(long)]
+        sport: Option<u16>,
     },
     /// Send one UDP datagram.
     UdpSend {
@@ -110,7 +113,16 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let outcome = match Cli::parse().cmd {
-        Cmd::TcpExchange { to, payload } => traffic::tcp_exchange(to, payload.as_bytes()),
+        Cmd::TcpExchange { to, payload, sport } => {
+            let bind = sport.map(|port| {
+                let any: std::net::IpAddr = match to {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                };
+                SocketAddr::new(any, port)
+            });
+            traffic::tcp_exchange_bound(bind, to, payload.as_bytes())
+        }
         Cmd::UdpSend {
             to,
             payload,

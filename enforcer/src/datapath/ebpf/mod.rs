@@ -4,13 +4,17 @@
 //! - One object (`enforcer-ebpf/src/main.rs`) loaded once by `run`, with
 //!   the mark layout patched in; its maps pinned under
 //!   `<pin_dir>/maps/`.
-//! - Each linux-process PU gets a *slot*: `PU_BY_CGROUP` maps its cgroup
-//!   id to the slot, the connect and sendmsg hooks and the cgroup_skb
+//! - Each PU gets a *slot*, and its ACLs are written as LPM entries under
+//!   the scope of (slot, generation). How its tasks are found is its
+//!   [`claim::Claim`]: a linux-process PU's cgroup id maps to the slot in
+//!   `PU_BY_CGROUP`, and the connect and sendmsg hooks and the cgroup_skb
 //!   egress program (ICMP and the other protocols without a socket hook)
-//!   are attached to its cgroup (links
+//!   are attached to its cgroup; uid, host-service, host and container
+//!   PUs are found by uid, port or as the namespace's fallback, by the
+//!   same programs attached once to the host scope (`[host] cgroup`) — see
+//!   [`claim`] for how each task is judged by exactly one PU. Links are
 //!   pinned under `<pin_dir>/links/`, so enforcement outlives a crashed
-//!   agent), and its ACLs are written as LPM entries under the scope of
-//!   (slot, generation).
+//!   agent.
 //! - `update` writes the new policy under the other generation, flips the
 //!   slot's generation with one map write, waits for an RCU grace period
 //!   ([`grace`]: until no hook that read the old generation still runs),
@@ -23,9 +27,14 @@
 //! - The network side: a TC ingress program on every interface of the
 //!   agent's namespace (kept there by [`links::Watcher`], `lo` and new
 //!   interfaces included) finds the PU by its listening port
-//!   (`PU_PORTS`) and judges set-up by the PU's network ACLs, written
-//!   beside its application ACLs under the same generation.
-//! - `delete` detaches the hooks and unmaps the cgroup, waits for a grace
+//!   (`PU_PORTS`), else gives the packet to the namespace-wide PU (host or
+//!   container) if there is one, and judges set-up by the PU's network
+//!   ACLs, written beside its application ACLs under the same generation.
+//!   A refusal of the namespace-wide PU is carried out by a fixed rule in
+//!   INPUT, which knows the conntrack state TC cannot see (an answer to
+//!   what the PU sent passes).
+//! - `delete` unmaps the claim (the host scope judges the PU's tasks from
+//!   then on, if it is attached), detaches the hooks, waits for a grace
 //!   period, then removes the entries and frees the slot for reuse.
 //! - The netfilter rules ([`netfilter::render`]) do not depend on PUs,
 //!   ACLs or networks. One of them runs the pinned socket filter
@@ -34,6 +43,7 @@
 //!   `enforcer_target_src` / `enforcer_target_dst` to ask whether a
 //!   packet's peer is in a target network.
 
+mod claim;
 mod entries;
 mod flowlog;
 pub mod grace;
@@ -43,7 +53,6 @@ mod netfilter;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -58,10 +67,11 @@ use aya::{
     },
 };
 use enforcer_common::maps::{
-    AclEntry, MAP_ACLS, MAP_FLOW_EVENTS, MAP_NETS, MAP_PU_BY_CGROUP, MAP_PU_COUNTS,
-    MAP_PU_GENERATION, MAP_PU_PORTS, MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS,
-    PROG_INGRESS, PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts,
-    RULE_FILTERS, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+    AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
+    MAP_PU_BY_CGROUP, MAP_PU_BY_UID, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
+    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS, PROG_INGRESS,
+    PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, RULE_FILTERS,
+    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -70,6 +80,7 @@ use tracing::{debug, info, warn};
 /// `BPF_NOEXIST` (uapi/linux/bpf.h): create an entry, never replace one.
 const BPF_NOEXIST: u64 = 1;
 
+use self::claim::Claim;
 use self::entries::{AclPrefix, Side};
 use self::grace::GracePeriod;
 use super::fault::{self, Faults, Operation};
@@ -80,7 +91,7 @@ use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
     iptables::exec as nf, sockdiag,
 };
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -88,6 +99,8 @@ struct Loaded {
     nets: LpmTrie<MapData, NetKey, u8>,
     acls: LpmTrie<MapData, NetKey, AclEntry>,
     pu_by_cgroup: HashMap<MapData, u64, u32>,
+    pu_by_uid: HashMap<MapData, u32, u32>,
+    fallback: Array<MapData, u32>,
     generation: Array<MapData, u32>,
     counts: PerCpuArray<MapData, PuCounts>,
     ports: HashMap<MapData, PortKey, u32>,
@@ -100,9 +113,8 @@ struct Loaded {
 struct PuState {
     slot: u32,
     generation: u32,
-    cgroup_id: u64,
-    /// Its cgroup directory: the sockets an update cuts are found by it.
-    cgroup: PathBuf,
+    /// How its tasks are found.
+    claim: Claim,
     /// Prefixes written under (slot, generation), per side.
     prefixes: BTreeSet<AclPrefix>,
     /// Prefixes still written under the other generation: an update whose
@@ -117,7 +129,8 @@ struct PuState {
     /// The policy in force (what a change of the target networks judges
     /// its sockets by).
     policy: Pu,
-    /// Pins of its hooks' links. Only the pins hold the links: keeping a
+    /// Pins of its hooks' links (a linux-process PU's; the others share
+    /// the host scope's). Only the pins hold the links: keeping a
     /// descriptor per link would run out of descriptors at a few thousand
     /// PUs (five links each).
     links: Vec<PathBuf>,
@@ -138,6 +151,12 @@ pub struct EbpfDatapath {
     faults: Faults,
     /// Keeps TC ingress on every interface, between `run` and `cleanup`.
     watcher: Option<links::Watcher>,
+    /// Pins of the host scope's links, while a PU needs them
+    /// ([`Claim::in_host_scope`]).
+    host_links: Vec<PathBuf>,
+    /// Configured PUs that need the host scope. A count, not a look at
+    /// `pus`: `configure_replacing` takes a PU out of `pus` for a moment.
+    host_users: usize,
     /// Where flow records go, if the agent wants them.
     flow_log: Option<crate::flowlog::FlowSender>,
     /// Slot and policy names for the flow-log reader.
@@ -159,6 +178,8 @@ impl EbpfDatapath {
             acl_prefixes: 0,
             faults: Faults::from_env()?,
             watcher: None,
+            host_links: Vec::new(),
+            host_users: 0,
             flow_log: None,
             flow_names: Arc::default(),
             flow_reader: None,
@@ -195,12 +216,14 @@ impl EbpfDatapath {
         let object = crate::bpf::datapath_object()?;
         let shift = self.settings.marks.shift();
         let cookie = netns_cookie()?;
+        let allow_dns = u32::from(self.settings.mode == Mode::Sidecar);
         let mut bpf = EbpfLoader::new()
             .override_global(enforcer_common::maps::GLOBAL_MARK_SHIFT, &shift, true)
             .override_global(enforcer_common::maps::GLOBAL_NETNS_COOKIE, &cookie, true)
+            .override_global(enforcer_common::maps::GLOBAL_ALLOW_DNS, &allow_dns, true)
             .load(object)
             .context("loading the eBPF datapath object")?;
-        for name in PU_PROGRAMS {
+        for name in PU_PROGRAMS.into_iter().chain(HOST_PROGRAMS) {
             let prog: &mut CgroupSockAddr = bpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -235,13 +258,15 @@ impl EbpfDatapath {
                 .pin(&pin)
                 .with_context(|| format!("pinning {}", pin.display()))?;
         }
-        let egress: &mut CgroupSkb = bpf
-            .program_mut(PROG_EGRESS)
-            .with_context(|| format!("program {PROG_EGRESS} missing from the object"))?
-            .try_into()?;
-        egress
-            .load()
-            .with_context(|| format!("loading program {PROG_EGRESS}"))?;
+        for name in [PROG_EGRESS, PROG_HOST_EGRESS] {
+            let egress: &mut CgroupSkb = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            egress
+                .load()
+                .with_context(|| format!("loading program {name}"))?;
+        }
         let maps_dir = self.maps_dir();
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating {}", maps_dir.display()))?;
@@ -259,6 +284,8 @@ impl EbpfDatapath {
             nets: take(MAP_NETS)?.try_into()?,
             acls: take(MAP_ACLS)?.try_into()?,
             pu_by_cgroup: take(MAP_PU_BY_CGROUP)?.try_into()?,
+            pu_by_uid: take(MAP_PU_BY_UID)?.try_into()?,
+            fallback: take(MAP_FALLBACK_PU)?.try_into()?,
             generation: take(MAP_PU_GENERATION)?.try_into()?,
             counts: take(MAP_PU_COUNTS)?.try_into()?,
             ports: take(MAP_PU_PORTS)?.try_into()?,
@@ -309,11 +336,12 @@ impl EbpfDatapath {
                 DatapathKind::Ebpf,
             ))
         };
-        if self.settings.mode != Mode::LocalServer {
-            return unsupported(&format!("mode {}", self.settings.mode));
-        }
-        if !matches!(pu.kind, PuKind::LinuxProcess { .. }) {
-            return unsupported(&format!("PU kind {}", pu.kind.name()));
+        let mode = self.settings.mode;
+        if !mode.accepts(&pu.kind) {
+            // Validation refuses the pairing; this guards a caller that
+            // skipped it.
+            let kind = pu.kind.name();
+            return unsupported(&format!("a {kind} PU ({}) in mode {mode}", pu.id));
         }
         let not_yet = [
             (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
@@ -334,16 +362,6 @@ impl EbpfDatapath {
             return unsupported(&format!("PU {}: {field}", pu.id));
         }
         Ok(())
-    }
-
-    fn cgroup_path(&self, pu: &Pu) -> Result<PathBuf> {
-        match &pu.kind {
-            PuKind::LinuxProcess { cgroup } => Ok(self.settings.cgroup2.join(cgroup.as_path())),
-            other => Err(DatapathError::Unsupported(
-                format!("PU kind {}", other.name()),
-                DatapathKind::Ebpf,
-            )),
-        }
     }
 
     /// Writes a PU slot's ACL entries under a generation; on failure
@@ -390,16 +408,25 @@ impl EbpfDatapath {
         self.acl_prefixes = self.acl_prefixes.saturating_sub(prefixes.len());
     }
 
-    /// Attaches every PU hook to a cgroup and pins the links. With `fault`
+    /// Attaches the sock_addr `programs` and the cgroup_skb `egress` to a
+    /// cgroup and pins the links as `<pin>-<program>`: a linux-process PU's
+    /// programs to its cgroup, or the host scope's to it. With `fault`
     /// (test-only), the last attach fails in place of being done.
-    fn attach(&mut self, slot: u32, cgroup: &Path, fault: bool) -> Result<Vec<PathBuf>> {
+    fn attach(
+        &mut self,
+        programs: [&str; 4],
+        egress: &str,
+        cgroup: &Path,
+        pin: &str,
+        fault: bool,
+    ) -> Result<Vec<PathBuf>> {
         let links_dir = self.links_dir();
         let loaded = self.loaded()?;
         let dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut pinned = Vec::new();
-        for (i, name) in PU_PROGRAMS.into_iter().enumerate() {
-            if fault && i + 1 == PU_PROGRAMS.len() {
+        for (i, name) in programs.into_iter().enumerate() {
+            if fault && i + 1 == programs.len() {
                 detach(pinned);
                 return Err(injected(&format!("attaching {name}")));
             }
@@ -416,7 +443,7 @@ impl EbpfDatapath {
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()));
             let link = attached.and_then(|id| Ok(prog.take_link(id)?));
             let link = link.and_then(|link| Ok(FdLink::try_from(link)?));
-            let path = links_dir.join(format!("pu{slot}-{name}"));
+            let path = links_dir.join(format!("{pin}-{name}"));
             // The pinned link's descriptor closes here; the pin keeps it.
             match link.and_then(|link| Ok(link.pin(&path).map(drop)?)) {
                 Ok(()) => pinned.push(path),
@@ -426,16 +453,16 @@ impl EbpfDatapath {
                 }
             }
         }
-        let egress = loaded
+        let egress_prog = loaded
             .bpf
-            .program_mut(PROG_EGRESS)
-            .context(PROG_EGRESS)
+            .program_mut(egress)
+            .context(egress.to_owned())
             .and_then(|p| Ok(<&mut CgroupSkb>::try_from(p)?));
-        let path = links_dir.join(format!("pu{slot}-{PROG_EGRESS}"));
-        let linked = egress.and_then(|prog| {
+        let path = links_dir.join(format!("{pin}-{egress}"));
+        let linked = egress_prog.and_then(|prog| {
             let id = prog
                 .attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {PROG_EGRESS} to {}", cgroup.display()))?;
+                .with_context(|| format!("attaching {egress} to {}", cgroup.display()))?;
             let link = FdLink::try_from(prog.take_link(id)?)?;
             link.pin(&path)?;
             Ok(())
@@ -546,13 +573,29 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Maps `ports` to `slot` (BPF_NOEXIST: a port another PU holds is an
-    /// error, never taken over); on failure removes what it wrote.
-    fn add_ports(&mut self, slot: u32, ports: &BTreeSet<PortKey>) -> Result<()> {
+    /// Maps `ports` to `owner` (a slot, [`Claim::port_owner`]; BPF_NOEXIST:
+    /// a port another PU holds is an error, never taken over); on failure
+    /// removes what it wrote.
+    fn add_ports(&mut self, owner: u32, ports: &BTreeSet<PortKey>) -> Result<()> {
+        self.take_ports(owner, ports, None)
+    }
+
+    /// [`Self::add_ports`], except that a port `from` holds is taken over
+    /// in place (one map write: the port is never unmapped in between).
+    /// On failure, what it wrote is removed, the taken ones included
+    /// (`configure_replacing` gives those back).
+    fn take_ports(
+        &mut self,
+        owner: u32,
+        ports: &BTreeSet<PortKey>,
+        from: Option<u32>,
+    ) -> Result<()> {
         let map = &mut self.loaded()?.ports;
         let mut written = Vec::new();
         for key in ports {
-            if let Err(e) = map.insert(key, slot, BPF_NOEXIST) {
+            let taken = from.is_some() && map.get(key, 0).ok() == from;
+            let flags = if taken { 0 } else { BPF_NOEXIST };
+            if let Err(e) = map.insert(key, owner, flags) {
                 for key in &written {
                     let _ = map.remove(key);
                 }
@@ -573,11 +616,11 @@ impl EbpfDatapath {
         Ok(())
     }
 
-    /// Unmaps `ports`, each only while it is still `slot`'s.
-    fn remove_ports(&mut self, slot: u32, ports: &BTreeSet<PortKey>) {
+    /// Unmaps `ports`, each only while it is still `owner`'s.
+    fn remove_ports(&mut self, owner: u32, ports: &BTreeSet<PortKey>) {
         let Ok(loaded) = self.loaded() else { return };
         for key in ports {
-            if loaded.ports.get(key, 0).ok() == Some(slot)
+            if loaded.ports.get(key, 0).ok() == Some(owner)
                 && let Err(e) = loaded.ports.remove(key)
             {
                 debug!("removing port {key:?}: {e}");
@@ -693,104 +736,23 @@ impl Datapath for EbpfDatapath {
     }
 
     fn configure(&mut self, version: u8, pu: &Pu) -> Result<()> {
-        self.check_supported(pu)?;
-        if self.pus.contains_key(&pu.id) {
-            return Err(anyhow!("PU {} is already configured", pu.id).into());
-        }
-        let cgroup = self.cgroup_path(pu)?;
-        let cgroup_id = std::fs::metadata(&cgroup)
-            .with_context(|| format!("cgroup {} of PU {}", cgroup.display(), pu.id))?
-            .ino();
-        let entries = self.entries_for(pu)?;
-        let generation = u32::from(version & 1);
-        let fault = self.faults.strikes(Operation::Configure);
-        let slot = self.take_slot()?;
-        let undo_slot = |this: &mut Self| this.free_slots.push(slot);
-        if let Err(e) = self.reset_counts(slot) {
-            undo_slot(self);
-            return Err(e);
-        }
-        if let Err(e) = self.write_acls(slot, generation, &entries) {
-            undo_slot(self);
-            return Err(e);
-        }
-        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
-        let undo_acls = |this: &mut Self| {
-            this.remove_acls(slot, generation, &prefixes);
-            this.free_slots.push(slot);
-        };
-        let published = self.loaded().and_then(|l| {
-            l.generation
-                .set(slot, generation, 0)
-                .context("setting the PU generation")?;
-            // BPF_NOEXIST: a cgroup already mapped to another PU is an
-            // error, never silently taken over.
-            l.pu_by_cgroup
-                .insert(cgroup_id, slot, BPF_NOEXIST)
-                .with_context(|| {
-                    format!("registering cgroup id {cgroup_id} (is it another PU's?)")
-                })?;
-            Ok(())
-        });
-        let unmap_cgroup = |this: &mut Self| {
-            if let Ok(l) = this.loaded()
-                && l.pu_by_cgroup.get(&cgroup_id, 0).ok() == Some(slot)
-            {
-                let _ = l.pu_by_cgroup.remove(&cgroup_id);
-            }
-        };
-        let ports = entries::port_keys(pu);
-        let published = published.and_then(|()| self.add_ports(slot, &ports));
-        if let Err(e) = published {
-            unmap_cgroup(self);
-            undo_acls(self);
-            return Err(e);
-        }
-        let links = match self.attach(slot, &cgroup, fault) {
-            Ok(links) => links,
-            Err(e) => {
-                self.remove_ports(slot, &ports);
-                unmap_cgroup(self);
-                undo_acls(self);
-                return Err(e);
-            }
-        };
-        self.pus.insert(
-            pu.id.clone(),
-            PuState {
-                slot,
-                generation,
-                cgroup_id,
-                cgroup: cgroup.clone(),
-                prefixes,
-                retired: BTreeSet::new(),
-                ports,
-                runtime: RuntimePorts::new(),
-                policy: pu.clone(),
-                links,
-            },
-        );
-        self.flow_names
-            .lock()
-            .expect("flow names lock")
-            .slots
-            .insert(slot, pu.id.to_string());
-        info!(pu = %pu.id, slot, cgroup = %cgroup.display(), "PU configured");
-        Ok(())
+        self.configure_taking_ports(version, pu, None)
     }
 
     fn update(&mut self, version: u8, new: &Pu, old: &Pu) -> Result<()> {
         self.check_supported(new)?;
-        if self.cgroup_path(new)? != self.cgroup_path(old)? {
-            // A new cgroup is a different attachment: replace the PU.
-            self.configure_replacing(version, new, old)?;
-            return Ok(());
-        }
         let state = self
             .pus
             .get(&old.id)
             .ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
+        if Claim::of(new, &self.settings.cgroup2)? != state.claim {
+            // Another cgroup or user is a different attachment: replace
+            // the PU.
+            self.configure_replacing(version, new, old)?;
+            return Ok(());
+        }
         let (slot, old_generation) = (state.slot, state.generation);
+        let owner = state.claim.port_owner(slot);
         let old_prefixes = state.prefixes.clone();
         let generation = u32::from(version & 1);
         if generation == old_generation {
@@ -809,9 +771,11 @@ impl Datapath for EbpfDatapath {
         // after it: a port in both policies is never unmapped. The
         // run-time ports stay, whatever the new config lists.
         let old_ports = self.pus[&old.id].ports.clone();
-        let ports = entries::port_keys(&ports::with_runtime(new, &self.pus[&old.id].runtime));
+        let ports = self.pus[&old.id]
+            .claim
+            .ports(&ports::with_runtime(new, &self.pus[&old.id].runtime));
         let added_ports: BTreeSet<PortKey> = ports.difference(&old_ports).copied().collect();
-        if let Err(e) = self.add_ports(slot, &added_ports) {
+        if let Err(e) = self.add_ports(owner, &added_ports) {
             self.remove_acls(slot, generation, &prefixes);
             return Err(e);
         }
@@ -828,11 +792,11 @@ impl Datapath for EbpfDatapath {
         if let Err(e) = flipped {
             // No hook can have read the new generation: its entries go now.
             self.remove_acls(slot, generation, &prefixes);
-            self.remove_ports(slot, &added_ports);
+            self.remove_ports(owner, &added_ports);
             return Err(e);
         }
         let removed_ports: BTreeSet<PortKey> = old_ports.difference(&ports).copied().collect();
-        self.remove_ports(slot, &removed_ports);
+        self.remove_ports(owner, &removed_ports);
         let state = self.pus.get_mut(&old.id).expect("checked above");
         state.generation = generation;
         state.prefixes = prefixes;
@@ -845,15 +809,18 @@ impl Datapath for EbpfDatapath {
         if let Err(e) = self.clear_retired(&old.id) {
             warn!(pu = %new.id, "the old policy's entries stay until the next update: {e:#}");
         }
-        let cgroup = self.pus[&old.id].cgroup.clone();
+        // Only a linux-process PU's own sockets are found by its cgroup;
+        // the other kinds' are not cut yet (README, "Not enforced yet").
         // Judged with the run-time ports, which are the PU's listening
         // ports as much as its configured ones, under both policies.
-        let runtime = &self.pus[&old.id].runtime;
-        let (old, new) = (
-            ports::with_runtime(old, runtime),
-            ports::with_runtime(new, runtime),
-        );
-        self.cut_refused(&old, &new, &cgroup);
+        if let Some(cgroup) = self.pus[&old.id].claim.cgroup().map(Path::to_owned) {
+            let runtime = &self.pus[&old.id].runtime;
+            let (old, new) = (
+                ports::with_runtime(old, runtime),
+                ports::with_runtime(new, runtime),
+            );
+            self.cut_refused(&old, &new, &cgroup);
+        }
         info!(pu = %new.id, slot, generation, "PU updated");
         Ok(())
     }
@@ -862,16 +829,19 @@ impl Datapath for EbpfDatapath {
         let Some(state) = self.pus.remove(&pu.id) else {
             return Ok(());
         };
+        // Unmapped before the detach: from here the host scope judges the
+        // PU's tasks, if it is attached ([`claim`]).
+        if let Ok(l) = self.loaded() {
+            state.claim.unregister(l, state.slot);
+        }
         detach(state.links);
-        self.remove_ports(state.slot, &state.ports);
+        if state.claim.in_host_scope() {
+            self.host_users -= 1;
+            self.release_host_scope();
+        }
+        self.remove_ports(state.claim.port_owner(state.slot), &state.ports);
         let mut waited = Err(anyhow!("the datapath is not running"));
         if let Ok(l) = self.loaded() {
-            // Only if the entry is still this PU's own.
-            if l.pu_by_cgroup.get(&state.cgroup_id, 0).ok() == Some(state.slot)
-                && let Err(e) = l.pu_by_cgroup.remove(&state.cgroup_id)
-            {
-                debug!("removing PU cgroup entry: {e}");
-            }
             // A hook that found the slot before the detach may still be
             // looking up its entries; and the slot must not be reused
             // under a hook that still holds it.
@@ -900,6 +870,8 @@ impl Datapath for EbpfDatapath {
         for (_, state) in std::mem::take(&mut self.pus) {
             detach(state.links);
         }
+        detach(std::mem::take(&mut self.host_links));
+        self.host_users = 0;
         self.loaded = None;
         self.sets.clear();
         self.free_slots.clear();
@@ -1001,6 +973,133 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
+    /// In order, each step undone on a later failure: the slot and its
+    /// counters, the ACL entries and generation, the ports, the programs
+    /// (the PU cgroup's own, or the host scope's if not attached yet),
+    /// then the claim is mapped — last, so that a task is never left to a
+    /// program that is not there ([`claim`]). The ports `ports_from` (a
+    /// `PU_PORTS` owner) holds are taken over in place.
+    fn configure_taking_ports(
+        &mut self,
+        version: u8,
+        pu: &Pu,
+        ports_from: Option<u32>,
+    ) -> Result<()> {
+        self.check_supported(pu)?;
+        if self.pus.contains_key(&pu.id) {
+            return Err(anyhow!("PU {} is already configured", pu.id).into());
+        }
+        let claim = Claim::of(pu, &self.settings.cgroup2)?;
+        let entries = self.entries_for(pu)?;
+        let generation = u32::from(version & 1);
+        let fault = self.faults.strikes(Operation::Configure);
+        let slot = self.take_slot()?;
+        type Undo = Box<dyn FnOnce(&mut EbpfDatapath)>;
+        let mut undo: Vec<Undo> = vec![Box::new(move |this| this.free_slots.push(slot))];
+        let rollback = |this: &mut Self, undo: Vec<Undo>, e: DatapathError| {
+            for step in undo.into_iter().rev() {
+                step(this);
+            }
+            Err(e)
+        };
+        if let Err(e) = self.reset_counts(slot) {
+            return rollback(self, undo, e);
+        }
+        if let Err(e) = self.write_acls(slot, generation, &entries) {
+            return rollback(self, undo, e);
+        }
+        let prefixes: BTreeSet<AclPrefix> = entries.keys().copied().collect();
+        let written = prefixes.clone();
+        undo.push(Box::new(move |this| {
+            this.remove_acls(slot, generation, &written)
+        }));
+        let set_generation = self.loaded().and_then(|l| {
+            Ok(l.generation
+                .set(slot, generation, 0)
+                .context("setting the PU generation")?)
+        });
+        if let Err(e) = set_generation {
+            return rollback(self, undo, e);
+        }
+        let ports = claim.ports(pu);
+        let owner = claim.port_owner(slot);
+        if let Err(e) = self.take_ports(owner, &ports, ports_from) {
+            return rollback(self, undo, e);
+        }
+        let added = ports.clone();
+        undo.push(Box::new(move |this| this.remove_ports(owner, &added)));
+        let links = match claim.cgroup() {
+            Some(cgroup) => {
+                let pin = format!("pu{slot}");
+                self.attach(PU_PROGRAMS, PROG_EGRESS, cgroup, &pin, fault)
+            }
+            None => self.attach_host_scope().map(|()| Vec::new()),
+        };
+        let links = match links {
+            Ok(links) => links,
+            Err(e) => return rollback(self, undo, e),
+        };
+        let pinned = links.clone();
+        undo.push(Box::new(move |this| {
+            detach(pinned);
+            this.release_host_scope();
+        }));
+        // With `fault` (test-only) a PU of the host scope fails here, its
+        // last step; a linux-process PU's last attach failed above.
+        let registered = match fault && claim.in_host_scope() {
+            true => Err(injected("mapping the PU's claim")),
+            false => self.loaded().and_then(|l| Ok(claim.register(l, slot)?)),
+        };
+        if let Err(e) = registered {
+            return rollback(self, undo, e);
+        }
+        info!(pu = %pu.id, slot, claim = ?claim, "PU configured");
+        if claim.in_host_scope() {
+            self.host_users += 1;
+        }
+        self.pus.insert(
+            pu.id.clone(),
+            PuState {
+                slot,
+                generation,
+                claim,
+                prefixes,
+                retired: BTreeSet::new(),
+                ports,
+                runtime: RuntimePorts::new(),
+                policy: pu.clone(),
+                links,
+            },
+        );
+        self.flow_names
+            .lock()
+            .expect("flow names lock")
+            .slots
+            .insert(slot, pu.id.to_string());
+        Ok(())
+    }
+
+    /// Attaches the host scope's programs ([`claim`]) unless they are.
+    fn attach_host_scope(&mut self) -> Result<()> {
+        if !self.host_links.is_empty() {
+            return Ok(());
+        }
+        let scope = self.settings.host_scope.clone();
+        self.host_links = self.attach(HOST_PROGRAMS, PROG_HOST_EGRESS, &scope, "host", false)?;
+        info!(scope = %scope.display(), "host scope attached");
+        Ok(())
+    }
+
+    /// Detaches the host scope's programs once no configured PU needs
+    /// them: with only linux-process PUs, nothing is attached beyond their
+    /// own cgroups.
+    fn release_host_scope(&mut self) {
+        if self.host_users == 0 && !self.host_links.is_empty() {
+            detach(std::mem::take(&mut self.host_links));
+            info!("host scope detached");
+        }
+    }
+
     /// Removes the entries a PU's inactive generation still holds, once a
     /// grace period has passed (no hook can be using them any more). On
     /// failure nothing is removed.
@@ -1117,12 +1216,15 @@ impl EbpfDatapath {
             Err(e) => debug!("listing sockets before the cut failed, cutting anyway: {e}"),
         }
         for (id, state) in &self.pus {
+            let Some(cgroup) = state.claim.cgroup() else {
+                continue;
+            };
             let cut = |socket: &sockdiag::Socket| {
                 let side = Direction::App;
                 let setup = Setup::between(side, socket.protocol, socket.local, socket.remote);
                 candidate(socket) && revoke::refused_now(&state.policy, &networks, side, setup)
             };
-            match sockdiag::abort_sockets(&state.cgroup, cut) {
+            match sockdiag::abort_sockets(cgroup, cut) {
                 Ok(cut) if cut.is_empty() => {}
                 Ok(cut) => {
                     info!(pu = %id, sockets = cut.len(), "UDP sockets to removed targets cut")
@@ -1157,7 +1259,10 @@ impl EbpfDatapath {
             .pus
             .remove(&old.id)
             .ok_or_else(|| DatapathError::UnknownPu(old.id.clone()))?;
-        match self.configure(version, new) {
+        // Ports in both policies pass from the old slot to the new one in
+        // place; the old PU's delete then leaves them alone.
+        let old_owner = state.claim.port_owner(state.slot);
+        match self.configure_taking_ports(version, new, Some(old_owner)) {
             Ok(()) => {
                 let new_state = self.pus.remove(&new.id).expect("just configured");
                 self.pus.insert(old.id.clone(), state);
@@ -1166,6 +1271,13 @@ impl EbpfDatapath {
                 Ok(())
             }
             Err(e) => {
+                // What the failed configure took, and then removed, is the
+                // old PU's again (a port it still has is left as it is).
+                if let Ok(l) = self.loaded() {
+                    for key in &state.ports {
+                        let _ = l.ports.insert(key, old_owner, BPF_NOEXIST);
+                    }
+                }
                 self.pus.insert(old.id.clone(), state);
                 Err(e)
             }

@@ -59,6 +59,9 @@ pub struct Pins {
 /// - the first datagram of a UDP flow classed `TrapUdp` is queued to the
 ///   direction's service range — rate-limited on the network side, as the
 ///   seed does;
+/// - on the network side, a packet TC classed `RefuseNew` (a refusal of
+///   the host or container PU) is dropped unless conntrack knows its
+///   flow: TC runs before conntrack, and only this chain sees the state;
 /// - on the application side, so is a new UDP flow whose datagram a
 ///   sendmsg hook decided to trap (unconnected UDP): the pinned socket
 ///   filter finds the decision by the datagram's socket and destination.
@@ -188,6 +191,13 @@ pub fn render(
                 // already passed the ACLs that come before the trap, so it
                 // is dropped.
                 format!("-A {chain} {new_udp} {classed_udp} -j DROP"),
+                // What TC refused for the namespace-wide PU, unless
+                // conntrack knows its flow (`Class::RefuseNew`).
+                format!(
+                    "-A {chain} -m mark --mark {:#x}/{class:#x} \
+                     -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP",
+                    marks.class(Class::RefuseNew)
+                ),
             ]),
         }
     }
@@ -303,6 +313,7 @@ mod tests {
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
              -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -m limit --limit 1000/s -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              -A TRI-Net -p udp -m conntrack --ctstate NEW -m mark --mark 0x1000/0x3800 -j DROP\n\
+             -A TRI-Net -m mark --mark 0x2000/0x3800 -m conntrack ! --ctstate ESTABLISHED,RELATED -j DROP\n\
              COMMIT\n"
         );
         assert_eq!(text, expected);

@@ -24,8 +24,9 @@
 //! steps. Start-up configures every PU in one such operation (one
 //! `ipset restore`, one restore per family): each restore costs in
 //! proportion to the rules already there, so one per PU would make a
-//! start-up quadratic in the number of PUs. This slice handles `local-server` mode and linux-process PUs;
-//! anything else is refused before any change.
+//! start-up quadratic in the number of PUs. Every mode and PU kind SPEC
+//! allows is handled ([`pu::Hook`]); a PU kind the mode does not accept,
+//! or a policy feature not enforced yet, is refused before any change.
 //!
 //! After an update's commit, the connections only the old policy allowed
 //! are cut, outgoing and incoming ([`IptablesDatapath::cut_revoked`]): an
@@ -62,7 +63,7 @@ use crate::flowlog::{FlowAction, FlowObserve};
 use crate::naming::{GlobalSet, LogTag, NameRegistry, ShortName, nflog_prefix};
 use crate::policy::{Action, ObserveMode};
 use crate::policy::{
-    FamilyNetworks, IpFamily, Mode, NetworkSettings, PerFamily, PortRange, Pu, PuId, PuKind,
+    FamilyNetworks, IpFamily, NetworkSettings, PerFamily, PortRange, Pu, PuId, PuKind,
 };
 
 /// PUs per batch of a [`IptablesDatapath::configure_all`]. One restore per
@@ -218,10 +219,13 @@ impl IptablesDatapath {
         }
     }
 
-    /// Refuses what this slice cannot install, before anything changes.
+    /// Refuses what this datapath cannot install, before anything changes.
     fn check_supported(&self, pu: &Pu) -> Result<()> {
-        if self.settings.mode != Mode::LocalServer {
-            let what = format!("mode {}", self.settings.mode);
+        let mode = self.settings.mode;
+        if !mode.accepts(&pu.kind) {
+            // Validation refuses the pairing; this guards a caller that
+            // skipped it.
+            let what = format!("a {} PU ({}) in mode {mode}", pu.kind.name(), pu.id);
             return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
         }
         if self.targets.is_none() {
@@ -491,7 +495,15 @@ impl IptablesDatapath {
             return Ok(());
         }
         let PuKind::LinuxProcess { cgroup } = &new.kind else {
-            return Err(anyhow!("PU {} is not a linux-process PU", new.id));
+            // Only a linux-process PU's own flows can be told apart yet (by
+            // its cgroup's sockets): README, "Not enforced yet".
+            warn!(
+                pu = %new.id,
+                flows = revoked.len(),
+                "connections only the old policy allowed are not cut for a {} PU yet",
+                new.kind.name()
+            );
+            return Ok(());
         };
         let cgroup = self.settings.cgroup2.join(cgroup.as_path());
         let revoked = self
@@ -887,7 +899,7 @@ mod tests {
     use super::*;
     use crate::datapath::conntrack::Flow;
     use crate::policy::{
-        Acl, Action, CgroupPath, ObserveMode, PolicyId, PortRange, Protocol, QueueSettings,
+        Acl, Action, CgroupPath, Mode, ObserveMode, PolicyId, PortRange, Protocol, QueueSettings,
     };
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1012,6 +1024,7 @@ mod tests {
             queues: QueueSettings::default(),
             marks: MarkLayout::default(),
             cgroup2: PathBuf::from("/sys/fs/cgroup"),
+            host_scope: PathBuf::from("/sys/fs/cgroup"),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer-test"),
             iptables_backend: backend::Backend::Nft,
         }
@@ -1092,12 +1105,12 @@ mod tests {
     #[test]
     fn refusals_come_before_any_change() {
         let (mut dp, fake) = running();
-        let uid = Pu {
-            kind: PuKind::Host,
+        let container = Pu {
+            kind: PuKind::Container,
             ..web(80, "10.0.0.0/8")
         };
         assert!(matches!(
-            dp.configure(0, &uid),
+            dp.configure(0, &container),
             Err(DatapathError::Unsupported(..))
         ));
         let mut sidecar =
@@ -1107,7 +1120,7 @@ mod tests {
         let err = sidecar.configure(0, &web(80, "10.0.0.0/8")).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "mode sidecar is not supported by the iptables datapath"
+            "a linux-process PU (web) in mode sidecar is not supported by the iptables datapath"
         );
         let stopped =
             IptablesDatapath::with_netfilter(settings(Mode::LocalServer), Box::new(fake.clone()));
@@ -1190,11 +1203,11 @@ mod tests {
         dp.configure(0, &pus[1]).unwrap();
         fake.take();
         assert!(dp.configure_all(0, &pus).is_err());
-        let host = Pu {
-            kind: PuKind::Host,
+        let container = Pu {
+            kind: PuKind::Container,
             ..named("h")
         };
-        assert!(dp.configure_all(0, &[pus[0].clone(), host]).is_err());
+        assert!(dp.configure_all(0, &[pus[0].clone(), container]).is_err());
         let twice = [pus[0].clone(), pus[0].clone()];
         assert!(dp.configure_all(0, &twice).is_err());
         assert_eq!(fake.take(), []);

@@ -1,8 +1,15 @@
-//! One linux-process PU in one family under one policy version: its sets,
-//! its two chains with the ACLs and trap rules in SPEC's order ("Order of
-//! evaluation inside a PU"), and the hooks that send its traffic there.
-//! Pure text; [`PuPlan::install`] and [`PuPlan::remove`] are the halves
-//! that `configure`, `update`, `delete` and their roll-backs combine.
+//! One PU in one family under one policy version: its sets, its two chains
+//! with the ACLs and trap rules in SPEC's order ("Order of evaluation
+//! inside a PU"), and the hooks that send its traffic there. Pure text;
+//! [`PuPlan::install`] and [`PuPlan::remove`] are the halves that
+//! `configure`, `update`, `delete` and their roll-backs combine.
+//!
+//! The chains are the same for every kind; what differs is the hook
+//! ([`Hook`]): which global chain the PU's traffic comes from and what
+//! picks it there — the global chains are entered in SPEC's priority
+//! (uid, then process, host-service, host; see `global`), and a PU chain
+//! ends every packet's way (accept, drop or queue), so a packet the uid
+//! chain hands to a PU never meets a process or host PU.
 
 use std::collections::HashMap;
 
@@ -16,11 +23,12 @@ use crate::datapath::handshake;
 use crate::datapath::queues::{Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::datapath::{DatapathError, DatapathKind};
 use crate::naming::{
-    self, ChainPair, GlobalSet, LogTag, PROCESS_CHAINS, PortSet, ShortName, nflog_prefix,
+    self, ChainPair, GlobalSet, HOST_CHAINS, HOST_SERVICE_CHAINS, LogTag, MAIN_CHAINS,
+    PROCESS_CHAINS, PortSet, ShortName, UID_CHAINS, nflog_prefix,
 };
 use crate::policy::{
-    Acl, Action, CgroupPath, IpFamily, ObserveMode, PortRange, Protocol, Pu, PuKind,
-    in_bucket_order, split_zero_prefix,
+    Acl, Action, CgroupPath, IpFamily, Mode, ObserveMode, PortRange, Protocol, Pu, PuKind,
+    UserSpec, in_bucket_order, split_zero_prefix,
 };
 
 /// ACL sets are numbered with a `u16` (it keeps their names within
@@ -30,13 +38,58 @@ const MAX_ACLS: usize = u16::MAX as usize + 1;
 /// Ports one `multiport` match takes; a range takes two.
 const MULTIPORT_SLOTS: usize = 15;
 
-/// What a linux-process PU is made of in the kernel under one version.
+/// What a PU is made of in the kernel under one version.
 #[derive(Debug, Clone, Copy)]
 pub struct PuPlan<'a> {
     pu: &'a Pu,
-    cgroup: &'a CgroupPath,
+    hook: Hook<'a>,
     short: &'a ShortName,
     version: u8,
+}
+
+/// Where a PU's traffic enters its chains, and what picks it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook<'a> {
+    /// linux-process: outgoing by cgroup (`TRI-Pid-App`), incoming by its
+    /// port sets (`TRI-Pid-Net`).
+    Process(&'a CgroupPath),
+    /// uid: outgoing by the socket's owner (`TRI-UID-App`, the seed's
+    /// `-m owner`), incoming by its port sets (`TRI-UID-Net`).
+    Uid(&'a UserSpec),
+    /// host-service: by its port sets both ways — the source port of what
+    /// it sends (`TRI-Svc-App`), the destination port of what it receives
+    /// (`TRI-Svc-Net`). The seed found a service's outgoing traffic by its
+    /// net_cls cgroup; a service here is its ports and nothing else.
+    Service,
+    /// host: everything that reaches `TRI-Hst-App` / `TRI-Hst-Net`, that
+    /// is, every packet no other kind's PU took.
+    Host,
+    /// container (remote-container, sidecar): the whole namespace, from
+    /// the main chains after the global rules.
+    Container,
+}
+
+impl Hook<'_> {
+    /// The global chains the hooks go into.
+    fn chains(self) -> ChainPair {
+        match self {
+            Hook::Process(_) => PROCESS_CHAINS,
+            Hook::Uid(_) => UID_CHAINS,
+            Hook::Service => HOST_SERVICE_CHAINS,
+            Hook::Host => HOST_CHAINS,
+            Hook::Container => MAIN_CHAINS,
+        }
+    }
+
+    /// The TCP and UDP port sets of a kind that has them.
+    fn port_sets(self) -> Option<[PortSet; 2]> {
+        match self {
+            Hook::Process(_) => Some([PortSet::Process, PortSet::ProcessUdp]),
+            Hook::Uid(_) => Some([PortSet::Uid, PortSet::UidUdp]),
+            Hook::Service => Some([PortSet::Service, PortSet::ServiceUdp]),
+            Hook::Host | Hook::Container => None,
+        }
+    }
 }
 
 /// One ACL as installed in one family: its set, holding its networks of
@@ -47,16 +100,18 @@ struct AclRef<'a> {
     nets: Vec<IpNet>,
 }
 
-/// Refuses a PU this datapath cannot install yet: any kind but
-/// linux-process, a PU that asks for proxy redirection (its proxy and
-/// proxy sets, the nat redirect chains: a later issue), or more ACLs per
-/// direction than set names allow. A feature it would otherwise ignore is
-/// refused, never silently dropped (SPEC, "Bad input and faults").
-/// Returns the cgroup that identifies its traffic.
-pub fn check(pu: &Pu) -> Result<&CgroupPath, DatapathError> {
-    let PuKind::LinuxProcess { cgroup } = &pu.kind else {
-        let what = format!("a {} PU ({})", pu.kind.name(), pu.id);
-        return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
+/// Refuses a PU this datapath cannot install yet: a PU that asks for proxy
+/// redirection (its proxy and proxy sets, the nat redirect chains: a later
+/// issue), or more ACLs per direction than set names allow. A feature it
+/// would otherwise ignore is refused, never silently dropped (SPEC, "Bad
+/// input and faults"). Returns how its traffic is found.
+pub fn check(pu: &Pu) -> Result<Hook<'_>, DatapathError> {
+    let hook = match &pu.kind {
+        PuKind::LinuxProcess { cgroup } => Hook::Process(cgroup),
+        PuKind::Uid { user } => Hook::Uid(user),
+        PuKind::HostService => Hook::Service,
+        PuKind::Host => Hook::Host,
+        PuKind::Container => Hook::Container,
     };
     for (field, used) in [
         ("proxy_port", pu.proxy_port.is_some()),
@@ -80,7 +135,7 @@ pub fn check(pu: &Pu) -> Result<&CgroupPath, DatapathError> {
             return Err(anyhow!(message).into());
         }
     }
-    Ok(cgroup)
+    Ok(hook)
 }
 
 impl<'a> PuPlan<'a> {
@@ -88,7 +143,7 @@ impl<'a> PuPlan<'a> {
     pub fn new(pu: &'a Pu, short: &'a ShortName, version: u8) -> Result<Self, DatapathError> {
         Ok(Self {
             pu,
-            cgroup: check(pu)?,
+            hook: check(pu)?,
             short,
             version,
         })
@@ -99,18 +154,16 @@ impl<'a> PuPlan<'a> {
         naming::pu_chains(self.short, self.version.into())
     }
 
-    /// The TCP and UDP port sets with the ports they hold. They do not
+    /// The TCP and UDP port sets with the ports they hold, for a kind
+    /// found by its ports (none for a host or container PU). They do not
     /// depend on the version: an update changes their content in place.
-    pub fn port_sets(&self, family: IpFamily) -> [(String, &'a [PortRange]); 2] {
-        [
-            (
-                PortSet::Process.name(family, self.short),
-                &self.pu.tcp_ports,
-            ),
-            (
-                PortSet::ProcessUdp.name(family, self.short),
-                &self.pu.udp_ports,
-            ),
+    pub fn port_sets(&self, family: IpFamily) -> Vec<(String, &'a [PortRange])> {
+        let Some([tcp, udp]) = self.hook.port_sets() else {
+            return Vec::new();
+        };
+        vec![
+            (tcp.name(family, self.short), &self.pu.tcp_ports),
+            (udp.name(family, self.short), &self.pu.udp_ports),
         ]
     }
 
@@ -127,8 +180,9 @@ impl<'a> PuPlan<'a> {
     pub fn sets(&self, family: IpFamily) -> Vec<SetSpec> {
         let ports = self
             .port_sets(family)
+            .into_iter()
             .map(|(name, ports)| SetSpec::ports(name, ports));
-        ports.into_iter().chain(self.acl_sets(family)).collect()
+        ports.chain(self.acl_sets(family)).collect()
     }
 
     /// The PU's chains with their rules, then the hooks into them
@@ -158,29 +212,46 @@ impl<'a> PuPlan<'a> {
         lines
     }
 
-    /// The rules sending the PU's traffic to its chains, without `-A`/`-D`:
-    /// outgoing by cgroup, incoming by listening port. Both port hooks are
-    /// always there (an empty set matches nothing), so ports can change
-    /// without a rule change.
+    /// The rules sending the PU's traffic to its chains, without `-A`/`-D`
+    /// ([`Hook`]). Both port hooks of a kind found by its ports are always
+    /// there (an empty set matches nothing), so ports can change without a
+    /// rule change.
     fn hooks(&self, family: IpFamily) -> impl Iterator<Item = String> + use<> {
         let chains = self.chains();
+        let from = self.hook.chains();
         let comment = format!("-m comment --comment \"PU {}\"", self.pu.id);
-        let [(tcp, _), (udp, _)] = self.port_sets(family);
-        [
-            format!(
-                "{} -m cgroup --path {} {comment} -j {}",
-                PROCESS_CHAINS.app, self.cgroup, chains.app
-            ),
-            format!(
-                "{} -p tcp -m set --match-set {tcp} dst {comment} -j {}",
-                PROCESS_CHAINS.net, chains.net
-            ),
-            format!(
-                "{} -p udp -m set --match-set {udp} dst {comment} -j {}",
-                PROCESS_CHAINS.net, chains.net
-            ),
-        ]
-        .into_iter()
+        let ports = |side: &str, chain: &str, to: &str| -> Vec<String> {
+            self.port_sets(family)
+                .into_iter()
+                .zip(["tcp", "udp"])
+                .map(|((set, _), protocol)| {
+                    format!(
+                        "{chain} -p {protocol} -m set --match-set {set} {side} {comment} -j {to}"
+                    )
+                })
+                .collect()
+        };
+        let app = match self.hook {
+            Hook::Process(cgroup) => vec![format!(
+                "{} -m cgroup --path {cgroup} {comment} -j {}",
+                from.app, chains.app
+            )],
+            Hook::Uid(user) => vec![format!(
+                "{} -m owner --uid-owner {user} {comment} -j {}",
+                from.app, chains.app
+            )],
+            Hook::Service => ports("src", from.app, &chains.app),
+            Hook::Host | Hook::Container => {
+                vec![format!("{} {comment} -j {}", from.app, chains.app)]
+            }
+        };
+        let net = match self.hook {
+            Hook::Host | Hook::Container => {
+                vec![format!("{} {comment} -j {}", from.net, chains.net)]
+            }
+            _ => ports("dst", from.net, &chains.net),
+        };
+        app.into_iter().chain(net)
     }
 
     /// The ACLs of `direction` that apply in `family` (networks and a
@@ -231,6 +302,15 @@ impl<'a> PuPlan<'a> {
         if ctx.family == IpFamily::V6 {
             // Neighbour discovery and path MTU must work whatever the ACLs.
             lines.push(format!("-A {chain} -p icmpv6 -j ACCEPT"));
+        }
+        if ctx.mode == Mode::Sidecar {
+            // A sidecar lets DNS through, as the seed does: questions out,
+            // answers in.
+            let port = match direction {
+                Direction::App => "--dport",
+                Direction::Net => "--sport",
+            };
+            lines.push(format!("-A {chain} -p udp -m udp {port} 53 -j ACCEPT"));
         }
         lines.extend(trap_rules(ctx, direction, chain));
         lines.push(format!(
@@ -783,19 +863,156 @@ COMMIT
         assert_eq!(multiport("--dports", &[]), [""]);
     }
 
+    /// The lines of `pu`'s install outside its own chains' rules: the
+    /// chain declarations and the hooks (SPEC, "Global steering": each
+    /// kind from its own global chain), and its port sets.
+    fn hooks_and_sets(pu: &Pu, mode: Mode) -> (Vec<String>, Vec<String>) {
+        let short = short("web");
+        let plan = PuPlan::new(pu, &short, 0).unwrap();
+        let queues = QueueSettings::default();
+        let ctx = Ctx {
+            mode,
+            ..ctx(IpFamily::V4, &queues)
+        };
+        let hooks = plan
+            .install(&ctx)
+            .into_iter()
+            .filter(|l| {
+                !l.starts_with("-A TRI-App-webbBzx-0 ") && !l.starts_with("-A TRI-Net-webbBzx-0 ")
+            })
+            .filter(|l| !l.starts_with(':'))
+            .collect();
+        let sets = plan
+            .sets(IpFamily::V4)
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        (hooks, sets)
+    }
+
     #[test]
-    fn kinds_other_than_linux_process_are_unsupported() {
+    fn each_kind_is_hooked_from_its_own_chain() {
+        let comment = r#"-m comment --comment "PU web""#;
+        let of = |kind: PuKind| Pu { kind, ..web() };
+        let uid = |user| of(PuKind::Uid { user });
+        let cases = [
+            (
+                uid(UserSpec::Id(65534)),
+                Mode::LocalServer,
+                vec![
+                    format!(
+                        "-A TRI-UID-App -m owner --uid-owner 65534 {comment} -j TRI-App-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-UID-Net -p tcp -m set --match-set TRI-v4-UID-Port-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-UID-Net -p udp -m set --match-set TRI-v4-UID-UDP-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                ],
+                vec!["TRI-v4-UID-Port-webbBzx", "TRI-v4-UID-UDP-webbBzx"],
+            ),
+            (
+                uid(UserSpec::Name(
+                    crate::policy::UserName::new("www-data").unwrap(),
+                )),
+                Mode::LocalServer,
+                vec![
+                    format!(
+                        "-A TRI-UID-App -m owner --uid-owner www-data {comment} -j TRI-App-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-UID-Net -p tcp -m set --match-set TRI-v4-UID-Port-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-UID-Net -p udp -m set --match-set TRI-v4-UID-UDP-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                ],
+                vec!["TRI-v4-UID-Port-webbBzx", "TRI-v4-UID-UDP-webbBzx"],
+            ),
+            (
+                of(PuKind::HostService),
+                Mode::LocalServer,
+                vec![
+                    format!(
+                        "-A TRI-Svc-App -p tcp -m set --match-set TRI-v4-SvcPort-webbBzx src {comment} -j TRI-App-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-Svc-App -p udp -m set --match-set TRI-v4-SvcUDP-webbBzx src {comment} -j TRI-App-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-Svc-Net -p tcp -m set --match-set TRI-v4-SvcPort-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                    format!(
+                        "-A TRI-Svc-Net -p udp -m set --match-set TRI-v4-SvcUDP-webbBzx dst {comment} -j TRI-Net-webbBzx-0"
+                    ),
+                ],
+                vec!["TRI-v4-SvcPort-webbBzx", "TRI-v4-SvcUDP-webbBzx"],
+            ),
+            (
+                of(PuKind::Host),
+                Mode::LocalServer,
+                vec![
+                    format!("-A TRI-Hst-App {comment} -j TRI-App-webbBzx-0"),
+                    format!("-A TRI-Hst-Net {comment} -j TRI-Net-webbBzx-0"),
+                ],
+                vec![],
+            ),
+            (
+                of(PuKind::Container),
+                Mode::RemoteContainer,
+                vec![
+                    format!("-A TRI-App {comment} -j TRI-App-webbBzx-0"),
+                    format!("-A TRI-Net {comment} -j TRI-Net-webbBzx-0"),
+                ],
+                vec![],
+            ),
+        ];
+        for (pu, mode, hooks, sets) in cases {
+            let (got_hooks, got_sets) = hooks_and_sets(&pu, mode);
+            assert_eq!(got_hooks, hooks, "{:?}", pu.kind);
+            assert_eq!(got_sets, sets, "{:?}", pu.kind);
+        }
+    }
+
+    /// A sidecar lets DNS through after the specific ACLs, before the
+    /// trap (the seed's `needDnsRules`); no other mode does.
+    #[test]
+    fn a_sidecar_lets_dns_through() {
         let pu = Pu {
-            kind: PuKind::Host,
+            kind: PuKind::Container,
             ..web()
         };
         let short = short("web");
-        let err = PuPlan::new(&pu, &short, 0).unwrap_err();
-        assert!(matches!(err, DatapathError::Unsupported(..)), "{err}");
-        assert_eq!(
-            err.to_string(),
-            "a host PU (web) is not supported by the iptables datapath"
-        );
+        let plan = PuPlan::new(&pu, &short, 0).unwrap();
+        let queues = QueueSettings::default();
+        for (mode, expected) in [
+            (
+                Mode::Sidecar,
+                vec![
+                    "-A TRI-App-webbBzx-0 -p udp -m udp --dport 53 -j ACCEPT",
+                    "-A TRI-Net-webbBzx-0 -p udp -m udp --sport 53 -j ACCEPT",
+                ],
+            ),
+            (Mode::RemoteContainer, vec![]),
+        ] {
+            let ctx = Ctx {
+                mode,
+                ..ctx(IpFamily::V4, &queues)
+            };
+            let lines = plan.install(&ctx);
+            let dns: Vec<&str> = lines
+                .iter()
+                .map(String::as_str)
+                .filter(|l| l.contains(" 53 "))
+                .collect();
+            assert_eq!(dns, expected, "{mode}");
+            if mode == Mode::Sidecar {
+                // Before the trap.
+                let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap();
+                assert!(at("--dport 53") < at("NFQUEUE"));
+            }
+        }
     }
 
     #[test]
