@@ -28,7 +28,7 @@
 //! [`HANDSHAKE_TIMEOUT_MS`] after it began; when full, a new SYN is
 //! refused (`table-full`) rather than an entry forgotten early.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +56,8 @@ const MAX_SENT: usize = 4;
 /// Decided connections remembered, and for how long: see [`Decided`].
 const DECIDED_CAPACITY: usize = 1 << 16;
 const DECIDED_MS: u64 = 10_000;
+/// Cgroups remembered as in no PU's tree (see [`Engine::cgroup_below`]).
+const MAX_OUTSIDE: usize = 4096;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -373,6 +375,8 @@ pub struct Engine {
     handshaker: Handshaker,
     table: Table,
     decided: Decided,
+    /// Cgroups found in no PU's tree, for the index of this generation.
+    outside: (u64, HashSet<u64>),
     counters: Arc<HandshakeCounters>,
     flow_log: Option<FlowSender>,
 }
@@ -436,6 +440,7 @@ impl Engine {
             handshaker: Handshaker::new(setup.keys, setup.window),
             table: Table::new(capacity),
             decided: Decided::default(),
+            outside: (0, HashSet::new()),
             counters,
             flow_log: setup.flow_log,
         }
@@ -532,7 +537,7 @@ impl Engine {
     /// found by cgroup whose socket cannot be found is refused rather
     /// than attributed to the host PU, whose identity would be wrong.
     fn app_pu(
-        &self,
+        &mut self,
         p: &Trapped,
         protocol: u8,
         pus: &PuIndex,
@@ -549,9 +554,9 @@ impl Engine {
         if pus.has_process_cgroups() && !by_uid {
             let cgroup = sockets.cgroup(protocol, p.key.local, p.key.remote)?;
             if !pus.knows_cgroup(cgroup)
-                && let Some(id) = pus.cgroup_below(cgroup)
+                && let Some(id) = self.cgroup_below(pus, cgroup)
             {
-                return Some(id.clone());
+                return Some(id);
             }
             key.cgroup = Some(cgroup);
         }
@@ -563,7 +568,7 @@ impl Engine {
     /// cgroup, by the cgroup of the socket listening there (a port
     /// discovered while the PU runs); else the host PU.
     fn net_pu(
-        &self,
+        &mut self,
         p: &Trapped,
         protocol: u8,
         pus: &PuIndex,
@@ -581,11 +586,37 @@ impl Engine {
         }
         if pus.has_process_cgroups()
             && let Some(cgroup) = sockets.cgroup(protocol, p.key.local, p.key.remote)
-            && let Some(id) = pus.process_pu_of_cgroup(cgroup)
         {
-            return Some(id.clone());
+            if let Some(id) = pus.process_pu_of_cgroup_known(cgroup) {
+                return Some(id.clone());
+            }
+            if let Some(id) = self.cgroup_below(pus, cgroup) {
+                return Some(id);
+            }
         }
         pus.find(&key).cloned()
+    }
+
+    /// The linux-process PU whose cgroup tree holds `cgroup`, a cgroup the
+    /// index does not know: a walk of the PUs' directories, remembered when
+    /// it finds none (a cgroup never moves to another parent, so the
+    /// answer holds until the index changes) — the host PU's processes
+    /// would otherwise cost a walk per connection.
+    fn cgroup_below(&mut self, pus: &PuIndex, cgroup: u64) -> Option<PuId> {
+        if self.outside.0 != pus.generation() {
+            self.outside = (pus.generation(), HashSet::new());
+        }
+        if self.outside.1.contains(&cgroup) {
+            return None;
+        }
+        let found = pus.cgroup_below(cgroup).cloned();
+        if found.is_none() {
+            if self.outside.1.len() >= MAX_OUTSIDE {
+                self.outside.1.clear();
+            }
+            self.outside.1.insert(cgroup);
+        }
+        found
     }
 
     /// Initiator, outgoing SYN: attach a fresh token.

@@ -110,6 +110,16 @@ pub struct PuIndex {
     /// The cgroup directory of each linux-process PU, for a cgroup
     /// created below one after the index was built.
     process_dirs: Vec<(PathBuf, PuId)>,
+    /// Tells indexes apart: a fresh value for each one built and each
+    /// change to its cgroups (what is cached about them goes stale).
+    generation: u64,
+}
+
+/// Where [`PuIndex`] generations come from.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl PuIndex {
@@ -118,7 +128,10 @@ impl PuIndex {
     /// resolved ([`Self::add_uid`]); linux-process PUs by their ports until
     /// their cgroup ids are added ([`Self::add_cgroup`]).
     pub fn new(mode: Mode, pus: &[Pu]) -> Self {
-        let mut index = Self::default();
+        let mut index = Self {
+            generation: next_generation(),
+            ..Self::default()
+        };
         for pu in pus {
             match &pu.kind {
                 PuKind::Container => {
@@ -159,7 +172,13 @@ impl PuIndex {
             self.cgroups.insert(cgroup, id.clone());
         }
         self.process_dirs.push((dir, id));
+        self.generation = next_generation();
         Ok(())
+    }
+
+    /// This index's generation: two indexes with one are the same.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether linux-process PUs are found by cgroup (so an outgoing
@@ -234,12 +253,10 @@ impl PuIndex {
         }
     }
 
-    /// The cgroup id of a linux-process PU's own cgroup or of one below
-    /// it, known or found now ([`Self::cgroup_below`]).
-    pub fn process_pu_of_cgroup(&self, cgroup: u64) -> Option<&PuId> {
-        self.cgroups
-            .get(&cgroup)
-            .or_else(|| self.cgroup_below(cgroup))
+    /// The linux-process PU of a cgroup the index knows (its own or one
+    /// that was below it when the index was built).
+    pub fn process_pu_of_cgroup_known(&self, cgroup: u64) -> Option<&PuId> {
+        self.cgroups.get(&cgroup)
     }
 }
 
