@@ -10,6 +10,7 @@
 //! kernel's own NFQUEUE counters, which show that after the handshake no
 //! packet of the connection reaches user space.
 
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -20,11 +21,12 @@ use enforcer_tests::{
     config::Acl,
     netfilter::Family,
     nettool, privilege,
-    traffic::Outcome,
+    traffic::{Outcome, UdpReceiver},
     two_agents::{
         Capture, Host, LINK, PORT, TwoAgents, handshake_count, is_syn, is_syn_ack, syn_with_token,
         wait_for_count,
     },
+    world::UdpFlow,
 };
 
 enforcer_tests::on_both_datapaths_and_families!(
@@ -34,6 +36,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_key_removed_from_the_trust_store_by_a_reload_is_refused,
     a_peer_without_an_agent_is_judged_by_the_acls,
     a_server_without_an_agent_is_judged_by_the_application_acls,
+    udp_with_a_target_is_judged_by_the_acls,
     a_replayed_syn_is_refused,
     a_tampered_token_is_refused,
 );
@@ -265,6 +268,54 @@ fn a_server_without_an_agent_is_judged_by_the_application_acls(
             && l["handshake"]["reason"] == "no-token"),
         "a's flow log: {lines:#?}"
     );
+    Ok(())
+}
+
+/// No UDP handshake yet (docs/identity.md): with `[identity]`, a PU's
+/// datagram to a target UDP network is judged by its application ACLs, as
+/// an external peer's — the PU found by its socket's cgroup.
+fn udp_with_a_target_is_judged_by_the_acls(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
+        .label("app", "web")
+        .application_acl(Acl::accept("dns-out", LINK).udp([7001]));
+    let config = enforcer_tests::config::Config::local_server()
+        .target_tcp(LINK)
+        .target_udp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), [w.keys.public("b")])
+        .pu(web)
+        .to_toml();
+    let a = w.start(Host::A, AGENT, datapath, &config)?;
+    let ip = w.server_addr().ip();
+    let receivers =
+        [7001, 7002].map(|port| UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, port)));
+    let [accepted, refused] = receivers;
+    let (accepted, refused) = (accepted?, refused?);
+    // Connected sockets that stay open while the agent looks them up (a
+    // one-shot `sendto` whose socket closes first is refused: its PU can
+    // no longer be found).
+    let mut flows = Vec::new();
+    for (to, payload) in [(&accepted, "to-7001"), (&refused, "to-7002")] {
+        let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, to.addr())?;
+        assert_eq!(flow.send(payload)?, None, "sending {payload}");
+        flows.push(flow);
+    }
+    assert!(
+        accepted.wait_for(b"to-7001", COMES).is_some(),
+        "the ACL's port"
+    );
+    assert!(
+        refused.wait_for(b"to-7002", STAYS_AWAY).is_none(),
+        "no ACL for 7002"
+    );
+    drop(flows);
+    assert_eq!(handshake_count(&a, "external-allowed")?, 1);
+    assert_eq!(handshake_count(&a, "no-token")?, 1);
+    assert_eq!(handshake_count(&a, "unknown-pu")?, 0);
     Ok(())
 }
 
