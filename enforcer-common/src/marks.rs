@@ -29,8 +29,11 @@
 //!
 //! With shift `s` each value and mask is the one above shifted left by
 //! `s - 8` (shift 16: field `0x3f0000`, authorised `0x10000/0x70000`). The
-//! seed's per-PU net_cls marks (`0x1111` base) have no counterpart: PUs
-//! are found by cgroup (eBPF programs, `-m cgroup --path`), not by mark.
+//! seed's per-PU net_cls values (`0x1111` base, `100 + n`) are no packet
+//! marks here: PUs are found by cgroup (eBPF programs, `-m cgroup
+//! --path`), and on a net_cls cgroup v1 host by the socket's class id
+//! (`-m cgroup --cgroup`, tc handle `1111:<100 + n>`; the agent's
+//! `datapath::netcls`), which lives outside the mark altogether.
 //!
 //! Kinds are mutually exclusive, so they are values, not bits; each is
 //! matched as `value/kind_mask`. The class is set by the eBPF programs

@@ -250,6 +250,8 @@ fn write_report(w: &mut impl std::fmt::Write, r: &StatusReport) -> std::fmt::Res
     writeln!(w, "datapath  {}: {}", r.datapath.kind, r.datapath.reason)?;
     let iptables = &r.datapath.iptables;
     writeln!(w, "iptables  {}: {}", iptables.backend, iptables.reason)?;
+    let cgroups = &r.datapath.cgroups;
+    writeln!(w, "cgroups   {}: {}", cgroups.flavour, cgroups.reason)?;
     writeln!(w, "mode      {}", r.mode)?;
     writeln!(w, "config    {}", r.config)?;
     writeln!(w, "control   {}", r.control)?;
@@ -516,6 +518,10 @@ mod tests {
         );
         assert!(
             text.contains("iptables  nft: auto: 0 legacy rules, 12 nft rules"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cgroups   net_cls (cgroup v1): cgroups.version = v1; net_cls at"),
             "{text}"
         );
         assert!(text.contains("up 0h01m01s"), "{text}");

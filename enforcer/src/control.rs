@@ -30,6 +30,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::datapath::iptables::backend::BackendChoice;
+use crate::datapath::probe::CgroupChoice;
 use crate::datapath::{Counters, DatapathKind};
 use crate::trap::{KernelQueueStats, TrapStats};
 
@@ -88,6 +89,9 @@ pub struct DatapathStatus {
     /// The iptables flavour both datapaths' netfilter rules go through,
     /// and why.
     pub iptables: BackendChoice,
+    /// Which cgroups identify linux-process PUs (cgroup v2 or net_cls
+    /// v1), where, and why.
+    pub cgroups: CgroupChoice,
 }
 
 /// One PU in force.
@@ -375,6 +379,13 @@ pub(crate) mod tests {
                 iptables: BackendChoice {
                     backend: crate::datapath::iptables::backend::Backend::Nft,
                     reason: "auto: 0 legacy rules, 12 nft rules".into(),
+                },
+                cgroups: CgroupChoice {
+                    flavour: crate::datapath::probe::CgroupFlavour::NetClsV1,
+                    mount: "/sys/fs/cgroup/net_cls".into(),
+                    reason: "cgroups.version = v1; net_cls at /sys/fs/cgroup/net_cls \
+                             (found in /proc/self/mounts)"
+                        .into(),
                 },
             },
             mode: "local-server".into(),

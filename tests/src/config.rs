@@ -35,6 +35,7 @@ pub struct Config {
     identity: Option<Identity>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<Host>,
+    cgroups: Option<Cgroups>,
     pus: Vec<Pu>,
 }
 
@@ -83,6 +84,12 @@ struct Marks {
 #[derive(Debug, Clone, Default, Serialize)]
 struct FlowLog {
     output: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Cgroups {
+    version: String,
+    net_cls_mount: String,
 }
 
 /// One PU.
@@ -147,7 +154,7 @@ impl Port {
 /// No ports given: an ACL of every port.
 pub const EVERY_PORT: [u16; 0] = [];
 
-/// A test cgroup's path relative to the cgroup v2 mount, as a config
+/// A test cgroup's path relative to its cgroup mount (v2, or a test's net_cls), as a config
 /// names it. Test cgroups are made under the mount ([`Cgroup::new`]) or
 /// below one another ([`Cgroup::child`]), each named with the harness's
 /// [`NAME_PREFIX`](crate::NAME_PREFIX): the path below the mount is the
@@ -159,7 +166,10 @@ fn relative_cgroup(cgroup: &Cgroup) -> String {
         .ancestors()
         .map_while(|dir| {
             let name = dir.file_name()?.to_string_lossy();
-            name.starts_with(prefix).then(|| name.into_owned())
+            // A test's cgroups, up to the mount's root (whose parent is
+            // no cgroup: a test-made net_cls mount carries the prefix too).
+            let in_mount = dir.parent()?.join("cgroup.procs").exists();
+            (name.starts_with(prefix) && in_mount).then(|| name.into_owned())
         })
         .collect();
     below.into_iter().rev().collect::<Vec<_>>().join("/")
@@ -242,6 +252,16 @@ impl Config {
         self
     }
 
+    /// `[cgroups] version = "v1"` with the net_cls hierarchy at `mount`:
+    /// PU cgroups are net_cls cgroups relative to it.
+    pub fn net_cls(mut self, mount: &Path) -> Self {
+        self.cgroups = Some(Cgroups {
+            version: "v1".into(),
+            net_cls_mount: mount.display().to_string(),
+        });
+        self
+    }
+
     pub fn pu(mut self, pu: Pu) -> Self {
         self.pus.push(pu);
         self
@@ -281,7 +301,7 @@ impl Pu {
     }
 
     /// A `linux-process` PU of a test's [`Cgroup`] (made under the cgroup
-    /// v2 mount, or below another test cgroup).
+    /// mount — v2, or net_cls v1 — or below another test cgroup).
     pub fn process_of(id: &str, cgroup: &Cgroup) -> Self {
         Self::process(id, &relative_cgroup(cgroup))
     }

@@ -21,8 +21,8 @@ use crate::netfilter::{Backend, Family};
 const AGENT_PREFIX: &str = "TRI-";
 
 /// Harness objects left on the machine, as `kind: name` lines: namespaces,
-/// cgroups, pins and pin directories, and control sockets whose names
-/// carry the harness prefix; and any `TRI-` chain, hook rule or ipset in
+/// cgroups, pins and pin directories, control sockets and mounts whose
+/// names carry the harness prefix; and any `TRI-` chain, hook rule or ipset in
 /// the network namespace of the caller (`nettool leftovers` runs in the
 /// root one).
 pub fn find(cgroup2: &Path, bpffs: &Path) -> Result<Vec<String>> {
@@ -49,6 +49,18 @@ pub fn find(cgroup2: &Path, bpffs: &Path) -> Result<Vec<String>> {
             if name.starts_with(NAME_PREFIX) && name.ends_with(suffix) {
                 found.push(format!("{kind}: {}", dir.join(name).display()));
             }
+        }
+    }
+    // The net_cls hierarchies tests mount (`crate::netcls`).
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading mounts")?;
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [_, target, "cgroup", ..] = fields[..] else {
+            continue;
+        };
+        let name = Path::new(target).file_name().unwrap_or_default();
+        if name.to_string_lossy().starts_with(NAME_PREFIX) {
+            found.push(format!("net_cls mount: {target}"));
         }
     }
     found.extend(agent_netfilter()?);

@@ -12,6 +12,7 @@
 //!   [`enforcer::sandbox`], which the demo uses too — plus the test-only
 //!   UDP, raw-packet and `nettool` helpers.
 //! - [`netfilter`]: rules loaded into a namespace and their counters.
+//! - [`netcls`]: a private mount of the net_cls cgroup v1 hierarchy.
 //! - [`leftovers`]: what a run left on the machine (must be nothing).
 //! - [`config`]: agent configs built as values, written out as TOML.
 //! - [`roles`]: peers on host `b` by role, one source address each.
@@ -27,6 +28,7 @@ pub mod cgroup;
 pub mod config;
 pub mod leftovers;
 pub mod matrix;
+pub mod netcls;
 pub mod netfilter;
 pub mod netns;
 pub mod privilege;

@@ -297,6 +297,30 @@ impl PuEchoServer {
         ns: &Netns,
         addr: SocketAddr,
     ) -> Result<Self> {
+        Self::spawn(nettool, transport, cgroup, ns, addr, None)
+    }
+
+    /// [`Self::start`], the server running as `uid` ([`become_user`]):
+    /// a uid PU's when `uid` is its user's.
+    pub fn start_as_user(
+        nettool: &str,
+        transport: Transport,
+        cgroup: &crate::cgroup::Cgroup,
+        ns: &Netns,
+        addr: SocketAddr,
+        uid: u32,
+    ) -> Result<Self> {
+        Self::spawn(nettool, transport, cgroup, ns, addr, Some(uid))
+    }
+
+    fn spawn(
+        nettool: &str,
+        transport: Transport,
+        cgroup: &crate::cgroup::Cgroup,
+        ns: &Netns,
+        addr: SocketAddr,
+        uid: Option<u32>,
+    ) -> Result<Self> {
         use std::io::BufRead as _;
         use std::process::Stdio;
         let kind = match transport {
@@ -304,6 +328,9 @@ impl PuEchoServer {
             Transport::Udp => "udp-echo-server",
         };
         let mut cmd = cgroup.command_in(ns, nettool)?;
+        if let Some(uid) = uid {
+            become_user(&mut cmd, uid);
+        }
         cmd.args([kind, &addr.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -319,6 +346,32 @@ impl PuEchoServer {
             "the PU's {kind} on {addr}: {first}"
         );
         Ok(server)
+    }
+}
+
+/// A uid no user of the machine has, for the processes of tests' uid PUs:
+/// no other process of the machine is one of its.
+pub const TEST_UID: u32 = 4_042_424;
+
+/// Makes `cmd`'s child drop to `uid` (and the group of the same number, no
+/// supplementary groups) just before it runs: after
+/// [`crate::cgroup::Cgroup::command_in`] placed it in its namespace and
+/// cgroup, which need root.
+pub fn become_user(cmd: &mut std::process::Command, uid: u32) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: runs in the forked child before exec, after the closures
+    // registered before it; setgroups, setgid and setuid are
+    // async-signal-safe and nothing here allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

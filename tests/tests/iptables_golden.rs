@@ -1,7 +1,8 @@
 //! The fallback's rendering, loaded by the kernel (issue 4, item 6).
 //!
 //! For a matrix of scenarios — the global rules with the default and a
-//! moved mark layout, one PU with a mix of ACLs, and a PU update — the
+//! moved mark layout, one PU with a mix of ACLs, a PU update, and a PU
+//! hooked by net_cls class id — the
 //! restore text comes from the agent's own pure renderers
 //! (`enforcer::datapath::iptables::{global, pu, sets, rules}`) and goes,
 //! in a fresh network namespace of its own:
@@ -29,6 +30,7 @@ use enforcer::datapath::iptables::{
     rules::{Ctx, Table, section},
     sets,
 };
+use enforcer::datapath::netcls::ClassId;
 use enforcer::datapath::queues::Direction;
 use enforcer::naming::{self, NameRegistry, PortSet, ShortName};
 use enforcer::policy::{Configuration, Pu};
@@ -47,6 +49,7 @@ enforcer_tests::on_both_backends_and_families!(
     global_rules_with_a_moved_mark_layout,
     pu_with_a_mix_of_acls,
     pu_update_hooks_the_new_version_and_unhooks_the_old,
+    net_cls_pu_hooks_by_class_id,
     the_loader_refuses_what_the_kernel_refuses,
 );
 
@@ -1045,6 +1048,61 @@ fn swap(lab: &Lab, ctx: &Ctx, to: (&PuPlan, &Pu), from: (&PuPlan, &Pu)) -> Resul
     let old_sets: Vec<String> = from.acl_sets(family).into_iter().map(|s| s.name).collect();
     lab.ipset(&sets::destroy(old_sets.iter().map(String::as_str)))
         .context("the old ACL sets must be unused after the swap")
+}
+
+// ------------------------------------------------------ net_cls PU
+
+/// A PU whose cgroup is a net_cls (cgroup v1) cgroup: only its outgoing
+/// hook differs from a cgroup v2 PU's — it matches the class id the agent
+/// gives the PU (`--cgroup`, the first one `0x1111_0064` written in
+/// decimal as `iptables-save` prints it), never a path, so no cgroup v2
+/// directory need exist; its chains are the same. It loads, is held as
+/// rendered, and unloads, on each flavour.
+fn net_cls_pu_hooks_by_class_id(backend: Backend, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let lab = Lab::new(&env, backend, family)?;
+    let config = pu_config(before("enft-no-such-cgroup-v2"))?;
+    let ctx = ctx(&config, family);
+    let pu = &config.pus[0];
+    let short = short_name(pu)?;
+    let class_id = ClassId::nth(0).context("the first class id")?;
+    let plan = PuPlan::new(pu, &short, 0)?.with_class_id(Some(class_id));
+    let chains = plan.chains();
+    let install = plan.install(&ctx);
+    let hook = format!(
+        "-A TRI-Pid-App -m cgroup --cgroup 286326884 -m comment --comment \"PU web\" -j {}",
+        chains.app
+    );
+    assert_eq!(
+        install
+            .iter()
+            .filter(|l| l.starts_with("-A TRI-Pid-App "))
+            .collect::<Vec<_>>(),
+        [&hook]
+    );
+
+    lab.install_global(&ctx)?;
+    lab.ipset(&sets::create(&plan.sets(family)))?;
+    lab.test_and_load(&section(Table::Mangle, &install))?;
+    let saved = lab.save(Table::Mangle)?;
+    let app = chain_rules(&saved, "TRI-Pid-App");
+    assert_eq!(app.len(), 1, "one outgoing hook: {app:#?}");
+    let w = words(&app[0]);
+    assert_eq!(after(&w, "--cgroup"), Some("286326884"), "{}", app[0]);
+    assert_eq!(after(&w, "--path"), None, "{}", app[0]);
+    assert_eq!(after(&w, "-j"), Some(chains.app.as_str()), "{}", app[0]);
+    let acls = acl_policies(pu, &short, 0, family);
+    let (expected_app, expected_net) = expected_before(family);
+    assert_eq!(pu_chain(&saved, &chains.app, &acls), expected_app);
+    assert_eq!(pu_chain(&saved, &chains.net, &acls), expected_net);
+
+    lab.load(&section(Table::Mangle, &plan.remove(&ctx)))?;
+    let saved = lab.save(Table::Mangle)?;
+    assert!(chain_rules(&saved, "TRI-Pid-App").is_empty(), "{saved}");
+    assert!(!declares(&saved, &chains.app), "{saved}");
+    Ok(())
 }
 
 // --------------------------------------------------- the loader can fail

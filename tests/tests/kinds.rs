@@ -17,7 +17,6 @@
 //! container's namespace: the agent runs inside it, as those modes mean.
 
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt as _;
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,7 +27,9 @@ use enforcer_tests::{
     config::{Acl, Config, Pu},
     netfilter::Family,
     nettool, on_both_datapaths_and_families, privilege,
-    traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool, tcp_exchange_from},
+    traffic::{
+        Outcome, TEST_UID, TcpEchoServer, UdpReceiver, become_user, run_nettool, tcp_exchange_from,
+    },
     unique_name,
     world::{ACL_PEER, OTHER, PORT, Peer, PuWorld, TARGET},
 };
@@ -53,9 +54,6 @@ enforcer_tests::on_datapaths_and_families!(
 const SERVICE_PORT: u16 = 8080;
 /// A port of `a` that is no PU's.
 const OTHER_PORT: u16 = 9090;
-/// The user of the uid PUs: a uid with no entry in the user database, so
-/// that no process of the machine is one of its.
-const TEST_UID: u32 = 4_042_424;
 
 /// The peers only the priority test's PUs accept, one per kind
 /// ([`ACL_PEER`] for the host PU, [`OTHER`] for the process PU).
@@ -143,26 +141,6 @@ impl<'a> Client<'a> {
     fn udp_send(&self, stage: &Stage, to: SocketAddr, payload: &str) -> Result<Outcome> {
         let to = to.to_string();
         run_nettool(self.nettool(stage, &["udp-send", &to, "--payload", payload])?)
-    }
-}
-
-/// Makes the child drop to `uid` (and the group of the same number, no
-/// supplementary groups) just before it runs: after `command_in` placed it
-/// in its namespace and cgroup, which need root.
-fn become_user(cmd: &mut Command, uid: u32) {
-    // SAFETY: runs in the forked child before exec, after the closures
-    // registered before it; setgroups, setgid and setuid are
-    // async-signal-safe and nothing here allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(uid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

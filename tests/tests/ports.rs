@@ -6,7 +6,9 @@
 //! ACLs for everyone else, the rest dropped — and when it stops
 //! listening, the port is no PU's again. A port the config lists and the
 //! PU listens on stays the PU's through a reload that drops it from the
-//! config.
+//! config. A uid PU's user that starts listening gets the same for its uid
+//! PU, found by the socket's owner — in no PU's cgroup, and in a
+//! linux-process PU's (the uid PU first, SPEC's priority).
 //!
 //! Host `a` runs the agent; PU `web` (its config lists TCP 8080 only)
 //! starts echo servers on 8081, TCP and UDP, inside its cgroup while the
@@ -28,8 +30,10 @@ use enforcer_tests::{
     on_both_datapaths_and_families,
     roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
     traffic::{
-        Outcome, PuEchoServer, TcpEchoServer, Transport, tcp_exchange_from, udp_exchange_from,
+        Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, tcp_exchange_from,
+        udp_exchange_from,
     },
+    unique_name,
     world::PuWorld,
 };
 use serde_json::json;
@@ -45,6 +49,7 @@ const DISCOVERY_DEADLINE: Duration = Duration::from_secs(15);
 on_both_datapaths_and_families!(
     a_port_the_pu_starts_listening_on_follows_its_policy,
     a_port_listened_on_stays_when_a_reload_drops_it_from_the_config,
+    a_port_a_uid_pus_user_starts_listening_on_follows_its_policy,
 );
 
 fn config(cgroup: &Cgroup) -> String {
@@ -53,6 +58,24 @@ fn config(cgroup: &Cgroup) -> String {
 
 /// `web` with `tcp_ports` in its config.
 fn config_with_ports(cgroup: &Cgroup, tcp_ports: &[u16]) -> String {
+    networks()
+        .pu(with_acls(
+            Pu::process_of("web", cgroup).tcp_ports(tcp_ports.iter().copied()),
+        ))
+        .to_toml()
+}
+
+/// The target and excluded networks of every config here.
+fn networks() -> Config {
+    Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .excluded(roles::networks(EXCLUDED))
+}
+
+/// `pu` with the ACLs of every PU here: a network ACL for [`ACL_PEER`],
+/// TCP and UDP; and an application ACL for UDP answers.
+fn with_acls(pu: Pu) -> Pu {
     let from_acl_peer = Acl::accept("from-acl-peer", roles::networks(ACL_PEER))
         .tcp(EVERY_PORT)
         .udp(EVERY_PORT);
@@ -61,15 +84,7 @@ fn config_with_ports(cgroup: &Cgroup, tcp_ports: &[u16]) -> String {
     // handling of answers, so that only the incoming side decides.
     let peers = [roles::networks(ACL_PEER), roles::networks(OTHER)].concat();
     let answers = Acl::accept("answers", peers).udp(EVERY_PORT);
-    Config::local_server()
-        .target_tcp(TARGET_NETS)
-        .target_udp(TARGET_NETS)
-        .excluded(roles::networks(EXCLUDED))
-        .pu(Pu::process_of("web", cgroup)
-            .tcp_ports(tcp_ports.iter().copied())
-            .network_acl(from_acl_peer)
-            .application_acl(answers))
-        .to_toml()
+    pu.network_acl(from_acl_peer).application_acl(answers)
 }
 
 fn a_port_the_pu_starts_listening_on_follows_its_policy(
@@ -219,6 +234,118 @@ fn a_port_listened_on_stays_when_a_reload_drops_it_from_the_config(
         json!(["8080/tcp"])
     );
     assert_eq!(discovered()?, json!(["8081/tcp"]));
+    Ok(())
+}
+
+/// A uid PU's user (processes run as [`TEST_UID`]) starts echo servers on
+/// ports the uid PU's config does not list: once discovery found them by
+/// their sockets' owner, the uid PU's network ACLs judge them — TCP and UDP
+/// from the world's cgroup (no PU's, and the eBPF host scope), and TCP from
+/// a linux-process PU's cgroup too (SPEC's priority: the uid PU first),
+/// while root's server in that cgroup is the process PU's. Once the user's
+/// servers close, their port is no PU's again.
+fn a_port_a_uid_pus_user_starts_listening_on_follows_its_policy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let web = stage.cgroup.child(&unique_name())?;
+    let at = |port| SocketAddr::new(stage.server_ip(), port);
+    let (new_port, roots, users_in_web) = (at(NEW_PORT), at(NEW_PORT + 1), at(NEW_PORT + 2));
+    // `web` has no ACL: everything to its ports is blocked.
+    let config = networks()
+        .host_scope(&stage.cgroup)
+        .pu(with_acls(
+            Pu::uid("user", TEST_UID).tcp_ports([CONFIG_PORT]),
+        ))
+        .pu(Pu::process_of("web", &web))
+        .to_toml();
+    let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &config)?;
+    let connect = |role: u8, to: SocketAddr| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts.b.run(|| tcp_exchange_from(Some(from), to, b"ping"))
+    };
+    let datagram = |role: u8| -> Result<Outcome> {
+        let from = source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(from), new_port, b"ping"))
+    };
+    let discovered = || -> Result<[serde_json::Value; 2]> {
+        let status = agent.status()?;
+        Ok([0, 1].map(|i| status["pus"][i]["discovered_ports"].clone()))
+    };
+    let nettool = env!("CARGO_BIN_EXE_nettool");
+    let user_server = |transport, cgroup, addr| {
+        PuEchoServer::start_as_user(nettool, transport, cgroup, &hosts.a, addr, TEST_UID)
+    };
+
+    let servers = [
+        user_server(Transport::Tcp, &stage.cgroup, new_port)?,
+        user_server(Transport::Udp, &stage.cgroup, new_port)?,
+        user_server(Transport::Tcp, &web, users_in_web)?,
+    ];
+    let _root = PuEchoServer::start(nettool, Transport::Tcp, &web, &hosts.a, roots)?;
+    let expected = [
+        json!(["8081/tcp", "8083/tcp", "8081/udp"]),
+        json!(["8082/tcp"]),
+    ];
+    let lag = wait_until(|| Ok(discovered()? == expected)).with_context(|| {
+        format!(
+            "the user's ports are the uid PU's, root's in web's cgroup web's: {:?}",
+            discovered()
+        )
+    })?;
+    eprintln!(
+        "{datapath:?} {family:?}: the uid PU's new ports were its within {lag:?} of listen()"
+    );
+    assert_eq!(
+        agent.status()?["pus"][0]["config_ports"],
+        json!(["8080/tcp"])
+    );
+
+    assert_eq!(
+        connect(ACL_PEER, new_port)?,
+        Outcome::Exchanged,
+        "network ACL accepts"
+    );
+    let blocked = connect(OTHER, new_port)?;
+    assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
+    assert_eq!(
+        datagram(ACL_PEER)?,
+        Outcome::Exchanged,
+        "UDP: network ACL accepts"
+    );
+    let dropped = datagram(OTHER)?;
+    assert!(
+        dropped.is_blocked(),
+        "UDP, no ACL: dropped, got {dropped:?}"
+    );
+    assert_eq!(
+        connect(ACL_PEER, users_in_web)?,
+        Outcome::Exchanged,
+        "the user's port in web's cgroup: the uid PU's network ACL accepts"
+    );
+    let blocked = connect(ACL_PEER, roots)?;
+    assert!(
+        blocked.is_blocked(),
+        "root's port in web's cgroup: web's, which has no ACL, got {blocked:?}"
+    );
+
+    // The user's servers close; one outside every PU takes the port.
+    drop(servers);
+    let _outside = TcpEchoServer::start(&hosts.a, new_port)?;
+    let expected = [json!([]), json!(["8082/tcp"])];
+    wait_until(|| Ok(discovered()? == expected))
+        .context("the ports the user stopped listening on are still among its discovered ports")?;
+    assert_eq!(
+        connect(OTHER, new_port)?,
+        Outcome::Exchanged,
+        "the port is no PU's any more: a peer no ACL names connects"
+    );
     Ok(())
 }
 

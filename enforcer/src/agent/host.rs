@@ -1,5 +1,6 @@
 //! What the agent takes from the host before it starts: the network
-//! namespace it runs in, and where cgroup v2 and bpffs are mounted.
+//! namespace it runs in, and where cgroup v2, a net_cls cgroup v1
+//! hierarchy and bpffs are mounted.
 
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
@@ -48,6 +49,9 @@ pub struct Mounts {
     /// The first cgroup v2 mount (`/sys/fs/cgroup` on a unified host,
     /// `/sys/fs/cgroup/unified` on a hybrid one).
     pub cgroup2: Option<PathBuf>,
+    /// The first cgroup v1 mount with the net_cls controller (alone or
+    /// beside others, as in `/sys/fs/cgroup/net_cls,net_prio`).
+    pub net_cls: Option<PathBuf>,
     /// The bpffs mount, `/sys/fs/bpf` when it is one of several.
     pub bpffs: Option<PathBuf>,
 }
@@ -62,26 +66,41 @@ impl Mounts {
     }
 
     fn parse(text: &str) -> Self {
-        let mounts: Vec<(PathBuf, &str)> = text
+        let mounts: Vec<(PathBuf, &str, &str)> = text
             .lines()
             .filter_map(|line| {
                 let mut fields = line.split(' ');
                 let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-                Some((unescape(target), fstype))
+                Some((unescape(target), fstype, fields.next().unwrap_or_default()))
             })
             .collect();
         let of_type = |fstype: &'static str| {
             mounts
                 .iter()
-                .filter(move |(_, t)| *t == fstype)
-                .map(|(path, _)| path.clone())
+                .filter(move |(_, t, _)| *t == fstype)
+                .map(|(path, _, _)| path.clone())
         };
+        let net_cls = mounts
+            .iter()
+            .find(|(_, t, options)| *t == "cgroup" && options.split(',').any(|o| o == "net_cls"))
+            .map(|(path, _, _)| path.clone());
         let bpffs = of_type("bpf")
             .find(|p| p == Path::new(Self::CONVENTIONAL_BPFFS))
             .or_else(|| of_type("bpf").next());
         Self {
             cgroup2: of_type("cgroup2").next(),
+            net_cls,
             bpffs,
+        }
+    }
+
+    /// Only cgroup v2, at `dir` (tests of the config's host checks).
+    #[cfg(test)]
+    pub fn cgroup2_at(dir: &Path) -> Self {
+        Self {
+            cgroup2: Some(dir.to_path_buf()),
+            net_cls: None,
+            bpffs: None,
         }
     }
 
@@ -157,7 +176,8 @@ mod tests {
     #[test]
     fn finds_cgroup2_and_bpffs_mounts() {
         let text = "sysfs /sys sysfs rw 0 0\n\
-                    cgroup /sys/fs/cgroup/net_cls cgroup rw,net_cls 0 0\n\
+                    cgroup /sys/fs/cgroup/net_prio cgroup rw,net_prio 0 0\n\
+                    cgroup /sys/fs/cgroup/net_cls,net_prio cgroup rw,net_cls,net_prio 0 0\n\
                     cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n\
                     bpf /mnt/other\\040bpf bpf rw 0 0\n\
                     bpf /sys/fs/bpf bpf rw,relatime 0 0\n";
@@ -167,13 +187,17 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/unified"))
         );
         assert_eq!(mounts.bpffs.as_deref(), Some(Path::new("/sys/fs/bpf")));
+        assert_eq!(
+            mounts.net_cls.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/net_cls,net_prio"))
+        );
 
         let only_other = Mounts::parse("bpf /mnt/other\\040bpf bpf rw 0 0\n");
         assert_eq!(
             only_other.bpffs.as_deref(),
             Some(Path::new("/mnt/other bpf"))
         );
-        assert_eq!(only_other.cgroup2, None);
+        assert_eq!((only_other.cgroup2, only_other.net_cls), (None, None));
         assert_eq!(Mounts::parse("").bpffs, None);
     }
 

@@ -30,6 +30,13 @@ impl InstanceName {
         Path::new(Self::CONTROL_DIR).join(format!("{}.sock", self.0))
     }
 
+    /// `/run/enforcer/<name>.net_cls`: the cgroups this instance gave a
+    /// net_cls class id ([`crate::datapath::netcls`]), for `run` and
+    /// `cleanup` to reset after a crash.
+    pub fn net_cls_record(&self) -> PathBuf {
+        Path::new(Self::CONTROL_DIR).join(format!("{}.net_cls", self.0))
+    }
+
     /// `<bpffs>/enforcer/<name>`: every pin of this instance, and nothing
     /// else. Under a directory of the project's own, so that no instance
     /// name can make `run` or `cleanup` remove another program's pins

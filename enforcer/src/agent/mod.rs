@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::control::{self, ControlSocket, DatapathStatus};
 use crate::datapath::iptables::backend::{self, Backend};
+use crate::datapath::probe::{CgroupChoice, CgroupFlavour};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
 use crate::flowlog::FlowLogWriter;
 use crate::identity::Keys;
@@ -70,6 +71,9 @@ pub enum ConfigError {
     },
     #[error("the config file {} is refused", path.display())]
     Invalid { path: PathBuf, source: PolicyError },
+    /// `[cgroups]` asks for a hierarchy the host does not have.
+    #[error("the config file {} is refused: {reason}", path.display())]
+    Cgroups { path: PathBuf, reason: String },
     /// A key file named in `[identity]` cannot be used.
     #[error("the config file {} names identity keys that cannot be loaded", path.display())]
     Keys {
@@ -82,7 +86,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
     path: PathBuf,
-    host: CgroupV2Host,
+    /// Where the cgroup hierarchies are, for `[cgroups]` to choose from.
+    mounts: Mounts,
     /// `--datapath`, which wins over the file's `datapath`.
     datapath: Option<DatapathChoice>,
     /// `--iptables-backend`, which wins over the file's `[iptables]
@@ -90,25 +95,64 @@ pub struct ConfigSource {
     iptables_backend: Option<IptablesBackendChoice>,
 }
 
+/// A configuration as [`ConfigSource`] loads it.
+struct Loaded {
+    config: Configuration,
+    /// The cgroup hierarchy its `[cgroups]` chose, against which its PU
+    /// cgroups were checked.
+    cgroups: CgroupChoice,
+    /// The identity keys it names (loaded from their files), when
+    /// `[identity]` is configured.
+    keys: Option<Keys>,
+}
+
 impl ConfigSource {
     /// Reads and validates the file, host checks included.
     #[cfg(test)]
     fn load(&self) -> Result<Configuration, ConfigError> {
-        self.load_with_keys().map(|(config, _)| config)
+        self.load_all().map(|loaded| loaded.config)
     }
 
-    /// [`Self::load`], and the identity keys it names (loaded from their
-    /// files), when `[identity]` is configured.
+    /// [`Self::load`], and the identity keys it names.
     fn load_with_keys(&self) -> Result<(Configuration, Option<Keys>), ConfigError> {
+        self.load_all().map(|loaded| (loaded.config, loaded.keys))
+    }
+
+    /// Reads and validates the file, host checks included; loads its keys.
+    fn load_all(&self) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
             path: self.path.clone(),
             source,
         })?;
-        let mut config =
-            Configuration::load(&text, &self.host).map_err(|source| ConfigError::Invalid {
-                path: self.path.clone(),
-                source,
-            })?;
+        let invalid = |source| ConfigError::Invalid {
+            path: self.path.clone(),
+            source,
+        };
+        // The file says which hierarchy its cgroups are in: parsed first,
+        // then checked against that hierarchy.
+        let mut config = Configuration::from_toml_str(&text).map_err(invalid)?;
+        let cgroups = probe::choose_cgroups(
+            &config.cgroups,
+            self.mounts.cgroup2.as_deref(),
+            self.mounts.net_cls.as_deref(),
+        )
+        .and_then(|choice| {
+            let classid = choice.mount.join("net_cls.classid");
+            if choice.flavour == CgroupFlavour::NetClsV1 && !classid.is_file() {
+                anyhow::bail!(
+                    "{} is not a net_cls cgroup hierarchy (it has no net_cls.classid)",
+                    choice.mount.display()
+                );
+            }
+            Ok(choice)
+        })
+        .map_err(|e| ConfigError::Cgroups {
+            path: self.path.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        config
+            .validate(&CgroupV2Host::new(&cgroups.mount))
+            .map_err(|e| invalid(e.into()))?;
         // Keys load at start and on every reload, so a bad key file stops
         // the agent (or the reload) before anything changes.
         let keys =
@@ -121,6 +165,19 @@ impl ConfigSource {
                 })?),
                 None => None,
             };
+        let process_pus = config
+            .pus
+            .iter()
+            .any(|pu| matches!(pu.kind, PuKind::LinuxProcess { .. }));
+        if keys.is_some() && process_pus && cgroups.flavour == CgroupFlavour::NetClsV1 {
+            // Refused rather than a PU's connections signed as another's.
+            return Err(ConfigError::Cgroups {
+                path: self.path.clone(),
+                reason: "the identity handshake finds a linux-process PU's sockets by their \
+                         cgroup v2 id, and these PUs' cgroups are net_cls (cgroup v1)"
+                    .to_owned(),
+            });
+        }
         if let Some(choice) = self.datapath {
             // Overriding here, not later, makes a reload compare like with
             // like: a file's `datapath` that the flag overrides is moot.
@@ -129,7 +186,11 @@ impl ConfigSource {
         if let Some(choice) = self.iptables_backend {
             config.iptables.backend = choice;
         }
-        Ok((config, keys))
+        Ok(Loaded {
+            config,
+            cgroups,
+            keys,
+        })
     }
 
     /// The trap's PU lookup for `config`: ports and uids, the cgroups of
@@ -142,9 +203,10 @@ impl ConfigSource {
             return index;
         }
         index.set_identities(&config.pus, &config.identity);
+        let cgroup2 = self.mounts.cgroup2_or_default();
         for pu in &config.pus {
             if let PuKind::LinuxProcess { cgroup } = &pu.kind {
-                let dir = self.host.mount().join(cgroup.as_path());
+                let dir = cgroup2.join(cgroup.as_path());
                 if let Err(e) = index.add_process_dir(dir.clone(), pu.id.clone()) {
                     // Validation saw it; a PU whose cgroup went since is
                     // found by its ports only (its outgoing SYNs refused).
@@ -164,11 +226,16 @@ pub fn run(options: RunOptions) -> Result<()> {
     let cgroup2 = mounts.cgroup2_or_default();
     let source = ConfigSource {
         path: options.config.clone(),
-        host: CgroupV2Host::new(&cgroup2),
+        mounts: mounts.clone(),
         datapath: options.datapath,
         iptables_backend: options.iptables_backend,
     };
-    let (config, keys) = source.load_with_keys()?;
+    let Loaded {
+        config,
+        cgroups,
+        keys,
+    } = source.load_all()?;
+    tracing::info!(cgroups = %cgroups.flavour, reason = %cgroups.reason, "PU cgroups chosen");
     let control = options
         .control
         .clone()
@@ -179,7 +246,7 @@ pub fn run(options: RunOptions) -> Result<()> {
     control::claim(&control)?;
 
     let requested = config.datapath;
-    let choice = probe::choose(requested)
+    let choice = probe::choose(requested, cgroups.flavour)
         .with_context(|| format!("choosing the datapath (asked for {requested})"))?;
     let reason = match options.datapath {
         Some(flag) => format!("{} (--datapath {flag})", choice.reason),
@@ -208,6 +275,8 @@ pub fn run(options: RunOptions) -> Result<()> {
         marks: config.marks.layout(),
         cgroup2: cgroup2.clone(),
         host_scope,
+        net_cls_mount: (cgroups.flavour == CgroupFlavour::NetClsV1).then(|| cgroups.mount.clone()),
+        net_cls_record: options.instance.net_cls_record(),
         pin_dir: options.instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend: iptables.backend,
     };
@@ -220,6 +289,7 @@ pub fn run(options: RunOptions) -> Result<()> {
             kind: choice.kind,
             reason,
             iptables,
+            cgroups: cgroups.clone(),
         },
         mode: config.mode,
         started: Instant::now(),
@@ -229,15 +299,24 @@ pub fn run(options: RunOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let discovery = config
+    let mut discovery = config
         .ports
         .discover_interval()
         .map(|interval| PortDiscovery { interval, cgroup2 });
+    if discovery.is_some() && cgroups.flavour == CgroupFlavour::NetClsV1 {
+        // sock_diag names a socket's cgroup v2 id only: a net_cls PU's
+        // sockets cannot be told apart by it.
+        tracing::warn!(
+            "port discovery is off: it finds a PU's sockets by cgroup v2 id, and the PUs' \
+             cgroups are net_cls (cgroup v1); list their ports in the config"
+        );
+        discovery = None;
+    }
     runtime.block_on(serve(datapath, (config, keys), source, identity, discovery))
 }
 
-/// The async part of [`run`].
-/// `loaded`: the configuration and its identity keys.
+/// The async part of [`run`]. `loaded`: the configuration and its
+/// identity keys.
 async fn serve(
     datapath: Box<dyn datapath::Datapath>,
     loaded: (Configuration, Option<Keys>),
@@ -356,6 +435,10 @@ pub fn cleanup(instance: &InstanceName) -> Result<()> {
         marks: MarkSettings::default().layout(),
         cgroup2: mounts.cgroup2_or_default(),
         host_scope: mounts.cgroup2_or_default(),
+        // Class ids are reset from the instance's record, which names
+        // every cgroup written: no mount needed.
+        net_cls_mount: None,
+        net_cls_record: instance.net_cls_record(),
         pin_dir: instance.pin_dir(&mounts.bpffs_or_default()),
         iptables_backend,
     };

@@ -97,6 +97,8 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         // The discovery loop is started with its interval.
         ("ports", old.ports == new.ports),
         ("host", old.host == new.host),
+        // The datapath is opened for one cgroup flavour and mount.
+        ("cgroups", old.cgroups == new.cgroups),
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),

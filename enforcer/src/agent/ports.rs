@@ -1,13 +1,16 @@
-//! Port discovery: the listening ports of each linux-process PU, found in
-//! the socket table while it runs and kept in its port set (SPEC, "port
-//! set add/remove"), so that incoming traffic to a port the PU starts
+//! Port discovery: the listening ports of each linux-process and uid PU,
+//! found in the socket table while it runs and kept in its port set (SPEC,
+//! "port set add/remove"), so that incoming traffic to a port the PU starts
 //! listening on meets the PU's network policy.
 //!
 //! Every `[ports] discover_interval_ms` the daemon has the owner thread run
 //! one round ([`Discovery::round`]): one `sock_diag` dump of the agent's
 //! namespace — listening TCP sockets and bound, unconnected UDP sockets
-//! ([`sockdiag::listening`]) — each socket given to the PU whose cgroup
-//! tree created it, then the difference with the PUs' run-time ports
+//! ([`sockdiag::listening`]) — each socket given to the uid PU of its
+//! owner if there is one, else to the linux-process PU whose cgroup tree
+//! created it (SPEC's priority: the UID chain before the process chains,
+//! as both datapaths judge a process), then the difference with the PUs'
+//! run-time ports
 //! applied through [`Datapath::remove_port`] (every PU's first: a port
 //! that moved from one PU to another is free before it is taken) and
 //! [`Datapath::add_port`]. The config's ports always stay; a listening
@@ -23,7 +26,8 @@
 //!
 //! Sockets name their cgroup by id; the PUs' cgroup trees are walked only
 //! when a socket names a cgroup not seen before or the PUs changed, not in
-//! every round.
+//! every round. A uid PU given by user name is resolved as the eBPF
+//! datapath resolves it ([`resolve_user`]), when the uid PUs change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -35,10 +39,11 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tracing::{debug, error, info};
 
+use crate::datapath::ebpf::resolve_user;
 use crate::datapath::ports::{self, ListenPort, RuntimePorts};
 use crate::datapath::revoke::{TCP, UDP};
 use crate::datapath::{Datapath, sockdiag};
-use crate::policy::{CgroupPath, Pu, PuId, PuKind};
+use crate::policy::{CgroupPath, Pu, PuId, PuKind, UserSpec};
 
 /// The kernel's default ephemeral range, for when the sysctl cannot be
 /// read.
@@ -64,6 +69,8 @@ pub struct Listener {
     pub port: u16,
     /// The cgroup v2 id of the socket's creator.
     pub cgroup: Option<u64>,
+    /// The socket's owner.
+    pub uid: u32,
 }
 
 impl From<&sockdiag::Socket> for Listener {
@@ -72,6 +79,7 @@ impl From<&sockdiag::Socket> for Listener {
             protocol: socket.protocol,
             port: socket.local.port(),
             cgroup: socket.cgroup,
+            uid: socket.uid,
         }
     }
 }
@@ -91,6 +99,10 @@ pub struct Discovery {
     owners: HashMap<u64, Option<PuId>>,
     /// The linux-process PUs `owners` was built for.
     built_for: Vec<(PuId, CgroupPath)>,
+    /// Uid → its uid PU.
+    uids: HashMap<u32, PuId>,
+    /// The uid PUs `uids` was resolved for.
+    uids_for: Vec<(PuId, UserSpec)>,
     /// The datapath's last refusal for a PU's port, logged once (a port
     /// another PU holds is refused in every round until one lets go).
     complaints: BTreeMap<(PuId, ListenPort), String>,
@@ -102,6 +114,8 @@ impl Discovery {
             cgroup2,
             owners: HashMap::new(),
             built_for: Vec::new(),
+            uids: HashMap::new(),
+            uids_for: Vec::new(),
             complaints: BTreeMap::new(),
         }
     }
@@ -118,22 +132,56 @@ impl Discovery {
             .iter()
             .map(Listener::from)
             .collect();
-        let found = self.found(pus, &listeners, ephemeral_range(), |dir| {
-            sockdiag::cgroup_tree_ids(dir)
-        });
+        let found = self.found(
+            pus,
+            &listeners,
+            ephemeral_range(),
+            sockdiag::cgroup_tree_ids,
+            resolve_user,
+        );
         Ok(self.apply(datapath, pus, &found))
     }
 
+    /// Maps the uids of the uid PUs of `pus` to them, if those changed;
+    /// `resolve` gives a user's uid. A user that does not resolve (gone
+    /// since the datapath resolved it) is logged, and its PU finds no
+    /// ports until the PUs change.
+    fn resolve_uids(&mut self, pus: &[Pu], resolve: impl Fn(&UserSpec) -> Result<u32>) {
+        let uid_pus: Vec<(PuId, UserSpec)> = pus
+            .iter()
+            .filter_map(|pu| match &pu.kind {
+                PuKind::Uid { user } => Some((pu.id.clone(), user.clone())),
+                _ => None,
+            })
+            .collect();
+        if uid_pus == self.uids_for {
+            return;
+        }
+        self.uids.clear();
+        for (id, user) in &uid_pus {
+            match resolve(user) {
+                Ok(uid) => {
+                    self.uids.insert(uid, id.clone());
+                }
+                Err(e) => error!(pu = %id, "no port discovery for the uid PU: {e:#}"),
+            }
+        }
+        self.uids_for = uid_pus;
+    }
+
     /// The listening ports of each discoverable PU of `pus`, from
-    /// `listeners`; `tree` lists the cgroup ids of a cgroup directory and
-    /// every one below it.
+    /// `listeners`: a listener is its owner's uid PU's, else its cgroup's
+    /// PU's. `tree` lists the cgroup ids of a cgroup directory and every
+    /// one below it; `resolve` gives a user's uid.
     fn found(
         &mut self,
         pus: &[Pu],
         listeners: &[Listener],
         ephemeral: RangeInclusive<u16>,
         tree: impl Fn(&Path) -> io::Result<BTreeSet<u64>>,
+        resolve: impl Fn(&UserSpec) -> Result<u32>,
     ) -> BTreeMap<PuId, RuntimePorts> {
+        self.resolve_uids(pus, resolve);
         let targets: Vec<(PuId, CgroupPath)> = pus
             .iter()
             .filter_map(|pu| match &pu.kind {
@@ -171,10 +219,12 @@ impl Discovery {
         }
         let mut found: BTreeMap<PuId, RuntimePorts> = BTreeMap::new();
         for listener in listeners {
-            let owner = listener
-                .cgroup
-                .and_then(|id| self.owners.get(&id))
-                .and_then(Option::as_ref);
+            let owner = self.uids.get(&listener.uid).or_else(|| {
+                listener
+                    .cgroup
+                    .and_then(|id| self.owners.get(&id))
+                    .and_then(Option::as_ref)
+            });
             if let (Some(owner), Some(port)) = (owner, listen_port(listener, &ephemeral)) {
                 found.entry(owner.clone()).or_default().insert(port);
             }
@@ -250,9 +300,10 @@ impl Discovery {
     }
 }
 
-/// The PUs whose ports discovery finds: linux-process PUs, by cgroup.
+/// The PUs whose ports discovery finds: linux-process PUs, by cgroup, and
+/// uid PUs, by owner.
 fn discoverable(pu: &Pu) -> bool {
-    matches!(pu.kind, PuKind::LinuxProcess { .. })
+    matches!(pu.kind, PuKind::LinuxProcess { .. } | PuKind::Uid { .. })
 }
 
 /// The port a listener makes a PU port, if any (see the module docs for
@@ -304,6 +355,14 @@ mod tests {
         id = "u"
         kind = "uid"
         uid = 1000
+        [[pus]]
+        id = "named"
+        kind = "uid"
+        uid = "www-data"
+        [[pus]]
+        id = "nobody-here"
+        kind = "uid"
+        uid = "gone"
     "#;
 
     fn pus() -> Vec<Pu> {
@@ -314,11 +373,13 @@ mod tests {
         NonZeroU16::new(p).unwrap()
     }
 
+    /// A TCP listener of root (no uid PU's) in `cgroup`.
     fn tcp(p: u16, cgroup: u64) -> Listener {
         Listener {
             protocol: TCP,
             port: p,
             cgroup: Some(cgroup),
+            uid: 0,
         }
     }
 
@@ -326,6 +387,15 @@ mod tests {
         Listener {
             protocol: UDP,
             ..tcp(p, cgroup)
+        }
+    }
+
+    /// The user database: `www-data` is 33; no other name resolves.
+    fn users(user: &UserSpec) -> Result<u32> {
+        match user {
+            UserSpec::Id(uid) => Ok(*uid),
+            UserSpec::Name(name) if name.as_str() == "www-data" => Ok(33),
+            UserSpec::Name(name) => anyhow::bail!("no user {}", name.as_str()),
         }
     }
 
@@ -355,7 +425,7 @@ mod tests {
                 ..tcp(23, 0)
             },
         ];
-        let found = d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, tree);
+        let found = d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, tree, users);
         let web: RuntimePorts = [ListenPort::tcp(port(8080)), ListenPort::udp(port(5353))].into();
         let db: RuntimePorts = [ListenPort::tcp(port(5432))].into();
         let expected: BTreeMap<PuId, RuntimePorts> = [
@@ -368,6 +438,62 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_of_a_uid_pus_user_is_that_pus_before_its_cgroups() {
+        let mut d = Discovery::new("/cg".into());
+        let as_user = |listener: Listener, uid| Listener { uid, ..listener };
+        let listeners = [
+            // In no PU's cgroup, or in none known.
+            as_user(tcp(8080, 99), 1000),
+            Listener {
+                cgroup: None,
+                ..as_user(tcp(8081, 0), 1000)
+            },
+            // In web's cgroup tree: the uid PU first (SPEC's priority).
+            as_user(udp(5353, 11), 1000),
+            // By user name.
+            as_user(tcp(8443, 2), 33),
+            // A user of no PU: its cgroup's.
+            as_user(tcp(5432, 2), 34),
+            // Root in web's cgroup.
+            tcp(80, 1),
+        ];
+        let found = d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, tree, users);
+        let id = |id: &str| PuId::new(id).unwrap();
+        let expected: BTreeMap<PuId, RuntimePorts> = [
+            (
+                id("u"),
+                [
+                    ListenPort::tcp(port(8080)),
+                    ListenPort::tcp(port(8081)),
+                    ListenPort::udp(port(5353)),
+                ]
+                .into(),
+            ),
+            (id("named"), [ListenPort::tcp(port(8443))].into()),
+            (id("db"), [ListenPort::tcp(port(5432))].into()),
+            (id("web"), [ListenPort::tcp(port(80))].into()),
+        ]
+        .into();
+        assert_eq!(found, expected);
+        // A user that does not resolve leaves its PU without ports, and
+        // is looked up again only when the uid PUs change.
+        assert_eq!(d.uids.len(), 2);
+        let lookups = std::cell::Cell::new(0);
+        let counting = |user: &UserSpec| {
+            lookups.set(lookups.get() + 1);
+            users(user)
+        };
+        d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, tree, counting);
+        assert_eq!(lookups.get(), 0, "the same uid PUs");
+        d.found(&pus()[..3], &listeners, DEFAULT_EPHEMERAL, tree, counting);
+        assert_eq!(lookups.get(), 1, "the uid PUs changed");
+        let found = d.found(&pus()[..3], &listeners, DEFAULT_EPHEMERAL, tree, counting);
+        assert_eq!(found[&id("u")].len(), 3);
+        assert!(!found.contains_key(&id("named")), "no longer a PU");
+        assert_eq!(found[&id("db")].len(), 2, "8443 is its cgroup's again");
+    }
+
+    #[test]
     fn cgroup_trees_are_walked_again_only_for_news() {
         let mut d = Discovery::new("/cg".into());
         let walks = std::cell::Cell::new(0);
@@ -376,13 +502,19 @@ mod tests {
             tree(dir)
         };
         let listeners = [tcp(8080, 1), tcp(22, 99)];
-        d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, counting);
+        d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, counting, users);
         assert_eq!(walks.get(), 2, "web and db");
-        d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, counting);
+        d.found(&pus(), &listeners, DEFAULT_EPHEMERAL, counting, users);
         assert_eq!(walks.get(), 2, "nothing new");
-        d.found(&pus(), &[tcp(8081, 12)], DEFAULT_EPHEMERAL, counting);
+        d.found(&pus(), &[tcp(8081, 12)], DEFAULT_EPHEMERAL, counting, users);
         assert_eq!(walks.get(), 4, "a cgroup not seen before");
-        d.found(&pus()[..1], &[tcp(8081, 12)], DEFAULT_EPHEMERAL, counting);
+        d.found(
+            &pus()[..1],
+            &[tcp(8081, 12)],
+            DEFAULT_EPHEMERAL,
+            counting,
+            users,
+        );
         assert_eq!(walks.get(), 5, "the PUs changed");
     }
 

@@ -28,7 +28,7 @@ impl Harness {
         std::fs::create_dir_all(&dir).unwrap();
         let source = ConfigSource {
             path: dir.join("enforcer.toml"),
-            host: CgroupV2Host::new(&dir),
+            mounts: Mounts::cgroup2_at(&dir),
             datapath: None,
             iptables_backend: None,
         };
@@ -50,6 +50,11 @@ impl Harness {
                 reason: "a fake for tests".into(),
                 iptables: BackendChoice {
                     backend: Backend::Legacy,
+                    reason: "a fake for tests".into(),
+                },
+                cgroups: CgroupChoice {
+                    flavour: CgroupFlavour::V2,
+                    mount: dir.clone(),
                     reason: "a fake for tests".into(),
                 },
             },
@@ -254,7 +259,7 @@ fn the_flag_overrides_the_files_datapath() {
     .unwrap();
     let source = |datapath, iptables_backend| ConfigSource {
         path: path.clone(),
-        host: CgroupV2Host::new(&dir),
+        mounts: Mounts::cgroup2_at(&dir),
         datapath,
         iptables_backend,
     };
@@ -292,7 +297,7 @@ fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
     let path = dir.join("enforcer.toml");
     let source = ConfigSource {
         path: path.clone(),
-        host: CgroupV2Host::new(&dir),
+        mounts: Mounts::cgroup2_at(&dir),
         datapath: None,
         iptables_backend: None,
     };
@@ -333,5 +338,77 @@ fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
     let index = source.trap_index(&loaded);
     let id = crate::policy::PuId::new("c").unwrap();
     assert_eq!(index.identity(&id).unwrap().policy.network.len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `[cgroups] version = "v1"`: PU cgroups are checked under the net_cls
+/// mount, which must be one; without a net_cls mount the file is refused.
+#[test]
+fn net_cls_pu_cgroups_are_checked_under_the_net_cls_mount() {
+    let dir = std::env::temp_dir().join(format!("enforcer-agent-{}-netcls", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (v2, net_cls) = (dir.join("v2"), dir.join("net_cls"));
+    std::fs::create_dir_all(v2.join("enforcer/web")).unwrap();
+    std::fs::create_dir_all(net_cls.join("enforcer/db")).unwrap();
+    let path = dir.join("enforcer.toml");
+    let source = |net_cls: Option<&std::path::Path>| ConfigSource {
+        path: path.clone(),
+        mounts: Mounts {
+            net_cls: net_cls.map(std::path::Path::to_path_buf),
+            ..Mounts::cgroup2_at(&v2)
+        },
+        datapath: None,
+        iptables_backend: None,
+    };
+    let config = |cgroup: &str| {
+        format!(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v1\"\n\
+             [[pus]]\nid = \"db\"\nkind = \"linux-process\"\ncgroup = \"{cgroup}\"\n"
+        )
+    };
+    let message = |err: ConfigError| format!("{:#}", anyhow::Error::from(err));
+
+    std::fs::write(&path, config("enforcer/db")).unwrap();
+    let err = source(None).load().unwrap_err();
+    assert!(
+        message(err).contains("cgroups.version = v1, but no cgroup v1 hierarchy"),
+        "no net_cls mount"
+    );
+    let err = source(Some(&net_cls)).load().unwrap_err();
+    assert!(
+        message(err).contains("is not a net_cls cgroup hierarchy (it has no net_cls.classid)"),
+        "a directory that is no net_cls hierarchy"
+    );
+    std::fs::write(net_cls.join("net_cls.classid"), "0\n").unwrap();
+    let Loaded {
+        config: loaded,
+        cgroups,
+        ..
+    } = source(Some(&net_cls)).load_all().unwrap();
+    assert_eq!(loaded.pus.len(), 1);
+    assert_eq!(
+        (cgroups.flavour, cgroups.mount),
+        (CgroupFlavour::NetClsV1, net_cls.clone())
+    );
+    // The cgroup v2 PU's path does not exist under the net_cls mount.
+    std::fs::write(&path, config("enforcer/web")).unwrap();
+    let err = source(Some(&net_cls)).load().unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { .. }));
+    assert!(message(err).contains("pus[0].cgroup: \"enforcer/web\" is not a directory"));
+    // The handshake finds a PU's sockets by cgroup v2 id: net_cls PUs
+    // with `[identity]` are refused, not signed as another PU.
+    let key = dir.join("agent.key");
+    crate::identity::keys::generate_files(&key).unwrap();
+    let with_identity = format!(
+        "{}[identity]\nkey = {:?}\n",
+        config("enforcer/db"),
+        key.display().to_string()
+    );
+    std::fs::write(&path, with_identity).unwrap();
+    let err = source(Some(&net_cls)).load().unwrap_err();
+    assert!(
+        message(err).contains("cgroup v2 id, and these PUs' cgroups are net_cls"),
+        "net_cls PUs with the handshake"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -28,6 +28,8 @@
 //! ([`conntrack::no_longer_udp_target`]), so they are judged again.
 //! A PU's listening ports may change while it runs ([`ports`]:
 //! [`Datapath::add_port`] and [`Datapath::remove_port`]).
+//! A linux-process PU in a net_cls (cgroup v1) cgroup is recognised by
+//! the class id the iptables datapath gives it ([`netcls`]).
 //! [`fault`] is the test-only hook that makes an operation's last kernel
 //! batch fail.
 //!
@@ -63,11 +65,19 @@ pub struct DatapathSettings {
     pub mode: Mode,
     pub queues: QueueSettings,
     pub marks: MarkLayout,
-    /// Where cgroup v2 is mounted; PU cgroup paths are relative to it.
+    /// Where cgroup v2 is mounted; PU cgroup paths are relative to it
+    /// unless `net_cls_mount` is set.
     pub cgroup2: PathBuf,
     /// The host scope (`[host] cgroup`, absolute): where the eBPF
     /// datapath attaches the programs of the PUs that are no cgroup's.
     pub host_scope: PathBuf,
+    /// With `[cgroups]` resolved to v1: the net_cls mount PU cgroup paths
+    /// are relative to, their traffic matched by class id ([`netcls`];
+    /// iptables only, the eBPF datapath refuses such PUs).
+    pub net_cls_mount: Option<PathBuf>,
+    /// Where this instance records the cgroups it gave a class id, so
+    /// that `run` and `cleanup` reset them after a crash ([`netcls`]).
+    pub net_cls_record: PathBuf,
     /// This agent instance's own directory on bpffs (pins live there and
     /// nowhere else; `run` and `cleanup` remove it whole).
     pub pin_dir: PathBuf,
@@ -190,7 +200,8 @@ pub trait Datapath: Send {
     /// [`Self::remove_port`]. The run-time ports outlive updates of the
     /// PU's policy ([`ports`] has the rules both datapaths share).
     /// Idempotent; a port another PU holds is refused
-    /// ([`DatapathError::PortTaken`]).
+    /// ([`DatapathError::PortTaken`]), and so is any port of a host or
+    /// container PU, which has no port set ([`DatapathError::Unsupported`]).
     fn add_port(&mut self, id: &PuId, port: ports::ListenPort) -> Result<()>;
 
     /// Takes a run-time `port` out of PU `id`'s port set, unless its
@@ -209,6 +220,7 @@ pub mod ebpf;
 pub mod fault;
 pub mod handshake;
 pub mod iptables;
+pub mod netcls;
 pub mod ports;
 pub mod probe;
 pub mod queues;

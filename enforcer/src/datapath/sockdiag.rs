@@ -1,6 +1,6 @@
 //! The kernel's socket table through `NETLINK_SOCK_DIAG` (linux/inet_diag.h):
 //! the TCP and connected UDP sockets of the calling thread's network
-//! namespace, each with its cgroup and mark, and `SOCK_DESTROY` to abort
+//! namespace, each with its cgroup, owner uid and mark, and `SOCK_DESTROY` to abort
 //! one (`CONFIG_INET_DIAG_DESTROY`); and the listening ones ([`listening`]),
 //! from which the agent learns the PUs' ports.
 //!
@@ -41,6 +41,9 @@ const REQ_LEN: usize = 8 + SOCKID_LEN;
 /// `struct inet_diag_msg`: family, state, timer, retrans, id, expires,
 /// rqueue, wqueue, uid, inode.
 const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+/// Where `idiag_uid` is in it: after the id, `idiag_expires`,
+/// `idiag_rqueue` and `idiag_wqueue` (4 bytes each).
+const UID_AT: usize = 4 + SOCKID_LEN + 12;
 
 /// TCP states (include/net/tcp_states.h) of sockets that carry a
 /// connection: everything but LISTEN (10), CLOSE (7), TIME_WAIT (6, no
@@ -67,6 +70,9 @@ pub struct Socket {
     pub cgroup: Option<u64>,
     /// `SO_MARK`; reported to CAP_NET_ADMIN callers only.
     pub mark: Option<u32>,
+    /// The socket's owner (`idiag_uid`: its creator's fsuid, the uid
+    /// `-m owner --uid-owner` matches), in the caller's user namespace.
+    pub uid: u32,
     family: u8,
     /// The kernel's `inet_diag_sockid` as dumped: SOCK_DESTROY finds the
     /// socket by it, cookie included, so it never hits a newer socket that
@@ -341,6 +347,7 @@ fn parse_socket(payload: &[u8], protocol: u8) -> io::Result<Socket> {
         remote: SocketAddr::new(addr(20)?, port(2)),
         cgroup: None,
         mark: None,
+        uid: u32::from_ne_bytes(payload[UID_AT..UID_AT + 4].try_into().expect("4 bytes")),
         family,
         id,
     };
@@ -364,12 +371,26 @@ fn parse_socket(payload: &[u8], protocol: u8) -> io::Result<Socket> {
 mod tests {
     use super::*;
 
-    /// An `inet_diag_msg` for `local` → `remote` with the given attributes.
+    /// An `inet_diag_msg` for `local` → `remote` with the given attributes,
+    /// owned by uid 1000.
     fn diag_msg(
         family: u8,
         local: &[u8],
         remote: &[u8],
         ports: (u16, u16),
+        attrs: &[(u16, &[u8])],
+    ) -> Vec<u8> {
+        owned_diag_msg(family, local, remote, ports, 1000, attrs)
+    }
+
+    /// [`diag_msg`] owned by `uid`; the fields around the uid (expires,
+    /// rqueue, wqueue before it, the inode after) hold other numbers.
+    fn owned_diag_msg(
+        family: u8,
+        local: &[u8],
+        remote: &[u8],
+        ports: (u16, u16),
+        uid: u32,
         attrs: &[(u16, &[u8])],
     ) -> Vec<u8> {
         let mut m = vec![family, 1, 0, 0];
@@ -382,7 +403,9 @@ mod tests {
         m.extend_from_slice(&src);
         m.extend_from_slice(&dst);
         m.extend_from_slice(&[7; 12]); // interface and cookie
-        m.extend_from_slice(&[0; 20]);
+        for field in [11u32, 12, 13, uid, 15] {
+            m.extend_from_slice(&field.to_ne_bytes());
+        }
         // The attributes, laid out by the shared builder (its header
         // dropped).
         let mut msg = Vec::new();
@@ -438,6 +461,26 @@ mod tests {
         assert_eq!((sockets[1].cgroup, sockets[1].mark), (None, None));
         let done = message(NLMSG_DONE, 0, &0i32.to_ne_bytes());
         assert_eq!(parse_dump(&done, UDP).unwrap(), Dump::Done(vec![]));
+    }
+
+    #[test]
+    fn the_owner_uid_is_read_after_the_queues() {
+        let msg = owned_diag_msg(
+            libc::AF_INET6 as u8,
+            &Ipv6Addr::UNSPECIFIED.octets(),
+            &Ipv6Addr::UNSPECIFIED.octets(),
+            (8081, 0),
+            4_042_424,
+            &[(INET_DIAG_CGROUP_ID, &7u64.to_ne_bytes())],
+        );
+        let reply = message(SOCK_DIAG_BY_FAMILY, 0, &msg);
+        let Dump::More(sockets) = parse_dump(&reply, TCP).unwrap() else {
+            panic!("no DONE in the reply")
+        };
+        assert_eq!(
+            (sockets[0].local.port(), sockets[0].uid, sockets[0].cgroup),
+            (8081, 4_042_424, Some(7))
+        );
     }
 
     #[test]

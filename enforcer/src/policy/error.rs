@@ -103,14 +103,24 @@ pub enum Problem {
          starting with a letter or _; write a numeric uid as a number)"
     )]
     InvalidUserName,
-    #[error("is absolute; give the path relative to the cgroup v2 mount")]
+    #[error(
+        "is absolute; give the path relative to the cgroup mount (cgroup v2, or \
+         net_cls with [cgroups] version = \"v1\")"
+    )]
     CgroupAbsolute,
     #[error(r#"has an empty, "." or ".." component"#)]
     CgroupBadComponent,
     #[error("contains a character that cannot go into a rule (allowed: A-Z a-z 0-9 _ . - @ : + /)")]
     CgroupBadCharacter,
-    #[error("is not a directory under the cgroup v2 mount")]
+    #[error(
+        "is not a directory under the cgroup mount (cgroup v2, or net_cls with \
+         [cgroups] version = \"v1\")"
+    )]
     CgroupMissing,
+    #[error("is not an absolute path")]
+    NotAbsolute,
+    #[error(r#"is a net_cls (cgroup v1) mount, but version = "v2" never uses one"#)]
+    NetClsMountWithV2,
     #[error(
         "has more than {max} components; the eBPF hooks look for a PU's cgroup \
          at most {max} levels below the cgroup v2 root"

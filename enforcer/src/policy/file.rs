@@ -21,9 +21,9 @@ use super::acl::{Acl, ObserveMode, PortRange};
 use super::error::{Errors, FieldPath, PolicyError, Problem};
 use super::host::HostFacts;
 use super::model::{
-    Configuration, DatapathChoice, FlowLogOutput, HostSettings, IdentitySettings, IptablesSettings,
-    MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS, MarkSettings, NetworkSettings,
-    PortSettings, QueueSettings,
+    CgroupSettings, CgroupVersion, Configuration, DatapathChoice, FlowLogOutput, HostSettings,
+    IdentitySettings, IptablesSettings, MAX_CLOCK_SKEW_SECONDS, MAX_TOKEN_LIFETIME_SECONDS,
+    MarkSettings, NetworkSettings, PortSettings, QueueSettings,
 };
 use super::pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};
 use super::validate;
@@ -49,6 +49,8 @@ struct RawConfiguration {
     ports: RawPorts,
     #[serde(default)]
     host: RawHost,
+    #[serde(default)]
+    cgroups: RawCgroups,
     #[serde(default)]
     identity: RawIdentity,
     #[serde(default)]
@@ -104,6 +106,14 @@ struct RawPorts {
 #[serde(deny_unknown_fields)]
 struct RawHost {
     cgroup: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgroups {
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    net_cls_mount: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -264,6 +274,7 @@ pub(super) fn parse(
         ),
     };
     let host_settings = convert_host(&raw.host, &mut errs);
+    let cgroups = convert_cgroups(&raw.cgroups, &mut errs);
     let mut identity = convert_identity(&raw.identity, &mut errs);
     let mut pus = Vec::new();
     for (i, raw_pu) in raw.pus.iter().enumerate() {
@@ -303,6 +314,7 @@ pub(super) fn parse(
         iptables,
         ports,
         host: host_settings,
+        cgroups,
         identity,
         pus: pus.into_iter().map(|(_, pu)| pu).collect(),
     })
@@ -478,6 +490,34 @@ fn convert_host(raw: &RawHost, errs: &mut Errors) -> HostSettings {
         }
     };
     HostSettings { cgroup }
+}
+
+/// `[cgroups]`: the version keyword, and a net_cls mount that is an
+/// absolute path and only given where v1 can be chosen.
+fn convert_cgroups(raw: &RawCgroups, errs: &mut Errors) -> CgroupSettings {
+    let path = FieldPath::root("cgroups");
+    let version = raw.version.as_ref().map_or_else(Default::default, |name| {
+        keyword(errs, &path.key("version"), name).unwrap_or_default()
+    });
+    let net_cls_mount = raw.net_cls_mount.as_deref().and_then(|text| {
+        let field = path.key("net_cls_mount");
+        let problem = if !text.starts_with('/') {
+            Some(Problem::NotAbsolute)
+        } else if version == CgroupVersion::V2 {
+            Some(Problem::NetClsMountWithV2)
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => errs.bad(&field, text, problem),
+            None => return Some(PathBuf::from(text)),
+        }
+        None
+    });
+    CgroupSettings {
+        version,
+        net_cls_mount,
+    }
 }
 
 /// `[identity]`: key files and the token window; the PUs' policies are
@@ -814,6 +854,14 @@ impl From<&Configuration> for RawConfiguration {
                         .map_or_else(|| "/".to_owned(), ToString::to_string),
                 ),
             },
+            cgroups: RawCgroups {
+                version: Some(config.cgroups.version.as_str().to_owned()),
+                net_cls_mount: config
+                    .cgroups
+                    .net_cls_mount
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+            },
             identity: RawIdentity::from(&config.identity),
             pus: config
                 .pus
@@ -1064,7 +1112,7 @@ mod tests {
         };
         assert_eq!(
             errors.to_string(),
-            r#"pus[1].cgroup: "enforcer/batch" is not a directory under the cgroup v2 mount"#
+            r#"pus[1].cgroup: "enforcer/batch" is not a directory under the cgroup mount (cgroup v2, or net_cls with [cgroups] version = "v1")"#
         );
         let config = Configuration::from_toml_str(EXAMPLE).unwrap();
         let errors = config.validate(&only_web).unwrap_err();
@@ -1470,6 +1518,60 @@ mod tests {
         assert_eq!(
             message,
             r#"iptables.backend: "x" is not one of: auto, nft, legacy"#
+        );
+    }
+
+    #[test]
+    fn cgroups_default_to_auto_and_a_net_cls_mount_is_absolute_and_not_for_v2() {
+        let default = Configuration::from_toml_str("mode = \"local-server\"").unwrap();
+        assert_eq!(default.cgroups, CgroupSettings::default());
+        assert_eq!(default.cgroups.version, CgroupVersion::Auto);
+        for (version, mount) in [
+            ("auto", None),
+            ("v2", None),
+            ("v1", None),
+            ("v1", Some("/sys/fs/cgroup/net_cls")),
+            ("auto", Some("/mnt/net cls")),
+        ] {
+            let mount_line = mount.map_or(String::new(), |m| format!("net_cls_mount = \"{m}\""));
+            let text = format!(
+                "mode = \"local-server\"\n[cgroups]\nversion = \"{version}\"\n{mount_line}"
+            );
+            let config = Configuration::from_toml_str(&text).unwrap();
+            assert_eq!(config.cgroups.version.as_str(), version);
+            assert_eq!(
+                config.cgroups.net_cls_mount.as_deref(),
+                mount.map(std::path::Path::new)
+            );
+            let again = Configuration::from_toml_str(&config.to_toml_string().unwrap());
+            assert_eq!(again.unwrap(), config);
+        }
+        assert_refused(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v3\"",
+            "cgroups.version",
+            Some("v3"),
+            Problem::UnknownKeyword {
+                expected: &["auto", "v2", "v1"],
+            },
+        );
+        assert_refused(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v1\"\nnet_cls_mount = \"net_cls\"",
+            "cgroups.net_cls_mount",
+            Some("net_cls"),
+            Problem::NotAbsolute,
+        );
+        let errors = refusals(
+            "mode = \"local-server\"\n[cgroups]\nversion = \"v2\"\nnet_cls_mount = \"/nc\"",
+        );
+        assert_has(
+            &errors,
+            "cgroups.net_cls_mount",
+            Some("/nc"),
+            Problem::NetClsMountWithV2,
+        );
+        assert_eq!(
+            errors[0].to_string(),
+            r#"cgroups.net_cls_mount: "/nc" is a net_cls (cgroup v1) mount, but version = "v2" never uses one"#
         );
     }
 

@@ -7,13 +7,15 @@ use super::pu::CgroupPath;
 
 /// What validation asks the host.
 pub trait HostFacts {
-    /// Whether `path` (relative to the cgroup v2 mount) is an existing
-    /// cgroup directory.
+    /// Whether `path` (relative to the PU cgroups' mount: cgroup v2, or
+    /// net_cls v1 with `[cgroups] version = "v1"`) is an existing cgroup
+    /// directory.
     fn cgroup_dir_exists(&self, path: &CgroupPath) -> bool;
 }
 
-/// The real host: the cgroup v2 hierarchy mounted at `mount`. Whether the
-/// mount really is cgroup v2 is the datapath probe's question, not this.
+/// The real host: the cgroup hierarchy mounted at `mount` — cgroup v2, or
+/// the net_cls v1 hierarchy when `[cgroups]` chose it. Which one it is,
+/// is the datapath probe's question, not this.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupV2Host {
     mount: PathBuf,

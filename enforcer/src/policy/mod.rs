@@ -81,8 +81,8 @@ pub use error::{FieldError, PolicyError, Problem, ValidationErrors};
 pub use family::{HasFamily, IpFamily, PerFamily, split_by_family, split_zero_prefix};
 pub use host::{CgroupV2Host, HostFacts};
 pub use model::{
-    Configuration, DatapathChoice, FailMode, FamilyNetworks, FlowLogOutput, HostSettings,
-    IdentitySettings, IptablesBackendChoice, IptablesSettings, MarkSettings, Mode, NetworkSettings,
-    PortSettings, QueueSettings,
+    CgroupSettings, CgroupVersion, Configuration, DatapathChoice, FailMode, FamilyNetworks,
+    FlowLogOutput, HostSettings, IdentitySettings, IptablesBackendChoice, IptablesSettings,
+    MarkSettings, Mode, NetworkSettings, PortSettings, QueueSettings,
 };
 pub use pu::{CgroupPath, DependentService, PolicyId, Pu, PuId, PuKind, UserName, UserSpec};

@@ -33,6 +33,8 @@ pub struct Configuration {
     /// `[host]`: where the eBPF datapath finds the tasks of the PUs that
     /// are no cgroup's.
     pub host: HostSettings,
+    /// `[cgroups]`: which cgroup hierarchy linux-process PUs live in.
+    pub cgroups: CgroupSettings,
     pub identity: IdentitySettings,
     pub pus: Vec<Pu>,
 }
@@ -140,8 +142,9 @@ pub struct IptablesSettings {
 }
 
 /// `[ports]`: the agent's discovery of listening ports. Every
-/// `discover_interval_ms` it lists the sockets of each linux-process PU's
-/// cgroup and adds the ports they listen on to the PU's port set (and
+/// `discover_interval_ms` it lists the listening sockets of each uid PU's
+/// user and each linux-process PU's cgroup (the uid PU first) and adds
+/// their ports to the PU's port set (and
 /// takes out the ones no longer listened on; the config's ports always
 /// stay). 0 turns discovery off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +167,37 @@ impl Default for PortSettings {
         }
     }
 }
+
+/// `[cgroups]`: which hierarchy a linux-process PU's `cgroup` names, and
+/// so how the kernel recognises its outgoing traffic: a cgroup v2 path
+/// (`-m cgroup --path`, or the eBPF hooks on that cgroup), or a net_cls
+/// cgroup v1 whose class id the agent sets (`-m cgroup --cgroup`, iptables
+/// only). Which one `auto` picks, and why, is in the log and `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CgroupSettings {
+    pub version: CgroupVersion,
+    /// Where the net_cls v1 hierarchy is mounted; `None`: the first cgroup
+    /// v1 mount with the net_cls controller in `/proc/self/mounts`.
+    pub net_cls_mount: Option<PathBuf>,
+}
+
+/// `[cgroups] version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CgroupVersion {
+    /// cgroup v2 when it is mounted, else net_cls v1 when that is.
+    #[default]
+    Auto,
+    /// cgroup v2: PU cgroups are paths under its mount.
+    V2,
+    /// net_cls v1: PU cgroups are paths under the net_cls mount.
+    V1,
+}
+
+keywords!(CgroupVersion {
+    Auto = "auto",
+    V2 = "v2",
+    V1 = "v1",
+});
 
 /// Which iptables flavour (xtables-legacy or xtables-nft) runs every
 /// restore and save; the other is never used.

@@ -3,7 +3,8 @@
 //! A [`Cgroup`] is a fresh directory directly under the cgroup v2 mount
 //! (never the root cgroup itself), or below another one
 //! ([`Cgroup::child`]); dropping it kills whatever still runs inside
-//! (`cgroup.kill`) and removes it. [`Cgroup::command_in`] starts a
+//! (`cgroup.kill`, or each process of `cgroup.procs` on a cgroup v1
+//! hierarchy, which has no `cgroup.kill`) and removes it. [`Cgroup::command_in`] starts a
 //! program inside a network namespace *and* this cgroup: the child joins
 //! both between fork and exec, so cgroup membership is its own.
 
@@ -93,6 +94,11 @@ impl Drop for Cgroup {
             .open(self.path.join("cgroup.kill"))
         {
             let _ = kill.write_all(b"1");
+        } else if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         // Killed processes leave the cgroup asynchronously: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(5);

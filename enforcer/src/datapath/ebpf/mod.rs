@@ -50,6 +50,10 @@ pub mod grace;
 mod links;
 mod netfilter;
 
+/// How a uid PU's user name becomes its uid, for whoever else needs it
+/// (port discovery): one resolver for the whole agent.
+pub(crate) use claim::resolve as resolve_user;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
@@ -91,7 +95,7 @@ use super::{
     Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, PacketCounts, Result,
     iptables::exec as nf, sockdiag,
 };
-use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId};
+use crate::policy::{FamilyNetworks, IpFamily, Mode, NetworkSettings, Pu, PuId, PuKind};
 
 /// The loaded object and its maps, present between `run` and `cleanup`.
 struct Loaded {
@@ -342,6 +346,14 @@ impl EbpfDatapath {
             // skipped it.
             let kind = pu.kind.name();
             return unsupported(&format!("a {kind} PU ({}) in mode {mode}", pu.id));
+        }
+        if self.settings.net_cls_mount.is_some() && matches!(pu.kind, PuKind::LinuxProcess { .. }) {
+            // The cgroup hooks attach to cgroup v2 only; a net_cls class
+            // id is matched by iptables alone.
+            return unsupported(&format!(
+                "PU {}: a net_cls (cgroup v1) cgroup ([cgroups] version = \"v1\")",
+                pu.id
+            ));
         }
         let not_yet = [
             (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
@@ -917,9 +929,17 @@ impl Datapath for EbpfDatapath {
         }
         let others = self.pus.values().map(|s| (&s.policy, &s.runtime));
         ports::check_free(id, port, others)?;
-        let (slot, key) = (state.slot, entries::port_key(port));
+        if state.claim == Claim::Fallback {
+            // As in the fallback: the namespace-wide PU has every port no
+            // other PU holds, and no port set to put one in.
+            let what = format!("PU {id}: a run-time port (it has no port set)");
+            return Err(DatapathError::Unsupported(what, DatapathKind::Ebpf));
+        }
+        // The owner value configure gives the PU's ports (a host
+        // service's carries its flag), so that its programs see the same.
+        let (owner, key) = (state.claim.port_owner(state.slot), entries::port_key(port));
         if !state.ports.contains(&key) {
-            self.add_ports(slot, &BTreeSet::from([key]))?;
+            self.add_ports(owner, &BTreeSet::from([key]))?;
         }
         let state = self.pus.get_mut(id).expect("checked above");
         state.ports.insert(key);
@@ -934,14 +954,14 @@ impl Datapath for EbpfDatapath {
         if !state.runtime.contains(&port) {
             return Ok(());
         }
-        let (slot, key) = (state.slot, entries::port_key(port));
+        let (owner, key) = (state.claim.port_owner(state.slot), entries::port_key(port));
         let configured = ports::configured(&state.policy, port);
         if !configured {
             // Only while the entry is still this PU's (as `remove_ports`),
             // but a failure is returned: the port stays recorded, and the
             // next removal tries again.
             let map = &mut self.loaded()?.ports;
-            if map.get(&key, 0).ok() == Some(slot) {
+            if map.get(&key, 0).ok() == Some(owner) {
                 map.remove(&key)
                     .with_context(|| format!("unmapping port {port} of PU {id}"))?;
             }

@@ -55,6 +55,7 @@ use self::exec::{Netfilter, System};
 use self::pu::PuPlan;
 use self::rules::{Ctx, Table, section};
 use super::fault::{Faults, Operation};
+use super::netcls::{ClassId, ClassIds};
 use super::ports::{self, ListenPort, RuntimePorts, Transport};
 use super::queues::Direction;
 use super::revoke::{self, Setup};
@@ -89,11 +90,13 @@ struct Installed {
     version: u8,
     /// Its run-time ports ([`ports`]), in its port sets beside `pu`'s.
     runtime: RuntimePorts,
+    /// Its net_cls class id, when its cgroup is cgroup v1 ([`netcls`]).
+    class_id: Option<ClassId>,
 }
 
 impl Installed {
     fn plan(&self) -> Result<PuPlan<'_>> {
-        PuPlan::new(&self.pu, &self.short, self.version)
+        Ok(PuPlan::new(&self.pu, &self.short, self.version)?.with_class_id(self.class_id))
     }
 
     /// `ipset restore` text adding (`add`) or deleting `port` in the
@@ -109,13 +112,21 @@ impl Installed {
             Transport::Tcp => 0,
             Transport::Udp => 1,
         };
-        Ok(IpFamily::ALL
+        IpFamily::ALL
             .into_iter()
             .map(|family| {
-                let (name, _) = &plan.port_sets(family)[index];
-                sets::port_diff(name, from, to)
+                // A host or container PU has every port no other PU holds,
+                // and no port set to put one in.
+                let sets = plan.port_sets(family);
+                let (name, _) = sets.get(index).ok_or_else(|| {
+                    DatapathError::Unsupported(
+                        format!("PU {}: a run-time port (it has no port set)", self.pu.id),
+                        DatapathKind::Iptables,
+                    )
+                })?;
+                Ok(sets::port_diff(name, from, to))
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -124,6 +135,8 @@ pub struct IptablesDatapath {
     nf: Box<dyn Netfilter>,
     names: NameRegistry,
     pus: BTreeMap<PuId, Installed>,
+    /// The class ids of net_cls (cgroup v1) PUs.
+    class_ids: ClassIds,
     /// What the global sets hold; `None` until `run` has created them.
     targets: Option<PerFamily<FamilyNetworks>>,
     /// Test-only fault injection ([`fault`]).
@@ -197,11 +210,16 @@ impl IptablesDatapath {
     }
 
     fn with_netfilter(settings: DatapathSettings, nf: Box<dyn Netfilter>) -> Self {
+        let class_ids = ClassIds::new(
+            settings.net_cls_mount.clone(),
+            settings.net_cls_record.clone(),
+        );
         Self {
             settings,
             nf,
             names: NameRegistry::new(),
             pus: BTreeMap::new(),
+            class_ids,
             targets: None,
             faults: Faults::none(),
             flow_log: None,
@@ -505,6 +523,15 @@ impl IptablesDatapath {
             );
             return Ok(());
         };
+        if self.class_ids.enabled() {
+            // sock_diag names a socket's cgroup v2 id only, so a net_cls
+            // PU's own flows cannot be told from another's.
+            return Err(anyhow!(
+                "{} flows only the old policy allowed stay: a net_cls (cgroup v1) PU's \
+                 sockets are not found by cgroup yet",
+                revoked.len()
+            ));
+        }
         let cgroup = self.settings.cgroup2.join(cgroup.as_path());
         let revoked = self
             .nf
@@ -586,6 +613,7 @@ impl Datapath for IptablesDatapath {
         self.forget_everything();
         exec::remove_everything(self.nf.as_ref())
             .context("removing what a previous instance left")?;
+        self.class_ids.reset_all();
         let install = || -> anyhow::Result<()> {
             let specs: Vec<sets::SetSpec> =
                 IpFamily::ALL.into_iter().flat_map(global::sets).collect();
@@ -691,18 +719,29 @@ impl Datapath for IptablesDatapath {
             }
         }
         let fault = self.faults.strikes(Operation::Configure);
-        let result = pus
+        let net_cls: Vec<_> = pus
             .iter()
-            .zip(&shorts)
-            .map(|(pu, short)| {
-                self.add_prefixes(pu, short);
-                PuPlan::new(pu, short, version)
+            .filter_map(|pu| match &pu.kind {
+                PuKind::LinuxProcess { cgroup } => Some((&pu.id, cgroup)),
+                _ => None,
             })
-            .collect::<Result<Vec<_>>>()
-            .and_then(|plans| self.install(&plans, fault));
+            .collect();
+        let result = self.class_ids.assign(&net_cls).and_then(|()| {
+            let plans = pus
+                .iter()
+                .zip(&shorts)
+                .map(|(pu, short)| {
+                    self.add_prefixes(pu, short);
+                    let class_id = self.class_ids.get(&pu.id);
+                    Ok(PuPlan::new(pu, short, version)?.with_class_id(class_id))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            self.install(&plans, fault)
+        });
         if let Err(e) = result {
             for pu in pus {
                 self.names.release(&pu.id);
+                self.class_ids.release(&pu.id);
             }
             self.sync_prefixes();
             return Err(e);
@@ -713,6 +752,7 @@ impl Datapath for IptablesDatapath {
                 short,
                 version,
                 runtime: RuntimePorts::new(),
+                class_id: self.class_ids.get(&pu.id),
             };
             self.pus.insert(pu.id.clone(), installed);
         }
@@ -748,13 +788,28 @@ impl Datapath for IptablesDatapath {
             ports::with_runtime(&installed.pu, &runtime),
             ports::with_runtime(new, &runtime),
         );
-        let old_plan = PuPlan::new(&old_sets, &installed.short, installed.version)?;
-        let new_plan = PuPlan::new(&new_sets, &installed.short, version)?;
+        let class_id = installed.class_id;
+        let old_plan =
+            PuPlan::new(&old_sets, &installed.short, installed.version)?.with_class_id(class_id);
+        let new_plan = PuPlan::new(&new_sets, &installed.short, version)?.with_class_id(class_id);
+        // A net_cls PU keeps its class id, so its hook stays the same; a
+        // new cgroup gets the id before the swap and the old one loses it
+        // after.
+        let moving = match &new.kind {
+            PuKind::LinuxProcess { cgroup } => self.class_ids.start_move(&new.id, cgroup)?,
+            _ => None,
+        };
         let fault = self.faults.strikes(Operation::Update);
         self.add_prefixes(new, &installed.short);
         if let Err(e) = self.replace(&new_plan, &old_plan, fault) {
+            if let Some(to) = moving {
+                self.class_ids.undo_move(&new.id, to);
+            }
             self.sync_prefixes();
             return Err(e);
+        }
+        if let Some(to) = moving {
+            self.class_ids.finish_move(&new.id, to);
         }
         let short = installed.short.clone();
         self.pus.insert(
@@ -764,6 +819,7 @@ impl Datapath for IptablesDatapath {
                 short,
                 version,
                 runtime,
+                class_id,
             },
         );
         self.sync_prefixes();
@@ -792,19 +848,30 @@ impl Datapath for IptablesDatapath {
         if version != installed.version {
             // Also whatever the caller believes is installed, if it can
             // name it: a failed undo may have left that version behind.
-            plans.extend(PuPlan::new(pu, &installed.short, version).ok());
+            let class_id = installed.class_id;
+            plans.extend(
+                PuPlan::new(pu, &installed.short, version)
+                    .ok()
+                    .map(|plan| plan.with_class_id(class_id)),
+            );
         }
         self.uninstall(&plans)
             .with_context(|| format!("deleting PU {}", pu.id))?;
         self.pus.remove(&pu.id);
         self.names.release(&pu.id);
+        // Unhooked first: its traffic never meets a hook without its id.
+        self.class_ids.release(&pu.id);
         self.sync_prefixes();
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<()> {
         self.forget_everything();
-        exec::remove_everything(self.nf.as_ref())?;
+        let removed = exec::remove_everything(self.nf.as_ref());
+        // Also when the rules could not all be removed: a class id left
+        // behind outlives the agent.
+        self.class_ids.reset_all();
+        removed?;
         Ok(())
     }
 
@@ -1025,6 +1092,9 @@ mod tests {
             marks: MarkLayout::default(),
             cgroup2: PathBuf::from("/sys/fs/cgroup"),
             host_scope: PathBuf::from("/sys/fs/cgroup"),
+            net_cls_mount: None,
+            // Never written: no PU here has a class id.
+            net_cls_record: PathBuf::from("/nonexistent/enforcer-test.net_cls"),
             pin_dir: PathBuf::from("/sys/fs/bpf/enforcer-test"),
             iptables_backend: backend::Backend::Nft,
         }
@@ -1142,6 +1212,82 @@ mod tests {
         );
         assert!(matches!(calls.last(), Some(Call::Ipset(text)) if text.starts_with("destroy ")));
         assert_eq!(fake.sets(), global_sets());
+    }
+
+    /// A net_cls PU: its class id is written to its cgroup tree, and its
+    /// outgoing hook matches the id; an update keeps the id (a new cgroup
+    /// gets it, the old one is reset); delete resets it and the record
+    /// goes.
+    #[test]
+    fn a_net_cls_pu_is_hooked_by_the_class_id_of_its_cgroup() {
+        use crate::datapath::netcls::test_support::Hierarchy;
+        let h = Hierarchy::new(&["enforcer/web", "enforcer/web/worker", "enforcer/api"]);
+        let fake = Fake::default();
+        let settings = DatapathSettings {
+            net_cls_mount: Some(h.0.clone()),
+            net_cls_record: h.0.join("record"),
+            ..settings(Mode::LocalServer)
+        };
+        let mut dp = IptablesDatapath::with_netfilter(settings, Box::new(fake.clone()));
+        dp.run().unwrap();
+        fake.take();
+        let old = web(80, "10.0.0.0/8");
+        dp.configure(0, &old).unwrap();
+        let id = ClassId::nth(0).unwrap().value();
+        assert_eq!(
+            [h.classid("enforcer/web"), h.classid("enforcer/web/worker")],
+            [id, id]
+        );
+        assert!(h.0.join("record").exists());
+        let hook = "-A TRI-Pid-App -m cgroup --cgroup 286326884 -m comment --comment \"PU web\"";
+        let hooked = |calls: &[Call], family| {
+            calls
+                .iter()
+                .any(|c| matches!(c, Call::Restore(f, text) if *f == family && text.contains(hook)))
+        };
+        let calls = fake.take();
+        assert!(
+            IpFamily::ALL.into_iter().all(|f| hooked(&calls, f)),
+            "{calls:#?}"
+        );
+        assert!(calls.iter().all(|c| !format!("{c:?}").contains("--path")));
+
+        let moved = Pu {
+            kind: PuKind::LinuxProcess {
+                cgroup: CgroupPath::new("enforcer/api").unwrap(),
+            },
+            ..web(81, "10.0.0.0/8")
+        };
+        dp.update(1, &moved, &old).unwrap();
+        assert!(hooked(&fake.take(), IpFamily::V4));
+        assert_eq!(
+            [h.classid("enforcer/web"), h.classid("enforcer/api")],
+            [0, id]
+        );
+
+        dp.delete(1, &moved).unwrap();
+        assert_eq!(h.classid("enforcer/api"), 0);
+        assert!(!h.0.join("record").exists());
+    }
+
+    /// A configure that fails in the kernel leaves no class id behind.
+    #[test]
+    fn a_failed_net_cls_configure_resets_the_class_id() {
+        use crate::datapath::netcls::test_support::Hierarchy;
+        let h = Hierarchy::new(&["enforcer/web"]);
+        let fake = Fake::default();
+        let settings = DatapathSettings {
+            net_cls_mount: Some(h.0.clone()),
+            net_cls_record: h.0.join("record"),
+            ..settings(Mode::LocalServer)
+        };
+        let mut dp = IptablesDatapath::with_netfilter(settings, Box::new(fake.clone()));
+        dp.run().unwrap();
+        fake.fail_when(is_v6_restore);
+        assert!(dp.configure(0, &web(80, "10.0.0.0/8")).is_err());
+        assert_eq!(h.classid("enforcer/web"), 0);
+        assert_eq!(dp.class_ids.get(&PuId::new("web").unwrap()), None);
+        assert!(!h.0.join("record").exists());
     }
 
     /// `web` under another id and cgroup.
@@ -1419,6 +1565,54 @@ mod tests {
         assert!(
             matches!(&calls[1], Call::Ipset(t) if t.starts_with("del TRI-v4-ProcPort-webbBzx 9090"))
         );
+    }
+
+    #[test]
+    fn runtime_ports_of_a_uid_pu_go_into_its_uid_sets_and_a_host_pu_has_none() {
+        let (mut dp, fake) = running();
+        let mut user = web(80, "10.0.0.0/8");
+        user.kind = PuKind::Uid {
+            user: crate::policy::UserSpec::Id(4_042_424),
+        };
+        dp.configure(0, &user).unwrap();
+        fake.take();
+        let port = |p| std::num::NonZeroU16::new(p).unwrap();
+        dp.add_port(&user.id, ListenPort::tcp(port(8081))).unwrap();
+        dp.add_port(&user.id, ListenPort::udp(port(5353))).unwrap();
+        dp.remove_port(&user.id, ListenPort::tcp(port(8081)))
+            .unwrap();
+        let ipset = |text: &str| Call::Ipset(text.to_owned());
+        assert_eq!(
+            fake.take(),
+            [
+                ipset(
+                    "add TRI-v4-UID-Port-webbBzx 8081 -exist\n\
+                     add TRI-v6-UID-Port-webbBzx 8081 -exist\n"
+                ),
+                ipset(
+                    "add TRI-v4-UID-UDP-webbBzx 5353 -exist\n\
+                     add TRI-v6-UID-UDP-webbBzx 5353 -exist\n"
+                ),
+                ipset(
+                    "del TRI-v4-UID-Port-webbBzx 8081 -exist\n\
+                     del TRI-v6-UID-Port-webbBzx 8081 -exist\n"
+                ),
+            ]
+        );
+
+        let mut host = web(80, "10.0.0.0/8");
+        (host.id, host.kind, host.tcp_ports) = (PuId::new("host").unwrap(), PuKind::Host, vec![]);
+        dp.configure(0, &host).unwrap();
+        fake.take();
+        let err = dp
+            .add_port(&host.id, ListenPort::tcp(port(8082)))
+            .unwrap_err();
+        assert!(
+            matches!(err, DatapathError::Unsupported(..)),
+            "refused, not a panic: {err}"
+        );
+        assert!(dp.runtime_ports(&host.id).is_empty());
+        assert_eq!(fake.take(), []);
     }
 
     #[test]

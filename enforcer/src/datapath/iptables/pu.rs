@@ -20,6 +20,7 @@ use ipnet::IpNet;
 use super::rules::{Ctx, declare, nflog_group, opposite, peer};
 use super::sets::SetSpec;
 use crate::datapath::handshake;
+use crate::datapath::netcls::ClassId;
 use crate::datapath::queues::{Direction, NET_UDP_TRAP_LIMIT, Trapped};
 use crate::datapath::{DatapathError, DatapathKind};
 use crate::naming::{
@@ -45,6 +46,9 @@ pub struct PuPlan<'a> {
     hook: Hook<'a>,
     short: &'a ShortName,
     version: u8,
+    /// The net_cls class id of a PU whose cgroup is cgroup v1: its
+    /// outgoing traffic is matched by it rather than by cgroup path.
+    class_id: Option<ClassId>,
 }
 
 /// Where a PU's traffic enters its chains, and what picks it there.
@@ -146,7 +150,23 @@ impl<'a> PuPlan<'a> {
             hook: check(pu)?,
             short,
             version,
+            class_id: None,
         })
+    }
+
+    /// The same plan for a net_cls (cgroup v1) PU with `class_id` (none:
+    /// a cgroup v2 PU). Only the outgoing hook's match differs.
+    pub fn with_class_id(self, class_id: Option<ClassId>) -> Self {
+        Self { class_id, ..self }
+    }
+
+    /// What recognises the PU's outgoing traffic: its cgroup v2 path, or
+    /// the class id its net_cls cgroup stamps on its sockets.
+    fn process_match(&self, cgroup: &CgroupPath) -> String {
+        match self.class_id {
+            Some(class_id) => format!("-m cgroup --cgroup {class_id}"),
+            None => format!("-m cgroup --path {cgroup}"),
+        }
     }
 
     /// `TRI-App-<short>-<version>` and `TRI-Net-<short>-<version>`.
@@ -213,7 +233,8 @@ impl<'a> PuPlan<'a> {
     }
 
     /// The rules sending the PU's traffic to its chains, without `-A`/`-D`
-    /// ([`Hook`]). Both port hooks of a kind found by its ports are always
+    /// ([`Hook`]; a linux-process PU by
+    /// cgroup path or class id). Both port hooks of a kind found by its ports are always
     /// there (an empty set matches nothing), so ports can change without a
     /// rule change.
     fn hooks(&self, family: IpFamily) -> impl Iterator<Item = String> + use<> {
@@ -233,8 +254,10 @@ impl<'a> PuPlan<'a> {
         };
         let app = match self.hook {
             Hook::Process(cgroup) => vec![format!(
-                "{} -m cgroup --path {cgroup} {comment} -j {}",
-                from.app, chains.app
+                "{} {} {comment} -j {}",
+                from.app,
+                self.process_match(cgroup),
+                chains.app
             )],
             Hook::Uid(user) => vec![format!(
                 "{} -m owner --uid-owner {user} {comment} -j {}",
@@ -888,6 +911,40 @@ COMMIT
             .map(|s| s.name)
             .collect();
         (hooks, sets)
+    }
+
+    /// A net_cls (cgroup v1) PU: the outgoing hook matches its class id
+    /// (decimal, as `iptables-save` prints it) instead of a path; its
+    /// chains and incoming hooks are the cgroup v2 PU's, line for line.
+    #[test]
+    fn a_net_cls_pu_is_hooked_by_class_id() {
+        let pu = web_with_acls();
+        let short = short("web");
+        let queues = QueueSettings::default();
+        let class_id = ClassId::nth(0);
+        for family in IpFamily::ALL {
+            let ctx = ctx(family, &queues);
+            let by_path = PuPlan::new(&pu, &short, 1).unwrap();
+            let by_id = by_path.with_class_id(class_id);
+            let (v2, v1) = (by_path.install(&ctx), by_id.install(&ctx));
+            let hook = r#"-A TRI-Pid-App -m cgroup --cgroup 286326884 -m comment --comment "PU web" -j TRI-App-webbBzx-1"#;
+            let differ: Vec<(&String, &String)> =
+                v2.iter().zip(&v1).filter(|(a, b)| a != b).collect();
+            assert_eq!(v2.len(), v1.len());
+            assert_eq!(
+                differ,
+                [(
+                    &r#"-A TRI-Pid-App -m cgroup --path enforcer/web -m comment --comment "PU web" -j TRI-App-webbBzx-1"#.to_owned(),
+                    &hook.to_owned()
+                )]
+            );
+            let removed = by_id.remove(&ctx);
+            assert_eq!(removed[0], hook.replacen("-A", "-D", 1));
+            assert!(
+                removed.iter().all(|l| !l.contains("--path")),
+                "{removed:#?}"
+            );
+        }
     }
 
     #[test]
