@@ -168,6 +168,8 @@ pub struct TwoAgents {
     /// The flow log of each host's agent.
     pub flows: [PathBuf; 2],
     pub server: PuServer,
+    /// Connections the server accepted before any agent ran.
+    warm_ups: usize,
     pub web: Cgroup,
     pub batch: Cgroup,
     pub db: Cgroup,
@@ -188,27 +190,41 @@ impl TwoAgents {
         let at = SocketAddr::new(hosts.b_end.ip(family), PORT);
         let server = PuServer::start(nettool, &db, &hosts.b, at)?;
         // One exchange before any agent runs: the neighbour entries exist
-        // (IPv6's first solicitation on a fresh link can take a second,
-        // which a test would see as a retransmitted SYN) and the server
-        // answers.
-        let warm_up = hosts
-            .a
-            .run(move || crate::traffic::tcp_exchange(at, b"warm-up"))?;
+        // (IPv6's first solicitation on a fresh link can take a second or
+        // two, which a test would see as a retransmitted SYN) and the
+        // server answers. A fresh link gets a few tries.
+        let mut warm_up = Outcome::TimedOut;
+        for _ in 0..4 {
+            warm_up = hosts
+                .a
+                .run(move || crate::traffic::tcp_exchange(at, b"warm-up"))?;
+            if warm_up == Outcome::Exchanged {
+                break;
+            }
+        }
         ensure!(
             warm_up == Outcome::Exchanged,
             "the server at {at} before any agent: {warm_up:?}"
         );
+        let warm_ups = server.wait_accepted(1);
         let flows = [Host::A, Host::B].map(|_| std::env::temp_dir().join(unique_name()));
         Ok(Self {
             family,
             keys,
             flows,
             server,
+            warm_ups,
             web,
             batch,
             db,
             hosts,
         })
+    }
+
+    /// Connections the `db` server accepted since the agents could run,
+    /// once it reports at least `n` or a second passed.
+    pub fn accepted(&self, n: usize) -> usize {
+        self.server.wait_accepted(self.warm_ups + n) - self.warm_ups
     }
 
     pub fn ns(&self, host: Host) -> &Netns {
