@@ -336,6 +336,20 @@ fn write_report(w: &mut impl std::fmt::Write, r: &StatusReport) -> std::fmt::Res
         t.receive_errors,
         t.queues.len()
     )?;
+    if let Some(handshake) = &t.handshake {
+        // The reasons seen so far; all of them are in `status --json`.
+        let seen: Vec<String> = handshake
+            .iter()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        let seen = if seen.is_empty() {
+            "nothing yet".to_owned()
+        } else {
+            seen.join(", ")
+        };
+        writeln!(w, "handshake {seen}")?;
+    }
     let kernel = |queue: u16| r.kernel_queues.iter().find(|k| k.queue == queue);
     // Only queues that saw something: 32 idle lines would hide the rest.
     let active: Vec<_> = t
@@ -526,6 +540,7 @@ mod tests {
             queue.split_whitespace().collect::<Vec<_>>(),
             ["0", "app-syn", "3", "3", "0", "0", "0", "3"]
         );
+        assert!(text.contains("handshake allowed 2, replayed 1"), "{text}");
         let mut without_counters = sample_report();
         without_counters.counters = None;
         without_counters.problems = vec!["datapath counters: not ready".into()];

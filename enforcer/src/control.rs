@@ -410,6 +410,7 @@ pub(crate) mod tests {
                     verdicts: 3,
                     verdict_errors: 0,
                 }],
+                handshake: Some([("allowed".to_owned(), 2), ("replayed".to_owned(), 1)].into()),
             },
             kernel_queues: vec![KernelQueueStats {
                 queue: 0,

@@ -109,6 +109,29 @@ pub struct FlowRecord {
     pub src: String,
     pub dst: String,
     pub direction: FlowDirection,
+    /// A decision of the identity handshake (the trap consumer's): why,
+    /// and who was on each side. Absent from the datapaths' records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<HandshakeLog>,
+}
+
+/// The identity side of a handshake decision (docs/identity.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HandshakeLog {
+    /// `allowed`, `not-allowed-by-policy`, `no-token`, `bad-signature`,
+    /// `untrusted-key`, `replayed`, `expired`, … (the counters' names).
+    pub reason: String,
+    /// The PU's own labels (`app=web,env=prod`; `-` for none).
+    pub labels: String,
+    /// The peer's labels, from its verified token; absent when no token
+    /// verified (the peer's identity is then unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_labels: Option<String>,
+    /// The key id of the agent that signed the peer's token (tokens name
+    /// the signing agent and the PU's labels, not the peer agent's
+    /// private PU id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_agent: Option<String>,
 }
 
 impl FlowRecord {
@@ -318,6 +341,7 @@ mod tests {
             src: endpoint("::ffff:10.0.0.1".parse().unwrap(), 40000),
             dst: endpoint("fd00::2".parse().unwrap(), 53),
             direction: FlowDirection::App,
+            handshake: None,
         }
     }
 
@@ -327,6 +351,23 @@ mod tests {
             record().line(),
             r#"{"time":"2026-01-02T03:04:05.678Z","pu":"web","policy_id":"allow-dns","action":"accept","observe":"observe-continue","protocol":"tcp","src":"10.0.0.1:40000","dst":"[fd00::2]:53","direction":"app"}"#
         );
+    }
+
+    #[test]
+    fn a_handshake_decision_carries_both_identities() {
+        let mut r = record();
+        r.handshake = Some(HandshakeLog {
+            reason: "allowed".into(),
+            labels: "app=web".into(),
+            peer_labels: Some("app=db,env=prod".into()),
+            peer_agent: Some("0011223344556677".into()),
+        });
+        let v: serde_json::Value = serde_json::from_str(&r.line()).unwrap();
+        assert_eq!(v["handshake"]["reason"], "allowed");
+        assert_eq!(v["handshake"]["peer_labels"], "app=db,env=prod");
+        assert_eq!(v["handshake"]["peer_agent"], "0011223344556677");
+        r.handshake.as_mut().unwrap().peer_labels = None;
+        assert!(!r.line().contains("peer_labels"));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! assert!(text.contains("policy_id = \"allow-peer\""));
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -31,9 +32,31 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     flow_log: Option<FlowLog>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<Host>,
     cgroups: Option<Cgroups>,
     pus: Vec<Pu>,
+}
+
+/// `[identity]`: the agent's key and the public keys it trusts.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Identity {
+    key: String,
+    trusted: Vec<String>,
+}
+
+/// One identity policy rule (`[[pus.network_policy]]` with `from`,
+/// `[[pus.application_policy]]` with `to`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdentityRule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ports: Vec<Port>,
+    policy_id: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -82,8 +105,14 @@ pub struct Pu {
     tcp_ports: Vec<Port>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     udp_ports: Vec<Port>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     application_acls: Vec<Acl>,
     network_acls: Vec<Acl>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    network_policy: Vec<IdentityRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    application_policy: Vec<IdentityRule>,
 }
 
 /// One ACL.
@@ -238,6 +267,23 @@ impl Config {
         self
     }
 
+    /// `[identity]`: the handshake runs, signing with the private key at
+    /// `key` and trusting the public keys at `trusted`.
+    pub fn identity<P: AsRef<Path>>(
+        mut self,
+        key: &Path,
+        trusted: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.identity = Some(Identity {
+            key: key.display().to_string(),
+            trusted: trusted
+                .into_iter()
+                .map(|p| p.as_ref().display().to_string())
+                .collect(),
+        });
+        self
+    }
+
     /// The config file's text.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a test config always serializes")
@@ -326,6 +372,46 @@ impl Pu {
     /// An ACL on the PU's incoming traffic (by source).
     pub fn network_acl(mut self, acl: Acl) -> Self {
         self.network_acls.push(acl);
+        self
+    }
+
+    /// A label of the PU's identity.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Peers whose identity matches every requirement of `from` (`app=web`,
+    /// …) may connect to these ports (none: every port).
+    pub fn network_policy<P: Into<Port>>(
+        mut self,
+        policy_id: &str,
+        from: &[&str],
+        ports: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.network_policy.push(IdentityRule {
+            from: Some(strings(from.iter().copied())),
+            ports: ports.into_iter().map(Into::into).collect(),
+            policy_id: policy_id.into(),
+            ..IdentityRule::default()
+        });
+        self
+    }
+
+    /// The PU may connect to these ports (none: every port) of peers whose
+    /// identity matches every requirement of `to`.
+    pub fn application_policy<P: Into<Port>>(
+        mut self,
+        policy_id: &str,
+        to: &[&str],
+        ports: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.application_policy.push(IdentityRule {
+            to: Some(strings(to.iter().copied())),
+            ports: ports.into_iter().map(Into::into).collect(),
+            policy_id: policy_id.into(),
+            ..IdentityRule::default()
+        });
         self
     }
 }

@@ -19,6 +19,8 @@
 //! - [`matrix`]: a test body run on both datapaths and/or both families.
 //! - [`world`]: one PU, a few UDP peers, the agent (targets and marks
 //!   suites).
+//! - [`two_agents`]: two hosts, each running its own agent with its own
+//!   key pair, PUs on both (the identity handshake suite).
 
 pub mod agent;
 pub mod bench;
@@ -33,6 +35,7 @@ pub mod privilege;
 pub mod roles;
 pub mod seccomp;
 pub mod traffic;
+pub mod two_agents;
 pub mod world;
 
 /// Prefix of every kernel object the harness creates (namespaces, cgroups,

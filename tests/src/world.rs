@@ -18,7 +18,7 @@ use crate::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
     netfilter::{self, Family},
-    netns::{TwoHosts, output_ok},
+    netns::{Netns, TwoHosts, output_ok},
     privilege, roles,
 };
 
@@ -144,7 +144,15 @@ impl PuWorld {
 
     /// A connected UDP socket of a process inside the PU, to `to`.
     pub fn udp_flow(&self, nettool: &str, to: SocketAddr) -> Result<UdpFlow> {
-        let mut cmd = self.cgroup.command_in(&self.hosts.a, nettool)?;
+        UdpFlow::start(nettool, &self.cgroup, &self.hosts.a, to)
+    }
+}
+
+impl UdpFlow {
+    /// A connected UDP socket of a process inside `cgroup` and `ns`, to
+    /// `to`.
+    pub fn start(nettool: &str, cgroup: &Cgroup, ns: &Netns, to: SocketAddr) -> Result<Self> {
+        let mut cmd = cgroup.command_in(ns, nettool)?;
         cmd.args(["udp-flow", &to.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());

@@ -17,7 +17,7 @@ use super::owner::DatapathOwner;
 use super::plan::{needs_restart, plan};
 use super::ports::{Discovery, PortDiscovery};
 use crate::control::{ControlSocket, DatapathStatus, ReloadStats, Request, Response, StatusReport};
-use crate::trap::{self, TrapCounters};
+use crate::trap::{self, TrapCounters, TrapUpdater};
 
 /// What the agent is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,8 @@ struct Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     source: ConfigSource,
+    /// Hands each applied configuration to the trap consumer.
+    trap: Option<TrapUpdater>,
     /// How port discovery runs; `None`: it does not.
     port_discovery: Option<PortDiscovery>,
 }
@@ -80,8 +82,16 @@ impl Daemon {
         Self {
             shared,
             source,
+            trap: None,
             port_discovery: None,
         }
+    }
+
+    /// The trap consumer that each applied reload updates (its PU lookup,
+    /// identities and keys).
+    pub fn with_trap_updater(mut self, trap: TrapUpdater) -> Self {
+        self.trap = Some(trap);
+        self
     }
 
     /// Runs port discovery ([`super::ports`]) while the daemon serves.
@@ -204,10 +214,12 @@ impl Daemon {
 
     /// The steps applied, by name.
     async fn try_reload(&self) -> Result<Vec<String>, ReloadError> {
-        let new = self
+        let (new, keys) = self
             .source
-            .load()
+            .load_with_keys()
             .map_err(|e| ReloadError::Refused(format!("{:#}", anyhow::Error::from(e))))?;
+        let index = self.trap.as_ref().map(|_| self.source.trap_index(&new));
+        let window = new.identity.window;
         // Comparing and applying in one job: nothing can change what is in
         // force between the two.
         let job = self.shared.owner.call(move |e| {
@@ -224,8 +236,19 @@ impl Daemon {
                 .map(|()| names)
                 .map_err(|err| ReloadError::Failed(format!("{err:#}")))
         });
-        job.await
-            .map_err(|e| ReloadError::Failed(format!("{e:#}")))?
+        let steps = job
+            .await
+            .map_err(|e| ReloadError::Failed(format!("{e:#}")))??;
+        // The trap follows once the datapath has the new configuration:
+        // a PU's packets are found and judged by its new policy from then
+        // on.
+        if let (Some(trap), Some(index)) = (&self.trap, index) {
+            trap.set_pus(index);
+            if let Some(keys) = keys {
+                trap.set_keys(keys, window);
+            }
+        }
+        Ok(steps)
     }
 }
 

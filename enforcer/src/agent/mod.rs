@@ -32,11 +32,12 @@ use crate::datapath::iptables::backend::{self, Backend};
 use crate::datapath::probe::{CgroupChoice, CgroupFlavour};
 use crate::datapath::{self, DatapathKind, DatapathSettings, probe};
 use crate::flowlog::FlowLogWriter;
+use crate::identity::Keys;
 use crate::policy::{
     CgroupV2Host, Configuration, DatapathChoice, IptablesBackendChoice, MarkSettings, Mode,
-    PolicyError, QueueSettings,
+    PolicyError, PuKind, QueueSettings,
 };
-use crate::trap::{PuIndex, TrapConsumer};
+use crate::trap::{HandshakeSetup, PuIndex, TrapConsumer};
 
 use daemon::{Daemon, Event, Identity};
 use enforcement::Enforcement;
@@ -79,14 +80,6 @@ pub enum ConfigError {
         path: PathBuf,
         source: crate::identity::KeyError,
     },
-    /// Identity policies parse, but the trap does not run the handshake
-    /// yet: refused rather than silently not enforced.
-    #[error(
-        "the config file {} is refused: {what} is not enforced yet (the trap does not \
-         run the identity handshake)",
-        path.display()
-    )]
-    NotEnforced { path: PathBuf, what: String },
 }
 
 /// Where the configuration comes from, at start and on every reload.
@@ -102,15 +95,31 @@ pub struct ConfigSource {
     iptables_backend: Option<IptablesBackendChoice>,
 }
 
+/// A configuration as [`ConfigSource`] loads it.
+struct Loaded {
+    config: Configuration,
+    /// The cgroup hierarchy its `[cgroups]` chose, against which its PU
+    /// cgroups were checked.
+    cgroups: CgroupChoice,
+    /// The identity keys it names (loaded from their files), when
+    /// `[identity]` is configured.
+    keys: Option<Keys>,
+}
+
 impl ConfigSource {
     /// Reads and validates the file, host checks included.
+    #[cfg(test)]
     fn load(&self) -> Result<Configuration, ConfigError> {
-        self.load_with_cgroups().map(|(config, _)| config)
+        self.load_all().map(|loaded| loaded.config)
     }
 
-    /// [`Self::load`], and the cgroup hierarchy its `[cgroups]` chose,
-    /// against which its PU cgroups were checked.
-    fn load_with_cgroups(&self) -> Result<(Configuration, CgroupChoice), ConfigError> {
+    /// [`Self::load`], and the identity keys it names.
+    fn load_with_keys(&self) -> Result<(Configuration, Option<Keys>), ConfigError> {
+        self.load_all().map(|loaded| (loaded.config, loaded.keys))
+    }
+
+    /// Reads and validates the file, host checks included; loads its keys.
+    fn load_all(&self) -> Result<Loaded, ConfigError> {
         let text = std::fs::read_to_string(&self.path).map_err(|source| ConfigError::Read {
             path: self.path.clone(),
             source,
@@ -146,16 +155,27 @@ impl ConfigSource {
             .map_err(|e| invalid(e.into()))?;
         // Keys load at start and on every reload, so a bad key file stops
         // the agent (or the reload) before anything changes.
-        if let Some(files) = config.identity.key_files() {
-            crate::identity::keys::load(&files).map_err(|source| ConfigError::Keys {
+        let keys =
+            match config.identity.key_files() {
+                Some(files) => Some(crate::identity::keys::load(&files).map_err(|source| {
+                    ConfigError::Keys {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let process_pus = config
+            .pus
+            .iter()
+            .any(|pu| matches!(pu.kind, PuKind::LinuxProcess { .. }));
+        if keys.is_some() && process_pus && cgroups.flavour == CgroupFlavour::NetClsV1 {
+            // Refused rather than a PU's connections signed as another's.
+            return Err(ConfigError::Cgroups {
                 path: self.path.clone(),
-                source,
-            })?;
-        }
-        if let Some(id) = config.identity.policies.keys().next() {
-            return Err(ConfigError::NotEnforced {
-                path: self.path.clone(),
-                what: format!("the identity policy of PU {id}"),
+                reason: "the identity handshake finds a linux-process PU's sockets by their \
+                         cgroup v2 id, and these PUs' cgroups are net_cls (cgroup v1)"
+                    .to_owned(),
             });
         }
         if let Some(choice) = self.datapath {
@@ -166,7 +186,36 @@ impl ConfigSource {
         if let Some(choice) = self.iptables_backend {
             config.iptables.backend = choice;
         }
-        Ok((config, cgroups))
+        Ok(Loaded {
+            config,
+            cgroups,
+            keys,
+        })
+    }
+
+    /// The trap's PU lookup for `config`: ports and uids, the cgroups of
+    /// the linux-process PUs (an outgoing packet's PU is found by its
+    /// socket's cgroup), and with `[identity]` what the handshake needs
+    /// of each PU.
+    fn trap_index(&self, config: &Configuration) -> PuIndex {
+        let mut index = PuIndex::new(config.mode, &config.pus);
+        if config.identity.key.is_none() {
+            return index;
+        }
+        index.set_identities(&config.pus, &config.identity);
+        let cgroup2 = self.mounts.cgroup2_or_default();
+        for pu in &config.pus {
+            if let PuKind::LinuxProcess { cgroup } = &pu.kind {
+                let dir = cgroup2.join(cgroup.as_path());
+                if let Err(e) = index.add_process_dir(dir.clone(), pu.id.clone()) {
+                    // Validation saw it; a PU whose cgroup went since is
+                    // found by its ports only (its outgoing SYNs refused).
+                    tracing::warn!(pu = %pu.id, dir = %dir.display(), error = %e,
+                        "reading a PU's cgroup ids for the handshake failed");
+                }
+            }
+        }
+        index
     }
 }
 
@@ -181,7 +230,11 @@ pub fn run(options: RunOptions) -> Result<()> {
         datapath: options.datapath,
         iptables_backend: options.iptables_backend,
     };
-    let (config, cgroups) = source.load_with_cgroups()?;
+    let Loaded {
+        config,
+        cgroups,
+        keys,
+    } = source.load_all()?;
     tracing::info!(cgroups = %cgroups.flavour, reason = %cgroups.reason, "PU cgroups chosen");
     let control = options
         .control
@@ -259,13 +312,14 @@ pub fn run(options: RunOptions) -> Result<()> {
         );
         discovery = None;
     }
-    runtime.block_on(serve(datapath, config, source, identity, discovery))
+    runtime.block_on(serve(datapath, (config, keys), source, identity, discovery))
 }
 
-/// The async part of [`run`].
+/// The async part of [`run`]. `loaded`: the configuration and its
+/// identity keys.
 async fn serve(
     datapath: Box<dyn datapath::Datapath>,
-    config: Configuration,
+    loaded: (Configuration, Option<Keys>),
     source: ConfigSource,
     identity: Identity,
     discovery: Option<PortDiscovery>,
@@ -278,7 +332,7 @@ async fn serve(
     let control = identity.control.clone();
     let socket = ControlSocket::bind(&control)?;
     let result = start_and_serve(
-        datapath, config, source, identity, discovery, events, socket,
+        datapath, loaded, source, identity, discovery, events, socket,
     )
     .await;
     control::remove(&control)?;
@@ -287,25 +341,30 @@ async fn serve(
 
 async fn start_and_serve(
     mut datapath: Box<dyn datapath::Datapath>,
-    config: Configuration,
+    (config, keys): (Configuration, Option<Keys>),
     source: ConfigSource,
     identity: Identity,
     discovery: Option<PortDiscovery>,
     events: mpsc::Receiver<Event>,
     socket: ControlSocket,
 ) -> Result<()> {
+    let flow_log = FlowLogWriter::start(&config.flow_log)?;
     // The trap binds its queues before the datapath installs the rules
     // that feed them, so no trapped packet ever finds the queue without a
     // listener (dropped when failing closed).
-    let trap = TrapConsumer::start(&config.queues, config.marks.layout())?;
-    trap.set_pus(PuIndex::new(config.mode, &config.pus));
-    let flow_log = match FlowLogWriter::start(&config.flow_log) {
-        Ok(writer) => writer,
+    let handshake = keys.map(|keys| HandshakeSetup {
+        keys,
+        window: config.identity.window,
+        flow_log: Some(flow_log.sender()),
+    });
+    let trap = match TrapConsumer::start(&config.queues, config.marks.layout(), handshake) {
+        Ok(trap) => trap,
         Err(e) => {
-            trap.stop();
+            flow_log.stop();
             return Err(e);
         }
     };
+    trap.set_pus(source.trap_index(&config));
     datapath.set_flow_log(flow_log.sender());
     let owner = DatapathOwner::spawn(Enforcement::new(datapath, &config))?;
     let start = {
@@ -322,8 +381,9 @@ async fn start_and_serve(
         flow_log.stop();
         return Err(e.context("starting the datapath"));
     }
-    let daemon =
-        Daemon::new(owner, trap.counters(), identity, source).with_port_discovery(discovery);
+    let daemon = Daemon::new(owner, trap.counters(), identity, source)
+        .with_trap_updater(trap.updater())
+        .with_port_discovery(discovery);
     let result = daemon.run(events, socket).await;
     // After the datapath's cleanup no rule queues any more: stopping the
     // consumer now strands no packet.

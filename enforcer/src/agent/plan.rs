@@ -102,6 +102,13 @@ pub fn needs_restart(old: &Configuration, new: &Configuration) -> Vec<&'static s
         // Nothing reopens the flow log yet; accepting a change would
         // pretend it took effect.
         ("flow_log", old.flow_log == new.flow_log),
+        // The handshake's queues copy whole packets, set when they are
+        // bound: turning it on or off rebinds them. Keys and policies
+        // reload.
+        (
+            "identity.key (turning the handshake on or off)",
+            old.identity.key.is_some() == new.identity.key.is_some(),
+        ),
     ]
     .into_iter()
     .filter(|&(_, same)| !same)

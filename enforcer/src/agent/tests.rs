@@ -62,7 +62,7 @@ impl Harness {
             started: Instant::now(),
         };
         let socket = ControlSocket::bind(&identity.control).unwrap();
-        let trap = Arc::new(TrapCounters::new(&config.queues));
+        let trap = Arc::new(TrapCounters::new(&config.queues, false));
         let (events, rx) = mpsc::channel(8);
         let daemon = tokio::spawn(Daemon::new(owner, trap, identity, source).run(rx, socket));
         Self {
@@ -326,15 +326,18 @@ fn identity_keys_load_with_the_config_and_bad_ones_stop_it() {
         "{message}"
     );
 
+    // Identity policies are enforced by the trap: a config with one loads,
+    // with its keys.
     let policy = "[[pus]]\nid = \"c\"\nkind = \"container\"\n\
                   [[pus.network_policy]]\nfrom = []\npolicy_id = \"p\"\n";
     std::fs::write(&path, config(&public) + policy).unwrap();
-    let err = source.load().unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("the identity policy of PU c is not enforced yet"),
-        "{err}"
-    );
+    let (loaded, keys) = source.load_with_keys().unwrap();
+    assert_eq!(loaded.identity.policies.len(), 1);
+    // The own key, listed as trusted too.
+    assert_eq!(keys.unwrap().trust.len(), 1);
+    let index = source.trap_index(&loaded);
+    let id = crate::policy::PuId::new("c").unwrap();
+    assert_eq!(index.identity(&id).unwrap().policy.network.len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -377,7 +380,11 @@ fn net_cls_pu_cgroups_are_checked_under_the_net_cls_mount() {
         "a directory that is no net_cls hierarchy"
     );
     std::fs::write(net_cls.join("net_cls.classid"), "0\n").unwrap();
-    let (loaded, cgroups) = source(Some(&net_cls)).load_with_cgroups().unwrap();
+    let Loaded {
+        config: loaded,
+        cgroups,
+        ..
+    } = source(Some(&net_cls)).load_all().unwrap();
     assert_eq!(loaded.pus.len(), 1);
     assert_eq!(
         (cgroups.flavour, cgroups.mount),
@@ -388,5 +395,20 @@ fn net_cls_pu_cgroups_are_checked_under_the_net_cls_mount() {
     let err = source(Some(&net_cls)).load().unwrap_err();
     assert!(matches!(err, ConfigError::Invalid { .. }));
     assert!(message(err).contains("pus[0].cgroup: \"enforcer/web\" is not a directory"));
+    // The handshake finds a PU's sockets by cgroup v2 id: net_cls PUs
+    // with `[identity]` are refused, not signed as another PU.
+    let key = dir.join("agent.key");
+    crate::identity::keys::generate_files(&key).unwrap();
+    let with_identity = format!(
+        "{}[identity]\nkey = {:?}\n",
+        config("enforcer/db"),
+        key.display().to_string()
+    );
+    std::fs::write(&path, with_identity).unwrap();
+    let err = source(Some(&net_cls)).load().unwrap_err();
+    assert!(
+        message(err).contains("cgroup v2 id, and these PUs' cgroups are net_cls"),
+        "net_cls PUs with the handshake"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -208,6 +208,88 @@ pub fn abort_sockets(pu: &PuSockets, cut: impl Fn(&Socket) -> bool) -> anyhow::R
     Ok(aborted)
 }
 
+/// Finds one socket by its addresses: an exact `sock_diag` lookup (the
+/// kernel's own hash lookup, no dump), on one socket kept open. The
+/// trap's handshake finds the cgroup of a PU's sending socket with it.
+#[derive(Debug)]
+pub struct Finder {
+    nl: nl::Socket,
+    buf: Vec<u8>,
+}
+
+/// `INET_DIAG_NOCOOKIE`: match whatever socket has the addresses.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+
+impl Finder {
+    pub fn open() -> io::Result<Self> {
+        let nl = nl::Socket::open(libc::NETLINK_SOCK_DIAG, false)?;
+        // The kernel answers at once; a bound wait keeps a lost answer
+        // from stalling the caller (the trap thread).
+        nl.set_recv_timeout(std::time::Duration::from_millis(100))?;
+        Ok(Self {
+            nl,
+            buf: vec![0u8; 8 * 1024],
+        })
+    }
+
+    /// The TCP (connecting, connected or listening) or UDP (connected or
+    /// only bound) socket that sends from `local` to `remote`;
+    /// `Ok(None)` when there is none.
+    pub fn find(
+        &mut self,
+        protocol: u8,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> io::Result<Option<Socket>> {
+        let (family, len) = match local.ip() {
+            IpAddr::V4(_) => (libc::AF_INET as u8, 4),
+            IpAddr::V6(_) => (libc::AF_INET6 as u8, 16),
+        };
+        let octets = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        // TCP's exact lookup reads the id as the socket has it (source =
+        // local end); UDP's as a received datagram would (source = the
+        // peer): net/ipv4/inet_diag.c and udp_diag.c.
+        let (first, second) = if protocol == UDP {
+            (remote, local)
+        } else {
+            (local, remote)
+        };
+        let mut id = [0u8; SOCKID_LEN];
+        id[0..2].copy_from_slice(&first.port().to_be_bytes());
+        id[2..4].copy_from_slice(&second.port().to_be_bytes());
+        id[4..4 + len].copy_from_slice(&octets(first.ip()));
+        id[20..20 + len].copy_from_slice(&octets(second.ip()));
+        id[40..48].copy_from_slice(&NO_COOKIE);
+        let body = request(family, protocol, u32::MAX, &id);
+        self.nl
+            .send(&message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, &body))?;
+        // The socket found sends from `local`; it is connected to
+        // `remote`, or (listening TCP, unconnected UDP) to nothing.
+        let fits = |s: &Socket| {
+            s.local.port() == local.port()
+                && (s.remote == remote || s.remote.port() == 0 && s.remote.ip().is_unspecified())
+        };
+        // An answer that came after an earlier call gave up waiting may
+        // still be queued: skip answers about other sockets.
+        for _ in 0..4 {
+            let n = self.nl.recv(&mut self.buf)?;
+            match parse_dump(&self.buf[..n], protocol) {
+                Ok(Dump::More(sockets) | Dump::Done(sockets)) => {
+                    if let Some(found) = sockets.into_iter().find(fits) {
+                        return Ok(Some(found));
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(malformed("no answer about the socket asked for"))
+    }
+}
+
 /// A netlink message: header, then `body`.
 fn message(kind: u16, flags: u16, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();

@@ -120,6 +120,28 @@ impl Handshaker {
         })
     }
 
+    /// Responder: a SYN-ACK token answering `syn` (the nonce of a SYN
+    /// that [`Self::on_syn`] allowed), fresh for every transmission: a
+    /// retransmitted SYN-ACK carrying the previous token would be refused
+    /// as a replay.
+    pub fn syn_ack(&self, labels: &Labels, syn: &Nonce, now_ms: u64) -> Result<Sent, NoRandomness> {
+        self.mint(Kind::SynAck, labels, Some(*syn), now_ms)
+    }
+
+    /// Replaces the agent key and the trust store (a reload: a key
+    /// rotated, a peer's key added or revoked) and keeps the replay
+    /// cache, so a token accepted before is still refused as a replay.
+    pub fn set_keys(&mut self, keys: Keys, window: Window) {
+        self.key = keys.agent;
+        self.verifier.trust = keys.trust;
+        self.verifier.window = window;
+    }
+
+    /// The id of the key this agent signs with.
+    pub fn key_id(&self) -> super::keys::KeyId {
+        self.key.id()
+    }
+
     /// Initiator (UDP): the closing ACK, answering the SYN-ACK's nonce.
     pub fn ack(&self, labels: &Labels, syn_ack: &Nonce, now_ms: u64) -> Result<Sent, NoRandomness> {
         self.mint(Kind::Ack, labels, Some(*syn_ack), now_ms)

@@ -3,6 +3,7 @@
 //! services use.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::num::NonZeroU16;
 
 use ipnet::IpNet;
@@ -62,6 +63,33 @@ impl Acl {
     }
 }
 
+impl Acl {
+    /// Whether the ACL covers a packet exchanged with `peer`, of IP
+    /// protocol number `protocol`, to destination `port` (the peer's port
+    /// for an application ACL, the PU's for a network ACL, as both
+    /// datapaths match `--dports`).
+    pub fn covers(&self, peer: IpAddr, protocol: u8, port: Option<u16>) -> bool {
+        let protocol_ok =
+            self.protocols.iter().any(|p| p.number() == Some(protocol)) || self.is_protocol_any();
+        let port_ok = self.ports.is_empty()
+            || port
+                .is_some_and(|port| self.ports.iter().any(|r| (r.start..=r.end).contains(&port)));
+        protocol_ok && port_ok && self.networks.iter().any(|net| net.contains(&peer))
+    }
+}
+
+/// The ACL that decides for a packet, as the datapaths would for a peer
+/// outside the target networks: the first in bucket order that covers it
+/// ([`Acl::covers`]) and is enforced (observe-continue only logs). `None`:
+/// no ACL decides, the PU's default refuses. User space needs it for the
+/// peers in the target networks that send no handshake token (issue 7:
+/// judged by the ACLs as an external peer would be).
+pub fn deciding(acls: &[Acl], peer: IpAddr, protocol: u8, port: Option<u16>) -> Option<&Acl> {
+    in_bucket_order(acls)
+        .into_iter()
+        .find(|acl| acl.observe != ObserveMode::Continue && acl.covers(peer, protocol, port))
+}
+
 /// `acls` in SPEC's bucket order (a stable sort: declaration order within
 /// a bucket). Both datapaths evaluate ACLs in exactly this order.
 pub fn in_bucket_order<'a>(acls: impl IntoIterator<Item = &'a Acl>) -> Vec<&'a Acl> {
@@ -90,6 +118,17 @@ keywords!(Protocol {
 });
 
 impl Protocol {
+    /// The IP protocol number; `None` for `any`.
+    pub fn number(self) -> Option<u8> {
+        match self {
+            Protocol::Tcp => Some(6),
+            Protocol::Udp => Some(17),
+            Protocol::Icmp => Some(1),
+            Protocol::Icmpv6 => Some(58),
+            Protocol::Any => None,
+        }
+    }
+
     /// Whether the protocol has ports an ACL can match on. `any` has none:
     /// a port match would silently narrow it to TCP and UDP.
     pub fn has_ports(self) -> bool {
@@ -252,6 +291,37 @@ mod tests {
         assert_eq!(
             order,
             ["r-cont", "r1", "r-apply", "a-cont", "a1", "a2", "a-apply"]
+        );
+    }
+
+    #[test]
+    fn the_deciding_acl_follows_bucket_order_and_skips_observe_continue() {
+        use Action::*;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut narrow = acl(Accept, ObserveMode::None, "narrow-accept");
+        narrow.networks = vec!["10.1.0.0/24".parse().unwrap()];
+        narrow.ports = vec![PortRange::new(7000, 7001).unwrap()];
+        let mut wide = acl(Reject, ObserveMode::None, "wide-reject");
+        wide.networks = vec!["10.1.0.0/16".parse().unwrap()];
+        wide.protocols = vec![Protocol::Udp];
+        let watch = acl(Reject, ObserveMode::Continue, "watch");
+        let mut any = acl(Accept, ObserveMode::None, "any");
+        any.networks = vec!["fd00::/16".parse().unwrap()];
+        any.protocols = vec![Protocol::Any];
+        let acls = [narrow, wide, watch, any];
+        let id = |peer: &str, proto: u8, port: u16| {
+            deciding(&acls, ip(peer), proto, Some(port)).map(|a| a.policy_id.as_str())
+        };
+        // TCP: the UDP reject does not cover it, observe-continue only logs.
+        assert_eq!(id("10.1.0.2", 6, 7000), Some("narrow-accept"));
+        assert_eq!(id("10.1.0.2", 6, 7002), None, "port outside the ACL");
+        // UDP: the wide reject's bucket comes first.
+        assert_eq!(id("10.1.0.2", 17, 7000), Some("wide-reject"));
+        assert_eq!(id("10.2.0.2", 6, 7000), None);
+        assert_eq!(id("fd00:1::2", 132, 1), Some("any"));
+        assert_eq!(
+            deciding(&acls, ip("fd00::1"), 6, None).map(|a| a.policy_id.as_str()),
+            Some("any")
         );
     }
 

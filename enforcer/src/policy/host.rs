@@ -30,6 +30,11 @@ impl CgroupV2Host {
             mount: mount.into(),
         }
     }
+
+    /// Where the hierarchy is mounted.
+    pub fn mount(&self) -> &std::path::Path {
+        &self.mount
+    }
 }
 
 impl Default for CgroupV2Host {

@@ -76,7 +76,7 @@ mod pu;
 pub(crate) mod test_support;
 mod validate;
 
-pub use acl::{Acl, Action, Bucket, ObserveMode, PortRange, Protocol, in_bucket_order};
+pub use acl::{Acl, Action, Bucket, ObserveMode, PortRange, Protocol, deciding, in_bucket_order};
 pub use error::{FieldError, PolicyError, Problem, ValidationErrors};
 pub use family::{HasFamily, IpFamily, PerFamily, split_by_family, split_zero_prefix};
 pub use host::{CgroupV2Host, HostFacts};

@@ -13,14 +13,32 @@
 //! - otherwise the host PU (local-server), or the one container PU of a
 //!   remote-container or sidecar agent.
 //!
-//! The identity handshake (issue 7) is the user: the index is built from
-//! the configuration and handed to the consumer, which logs the PU of each
-//! packet until the handshake decides with it.
+//! The index is built from the configuration and handed to the consumer;
+//! with the identity handshake configured it also carries what the
+//! handshake needs of each PU ([`PuIdentity`]: labels, identity policy,
+//! ACLs for peers without a token) and the cgroup ids of the
+//! linux-process PUs, which a connecting socket's cgroup (from
+//! `sock_diag`) is looked up in.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::datapath::queues::Direction;
-use crate::policy::{Mode, PortRange, Pu, PuId, PuKind, UserSpec};
+use crate::identity::{IdentityPolicy, Labels};
+use crate::policy::{Acl, IdentitySettings, Mode, PortRange, Pu, PuId, PuKind, UserSpec};
+
+/// What the identity handshake needs of one PU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PuIdentity {
+    /// What its tokens carry.
+    pub labels: Labels,
+    /// Who may reach it and whom it may reach, by identity.
+    pub policy: IdentityPolicy,
+    /// Peers without a token are judged by these, as external peers.
+    pub application_acls: Vec<Acl>,
+    pub network_acls: Vec<Acl>,
+}
 
 /// What a trapped packet tells about its PU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,6 +105,21 @@ pub struct PuIndex {
     uid_ports: Ports,
     process_ports: Ports,
     service_ports: Ports,
+    /// Each PU's identity, when the handshake is configured.
+    identities: HashMap<PuId, Arc<PuIdentity>>,
+    /// The cgroup directory of each linux-process PU, for a cgroup
+    /// created below one after the index was built.
+    process_dirs: Vec<(PathBuf, PuId)>,
+    /// Tells indexes apart: a fresh value for each one built and each
+    /// change to its cgroups (what is cached about them goes stale).
+    generation: u64,
+}
+
+/// Where [`PuIndex`] generations come from.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl PuIndex {
@@ -95,7 +128,10 @@ impl PuIndex {
     /// resolved ([`Self::add_uid`]); linux-process PUs by their ports until
     /// their cgroup ids are added ([`Self::add_cgroup`]).
     pub fn new(mode: Mode, pus: &[Pu]) -> Self {
-        let mut index = Self::default();
+        let mut index = Self {
+            generation: next_generation(),
+            ..Self::default()
+        };
         for pu in pus {
             match &pu.kind {
                 PuKind::Container => {
@@ -127,11 +163,84 @@ impl PuIndex {
         self.cgroups.insert(cgroup, id);
     }
 
+    /// A linux-process PU's cgroup directory (under the cgroup v2 mount):
+    /// its id and every id below it now, and the directory for cgroups
+    /// made below it later ([`Self::cgroup_below`]).
+    pub fn add_process_dir(&mut self, dir: PathBuf, id: PuId) -> std::io::Result<()> {
+        let ids = crate::datapath::sockdiag::cgroup_tree_ids(&dir)?;
+        for cgroup in ids {
+            self.cgroups.insert(cgroup, id.clone());
+        }
+        self.process_dirs.push((dir, id));
+        self.generation = next_generation();
+        Ok(())
+    }
+
+    /// This index's generation: two indexes with one are the same.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether linux-process PUs are found by cgroup (so an outgoing
+    /// packet's PU needs its socket's cgroup).
+    pub fn has_process_cgroups(&self) -> bool {
+        !self.process_dirs.is_empty() || !self.cgroups.is_empty()
+    }
+
+    pub fn knows_cgroup(&self, cgroup: u64) -> bool {
+        self.cgroups.contains_key(&cgroup)
+    }
+
+    pub fn knows_uid(&self, uid: u32) -> bool {
+        self.uids.contains_key(&uid)
+    }
+
+    /// The linux-process PU whose cgroup tree holds `cgroup` now, found
+    /// by walking the PUs' directories: for a cgroup made after the index
+    /// was built (both datapaths count sub-cgroups in, so must this).
+    /// Slow; only for a cgroup the index does not know.
+    pub fn cgroup_below(&self, cgroup: u64) -> Option<&PuId> {
+        self.process_dirs.iter().find_map(|(dir, id)| {
+            crate::datapath::sockdiag::cgroup_tree_ids(dir)
+                .ok()
+                .filter(|ids| ids.contains(&cgroup))
+                .map(|_| id)
+        })
+    }
+
+    /// Records what the handshake needs of each of `pus`.
+    pub fn set_identities(&mut self, pus: &[Pu], settings: &IdentitySettings) {
+        self.identities = pus
+            .iter()
+            .map(|pu| {
+                let identity = PuIdentity {
+                    labels: pu.labels.clone(),
+                    policy: settings.policy(&pu.id).clone(),
+                    application_acls: pu.application_acls.clone(),
+                    network_acls: pu.network_acls.clone(),
+                };
+                (pu.id.clone(), Arc::new(identity))
+            })
+            .collect();
+    }
+
+    /// What the handshake needs of PU `id`; `None` for a PU the index
+    /// has no identity of (treated as no labels, no rules, no ACLs).
+    pub fn identity(&self, id: &PuId) -> Option<&Arc<PuIdentity>> {
+        self.identities.get(id)
+    }
+
     /// The PU of a packet, in the SPEC's priority order.
     pub fn find<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
+        self.find_specific(key).or(self.fallback.as_ref())
+    }
+
+    /// [`Self::find`] without the host or container PU that everything
+    /// else falls to.
+    pub fn find_specific<'a>(&'a self, key: &Key) -> Option<&'a PuId> {
         let port =
             |ports: &'a Ports| -> Option<&'a PuId> { ports.get(key.protocol, key.local_port?) };
-        let found = match key.direction {
+        match key.direction {
             Some(Direction::App) => key
                 .uid
                 .and_then(|uid| self.uids.get(&uid))
@@ -141,8 +250,13 @@ impl PuIndex {
                 .or_else(|| port(&self.process_ports))
                 .or_else(|| port(&self.service_ports)),
             None => None,
-        };
-        found.or(self.fallback.as_ref())
+        }
+    }
+
+    /// The linux-process PU of a cgroup the index knows (its own or one
+    /// that was below it when the index was built).
+    pub fn process_pu_of_cgroup_known(&self, cgroup: u64) -> Option<&PuId> {
+        self.cgroups.get(&cgroup)
     }
 }
 

@@ -12,18 +12,20 @@
 //! (`nfqueue_round_trip`) proves the mechanism on the real kernel.
 //!
 //! A TCP connection's set-up reaches the queues as up to three packets —
-//! its SYN, its SYN-ACK and its first ACK ([`crate::datapath::handshake`])
-//! — and the connection is decided at the last: the SYN and the SYN-ACK
-//! are let through as they are (NF_ACCEPT, [`verdict`]), so the
-//! connection's next set-up packet is trapped in turn; the first ACK, a
-//! UDP flow's first datagram or any other trapped packet gets the
-//! contract's verdict above, which marks its connection authorised.
+//! its SYN, its SYN-ACK and its first ACK ([`crate::datapath::handshake`]).
+//! Without `[identity]` the connection is decided at the last: the SYN
+//! and the SYN-ACK are let through as they are (NF_ACCEPT, [`verdict`]),
+//! so the connection's next set-up packet is trapped in turn; the first
+//! ACK, a UDP flow's first datagram or any other trapped packet gets the
+//! contract's verdict above, which marks its connection authorised. The
+//! consumer reads only headers (a copy range of [`COPY_RANGE`] bytes),
+//! finds the packet's PU through a [`PuIndex`] (by queue, uid and port,
+//! never by scanning the PUs) and logs both at debug level.
 //!
-//! In this slice every trapped packet is accepted; the identity handshake
-//! that will decide instead comes later. The consumer reads only headers
-//! (a copy range of [`COPY_RANGE`] bytes), finds the packet's PU through
-//! a [`PuIndex`] (by queue, uid and port, never by scanning the PUs) and
-//! logs both at debug level.
+//! With `[identity]` the [`handshake`] engine decides each packet instead
+//! — attaching, checking and stripping identity tokens, with verdicts
+//! that carry the changed packet — and the queues that carry SYNs and
+//! SYN-ACKs copy whole packets ([`HANDSHAKE_COPY_RANGE`]).
 //!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
@@ -46,31 +48,45 @@
 //! namespace: the socket binds the queues of the namespace its creating
 //! thread is in.
 
+pub mod handshake;
 mod kernel;
 pub mod lookup;
 mod netlink;
 pub mod packet;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow};
 use enforcer_common::marks::{Kind, MarkLayout};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::queues;
+use crate::datapath::queues::{self, Trapped};
+use crate::datapath::sockdiag;
+use crate::identity::{Keys, Window};
 use crate::policy::QueueSettings;
 
+use handshake::{Action, Engine, HandshakeCounters, SocketCgroups};
+pub use handshake::{Counted, Setup as HandshakeSetup};
 pub use kernel::{KernelQueueStats, read as read_kernel_stats};
-pub use lookup::PuIndex;
+pub use lookup::{PuIdentity, PuIndex};
 use netlink::{Received, Verdict, VerdictBuffer};
 
 /// Bytes of each packet copied to user space: the largest IPv4 header (60)
 /// plus the largest TCP header (60) fit, and so do IPv6 with a short
 /// extension header and TCP. The consumer needs headers only.
 pub const COPY_RANGE: u16 = 128;
+
+/// The copy range of the queues that carry SYNs and SYN-ACKs when the
+/// identity handshake runs: a whole packet is needed to take a token out
+/// or put one in. A SYN with the largest token is under 1,400 bytes; a
+/// larger packet is copied short, cannot be changed, and is refused.
+pub const HANDSHAKE_COPY_RANGE: u16 = 4096;
 
 /// Packets read before their verdicts are sent. Bounds the extra wait of
 /// the first packet of a busy round (a few microseconds per packet) and
@@ -102,6 +118,10 @@ pub struct TrapStats {
     pub receive_errors: u64,
     /// Each bound queue, in queue order.
     pub queues: Vec<QueueStats>,
+    /// With `[identity]`: the handshake's decisions by reason
+    /// ([`Counted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<BTreeMap<String, u64>>,
 }
 
 /// One queue's share of [`TrapStats`].
@@ -120,6 +140,7 @@ pub struct QueueStats {
 pub struct TrapCounters {
     queues: Vec<QueueCounters>,
     receive_errors: AtomicU64,
+    handshake: Option<Arc<HandshakeCounters>>,
 }
 
 #[derive(Debug)]
@@ -132,8 +153,9 @@ struct QueueCounters {
 }
 
 impl TrapCounters {
-    /// Zeroed counters for every queue of the layout.
-    pub(crate) fn new(settings: &QueueSettings) -> Self {
+    /// Zeroed counters for every queue of the layout (and for the
+    /// handshake, when it runs).
+    pub(crate) fn new(settings: &QueueSettings, handshake: bool) -> Self {
         let queues = queues::ranges(settings)
             .into_iter()
             .flat_map(|range| range.queues().map(move |queue| (queue, range.name)))
@@ -148,6 +170,7 @@ impl TrapCounters {
         Self {
             queues,
             receive_errors: AtomicU64::new(0),
+            handshake: handshake.then(Arc::default),
         }
     }
 
@@ -184,6 +207,7 @@ impl TrapCounters {
             verdict_errors: queues.iter().map(|q| q.verdict_errors).sum(),
             receive_errors: self.receive_errors.load(Ordering::Relaxed),
             queues,
+            handshake: self.handshake.as_ref().map(|h| h.snapshot()),
         }
     }
 }
@@ -192,37 +216,84 @@ impl TrapCounters {
 #[derive(Debug)]
 pub struct TrapConsumer {
     counters: Arc<TrapCounters>,
-    pus: Arc<RwLock<Arc<PuIndex>>>,
+    updater: TrapUpdater,
     /// Written to wake the thread for stopping.
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// Hands a new configuration to the running consumer: the PU lookup, and
+/// the handshake's keys. The thread takes them at its next round.
+#[derive(Debug, Clone)]
+pub struct TrapUpdater {
+    pus: Arc<RwLock<Arc<PuIndex>>>,
+    keys: Arc<PendingKeys>,
+}
+
+/// Keys waiting for the thread; the flag keeps the thread's check per
+/// round to one atomic load.
+#[derive(Debug, Default)]
+struct PendingKeys {
+    waiting: AtomicBool,
+    keys: Mutex<Option<(Keys, Window)>>,
+}
+
+impl TrapUpdater {
+    /// Replaces the PU lookup (after a configuration change).
+    pub fn set_pus(&self, index: PuIndex) {
+        let mut slot = self.pus.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Arc::new(index);
+    }
+
+    /// Replaces the handshake's keys and window (a reload); the replay
+    /// cache and the handshakes in progress are kept. Ignored when the
+    /// handshake does not run.
+    pub fn set_keys(&self, keys: Keys, window: Window) {
+        let mut slot = self.keys.keys.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((keys, window));
+        self.keys.waiting.store(true, Ordering::Release);
+    }
+}
+
 impl TrapConsumer {
     /// Binds every queue of `settings` (with its maximum length and
-    /// fail-open flag) on a new thread and starts giving verdicts. Returns
-    /// once every queue is bound, or with the error of the first that
-    /// could not be (e.g. another program holds it).
-    pub fn start(settings: &QueueSettings, marks: MarkLayout) -> Result<Self> {
-        let counters = Arc::new(TrapCounters::new(settings));
-        let pus = Arc::new(RwLock::new(Arc::new(PuIndex::default())));
+    /// fail-open flag) on a new thread and starts giving verdicts; with
+    /// `handshake`, the identity handshake decides them. Returns once
+    /// every queue is bound, or with the error of the first that could
+    /// not be (e.g. another program holds it).
+    pub fn start(
+        settings: &QueueSettings,
+        marks: MarkLayout,
+        handshake: Option<HandshakeSetup>,
+    ) -> Result<Self> {
+        let counters = Arc::new(TrapCounters::new(settings, handshake.is_some()));
+        let updater = TrapUpdater {
+            pus: Arc::new(RwLock::new(Arc::new(PuIndex::default()))),
+            keys: Arc::default(),
+        };
         let wake = Arc::new(eventfd().context("creating the trap's wake-up eventfd")?);
         let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel(1);
         let settings = settings.clone();
         let thread = std::thread::Builder::new()
             .name("trap".into())
             .spawn({
-                let (counters, pus, wake) = (counters.clone(), pus.clone(), wake.clone());
-                move || match bind(&settings) {
+                let (counters, updater, wake) = (counters.clone(), updater.clone(), wake.clone());
+                move || match bind(&settings, handshake.is_some()) {
                     Ok(socket) => {
                         bound_tx.send(Ok(())).ok();
+                        let engine = handshake.map(|setup| {
+                            let shared = counters.handshake.clone().unwrap_or_default();
+                            Box::new(Engine::new(setup, shared))
+                        });
                         let mut server = Server {
                             socket,
                             settings,
                             marks,
                             counters,
-                            pus,
+                            updater,
                             batcher: Batcher::new(),
+                            engine,
+                            sockets: Sockets::default(),
                         };
                         server.serve(&wake);
                     }
@@ -243,10 +314,15 @@ impl TrapConsumer {
         }
         Ok(Self {
             counters,
-            pus,
+            updater,
             wake,
             thread: Some(thread),
         })
+    }
+
+    /// What hands the thread a new configuration.
+    pub fn updater(&self) -> TrapUpdater {
+        self.updater.clone()
     }
 
     /// The counters, for `status`; they stay readable after [`Self::stop`].
@@ -257,8 +333,7 @@ impl TrapConsumer {
     /// Replaces the PU lookup (after a configuration change); the thread
     /// takes it at its next round.
     pub fn set_pus(&self, index: PuIndex) {
-        let mut slot = self.pus.write().unwrap_or_else(|e| e.into_inner());
-        *slot = Arc::new(index);
+        self.updater.set_pus(index);
     }
 
     /// Stops the thread and closes the socket, which unbinds every queue.
@@ -275,14 +350,32 @@ impl TrapConsumer {
     }
 }
 
+/// The copy range of `queue`: whole packets where the handshake reads or
+/// changes SYNs and SYN-ACKs (their ranges, or every queue without
+/// separation), headers elsewhere.
+fn copy_range(settings: &QueueSettings, queue: u16, handshake: bool) -> u16 {
+    let whole = handshake
+        && queues::locate(settings, queue).is_some_and(|l| {
+            matches!(l.trapped, None | Some(Trapped::Syn) | Some(Trapped::SynAck))
+        });
+    if whole {
+        HANDSHAKE_COPY_RANGE
+    } else {
+        COPY_RANGE
+    }
+}
+
 /// Opens the netlink socket and binds every queue with the layout's length
 /// and fail mode.
-fn bind(settings: &QueueSettings) -> Result<netlink::Socket> {
+fn bind(settings: &QueueSettings, handshake: bool) -> Result<netlink::Socket> {
     let numbers = queues::all(settings);
     let packets = numbers.len() * settings.queue_length as usize;
-    let rcvbuf = packets
-        .saturating_mul(SOCKET_BYTES_PER_PACKET)
-        .min(MAX_SOCKET_BUFFER);
+    let per_packet = if handshake {
+        SOCKET_BYTES_PER_PACKET + usize::from(HANDSHAKE_COPY_RANGE)
+    } else {
+        SOCKET_BYTES_PER_PACKET
+    };
+    let rcvbuf = packets.saturating_mul(per_packet).min(MAX_SOCKET_BUFFER);
     let socket = netlink::Socket::open(rcvbuf).context("opening the NFQUEUE netlink socket")?;
     // The owning socket's uid, for the PU lookup of outgoing packets.
     let mut flags = netlink::NFQA_CFG_F_UID_GID;
@@ -292,7 +385,13 @@ fn bind(settings: &QueueSettings) -> Result<netlink::Socket> {
     let mask = netlink::NFQA_CFG_F_UID_GID | netlink::NFQA_CFG_F_FAIL_OPEN;
     for &n in &numbers {
         socket
-            .bind_queue(n, COPY_RANGE.into(), settings.queue_length, flags, mask)
+            .bind_queue(
+                n,
+                copy_range(settings, n, handshake).into(),
+                settings.queue_length,
+                flags,
+                mask,
+            )
             .with_context(|| {
                 format!("binding NFQUEUE {n} (is another agent or program bound to it?)")
             })?;
@@ -305,6 +404,7 @@ fn bind(settings: &QueueSettings) -> Result<netlink::Socket> {
         max_len = settings.queue_length,
         fail_mode = %settings.fail_mode,
         copy_range = COPY_RANGE,
+        handshake,
         socket_buffer = rcvbuf,
         "trap bound its queues"
     );
@@ -317,8 +417,40 @@ struct Server {
     settings: QueueSettings,
     marks: MarkLayout,
     counters: Arc<TrapCounters>,
-    pus: Arc<RwLock<Arc<PuIndex>>>,
+    updater: TrapUpdater,
     batcher: Batcher,
+    /// The identity handshake, when `[identity]` is configured.
+    engine: Option<Box<Engine>>,
+    sockets: Sockets,
+}
+
+/// The socket table, for the cgroup of a PU's sending socket; opened at
+/// the first need.
+#[derive(Debug, Default)]
+struct Sockets(Option<sockdiag::Finder>);
+
+impl SocketCgroups for Sockets {
+    fn cgroup(&mut self, protocol: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+        if self.0.is_none() {
+            match sockdiag::Finder::open() {
+                Ok(finder) => self.0 = Some(finder),
+                Err(e) => {
+                    tracing::warn!(error = %e, "opening sock_diag for the handshake failed");
+                    return None;
+                }
+            }
+        }
+        let finder = self.0.as_mut()?;
+        match finder.find(protocol, local, remote) {
+            Ok(socket) => socket.and_then(|s| s.cgroup),
+            Err(e) => {
+                tracing::warn!(error = %e, %local, %remote, "looking up a socket (sock_diag) failed");
+                // A fresh socket next time: this one may hold a late answer.
+                self.0 = None;
+                None
+            }
+        }
+    }
 }
 
 impl Server {
@@ -344,9 +476,19 @@ impl Server {
     /// Returns how many packets it read.
     fn round(&mut self, buf: &mut [u8]) -> usize {
         let pus = self
+            .updater
             .pus
             .read()
             .map_or_else(|e| e.into_inner().clone(), |p| p.clone());
+        if let Some(engine) = self.engine.as_mut()
+            && self.updater.keys.waiting.swap(false, Ordering::Acquire)
+        {
+            let pending = self.updater.keys.keys.lock().map(|mut k| k.take());
+            if let Ok(Some((keys, window))) = pending {
+                engine.set_keys(keys, window);
+                tracing::info!("the handshake took the reloaded keys");
+            }
+        }
         let mut read = 0;
         while read < MAX_ROUND {
             let n = match self.socket.recv(buf) {
@@ -388,6 +530,21 @@ impl Server {
         if let Some(q) = counted {
             q.received.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(engine) = self.engine.as_mut() {
+            let direction = queues::locate(&self.settings, p.queue).map(|l| l.direction);
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let action = engine.decide(direction, p.payload, p.uid, pus, now_ms, &mut self.sockets);
+            tracing::debug!(
+                queue = p.queue,
+                packet = %describe(p.payload),
+                action = action_name(&action),
+                "trapped packet decided by the handshake"
+            );
+            self.apply(p, action);
+            return;
+        }
         let headers = packet::parse(p.payload);
         let (verdict, mark) = verdict(headers.as_ref().ok(), p.mark, self.marks);
         if tracing::enabled!(tracing::Level::DEBUG) {
@@ -411,6 +568,68 @@ impl Server {
         }
         let slot = self.counters.index(p.queue);
         self.batcher.add(slot, p.queue, p.id, verdict, mark);
+    }
+
+    /// Gives `p` the handshake's verdict.
+    fn apply(&mut self, p: &netlink::Packet, action: Action) {
+        let authorised = self.marks.with_kind(p.mark, Kind::Authorised);
+        let slot = self.counters.index(p.queue);
+        let (verdict, mark) = match action {
+            Action::Authorise => (Verdict::Repeat, Some(authorised)),
+            Action::Pass => (Verdict::Accept, None),
+            Action::Drop => (Verdict::Drop, None),
+            Action::Rewrite { packet, authorise } => {
+                let (verdict, mark) = if authorise {
+                    (Verdict::Repeat, Some(authorised))
+                } else {
+                    (Verdict::Accept, None)
+                };
+                self.rewrite(p, slot, verdict, mark, &packet);
+                return;
+            }
+        };
+        if !self.batcher.has_room_for_one_more() {
+            self.send();
+        }
+        self.batcher.add(slot, p.queue, p.id, verdict, mark);
+    }
+
+    /// A verdict that replaces the packet. The round's earlier verdicts go
+    /// first: a later batch verdict of the queue covers every lower id
+    /// still waiting, so this packet must not be waiting by then. If the
+    /// kernel cannot take it, the packet is dropped rather than left for
+    /// a batch verdict to let through unchanged.
+    fn rewrite(
+        &mut self,
+        p: &netlink::Packet,
+        slot: Option<usize>,
+        verdict: Verdict,
+        mark: Option<u32>,
+        packet: &[u8],
+    ) {
+        self.send();
+        let q = slot.and_then(|i| self.counters.queues.get(i));
+        let message = netlink::payload_verdict(p.queue, p.id, verdict, mark, packet);
+        match self.socket.send(&message) {
+            Ok(()) => {
+                if let Some(q) = q {
+                    q.verdicts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sending a verdict with a changed packet failed; dropping it");
+                if let Some(q) = q {
+                    q.verdict_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut only = VerdictBuffer::new(1);
+                only.push(p.queue, p.id, Verdict::Drop, None, false);
+                if self.socket.send(only.bytes()).is_err() {
+                    tracing::error!(
+                        "dropping the packet failed too; it waits for the next verdict"
+                    );
+                }
+            }
+        }
     }
 
     /// Sends every pending verdict of the round in one datagram.
@@ -650,6 +869,19 @@ fn write_eventfd(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An action's name for the debug log.
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Authorise => "authorise",
+        Action::Pass => "pass",
+        Action::Drop => "drop",
+        Action::Rewrite {
+            authorise: true, ..
+        } => "rewrite and authorise",
+        Action::Rewrite { .. } => "rewrite and pass",
+    }
+}
+
 /// The packet's headers for the log, or why they could not be read.
 fn describe(payload: &[u8]) -> String {
     match packet::parse(payload) {
@@ -665,7 +897,7 @@ mod tests {
 
     #[test]
     fn counters_are_kept_per_queue() {
-        let counters = TrapCounters::new(&settings(false, 2, 10));
+        let counters = TrapCounters::new(&settings(false, 2, 10), false);
         counters
             .of(12)
             .unwrap()

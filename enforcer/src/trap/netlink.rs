@@ -49,14 +49,15 @@ pub const NFQA_CFG_F_UID_GID: u32 = 1 << 3;
 /// A netfilter verdict (linux/netfilter.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// The handshake's refusal (issue 7); until then only tests send it.
-    #[allow(dead_code)]
+    /// A refusal: the packet is gone.
     Drop,
-    /// Let the packet go on (NF_ACCEPT) without deciding its connection:
-    /// the hook's later rules are skipped, as by an ACCEPT rule.
+    /// Let this packet on without deciding the connection (NF_ACCEPT:
+    /// the rest of the hook's table is skipped, no connection mark is
+    /// saved): a handshake packet whose connection is not decided yet.
     Accept,
     /// Run the hook again from its first rule (NF_REPEAT): how the
-    /// consumer accepts a connection, with the decision in the packet mark.
+    /// consumer accepts a connection, with the decision in the packet
+    /// mark.
     Repeat,
 }
 
@@ -68,6 +69,38 @@ impl Verdict {
             Verdict::Repeat => 4,
         }
     }
+}
+
+/// One verdict that replaces the packet with `payload` (NFQA_PAYLOAD):
+/// the kernel takes a longer or shorter packet and fixes the skb's
+/// length, but not the IP and transport headers, so `payload` must be a
+/// whole packet with its lengths and checksums right. Sent alone, never
+/// in a batch: a batch verdict cannot carry a payload.
+pub fn payload_verdict(
+    queue: u16,
+    id: u32,
+    verdict: Verdict,
+    mark: Option<u32>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VERDICT_LEN + NLA_HDR + payload.len() + 4);
+    let mut hdr = [0u8; 8];
+    hdr[..4].copy_from_slice(&verdict.code().to_be_bytes());
+    hdr[4..].copy_from_slice(&id.to_be_bytes());
+    let mut b = Builder::netfilter(
+        &mut out,
+        NFNL_SUBSYS_QUEUE,
+        NFQNL_MSG_VERDICT,
+        NLM_F_REQUEST,
+        queue,
+    );
+    b.attr(NFQA_VERDICT_HDR, &hdr);
+    if let Some(mark) = mark {
+        b.attr(NFQA_MARK, &mark.to_be_bytes());
+    }
+    b.attr(NFQA_PAYLOAD, payload);
+    b.finish();
+    out
 }
 
 /// One queued packet, borrowed from the receive buffer.
@@ -298,6 +331,27 @@ fn parse_packet<'a>(msg: &nl::Message<'a>) -> Option<Packet<'a>> {
 pub(super) mod tests_support {
     use super::*;
 
+    /// A single verdict message: (queue, id, verdict code, mark, payload).
+    pub fn verdict_with_payload(b: &[u8]) -> (u16, u32, u32, Option<u32>, Vec<u8>) {
+        let msg = nl::messages(b).next().expect("a message").expect("whole");
+        assert_eq!(msg.kind, msg_type(NFQNL_MSG_VERDICT));
+        let (queue, attrs) = msg.netfilter().expect("an nfgenmsg");
+        let (mut id, mut code, mut mark, mut payload) = (0, 0, None, Vec::new());
+        for attr in attrs {
+            let attr = attr.expect("an attribute");
+            match attr.kind {
+                NFQA_VERDICT_HDR => {
+                    code = u32::from_be_bytes(attr.data[..4].try_into().unwrap());
+                    id = u32::from_be_bytes(attr.data[4..8].try_into().unwrap());
+                }
+                NFQA_MARK => mark = attr.be32(),
+                NFQA_PAYLOAD => payload = attr.data.to_vec(),
+                _ => {}
+            }
+        }
+        (queue, id, code, mark, payload)
+    }
+
     /// Each verdict message: (queue, id, batch?, mark).
     pub fn verdicts(b: &[u8]) -> Vec<(u16, u32, bool, Option<u32>)> {
         nl::messages(b)
@@ -387,6 +441,17 @@ mod tests {
             parse_messages(&bad_attr).collect::<Vec<_>>(),
             vec![Received::Other]
         );
+    }
+
+    #[test]
+    fn a_payload_verdict_carries_the_whole_packet() {
+        let packet = [0x45, 0, 0, 5, 1];
+        let msg = payload_verdict(4, 9, Verdict::Accept, None, &packet);
+        let got = tests_support::verdict_with_payload(&msg);
+        assert_eq!(got, (4, 9, 1, None, packet.to_vec()));
+        let msg = payload_verdict(5, 10, Verdict::Repeat, Some(0x100), &packet);
+        let got = tests_support::verdict_with_payload(&msg);
+        assert_eq!(got, (5, 10, 4, Some(0x100), packet.to_vec()));
     }
 
     #[test]

@@ -95,8 +95,13 @@ enum Cmd {
         from: Option<std::net::IpAddr>,
     },
     /// Listen on ADDR and echo every connection's data back, until stdin
-    /// closes. Prints `listening` once bound.
-    TcpEchoServer { addr: SocketAddr },
+    /// closes. Prints `listening` once bound (and, with
+    /// `--report-accepted`, `accepted <peer>` for each connection).
+    TcpEchoServer {
+        addr: SocketAddr,
+        #[arg(long)]
+        report_accepted: bool,
+    },
     /// Bind ADDR and send every datagram back to its sender (`sendto` on
     /// the unconnected socket, as a UDP server does), until stdin closes.
     /// Prints `listening` once bound.
@@ -152,7 +157,10 @@ fn main() -> ExitCode {
                 Duration::from_millis(timeout_ms),
             );
         }
-        Cmd::TcpEchoServer { addr } => return tcp_echo_server(addr),
+        Cmd::TcpEchoServer {
+            addr,
+            report_accepted,
+        } => return tcp_echo_server(addr, report_accepted),
         Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::Leftovers => return report_leftovers(),
     };
@@ -211,7 +219,7 @@ fn udp_flow(to: SocketAddr) -> ExitCode {
 }
 
 /// `nettool tcp-echo-server`.
-fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
+fn tcp_echo_server(addr: SocketAddr, report_accepted: bool) -> ExitCode {
     let listener = match std::net::TcpListener::bind(addr) {
         Ok(listener) => listener,
         Err(e) => {
@@ -223,6 +231,10 @@ fn tcp_echo_server(addr: SocketAddr) -> ExitCode {
     let _ = std::io::stdout().flush();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
+            if report_accepted && let Ok(peer) = stream.peer_addr() {
+                println!("accepted {peer}");
+                let _ = std::io::stdout().flush();
+            }
             std::thread::spawn(move || traffic::echo(stream));
         }
     });

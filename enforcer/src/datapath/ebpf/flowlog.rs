@@ -86,6 +86,7 @@ impl FlowNames {
             } else {
                 FlowDirection::Net
             },
+            handshake: None,
         }
     }
 }

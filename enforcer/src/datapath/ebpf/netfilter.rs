@@ -46,8 +46,10 @@ pub struct Pins {
 /// - a SYN-ACK to (outgoing: classed `TrapTcp` first, as the fallback
 ///   does) or from a target TCP network is queued to the direction's
 ///   SYN-ACK range; incoming, so is a SYN from one carrying TCP option 34,
-///   to the SYN range (whether the peer is a target, and not excluded, the
-///   pinned `enforcer_target_src` / `enforcer_target_dst` filters say);
+///   to the SYN range, its class (when TC classed it for a PU) saved into
+///   the connection mark first, as for any classed SYN below (whether the
+///   peer is a target, and not excluded, the pinned `enforcer_target_src`
+///   / `enforcer_target_dst` filters say);
 /// - the first ACK ([`handshake::first_ack`]) of a connection whose SYN
 ///   was classed `TrapTcp` — the class the SYN rule below saves into the
 ///   connection mark — is queued to the direction's ACK range;
@@ -140,6 +142,15 @@ pub fn render(
                 format!(
                     "-A {chain} {SYN_ACK} {target_src} -j {}",
                     range(Trapped::SynAck)
+                ),
+                // A marked SYN to a PU (TC classed it) keeps its class in
+                // the connection as an unmarked one does below: its first
+                // ACK is trapped too, where the responder's handshake
+                // completes.
+                format!(
+                    "-A {chain} {SYN_WITH_OPTION_34} {target_src} \
+                     -m mark --mark {trap_tcp:#x}/{class:#x} \
+                     -j CONNMARK --save-mark --nfmask {class:#x} --ctmask {class:#x}"
                 ),
                 format!(
                     "-A {chain} {SYN_WITH_OPTION_34} {target_src} -j {}",
@@ -295,6 +306,7 @@ mod tests {
              -A TRI-Net -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 24:27 --queue-bypass\n\
+             -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -m mark --mark 0x800/0x3800 -j CONNMARK --save-mark --nfmask 0x3800 --ctmask 0x3800\n\
              -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
              -A TRI-Net {ack} -m connmark --mark 0x800/0x3800 -j NFQUEUE --queue-balance 20:23 --queue-bypass\n\
              -A TRI-Net -p tcp --tcp-flags SYN,ACK,FIN,RST SYN -m mark --mark 0x800/0x3800 -j CONNMARK --save-mark --nfmask 0x3800 --ctmask 0x3800\n\

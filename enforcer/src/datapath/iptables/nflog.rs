@@ -84,6 +84,7 @@ pub fn record(prefixes: &Prefixes, group: u16, prefix: &str, payload: &[u8]) -> 
         } else {
             FlowDirection::App
         },
+        handshake: None,
     })
 }
 
