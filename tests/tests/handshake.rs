@@ -210,7 +210,8 @@ fn a_peer_without_an_agent_is_judged_by_the_acls(datapath: Datapath, family: Fam
     b.reload(&config)?;
     assert_eq!(b.reloads()?.applied, 1, "{:?}", b.reloads()?);
     assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
-    assert_eq!(handshake_count(&b, "external-allowed")?, 1);
+    // At least once: a SYN resent before the verdict is judged again.
+    assert!(handshake_count(&b, "external-allowed")? >= 1);
     let lines = w.flow_lines(Host::B);
     assert!(
         lines.iter().any(|l| l["action"] == "accept"
@@ -255,7 +256,9 @@ fn a_server_without_an_agent_is_judged_by_the_application_acls(
     a.reload(&config)?;
     assert_eq!(a.reloads()?.applied, 1, "{:?}", a.reloads()?);
     assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
-    assert_eq!(handshake_count(&a, "external-allowed")?, 1);
+    // At least once: under load the server's SYN-ACK may be resent
+    // before the verdict on the first, and each copy is judged.
+    assert!(handshake_count(&a, "external-allowed")? >= 1);
     let lines = w.flow_lines(Host::A);
     assert!(
         lines.iter().any(|l| l["action"] == "accept"
