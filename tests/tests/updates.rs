@@ -70,12 +70,14 @@ mod incoming {
 
 /// The same cut for the PU kinds found without a cgroup — a uid PU (its
 /// user's processes, its listening port) and the host PU (every process
-/// of the namespace no other PU has) — on both families.
+/// of the namespace no other PU has; no port set: the connections peers
+/// made to it are found by where its sockets listen) — on both families.
 mod kinds {
     enforcer_tests::on_both_datapaths_and_families!(
         a_uid_pus_connection_only_the_old_policy_allowed_is_cut,
         a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
         a_host_pus_connection_only_the_old_policy_allowed_is_cut,
+        a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
     );
 }
 
@@ -733,21 +735,46 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
+    let pu = || Pu::uid("user", TEST_UID).tcp_ports([PU_PORT]);
+    incoming_cut_for_kind(datapath, family, pu, Some(TEST_UID))
+}
+
+/// [`an_incoming_connection_only_the_old_policy_allowed_is_cut`] for the
+/// host PU, which has no port set: its network ACLs judge whatever peers
+/// connect to, and the cut finds the connections peers made by the
+/// server's listening socket.
+fn a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    incoming_cut_for_kind(datapath, family, || Pu::host("host"), None)
+}
+
+/// Peers connect to a server of the PU made by `pu` (on [`PU_PORT`],
+/// running as `uid` if given) whose network ACLs accept both; the update's
+/// refuse one of them. Its connection is cut within [`CUT_WITHIN`], the
+/// other's goes on, and a new connection from the refused peer fails while
+/// one from the other still succeeds.
+fn incoming_cut_for_kind(
+    datapath: Datapath,
+    family: Family,
+    pu: fn() -> Pu,
+    uid: Option<u32>,
+) -> Result<()> {
     let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
         return Ok(());
     };
     let hosts = &stage.hosts;
     let server = SocketAddr::new(stage.server_ip(), PU_PORT);
-    let _server = PuEchoServer::start_as_user(
-        nettool!(),
-        Transport::Tcp,
-        &stage.cgroup,
-        &hosts.a,
-        server,
-        TEST_UID,
-    )?;
+    let (nettool, tcp) = (nettool!(), Transport::Tcp);
+    let _server = match uid {
+        Some(uid) => {
+            PuEchoServer::start_as_user(nettool, tcp, &stage.cgroup, &hosts.a, server, uid)?
+        }
+        None => PuEchoServer::start(nettool, tcp, &stage.cgroup, &hosts.a, server)?,
+    };
     let config = |accepted: &[u8]| {
-        let mut pu = Pu::uid("user", TEST_UID).tcp_ports([PU_PORT]);
+        let mut pu = pu();
         for &role in accepted {
             let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).tcp([PU_PORT]);
             pu = pu.network_acl(acl);
@@ -779,8 +806,8 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
     agent.reload(&config(&[ACL_PEER]))?;
     let Some(cut) = revoked.ended_within(CUT_WITHIN)? else {
         bail!(
-            "{datapath:?}/{family:?}: the connection from {} to the uid PU's server (accepted \
-             by the old network ACLs only) still runs {CUT_WITHIN:?} after the update:\n{}",
+            "{datapath:?}/{family:?}: the connection from {} to the PU's server (accepted by \
+             the old network ACLs only) still runs {CUT_WITHIN:?} after the update:\n{}",
             revoked.peer,
             agent.log()
         );
@@ -795,6 +822,18 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
         kept.report(),
         agent.log()
     );
+    let connect = |role: u8| -> Result<Outcome> {
+        let source = roles::source(family, role);
+        hosts
+            .b
+            .run(|| tcp_exchange_from(Some(source), server, b"ping"))
+    };
+    let again = connect(OLD_ONLY)?;
+    assert!(
+        again.is_blocked(),
+        "a new connection from the refused peer: {again:?}"
+    );
+    assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
     let kept = kept.finish()?;
     assert!(kept.ok, "the connection both policies accept: {kept:?}");
     Ok(())
