@@ -40,7 +40,7 @@ use enforcer_tests::{
     roles::{self, ACL_PEER, TARGET_NETS},
     traffic::{
         Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, become_user, run_nettool,
-        tcp_exchange_from,
+        tcp_exchange_from, udp_exchange_from,
     },
     world::{self, PuWorld},
 };
@@ -78,6 +78,7 @@ mod kinds {
         a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
         a_host_pus_connection_only_the_old_policy_allowed_is_cut,
         a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
+        a_host_pus_incoming_udp_flow_only_the_old_policy_allowed_is_cut,
     );
 }
 
@@ -836,6 +837,108 @@ fn incoming_cut_for_kind(
     assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
     let kept = kept.finish()?;
     assert!(kept.ok, "the connection both policies accept: {kept:?}");
+    Ok(())
+}
+
+/// The UDP side of [`a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut`]:
+/// a server of the host PU on an unconnected UDP socket (one socket for
+/// every peer, so nothing to abort). Each peer's flow (one socket, one
+/// 5-tuple) is echoed under the old policy; after the update the refused
+/// peer's flow stops being answered within [`CUT_WITHIN`] and stays so,
+/// the other's goes on, and a new flow from the refused peer fails.
+fn a_host_pus_incoming_udp_flow_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let server = SocketAddr::new(stage.server_ip(), PU_PORT);
+    let _server = PuEchoServer::start(nettool!(), Transport::Udp, &stage.cgroup, &hosts.a, server)?;
+    let config = |accepted: &[u8]| {
+        let mut pu = Pu::host("host");
+        for &role in accepted {
+            let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).udp([PU_PORT]);
+            pu = pu.network_acl(acl);
+        }
+        Config::local_server()
+            .target_tcp(TARGET_NETS)
+            .target_udp(TARGET_NETS)
+            .host_scope(&stage.cgroup)
+            .pu(pu)
+            .to_toml()
+    };
+    let agent = stage.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&[ACL_PEER, OLD_ONLY]),
+    )?;
+    // A peer's flow: one socket of `b`, made there, used from here.
+    let flow = |role: u8| -> Result<std::net::UdpSocket> {
+        let source = SocketAddr::new(roles::source(family, role), 0);
+        let socket = hosts.b.run(|| std::net::UdpSocket::bind(source))??;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(socket)
+    };
+    let echoed = |socket: &std::net::UdpSocket| -> Result<bool> {
+        socket.send_to(b"ping", server)?;
+        let mut buf = [0u8; 64];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) if from == server && &buf[..n] == b"ping" => return Ok(true),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let (revoked, kept) = (flow(OLD_ONLY)?, flow(ACL_PEER)?);
+    for _ in 0..3 {
+        assert!(
+            echoed(&revoked)? && echoed(&kept)?,
+            "both peers' flows are answered under the old policy"
+        );
+    }
+
+    agent.reload(&config(&[ACL_PEER]))?;
+    let deadline = Instant::now() + CUT_WITHIN;
+    while echoed(&revoked)? {
+        ensure!(
+            Instant::now() < deadline,
+            "{datapath:?}/{family:?}: the UDP flow from {} (accepted by the old network ACLs \
+             only) is still answered {CUT_WITHIN:?} after the update:\n{}",
+            roles::source(family, OLD_ONLY),
+            agent.log()
+        );
+    }
+    for _ in 0..3 {
+        assert!(!echoed(&revoked)?, "the refused peer's flow stays cut");
+        assert!(
+            echoed(&kept)?,
+            "the flow both policies accept goes on:\n{}",
+            agent.log()
+        );
+    }
+    let exchange = |role: u8| -> Result<Outcome> {
+        let source = roles::source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(source), server, b"again"))
+    };
+    let again = exchange(OLD_ONLY)?;
+    assert!(
+        again != Outcome::Exchanged,
+        "a new flow from the refused peer: {again:?}"
+    );
+    assert_eq!(exchange(ACL_PEER)?, Outcome::Exchanged);
     Ok(())
 }
 
