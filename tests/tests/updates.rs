@@ -857,7 +857,15 @@ fn a_host_pus_incoming_udp_flow_only_the_old_policy_allowed_is_cut(
     let server = SocketAddr::new(stage.server_ip(), PU_PORT);
     let _server = PuEchoServer::start(nettool!(), Transport::Udp, &stage.cgroup, &hosts.a, server)?;
     let config = |accepted: &[u8]| {
+        // Its answers to both peers are accepted by both policies (on
+        // eBPF the host PU's datagrams are judged by its application ACLs,
+        // answers too): only the network side changes.
         let mut pu = Pu::host("host");
+        for role in [ACL_PEER, OLD_ONLY] {
+            let acl = Acl::accept(&format!("to-{role}"), roles::networks(role))
+                .udp(std::iter::empty::<u16>());
+            pu = pu.application_acl(acl);
+        }
         for &role in accepted {
             let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).udp([PU_PORT]);
             pu = pu.network_acl(acl);
