@@ -40,7 +40,7 @@ use enforcer_tests::{
     roles::{self, ACL_PEER, TARGET_NETS},
     traffic::{
         Outcome, PuEchoServer, TEST_UID, TcpEchoServer, Transport, become_user, run_nettool,
-        tcp_exchange_from,
+        tcp_exchange_from, udp_exchange_from,
     },
     world::{self, PuWorld},
 };
@@ -70,12 +70,15 @@ mod incoming {
 
 /// The same cut for the PU kinds found without a cgroup — a uid PU (its
 /// user's processes, its listening port) and the host PU (every process
-/// of the namespace no other PU has) — on both families.
+/// of the namespace no other PU has; no port set: the connections peers
+/// made to it are found by where its sockets listen) — on both families.
 mod kinds {
     enforcer_tests::on_both_datapaths_and_families!(
         a_uid_pus_connection_only_the_old_policy_allowed_is_cut,
         a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
         a_host_pus_connection_only_the_old_policy_allowed_is_cut,
+        a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut,
+        a_host_pus_incoming_udp_flow_only_the_old_policy_allowed_is_cut,
     );
 }
 
@@ -733,21 +736,46 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
+    let pu = || Pu::uid("user", TEST_UID).tcp_ports([PU_PORT]);
+    incoming_cut_for_kind(datapath, family, pu, Some(TEST_UID))
+}
+
+/// [`an_incoming_connection_only_the_old_policy_allowed_is_cut`] for the
+/// host PU, which has no port set: its network ACLs judge whatever peers
+/// connect to, and the cut finds the connections peers made by the
+/// server's listening socket.
+fn a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    incoming_cut_for_kind(datapath, family, || Pu::host("host"), None)
+}
+
+/// Peers connect to a server of the PU made by `pu` (on [`PU_PORT`],
+/// running as `uid` if given) whose network ACLs accept both; the update's
+/// refuse one of them. Its connection is cut within [`CUT_WITHIN`], the
+/// other's goes on, and a new connection from the refused peer fails while
+/// one from the other still succeeds.
+fn incoming_cut_for_kind(
+    datapath: Datapath,
+    family: Family,
+    pu: fn() -> Pu,
+    uid: Option<u32>,
+) -> Result<()> {
     let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
         return Ok(());
     };
     let hosts = &stage.hosts;
     let server = SocketAddr::new(stage.server_ip(), PU_PORT);
-    let _server = PuEchoServer::start_as_user(
-        nettool!(),
-        Transport::Tcp,
-        &stage.cgroup,
-        &hosts.a,
-        server,
-        TEST_UID,
-    )?;
+    let (nettool, tcp) = (nettool!(), Transport::Tcp);
+    let _server = match uid {
+        Some(uid) => {
+            PuEchoServer::start_as_user(nettool, tcp, &stage.cgroup, &hosts.a, server, uid)?
+        }
+        None => PuEchoServer::start(nettool, tcp, &stage.cgroup, &hosts.a, server)?,
+    };
     let config = |accepted: &[u8]| {
-        let mut pu = Pu::uid("user", TEST_UID).tcp_ports([PU_PORT]);
+        let mut pu = pu();
         for &role in accepted {
             let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).tcp([PU_PORT]);
             pu = pu.network_acl(acl);
@@ -779,8 +807,8 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
     agent.reload(&config(&[ACL_PEER]))?;
     let Some(cut) = revoked.ended_within(CUT_WITHIN)? else {
         bail!(
-            "{datapath:?}/{family:?}: the connection from {} to the uid PU's server (accepted \
-             by the old network ACLs only) still runs {CUT_WITHIN:?} after the update:\n{}",
+            "{datapath:?}/{family:?}: the connection from {} to the PU's server (accepted by \
+             the old network ACLs only) still runs {CUT_WITHIN:?} after the update:\n{}",
             revoked.peer,
             agent.log()
         );
@@ -795,8 +823,130 @@ fn a_uid_pus_incoming_connection_only_the_old_policy_allowed_is_cut(
         kept.report(),
         agent.log()
     );
+    let connect = |role: u8| -> Result<Outcome> {
+        let source = roles::source(family, role);
+        hosts
+            .b
+            .run(|| tcp_exchange_from(Some(source), server, b"ping"))
+    };
+    let again = connect(OLD_ONLY)?;
+    assert!(
+        again.is_blocked(),
+        "a new connection from the refused peer: {again:?}"
+    );
+    assert_eq!(connect(ACL_PEER)?, Outcome::Exchanged);
     let kept = kept.finish()?;
     assert!(kept.ok, "the connection both policies accept: {kept:?}");
+    Ok(())
+}
+
+/// The UDP side of [`a_host_pus_incoming_connection_only_the_old_policy_allowed_is_cut`]:
+/// a server of the host PU on an unconnected UDP socket (one socket for
+/// every peer, so nothing to abort). Each peer's flow (one socket, one
+/// 5-tuple) is echoed under the old policy; after the update the refused
+/// peer's flow stops being answered within [`CUT_WITHIN`] and stays so,
+/// the other's goes on, and a new flow from the refused peer fails.
+fn a_host_pus_incoming_udp_flow_only_the_old_policy_allowed_is_cut(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OLD_ONLY])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let server = SocketAddr::new(stage.server_ip(), PU_PORT);
+    let _server = PuEchoServer::start(nettool!(), Transport::Udp, &stage.cgroup, &hosts.a, server)?;
+    let config = |accepted: &[u8]| {
+        // Its answers to both peers are accepted by both policies (on
+        // eBPF the host PU's datagrams are judged by its application ACLs,
+        // answers too): only the network side changes.
+        let mut pu = Pu::host("host");
+        for role in [ACL_PEER, OLD_ONLY] {
+            let acl = Acl::accept(&format!("to-{role}"), roles::networks(role))
+                .udp(std::iter::empty::<u16>());
+            pu = pu.application_acl(acl);
+        }
+        for &role in accepted {
+            let acl = Acl::accept(&format!("from-{role}"), roles::networks(role)).udp([PU_PORT]);
+            pu = pu.network_acl(acl);
+        }
+        Config::local_server()
+            .target_tcp(TARGET_NETS)
+            .target_udp(TARGET_NETS)
+            .host_scope(&stage.cgroup)
+            .pu(pu)
+            .to_toml()
+    };
+    let agent = stage.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&[ACL_PEER, OLD_ONLY]),
+    )?;
+    // A peer's flow: one socket of `b`, made there, used from here.
+    let flow = |role: u8| -> Result<std::net::UdpSocket> {
+        let source = SocketAddr::new(roles::source(family, role), 0);
+        let socket = hosts.b.run(|| std::net::UdpSocket::bind(source))??;
+        socket.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(socket)
+    };
+    let echoed = |socket: &std::net::UdpSocket| -> Result<bool> {
+        socket.send_to(b"ping", server)?;
+        let mut buf = [0u8; 64];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) if from == server && &buf[..n] == b"ping" => return Ok(true),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let (revoked, kept) = (flow(OLD_ONLY)?, flow(ACL_PEER)?);
+    for _ in 0..3 {
+        assert!(
+            echoed(&revoked)? && echoed(&kept)?,
+            "both peers' flows are answered under the old policy"
+        );
+    }
+
+    agent.reload(&config(&[ACL_PEER]))?;
+    let deadline = Instant::now() + CUT_WITHIN;
+    while echoed(&revoked)? {
+        ensure!(
+            Instant::now() < deadline,
+            "{datapath:?}/{family:?}: the UDP flow from {} (accepted by the old network ACLs \
+             only) is still answered {CUT_WITHIN:?} after the update:\n{}",
+            roles::source(family, OLD_ONLY),
+            agent.log()
+        );
+    }
+    for _ in 0..3 {
+        assert!(!echoed(&revoked)?, "the refused peer's flow stays cut");
+        assert!(
+            echoed(&kept)?,
+            "the flow both policies accept goes on:\n{}",
+            agent.log()
+        );
+    }
+    let exchange = |role: u8| -> Result<Outcome> {
+        let source = roles::source(family, role);
+        hosts
+            .b
+            .run(|| udp_exchange_from(Some(source), server, b"again"))
+    };
+    let again = exchange(OLD_ONLY)?;
+    assert!(
+        again != Outcome::Exchanged,
+        "a new flow from the refused peer: {again:?}"
+    );
+    assert_eq!(exchange(ACL_PEER)?, Outcome::Exchanged);
     Ok(())
 }
 

@@ -9,8 +9,11 @@
 //! `enforcer-ebpf/src/connect.rs`, the PU's app chain of `iptables/pu.rs`),
 //! the application ACLs judge the destination; incoming (TC ingress in
 //! `enforcer-ebpf/src/ingress.rs`, the PU's net chain), the network ACLs
-//! judge the source of a connection to one of the PU's listening ports —
-//! incoming traffic reaches a PU's policy by those ports only. Either way,
+//! judge the source of a connection a peer set up to the PU: to one of its
+//! listening ports (linux-process, uid and host-service PUs: incoming
+//! traffic reaches their policy by those ports only), or, for a
+//! namespace-wide PU (host, container: no port set, every incoming
+//! connection no other PU takes), to any port. Either way,
 //! with the peer and the destination port: excluded peers are untouched;
 //! the specific-protocol ACLs, in bucket order, for peers outside the
 //! target TCP networks; then the trap (TCP with a target TCP network, UDP
@@ -22,6 +25,14 @@
 //! excluded one is never touched. A connection the new policy would trap
 //! is not cut either — the new policy does not refuse it, it would ask.
 //!
+//! Which side set a connection up, seen from the PU's socket ([`side`]):
+//! the network side when its local end is one of the PU's listening ports,
+//! or, for a namespace-wide PU, an endpoint a socket of the namespace
+//! listens at ([`Listeners`]: a connected socket there is the accepting
+//! end); else the application side. Both datapaths decide so (the eBPF
+//! cut per socket; the iptables cut per conntrack flow, whose original
+//! direction must agree).
+//!
 //! What the cut can miss, by a hair: a connection whose set-up was judged
 //! under the old policy just before the switch but that reaches the
 //! kernel's tables (the socket hash for eBPF, confirmed conntrack entries
@@ -32,7 +43,9 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use super::queues::Direction;
-use crate::policy::{Acl, Action, FamilyNetworks, ObserveMode, Protocol, Pu, in_bucket_order};
+use crate::policy::{
+    Acl, Action, FamilyNetworks, ObserveMode, Protocol, Pu, PuKind, in_bucket_order,
+};
 
 /// A connection's set-up as a policy judges it: protocol, peer, and the
 /// port its ACLs match (the destination's).
@@ -67,7 +80,8 @@ impl Setup {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// No policy applies: the peer is in the excluded networks, or (the
-    /// network side) the port is none of the PU's listening ports.
+    /// network side of a PU found by its ports) the port is none of the
+    /// PU's listening ports.
     Untouched,
     /// An ACL accepts it.
     Accept,
@@ -91,7 +105,9 @@ pub fn verdict(pu: &Pu, networks: &FamilyNetworks, side: Direction, setup: Setup
     }
     let acls = match side {
         Direction::App => &pu.application_acls,
-        Direction::Net if listens(pu, setup.protocol, setup.port) => &pu.network_acls,
+        Direction::Net if namespace_wide(pu) || listens(pu, setup.protocol, setup.port) => {
+            &pu.network_acls
+        }
         Direction::Net => return Verdict::Untouched,
     };
     let ordered = in_bucket_order(acls);
@@ -129,6 +145,67 @@ pub fn listens(pu: &Pu, protocol: u8, port: u16) -> bool {
         _ => return false,
     };
     ranges.iter().any(|r| (r.start()..=r.end()).contains(&port))
+}
+
+/// Whether `pu` takes every connection of its namespace that no other PU
+/// does, whatever its port — the host PU, and the container PU of a
+/// remote-container or sidecar agent (TC ingress's fallback PU, the
+/// `TRI-Hst-*` chains) — rather than being found by its ports.
+pub fn namespace_wide(pu: &Pu) -> bool {
+    matches!(pu.kind, PuKind::Host | PuKind::Container)
+}
+
+/// The side of `pu`'s policy that judged the set-up of a connection of
+/// `protocol` whose local end (the PU's socket's) is `local`: the network
+/// side if a peer set it up — to one of the PU's listening ports, or, for
+/// a namespace-wide PU, to an endpoint of `listeners` (the namespace's
+/// listening sockets) — else the application side.
+///
+/// A namespace-wide PU has no port set, so the namespace's listeners say
+/// where peers connect to it: a connected TCP socket at a listener's
+/// endpoint is the one it accepted; a UDP socket sharing its local
+/// endpoint with a bound, unconnected one is a server's socket for one
+/// peer. A connection the PU made from a port that something also
+/// listens at (bound explicitly with `SO_REUSEPORT`) is taken as incoming:
+/// the kernel keeps no record of who started it, and a client seldom binds
+/// a server's port.
+pub fn side(pu: &Pu, listeners: &Listeners, protocol: u8, local: SocketAddr) -> Direction {
+    let incoming = listens(pu, protocol, local.port())
+        || (namespace_wide(pu) && listeners.serve(protocol, local));
+    match incoming {
+        true => Direction::Net,
+        false => Direction::App,
+    }
+}
+
+/// The endpoints peers connect to in a network namespace: the local ends
+/// of its listening TCP sockets and of its bound, unconnected UDP ones
+/// (`super::sockdiag::listeners`), each with its protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listeners(Vec<(u8, SocketAddr)>);
+
+impl Listeners {
+    pub fn new(endpoints: impl IntoIterator<Item = (u8, SocketAddr)>) -> Self {
+        Self(endpoints.into_iter().collect())
+    }
+
+    /// Whether a socket of `protocol` whose local end is `local` sits at a
+    /// listener's endpoint: the same port, and the same address or the
+    /// listener's wildcard — IPv4's for IPv4 only, IPv6's for both (a
+    /// dual-stack socket; `IPV6_V6ONLY` is not in a dump, and an IPv4
+    /// connection to a v6-only wildcard could only be another listener's).
+    pub fn serve(&self, protocol: u8, local: SocketAddr) -> bool {
+        let ip = local.ip().to_canonical();
+        self.0.iter().any(|&(p, at)| {
+            p == protocol
+                && at.port() == local.port()
+                && match at.ip().to_canonical() {
+                    IpAddr::V6(any) if any.is_unspecified() => true,
+                    IpAddr::V4(any) if any.is_unspecified() => ip.is_ipv4(),
+                    exact => exact == ip,
+                }
+        })
+    }
 }
 
 /// Does `acl` cover `setup`: its peer in one of the networks, its protocol
@@ -517,5 +594,112 @@ mod tests {
         // A port the new policy no longer listens on is not its to judge.
         let c = listening(&[(9090, 9090)], &[], vec![both]);
         assert!(!revoked_net(&a, &c, tcp("10.4.0.2", 8080)));
+    }
+
+    fn host(acls: Vec<Acl>) -> Pu {
+        Pu {
+            kind: PuKind::Host,
+            network_acls: acls,
+            ..pu(vec![])
+        }
+    }
+
+    fn at(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    /// A connected socket is a listener's accepting end at its endpoint:
+    /// the same port and protocol, the same address or a wildcard — the
+    /// IPv4 one for IPv4 only, the IPv6 one for both.
+    #[test]
+    fn listeners_serve_their_endpoints() {
+        let listeners = Listeners::new([
+            (TCP, at("0.0.0.0:22")),
+            (TCP, at("[::]:80")),
+            (TCP, at("10.0.0.1:443")),
+            (TCP, at("[fd00::1]:443")),
+            (UDP, at("[::ffff:10.0.0.1]:53")),
+        ]);
+        let serve = |protocol, local| listeners.serve(protocol, at(local));
+        assert!(serve(TCP, "10.0.0.1:22"));
+        assert!(!serve(TCP, "[fd00::1]:22"), "an IPv4 wildcard is IPv4's");
+        assert!(serve(TCP, "10.0.0.1:80") && serve(TCP, "[fd00::1]:80"));
+        assert!(serve(TCP, "10.0.0.1:443") && serve(TCP, "[fd00::1]:443"));
+        assert!(!serve(TCP, "10.0.0.2:443"), "another address");
+        assert!(!serve(TCP, "10.0.0.1:40000"), "a client's port");
+        assert!(serve(UDP, "10.0.0.1:53"), "an IPv4-mapped bind is IPv4");
+        assert!(!serve(UDP, "10.0.0.1:22"), "22 listens for TCP only");
+        assert!(!Listeners::default().serve(TCP, at("10.0.0.1:22")));
+    }
+
+    /// A PU found by its ports is judged incoming at them, whatever
+    /// listens; the host and container PUs where a socket listens.
+    #[test]
+    fn the_side_of_a_socket_is_where_peers_connect() {
+        let listeners = Listeners::new([(TCP, at("0.0.0.0:22")), (UDP, at("0.0.0.0:53"))]);
+        let web = listening(&[(8080, 8080)], &[], vec![]);
+        let side = |p: &Pu, protocol, local| side(p, &listeners, protocol, at(local));
+        assert_eq!(side(&web, TCP, "10.0.0.1:8080"), Net);
+        assert_eq!(side(&web, TCP, "10.0.0.1:22"), App, "not its port");
+        for kind in [PuKind::Host, PuKind::Container] {
+            let p = Pu {
+                kind,
+                ..host(vec![])
+            };
+            assert_eq!(side(&p, TCP, "10.0.0.1:22"), Net);
+            assert_eq!(side(&p, UDP, "10.0.0.1:53"), Net);
+            assert_eq!(side(&p, TCP, "10.0.0.1:40000"), App);
+            assert_eq!(side(&p, UDP, "10.0.0.1:22"), App);
+            assert_eq!(side(&p, TCP, "10.0.0.1:8080"), App, "nothing listens");
+        }
+    }
+
+    /// The host PU's network ACLs judge every port (it has no port set);
+    /// an update cuts what only the old ones accepted.
+    #[test]
+    fn the_host_pus_network_side_judges_every_port() {
+        let any_port = |nets: &[&str]| {
+            acl(
+                nets,
+                &[Protocol::Tcp, Protocol::Udp],
+                &[],
+                Action::Accept,
+                "n",
+            )
+        };
+        let old = host(vec![any_port(&["10.2.0.0/16", "10.4.0.0/16", "fd04::/16"])]);
+        let new = host(vec![any_port(&["10.2.0.0/16"])]);
+        let nets = networks(&["10.1.0.0/24"], &["10.1.0.0/24"], &["10.9.0.0/16"]);
+        assert_eq!(
+            verdict(&old, &nets, Net, tcp("10.4.0.2", 22)),
+            Verdict::Accept
+        );
+        assert_eq!(
+            verdict(&new, &nets, Net, tcp("10.4.0.2", 22)),
+            Verdict::Refuse
+        );
+        assert_eq!(
+            verdict(&new, &nets, Net, tcp("10.1.0.2", 22)),
+            Verdict::Trap
+        );
+        assert_eq!(
+            verdict(&new, &nets, Net, tcp("10.9.0.2", 22)),
+            Verdict::Untouched
+        );
+        for setup in [
+            tcp("10.4.0.2", 22),
+            tcp("fd04::2", 443),
+            udp("10.4.0.2", 53),
+        ] {
+            assert!(revoked(&old, &new, &nets, Net, setup), "{setup:?}");
+        }
+        assert!(
+            !revoked(&old, &new, &nets, Net, tcp("10.2.0.2", 22)),
+            "both accept"
+        );
+        assert!(
+            !revoked(&old, &new, &nets, App, tcp("10.4.0.2", 22)),
+            "no application ACL in either"
+        );
     }
 }

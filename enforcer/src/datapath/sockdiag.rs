@@ -2,7 +2,8 @@
 //! the TCP and connected UDP sockets of the calling thread's network
 //! namespace, each with its cgroup, owner uid and mark, and `SOCK_DESTROY` to abort
 //! one (`CONFIG_INET_DIAG_DESTROY`); and the listening ones ([`listening`]),
-//! from which the agent learns the PUs' ports.
+//! from which the agent learns the PUs' ports, and an update which of a
+//! namespace-wide PU's connections peers set up ([`listeners`]).
 //!
 //! This is how an `update` cuts a PU's connections that the new policy
 //! refuses ([`super::revoke`]): a socket judged once at `connect()` (eBPF)
@@ -24,8 +25,9 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use super::owner::PuSockets;
-use super::revoke::{TCP, UDP};
+use super::revoke::{self, Listeners, TCP, UDP};
 use crate::netlink::{self as nl, Builder, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE};
+use crate::policy::Pu;
 
 /// linux/sock_diag.h
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -92,6 +94,19 @@ pub fn sockets() -> io::Result<Vec<Socket>> {
 /// listening ports the agent's discovery looks for.
 pub fn listening() -> io::Result<Vec<Socket>> {
     dump(TCP_LISTENING, UDP_UNCONNECTED)
+}
+
+/// Where peers connect to `pu` when it is namespace-wide ([`Listeners`],
+/// [`revoke::side`]): the endpoints of [`listening`], one dump. Empty for
+/// a PU found by its ports, whose port set says it without a dump.
+pub fn listeners(pu: &Pu) -> io::Result<Listeners> {
+    if !revoke::namespace_wide(pu) {
+        return Ok(Listeners::default());
+    }
+    let listening = listening()?;
+    Ok(Listeners::new(
+        listening.into_iter().map(|s| (s.protocol, s.local)),
+    ))
 }
 
 /// Every TCP socket with a connection and every UDP socket, connected or

@@ -1146,39 +1146,54 @@ impl EbpfDatapath {
     /// before it. Nothing judges an established connection again per
     /// packet: a socket keeps what its `connect()` decided, and TC ingress
     /// judges a TCP connection by its SYN only.
-    /// - A connection to one of the PU's (old) listening ports was set up
-    ///   by a peer and judged by the old network ACLs at TC ingress; no
-    ///   class on the socket says so (an accepted socket takes its
-    ///   listener's mark, or with `tcp_fwmark_accept` its SYN's), so the
-    ///   old policy's verdict stands for it ([`revoke::revoked`]). A
-    ///   trapped one is never cut.
+    /// - A connection a peer set up — to one of the PU's (old) listening
+    ///   ports, or for the host or container PU to an endpoint a socket
+    ///   of the namespace listens at ([`revoke::side`]) — was judged by
+    ///   the old network ACLs at TC ingress; no class on the socket says
+    ///   so (an accepted socket takes its listener's mark, or with
+    ///   `tcp_fwmark_accept` its SYN's), so the old policy's verdict
+    ///   stands for it ([`revoke::revoked`]). A trapped one is never cut.
     /// - Any other connection is the PU's own: its mark carries the class
     ///   its connect hook gave it, `AclAccept` for one an ACL accepted
     ///   ([`revoke::refused_now`]).
     ///
     /// An aborted TCP socket sends the peer a RST; the peer's later
     /// packets find no socket and are answered by RSTs, and a new SYN
-    /// meets the new policy at TC ingress. Incoming UDP needs no more: TC
-    /// ingress judges every datagram, so a refused peer's next one is
-    /// dropped. No conntrack state holds an accepted connection here (the
-    /// fixed rules accept by connection mark only what the trap
+    /// meets the new policy at TC ingress. Incoming UDP to a port PU needs
+    /// no more: TC ingress judges every datagram, so a refused peer's next
+    /// one is dropped. The host or container PU's refusal is the fixed
+    /// INPUT rule's, which lets a flow conntrack knows through: so the
+    /// entries of the UDP flows it no longer accepts are forgotten too
+    /// ([`Self::forget_refused_udp`]); its TCP ones end with their
+    /// sockets. No conntrack state holds an accepted connection otherwise
+    /// (the fixed rules accept by connection mark only what the trap
     /// authorised). Best effort: the policy is in force whatever happens
     /// here, so a failure is logged loudly.
     fn cut_refused(&self, old: &Pu, new: &Pu, sockets: &PuSockets) {
         let networks = self.networks();
         let marks = self.settings.marks;
         let accepted = |mark: u32| mark & marks.class_mask() == marks.class(Class::AclAccept);
+        let listeners = sockdiag::listeners(old).unwrap_or_else(|e| {
+            tracing::error!(
+                pu = %new.id,
+                "listing the listening sockets failed; the PU's incoming connections are \
+                 judged as its own: {e}"
+            );
+            revoke::Listeners::default()
+        });
         let cut = |socket: &sockdiag::Socket| {
             let setup = |side| Setup::between(side, socket.protocol, socket.local, socket.remote);
-            if revoke::listens(old, socket.protocol, socket.local.port()) {
-                let side = Direction::Net;
-                revoke::revoked(old, new, &networks, side, setup(side))
-            } else {
-                let side = Direction::App;
-                socket.mark.is_some_and(accepted)
-                    && revoke::refused_now(new, &networks, side, setup(side))
+            match revoke::side(old, &listeners, socket.protocol, socket.local) {
+                side @ Direction::Net => revoke::revoked(old, new, &networks, side, setup(side)),
+                side @ Direction::App => {
+                    socket.mark.is_some_and(accepted)
+                        && revoke::refused_now(new, &networks, side, setup(side))
+                }
             }
         };
+        if revoke::namespace_wide(old) {
+            self.forget_refused_udp(old, new, &listeners, sockets);
+        }
         match sockdiag::abort_sockets(sockets, cut) {
             Ok(cut) if cut.is_empty() => {}
             Ok(cut) => {
@@ -1187,6 +1202,67 @@ impl EbpfDatapath {
             Err(e) => tracing::error!(
                 pu = %new.id,
                 "the new policy is in force, but cutting the connections it refuses failed: {e:#}"
+            ),
+        }
+    }
+
+    /// The conntrack entries of the UDP flows peers set up to the host or
+    /// container PU ([`revoke::side`] with `listeners`, on the flow's
+    /// receiving end) that its old network ACLs accepted and the new ones
+    /// refuse, among those the PU's sockets carry ([`nf::own_flows`]):
+    /// forgotten, so the refused peer's next datagram is NEW and the fixed
+    /// INPUT rule drops it. A server's unconnected socket serves every
+    /// peer and stays. Best effort, as [`Self::cut_refused`].
+    fn forget_refused_udp(
+        &self,
+        old: &Pu,
+        new: &Pu,
+        listeners: &revoke::Listeners,
+        sockets: &PuSockets,
+    ) {
+        use nf::Netfilter as _;
+        let networks = self.networks();
+        let nf = nf::System::new(self.settings.iptables_backend);
+        let side = Direction::Net;
+        let forget = || -> anyhow::Result<usize> {
+            let mut refused = Vec::new();
+            for family in IpFamily::ALL {
+                let flows = nf
+                    .conntrack_flows(family, 0, 0)
+                    .with_context(|| format!("listing the {family} conntrack entries"))?;
+                refused.extend(
+                    flows
+                        .into_iter()
+                        .filter(|flow| {
+                            let (local, peer) = flow.ends(side);
+                            flow.protocol == revoke::UDP
+                                && revoke::side(old, listeners, flow.protocol, local) == side
+                                && revoke::revoked(
+                                    old,
+                                    new,
+                                    &networks,
+                                    side,
+                                    Setup::between(side, flow.protocol, local, peer),
+                                )
+                        })
+                        .map(|flow| (side, flow)),
+                );
+            }
+            if refused.is_empty() {
+                return Ok(0);
+            }
+            let mut forgotten = 0;
+            for (_, flow) in nf.own_flows(sockets, refused)? {
+                forgotten += usize::from(nf.conntrack_delete(&flow, 0, 0)?);
+            }
+            Ok(forgotten)
+        };
+        match forget() {
+            Ok(0) => {}
+            Ok(n) => info!(pu = %new.id, flows = n, "UDP flows the new policy refuses forgotten"),
+            Err(e) => tracing::error!(
+                pu = %new.id,
+                "the new policy is in force, but forgetting the UDP flows it refuses failed: {e:#}"
             ),
         }
     }

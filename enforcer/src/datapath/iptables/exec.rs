@@ -29,9 +29,10 @@ use super::{save, sets};
 use crate::datapath::conntrack::{self, Flow};
 use crate::datapath::owner::PuSockets;
 use crate::datapath::queues::Direction;
+use crate::datapath::revoke::Listeners;
 use crate::datapath::sockdiag;
 use crate::naming;
-use crate::policy::{IpFamily, PerFamily};
+use crate::policy::{IpFamily, PerFamily, Pu};
 
 /// One flavour's restore and save programs.
 #[derive(Debug, Clone)]
@@ -220,6 +221,8 @@ pub trait Netfilter: Send + Sync {
     fn abort_flow_sockets(&self, pu: &PuSockets, flows: &[SidedFlow]) -> Result<usize>;
     /// [`own_flows`].
     fn own_flows(&self, pu: &PuSockets, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>>;
+    /// [`sockdiag::listeners`].
+    fn listeners(&self, pu: &Pu) -> Result<Listeners>;
 }
 
 /// The real tools of one flavour, in the calling thread's network
@@ -270,6 +273,10 @@ impl Netfilter for System {
 
     fn own_flows(&self, pu: &PuSockets, flows: Vec<SidedFlow>) -> Result<Vec<SidedFlow>> {
         own_flows(pu, flows)
+    }
+
+    fn listeners(&self, pu: &Pu) -> Result<Listeners> {
+        sockdiag::listeners(pu).context("listing the listening sockets (sock_diag)")
     }
 }
 

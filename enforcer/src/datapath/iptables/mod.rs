@@ -461,8 +461,9 @@ impl IptablesDatapath {
     /// After an update from `old` to `new`: cuts the connections the old
     /// policy's ACLs accepted and the new one refuses ([`revoke::revoked`]),
     /// on either side — the PU's outgoing connections by its application
-    /// ACLs, the connections peers made to its listening ports by its
-    /// network ACLs.
+    /// ACLs, the connections peers made to it (to its listening ports, or,
+    /// for the host or container PU, where a socket of the namespace
+    /// listens: [`revoke::side`]) by its network ACLs.
     ///
     /// An ACL's accept marks the connection (kind `ExternalAccepted`), and
     /// the main chains accept every later packet of a marked connection,
@@ -495,6 +496,7 @@ impl IptablesDatapath {
         };
         let marks = self.settings.marks;
         let (value, mask) = (marks.kind(Kind::ExternalAccepted), marks.kind_mask());
+        let listeners = self.nf.listeners(old)?;
         let mut revoked = Vec::new();
         for family in IpFamily::ALL {
             let flows = self
@@ -504,6 +506,14 @@ impl IptablesDatapath {
             for flow in flows {
                 for side in [Direction::App, Direction::Net] {
                     let (local, peer) = flow.ends(side);
+                    // The original direction says who sent first; a flow a
+                    // peer set up is the network side's only where peers
+                    // connect to the PU, as the eBPF cut decides per socket.
+                    if side == Direction::Net
+                        && revoke::side(old, &listeners, flow.protocol, local) != side
+                    {
+                        continue;
+                    }
                     let setup = Setup::between(side, flow.protocol, local, peer);
                     if revoke::revoked(old, new, &networks, side, setup) {
                         revoked.push((side, flow));
@@ -985,6 +995,8 @@ mod tests {
         fail: Option<Failure>,
         /// What conntrack lists (its mark filter is not modelled).
         flows: Vec<Flow>,
+        /// Where sockets listen, for a namespace-wide PU.
+        listeners: revoke::Listeners,
     }
 
     #[derive(Clone, Default)]
@@ -1079,6 +1091,12 @@ mod tests {
             flows: Vec<exec::SidedFlow>,
         ) -> anyhow::Result<Vec<exec::SidedFlow>> {
             Ok(flows)
+        }
+        fn listeners(&self, pu: &Pu) -> anyhow::Result<revoke::Listeners> {
+            Ok(match revoke::namespace_wide(pu) {
+                true => self.0.lock().unwrap().listeners.clone(),
+                false => revoke::Listeners::default(),
+            })
         }
     }
 
@@ -1898,6 +1916,72 @@ mod tests {
                 ),
                 Call::ConntrackDelete(v4),
                 Call::ConntrackDelete(v6),
+            ]
+        );
+    }
+
+    /// The host PU has no port set: a flow a peer set up is its network
+    /// side's where a socket of the namespace listens (here TCP 22 on the
+    /// IPv6 wildcard, UDP 53 on one address) — cut when only the old
+    /// network ACLs accepted its source. A flow to a port nothing listens
+    /// at is not taken for an incoming one.
+    #[test]
+    fn update_cuts_incoming_flows_of_the_host_pu_where_sockets_listen() {
+        let (mut dp, fake) = running();
+        let host = |nets: &[&str]| Pu {
+            id: PuId::new("host").unwrap(),
+            kind: PuKind::Host,
+            tcp_ports: vec![],
+            application_acls: vec![],
+            network_acls: vec![Acl {
+                networks: nets.iter().map(|n| n.parse().unwrap()).collect(),
+                protocols: vec![Protocol::Tcp, Protocol::Udp],
+                ports: vec![],
+                ..web(80, "10.0.0.0/8").application_acls[0].clone()
+            }],
+            ..web(80, "10.0.0.0/8")
+        };
+        let (old, new) = (
+            host(&["10.2.0.0/16", "10.4.0.0/16"]),
+            host(&["10.2.0.0/16"]),
+        );
+        dp.configure(0, &old).unwrap();
+        let incoming = |protocol, src: &str, dst: &str, dport| Flow {
+            protocol,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport: 40000,
+            dport,
+        };
+        let tcp = incoming(revoke::TCP, "10.4.0.2", "10.0.0.1", 22);
+        let udp = incoming(revoke::UDP, "10.4.0.2", "10.0.0.1", 53);
+        fake.0.lock().unwrap().flows = vec![
+            tcp,
+            udp,
+            incoming(revoke::TCP, "10.2.0.2", "10.0.0.1", 22),
+            incoming(revoke::TCP, "10.4.0.2", "10.0.0.1", 2222),
+            incoming(revoke::UDP, "10.4.0.2", "10.0.0.7", 53),
+        ];
+        fake.0.lock().unwrap().listeners = revoke::Listeners::new([
+            (revoke::TCP, "[::]:22".parse().unwrap()),
+            (revoke::UDP, "10.0.0.1:53".parse().unwrap()),
+        ]);
+        fake.take();
+        dp.update(1, &new, &old).unwrap();
+        let cuts: Vec<Call> = fake
+            .take()
+            .into_iter()
+            .filter(|c| matches!(c, Call::ConntrackDelete(_) | Call::AbortSockets(..)))
+            .collect();
+        assert_eq!(
+            cuts,
+            [
+                Call::AbortSockets(
+                    PuSockets::new(Owner::Namespace, []),
+                    vec![(Direction::Net, tcp), (Direction::Net, udp)]
+                ),
+                Call::ConntrackDelete(tcp),
+                Call::ConntrackDelete(udp),
             ]
         );
     }
