@@ -247,8 +247,10 @@ fn relay(client: TcpStream, server: TcpStream) {
     let _ = down.join();
 }
 
-/// A DNS proxy on UDP `port` of one family in a namespace: answers every
-/// query with [`dns_answer`] holding `answer`, and records who asked.
+/// A DNS proxy on UDP `port` of the family's loopback address in a
+/// namespace (where the nat OUTPUT redirect of a PU's queries lands):
+/// answers every query with [`dns_answer`] holding `answer`, and records
+/// who asked.
 pub struct DnsProxy {
     asked: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
@@ -262,7 +264,16 @@ impl DnsProxy {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (log, stp) = (asked.clone(), stop.clone());
         let thread = ns.spawn(move || -> Result<()> {
-            let socket = match UdpSocket::bind(SocketAddr::new(wildcard(family), port)) {
+            // On loopback, where a REDIRECT in OUTPUT sends local queries:
+            // an answer must leave from the address the query was
+            // redirected to, or conntrack cannot turn it back into the
+            // server's (a wildcard socket would answer from the host's
+            // own address).
+            let loopback: IpAddr = match family {
+                Family::V4 => Ipv4Addr::LOCALHOST.into(),
+                Family::V6 => Ipv6Addr::LOCALHOST.into(),
+            };
+            let socket = match UdpSocket::bind(SocketAddr::new(loopback, port)) {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
                     s
