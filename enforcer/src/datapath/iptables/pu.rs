@@ -247,9 +247,11 @@ impl<'a> PuPlan<'a> {
         nat.into_iter().map(|rule| format!("-D {rule}")).collect()
     }
 
-    /// The PU's chains with their rules, then the hooks into them
-    /// (appended: with an update's `remove` of the old version in the same
-    /// commit, the new hooks take over from the old ones atomically).
+    /// The PU's chains with their rules, then the hooks into them and its
+    /// accepts in the proxy chains (appended: with an update's `remove` of
+    /// the old version in the same commit, the new hooks take over from
+    /// the old ones atomically). mangle only; its nat rules are
+    /// [`Self::nat_install`]'s.
     pub fn install(&self, ctx: &Ctx) -> Vec<String> {
         let chains = self.chains();
         let mut lines = vec![declare(&chains.app), declare(&chains.net)];
@@ -261,8 +263,11 @@ impl<'a> PuPlan<'a> {
         lines
     }
 
-    /// Unhooks the chains, then flushes and deletes them. Every piece must
-    /// exist (a restore file fails as a whole otherwise).
+    /// Unhooks the chains and removes the PU's proxy-chain accepts, then
+    /// flushes and deletes the chains. Every piece must exist (a restore
+    /// file fails as a whole otherwise). The same rule text twice (an
+    /// update that keeps the proxy) is held twice, and `-D` removes the
+    /// first, the old one.
     pub fn remove(&self, ctx: &Ctx) -> Vec<String> {
         let chains = self.chains();
         let (proxy, _) = self.proxy_rules(ctx);
