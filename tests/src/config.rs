@@ -113,6 +113,21 @@ pub struct Pu {
     network_policy: Vec<IdentityRule>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     application_policy: Vec<IdentityRule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns_proxy_port: Option<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    exposed_services: Vec<Port>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dependent_services: Vec<DependentService>,
+}
+
+/// A service a PU depends on: its connections there go to its proxy.
+#[derive(Debug, Clone, Default, Serialize)]
+struct DependentService {
+    address: String,
+    ports: Vec<Port>,
 }
 
 /// One ACL.
@@ -335,6 +350,40 @@ impl Pu {
             kind: kind.into(),
             ..Self::default()
         }
+    }
+
+    /// The port of the PU's proxy (its dependent and exposed services go
+    /// there).
+    pub fn proxy_port(mut self, port: u16) -> Self {
+        self.proxy_port = Some(port);
+        self
+    }
+
+    /// The port of the PU's DNS proxy: its DNS queries go there.
+    pub fn dns_proxy_port(mut self, port: u16) -> Self {
+        self.dns_proxy_port = Some(port);
+        self
+    }
+
+    /// Outgoing TCP connections to `address` (an address or network) on
+    /// `ports` go to the proxy.
+    pub fn dependent_service<P: Into<Port>>(
+        mut self,
+        address: &str,
+        ports: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.dependent_services.push(DependentService {
+            address: address.into(),
+            ports: ports.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// Incoming TCP connections to these ports go to the proxy.
+    pub fn exposed_services<P: Into<Port>>(mut self, ports: impl IntoIterator<Item = P>) -> Self {
+        self.exposed_services
+            .extend(ports.into_iter().map(Into::into));
+        self
     }
 
     /// Ports the PU listens on: incoming connections to them are the PU's.

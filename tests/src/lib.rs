@@ -32,6 +32,7 @@ pub mod netcls;
 pub mod netfilter;
 pub mod netns;
 pub mod privilege;
+pub mod proxy;
 pub mod roles;
 pub mod seccomp;
 pub mod traffic;

@@ -50,6 +50,7 @@ enforcer_tests::on_both_backends_and_families!(
     pu_with_a_mix_of_acls,
     pu_update_hooks_the_new_version_and_unhooks_the_old,
     net_cls_pu_hooks_by_class_id,
+    pu_with_a_proxy,
     the_loader_refuses_what_the_kernel_refuses,
 );
 
@@ -1103,6 +1104,150 @@ fn net_cls_pu_hooks_by_class_id(backend: Backend, family: Family) -> Result<()> 
     assert!(chain_rules(&saved, "TRI-Pid-App").is_empty(), "{saved}");
     assert!(!declares(&saved, &chains.app), "{saved}");
     Ok(())
+}
+
+// ------------------------------------------------------ proxied PU
+
+/// A linux-process PU with a proxy (port 15001) for a dependent service
+/// (a network of each family, port 5432 and 6000-6010) and an exposed
+/// port (8443), and a DNS proxy (port 15053): its proxy sets, its rules in
+/// the global proxy chains (mangle) and redirect chains (nat) — by hand
+/// from SPEC and the seed — load, are held in that order, and unload,
+/// leaving the global chains as they were.
+fn pu_with_a_proxy(backend: Backend, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let lab = Lab::new(&env, backend, family)?;
+    let cgroup = lab.cgroup_rel();
+    let web = PuFile::process("web", &cgroup)
+        .tcp_ports([80])
+        .proxy_port(15001)
+        .dns_proxy_port(15053)
+        .dependent_service(
+            "10.50.0.0/24",
+            [Port::One(5432), Port::Range("6000-6010".into())],
+        )
+        .dependent_service("fd00:50::/64", [5432])
+        .exposed_services([8443]);
+    let config = pu_config(web)?;
+    let ctx = ctx(&config, family);
+    let pu = &config.pus[0];
+    let short = short_name(pu)?;
+    let plan = PuPlan::new(pu, &short, 0)?;
+    let t = tag(family);
+    let (dst, srv) = (
+        format!("TRI-{t}-Proxy-{short}-dst"),
+        format!("TRI-{t}-Proxy-{short}-srv"),
+    );
+    let entries: &[&str] = match family {
+        Family::V4 => &["10.50.0.0/24,tcp:5432", "10.50.0.0/24,tcp:6000-6010"],
+        Family::V6 => &["fd00:50::/64,tcp:5432"],
+    };
+    let proxy_sets = plan.proxy_sets(family);
+    assert_eq!(proxy_sets.len(), 2);
+    assert_eq!(
+        (&proxy_sets[0].name, &proxy_sets[0].entries),
+        (&dst, &entries.iter().map(|e| e.to_string()).collect())
+    );
+    assert_eq!(
+        (&proxy_sets[1].name, &proxy_sets[1].entries),
+        (&srv, &vec!["8443".to_owned()])
+    );
+
+    let own = format!("-m cgroup --path {cgroup} -m comment --comment \"PU web\"");
+    let tag_only = "-m comment --comment \"PU web\"";
+    let expected_mangle = [
+        format!("-A TRI-Prx-App -p tcp -m set --match-set {dst} dst,dst {own} -j ACCEPT"),
+        format!("-A TRI-Prx-App -p tcp -m tcp --sport 15001 {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-App -p tcp -m set --match-set {srv} src {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-Net -p tcp -m tcp --dport 15001 {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-Net -p tcp -m set --match-set {srv} dst {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-Net -p tcp -m set --match-set {dst} src,src {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-App -p udp -m udp --dport 53 {own} -j ACCEPT"),
+        format!("-A TRI-Prx-App -p udp -m udp --sport 15053 {tag_only} -j ACCEPT"),
+        format!("-A TRI-Prx-Net -p udp -m udp --dport 15053 {tag_only} -j ACCEPT"),
+    ];
+    let expected_nat = [
+        format!(
+            "-A TRI-Redir-App -p tcp -m set --match-set {dst} dst,dst {own} -j REDIRECT --to-ports 15001"
+        ),
+        format!(
+            "-A TRI-Redir-Net -p tcp -m set --match-set {srv} dst {tag_only} -j REDIRECT --to-ports 15001"
+        ),
+        format!("-A TRI-Redir-App -p udp -m udp --dport 53 {own} -j REDIRECT --to-ports 15053"),
+    ];
+    let install = plan.install(&ctx);
+    let proxy_lines: Vec<&String> = install
+        .iter()
+        .filter(|l| l.starts_with("-A TRI-Prx-"))
+        .collect();
+    assert_eq!(proxy_lines, expected_mangle.iter().collect::<Vec<_>>());
+    assert_eq!(plan.nat_install(&ctx), expected_nat);
+
+    lab.install_global(&ctx)?;
+    let global_mangle = chain_rules(&lab.save(Table::Mangle)?, "TRI-Prx-App");
+    lab.ipset(&sets::create(&plan.sets(family)))?;
+    let text = section(Table::Mangle, &install) + &section(Table::Nat, &plan.nat_install(&ctx));
+    lab.test_and_load(&text)?;
+    let (mangle, nat) = (lab.save(Table::Mangle)?, lab.save(Table::Nat)?);
+    // Held in the rendered order, after the global proxy-mark accepts.
+    for (saved, chain, expected) in [
+        (&mangle, "TRI-Prx-App", &expected_mangle[..]),
+        (&mangle, "TRI-Prx-Net", &expected_mangle[..]),
+        (&nat, "TRI-Redir-App", &expected_nat[..]),
+        (&nat, "TRI-Redir-Net", &expected_nat[..]),
+    ] {
+        let held = chain_rules(saved, chain);
+        let first = words(&held[0]);
+        assert_eq!(
+            after(&first, "--mark"),
+            Some("0x300/0x700"),
+            "{chain}: {held:#?}"
+        );
+        let mine: Vec<String> = expected
+            .iter()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .map(|l| proxy_summary(l))
+            .collect();
+        let held: Vec<String> = held[1..].iter().map(|l| proxy_summary(l)).collect();
+        assert_eq!(held, mine, "{chain}");
+    }
+    assert!(
+        chain_rules(&mangle, "TRI-Prx-App")[1].contains("--path"),
+        "scoped to the PU"
+    );
+
+    let text =
+        section(Table::Mangle, &plan.remove(&ctx)) + &section(Table::Nat, &plan.nat_remove(&ctx));
+    lab.load(&text)?;
+    assert_eq!(
+        chain_rules(&lab.save(Table::Mangle)?, "TRI-Prx-App"),
+        global_mangle
+    );
+    assert_eq!(
+        chain_rules(&lab.save(Table::Nat)?, "TRI-Redir-App").len(),
+        1
+    );
+    lab.ipset(&sets::destroy([dst.as_str(), srv.as_str()]))
+        .context("the proxy sets must be unused once the PU is gone")
+}
+
+/// A proxy rule in a few words, the same for the rendered and the saved
+/// spelling: protocol, sets and their directions, ports, cgroup, comment
+/// and target.
+fn proxy_summary(rule: &str) -> String {
+    let w = words(rule);
+    let mut out = Vec::new();
+    for (i, word) in w.iter().enumerate() {
+        let take = match word.as_str() {
+            "-p" | "--sport" | "--dport" | "--path" | "--comment" | "-j" | "--to-ports" => 1,
+            "--match-set" => 2,
+            _ => 0,
+        };
+        out.extend(w[i + 1..(i + 1 + take).min(w.len())].iter().cloned());
+    }
+    out.join(" ")
 }
 
 // --------------------------------------------------- the loader can fail

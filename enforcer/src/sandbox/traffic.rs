@@ -139,7 +139,7 @@ impl Outcome {
         }
     }
 
-    fn from_exit(code: Option<i32>, stderr: &str) -> Self {
+    pub fn from_exit(code: Option<i32>, stderr: &str) -> Self {
         match code {
             Some(0) => Outcome::Exchanged,
             Some(3) => Outcome::Refused,

@@ -106,6 +106,10 @@ enum Cmd {
     /// the unconnected socket, as a UDP server does), until stdin closes.
     /// Prints `listening` once bound.
     UdpEchoServer { addr: SocketAddr },
+    /// Send one DNS query for NAME (A, or AAAA to an IPv6 server) to
+    /// SERVER and wait for its answer: prints `answer <address>` and
+    /// exits 0 if one came.
+    DnsQuery { server: SocketAddr, name: String },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
             report_accepted,
         } => return tcp_echo_server(addr, report_accepted),
         Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
+        Cmd::DnsQuery { server, name } => dns_query(server, &name),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -183,6 +188,36 @@ fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcom
     });
     match sent {
         Ok(_) => traffic::Outcome::Exchanged,
+        Err(e) => traffic::Outcome::from_io(&e),
+    }
+}
+
+/// `nettool dns-query`.
+fn dns_query(server: SocketAddr, name: &str) -> traffic::Outcome {
+    use enforcer_tests::{netfilter::Family, proxy};
+    let family = match server {
+        SocketAddr::V4(_) => Family::V4,
+        SocketAddr::V6(_) => Family::V6,
+    };
+    let bind: SocketAddr = match family {
+        Family::V4 => "0.0.0.0:0".parse().expect("literal"),
+        Family::V6 => "[::]:0".parse().expect("literal"),
+    };
+    let id = std::process::id() as u16;
+    let asked = std::net::UdpSocket::bind(bind).and_then(|socket| {
+        socket.connect(server)?;
+        socket.set_read_timeout(Some(traffic::UDP_ANSWER_WAIT))?;
+        socket.send(&proxy::dns_query(id, name, family))?;
+        let mut buf = [0u8; 1500];
+        let n = socket.recv(&mut buf)?;
+        Ok(proxy::parse_dns_answer(&buf[..n], id))
+    });
+    match asked {
+        Ok(Some(addr)) => {
+            println!("answer {addr}");
+            traffic::Outcome::Exchanged
+        }
+        Ok(None) => traffic::Outcome::Failed("a reply without the answer".into()),
         Err(e) => traffic::Outcome::from_io(&e),
     }
 }

@@ -38,6 +38,7 @@ pub mod backend;
 pub mod exec;
 pub mod global;
 pub mod nflog;
+pub mod proxy;
 pub mod pu;
 pub mod rules;
 pub mod save;
@@ -62,7 +63,9 @@ use super::queues::Direction;
 use super::revoke::{self, Setup};
 use super::{Counters, Datapath, DatapathError, DatapathKind, DatapathSettings, Result};
 use crate::flowlog::{FlowAction, FlowObserve};
-use crate::naming::{GlobalSet, LogTag, NameRegistry, ShortName, nflog_prefix};
+use crate::naming::{
+    GlobalSet, LogTag, NameRegistry, PROXY_CHAINS, REDIRECT_CHAINS, ShortName, nflog_prefix,
+};
 use crate::policy::{Action, ObserveMode};
 use crate::policy::{
     FamilyNetworks, IpFamily, NetworkSettings, PerFamily, PortRange, Pu, PuId, PuKind,
@@ -78,6 +81,19 @@ const BATCH_PUS: usize = 250;
 /// Test-only ([`fault`]): a rule whose chain never exists, so that the
 /// `iptables-restore` it ends fails as a whole, as a real failure would.
 const FAULT_RULE: &str = "-A enforcer-test-fault -j ACCEPT";
+
+/// Rule lines of one family: mangle, then nat (a PU's proxy redirection).
+type Tables = (Vec<String>, Vec<String>);
+
+/// The restore text of `mangle` and `nat` lines; without nat lines, the
+/// mangle section alone (a PU without a proxy touches nothing else).
+fn tables_text(mangle: &[String], nat: &[String]) -> String {
+    let text = section(Table::Mangle, mangle);
+    match nat.is_empty() {
+        true => text,
+        false => text + &section(Table::Nat, nat),
+    }
+}
 /// Test-only ([`fault`]): a line naming a set that never exists;
 /// `ipset restore` applies the lines before it, then fails, as it does on
 /// a real failure.
@@ -253,27 +269,29 @@ impl IptablesDatapath {
         pu::check(pu).map(drop)
     }
 
-    /// Applies `rendered(family)` to each family's mangle table in turn;
-    /// if one fails, applies `undo(family)` to those already done. Returns
-    /// the failure, with the undo's own failures attached. With `fault`
-    /// (test-only), the last family's restore is made to fail.
+    /// Applies `rendered(family)` — mangle lines, then nat lines (a PU's
+    /// proxy redirection; most PUs have none) — to each family in turn, in
+    /// one restore per family; if one fails, applies `undo(family)` to
+    /// those already done. Returns the failure, with the undo's own
+    /// failures attached. With `fault` (test-only), the last family's
+    /// restore is made to fail.
     fn apply_per_family(
         &self,
-        rendered: impl Fn(&Ctx) -> Vec<String>,
-        undo: impl Fn(&Ctx) -> Vec<String>,
+        rendered: impl Fn(&Ctx) -> Tables,
+        undo: impl Fn(&Ctx) -> Tables,
         fault: bool,
     ) -> anyhow::Result<()> {
         for (done, family) in IpFamily::ALL.into_iter().enumerate() {
-            let mut lines = rendered(&self.ctx(family));
+            let (mut lines, nat) = rendered(&self.ctx(family));
             if fault && done + 1 == IpFamily::ALL.len() {
                 lines.push(FAULT_RULE.to_owned());
             }
-            let text = section(Table::Mangle, &lines);
+            let text = tables_text(&lines, &nat);
             if let Err(e) = self.nf.restore(family, &text) {
                 let mut e = e.context(format!("applying the {family} rules"));
                 for earlier in &IpFamily::ALL[..done] {
-                    let text = section(Table::Mangle, &undo(&self.ctx(*earlier)));
-                    if let Err(undo) = self.nf.restore(*earlier, &text) {
+                    let (mangle, nat) = undo(&self.ctx(*earlier));
+                    if let Err(undo) = self.nf.restore(*earlier, &tables_text(&mangle, &nat)) {
                         e = e.context(format!(
                             "undoing the {earlier} rules also failed, they stay: {undo:#}"
                         ));
@@ -341,8 +359,19 @@ impl IptablesDatapath {
                 // ipset restore stops at the failing line: some sets exist.
                 return Err(undo(e.context("creating the PU's sets")));
             }
-            let install = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.install(ctx)).collect();
-            let remove = |ctx: &Ctx| batch.iter().flat_map(|plan| plan.remove(ctx)).collect();
+            let install = |ctx: &Ctx| -> Tables {
+                let mangle = batch.iter().flat_map(|plan| plan.install(ctx)).collect();
+                let nat = batch
+                    .iter()
+                    .flat_map(|plan| plan.nat_install(ctx))
+                    .collect();
+                (mangle, nat)
+            };
+            let remove = |ctx: &Ctx| -> Tables {
+                let mangle = batch.iter().flat_map(|plan| plan.remove(ctx)).collect();
+                let nat = batch.iter().flat_map(|plan| plan.nat_remove(ctx)).collect();
+                (mangle, nat)
+            };
             if let Err(e) = self.apply_per_family(install, remove, fault && last) {
                 return Err(undo(e));
             }
@@ -359,8 +388,12 @@ impl IptablesDatapath {
         for family in IpFamily::ALL {
             let ctx = self.ctx(family);
             let lines: Vec<String> = plans.iter().flat_map(|plan| plan.remove(&ctx)).collect();
+            let nat: Vec<String> = plans
+                .iter()
+                .flat_map(|plan| plan.nat_remove(&ctx))
+                .collect();
             self.nf
-                .restore(family, &section(Table::Mangle, &lines))
+                .restore(family, &tables_text(&lines, &nat))
                 .with_context(|| format!("removing the {family} chains"))?;
         }
         Ok(())
@@ -386,10 +419,42 @@ impl IptablesDatapath {
             }
             text
         };
-        let forward = sets::create(&new_sets) + &port_changes(old, new);
+        // The proxy sets are not versioned either: those both policies
+        // have change in place, the others come and go.
+        let proxy_of = |plan: &PuPlan| -> Vec<sets::SetSpec> {
+            IpFamily::ALL
+                .iter()
+                .flat_map(|&f| plan.proxy_sets(f))
+                .collect()
+        };
+        let (old_proxy, new_proxy) = (proxy_of(old), proxy_of(new));
+        let proxy_changes = |from: &[sets::SetSpec], to: &[sets::SetSpec]| -> String {
+            let mut text = String::new();
+            for spec in to {
+                if let Some(was) = from.iter().find(|s| s.name == spec.name) {
+                    text += &sets::entry_diff(&spec.name, &was.entries, &spec.entries);
+                }
+            }
+            text
+        };
+        let fresh = |of: &[sets::SetSpec], besides: &[sets::SetSpec]| -> Vec<sets::SetSpec> {
+            of.iter()
+                .filter(|spec| besides.iter().all(|b| b.name != spec.name))
+                .cloned()
+                .collect()
+        };
+        let created_proxy = fresh(&new_proxy, &old_proxy);
+        let new_names: Vec<String> = new_names
+            .into_iter()
+            .chain(created_proxy.iter().map(|s| s.name.clone()))
+            .collect();
+        let forward = sets::create(&new_sets)
+            + &sets::create(&created_proxy)
+            + &port_changes(old, new)
+            + &proxy_changes(&old_proxy, &new_proxy);
         let revert_sets = || -> anyhow::Result<()> {
             // A difference with -exist applies cleanly over a partial one.
-            let back = port_changes(new, old);
+            let back = port_changes(new, old) + &proxy_changes(&new_proxy, &old_proxy);
             if !back.is_empty() {
                 self.nf.ipset_restore(&back)?;
             }
@@ -399,8 +464,12 @@ impl IptablesDatapath {
             let e = e.context("creating the new sets");
             return Err(self.undo_sets(e, revert_sets()));
         }
-        let swap =
-            |to: &PuPlan, from: &PuPlan, ctx: &Ctx| [to.install(ctx), from.remove(ctx)].concat();
+        let swap = |to: &PuPlan, from: &PuPlan, ctx: &Ctx| -> Tables {
+            (
+                [to.install(ctx), from.remove(ctx)].concat(),
+                [to.nat_install(ctx), from.nat_remove(ctx)].concat(),
+            )
+        };
         if let Err(e) =
             self.apply_per_family(|ctx| swap(new, old, ctx), |ctx| swap(old, new, ctx), fault)
         {
@@ -409,6 +478,7 @@ impl IptablesDatapath {
         let old_names: Vec<String> = IpFamily::ALL
             .iter()
             .flat_map(|&f| old.acl_sets(f))
+            .chain(fresh(&old_proxy, &new_proxy))
             .map(|s| s.name)
             .collect();
         if let Err(e) = self.destroy_sets(&old_names) {
@@ -431,12 +501,34 @@ impl IptablesDatapath {
                 [pair.app, pair.net]
             })
             .collect();
+        let comments: BTreeSet<String> = plans.iter().map(|plan| plan.proxy_comment()).collect();
+        let proxied = plans.iter().any(|plan| plan.is_proxied());
         for family in IpFamily::ALL {
             let attempt = || -> anyhow::Result<()> {
                 let saved = self.nf.save(family, Table::Mangle, false)?;
-                let lines = save::teardown(&saved, |chain| chains.iter().any(|c| c == chain));
+                // The PU's rules in the global proxy chains first (they
+                // name its sets), then its own chains.
+                let proxy_chains = [PROXY_CHAINS.app, PROXY_CHAINS.net];
+                let mut lines: Vec<String> = comments
+                    .iter()
+                    .flat_map(|c| save::tagged(&saved, &proxy_chains, c))
+                    .collect();
+                lines.extend(save::teardown(&saved, |chain| {
+                    chains.iter().any(|c| c == chain)
+                }));
                 if !lines.is_empty() {
                     self.nf.restore(family, &section(Table::Mangle, &lines))?;
+                }
+                if proxied {
+                    let saved = self.nf.save(family, Table::Nat, false)?;
+                    let redirect_chains = [REDIRECT_CHAINS.app, REDIRECT_CHAINS.net];
+                    let lines: Vec<String> = comments
+                        .iter()
+                        .flat_map(|c| save::tagged(&saved, &redirect_chains, c))
+                        .collect();
+                    if !lines.is_empty() {
+                        self.nf.restore(family, &section(Table::Nat, &lines))?;
+                    }
                 }
                 Ok(())
             };
@@ -1507,6 +1599,68 @@ mod tests {
         );
         assert_eq!(after.len(), before.len());
         assert_eq!(dp.pus[&new.id].version, 1);
+    }
+
+    /// A proxied PU: configure creates its proxy sets and writes its nat
+    /// rules in the same restore as its mangle chains; an update changes
+    /// the dependent services in place (no gap), and dropping the proxy
+    /// destroys the sets after the swap; delete finds nothing left.
+    #[test]
+    fn proxy_sets_and_nat_rules_follow_the_pu() {
+        use crate::policy::DependentService;
+        let (mut dp, fake) = running();
+        let service = |net: &str| DependentService {
+            network: net.parse().unwrap(),
+            ports: vec![PortRange::new(5432, 5432).unwrap()],
+        };
+        let proxied = |net: &str| Pu {
+            proxy_port: std::num::NonZeroU16::new(15001),
+            dependent_services: vec![service(net)],
+            ..web(80, "10.0.0.0/8")
+        };
+        let (dst, srv) = ("TRI-v4-Proxy-webbBzx-dst", "TRI-v4-Proxy-webbBzx-srv");
+        let old = proxied("10.50.0.0/24");
+        dp.configure(0, &old).unwrap();
+        let calls = fake.take();
+        let Call::Ipset(created) = &calls[0] else {
+            panic!("{calls:#?}")
+        };
+        assert!(created.contains(&format!("create {dst} hash:net,port family inet -exist\n")));
+        assert!(created.contains(&format!("add {dst} 10.50.0.0/24,tcp:5432 -exist\n")));
+        assert!(created.contains(&format!("create {srv} bitmap:port range 0-65535 -exist\n")));
+        let Call::Restore(IpFamily::V4, text) = &calls[1] else {
+            panic!("{calls:#?}")
+        };
+        let nat = text.split("*nat\n").nth(1).expect("a nat section");
+        assert!(nat.contains(
+            "-A TRI-Redir-App -p tcp -m set --match-set TRI-v4-Proxy-webbBzx-dst dst,dst"
+        ));
+
+        let new = proxied("10.60.0.0/24");
+        dp.update(1, &new, &old).unwrap();
+        let calls = fake.take();
+        let Call::Ipset(forward) = &calls[0] else {
+            panic!("{calls:#?}")
+        };
+        assert!(
+            forward.contains(&format!(
+                "add {dst} 10.60.0.0/24,tcp:5432 -exist\ndel {dst} 10.50.0.0/24,tcp:5432 -exist\n"
+            )),
+            "{forward}"
+        );
+        assert!(
+            !forward.contains(&format!("flush {dst}")),
+            "no gap: {forward}"
+        );
+        assert!(fake.sets().contains(dst));
+
+        let plain = web(80, "10.0.0.0/8");
+        dp.update(0, &plain, &new).unwrap();
+        assert!(!fake.sets().contains(dst) && !fake.sets().contains(srv));
+        dp.update(1, &new, &plain).unwrap();
+        assert!(fake.sets().contains(dst));
+        dp.delete(1, &new).unwrap();
+        assert_eq!(fake.sets(), global_sets());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use anyhow::anyhow;
 use enforcer_common::marks::Kind;
 use ipnet::IpNet;
 
+use super::proxy;
 use super::rules::{Ctx, declare, nflog_group, opposite, peer};
 use super::sets::SetSpec;
 use crate::datapath::handshake;
@@ -104,9 +105,9 @@ struct AclRef<'a> {
     nets: Vec<IpNet>,
 }
 
-/// Refuses a PU this datapath cannot install yet: a PU that asks for proxy
-/// redirection (its proxy and proxy sets, the nat redirect chains: a later
-/// issue), or more ACLs per direction than set names allow. A feature it
+/// Refuses a PU this datapath cannot install yet: a host or host-service
+/// PU that asks for proxy redirection, or more ACLs per direction than set
+/// names allow. A feature it
 /// would otherwise ignore is refused, never silently dropped (SPEC, "Bad
 /// input and faults"). Returns how its traffic is found.
 pub fn check(pu: &Pu) -> Result<Hook<'_>, DatapathError> {
@@ -117,17 +118,17 @@ pub fn check(pu: &Pu) -> Result<Hook<'_>, DatapathError> {
         PuKind::Host => Hook::Host,
         PuKind::Container => Hook::Container,
     };
-    for (field, used) in [
-        ("proxy_port", pu.proxy_port.is_some()),
-        ("dns_proxy_port", pu.dns_proxy_port.is_some()),
-        ("dependent_services", !pu.dependent_services.is_empty()),
-        ("exposed_services", !pu.exposed_services.is_empty()),
-    ] {
-        if used {
-            // As the eBPF datapath words it: the PU, then the field.
-            let what = format!("PU {}: {field} (proxy redirection)", pu.id);
-            return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
-        }
+    let proxied = pu.proxy_port.is_some() || pu.dns_proxy_port.is_some();
+    if proxied && matches!(hook, Hook::Host | Hook::Service) {
+        // Their outgoing traffic has no match of its own to scope the
+        // redirection by (the host PU is the rest of the host, a host
+        // service only its listening ports).
+        let what = format!(
+            "PU {}: proxy redirection for a {} PU",
+            pu.id,
+            pu.kind.name()
+        );
+        return Err(DatapathError::Unsupported(what, DatapathKind::Iptables));
     }
     for (what, acls) in [
         ("application", &pu.application_acls),
@@ -196,34 +197,84 @@ impl<'a> PuPlan<'a> {
             .collect()
     }
 
-    /// Every set of the PU in `family`: port sets, then ACL sets.
+    /// Every set of the PU in `family`: port sets, ACL sets, proxy sets.
     pub fn sets(&self, family: IpFamily) -> Vec<SetSpec> {
         let ports = self
             .port_sets(family)
             .into_iter()
             .map(|(name, ports)| SetSpec::ports(name, ports));
-        ports.chain(self.acl_sets(family)).collect()
+        ports
+            .chain(self.acl_sets(family))
+            .chain(self.proxy_sets(family))
+            .collect()
     }
 
-    /// The PU's chains with their rules, then the hooks into them
-    /// (appended: with an update's `remove` of the old version in the same
-    /// commit, the new hooks take over from the old ones atomically).
+    /// The proxy sets ([`proxy::sets`]): none without a proxy port.
+    pub fn proxy_sets(&self, family: IpFamily) -> Vec<SetSpec> {
+        proxy::sets(self.pu, family, self.short)
+    }
+
+    /// The PU's rules in the global proxy chains, mangle and nat
+    /// ([`proxy::rules`]), picked on the way out as its hook picks them.
+    fn proxy_rules(&self, ctx: &Ctx) -> (Vec<String>, Vec<String>) {
+        let app_match = match self.hook {
+            Hook::Process(cgroup) => self.process_match(cgroup),
+            Hook::Uid(user) => format!("-m owner --uid-owner {user}"),
+            Hook::Container | Hook::Host | Hook::Service => String::new(),
+        };
+        proxy::rules(ctx, self.pu, self.short, &app_match)
+    }
+
+    /// Whether the PU has proxy rules ([`proxy::rules`]).
+    pub fn is_proxied(&self) -> bool {
+        self.pu.proxy_port.is_some() || self.pu.dns_proxy_port.is_some()
+    }
+
+    /// The comment its proxy rules carry, as a save shows it.
+    pub fn proxy_comment(&self) -> String {
+        proxy::comment_text(self.pu)
+    }
+
+    /// The PU's nat rules ([`proxy::rules`]), appended.
+    pub fn nat_install(&self, ctx: &Ctx) -> Vec<String> {
+        let (_, nat) = self.proxy_rules(ctx);
+        nat.into_iter().map(|rule| format!("-A {rule}")).collect()
+    }
+
+    /// Deletes the PU's nat rules (each must exist).
+    pub fn nat_remove(&self, ctx: &Ctx) -> Vec<String> {
+        let (_, nat) = self.proxy_rules(ctx);
+        nat.into_iter().map(|rule| format!("-D {rule}")).collect()
+    }
+
+    /// The PU's chains with their rules, then the hooks into them and its
+    /// accepts in the proxy chains (appended: with an update's `remove` of
+    /// the old version in the same commit, the new hooks take over from
+    /// the old ones atomically). mangle only; its nat rules are
+    /// [`Self::nat_install`]'s.
     pub fn install(&self, ctx: &Ctx) -> Vec<String> {
         let chains = self.chains();
         let mut lines = vec![declare(&chains.app), declare(&chains.net)];
         lines.extend(self.chain_rules(ctx, Direction::App));
         lines.extend(self.chain_rules(ctx, Direction::Net));
         lines.extend(self.hooks(ctx.family).map(|hook| format!("-A {hook}")));
+        let (proxy, _) = self.proxy_rules(ctx);
+        lines.extend(proxy.into_iter().map(|rule| format!("-A {rule}")));
         lines
     }
 
-    /// Unhooks the chains, then flushes and deletes them. Every piece must
-    /// exist (a restore file fails as a whole otherwise).
+    /// Unhooks the chains and removes the PU's proxy-chain accepts, then
+    /// flushes and deletes the chains. Every piece must exist (a restore
+    /// file fails as a whole otherwise). The same rule text twice (an
+    /// update that keeps the proxy) is held twice, and `-D` removes the
+    /// first, the old one.
     pub fn remove(&self, ctx: &Ctx) -> Vec<String> {
         let chains = self.chains();
+        let (proxy, _) = self.proxy_rules(ctx);
         let mut lines: Vec<String> = self
             .hooks(ctx.family)
-            .map(|hook| format!("-D {hook}"))
+            .chain(proxy)
+            .map(|rule| format!("-D {rule}"))
             .collect();
         for op in ["-F", "-X"] {
             lines.push(format!("{op} {}", chains.app));
@@ -1072,59 +1123,54 @@ COMMIT
         }
     }
 
+    /// Proxy redirection is installed for the kinds whose outgoing
+    /// traffic has a match of its own, refused naming the kind for the
+    /// host and host-service PUs.
     #[test]
-    fn proxy_redirection_is_refused_naming_the_field() {
-        use crate::policy::DependentService;
+    fn proxy_redirection_is_refused_for_host_kinds_only() {
         let port = std::num::NonZeroU16::new(15001);
-        let service = DependentService {
-            network: "10.40.0.0/16".parse().unwrap(),
-            ports: vec![PortRange::new(443, 443).unwrap()],
+        let proxied = |kind: PuKind| Pu {
+            kind,
+            proxy_port: port,
+            ..web()
         };
-        let cases = [
-            (
-                "proxy_port",
-                Pu {
-                    proxy_port: port,
-                    ..web()
-                },
-            ),
-            (
-                "dns_proxy_port",
-                Pu {
-                    dns_proxy_port: port,
-                    ..web()
-                },
-            ),
-            (
-                "dependent_services",
-                Pu {
-                    dependent_services: vec![service],
-                    ..web()
-                },
-            ),
-            (
-                "exposed_services",
-                Pu {
-                    exposed_services: vec![PortRange::new(8443, 8443).unwrap()],
-                    ..web()
-                },
-            ),
-        ];
         let short = short("web");
-        for (field, pu) in cases {
+        for kind in [
+            web().kind,
+            PuKind::Uid {
+                user: UserSpec::Id(1000),
+            },
+            PuKind::Container,
+        ] {
+            let pu = proxied(kind);
+            let plan = PuPlan::new(&pu, &short, 0).unwrap();
+            assert!(plan.is_proxied());
+            assert_eq!(plan.proxy_sets(IpFamily::V4).len(), 2);
+        }
+        for (kind, name) in [
+            (PuKind::Host, "host"),
+            (PuKind::HostService, "host-service"),
+        ] {
+            let pu = Pu {
+                dns_proxy_port: port,
+                ..proxied(kind)
+            };
             let err = PuPlan::new(&pu, &short, 0).unwrap_err();
-            assert!(
-                matches!(&err, DatapathError::Unsupported(what, DatapathKind::Iptables)
-                    if *what == format!("PU web: {field} (proxy redirection)")),
-                "{err:?}"
-            );
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "PU web: {field} (proxy redirection) is not supported by the iptables datapath"
+                    "PU web: proxy redirection for a {name} PU is not supported by the iptables datapath"
                 )
             );
         }
+        // Without a proxy port there are no proxy sets (a DNS proxy alone
+        // needs none).
+        let dns_only = Pu {
+            dns_proxy_port: port,
+            ..web()
+        };
+        let plan = PuPlan::new(&dns_only, &short, 0).unwrap();
+        assert!(plan.proxy_sets(IpFamily::V4).is_empty());
     }
 
     #[test]

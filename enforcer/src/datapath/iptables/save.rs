@@ -77,6 +77,20 @@ pub fn teardown(save: &str, ours: impl Fn(&str) -> bool) -> Vec<String> {
     lines
 }
 
+/// `-D` lines for the rules of `chains` that carry the comment `comment`
+/// (as saved, without quotes): a PU's rules in the global proxy chains.
+pub fn tagged(save: &str, chains: &[&str], comment: &str) -> Vec<String> {
+    rules(save)
+        .filter(|rule| chains.contains(&rule.chain))
+        .filter(|rule| {
+            rule.tokens
+                .windows(2)
+                .any(|w| w[0] == "--comment" && w[1] == comment)
+        })
+        .map(|rule| format!("-D {}", rule.text))
+        .collect()
+}
+
 /// One table's section of a save of every table (`*table` to `COMMIT`),
 /// if the save has it.
 pub fn table(save: &str, table: Table) -> Option<&str> {

@@ -29,6 +29,9 @@ pub enum SetKind {
     Networks(IpFamily),
     /// `bitmap:port` over every port: a PU's listening ports.
     Ports,
+    /// `hash:net,port` of one family: a PU's dependent services
+    /// (`<net>,tcp:<port or range>`).
+    NetPorts(IpFamily),
 }
 
 impl SetSpec {
@@ -62,6 +65,8 @@ pub fn create(specs: &[SetSpec]) -> String {
             SetKind::Networks(IpFamily::V4) => "hash:net family inet",
             SetKind::Networks(IpFamily::V6) => "hash:net family inet6",
             SetKind::Ports => "bitmap:port range 0-65535",
+            SetKind::NetPorts(IpFamily::V4) => "hash:net,port family inet",
+            SetKind::NetPorts(IpFamily::V6) => "hash:net,port family inet6",
         };
         // Writing to a String cannot fail.
         let _ = writeln!(text, "create {name} {kind} -exist");
@@ -89,6 +94,16 @@ pub fn network_diff(name: &str, old: &[IpNet], new: &[IpNet]) -> String {
     let new: BTreeSet<IpNet> = new.iter().copied().collect();
     let added = new.difference(&old).map(IpNet::to_string);
     let removed = old.difference(&new).map(IpNet::to_string);
+    diff_lines(name, added, removed)
+}
+
+/// Turns the set `name` from holding the entries of `old` into those of
+/// `new` (the same set, in ipset's spelling): only what differs.
+pub fn entry_diff(name: &str, old: &[String], new: &[String]) -> String {
+    let old: BTreeSet<&String> = old.iter().collect();
+    let new: BTreeSet<&String> = new.iter().collect();
+    let added = new.difference(&old).map(|e| e.to_string());
+    let removed = old.difference(&new).map(|e| e.to_string());
     diff_lines(name, added, removed)
 }
 

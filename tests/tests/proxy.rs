@@ -1,0 +1,268 @@
+//! Proxy and DNS-proxy redirection (issue 6), the shared suite: what a
+//! PU, its peers and a proxy written for iptables `REDIRECT` observe.
+//!
+//! The world: host `a` runs the agent (`local-server`) with the
+//! linux-process PU `web` (a test cgroup) and the harness's test proxy
+//! ([`TestProxy`]: a thread in `a`, outside every PU, learning each
+//! connection's original destination with `getsockopt(SO_ORIGINAL_DST)`
+//! and forwarding it with the proxy mark) on `web`'s proxy port; host `b`
+//! holds the peers of `tests/src/world.rs`. `web` depends on [`OTHER`]'s
+//! service (port 7000) — a peer no ACL of its accepts, so only the proxy
+//! can complete the request — and exposes port 8443.
+//!
+//! On eBPF, proxies are not implemented yet: its variants assert that the
+//! agent refuses a proxied PU with its named error (SPEC: a field the
+//! datapath cannot enforce is refused, never ignored), so that they turn
+//! red the day that changes without these tests being rewritten.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context as _, Result, ensure};
+use enforcer_tests::{
+    agent::{Agent, Datapath},
+    cgroup::Cgroup,
+    config::{Acl, Config, Pu},
+    netfilter::Family,
+    nettool, privilege,
+    proxy::{DnsProxy, TestProxy, proxy_mark},
+    traffic::{Outcome, PuEchoServer, TcpEchoServer, Transport, run_nettool},
+    world::{ACL_PEER, EXCLUDED, OTHER, PORT, PuWorld, TARGET},
+};
+
+enforcer_tests::on_both_datapaths_and_families!(
+    a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again,
+    an_exposed_service_connection_lands_on_the_proxy,
+    a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
+    a_pu_without_proxy_configuration_is_unaffected,
+);
+
+const PROXY_PORT: u16 = 15001;
+const DNS_PROXY_PORT: u16 = 15053;
+const EXPOSED: u16 = 8443;
+
+/// The world of one family: peers on `b` with an echo server each, the
+/// test proxy in `a`.
+struct World {
+    world: PuWorld,
+    _servers: Vec<TcpEchoServer>,
+    proxy: TestProxy,
+}
+
+impl World {
+    fn new(env: &privilege::Env, family: Family) -> Result<Self> {
+        let roles = [TARGET, ACL_PEER, OTHER, EXCLUDED];
+        let world = PuWorld::new(env, family, &roles)?;
+        let servers = roles
+            .map(|role| TcpEchoServer::start(&world.hosts.b, world.addr(role)))
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        let proxy = TestProxy::start(&world.hosts.a, family, PROXY_PORT, proxy_mark())?;
+        Ok(Self {
+            world,
+            _servers: servers,
+            proxy,
+        })
+    }
+
+    fn start(&self, datapath: Datapath, config: &str) -> Result<Agent> {
+        self.world
+            .start(env!("CARGO_BIN_EXE_agent"), datapath, config)
+    }
+
+    /// A TCP exchange with `to` from a process in `cgroup`, or from one of
+    /// host `a` outside every PU.
+    fn exchange(&self, cgroup: Option<&Cgroup>, to: SocketAddr) -> Result<Outcome> {
+        let mut cmd = match cgroup {
+            Some(cgroup) => cgroup.command_in(&self.world.hosts.a, nettool!())?,
+            None => self.world.hosts.a.command(nettool!())?,
+        };
+        cmd.args(["tcp-exchange", &to.to_string()]);
+        run_nettool(cmd)
+    }
+}
+
+/// `web`: the proxy port, [`OTHER`]'s service as a dependent service,
+/// [`EXPOSED`] listened on and exposed, the DNS proxy port; an accept ACL
+/// for [`ACL_PEER`] only.
+fn web(w: &World) -> Pu {
+    Pu::process_of("web", &w.world.cgroup)
+        .tcp_ports([EXPOSED])
+        .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([PORT]))
+        .proxy_port(PROXY_PORT)
+        .dependent_service(w.world.net(OTHER), [PORT])
+        .exposed_services([EXPOSED])
+        .dns_proxy_port(DNS_PROXY_PORT)
+}
+
+fn config(pus: &[Pu]) -> String {
+    let config = Config::local_server()
+        .target_tcp(TARGET.nets)
+        .target_udp(TARGET.nets)
+        .excluded(EXCLUDED.nets);
+    pus.iter().fold(config, |c, pu| c.pu(pu.clone())).to_toml()
+}
+
+/// The agent on `datapath` with `pus`; on eBPF, which has no proxies yet,
+/// asserts that it refuses them naming the feature, and gives `None`.
+fn start_or_refused(w: &World, datapath: Datapath, pus: &[Pu]) -> Result<Option<Agent>> {
+    let started = w.start(datapath, &config(pus));
+    if datapath != Datapath::Ebpf {
+        return started.map(Some);
+    }
+    let Err(e) = started else {
+        panic!("the eBPF datapath has no proxies yet: it must refuse a proxied PU, not start");
+    };
+    let message = format!("{e:#}");
+    ensure!(
+        message.contains("proxy redirection") && message.contains("not supported by the ebpf"),
+        "the refusal must name the feature and the datapath: {message}"
+    );
+    Ok(None)
+}
+
+fn a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w)])? else {
+        return Ok(());
+    };
+    let service = w.world.addr(OTHER);
+    // No ACL accepts OTHER: the request completes through the proxy only.
+    assert_eq!(
+        w.exchange(Some(&w.world.cgroup), service)?,
+        Outcome::Exchanged
+    );
+    let seen = w.proxy.seen();
+    assert_eq!(seen.len(), 1, "one connection on the proxy: {seen:#?}");
+    assert_eq!(seen[0].original, service, "SO_ORIGINAL_DST: {seen:#?}");
+    assert!(seen[0].forwarded, "{seen:#?}");
+    // Its own onward connection (proxy mark) to the same service was not
+    // redirected to itself again: still one.
+    assert_eq!(w.proxy.seen().len(), 1);
+    // Nothing else is redirected: the PU's other connections, and the
+    // same service from outside the PU.
+    assert_eq!(
+        w.exchange(Some(&w.world.cgroup), w.world.addr(ACL_PEER))?,
+        Outcome::Exchanged
+    );
+    assert_eq!(w.exchange(None, service)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    Ok(())
+}
+
+fn an_exposed_service_connection_lands_on_the_proxy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w)])? else {
+        return Ok(());
+    };
+    let a = w.world.hosts.a_end.ip(family);
+    let any: IpAddr = match family {
+        Family::V4 => "0.0.0.0".parse()?,
+        Family::V6 => "::".parse()?,
+    };
+    let _server = PuEchoServer::start(
+        nettool!(),
+        Transport::Tcp,
+        &w.world.cgroup,
+        &w.world.hosts.a,
+        SocketAddr::new(any, EXPOSED),
+    )?;
+    let exposed = SocketAddr::new(a, EXPOSED);
+    let mut cmd = w.world.hosts.b.command(nettool!())?;
+    cmd.args(["tcp-exchange", &exposed.to_string()]);
+    assert_eq!(run_nettool(cmd)?, Outcome::Exchanged);
+    let seen = w.proxy.seen();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(seen[0].original, exposed, "{seen:#?}");
+    assert_eq!(seen[0].peer.ip(), w.world.hosts.b_end.ip(family));
+    assert!(seen[0].forwarded, "and on to the PU's service: {seen:#?}");
+    Ok(())
+}
+
+fn a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let answer: IpAddr = match family {
+        Family::V4 => "192.0.2.53".parse()?,
+        Family::V6 => "2001:db8::53".parse()?,
+    };
+    let dns = DnsProxy::start(&w.world.hosts.a, family, DNS_PROXY_PORT, answer)?;
+    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w)])? else {
+        return Ok(());
+    };
+    // The PU asks the target peer, where no DNS server listens: the DNS
+    // proxy answers, as from the server asked.
+    let server = SocketAddr::new(w.world.ip(TARGET), 53);
+    let (outcome, said) = dns_query(&w, Some(&w.world.cgroup), server)?;
+    assert_eq!(outcome, Outcome::Exchanged, "{said}");
+    assert_eq!(said, format!("answer {answer}"));
+    assert_eq!(dns.asked().len(), 1, "{:?}", dns.asked());
+    // A process outside the PU asks the real server: no proxy, no answer.
+    let (outcome, said) = dns_query(&w, None, server)?;
+    assert_ne!(outcome, Outcome::Exchanged, "{said}");
+    assert_eq!(dns.asked().len(), 1, "{:?}", dns.asked());
+    Ok(())
+}
+
+/// `nettool dns-query` to `server` from a process in `cgroup` (or of host
+/// `a` outside every PU): its outcome and what it printed.
+fn dns_query(w: &World, cgroup: Option<&Cgroup>, server: SocketAddr) -> Result<(Outcome, String)> {
+    let mut cmd = match cgroup {
+        Some(cgroup) => cgroup.command_in(&w.world.hosts.a, nettool!())?,
+        None => w.world.hosts.a.command(nettool!())?,
+    };
+    cmd.args(["dns-query", &server.to_string(), "svc.proxy.test"]);
+    let out = cmd.output().context("nettool dns-query")?;
+    let outcome = Outcome::from_exit(out.status.code(), &String::from_utf8_lossy(&out.stderr));
+    Ok((
+        outcome,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+fn a_pu_without_proxy_configuration_is_unaffected(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let other = Cgroup::new(&env.cgroup2)?;
+    let plain = Pu::process_of("plain", &other)
+        .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([PORT]));
+    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w), plain])? else {
+        return Ok(());
+    };
+    // `plain` gets its own policy: its ACL peer, and OTHER — `web`'s
+    // dependent service — refused, not proxied.
+    assert_eq!(
+        w.exchange(Some(&other), w.world.addr(ACL_PEER))?,
+        Outcome::Exchanged
+    );
+    let refused = w.exchange(Some(&other), w.world.addr(OTHER))?;
+    assert!(refused.is_blocked(), "no ACL, no proxy: {refused:?}");
+    assert!(w.proxy.seen().is_empty(), "{:#?}", w.proxy.seen());
+    // And its DNS queries go where they were sent, unanswered (no server
+    // on b).
+    let server = SocketAddr::new(w.world.ip(TARGET), 53);
+    let (outcome, said) = dns_query(&w, Some(&other), server)?;
+    assert_ne!(outcome, Outcome::Exchanged, "{said}");
+    Ok(())
+}
