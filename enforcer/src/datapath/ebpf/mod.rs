@@ -75,8 +75,9 @@ use enforcer_common::maps::{
     AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
     MAP_PU_BY_CGROUP, MAP_PU_BY_UID, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
     MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS,
-    PROG_HOST_MARK_GUARD, PROG_INGRESS, PROG_MARK_GUARD, PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, RULE_FILTERS,
-    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+    PROG_HOST_MARK_GUARD, PROG_INGRESS, PROG_MARK_GUARD, PROG_TARGET_DST, PROG_TARGET_SRC,
+    PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, RULE_FILTERS, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+    SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -1081,7 +1082,14 @@ impl EbpfDatapath {
         let links = match claim.cgroup() {
             Some(cgroup) => {
                 let pin = format!("pu{slot}");
-                self.attach(PU_PROGRAMS, PROG_EGRESS, PROG_MARK_GUARD, cgroup, &pin, fault)
+                self.attach(
+                    PU_PROGRAMS,
+                    PROG_EGRESS,
+                    PROG_MARK_GUARD,
+                    cgroup,
+                    &pin,
+                    fault,
+                )
             }
             None => self.attach_host_scope().map(|()| Vec::new()),
         };
