@@ -28,8 +28,8 @@
 //! for the program.
 
 use aya_ebpf::{
-    bindings::bpf_sockopt, helpers::generated::bpf_get_current_pid_tgid,
-    macros::cgroup_sockopt, programs::SockoptContext,
+    bindings::bpf_sockopt, helpers::generated::bpf_get_current_pid_tgid, macros::cgroup_sockopt,
+    programs::SockoptContext,
 };
 use enforcer_common::maps::PortKey;
 
