@@ -63,6 +63,12 @@ pub const HOST_PROGRAMS: [&str; 4] = [
 ];
 /// The cgroup_skb egress program of the host scope ([`HOST_PROGRAMS`]).
 pub const PROG_HOST_EGRESS: &str = "enforcer_host_egress";
+/// The cgroup/setsockopt guard, attached to each PU's cgroup beside
+/// [`PU_PROGRAMS`]: a PU task's `SO_MARK` that would change the agent's
+/// mark field is refused.
+pub const PROG_MARK_GUARD: &str = "enforcer_mark_guard";
+/// The same guard for the host scope ([`HOST_PROGRAMS`]).
+pub const PROG_HOST_MARK_GUARD: &str = "enforcer_host_mark_guard";
 /// The socket filter a fixed netfilter rule runs (`-m bpf
 /// --object-pinned`): does this datagram's socket have a trap decision of
 /// a sendmsg hook for this destination ([`UdpTrapKey`])?
@@ -76,11 +82,13 @@ pub const PROG_TARGET_DST: &str = "enforcer_target_dst";
 pub const RULE_FILTERS: [&str; 3] = [PROG_UDP_TRAP, PROG_TARGET_SRC, PROG_TARGET_DST];
 
 /// Globals the loader sets before loading: the mark layout's shift, the
-/// cookie of the agent's network namespace, and whether DNS is let
-/// through (1 in sidecar mode, as the seed does for sidecars).
+/// cookie of the agent's network namespace, whether DNS is let through
+/// (1 in sidecar mode, as the seed does for sidecars), and the agent's
+/// own thread group id (its sockets are no PU's for the mark guard).
 pub const GLOBAL_MARK_SHIFT: &str = "MARK_SHIFT";
 pub const GLOBAL_NETNS_COOKIE: &str = "NETNS_COOKIE";
 pub const GLOBAL_ALLOW_DNS: &str = "ALLOW_DNS";
+pub const GLOBAL_AGENT_TGID: &str = "AGENT_TGID";
 
 /// The DNS port a sidecar lets through.
 pub const DNS_PORT: u16 = 53;

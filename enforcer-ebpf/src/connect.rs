@@ -32,8 +32,10 @@
 //! ESTABLISHED accept on the other side"). Anything else sent from the
 //! service's port is judged as any datagram of the PU.
 //!
-//! A connection of a task no PU claims is left alone, and so is a socket
-//! the agent marked as its own injected traffic (kind `Injected`).
+//! A connection of a task no PU claims is left alone. A PU's socket that
+//! carries the agent's injected kind is judged like any other: the agent's
+//! injected packets never come from a PU's task, and a PU cannot set the
+//! kind itself (`mark_guard`).
 
 use core::ffi::c_void;
 
@@ -49,7 +51,7 @@ use enforcer_common::{
         SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_WINDOW_NS, UdpAnswerKey,
         UdpTrapKey,
     },
-    marks::{Class, Kind, MarkLayout},
+    marks::{Class, MarkLayout},
 };
 
 use crate::maps::{UDP_ANSWERS, UDP_TRAPS};
@@ -202,11 +204,6 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i
     let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
-    if socket_mark(sa) & mark_layout().kind_mask() == mark_layout().kind(Kind::Injected) {
-        // The agent's own injected packets bypass every PU's policy, as
-        // the fixed OUTPUT rule that accepts them first does.
-        return PROCEED;
-    }
     if proto == PROTO_UDP && answers(sa, slot, addr, port) {
         return apply(sa, slot, AclVerdict::Accept, hook);
     }

@@ -17,6 +17,7 @@ mod connect;
 mod egress;
 mod ingress;
 mod maps;
+mod mark_guard;
 mod packet;
 mod policy;
 mod target_peer;

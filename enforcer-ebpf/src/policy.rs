@@ -41,6 +41,11 @@ static NETNS_COOKIE: u64 = 0;
 #[unsafe(no_mangle)]
 static ALLOW_DNS: u32 = 0;
 
+/// The agent's own thread group id (in the initial pid namespace); the
+/// loader sets it.
+#[unsafe(no_mangle)]
+static AGENT_TGID: u32 = 0;
+
 /// Cgroup hooks act on every process of the cgroup, whatever its network
 /// namespace; the agent enforces in its own only (as its netfilter rules
 /// do), so sockets of other namespaces are left alone.
@@ -159,6 +164,14 @@ pub fn fallback_pu() -> Option<u32> {
         Some(plus_one) if plus_one != 0 => Some(plus_one - 1),
         _ => None,
     }
+}
+
+/// The agent's thread group id: its own sockets are no PU's to guard.
+#[inline(always)]
+pub fn agent_tgid() -> u32 {
+    // SAFETY: a plain read of a global the loader patched; volatile as
+    // for the mark shift.
+    unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
 /// Whether DNS is let through whatever the ACLs (sidecar mode).

@@ -5,9 +5,12 @@
 //! walks fails here, with every program's count, before it fails a load.
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::{CgroupSkb, CgroupSockAddr, ProgramInfo, SchedClassifier, SocketFilter};
+use aya::programs::{
+    CgroupSkb, CgroupSockAddr, CgroupSockopt, ProgramInfo, SchedClassifier, SocketFilter,
+};
 use enforcer_common::maps::{
-    HOST_PROGRAMS, PROG_EGRESS, PROG_HOST_EGRESS, PROG_INGRESS, PU_PROGRAMS, RULE_FILTERS,
+    HOST_PROGRAMS, PROG_EGRESS, PROG_HOST_EGRESS, PROG_HOST_MARK_GUARD, PROG_INGRESS,
+    PROG_MARK_GUARD, PU_PROGRAMS, RULE_FILTERS,
 };
 use enforcer_tests::privilege;
 
@@ -44,6 +47,11 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         let egress: &mut CgroupSkb = bpf.program_mut(name).context(name)?.try_into()?;
         egress.load().with_context(|| format!("verifying {name}"))?;
         processed.push((name, verified(name, egress.info()?)?));
+    }
+    for name in [PROG_MARK_GUARD, PROG_HOST_MARK_GUARD] {
+        let guard: &mut CgroupSockopt = bpf.program_mut(name).context(name)?.try_into()?;
+        guard.load().with_context(|| format!("verifying {name}"))?;
+        processed.push((name, verified(name, guard.info()?)?));
     }
     for name in RULE_FILTERS {
         let filter: &mut SocketFilter = bpf.program_mut(name).context(name)?.try_into()?;

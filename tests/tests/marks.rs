@@ -5,6 +5,11 @@
 //! packet carrying the agent's injected kind is never trapped (SPEC,
 //! "Global steering"), on both datapaths and in both families.
 //!
+//! On eBPF, a PU's process cannot set the agent's mark kinds on its own
+//! sockets, even as root (CAP_NET_ADMIN): the `cgroup/setsockopt` guard
+//! refuses the `SO_MARK` with EPERM, and kube-proxy's bits stay settable.
+//! The iptables datapath has no such guard (README, "Not enforced yet").
+//!
 //! Kube-proxy-like rules are installed in host `a` before the agent: raw
 //! OUTPUT sets both bits on the packets of the PU's peers (as kube-proxy
 //! marks service traffic before the agent's mangle chains), mangle
@@ -36,6 +41,12 @@ enforcer_tests::on_both_datapaths!(
     injected_packets_are_never_trapped_v4,
     injected_packets_are_never_trapped_v6,
 );
+
+mod ebpf_guard {
+    enforcer_tests::matrix_tests!([a_pu_cannot_set_the_agents_mark_kinds](
+        enforcer_tests::agent::Datapath::Ebpf
+    ));
+}
 
 /// One PU whose ACL accepts [`ACL_PEER`] (TCP and UDP, port 7000);
 /// [`TARGET`]'s networks are the TCP and UDP targets; the field at `shift`
@@ -189,10 +200,12 @@ fn injected_packets_are_never_trapped_v6(datapath: Datapath) -> Result<()> {
     injected_packets_are_never_trapped(datapath, Family::V6)
 }
 
-/// From inside the PU, a UDP datagram to the target whose socket carries
-/// the injected kind is not queued and arrives; one without it is
-/// trapped. To [`OTHER`] (no ACL) the injected one arrives too: no PU
-/// policy applies to what the agent injects.
+/// A UDP datagram to the target whose socket carries the injected kind is
+/// not queued and arrives; one without it is trapped. To [`OTHER`] (no
+/// ACL) the injected one arrives too. The marked datagrams are sent from
+/// the PU's host but outside its cgroup, as the agent's own are: the
+/// agent's injected packets never come from a PU's task (and on eBPF a
+/// PU's task cannot set the kind, [`a_pu_cannot_set_the_agents_mark_kinds`]).
 fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
@@ -207,7 +220,7 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
     )?;
     let injected = MarkLayout::default().kind(Kind::Injected);
     let send = |to: &UdpReceiver, payload: &str, mark: Option<u32>| -> Result<Outcome> {
-        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        let mut cmd = w.hosts.a.command(nettool!())?;
         cmd.args(["udp-send", &to.addr().to_string(), "--payload", payload]);
         if let Some(mark) = mark {
             cmd.args(["--mark", &mark.to_string()]);
@@ -249,7 +262,7 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
     );
     assert!(
         other.wait_for(b"injected-other", wait).is_some(),
-        "no PU policy applies to an injected datagram"
+        "the injected datagram is accepted whatever its destination"
     );
 
     // The same from a connected socket: `connect()` judges it on eBPF.
@@ -261,5 +274,105 @@ fn injected_packets_are_never_trapped(datapath: Datapath, family: Family) -> Res
         1,
         "without the mark, the flow is trapped"
     );
+    Ok(())
+}
+
+/// On eBPF, a process of the PU (root, so holding CAP_NET_ADMIN) that
+/// tries to put the agent's injected or authorised kind on its socket
+/// with `SO_MARK` gets EPERM, and what it sends is judged as without the
+/// mark: UDP to the ACL peer still goes out (unmarked: the `udp-send`
+/// client gives up at the refused `setsockopt`), a TCP connection to a
+/// peer no ACL accepts is still refused, one to the target still trapped.
+/// kube-proxy's bits outside the field stay the PU's to set.
+fn a_pu_cannot_set_the_agents_mark_kinds(datapath: Datapath) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let family = Family::V4;
+    let w = PuWorld::new(&env, family, &[TARGET, ACL_PEER, OTHER])?;
+    let _servers = [TARGET, OTHER]
+        .map(|p| TcpEchoServer::start(&w.hosts.b, w.addr(p)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
+    let agent = w.start(
+        env!("CARGO_BIN_EXE_agent"),
+        datapath,
+        &config(&w.cgroup, None),
+    )?;
+    let layout = MarkLayout::default();
+    let wait = Duration::from_secs(2);
+    let udp = |payload: &str, mark: u32| -> Result<Outcome> {
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        cmd.args([
+            "udp-send",
+            &acl_peer.addr().to_string(),
+            "--payload",
+            payload,
+        ]);
+        cmd.args(["--mark", &mark.to_string()]);
+        run_nettool(cmd)
+    };
+    let tcp = |peer: Peer, mark: u32| -> Result<Outcome> {
+        let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+        cmd.args(["tcp-exchange", &w.addr(peer).to_string()]);
+        cmd.args(["--mark", &mark.to_string()]);
+        run_nettool(cmd)
+    };
+
+    // kube-proxy's bit: set, and the datagram the ACL accepts arrives.
+    assert_eq!(
+        udp("kube", KUBE_MASQ)?,
+        Outcome::Exchanged,
+        "{}",
+        agent.log()
+    );
+    assert!(acl_peer.wait_for(b"kube", wait).is_some());
+    for (name, kind) in [
+        ("injected", Kind::Injected),
+        ("authorised", Kind::Authorised),
+    ] {
+        let mark = layout.kind(kind);
+        // The ACL accepts the peer, so the only refusal is the guard's.
+        assert_eq!(
+            udp(name, mark)?,
+            Outcome::Refused,
+            "SO_MARK {mark:#x} ({name}) is refused with EPERM"
+        );
+        assert_eq!(
+            udp(name, mark | KUBE_MASQ)?,
+            Outcome::Refused,
+            "SO_MARK {mark:#x} with kube-proxy's bit ({name}) is refused"
+        );
+        assert!(
+            acl_peer
+                .wait_for(name.as_bytes(), Duration::from_millis(300))
+                .is_none(),
+            "nothing was sent from the socket the mark was refused on"
+        );
+        assert!(
+            tcp(OTHER, mark)?.is_blocked(),
+            "a connection to a peer no ACL accepts is still refused ({name})"
+        );
+    }
+    // A class the agent did not write is refused too.
+    let classed = layout.class(Class::AclAccept);
+    assert_eq!(udp("classed", classed)?, Outcome::Refused);
+    assert!(tcp(OTHER, classed)?.is_blocked());
+
+    // To the target, with the authorised kind tried: trapped as ever.
+    let queued = w.kernel_queued()?;
+    assert_eq!(
+        tcp(TARGET, layout.kind(Kind::Authorised))?,
+        Outcome::Exchanged
+    );
+    assert_eq!(
+        w.kernel_queued()? - queued,
+        3,
+        "the connection's handshake is trapped (SYN, SYN-ACK, first ACK)"
+    );
+    // And kube-proxy's bits on a TCP socket leave the agent's decisions.
+    assert!(tcp(OTHER, KUBE_MASQ)?.is_blocked());
+    assert_eq!(tcp(TARGET, KUBE_MASQ)?, Outcome::Exchanged);
     Ok(())
 }

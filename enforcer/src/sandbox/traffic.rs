@@ -193,10 +193,14 @@ pub fn tcp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -
 
 /// [`tcp_exchange`] from a socket bound to `bind` first ([`tcp_connect_bound`]).
 pub fn tcp_exchange_bound(bind: Option<SocketAddr>, to: SocketAddr, payload: &[u8]) -> Outcome {
-    let mut stream = match tcp_connect_bound(bind, to) {
-        Ok(s) => s,
-        Err(e) => return Outcome::from_io(&e),
-    };
+    match tcp_connect_bound(bind, to) {
+        Ok(stream) => tcp_exchange_on(stream, payload),
+        Err(e) => Outcome::from_io(&e),
+    }
+}
+
+/// Sends `payload` on a connected stream and expects it echoed back.
+pub fn tcp_exchange_on(mut stream: TcpStream, payload: &[u8]) -> Outcome {
     let mut exchange = || -> std::io::Result<Vec<u8>> {
         stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
         stream.write_all(payload)?;

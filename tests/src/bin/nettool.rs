@@ -47,6 +47,11 @@ enum Cmd {
         /// Local port to bind to first (a host service's, say).
         #[arg(long)]
         sport: Option<u16>,
+        /// SO_MARK to try on the socket before connecting; a refusal is
+        /// reported on stderr and the connection is tried anyway, as a
+        /// process would that hoped to skip its policy.
+        #[arg(long)]
+        mark: Option<u32>,
     },
     /// Send one UDP datagram.
     UdpSend {
@@ -117,7 +122,15 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let outcome = match Cli::parse().cmd {
-        Cmd::TcpExchange { to, payload, sport } => {
+        Cmd::TcpExchange {
+            to,
+            payload,
+            mark: Some(mark),
+            ..
+        } => tcp_exchange_marked(to, mark, payload.as_bytes()),
+        Cmd::TcpExchange {
+            to, payload, sport, ..
+        } => {
             let bind = sport.map(|port| {
                 let any: std::net::IpAddr = match to {
                     SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
@@ -173,6 +186,27 @@ fn main() -> ExitCode {
         eprintln!("{why}");
     }
     ExitCode::from(outcome.exit_code())
+}
+
+/// `nettool tcp-exchange --mark`: tries SO_MARK, then connects whatever
+/// came of it.
+fn tcp_exchange_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcome {
+    let connected = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .and_then(|socket| {
+        if let Err(e) = socket.set_mark(mark) {
+            eprintln!("setsockopt(SO_MARK, {mark:#x}): {e}");
+        }
+        socket.connect_timeout(&to.into(), traffic::CONNECT_TIMEOUT)?;
+        Ok(TcpStream::from(socket))
+    });
+    match connected {
+        Ok(stream) => traffic::tcp_exchange_on(stream, payload),
+        Err(e) => traffic::Outcome::from_io(&e),
+    }
 }
 
 /// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.

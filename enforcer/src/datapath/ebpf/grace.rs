@@ -131,7 +131,7 @@ fn create_map(map_type: u32, inner: Option<&OwnedFd>) -> Result<OwnedFd> {
 
 /// bpf(2) with an attribute block of the given size (the kernel takes a
 /// shorter `union bpf_attr` as zero-extended).
-fn bpf(cmd: libc::c_int, attr: &mut [u8]) -> Result<libc::c_int> {
+pub(super) fn bpf(cmd: libc::c_int, attr: &mut [u8]) -> Result<libc::c_int> {
     // SAFETY: `attr` is live and writable for its whole length, which is
     // the size passed; any pointers in it point at live locals of the
     // caller.

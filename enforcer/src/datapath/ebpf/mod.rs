@@ -49,6 +49,7 @@ mod flowlog;
 pub mod grace;
 mod links;
 mod netfilter;
+mod sockopt_link;
 
 /// How a uid PU's user name becomes its uid, for whoever else needs it
 /// (port discovery): one resolver for the whole agent.
@@ -66,16 +67,17 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier,
-        SocketFilter, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
+        SchedClassifier, SocketFilter, links::FdLink,
     },
 };
 use enforcer_common::maps::{
     AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
     MAP_PU_BY_CGROUP, MAP_PU_BY_UID, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
-    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS, PROG_INGRESS,
-    PROG_TARGET_DST, PROG_TARGET_SRC, PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, RULE_FILTERS,
-    SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP,
+    MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS,
+    PROG_HOST_MARK_GUARD, PROG_INGRESS, PROG_MARK_GUARD, PROG_TARGET_DST, PROG_TARGET_SRC,
+    PROG_UDP_TRAP, PU_PROGRAMS, PortKey, PuCounts, RULE_FILTERS, SCOPE_EXCLUDED, SCOPE_TARGET_TCP,
+    SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
 use ipnet::IpNet;
@@ -222,10 +224,16 @@ impl EbpfDatapath {
         let shift = self.settings.marks.shift();
         let cookie = netns_cookie()?;
         let allow_dns = u32::from(self.settings.mode == Mode::Sidecar);
+        // The guard compares it with the kernel's tgid, which is in the
+        // initial pid namespace: an agent in another one is not told
+        // apart, and its own `SO_MARK` is refused if a namespace-wide PU
+        // claims it (it sets none today).
+        let agent_tgid = std::process::id();
         let mut bpf = EbpfLoader::new()
             .override_global(enforcer_common::maps::GLOBAL_MARK_SHIFT, &shift, true)
             .override_global(enforcer_common::maps::GLOBAL_NETNS_COOKIE, &cookie, true)
             .override_global(enforcer_common::maps::GLOBAL_ALLOW_DNS, &allow_dns, true)
+            .override_global(enforcer_common::maps::GLOBAL_AGENT_TGID, &agent_tgid, true)
             .load(object)
             .context("loading the eBPF datapath object")?;
         for name in PU_PROGRAMS.into_iter().chain(HOST_PROGRAMS) {
@@ -262,6 +270,15 @@ impl EbpfDatapath {
             filter
                 .pin(&pin)
                 .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        for name in [PROG_MARK_GUARD, PROG_HOST_MARK_GUARD] {
+            let guard: &mut CgroupSockopt = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            guard
+                .load()
+                .with_context(|| format!("loading program {name}"))?;
         }
         for name in [PROG_EGRESS, PROG_HOST_EGRESS] {
             let egress: &mut CgroupSkb = bpf
@@ -421,14 +438,16 @@ impl EbpfDatapath {
         self.acl_prefixes = self.acl_prefixes.saturating_sub(prefixes.len());
     }
 
-    /// Attaches the sock_addr `programs` and the cgroup_skb `egress` to a
-    /// cgroup and pins the links as `<pin>-<program>`: a linux-process PU's
-    /// programs to its cgroup, or the host scope's to it. With `fault`
-    /// (test-only), the last attach fails in place of being done.
+    /// Attaches the sock_addr `programs`, the cgroup_skb `egress` and the
+    /// setsockopt `guard` to a cgroup and pins the links as
+    /// `<pin>-<program>`: a linux-process PU's programs to its cgroup, or
+    /// the host scope's to it. With `fault` (test-only), the last sock_addr
+    /// attach fails in place of being done.
     fn attach(
         &mut self,
         programs: [&str; 4],
         egress: &str,
+        guard: &str,
         cgroup: &Path,
         pin: &str,
         fault: bool,
@@ -480,6 +499,21 @@ impl EbpfDatapath {
             link.pin(&path)?;
             Ok(())
         });
+        match linked {
+            Ok(()) => pinned.push(path),
+            Err(e) => {
+                detach(pinned);
+                return Err(e.into());
+            }
+        }
+        let path = links_dir.join(format!("{pin}-{guard}"));
+        let linked = loaded
+            .bpf
+            .program(guard)
+            .context(guard.to_owned())
+            .and_then(|p| Ok(<&CgroupSockopt>::try_from(p)?))
+            .and_then(|prog| sockopt_link::attach_pinned(prog, &dir, &path))
+            .with_context(|| format!("attaching {guard} to {}", cgroup.display()));
         match linked {
             Ok(()) => pinned.push(path),
             Err(e) => {
@@ -1048,7 +1082,14 @@ impl EbpfDatapath {
         let links = match claim.cgroup() {
             Some(cgroup) => {
                 let pin = format!("pu{slot}");
-                self.attach(PU_PROGRAMS, PROG_EGRESS, cgroup, &pin, fault)
+                self.attach(
+                    PU_PROGRAMS,
+                    PROG_EGRESS,
+                    PROG_MARK_GUARD,
+                    cgroup,
+                    &pin,
+                    fault,
+                )
             }
             None => self.attach_host_scope().map(|()| Vec::new()),
         };
@@ -1102,7 +1143,14 @@ impl EbpfDatapath {
             return Ok(());
         }
         let scope = self.settings.host_scope.clone();
-        self.host_links = self.attach(HOST_PROGRAMS, PROG_HOST_EGRESS, &scope, "host", false)?;
+        self.host_links = self.attach(
+            HOST_PROGRAMS,
+            PROG_HOST_EGRESS,
+            PROG_HOST_MARK_GUARD,
+            &scope,
+            "host",
+            false,
+        )?;
         info!(scope = %scope.display(), "host scope attached");
         Ok(())
     }
