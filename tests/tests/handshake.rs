@@ -39,6 +39,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     udp_with_a_target_is_judged_by_the_acls,
     udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space,
     udp_a_disallowed_identity_never_arrives,
+    udp_an_answer_the_application_policy_refuses_lets_nothing_through,
     a_replayed_syn_is_refused,
     a_tampered_token_is_refused,
 );
@@ -330,6 +331,11 @@ const UDP_SINK: u16 = 7102;
 /// reachable by `app=web`, and `web` and `batch` allowed to reach
 /// `app=db` there.
 fn both_udp(w: &TwoAgents, datapath: Datapath) -> Result<(Agent, Agent)> {
+    both_udp_to(w, datapath, &["app=db"])
+}
+
+/// [`both_udp`], `web` and `batch` allowed to reach the identities `to`.
+fn both_udp_to(w: &TwoAgents, datapath: Datapath, to: &[&str]) -> Result<(Agent, Agent)> {
     use enforcer_tests::config::{Config, Pu};
     let db = Pu::process_of("db", &w.db)
         .label("app", "db")
@@ -340,7 +346,7 @@ fn both_udp(w: &TwoAgents, datapath: Datapath) -> Result<(Agent, Agent)> {
     let client = |id: &str, cgroup| {
         Pu::process_of(id, cgroup)
             .label("app", id)
-            .application_policy("to-db", &["app=db"], [PORT, UDP_PORT, UDP_SINK])
+            .application_policy("to-db", to, [PORT, UDP_PORT, UDP_SINK])
     };
     let a = Config::local_server()
         .target_tcp(LINK)
@@ -462,6 +468,57 @@ fn udp_a_disallowed_identity_never_arrives(datapath: Datapath, family: Family) -
     assert_eq!(handshake_count(&b, "not-allowed-by-policy")?, 1);
     assert_eq!(handshake_count(&a, "no-token")?, 1);
     assert_eq!(handshake_count(&a, "allowed")?, 0);
+    Ok(())
+}
+
+/// b's agent allows web and answers, but web may only reach `app=cache`:
+/// a's agent refuses the answer. The answer went through conntrack, so
+/// the flow's entry has seen a reply; its later datagrams must still be
+/// judged (and refused), not let through as an established flow.
+fn udp_an_answer_the_application_policy_refuses_lets_nothing_through(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let (a, b) = both_udp_to(&w, datapath, &["app=cache"])?;
+    let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, sink.addr())?;
+    assert_eq!(flow.send("one")?, None);
+    wait_for_count(&a, "not-allowed-by-policy", 1, COMES)?;
+    std::thread::sleep(Duration::from_millis(200));
+    for payload in ["two", "three"] {
+        assert_eq!(flow.send(payload)?, None);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let st = a.status()?;
+    eprintln!(
+        "DEBUG a {:?} {}",
+        w.queued_by_range(Host::A)?,
+        st["trap"]["handshake"]
+    );
+    eprintln!(
+        "DEBUG b {:?} {}",
+        w.queued_by_range(Host::B)?,
+        b.status()?["trap"]["handshake"]
+    );
+    assert!(sink.wait_for(b"three", STAYS_AWAY).is_none());
+    assert_eq!(sink.received(), 0, "nothing of web's flow arrived");
+    assert!(handshake_count(&b, "allowed")? >= 1);
+    // Each later datagram was trapped and judged again (its flow's
+    // conntrack entry forgotten after the refusal).
+    let app = w
+        .queued_by_range(Host::A)?
+        .into_iter()
+        .find(|(r, _)| *r == "app-service");
+    assert_eq!(
+        app,
+        Some(("app-service", 3)),
+        "web's three datagrams trapped"
+    );
     Ok(())
 }
 

@@ -417,6 +417,9 @@ pub struct Engine {
     held: usize,
     /// Packets to inject, taken by the consumer after each step.
     outbox: Vec<Outgoing>,
+    /// UDP flows (local, remote) refused after their conntrack entry saw
+    /// an answer: the consumer has the entries forgotten ([`Self::take_refused`]).
+    refused: Vec<(SocketAddr, SocketAddr)>,
 }
 
 /// A packet the engine sends itself: a UDP handshake datagram, or a held
@@ -507,7 +510,19 @@ impl Engine {
             udp_waits: HashMap::new(),
             held: 0,
             outbox: Vec::new(),
+            refused: Vec::new(),
         }
+    }
+
+    /// The UDP flows refused since the last call whose conntrack entry
+    /// must go. A refused flow's datagrams were dropped, but an answer
+    /// from the peer (its agent's, or a peer without an agent echoing the
+    /// handshake) went through conntrack: the entry has seen a reply, and
+    /// a datapath that traps only a flow's *new* datagrams (eBPF) would
+    /// let the next ones through unjudged. Without the entry, the next
+    /// datagram is a new flow's, trapped and judged again.
+    pub fn take_refused(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.refused)
     }
 
     /// The packets to inject since the last call, in order.
@@ -548,6 +563,8 @@ impl Engine {
             };
             if self.external(&p, &wait.pu, &identity, UDP, &identity.application_acls) {
                 self.release(key, wait.held, now_ms);
+            } else {
+                self.refused.push((key.local, key.remote));
             }
         }
     }
@@ -989,9 +1006,15 @@ impl Engine {
             (Direction::App, _) => self.udp_initiate(p, pus, now_ms, sockets),
             (Direction::Net, Ok(Some(token))) => {
                 let token = token.to_vec();
-                match token::parse(&token).map(|t| t.claims.kind) {
-                    Ok(token::Kind::SynAck) => self.udp_complete(p, pus, &token, now_ms),
-                    _ => self.udp_respond(p, pus, &token, now_ms, sockets),
+                // On a flow waiting for its answer, any handshake datagram
+                // is judged as the answer (a peer echoing our own SYN
+                // token back is refused as the wrong step, never taken
+                // as a SYN to answer).
+                let kind = token::parse(&token).map(|t| t.claims.kind);
+                if self.udp_waits.contains_key(&p.key) || kind == Ok(token::Kind::SynAck) {
+                    self.udp_complete(p, pus, &token, now_ms)
+                } else {
+                    self.udp_respond(p, pus, &token, now_ms, sockets)
                 }
             }
             (Direction::Net, Ok(None)) => {
@@ -1149,6 +1172,8 @@ impl Engine {
         );
         if step.decision.is_allowed() {
             self.release(p.key, wait.held, now_ms);
+        } else {
+            self.refused.push((p.key.local, p.key.remote));
         }
         Action::Drop
     }

@@ -13,8 +13,13 @@
 //! contract does for a queued packet, so no later packet of the flow is
 //! trapped. One socket per family and kind, opened at the first need
 //! (`CAP_NET_RAW` and, for the mark, `CAP_NET_ADMIN`: the agent's).
+//!
+//! Also here: [`Forgetter`], which deletes the conntrack entries of UDP
+//! flows the handshake refused (see `Engine::take_refused`), on a thread
+//! of its own so that the `conntrack` tool never holds up the trap.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::marks::{Kind, MarkLayout};
@@ -68,4 +73,53 @@ fn open(v6: bool, mark: u32) -> Result<Socket> {
         .set_mark(mark)
         .context("setting the injected packets' mark (SO_MARK)")?;
     Ok(socket)
+}
+
+/// UDP flows refused whose conntrack entry waits to be deleted, at most:
+/// past it one is only logged (its next datagram may then pass on a
+/// datapath that traps new flows only, until the entry expires).
+const FORGET_QUEUE: usize = 1024;
+
+/// Deletes refused UDP flows' conntrack entries (the `conntrack` tool,
+/// as the datapaths' cut does), one at a time, on its own thread; it
+/// ends when the trap thread drops this.
+#[derive(Debug)]
+pub struct Forgetter(SyncSender<(SocketAddr, SocketAddr)>);
+
+impl Forgetter {
+    pub fn start() -> Result<Self> {
+        let (tx, rx) = sync_channel::<(SocketAddr, SocketAddr)>(FORGET_QUEUE);
+        std::thread::Builder::new()
+            .name("trap-forget".into())
+            .spawn(move || {
+                for (local, remote) in rx {
+                    let flow = crate::datapath::conntrack::Flow {
+                        protocol: 17,
+                        src: local.ip(),
+                        dst: remote.ip(),
+                        sport: local.port(),
+                        dport: remote.port(),
+                    };
+                    match crate::datapath::iptables::exec::conntrack_delete(&flow, 0, 0) {
+                        Ok(_) => tracing::debug!(%local, %remote, "refused UDP flow forgotten"),
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), %local, %remote, "forgetting a refused UDP flow failed"),
+                    }
+                }
+            })
+            .context("spawning the conntrack forgetter")?;
+        Ok(Self(tx))
+    }
+
+    /// Queues the flow from `local` to `remote` (this host's view).
+    pub fn forget(&self, local: SocketAddr, remote: SocketAddr) {
+        match self.0.try_send((local, remote)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!(%local, %remote, "too many refused UDP flows to forget; this one stays in conntrack");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("the conntrack forgetter ended");
+            }
+        }
+    }
 }

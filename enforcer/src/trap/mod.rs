@@ -24,8 +24,11 @@
 //!
 //! With `[identity]` the [`handshake`] engine decides each packet instead
 //! — attaching, checking and stripping identity tokens, with verdicts
-//! that carry the changed packet — and the queues that carry SYNs and
-//! SYN-ACKs copy whole packets ([`HANDSHAKE_COPY_RANGE`]).
+//! that carry the changed packet, and for UDP holding a flow's datagrams
+//! while it injects its own handshake datagrams ([`inject`]) — and the
+//! queues that carry SYNs, SYN-ACKs and UDP datagrams copy whole packets
+//! ([`HANDSHAKE_COPY_RANGE`]). While UDP handshakes wait for answers the
+//! thread wakes every [`TICK_MS`] to end those past their time.
 //!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
@@ -94,9 +97,9 @@ use netlink::{Received, Verdict, VerdictBuffer};
 /// extension header and TCP. The consumer needs headers only.
 pub const COPY_RANGE: u16 = 128;
 
-/// The copy range of the queues that carry SYNs and SYN-ACKs when the
-/// identity handshake runs: a whole packet is needed to take a token out
-/// or put one in. A SYN with the largest token is under 1,400 bytes; a
+/// The copy range of the queues that carry SYNs, SYN-ACKs and UDP
+/// datagrams when the identity handshake runs: a whole packet is needed
+/// to take a token out or put one in, or to hold a datagram. A SYN with the largest token is under 1,400 bytes; a
 /// larger packet is copied short, cannot be changed, and is refused.
 pub const HANDSHAKE_COPY_RANGE: u16 = 4096;
 
@@ -307,6 +310,7 @@ impl TrapConsumer {
                             engine,
                             sockets: Sockets::default(),
                             injector: inject::Injector::default(),
+                            forgetter: None,
                         };
                         server.serve(&wake);
                     }
@@ -442,6 +446,8 @@ struct Server {
     sockets: Sockets,
     /// Sends what the handshake makes itself (UDP).
     injector: inject::Injector,
+    /// Forgets refused UDP flows' conntrack entries, off this thread.
+    forgetter: Option<inject::Forgetter>,
 }
 
 /// The socket table, for the cgroup of a PU's sending socket; opened at
@@ -527,6 +533,24 @@ impl Server {
         for out in engine.take_outgoing() {
             if let Err(e) = self.injector.send(self.marks, &out.packet, out.authorise) {
                 tracing::warn!(error = %format!("{e:#}"), "injecting a handshake packet failed");
+            }
+        }
+        let refused = engine.take_refused();
+        if refused.is_empty() {
+            return;
+        }
+        if self.forgetter.is_none() {
+            match inject::Forgetter::start() {
+                Ok(f) => self.forgetter = Some(f),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "starting the conntrack forgetter failed");
+                    return;
+                }
+            }
+        }
+        if let Some(forgetter) = &self.forgetter {
+            for (local, remote) in refused {
+                forgetter.forget(local, remote);
             }
         }
     }

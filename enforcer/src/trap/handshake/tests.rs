@@ -705,6 +705,51 @@ fn a_refused_udp_handshake_gets_no_answer_and_the_acls_judge_at_the_timeout() {
     assert!(!a.engine.waiting());
     assert!(a.engine.take_outgoing().is_empty());
     assert_eq!(a.count(Counted::NoToken), 1);
+    // Its conntrack entry is to go: the next datagram is judged anew.
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+}
+
+#[test]
+fn an_answer_the_application_policy_refuses_releases_nothing() {
+    // web may reach app=db on 443 only; b answers on 53.
+    let mut a = host_a(r#"app = "web""#, 1);
+    let mut b = host_b("", MAX_CONNECTIONS);
+    let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
+    let first = datagram(client, server, b"query");
+    assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    // A peer echoing the handshake back: the wrong step, refused.
+    assert_eq!(a.decide(Direction::Net, &echo(&hello), NOW), Action::Drop);
+    assert_eq!(a.count(Counted::WrongHandshake), 1);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+    // Again, and b's real answer, which web's policy refuses.
+    assert_eq!(a.decide(Direction::App, &first, NOW + 1), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    assert_eq!(
+        b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW + 1),
+        Action::Drop
+    );
+    let (answer, _) = one_out(&mut b);
+    assert_eq!(a.decide(Direction::Net, &answer, NOW + 2), Action::Drop);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.count(Counted::NotAllowedByPolicy), 1);
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+}
+
+/// `packet` sent back: addresses and ports swapped, payload kept.
+fn echo(packet: &[u8]) -> Vec<u8> {
+    let token = wire::udp_token(packet).unwrap().unwrap();
+    let h = packet::parse(packet).unwrap();
+    let packet::L4::Udp { src, dst } = h.l4 else {
+        panic!("UDP")
+    };
+    wire::udp_handshake(
+        SocketAddr::new(h.dst, dst),
+        SocketAddr::new(h.src, src),
+        token,
+    )
+    .unwrap()
 }
 
 #[test]
