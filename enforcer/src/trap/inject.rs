@@ -14,12 +14,10 @@
 //! trapped. One socket per family and kind, opened at the first need
 //! (`CAP_NET_RAW` and, for the mark, `CAP_NET_ADMIN`: the agent's).
 //!
-//! Also here: [`Forgetter`], which deletes the conntrack entries of UDP
-//! flows the handshake refused (see `Engine::take_refused`), on a thread
-//! of its own so that the `conntrack` tool never holds up the trap.
+//! Also here: [`Conntrack`], which deletes the conntrack entries of UDP
+//! flows the handshake refused (see `Engine::take_refused`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::marks::{Kind, MarkLayout};
@@ -75,50 +73,81 @@ fn open(v6: bool, mark: u32) -> Result<Socket> {
     Ok(socket)
 }
 
-/// UDP flows refused whose conntrack entry waits to be deleted, at most:
-/// past it one is only logged (its next datagram may then pass on a
-/// datapath that traps new flows only, until the entry expires).
-const FORGET_QUEUE: usize = 1024;
+/// ctnetlink (linux/netfilter/nfnetlink_conntrack.h): the subsystem, the
+/// delete message, and the attributes of an original-direction tuple.
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
 
-/// Deletes refused UDP flows' conntrack entries (the `conntrack` tool,
-/// as the datapaths' cut does), one at a time, on its own thread; it
-/// ends when the trap thread drops this.
-#[derive(Debug)]
-pub struct Forgetter(SyncSender<(SocketAddr, SocketAddr)>);
+/// Deletes the conntrack entries of UDP flows the handshake refused (see
+/// `Engine::take_refused`), through ctnetlink: one acknowledged message
+/// of a few dozen bytes, microseconds, so the trap thread does it itself
+/// before the refused answer's verdict — the `conntrack` tool the
+/// datapaths' cut runs would hold the trap up for milliseconds, and a
+/// thread of its own would leave the flow open meanwhile.
+#[derive(Debug, Default)]
+pub struct Conntrack(Option<crate::netlink::Socket>);
 
-impl Forgetter {
-    pub fn start() -> Result<Self> {
-        let (tx, rx) = sync_channel::<(SocketAddr, SocketAddr)>(FORGET_QUEUE);
-        std::thread::Builder::new()
-            .name("trap-forget".into())
-            .spawn(move || {
-                for (local, remote) in rx {
-                    let flow = crate::datapath::conntrack::Flow {
-                        protocol: 17,
-                        src: local.ip(),
-                        dst: remote.ip(),
-                        sport: local.port(),
-                        dport: remote.port(),
-                    };
-                    match crate::datapath::iptables::exec::conntrack_delete(&flow, 0, 0) {
-                        Ok(_) => tracing::debug!(%local, %remote, "refused UDP flow forgotten"),
-                        Err(e) => tracing::warn!(error = %format!("{e:#}"), %local, %remote, "forgetting a refused UDP flow failed"),
-                    }
+impl Conntrack {
+    /// Deletes the UDP entry whose original direction is `local` to
+    /// `remote`; `Ok(false)` if there was none.
+    pub fn forget_udp(&mut self, local: SocketAddr, remote: SocketAddr) -> Result<bool> {
+        use crate::netlink::{Builder, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, nfnl_type};
+        if self.0.is_none() {
+            let socket = crate::netlink::Socket::open(NETLINK_NETFILTER, true)
+                .context("opening a ctnetlink socket")?;
+            self.0 = Some(socket);
+        }
+        let socket = self.0.as_ref().expect("opened above");
+        let family = match local {
+            SocketAddr::V4(_) => libc::AF_INET,
+            SocketAddr::V6(_) => libc::AF_INET6,
+        };
+        let mut msg = Vec::new();
+        let mut b = Builder::new(
+            &mut msg,
+            nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE),
+            NLM_F_REQUEST | NLM_F_ACK,
+        );
+        // nfgenmsg: the family, NFNETLINK_V0, resource 0.
+        b.bytes(&[family as u8, 0, 0, 0]);
+        b.nested(CTA_TUPLE_ORIG, |t| {
+            t.nested(CTA_TUPLE_IP, |ip| match (local.ip(), remote.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    ip.attr(CTA_IP_V4_SRC, &s.octets())
+                        .attr(CTA_IP_V4_DST, &d.octets());
                 }
-            })
-            .context("spawning the conntrack forgetter")?;
-        Ok(Self(tx))
-    }
-
-    /// Queues the flow from `local` to `remote` (this host's view).
-    pub fn forget(&self, local: SocketAddr, remote: SocketAddr) {
-        match self.0.try_send((local, remote)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                tracing::warn!(%local, %remote, "too many refused UDP flows to forget; this one stays in conntrack");
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("the conntrack forgetter ended");
+                (s, d) => {
+                    let v6 = |a: IpAddr| match a {
+                        IpAddr::V6(a) => a.octets(),
+                        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                    };
+                    ip.attr(CTA_IP_V6_SRC, &v6(s)).attr(CTA_IP_V6_DST, &v6(d));
+                }
+            });
+            t.nested(CTA_TUPLE_PROTO, |p| {
+                p.attr(CTA_PROTO_NUM, &[17])
+                    .attr(CTA_PROTO_SRC_PORT, &local.port().to_be_bytes())
+                    .attr(CTA_PROTO_DST_PORT, &remote.port().to_be_bytes());
+            });
+        });
+        b.finish();
+        match socket.request(&mut msg) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => {
+                // A fresh socket next time: this one may hold a late answer.
+                self.0 = None;
+                Err(e).context("deleting a conntrack entry (ctnetlink)")
             }
         }
     }

@@ -310,7 +310,7 @@ impl TrapConsumer {
                             engine,
                             sockets: Sockets::default(),
                             injector: inject::Injector::default(),
-                            forgetter: None,
+                            conntrack: inject::Conntrack::default(),
                         };
                         server.serve(&wake);
                     }
@@ -446,8 +446,8 @@ struct Server {
     sockets: Sockets,
     /// Sends what the handshake makes itself (UDP).
     injector: inject::Injector,
-    /// Forgets refused UDP flows' conntrack entries, off this thread.
-    forgetter: Option<inject::Forgetter>,
+    /// Forgets refused UDP flows' conntrack entries.
+    conntrack: inject::Conntrack,
 }
 
 /// The socket table, for the cgroup of a PU's sending socket; opened at
@@ -535,22 +535,12 @@ impl Server {
                 tracing::warn!(error = %format!("{e:#}"), "injecting a handshake packet failed");
             }
         }
-        let refused = engine.take_refused();
-        if refused.is_empty() {
-            return;
-        }
-        if self.forgetter.is_none() {
-            match inject::Forgetter::start() {
-                Ok(f) => self.forgetter = Some(f),
+        for (local, remote) in engine.take_refused() {
+            match self.conntrack.forget_udp(local, remote) {
+                Ok(found) => tracing::debug!(%local, %remote, found, "refused UDP flow forgotten"),
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "starting the conntrack forgetter failed");
-                    return;
+                    tracing::warn!(error = %format!("{e:#}"), %local, %remote, "forgetting a refused UDP flow failed")
                 }
-            }
-        }
-        if let Some(forgetter) = &self.forgetter {
-            for (local, remote) in refused {
-                forgetter.forget(local, remote);
             }
         }
     }
