@@ -25,7 +25,7 @@
 //! |---|---|---|
 //! | a flow's first datagram, outgoing | initiator | held in user space (the original dropped); a handshake datagram (signature + SYN token, same addresses and ports) injected with the `Injected` mark |
 //! | handshake datagram, SYN token, incoming | responder | token verified, the receiving PU's network policy for its port; allowed: the answer (signature + SYN-ACK token bound to the nonce) injected with the `Authorised` mark, which the datapath saves into the flow's connection mark; the datagram itself dropped |
-//! | handshake datagram, SYN-ACK token, incoming | initiator | verified against the nonce sent, the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; else dropped; the answer itself dropped |
+//! | handshake datagram, SYN-ACK token, incoming | initiator | verified against the nonce sent, the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; else dropped, and the flow's conntrack entry deleted ([`Engine::take_refused`]); the answer itself dropped |
 //! | no answer within [`UDP_ANSWER_WAIT_MS`] | initiator | a peer without an agent: the held datagrams judged by the PU's application ACLs (accepted: injected with `Authorised`) |
 //! | an ordinary datagram, incoming | responder | a peer without an agent: the PU's network ACLs |
 //!
