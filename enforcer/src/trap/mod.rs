@@ -25,10 +25,10 @@
 //! With `[identity]` the [`handshake`] engine decides each packet instead
 //! — attaching, checking and stripping identity tokens, with verdicts
 //! that carry the changed packet, and for UDP holding a flow's datagrams
-//! while it injects its own handshake datagrams ([`inject`]) — and the
+//! while it injects its own handshake datagrams (`inject.rs`) — and the
 //! queues that carry SYNs, SYN-ACKs and UDP datagrams copy whole packets
 //! ([`HANDSHAKE_COPY_RANGE`]). While UDP handshakes wait for answers the
-//! thread wakes every [`TICK_MS`] to end those past their time.
+//! thread wakes every `TICK_MS` to end those past their time.
 //!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
