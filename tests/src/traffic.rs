@@ -82,6 +82,11 @@ impl UdpReceiver {
         self.addr
     }
 
+    /// Datagrams received so far.
+    pub fn received(&self) -> usize {
+        self.got.lock().expect("receiver lock").len()
+    }
+
     /// Waits up to `within` for a datagram with this payload; returns the
     /// sender's address if it came.
     pub fn wait_for(&self, payload: &[u8], within: Duration) -> Option<SocketAddr> {
@@ -132,6 +137,35 @@ pub fn udp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -
     match exchanged {
         Ok(true) => Outcome::Exchanged,
         Ok(false) => Outcome::Failed("the answer differs from what was sent".into()),
+        Err(e) => Outcome::from_io(&e),
+    }
+}
+
+/// Sends `payload` `count` times from one unconnected socket, each time
+/// waiting up to [`UDP_ANSWER_WAIT`] for it to come back from `to` (an
+/// echo server): one UDP flow, `count` round trips.
+pub fn udp_exchanges(to: SocketAddr, payload: &[u8], count: u32) -> Outcome {
+    let exchanged = (|| -> std::io::Result<bool> {
+        let socket = UdpSocket::bind(bind_addr(None, to))?;
+        socket.set_read_timeout(Some(UDP_ANSWER_WAIT))?;
+        let mut buf = [0u8; 2048];
+        for _ in 0..count {
+            socket.send_to(payload, to)?;
+            loop {
+                let (n, sender) = socket.recv_from(&mut buf)?;
+                if sender == to {
+                    if &buf[..n] != payload {
+                        return Ok(false);
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(true)
+    })();
+    match exchanged {
+        Ok(true) => Outcome::Exchanged,
+        Ok(false) => Outcome::Failed("an answer differs from what was sent".into()),
         Err(e) => Outcome::from_io(&e),
     }
 }

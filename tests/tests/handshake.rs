@@ -21,7 +21,7 @@ use enforcer_tests::{
     config::Acl,
     netfilter::Family,
     nettool, privilege,
-    traffic::{Outcome, UdpReceiver},
+    traffic::{Outcome, PuEchoServer, Transport, UdpReceiver, run_nettool},
     two_agents::{
         Capture, Host, LINK, PORT, TwoAgents, handshake_count, is_syn, is_syn_ack, syn_with_token,
         wait_for_count,
@@ -37,6 +37,9 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_peer_without_an_agent_is_judged_by_the_acls,
     a_server_without_an_agent_is_judged_by_the_application_acls,
     udp_with_a_target_is_judged_by_the_acls,
+    udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space,
+    udp_a_disallowed_identity_never_arrives,
+    udp_an_answer_the_application_policy_refuses_lets_nothing_through,
     a_replayed_syn_is_refused,
     a_tampered_token_is_refused,
 );
@@ -270,9 +273,10 @@ fn a_server_without_an_agent_is_judged_by_the_application_acls(
     Ok(())
 }
 
-/// No UDP handshake yet (docs/identity.md): with `[identity]`, a PU's
-/// datagram to a target UDP network is judged by its application ACLs, as
-/// an external peer's — the PU found by its socket's cgroup.
+/// A peer without an agent: with `[identity]`, a PU's datagram to a
+/// target UDP network is held while its handshake datagram goes out; no
+/// answer comes (b runs no agent), so at the timeout its application ACLs
+/// judge it, as an external peer's — the PU found by its socket's cgroup.
 fn udp_with_a_target_is_judged_by_the_acls(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
@@ -315,6 +319,206 @@ fn udp_with_a_target_is_judged_by_the_acls(datapath: Datapath, family: Family) -
     assert_eq!(handshake_count(&a, "external-allowed")?, 1);
     assert_eq!(handshake_count(&a, "no-token")?, 1);
     assert_eq!(handshake_count(&a, "unknown-pu")?, 0);
+    Ok(())
+}
+
+/// The UDP port of `db` in the UDP handshake tests.
+const UDP_PORT: u16 = 7101;
+/// A port of `db` where a receiver (no echo) shows what arrived.
+const UDP_SINK: u16 = 7102;
+
+/// Both agents with `target_udp`, `db` on [`UDP_PORT`] and [`UDP_SINK`]
+/// reachable by `app=web`, and `web` and `batch` allowed to reach
+/// `app=db` there.
+fn both_udp(w: &TwoAgents, datapath: Datapath) -> Result<(Agent, Agent)> {
+    both_udp_to(w, datapath, &["app=db"])
+}
+
+/// [`both_udp`], `web` and `batch` allowed to reach the identities `to`.
+fn both_udp_to(w: &TwoAgents, datapath: Datapath, to: &[&str]) -> Result<(Agent, Agent)> {
+    use enforcer_tests::config::{Config, Pu};
+    let db = Pu::process_of("db", &w.db)
+        .label("app", "db")
+        .tcp_ports([PORT])
+        .udp_ports([UDP_PORT, UDP_SINK])
+        .network_policy("web-in", &["app=web"], [PORT, UDP_PORT, UDP_SINK]);
+    let b = w.config_b_with(db).target_udp(LINK);
+    let client = |id: &str, cgroup| {
+        Pu::process_of(id, cgroup)
+            .label("app", id)
+            .application_policy("to-db", to, [PORT, UDP_PORT, UDP_SINK])
+    };
+    let a = Config::local_server()
+        .target_tcp(LINK)
+        .target_udp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), [w.keys.public("b")])
+        .pu(client("web", &w.web))
+        .pu(client("batch", &w.batch));
+    let b = w.start(Host::B, AGENT, datapath, &b.to_toml())?;
+    let a = w.start(Host::A, AGENT, datapath, &a.to_toml())?;
+    Ok((a, b))
+}
+
+/// `count` UDP round trips of one flow from a process in `cgroup` on a
+/// to `to`.
+fn udp_exchanges(
+    w: &TwoAgents,
+    cgroup: &enforcer_tests::cgroup::Cgroup,
+    to: SocketAddr,
+    payload: &str,
+    count: u32,
+) -> Result<Outcome> {
+    let mut cmd = cgroup.command_in(&w.hosts.a, nettool!())?;
+    cmd.args([
+        "udp-exchange",
+        &to.to_string(),
+        "--payload",
+        payload,
+        "--count",
+        &count.to_string(),
+    ]);
+    run_nettool(cmd)
+}
+
+/// The seed's UDP handshake: web's first datagram is held while a's
+/// agent sends the signature datagram, b's agent answers, a's releases
+/// it; the flow is then authorised on both sides, so of 20 round trips
+/// only the handshake reaches user space (the kernel's queue counters).
+fn udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let to = SocketAddr::new(ip, UDP_PORT);
+    let _echo = PuEchoServer::start(nettool!(), Transport::Udp, &w.db, &w.hosts.b, to)?;
+    let (a, b) = both_udp(&w, datapath)?;
+    let before = (w.queued(Host::A)?, w.queued(Host::B)?);
+    assert_eq!(
+        udp_exchanges(&w, &w.web, to, "hello", 20)?,
+        Outcome::Exchanged
+    );
+    // a: the first datagram (held) and b's answer; b: a's handshake.
+    let after = (w.queued(Host::A)? - before.0, w.queued(Host::B)? - before.1);
+    assert_eq!(
+        after,
+        (2, 1),
+        "packets queued on a and b for 20 round trips"
+    );
+    assert_eq!(
+        w.queued_by_range(Host::A)?,
+        [("app-service", 1), ("net-service", 1)]
+    );
+    assert_eq!(w.queued_by_range(Host::B)?, [("net-service", 1)]);
+    assert_eq!(handshake_count(&a, "allowed")?, 1);
+    assert_eq!(handshake_count(&b, "allowed")?, 1);
+    assert_eq!(handshake_count(&a, "authorised")?, 1);
+    assert_eq!(handshake_count(&b, "authorised")?, 1);
+
+    // The application never sees the handshake: a receiver gets exactly
+    // what web sent.
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let _ = udp_exchanges(&w, &w.web, sink.addr(), "to-the-sink", 1)?;
+    assert!(
+        sink.wait_for(b"to-the-sink", COMES).is_some(),
+        "web's datagram arrives"
+    );
+    assert_eq!(sink.received(), 1, "only web's datagram arrived");
+
+    let lines = w.flow_lines(Host::B);
+    let line = lines
+        .iter()
+        .find(|l| l["handshake"]["reason"] == "allowed" && l["protocol"] == "udp")
+        .with_context(|| format!("b's flow log: {lines:#?}"))?;
+    assert_eq!(line["pu"], "db");
+    assert_eq!(line["policy_id"], "web-in");
+    assert_eq!(line["handshake"]["peer_labels"], "app=web");
+    let lines = w.flow_lines(Host::A);
+    let line = lines
+        .iter()
+        .find(|l| l["handshake"]["reason"] == "allowed" && l["protocol"] == "udp")
+        .with_context(|| format!("a's flow log: {lines:#?}"))?;
+    assert_eq!(
+        (&line["pu"], &line["direction"]),
+        (&"web".into(), &"app".into())
+    );
+    assert_eq!(line["handshake"]["peer_labels"], "app=db");
+    Ok(())
+}
+
+/// `batch` is not `app=web`: b's agent refuses its handshake and sends no
+/// answer; a's agent, at the timeout, finds no ACL for the peer: nothing
+/// of batch's ever reaches db's socket.
+fn udp_a_disallowed_identity_never_arrives(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let (a, b) = both_udp(&w, datapath)?;
+    let outcome = udp_exchanges(&w, &w.batch, sink.addr(), "from-batch", 1)?;
+    assert_ne!(outcome, Outcome::Exchanged);
+    assert!(sink.wait_for(b"from-batch", STAYS_AWAY).is_none());
+    assert_eq!(sink.received(), 0, "not even the handshake datagram");
+    assert_eq!(handshake_count(&b, "not-allowed-by-policy")?, 1);
+    assert_eq!(handshake_count(&a, "no-token")?, 1);
+    assert_eq!(handshake_count(&a, "allowed")?, 0);
+    Ok(())
+}
+
+/// b's agent allows web and answers, but web may only reach `app=cache`:
+/// a's agent refuses the answer. The answer went through conntrack, so
+/// the flow's entry has seen a reply; its later datagrams must still be
+/// judged (and refused), not let through as an established flow.
+fn udp_an_answer_the_application_policy_refuses_lets_nothing_through(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let (a, b) = both_udp_to(&w, datapath, &["app=cache"])?;
+    let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, sink.addr())?;
+    assert_eq!(flow.send("one")?, None);
+    wait_for_count(&a, "not-allowed-by-policy", 1, COMES)?;
+    std::thread::sleep(Duration::from_millis(200));
+    for payload in ["two", "three"] {
+        assert_eq!(flow.send(payload)?, None);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let st = a.status()?;
+    eprintln!(
+        "DEBUG a {:?} {}",
+        w.queued_by_range(Host::A)?,
+        st["trap"]["handshake"]
+    );
+    eprintln!(
+        "DEBUG b {:?} {}",
+        w.queued_by_range(Host::B)?,
+        b.status()?["trap"]["handshake"]
+    );
+    assert!(sink.wait_for(b"three", STAYS_AWAY).is_none());
+    assert_eq!(sink.received(), 0, "nothing of web's flow arrived");
+    assert!(handshake_count(&b, "allowed")? >= 1);
+    // Each later datagram was trapped and judged again (its flow's
+    // conntrack entry forgotten after the refusal).
+    let app = w
+        .queued_by_range(Host::A)?
+        .into_iter()
+        .find(|(r, _)| *r == "app-service");
+    assert_eq!(
+        app,
+        Some(("app-service", 3)),
+        "web's three datagrams trapped"
+    );
     Ok(())
 }
 

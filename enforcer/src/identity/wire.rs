@@ -448,6 +448,23 @@ pub fn udp_handshake(src: SocketAddr, dst: SocketAddr, token: &[u8]) -> Result<V
     Ok(p)
 }
 
+/// A UDP datagram as a copy to send again: it must be whole (the IP
+/// length matching the bytes, not a fragment); its checksums are
+/// recomputed, since a locally sent packet may carry only a partial one.
+pub fn udp_whole(packet: &[u8]) -> Result<Vec<u8>, WireError> {
+    let at = layout(packet)?;
+    if at.protocol != UDP {
+        return Err(WireError::WrongProtocol("UDP"));
+    }
+    let len = usize::from(be16(packet, at.l4 + 4).ok_or(WireError::BadTransportHeader)?);
+    if len < 8 || len != packet.len() - at.l4 {
+        return Err(WireError::BadTransportHeader);
+    }
+    let mut p = packet.to_vec();
+    finish(&mut p, at);
+    Ok(p)
+}
+
 /// Whether the IPv4 header and transport checksums of `packet` hold.
 pub fn checksums_valid(packet: &[u8]) -> bool {
     let Ok(at) = layout(packet) else {

@@ -19,9 +19,24 @@
 //! responder's SYN-ACK) lets its packet on with NF_ACCEPT and no mark:
 //! the next packet of the handshake must reach the trap too.
 //!
-//! UDP has no handshake here yet (the seed's signature datagrams are
-//! built and parsed by [`crate::identity::wire`], not sent): a trapped
-//! datagram is judged by the PU's ACLs as an external peer's would be.
+//! UDP (the seed's signature datagrams, [`crate::identity::wire`]):
+//!
+//! | packet | side | step |
+//! |---|---|---|
+//! | a flow's first datagram, outgoing | initiator | held in user space (the original dropped); a handshake datagram (signature + SYN token, same addresses and ports) injected with the `Injected` mark |
+//! | handshake datagram, SYN token, incoming | responder | token verified, the receiving PU's network policy for its port; allowed: the answer (signature + SYN-ACK token bound to the nonce) injected with the `Authorised` mark, which the datapath saves into the flow's connection mark; the datagram itself dropped |
+//! | handshake datagram, SYN-ACK token, incoming | initiator | verified against the nonce sent, the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; else dropped, and the flow's conntrack entry deleted ([`Engine::take_refused`]); the answer itself dropped |
+//! | no answer within [`UDP_ANSWER_WAIT_MS`] | initiator | a peer without an agent: the held datagrams judged by the PU's application ACLs (accepted: injected with `Authorised`) |
+//! | an ordinary datagram, incoming | responder | a peer without an agent: the PU's network ACLs |
+//!
+//! Why the held datagram is copied and dropped rather than left in the
+//! kernel queue until the answer: a batch verdict covers every lower id of
+//! its queue, so a packet left waiting would be decided by the next batch;
+//! and the conntrack entry of a queued packet is unconfirmed, so the
+//! injected handshake's entry (same addresses and ports) would win the
+//! clash at confirmation and a mark set on the queued one be lost. The
+//! copy is re-sent through a raw socket whose `Authorised` mark the
+//! datapath's first rule saves into the (confirmed) entry of the flow.
 //!
 //! Memory is bounded: the connection table holds at most
 //! [`MAX_CONNECTIONS`] handshakes in progress and forgets each
@@ -56,6 +71,15 @@ const MAX_SENT: usize = 4;
 /// Decided connections remembered, and for how long: see [`Decided`].
 const DECIDED_CAPACITY: usize = 1 << 16;
 const DECIDED_MS: u64 = 10_000;
+/// How long an initiator waits for the answer to its UDP handshake
+/// before judging the peer as one without an agent.
+pub const UDP_ANSWER_WAIT_MS: u64 = 1_000;
+/// UDP flows waiting for an answer at most.
+const MAX_UDP_WAITS: usize = 4096;
+/// Datagrams held per waiting flow, and in all (each at most the copy
+/// range, 4 KiB: at most 4 MiB held).
+const MAX_HELD_PER_FLOW: usize = 16;
+const MAX_HELD: usize = 1024;
 /// Cgroups remembered as in no PU's tree (see [`Engine::cgroup_below`]).
 const MAX_OUTSIDE: usize = 4096;
 
@@ -131,10 +155,14 @@ pub enum Counted {
     Authorised,
     /// The OS gave no randomness for a nonce.
     NoRandomness,
+    /// UDP datagrams held while their flow's handshake runs.
+    Held,
+    /// UDP datagrams refused because the hold is full.
+    HoldFull,
 }
 
 impl Counted {
-    pub const ALL: [Counted; 20] = [
+    pub const ALL: [Counted; 22] = [
         Counted::Allowed,
         Counted::NotAllowedByPolicy,
         Counted::ExternalAllowed,
@@ -155,6 +183,8 @@ impl Counted {
         Counted::SentWithoutToken,
         Counted::Authorised,
         Counted::NoRandomness,
+        Counted::Held,
+        Counted::HoldFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -179,6 +209,8 @@ impl Counted {
             Counted::SentWithoutToken => "sent-without-token",
             Counted::Authorised => "authorised",
             Counted::NoRandomness => "no-randomness",
+            Counted::Held => "held",
+            Counted::HoldFull => "hold-full",
         }
     }
 
@@ -379,6 +411,38 @@ pub struct Engine {
     outside: (u64, HashSet<u64>),
     counters: Arc<HandshakeCounters>,
     flow_log: Option<FlowSender>,
+    /// UDP flows whose handshake datagram is out, by flow.
+    udp_waits: HashMap<ConnKey, UdpWait>,
+    /// Datagrams held in all the waits.
+    held: usize,
+    /// Packets to inject, taken by the consumer after each step.
+    outbox: Vec<Outgoing>,
+    /// UDP flows (local, remote) refused after their conntrack entry saw
+    /// an answer: the consumer has the entries forgotten ([`Self::take_refused`]).
+    refused: Vec<(SocketAddr, SocketAddr)>,
+}
+
+/// A packet the engine sends itself: a UDP handshake datagram, or a held
+/// datagram released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The whole IP packet, checksums set.
+    pub packet: Vec<u8>,
+    /// Sent with the `Authorised` kind in its mark (the datapath saves it
+    /// into the flow's connection mark), else with `Injected` (let out,
+    /// nothing saved).
+    pub authorise: bool,
+}
+
+/// A UDP flow of this side's PU waiting for the answer to its handshake.
+#[derive(Debug)]
+struct UdpWait {
+    pu: PuId,
+    nonce: Nonce,
+    /// The flow's datagrams as the application sent them (whole).
+    held: Vec<Vec<u8>>,
+    uid: Option<u32>,
+    expires: u64,
 }
 
 /// The packet being decided, with what the steps share.
@@ -443,7 +507,76 @@ impl Engine {
             outside: (0, HashSet::new()),
             counters,
             flow_log: setup.flow_log,
+            udp_waits: HashMap::new(),
+            held: 0,
+            outbox: Vec::new(),
+            refused: Vec::new(),
         }
+    }
+
+    /// The UDP flows refused since the last call whose conntrack entry
+    /// must go. A refused flow's datagrams were dropped, but an answer
+    /// from the peer (its agent's, or a peer without an agent echoing the
+    /// handshake) went through conntrack: the entry has seen a reply, and
+    /// a datapath that traps only a flow's *new* datagrams (eBPF) would
+    /// let the next ones through unjudged. Without the entry, the next
+    /// datagram is a new flow's, trapped and judged again.
+    pub fn take_refused(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.refused)
+    }
+
+    /// The packets to inject since the last call, in order.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Whether UDP handshakes wait for answers (the consumer then calls
+    /// [`Self::tick`] at least every 100 ms or so).
+    pub fn waiting(&self) -> bool {
+        !self.udp_waits.is_empty()
+    }
+
+    /// Ends the UDP waits past their time: no answer came, so the peer
+    /// has no agent and the PU's application ACLs judge the held
+    /// datagrams, as an external peer's.
+    pub fn tick(&mut self, pus: &PuIndex, now_ms: u64) {
+        let due: Vec<ConnKey> = self
+            .udp_waits
+            .iter()
+            .filter(|(_, w)| w.expires <= now_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            let Some(wait) = self.udp_waits.remove(&key) else {
+                continue;
+            };
+            self.held -= wait.held.len();
+            let identity = identity_of(pus, &wait.pu);
+            let p = Trapped {
+                direction: Direction::App,
+                side: Direction::App,
+                bytes: &[],
+                uid: wait.uid,
+                src: key.local,
+                dst: key.remote,
+                key,
+            };
+            if self.external(&p, &wait.pu, &identity, UDP, &identity.application_acls) {
+                self.release(key, wait.held, now_ms);
+            } else {
+                self.refused.push((key.local, key.remote));
+            }
+        }
+    }
+
+    /// Sends the held datagrams of an authorised flow.
+    fn release(&mut self, key: ConnKey, held: Vec<Vec<u8>>, now_ms: u64) {
+        self.decided.insert(key, now_ms);
+        self.counters.add(Counted::Authorised);
+        self.outbox.extend(held.into_iter().map(|packet| Outgoing {
+            packet,
+            authorise: true,
+        }));
     }
 
     /// A reload's keys and window; the replay cache and the handshakes in
@@ -513,7 +646,7 @@ impl Engine {
             key,
         };
         let Some(flags) = flags else {
-            return self.udp(&p, pus, sockets);
+            return self.udp(&p, pus, now_ms, sockets);
         };
         match (direction, flags & (SYN | ACK | FIN_RST)) {
             (Direction::App, SYN) => self.initiate(&p, pus, now_ms, sockets),
@@ -725,7 +858,7 @@ impl Engine {
             Ok(step) => step,
             Err(_) => return self.count(Counted::NoRandomness, Action::Drop),
         };
-        self.log_step(p, &pu, &identity, &step.decision, step.peer.as_ref());
+        self.log_step(p, &pu, &identity, TCP, &step.decision, step.peer.as_ref());
         let (true, Some(peer)) = (step.decision.is_allowed(), step.peer) else {
             return Action::Drop;
         };
@@ -820,7 +953,7 @@ impl Engine {
         let step =
             self.handshaker
                 .on_syn_ack(Some(&taken.token), &nonce, &identity.policy, port, now_ms);
-        self.log_step(p, &pu, &identity, &step.decision, step.peer.as_ref());
+        self.log_step(p, &pu, &identity, TCP, &step.decision, step.peer.as_ref());
         if !step.decision.is_allowed() {
             return Action::Drop;
         }
@@ -858,25 +991,191 @@ impl Engine {
         }
     }
 
-    /// A trapped UDP datagram: the ACLs decide (no UDP handshake yet).
-    fn udp(&mut self, p: &Trapped, pus: &PuIndex, sockets: &mut dyn SocketCgroups) -> Action {
-        let pu = match p.direction {
-            Direction::App => self.app_pu(p, UDP, pus, sockets),
-            Direction::Net => self.net_pu(p, UDP, pus, sockets),
+    /// A trapped UDP datagram: an outgoing one starts (or waits for) its
+    /// flow's handshake; an incoming handshake datagram is a step of one;
+    /// any other incoming datagram is a peer's without an agent, judged by
+    /// the network ACLs.
+    fn udp(
+        &mut self,
+        p: &Trapped,
+        pus: &PuIndex,
+        now_ms: u64,
+        sockets: &mut dyn SocketCgroups,
+    ) -> Action {
+        match (p.direction, wire::udp_token(p.bytes)) {
+            (Direction::App, _) => self.udp_initiate(p, pus, now_ms, sockets),
+            (Direction::Net, Ok(Some(token))) => {
+                let token = token.to_vec();
+                // On a flow waiting for its answer, any handshake datagram
+                // is judged as the answer (a peer echoing our own SYN
+                // token back is refused as the wrong step, never taken
+                // as a SYN to answer).
+                let kind = token::parse(&token).map(|t| t.claims.kind);
+                if self.udp_waits.contains_key(&p.key) || kind == Ok(token::Kind::SynAck) {
+                    self.udp_complete(p, pus, &token, now_ms)
+                } else {
+                    self.udp_respond(p, pus, &token, now_ms, sockets)
+                }
+            }
+            (Direction::Net, Ok(None)) => {
+                // A flow decided already, whose datagram raced the mark.
+                if self.decided.contains(&p.key, now_ms) {
+                    return Action::Authorise;
+                }
+                let Some(pu) = self.net_pu(p, UDP, pus, sockets) else {
+                    return self.count(Counted::UnknownPu, Action::Drop);
+                };
+                let identity = identity_of(pus, &pu);
+                if self.external(p, &pu, &identity, UDP, &identity.network_acls) {
+                    Action::Authorise
+                } else {
+                    Action::Drop
+                }
+            }
+            (Direction::Net, Err(e)) => {
+                tracing::debug!(error = %e, src = %p.src, "handshake: unreadable UDP datagram dropped");
+                self.count(Counted::BadPacket, Action::Drop)
+            }
+        }
+    }
+
+    /// Initiator, an outgoing datagram: held while its flow's handshake
+    /// runs; the first starts it.
+    fn udp_initiate(
+        &mut self,
+        p: &Trapped,
+        pus: &PuIndex,
+        now_ms: u64,
+        sockets: &mut dyn SocketCgroups,
+    ) -> Action {
+        if self.decided.contains(&p.key, now_ms) {
+            return Action::Authorise;
+        }
+        // Re-sent whole later: a datagram copied short cannot be.
+        let whole = match wire::udp_whole(p.bytes) {
+            Ok(whole) => whole,
+            Err(e) => {
+                tracing::debug!(error = %e, src = %p.src, dst = %p.dst, "handshake: a datagram that cannot be held dropped");
+                return self.count(Counted::BadPacket, Action::Drop);
+            }
         };
-        let Some(pu) = pu else {
+        if let Some(wait) = self.udp_waits.get_mut(&p.key) {
+            if wait.held.len() >= MAX_HELD_PER_FLOW || self.held >= MAX_HELD {
+                return self.count(Counted::HoldFull, Action::Drop);
+            }
+            wait.held.push(whole);
+            self.held += 1;
+            return self.count(Counted::Held, Action::Drop);
+        }
+        let Some(pu) = self.app_pu(p, UDP, pus, sockets) else {
+            return self.count(Counted::UnknownPu, Action::Drop);
+        };
+        if self.udp_waits.len() >= MAX_UDP_WAITS || self.held >= MAX_HELD {
+            tracing::warn!(src = %p.src, dst = %p.dst, "UDP handshake hold full; datagram dropped");
+            return self.count(Counted::HoldFull, Action::Drop);
+        }
+        let identity = identity_of(pus, &pu);
+        let Ok(sent) = self.handshaker.syn(&identity.labels, now_ms) else {
+            return self.count(Counted::NoRandomness, Action::Drop);
+        };
+        let Ok(packet) = wire::udp_handshake(p.key.local, p.key.remote, &sent.token) else {
+            return self.count(Counted::BadPacket, Action::Drop);
+        };
+        self.outbox.push(Outgoing {
+            packet,
+            authorise: false,
+        });
+        self.counters.add(Counted::TokensSent);
+        self.udp_waits.insert(
+            p.key,
+            UdpWait {
+                pu,
+                nonce: sent.nonce,
+                held: vec![whole],
+                uid: p.uid,
+                expires: now_ms.saturating_add(UDP_ANSWER_WAIT_MS),
+            },
+        );
+        self.held += 1;
+        self.count(Counted::Held, Action::Drop)
+    }
+
+    /// Responder, an incoming handshake datagram: verify and judge; when
+    /// allowed, answer with the `Authorised` mark (the flow is decided
+    /// here). The datagram itself never reaches the application.
+    fn udp_respond(
+        &mut self,
+        p: &Trapped,
+        pus: &PuIndex,
+        token: &[u8],
+        now_ms: u64,
+        sockets: &mut dyn SocketCgroups,
+    ) -> Action {
+        let Some(pu) = self.net_pu(p, UDP, pus, sockets) else {
             return self.count(Counted::UnknownPu, Action::Drop);
         };
         let identity = identity_of(pus, &pu);
-        let acls = match p.direction {
-            Direction::App => &identity.application_acls,
-            Direction::Net => &identity.network_acls,
+        let port = p.key.local.port();
+        let step = match self.handshaker.on_syn(
+            Some(token),
+            &identity.labels,
+            &identity.policy,
+            port,
+            now_ms,
+        ) {
+            Ok(step) => step,
+            Err(_) => return self.count(Counted::NoRandomness, Action::Drop),
         };
-        if self.external(p, &pu, &identity, UDP, acls) {
-            Action::Authorise
-        } else {
-            Action::Drop
+        self.log_step(p, &pu, &identity, UDP, &step.decision, step.peer.as_ref());
+        let (true, Some(reply)) = (step.decision.is_allowed(), step.reply) else {
+            return Action::Drop;
+        };
+        match wire::udp_handshake(p.key.local, p.key.remote, &reply.token) {
+            Ok(packet) => {
+                self.outbox.push(Outgoing {
+                    packet,
+                    authorise: true,
+                });
+                self.counters.add(Counted::TokensSent);
+                self.decided.insert(p.key, now_ms);
+                self.count(Counted::Authorised, Action::Drop)
+            }
+            Err(_) => self.count(Counted::BadPacket, Action::Drop),
         }
+    }
+
+    /// Initiator, the answer: verify it against the nonce sent and judge
+    /// the application policy; allowed, the held datagrams go out.
+    fn udp_complete(&mut self, p: &Trapped, pus: &PuIndex, token: &[u8], now_ms: u64) -> Action {
+        // The flow is the initiator's (its log line says `app`).
+        let p = &Trapped {
+            side: Direction::App,
+            ..*p
+        };
+        let Some(wait) = self.udp_waits.remove(&p.key) else {
+            tracing::debug!(src = %p.src, dst = %p.dst, "handshake: a UDP answer to no wait dropped");
+            return self.count(Counted::UnknownConnection, Action::Drop);
+        };
+        self.held -= wait.held.len();
+        let identity = identity_of(pus, &wait.pu);
+        let port = p.key.remote.port();
+        let step =
+            self.handshaker
+                .on_syn_ack(Some(token), &wait.nonce, &identity.policy, port, now_ms);
+        self.log_step(
+            p,
+            &wait.pu,
+            &identity,
+            UDP,
+            &step.decision,
+            step.peer.as_ref(),
+        );
+        if step.decision.is_allowed() {
+            self.release(p.key, wait.held, now_ms);
+        } else {
+            self.refused.push((p.key.local, p.key.remote));
+        }
+        Action::Drop
     }
 
     /// Judges a peer without a token by `acls`, as an external peer;
@@ -925,6 +1224,7 @@ impl Engine {
         p: &Trapped,
         pu: &PuId,
         identity: &PuIdentity,
+        protocol: u8,
         decision: &crate::identity::Decision,
         peer: Option<&Claims>,
     ) {
@@ -944,7 +1244,7 @@ impl Engine {
             Logged {
                 pu,
                 identity,
-                protocol: TCP,
+                protocol,
                 policy_id: decision
                     .policy_id
                     .as_ref()

@@ -24,8 +24,11 @@
 //!
 //! With `[identity]` the [`handshake`] engine decides each packet instead
 //! — attaching, checking and stripping identity tokens, with verdicts
-//! that carry the changed packet — and the queues that carry SYNs and
-//! SYN-ACKs copy whole packets ([`HANDSHAKE_COPY_RANGE`]).
+//! that carry the changed packet, and for UDP holding a flow's datagrams
+//! while it injects its own handshake datagrams (`inject.rs`) — and the
+//! queues that carry SYNs, SYN-ACKs and UDP datagrams copy whole packets
+//! ([`HANDSHAKE_COPY_RANGE`]). While UDP handshakes wait for answers the
+//! thread wakes every `TICK_MS` to end those past their time.
 //!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
@@ -60,6 +63,7 @@
 //! thread is in.
 
 pub mod handshake;
+mod inject;
 mod kernel;
 pub mod lookup;
 mod netlink;
@@ -93,9 +97,9 @@ use netlink::{Received, Verdict, VerdictBuffer};
 /// extension header and TCP. The consumer needs headers only.
 pub const COPY_RANGE: u16 = 128;
 
-/// The copy range of the queues that carry SYNs and SYN-ACKs when the
-/// identity handshake runs: a whole packet is needed to take a token out
-/// or put one in. A SYN with the largest token is under 1,400 bytes; a
+/// The copy range of the queues that carry SYNs, SYN-ACKs and UDP
+/// datagrams when the identity handshake runs: a whole packet is needed
+/// to take a token out or put one in, or to hold a datagram. A SYN with the largest token is under 1,400 bytes; a
 /// larger packet is copied short, cannot be changed, and is refused.
 pub const HANDSHAKE_COPY_RANGE: u16 = 4096;
 
@@ -305,6 +309,8 @@ impl TrapConsumer {
                             batcher: Batcher::new(),
                             engine,
                             sockets: Sockets::default(),
+                            injector: inject::Injector::default(),
+                            conntrack: inject::Conntrack::default(),
                         };
                         server.serve(&wake);
                     }
@@ -367,7 +373,12 @@ impl TrapConsumer {
 fn copy_range(settings: &QueueSettings, queue: u16, handshake: bool) -> u16 {
     let whole = handshake
         && queues::locate(settings, queue).is_some_and(|l| {
-            matches!(l.trapped, None | Some(Trapped::Syn) | Some(Trapped::SynAck))
+            // The service range: a UDP datagram is held whole while its
+            // flow's handshake runs, and a handshake datagram read whole.
+            matches!(
+                l.trapped,
+                None | Some(Trapped::Syn) | Some(Trapped::SynAck) | Some(Trapped::Service)
+            )
         });
     if whole {
         HANDSHAKE_COPY_RANGE
@@ -433,6 +444,10 @@ struct Server {
     /// The identity handshake, when `[identity]` is configured.
     engine: Option<Box<Engine>>,
     sockets: Sockets,
+    /// Sends what the handshake makes itself (UDP).
+    injector: inject::Injector,
+    /// Forgets refused UDP flows' conntrack entries.
+    conntrack: inject::Conntrack,
 }
 
 /// The socket table, for the cgroup of a PU's sending socket; opened at
@@ -470,8 +485,17 @@ impl Server {
     fn serve(&mut self, wake: &OwnedFd) {
         let mut buf = vec![0u8; RECV_BUFFER];
         loop {
-            match wait(&self.socket, wake) {
+            // UDP handshakes waiting for answers need the clock to run.
+            let timeout = match &self.engine {
+                Some(engine) if engine.waiting() => TICK_MS,
+                _ => -1,
+            };
+            match wait(&self.socket, wake, timeout) {
                 Ok(Woken::Stop) => return,
+                Ok(Woken::Timeout) => {
+                    self.tick();
+                    continue;
+                }
                 Ok(Woken::Packets) => {}
                 Err(e) => {
                     self.counters.receive_errors.fetch_add(1, Ordering::Relaxed);
@@ -480,6 +504,44 @@ impl Server {
                 }
             }
             while self.round(&mut buf) >= MAX_ROUND {}
+            self.tick();
+        }
+    }
+
+    /// Ends the UDP handshakes whose answers did not come in time.
+    fn tick(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        if !engine.waiting() {
+            return;
+        }
+        let pus = self
+            .updater
+            .pus
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |p| p.clone());
+        engine.tick(&pus, now_ms());
+        self.inject();
+    }
+
+    /// Sends what the handshake made.
+    fn inject(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        for out in engine.take_outgoing() {
+            if let Err(e) = self.injector.send(self.marks, &out.packet, out.authorise) {
+                tracing::warn!(error = %format!("{e:#}"), "injecting a handshake packet failed");
+            }
+        }
+        for (local, remote) in engine.take_refused() {
+            match self.conntrack.forget_udp(local, remote) {
+                Ok(found) => tracing::debug!(%local, %remote, found, "refused UDP flow forgotten"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), %local, %remote, "forgetting a refused UDP flow failed")
+                }
+            }
         }
     }
 
@@ -543,16 +605,24 @@ impl Server {
         }
         if let Some(engine) = self.engine.as_mut() {
             let direction = queues::locate(&self.settings, p.queue).map(|l| l.direction);
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let action = engine.decide(direction, p.payload, p.uid, pus, now_ms, &mut self.sockets);
+            let action = engine.decide(
+                direction,
+                p.payload,
+                p.uid,
+                pus,
+                now_ms(),
+                &mut self.sockets,
+            );
             tracing::debug!(
                 queue = p.queue,
                 packet = %describe(p.payload),
                 action = action_name(&action),
                 "trapped packet decided by the handshake"
             );
+            // Before the packet's verdict: a held datagram's handshake goes
+            // out while the datagram's own (unconfirmed) conntrack entry
+            // is still queued, so the handshake's entry is the flow's.
+            self.inject();
             self.apply(p, action);
             return;
         }
@@ -817,15 +887,26 @@ impl Batcher {
     }
 }
 
+/// How often the clock of waiting UDP handshakes is checked (ms).
+const TICK_MS: i32 = 100;
+
+/// The wall clock in ms since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Why [`wait`] returned.
 enum Woken {
     Packets,
     Stop,
+    Timeout,
 }
 
 /// Blocks until the socket has something to read or the eventfd is
-/// written.
-fn wait(socket: &netlink::Socket, wake: &OwnedFd) -> std::io::Result<Woken> {
+/// written, or `timeout_ms` passed (-1: never).
+fn wait(socket: &netlink::Socket, wake: &OwnedFd, timeout_ms: i32) -> std::io::Result<Woken> {
     let mut fds = [
         libc::pollfd {
             fd: wake.as_raw_fd(),
@@ -839,14 +920,17 @@ fn wait(socket: &netlink::Socket, wake: &OwnedFd) -> std::io::Result<Woken> {
         },
     ];
     loop {
-        // SAFETY: two live pollfds; no timeout.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        // SAFETY: two live pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
+        }
+        if rc == 0 {
+            return Ok(Woken::Timeout);
         }
         if fds[0].revents != 0 {
             return Ok(Woken::Stop);

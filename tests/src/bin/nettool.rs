@@ -68,6 +68,15 @@ enum Cmd {
         #[arg(long)]
         mark: Option<u32>,
     },
+    /// From one UDP socket, COUNT times: send the payload to an echo
+    /// server and wait for it back (every datagram of one flow).
+    UdpExchange {
+        to: SocketAddr,
+        #[arg(long, default_value = "ping")]
+        payload: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Send one ICMP or ICMPv6 echo request and wait for its reply.
     Ping {
         to: std::net::IpAddr,
@@ -153,6 +162,9 @@ fn main() -> ExitCode {
             mark: Some(mark),
             ..
         } => udp_send_marked(to, mark, payload.as_bytes()),
+        Cmd::UdpExchange { to, payload, count } => {
+            traffic::udp_exchanges(to, payload.as_bytes(), count)
+        }
         Cmd::Ping { to, dgram } => traffic::ping(
             to,
             match dgram {

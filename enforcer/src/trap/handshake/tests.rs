@@ -569,8 +569,17 @@ fn the_table_is_bounded_and_forgets_by_age() {
     assert_eq!(b.decide(Direction::Net, &ack, later), Action::Drop);
 }
 
+/// An ordinary datagram (no signature) from `src` to `dst`.
+fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut p = wire::udp_handshake(src, dst, payload).unwrap();
+    // The signature's bytes overwritten: ordinary data, checksums redone.
+    let at = p.len() - payload.len() - wire::UDP_SIGNATURE.len();
+    p[at..at + wire::UDP_SIGNATURE.len()].fill(b'z');
+    wire::udp_whole(&p).unwrap()
+}
+
 #[test]
-fn udp_is_judged_by_the_acls() {
+fn an_ordinary_incoming_datagram_is_judged_by_the_acls() {
     let acl = r#"
 [[pus.network_acls]]
 networks = ["10.0.0.0/24"]
@@ -580,20 +589,210 @@ action = "accept"
 policy_id = "dns-in"
 "#;
     let mut b = host_b(acl, MAX_CONNECTIONS);
-    let datagram = |src: &str| {
-        let (src, dst) = (addr(src), addr("10.0.0.2:53"));
-        wire::udp_handshake(src, dst, b"x").unwrap()
-    };
+    let from = |src: &str| datagram(addr(src), addr("10.0.0.2:53"), b"query");
     assert_eq!(
-        b.decide(Direction::Net, &datagram("10.0.0.1:5000"), NOW),
+        b.decide(Direction::Net, &from("10.0.0.1:5000"), NOW),
         Action::Authorise
     );
     assert_eq!(
-        b.decide(Direction::Net, &datagram("10.0.1.1:5000"), NOW),
+        b.decide(Direction::Net, &from("10.0.1.1:5000"), NOW),
         Action::Drop
     );
     let protocols: Vec<String> = b.flows().into_iter().map(|f| f.protocol).collect();
     assert_eq!(protocols, ["udp", "udp"]);
+}
+
+/// Host A's `web` with a rule for `app=db` on UDP 53 too.
+fn host_a_udp(seed: u8) -> Agent {
+    let pus = r#"
+[[pus]]
+id = "web"
+kind = "linux-process"
+cgroup = "web"
+labels = { app = "web" }
+[[pus.application_policy]]
+to = ["app=db"]
+ports = [53]
+policy_id = "web-to-dns"
+"#;
+    agent(seed, &[2], pus, MAX_CONNECTIONS)
+}
+
+/// The one packet an engine made, and whether it goes out authorised.
+fn one_out(a: &mut Agent) -> (Vec<u8>, bool) {
+    let mut out = a.engine.take_outgoing();
+    assert_eq!(out.len(), 1, "{out:?}");
+    let o = out.remove(0);
+    (o.packet, o.authorise)
+}
+
+#[test]
+fn a_udp_flow_is_held_until_the_peer_answers_its_handshake() {
+    for (client, server) in [
+        ("10.0.0.1:5000", "10.0.0.2:53"),
+        ("[fd00::1]:5000", "[fd00::2]:53"),
+    ] {
+        let (mut a, mut b) = (host_a_udp(1), host_b("", MAX_CONNECTIONS));
+        let (client, server) = (addr(client), addr(server));
+        let first = datagram(client, server, b"query-1");
+        let second = datagram(client, server, b"query-2");
+        // The first datagram is held and the handshake goes out instead,
+        // same addresses and ports, with the injected kind.
+        assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+        let (hello, authorised) = one_out(&mut a);
+        assert!(!authorised);
+        assert_eq!(
+            packet::parse(&hello).unwrap().to_string(),
+            packet::parse(&first).unwrap().to_string()
+        );
+        assert!(wire::udp_token(&hello).unwrap().is_some());
+        assert_eq!(a.decide(Direction::App, &second, NOW), Action::Drop);
+        assert!(a.engine.take_outgoing().is_empty());
+        assert_eq!(a.count(Counted::Held), 2);
+
+        // b verifies, allows, answers authorised; the handshake itself
+        // never reaches db.
+        assert_eq!(
+            b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW + 1),
+            Action::Drop
+        );
+        let (answer, authorised) = one_out(&mut b);
+        assert!(authorised);
+        assert_eq!(b.count(Counted::Allowed), 1);
+        let line = b.flows().pop().unwrap();
+        assert_eq!(
+            (line.protocol.as_str(), line.policy_id.as_str()),
+            ("udp", "web-in")
+        );
+
+        // a checks the answer and releases both datagrams, authorised,
+        // as they were sent.
+        assert_eq!(a.decide(Direction::Net, &answer, NOW + 2), Action::Drop);
+        let out = a.engine.take_outgoing();
+        let released: Vec<_> = out
+            .iter()
+            .map(|o| (o.packet.clone(), o.authorise))
+            .collect();
+        assert_eq!(released, [(first.clone(), true), (second, true)]);
+        assert_eq!(a.count(Counted::Allowed), 1);
+        assert!(!a.engine.waiting());
+        // A datagram of the flow racing the connection mark is authorised.
+        assert_eq!(a.decide(Direction::App, &first, NOW + 3), Action::Authorise);
+        // The same answer again is of no wait.
+        assert_eq!(a.decide(Direction::Net, &answer, NOW + 3), Action::Drop);
+        assert_eq!(a.count(Counted::UnknownConnection), 1);
+    }
+}
+
+#[test]
+fn a_refused_udp_handshake_gets_no_answer_and_the_acls_judge_at_the_timeout() {
+    let mut a = host_a(r#"app = "batch""#, 1);
+    let mut b = host_b("", MAX_CONNECTIONS);
+    let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
+    let first = datagram(client, server, b"query");
+    assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    assert_eq!(
+        b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW),
+        Action::Drop
+    );
+    assert!(b.engine.take_outgoing().is_empty());
+    assert_eq!(b.count(Counted::NotAllowedByPolicy), 1);
+    // No answer: at the timeout a's ACLs (none) refuse the held datagram.
+    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS - 1);
+    assert!(a.engine.waiting());
+    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS);
+    assert!(!a.engine.waiting());
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.count(Counted::NoToken), 1);
+    // Its conntrack entry is to go: the next datagram is judged anew.
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+}
+
+#[test]
+fn an_answer_the_application_policy_refuses_releases_nothing() {
+    // web may reach app=db on 443 only; b answers on 53.
+    let mut a = host_a(r#"app = "web""#, 1);
+    let mut b = host_b("", MAX_CONNECTIONS);
+    let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
+    let first = datagram(client, server, b"query");
+    assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    // A peer echoing the handshake back: the wrong step, refused.
+    assert_eq!(a.decide(Direction::Net, &echo(&hello), NOW), Action::Drop);
+    assert_eq!(a.count(Counted::WrongHandshake), 1);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+    // Again, and b's real answer, which web's policy refuses.
+    assert_eq!(a.decide(Direction::App, &first, NOW + 1), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    assert_eq!(
+        b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW + 1),
+        Action::Drop
+    );
+    let (answer, _) = one_out(&mut b);
+    assert_eq!(a.decide(Direction::Net, &answer, NOW + 2), Action::Drop);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.count(Counted::NotAllowedByPolicy), 1);
+    assert_eq!(a.engine.take_refused(), [(client, server)]);
+}
+
+/// `packet` sent back: addresses and ports swapped, payload kept.
+fn echo(packet: &[u8]) -> Vec<u8> {
+    let token = wire::udp_token(packet).unwrap().unwrap();
+    let h = packet::parse(packet).unwrap();
+    let packet::L4::Udp { src, dst } = h.l4 else {
+        panic!("UDP")
+    };
+    wire::udp_handshake(
+        SocketAddr::new(h.dst, dst),
+        SocketAddr::new(h.src, src),
+        token,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_peer_without_an_agent_gets_the_held_datagrams_when_an_acl_accepts() {
+    let pus = r#"
+[[pus]]
+id = "web"
+kind = "linux-process"
+cgroup = "web"
+labels = { app = "web" }
+[[pus.application_acls]]
+networks = ["10.0.0.0/24"]
+protocols = ["udp"]
+ports = [53]
+action = "accept"
+policy_id = "dns-out"
+"#;
+    let mut a = agent(1, &[2], pus, MAX_CONNECTIONS);
+    let first = datagram(addr("10.0.0.1:5000"), addr("10.0.0.2:53"), b"query");
+    assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+    let _hello = one_out(&mut a);
+    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS);
+    assert_eq!(one_out(&mut a), (first, true));
+    assert_eq!(a.count(Counted::ExternalAllowed), 1);
+}
+
+#[test]
+fn the_udp_hold_is_bounded() {
+    let mut a = host_a_udp(1);
+    let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
+    let d = datagram(client, server, b"q");
+    for _ in 0..MAX_HELD_PER_FLOW {
+        assert_eq!(a.decide(Direction::App, &d, NOW), Action::Drop);
+    }
+    assert_eq!(a.decide(Direction::App, &d, NOW), Action::Drop);
+    assert_eq!(a.count(Counted::Held), MAX_HELD_PER_FLOW as u64);
+    assert_eq!(a.count(Counted::HoldFull), 1);
+    // A datagram copied short cannot be held.
+    assert_eq!(
+        a.decide(Direction::App, &d[..d.len() - 1], NOW),
+        Action::Drop
+    );
+    assert_eq!(a.count(Counted::BadPacket), 1);
 }
 
 #[test]
