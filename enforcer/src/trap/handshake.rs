@@ -847,18 +847,10 @@ impl Engine {
             }
             return Action::Pass;
         };
-        let port = p.key.local.port();
-        let step = match self.handshaker.on_syn(
-            Some(&taken.token),
-            &identity.labels,
-            &identity.policy,
-            port,
-            now_ms,
-        ) {
+        let step = match self.judge_opening(p, &pu, &identity, TCP, &taken.token, now_ms) {
             Ok(step) => step,
-            Err(_) => return self.count(Counted::NoRandomness, Action::Drop),
+            Err(action) => return action,
         };
-        self.log_step(p, &pu, &identity, TCP, &step.decision, step.peer.as_ref());
         let (true, Some(peer)) = (step.decision.is_allowed(), step.peer) else {
             return Action::Drop;
         };
@@ -1115,18 +1107,10 @@ impl Engine {
             return self.count(Counted::UnknownPu, Action::Drop);
         };
         let identity = identity_of(pus, &pu);
-        let port = p.key.local.port();
-        let step = match self.handshaker.on_syn(
-            Some(token),
-            &identity.labels,
-            &identity.policy,
-            port,
-            now_ms,
-        ) {
+        let step = match self.judge_opening(p, &pu, &identity, UDP, token, now_ms) {
             Ok(step) => step,
-            Err(_) => return self.count(Counted::NoRandomness, Action::Drop),
+            Err(action) => return action,
         };
-        self.log_step(p, &pu, &identity, UDP, &step.decision, step.peer.as_ref());
         let (true, Some(reply)) = (step.decision.is_allowed(), step.reply) else {
             return Action::Drop;
         };
@@ -1217,6 +1201,40 @@ impl Engine {
             },
         );
         accepted
+    }
+
+    /// Responder: the opening token of a TCP SYN or a UDP handshake
+    /// datagram for `pu`'s port, verified and judged by its network
+    /// policy, the decision counted and logged. `Err` carries the action
+    /// when no step could be made (no randomness for the answer's nonce).
+    fn judge_opening(
+        &mut self,
+        p: &Trapped,
+        pu: &PuId,
+        identity: &PuIdentity,
+        protocol: u8,
+        token: &[u8],
+        now_ms: u64,
+    ) -> Result<crate::identity::handshake::Step, Action> {
+        let step = self
+            .handshaker
+            .on_syn(
+                Some(token),
+                &identity.labels,
+                &identity.policy,
+                p.key.local.port(),
+                now_ms,
+            )
+            .map_err(|_| self.count(Counted::NoRandomness, Action::Drop))?;
+        self.log_step(
+            p,
+            pu,
+            identity,
+            protocol,
+            &step.decision,
+            step.peer.as_ref(),
+        );
+        Ok(step)
     }
 
     fn log_step(
