@@ -828,13 +828,9 @@ impl Engine {
             };
         };
         let identity = identity_of(pus, &pu);
-        let taken = match wire::take_token(p.bytes) {
+        let taken = match self.take_token(p, &pu, &identity, "SYN") {
             Ok(taken) => taken,
-            Err(e) => {
-                tracing::debug!(error = %e, src = %p.src, "handshake: unreadable SYN dropped");
-                self.log_refusal(p, &pu, &identity, TCP, Counted::BadPacket);
-                return self.count(Counted::BadPacket, Action::Drop);
-            }
+            Err(action) => return action,
         };
         let Some(taken) = taken else {
             // A peer without an agent: an external peer.
@@ -917,13 +913,9 @@ impl Engine {
             }
         };
         let identity = identity_of(pus, &pu);
-        let taken = match wire::take_token(p.bytes) {
+        let taken = match self.take_token(p, &pu, &identity, "SYN-ACK") {
             Ok(taken) => taken,
-            Err(e) => {
-                tracing::debug!(error = %e, src = %p.src, "handshake: unreadable SYN-ACK dropped");
-                self.log_refusal(p, &pu, &identity, TCP, Counted::BadPacket);
-                return self.count(Counted::BadPacket, Action::Drop);
-            }
+            Err(action) => return action,
         };
         let Some(taken) = taken else {
             if !self.external(p, &pu, &identity, TCP, &identity.application_acls) {
@@ -1201,6 +1193,23 @@ impl Engine {
             },
         );
         accepted
+    }
+
+    /// The token a TCP `what` (SYN or SYN-ACK) of `pu` carries, stripped
+    /// from it; an unreadable segment is refused, logged and counted, and
+    /// `Err` carries its drop.
+    fn take_token(
+        &self,
+        p: &Trapped,
+        pu: &PuId,
+        identity: &PuIdentity,
+        what: &str,
+    ) -> Result<Option<wire::Taken>, Action> {
+        wire::take_token(p.bytes).map_err(|e| {
+            tracing::debug!(error = %e, src = %p.src, "handshake: unreadable {what} dropped");
+            self.log_refusal(p, pu, identity, TCP, Counted::BadPacket);
+            self.count(Counted::BadPacket, Action::Drop)
+        })
     }
 
     /// Responder: the opening token of a TCP SYN or a UDP handshake
