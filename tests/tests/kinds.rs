@@ -237,6 +237,22 @@ impl Stage {
         self.trapped_once("from the target", || from(TARGET))?;
         Ok(server)
     }
+    /// A server on `a`'s [`OTHER_PORT`], a port of no single-kind PU.
+    fn serve_other_port(&self) -> Result<TcpEchoServer> {
+        TcpEchoServer::start(&self.hosts.a, SocketAddr::new(self.server_ip(), OTHER_PORT))
+    }
+
+    /// [`OTHER`] reaches a server on [`OTHER_PORT`]: a port of no PU is
+    /// untouched.
+    fn a_port_of_no_pu_is_untouched(&self) -> Result<()> {
+        let _server = self.serve_other_port()?;
+        assert_eq!(
+            self.connect_in(OTHER, OTHER_PORT)?,
+            Outcome::Exchanged,
+            "a port of no PU: untouched"
+        );
+        Ok(())
+    }
 }
 
 /// The application ACL of every single-kind test: TCP to [`ACL_PEER`]'s
@@ -273,10 +289,7 @@ fn a_host_pu_holds_every_process_of_the_namespace(
     stage.outgoing_follows_the_acls(anyone)?;
     // A port of no listed service is the host's too.
     stage.incoming_follows_the_acls(SERVICE_PORT)?;
-    let _other = TcpEchoServer::start(
-        &stage.hosts.a,
-        SocketAddr::new(stage.server_ip(), OTHER_PORT),
-    )?;
+    let _other = stage.serve_other_port()?;
     let blocked = stage.connect_in(ACL_PEER, OTHER_PORT)?;
     assert!(
         blocked.is_blocked(),
@@ -324,15 +337,7 @@ fn a_uid_pu_holds_every_process_of_its_user(datapath: Datapath, family: Family) 
         "another user's process is no PU's: untouched"
     );
     stage.incoming_follows_the_acls(SERVICE_PORT)?;
-    let _other = TcpEchoServer::start(
-        &stage.hosts.a,
-        SocketAddr::new(stage.server_ip(), OTHER_PORT),
-    )?;
-    assert_eq!(
-        stage.connect_in(OTHER, OTHER_PORT)?,
-        Outcome::Exchanged,
-        "a port of no PU: untouched"
-    );
+    stage.a_port_of_no_pu_is_untouched()?;
 
     // The PU moves to another user: the first is nobody's any more.
     let next = TEST_UID + 1;
@@ -370,15 +375,7 @@ fn a_host_service_pu_holds_its_ports(datapath: Datapath, family: Family) -> Resu
         "a socket on another port is no PU's: untouched"
     );
     stage.incoming_follows_the_acls(SERVICE_PORT)?;
-    let _other = TcpEchoServer::start(
-        &stage.hosts.a,
-        SocketAddr::new(stage.server_ip(), OTHER_PORT),
-    )?;
-    assert_eq!(
-        stage.connect_in(OTHER, OTHER_PORT)?,
-        Outcome::Exchanged,
-        "a port of no PU: untouched"
-    );
+    stage.a_port_of_no_pu_is_untouched()?;
     Ok(())
 }
 
