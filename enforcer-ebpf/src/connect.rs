@@ -8,6 +8,10 @@
 //!
 //! The decision:
 //!
+//! 0. a PU's connection to one of its dependent services, or its UDP to
+//!    port 53 with a DNS proxy, is redirected to its proxy (`proxy.rs`)
+//!    and judged no further, as the fallback's proxy chains accept it
+//!    before any ACL;
 //! 1. a destination in the excluded networks is never touched;
 //! 2. if the destination is not a target TCP network, the specific-protocol
 //!    ACLs, in bucket order: accept marks the socket `AclAccept`, reject
@@ -139,7 +143,7 @@ fn remember_udp_trap(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16, trap: bo
 
 /// The IPv4 destination, IPv4-mapped.
 #[inline(always)]
-fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
+pub(crate) fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
     // SAFETY: the kernel hands a valid context; user_ip4 is in network
     // order, so its in-memory bytes are the address octets.
     let o = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
@@ -150,7 +154,7 @@ fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
 
 /// The IPv6 destination.
 #[inline(always)]
-fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
+pub(crate) fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -204,6 +208,14 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i
     let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
+    // First, as the fallback's proxy chains: the socket now goes to the
+    // PU's proxy, which is no peer of its policy.
+    if crate::proxy::redirect(sa, slot, proto, addr, port) {
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        return PROCEED;
+    }
     if proto == PROTO_UDP && answers(sa, slot, addr, port) {
         return apply(sa, slot, AclVerdict::Accept, hook);
     }
