@@ -162,10 +162,24 @@ fn restore(sa: *mut bpf_sock_addr, seen: [u8; 16]) {
     };
     // SAFETY: valid context. The port is in network order in the low 16 bits.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    if port != original.to_port || seen != loopback_for(&original.addr) {
+    if port != original.to_port || !same(&seen, &loopback_for(&original.addr)) {
         return;
     }
     set_addr(sa, original.addr, original.port);
+}
+
+/// Address equality byte by byte: a whole-array compare becomes a 128-bit
+/// one, which BPF cannot do.
+#[inline(always)]
+fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 #[cgroup_sock_addr(recvmsg4)]
