@@ -83,42 +83,78 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::Connect,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr6(&ctx),
+        true,
+        Hook::Connect,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::SendMsg,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr6(&ctx),
+        true,
+        Hook::SendMsg,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_host_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::Host)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::Connect,
+        Scope::Host,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_host_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::Host)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), true, Hook::Connect, Scope::Host)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_host_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::Host)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::SendMsg,
+        Scope::Host,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_host_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::Host)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), true, Hook::SendMsg, Scope::Host)
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
@@ -175,10 +211,11 @@ pub(crate) fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
 const TRAP: i32 = 2;
 
 /// What the hook returns for [`decide`]'s verdict; for a datagram, the
-/// trap decision is recorded (or an earlier one forgotten) first.
+/// trap decision is recorded (or an earlier one forgotten) first. `v6`:
+/// the hook is the IPv6 one (a redirect rewrites the hook's own fields).
 #[inline(always)]
-fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
-    let verdict = decide(sa, addr, hook, scope);
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: Scope) -> i32 {
+    let verdict = decide(sa, addr, v6, hook, scope);
     if hook == Hook::SendMsg && verdict != REFUSE {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
@@ -196,7 +233,7 @@ fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope
 /// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
 /// to be trapped) or [`REFUSE`].
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: Scope) -> i32 {
     if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
@@ -210,7 +247,7 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i
     };
     // First, as the fallback's proxy chains: the socket now goes to the
     // PU's proxy, which is no peer of its policy.
-    if crate::proxy::redirect(sa, slot, proto, addr, port) {
+    if crate::proxy::redirect(sa, v6, slot, proto, addr, port) {
         if hook == Hook::Connect {
             clear_class(sa);
         }

@@ -37,7 +37,7 @@
 //! is only trusted for a socket at the proxy port it names, so a reused
 //! client address never hands a stale original to an unrelated connection.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sockopt},
@@ -70,7 +70,14 @@ const SOCKADDR_IN6: usize = 28;
 /// (`proto`) to its proxy if its configuration says so, rewriting the
 /// hook's destination; true if it did.
 #[inline(always)]
-pub fn redirect(sa: *mut bpf_sock_addr, slot: u32, proto: u8, addr: [u8; 16], port: u16) -> bool {
+pub fn redirect(
+    sa: *mut bpf_sock_addr,
+    v6: bool,
+    slot: u32,
+    proto: u8,
+    addr: [u8; 16],
+    port: u16,
+) -> bool {
     let Some(ports) = PROXY_PORTS.get(slot) else {
         return false;
     };
@@ -101,7 +108,7 @@ pub fn redirect(sa: *mut bpf_sock_addr, slot: u32, proto: u8, addr: [u8; 16], po
     // dependent services through the proxy only; the proxy then cannot
     // learn the destination and closes the connection.
     let _ = REDIRECTS.insert(cookie, original, 0);
-    set_addr(sa, loopback_for(&addr), to_port);
+    set_addr(sa, v6, loopback_for(&addr), to_port);
     true
 }
 
@@ -125,14 +132,16 @@ fn dependent(slot: u32, addr: [u8; 16], port: u16) -> bool {
 }
 
 /// Writes `addr` (IPv4-mapped for an IPv4 hook) and `port` (host order)
-/// into the hook's address, in the hook's family.
+/// into the hook's address: user_ip6 for an IPv6 hook (`v6`, a constant
+/// at every call, so the other branch is compiled out — the verifier
+/// refuses an IPv4 hook that so much as contains a write of user_ip6).
 #[inline(always)]
-fn set_addr(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16) {
+fn set_addr(sa: *mut bpf_sock_addr, v6: bool, addr: [u8; 16], port: u16) {
     // SAFETY: the program's own context; the verifier lets these hooks
-    // write user_ip4, each word of user_ip6 and user_port (network order
-    // in the low 16 bits), whole.
+    // write user_ip4 (IPv4), each word of user_ip6 (IPv6) and user_port
+    // (network order in the low 16 bits), whole.
     unsafe {
-        if (*sa).user_family == AF_INET {
+        if !v6 {
             (*sa).user_ip4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
         } else {
             let mut i = 0;
@@ -153,7 +162,7 @@ fn set_addr(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16) {
 /// Puts the original destination back where a redirected socket would
 /// see the proxy (`seen`: the hook's address, IPv4-mapped for IPv4).
 #[inline(always)]
-fn restore(sa: *mut bpf_sock_addr, seen: [u8; 16]) {
+fn restore(sa: *mut bpf_sock_addr, v6: bool, seen: [u8; 16]) {
     // SAFETY: the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast::<c_void>()) };
     // SAFETY: a map lookup with a key on the stack.
@@ -165,7 +174,7 @@ fn restore(sa: *mut bpf_sock_addr, seen: [u8; 16]) {
     if port != original.to_port || !same(&seen, &loopback_for(&original.addr)) {
         return;
     }
-    set_addr(sa, original.addr, original.port);
+    set_addr(sa, v6, original.addr, original.port);
 }
 
 /// Address equality byte by byte: a whole-array compare becomes a 128-bit
@@ -184,25 +193,25 @@ fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn enforcer_proxy_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore(ctx.sock_addr, addr4(&ctx));
+    restore(ctx.sock_addr, false, addr4(&ctx));
     1
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn enforcer_proxy_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore(ctx.sock_addr, addr6(&ctx));
+    restore(ctx.sock_addr, true, addr6(&ctx));
     1
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn enforcer_proxy_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore(ctx.sock_addr, addr4(&ctx));
+    restore(ctx.sock_addr, false, addr4(&ctx));
     1
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn enforcer_proxy_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore(ctx.sock_addr, addr6(&ctx));
+    restore(ctx.sock_addr, true, addr6(&ctx));
     1
 }
 
@@ -223,19 +232,43 @@ fn file_by_peer(ctx: &SockOpsContext) {
     let Some(original) = (unsafe { REDIRECTS.get(cookie) }) else {
         return;
     };
-    let addr = if ctx.family() == AF_INET {
-        let o = ctx.local_ip4().to_ne_bytes();
-        [
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-        ]
-    } else {
-        words_to_bytes(ctx.local_ip6())
+    let ops = ctx.ops;
+    // SAFETY: the program's own context. Every field is read whole and
+    // unconditionally, volatile: a read the compiler merged into a pointer
+    // chosen by the family would be a modified context pointer, which the
+    // verifier refuses. local_port is in host order.
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            read_volatile(&(*ops).local_port),
+        )
     };
-    // local_port is in host order.
-    let key = PeerKey::new(addr, ctx.local_port() as u16);
+    let addr = match family {
+        AF_INET => v4_mapped(ip4),
+        _ => words_to_bytes(ip6),
+    };
+    let key = PeerKey::new(addr, port as u16);
     let _ = REDIRECTS_BY_PEER.insert(key, *original, 0);
 }
 
+/// An IPv4 address as a context holds it (network order) in the maps'
+/// IPv4-mapped form.
+#[inline(always)]
+fn v4_mapped(ip4: u32) -> [u8; 16] {
+    let o = ip4.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+    ]
+}
+
+/// An IPv6 address as a context holds it (four words in network order).
 #[inline(always)]
 fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
     let mut addr = [0u8; 16];
@@ -274,27 +307,29 @@ fn original_dst(opt: *mut bpf_sockopt) {
     // SAFETY: `sk` of a sockopt context is always a valid socket (the
     // verifier types it so); these are readable fields. dst_port is in
     // network order, src_port in host order.
-    let (proto, local_port, peer, peer_port) = unsafe {
+    // SAFETY: `sk` of a sockopt context is always a valid socket (the
+    // verifier types it so); these are readable fields, each read whole and
+    // unconditionally as in `file_by_peer`. dst_port is in network order,
+    // src_port in host order.
+    let (family, proto, local_port, ip4, ip6, peer_port) = unsafe {
         let sk = (*opt).__bindgen_anon_1.sk;
-        let peer = if (*sk).family == AF_INET {
-            let o = (*sk).dst_ip4.to_ne_bytes();
-            [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
-            ]
-        } else {
-            words_to_bytes([
-                (*sk).dst_ip6[0],
-                (*sk).dst_ip6[1],
-                (*sk).dst_ip6[2],
-                (*sk).dst_ip6[3],
-            ])
-        };
         (
-            (*sk).protocol as u8,
-            (*sk).src_port as u16,
-            peer,
-            u16::from_be((*sk).dst_port),
+            read_volatile(&(*sk).family),
+            read_volatile(&(*sk).protocol) as u8,
+            read_volatile(&(*sk).src_port) as u16,
+            read_volatile(&(*sk).dst_ip4),
+            [
+                read_volatile(&(*sk).dst_ip6[0]),
+                read_volatile(&(*sk).dst_ip6[1]),
+                read_volatile(&(*sk).dst_ip6[2]),
+                read_volatile(&(*sk).dst_ip6[3]),
+            ],
+            u16::from_be(read_volatile(&(*sk).dst_port)),
         )
+    };
+    let peer = match family {
+        AF_INET => v4_mapped(ip4),
+        _ => words_to_bytes(ip6),
     };
     if proto != PROTO_TCP {
         return;
