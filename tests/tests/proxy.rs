@@ -233,8 +233,9 @@ fn a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back(
     let dns = DnsProxy::start(&w.world.hosts.a, family, DNS_PROXY_PORT, answer)?;
     let _agent = w.start(datapath, &[proxied(&w)])?;
     // The PU asks the target peer, where no DNS server listens: the DNS
-    // proxy answers, as from the server asked — from a connected socket,
-    // and from an unconnected one, whose answer must come from the server
+    // proxy answers, as from the server asked — to a connected socket,
+    // whose peer is still the server (nettool checks `getpeername`), and
+    // to an unconnected one, whose answer must come from the server
     // itself (nettool checks its source).
     let server = SocketAddr::new(w.world.ip(TARGET), 53);
     for (asked, unconnected) in [(1, false), (2, true)] {

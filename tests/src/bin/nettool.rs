@@ -122,9 +122,10 @@ enum Cmd {
     UdpEchoServer { addr: SocketAddr },
     /// Send one DNS query for NAME (A, or AAAA to an IPv6 server) to
     /// SERVER and wait for its answer: prints `answer <address>` and
-    /// exits 0 if one came. From a connected socket, or with
-    /// `--unconnected` by `sendto` / `recvfrom`, where an answer must come
-    /// from SERVER itself (a resolver drops one from elsewhere).
+    /// exits 0 if one came. From a connected socket, whose peer must be
+    /// SERVER, or with `--unconnected` by `sendto` / `recvfrom`, where an
+    /// answer must come from SERVER itself (a resolver drops one from
+    /// elsewhere).
     DnsQuery {
         server: SocketAddr,
         name: String,
@@ -282,7 +283,9 @@ fn dns_query(server: SocketAddr, name: &str, unconnected: bool) -> traffic::Outc
             false => {
                 socket.connect(server)?;
                 socket.send(&query)?;
-                (socket.recv(&mut buf)?, server)
+                // The peer the socket names (`getpeername`) is where the
+                // answer comes from.
+                (socket.recv(&mut buf)?, socket.peer_addr()?)
             }
             true => {
                 socket.send_to(&query, server)?;
