@@ -44,6 +44,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     an_exposed_service_connection_lands_on_the_proxy,
     a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
     a_pu_without_proxy_configuration_is_unaffected,
+    an_update_gives_and_takes_the_proxy,
 );
 
 const PROXY_PORT: u16 = 15001;
@@ -306,6 +307,40 @@ fn a_pu_without_proxy_configuration_is_unaffected(
     let server = SocketAddr::new(w.world.ip(TARGET), 53);
     let (outcome, said) = dns_query(&w, Some(&other), server, false)?;
     assert_ne!(outcome, Outcome::Exchanged, "{said}");
+    Ok(())
+}
+
+/// A running PU gains its proxy configuration by an update, then loses
+/// it again: its dependent service goes through the proxy only while it
+/// has it, and is its policy's (here: refused) otherwise.
+fn an_update_gives_and_takes_the_proxy(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let plain = Pu::process_of("web", &w.world.cgroup)
+        .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([PORT]));
+    let agent = w.start(datapath, std::slice::from_ref(&plain))?;
+    let service = w.world.addr(OTHER);
+    let refused = w.exchange(Some(&w.world.cgroup), service)?;
+    assert!(refused.is_blocked(), "no proxy yet: {refused:?}");
+    for (pu, redirected) in [(proxied(&w), true), (plain, false)] {
+        let before = agent.reloads()?;
+        agent.reload(&config(&w.scope, &[pu]))?;
+        let after = agent.reloads()?;
+        assert_eq!(after.applied, before.applied + 1, "{}", agent.log());
+        let outcome = w.exchange(Some(&w.world.cgroup), service)?;
+        match redirected {
+            true => assert_eq!(outcome, Outcome::Exchanged),
+            false => assert!(outcome.is_blocked(), "the proxy is gone: {outcome:?}"),
+        }
+        // The one connection of the proxied round, and no other.
+        assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    }
+    assert_eq!(
+        w.exchange(Some(&w.world.cgroup), w.world.addr(ACL_PEER))?,
+        Outcome::Exchanged
+    );
     Ok(())
 }
 
