@@ -94,7 +94,7 @@ impl TestProxy {
                         std::thread::spawn(move || serve(client, peer, mark, &log));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(POLL)
+                        wait_readable(&listener, POLL)
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -122,6 +122,19 @@ impl Drop for TestProxy {
             let _ = t.join();
         }
     }
+}
+
+/// Waits until `listener` has a connection to accept, or `timeout` passes
+/// (so that a stop is seen): a connection is taken at once, never up to a
+/// poll interval late, which would swamp a measurement of the path.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the result only says whether to look.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
 /// A `JoinHandle<Result<Result<T>>>` (from [`Netns::spawn`]) as one result.

@@ -429,8 +429,9 @@ fn netfilter_rules_do_not_grow_with_proxied_pus() -> Result<()> {
 /// Not a check: how fast requests through the proxy go on each datapath,
 /// beside the same requests accepted by an ACL without a proxy. Each
 /// request is a new connection (`nettool tcp-exchanges`: connect, send,
-/// read the echo, close) from a process in the PU. Run by hand (the
-/// numbers are in README's proxy section):
+/// read the echo, close) from a process in the PU, one after the other,
+/// to echo servers that block in `accept` (the suite's own poll every
+/// 10 ms). Run by hand (the numbers are in README's proxy section):
 /// `cargo test -p enforcer-tests --test proxy measure -- --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement, run by hand"]
@@ -438,13 +439,27 @@ fn measure_requests_through_the_proxy() -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    const REQUESTS: &str = "2000";
+    const REQUESTS: &str = "3000";
+    const MEASURED: u16 = 7001;
     for datapath in [Datapath::Iptables, Datapath::Ebpf] {
         let w = World::new(&env, Family::V4)?;
-        let _agent = w.start(datapath, &[proxied(&w)])?;
+        let servers = Cgroup::new(&env.cgroup2)?;
+        let [service, direct] =
+            [OTHER, ACL_PEER].map(|peer| SocketAddr::new(w.world.ip(peer), MEASURED));
+        let _echo = [service, direct]
+            .into_iter()
+            .map(|addr| {
+                PuEchoServer::start(nettool!(), Transport::Tcp, &servers, &w.world.hosts.b, addr)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pu = Pu::process_of("web", &w.world.cgroup)
+            .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([MEASURED]))
+            .proxy_port(PROXY_PORT)
+            .dependent_service(w.world.net(OTHER), [MEASURED]);
+        let _agent = w.start(datapath, &[pu])?;
         for (what, to) in [
-            ("through the proxy", w.world.addr(OTHER)),
-            ("direct, ACL accept", w.world.addr(ACL_PEER)),
+            ("through the proxy", service),
+            ("direct, ACL accept", direct),
         ] {
             let mut cmd = w.world.cgroup.command_in(&w.world.hosts.a, nettool!())?;
             cmd.args(["tcp-exchanges", &to.to_string(), REQUESTS]);
