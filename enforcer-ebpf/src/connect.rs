@@ -8,11 +8,11 @@
 //!
 //! The decision:
 //!
-//! 0. a PU's connection to one of its dependent services, or its UDP to
+//! 1. a destination in the excluded networks is never touched; else a
+//!    PU's connection to one of its dependent services, or its UDP to
 //!    port 53 with a DNS proxy, is redirected to its proxy (`proxy.rs`)
-//!    and judged no further, as the fallback's proxy chains accept it
-//!    before any ACL;
-//! 1. a destination in the excluded networks is never touched;
+//!    and judged no further (the fallback's proxy chains accept it
+//!    before any ACL);
 //! 2. if the destination is not a target TCP network, the specific-protocol
 //!    ACLs, in bucket order: accept marks the socket `AclAccept`, reject
 //!    refuses the connect with EPERM;
@@ -245,20 +245,21 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: S
     let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
-    // First, as the fallback's proxy chains: the socket now goes to the
-    // PU's proxy, which is no peer of its policy.
-    if crate::proxy::redirect(sa, v6, slot, proto, addr, port) {
-        if hook == Hook::Connect {
-            clear_class(sa);
-        }
-        return PROCEED;
-    }
     if proto == PROTO_UDP && answers(sa, slot, addr, port) {
         return apply(sa, slot, AclVerdict::Accept, hook);
     }
     if in_set(SCOPE_EXCLUDED, addr) {
         // A socket reconnected from a target to an excluded peer must not
         // keep its old class: excluded traffic is never touched.
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        return PROCEED;
+    }
+    // Before any ACL, as the fallback's proxy chains (SPEC: after the
+    // excluded networks): the socket now goes to the PU's proxy, which is
+    // no peer of its policy.
+    if crate::proxy::redirect(sa, v6, slot, proto, addr, port) {
         if hook == Hook::Connect {
             clear_class(sa);
         }

@@ -2,9 +2,10 @@
 //! with per-PU nat `REDIRECT` rules, done at the socket.
 //!
 //! - [`redirect`], called by the connect and sendmsg hooks
-//!   (`connect.rs`) once they know the judging PU, before any other
-//!   decision — the fallback accepts these first in its mangle proxy chain,
-//!   before any ACL or trap: a PU's TCP connect to one of its dependent
+//!   (`connect.rs`) once they know the judging PU and the destination is
+//!   not excluded, before any ACL or trap — the fallback accepts these
+//!   first in its mangle proxy chain, and its nat redirect chains skip
+//!   excluded destinations (SPEC): a PU's TCP connect to one of its dependent
 //!   services (`PROXY_SERVICES`: an LPM trie keyed by slot and address,
 //!   each prefix holding the port ranges of every service covering it) is
 //!   rewritten to loopback at its proxy port (`127.0.0.1`, `::1`, as

@@ -406,6 +406,18 @@ impl EbpfDatapath {
                 pu.id
             ));
         }
+        if proxy::redirects(pu)
+            && matches!(
+                pu.kind,
+                PuKind::Container | PuKind::Host | PuKind::HostService
+            )
+        {
+            // Their proxy would be one of their own tasks (the namespace's
+            // or the host's rest), which the mark guard refuses the proxy
+            // mark: its onward connections would be redirected again.
+            let kind = pu.kind.name();
+            return unsupported(&format!("PU {}: proxy redirection for a {kind} PU", pu.id));
+        }
         let not_yet = [(
             !pu.exposed_services.is_empty(),
             "exposed_services (proxy redirection)",
