@@ -45,6 +45,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
     a_pu_without_proxy_configuration_is_unaffected,
     an_update_gives_and_takes_the_proxy,
+    a_dependent_service_in_the_excluded_networks_is_not_redirected,
 );
 
 const PROXY_PORT: u16 = 15001;
@@ -307,6 +308,32 @@ fn a_pu_without_proxy_configuration_is_unaffected(
     let server = SocketAddr::new(w.world.ip(TARGET), 53);
     let (outcome, said) = dns_query(&w, Some(&other), server, false)?;
     assert_ne!(outcome, Outcome::Exchanged, "{said}");
+    Ok(())
+}
+
+/// SPEC: the redirect chains skip excluded destinations, so a dependent
+/// service there is reached directly (excluded traffic is never touched),
+/// while another one is still redirected.
+fn a_dependent_service_in_the_excluded_networks_is_not_redirected(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let pu = proxied(&w).dependent_service(w.world.net(EXCLUDED), [PORT]);
+    let _agent = w.start(datapath, &[pu])?;
+    assert_eq!(
+        w.exchange(Some(&w.world.cgroup), w.world.addr(EXCLUDED))?,
+        Outcome::Exchanged
+    );
+    assert!(w.proxy.seen().is_empty(), "{:#?}", w.proxy.seen());
+    assert_eq!(
+        w.exchange(Some(&w.world.cgroup), w.world.addr(OTHER))?,
+        Outcome::Exchanged
+    );
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
     Ok(())
 }
 

@@ -123,10 +123,10 @@ impl EbpfDatapath {
         pu: &Pu,
         old: &BTreeSet<IpNet>,
     ) -> Result<BTreeSet<IpNet>> {
-        let entries = service_entries(pu)?;
+        let wanted = service_entries(pu)?;
         let loaded = self.loaded()?;
         let mut added = Vec::new();
-        for (net, entry) in &entries {
+        for (net, entry) in &wanted {
             let (bits, data) = entries::net_key(slot, *net);
             let key = Key::new(bits, data);
             if let Err(e) = loaded.proxy_services.insert(&key, entry, 0) {
@@ -147,7 +147,7 @@ impl EbpfDatapath {
             }
             return Err(anyhow!(e).context("writing the PU's proxy ports").into());
         }
-        let written: BTreeSet<IpNet> = entries.into_keys().collect();
+        let written: BTreeSet<IpNet> = wanted.into_keys().collect();
         self.remove_services(slot, old.difference(&written));
         Ok(written)
     }
