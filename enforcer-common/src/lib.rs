@@ -9,3 +9,4 @@
 pub mod facts;
 pub mod maps;
 pub mod marks;
+pub mod proxy;

@@ -8,7 +8,11 @@
 //!
 //! The decision:
 //!
-//! 1. a destination in the excluded networks is never touched;
+//! 1. a destination in the excluded networks is never touched; else a
+//!    PU's connection to one of its dependent services, or its UDP to
+//!    port 53 with a DNS proxy, is redirected to its proxy (`proxy.rs`)
+//!    and judged no further (the fallback's proxy chains accept it
+//!    before any ACL);
 //! 2. if the destination is not a target TCP network, the specific-protocol
 //!    ACLs, in bucket order: accept marks the socket `AclAccept`, reject
 //!    refuses the connect with EPERM;
@@ -79,42 +83,78 @@ enum Hook {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::Connect,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr6(&ctx),
+        true,
+        Hook::Connect,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::SendMsg,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::PuCgroup)
+    hook_verdict(
+        ctx.sock_addr,
+        addr6(&ctx),
+        true,
+        Hook::SendMsg,
+        Scope::PuCgroup,
+    )
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforcer_host_connect4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::Connect, Scope::Host)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::Connect,
+        Scope::Host,
+    )
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn enforcer_host_connect6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::Connect, Scope::Host)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), true, Hook::Connect, Scope::Host)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforcer_host_sendmsg4(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr4(&ctx), Hook::SendMsg, Scope::Host)
+    hook_verdict(
+        ctx.sock_addr,
+        addr4(&ctx),
+        false,
+        Hook::SendMsg,
+        Scope::Host,
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn enforcer_host_sendmsg6(ctx: SockAddrContext) -> i32 {
-    hook_verdict(ctx.sock_addr, addr6(&ctx), Hook::SendMsg, Scope::Host)
+    hook_verdict(ctx.sock_addr, addr6(&ctx), true, Hook::SendMsg, Scope::Host)
 }
 
 /// Records (`trap`) or forgets the trap decision for the datagram being
@@ -139,7 +179,7 @@ fn remember_udp_trap(sa: *mut bpf_sock_addr, addr: [u8; 16], port: u16, trap: bo
 
 /// The IPv4 destination, IPv4-mapped.
 #[inline(always)]
-fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
+pub(crate) fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
     // SAFETY: the kernel hands a valid context; user_ip4 is in network
     // order, so its in-memory bytes are the address octets.
     let o = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
@@ -150,7 +190,7 @@ fn addr4(ctx: &SockAddrContext) -> [u8; 16] {
 
 /// The IPv6 destination.
 #[inline(always)]
-fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
+pub(crate) fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -171,10 +211,11 @@ fn addr6(ctx: &SockAddrContext) -> [u8; 16] {
 const TRAP: i32 = 2;
 
 /// What the hook returns for [`decide`]'s verdict; for a datagram, the
-/// trap decision is recorded (or an earlier one forgotten) first.
+/// trap decision is recorded (or an earlier one forgotten) first. `v6`:
+/// the hook is the IPv6 one (a redirect rewrites the hook's own fields).
 #[inline(always)]
-fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
-    let verdict = decide(sa, addr, hook, scope);
+fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: Scope) -> i32 {
+    let verdict = decide(sa, addr, v6, hook, scope);
     if hook == Hook::SendMsg && verdict != REFUSE {
         // SAFETY: valid context. The port is in network order in the low
         // 16 bits.
@@ -192,7 +233,7 @@ fn hook_verdict(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope
 /// The verdict for a connect or a datagram: [`PROCEED`], [`TRAP`] (proceed,
 /// to be trapped) or [`REFUSE`].
 #[inline(always)]
-fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i32 {
+fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: Scope) -> i32 {
     if !in_agent_netns(sa.cast()) {
         return PROCEED;
     }
@@ -210,6 +251,15 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i
     if in_set(SCOPE_EXCLUDED, addr) {
         // A socket reconnected from a target to an excluded peer must not
         // keep its old class: excluded traffic is never touched.
+        if hook == Hook::Connect {
+            clear_class(sa);
+        }
+        return PROCEED;
+    }
+    // Before any ACL, as the fallback's proxy chains (SPEC: after the
+    // excluded networks): the socket now goes to the PU's proxy, which is
+    // no peer of its policy.
+    if crate::proxy::redirect(sa, v6, slot, proto, addr, port) {
         if hook == Hook::Connect {
             clear_class(sa);
         }

@@ -20,6 +20,7 @@ mod maps;
 mod mark_guard;
 mod packet;
 mod policy;
+mod proxy;
 mod target_peer;
 mod udp_trap;
 

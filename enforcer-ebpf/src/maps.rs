@@ -10,6 +10,9 @@ use enforcer_common::maps::{
     MAX_UDP_ANSWERS, MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpAnswerKey,
     UdpTrapKey,
 };
+use enforcer_common::proxy::{
+    MAX_REDIRECTS, MAX_SERVICE_PREFIXES, PeerKey, ProxyPorts, Redirect, ServiceEntry,
+};
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
 #[map(name = "NETS")]
@@ -77,3 +80,23 @@ pub static PENDING_FLOWS: LruHashMap<PendingFlowKey, FlowEvent> =
 /// cost of an overcount is that lookup per packet, never a lost line.
 #[map(name = "PENDING_COUNT")]
 pub static PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Per PU slot (the scope) and prefix: the port ranges of the PU's
+/// dependent services covering it (`proxy::redirect`).
+#[map(name = "PROXY_SERVICES")]
+pub static PROXY_SERVICES: LpmTrie<NetKey, ServiceEntry> =
+    LpmTrie::with_max_entries(MAX_SERVICE_PREFIXES, 0);
+
+/// Slot → its proxy and DNS proxy ports (0: none).
+#[map(name = "PROXY_PORTS")]
+pub static PROXY_PORTS: Array<ProxyPorts> = Array::with_max_entries(MAX_PUS, 0);
+
+/// A redirected socket's cookie → where it was going.
+#[map(name = "REDIRECTS")]
+pub static REDIRECTS: LruHashMap<u64, Redirect> = LruHashMap::with_max_entries(MAX_REDIRECTS, 0);
+
+/// A redirected TCP connection's client end → where it was going: what
+/// the proxy's accepted socket asks for.
+#[map(name = "REDIRECTS_BY_PEER")]
+pub static REDIRECTS_BY_PEER: LruHashMap<PeerKey, Redirect> =
+    LruHashMap::with_max_entries(MAX_REDIRECTS, 0);

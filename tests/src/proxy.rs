@@ -3,7 +3,10 @@
 //! them (issue 6).
 //!
 //! [`TestProxy`] listens on a PU's proxy port in a namespace (a thread
-//! there, outside every PU's cgroup, as a sidecar proxy is), asks each
+//! there, outside every PU's cgroup, as a sidecar proxy is), on a
+//! listening socket made in a cgroup of the test's choosing — the agent's
+//! host scope, where the eBPF datapath answers `SO_ORIGINAL_DST`
+//! ([`listener_in`]) — asks each
 //! accepted socket where it was going (`getsockopt(SOL_IP,
 //! SO_ORIGINAL_DST)`, or `SOL_IPV6, IP6T_SO_ORIGINAL_DST`), records it,
 //! connects onward to that original destination from a socket carrying
@@ -12,12 +15,13 @@
 //! every DNS query it gets with one fixed address ([`dns_answer`]).
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{
         IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
         TcpStream, UdpSocket,
     },
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -29,6 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::marks::{Kind, MarkLayout};
 
+use crate::cgroup::Cgroup;
 use crate::netfilter::Family;
 use crate::netns::Netns;
 
@@ -63,24 +68,23 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
-    /// Listens on the family's wildcard address, `port`, in `ns`; its
-    /// onward sockets carry `mark` (normally [`proxy_mark`]).
-    pub fn start(ns: &Netns, family: Family, port: u16, mark: u32) -> Result<Self> {
+    /// Listens on the family's wildcard address, `port`, in `ns`, on a
+    /// socket made in `scope` (by `nettool`, [`listener_in`]); its onward
+    /// sockets carry `mark` (normally [`proxy_mark`]).
+    pub fn start(
+        nettool: &str,
+        scope: &Cgroup,
+        ns: &Netns,
+        family: Family,
+        port: u16,
+        mark: u32,
+    ) -> Result<Self> {
+        let listener = listener_in(nettool, scope, ns, SocketAddr::new(wildcard(family), port))
+            .with_context(|| format!("binding the test proxy on port {port}"))?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (log, stp) = (seen.clone(), stop.clone());
         let thread = ns.spawn(move || -> Result<()> {
-            let listener = match bind_tcp(family, port) {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return Ok(());
-                }
-            };
             listener.set_nonblocking(true)?;
             while !stp.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -90,17 +94,13 @@ impl TestProxy {
                         std::thread::spawn(move || serve(client, peer, mark, &log));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(POLL)
+                        wait_readable(&listener, POLL)
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
             Ok(())
         })?;
-        ready_rx
-            .recv()
-            .context("proxy thread died")?
-            .with_context(|| format!("binding the test proxy on port {port}"))?;
         Ok(Self {
             seen,
             stop,
@@ -124,6 +124,19 @@ impl Drop for TestProxy {
     }
 }
 
+/// Waits until `listener` has a connection to accept, or `timeout` passes
+/// (so that a stop is seen): a connection is taken at once, never up to a
+/// poll interval late, which would swamp a measurement of the path.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the result only says whether to look.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
+
 /// A `JoinHandle<Result<Result<T>>>` (from [`Netns::spawn`]) as one result.
 trait IntoFlat {
     fn into_flat(self) -> JoinHandle<Result<()>>;
@@ -145,15 +158,67 @@ fn wildcard(family: Family) -> IpAddr {
     }
 }
 
-fn bind_tcp(family: Family, port: u16) -> std::io::Result<TcpListener> {
-    let addr = SocketAddr::new(wildcard(family), port);
+/// A TCP listener on `addr` in `ns`, made by a process in `cgroup`
+/// (`nettool hold-listener`) and taken from it with `pidfd_getfd(2)`.
+///
+/// Cgroup hooks run for a socket by the cgroup of the task that created
+/// it, and an accepted socket inherits its listener's: so the proxy's
+/// accepted sockets meet the programs of `cgroup` (on eBPF, the host
+/// scope's getsockopt program, which answers `SO_ORIGINAL_DST`) while
+/// the proxy itself stays a thread of the test. A thread cannot join a
+/// cgroup of its own (cgroup v2 moves whole processes, but for threaded
+/// subtrees), hence the short-lived child.
+pub fn listener_in(
+    nettool: &str,
+    cgroup: &Cgroup,
+    ns: &Netns,
+    addr: SocketAddr,
+) -> Result<TcpListener> {
+    let mut cmd = cgroup.command_in(ns, nettool)?;
+    cmd.args(["hold-listener", &addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("starting nettool hold-listener")?;
+    let taken = (|| -> Result<OwnedFd> {
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("nettool's stdout")?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let fd: libc::c_int = line
+            .trim()
+            .strip_prefix("listening fd=")
+            .and_then(|fd| fd.parse().ok())
+            .with_context(|| format!("nettool hold-listener said {line:?}"))?;
+        // SAFETY: plain system calls; each descriptor returned is new and
+        // ours, owned from here on.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, child.id(), 0);
+            if pidfd < 0 {
+                return Err(std::io::Error::last_os_error()).context("pidfd_open");
+            }
+            let pidfd = OwnedFd::from_raw_fd(pidfd as libc::c_int);
+            let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error()).context("pidfd_getfd");
+            }
+            Ok(OwnedFd::from_raw_fd(fd as libc::c_int))
+        }
+    })();
+    // Closing its stdin ends it; its copy of the socket goes with it.
+    drop(child.stdin.take());
+    let _ = child.wait();
+    Ok(TcpListener::from(taken?))
+}
+
+/// A TCP listener on `addr` as a proxy has it: the address reusable, and
+/// an IPv6 one for IPv6 only (`SO_ORIGINAL_DST` is asked at the family's
+/// level).
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
-    if family == Family::V6 {
-        // One family per proxy: SO_ORIGINAL_DST is asked at that level.
+    if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;

@@ -6,12 +6,13 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{
-    CgroupSkb, CgroupSockAddr, CgroupSockopt, ProgramInfo, SchedClassifier, SocketFilter,
+    CgroupSkb, CgroupSockAddr, CgroupSockopt, ProgramInfo, SchedClassifier, SockOps, SocketFilter,
 };
 use enforcer_common::maps::{
     HOST_PROGRAMS, PROG_EGRESS, PROG_HOST_EGRESS, PROG_HOST_MARK_GUARD, PROG_INGRESS,
     PROG_MARK_GUARD, PU_PROGRAMS, RULE_FILTERS,
 };
+use enforcer_common::proxy::{PROG_PROXY_ORIGINAL_DST, PROG_PROXY_SOCKOPS, PROXY_SOCK_PROGRAMS};
 use enforcer_tests::privilege;
 
 /// The verifier's limit on instructions processed per program.
@@ -30,7 +31,11 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         .load(enforcer::bpf::datapath_object()?)
         .context("loading the datapath object")?;
     let mut processed = Vec::new();
-    for name in PU_PROGRAMS.into_iter().chain(HOST_PROGRAMS) {
+    for name in PU_PROGRAMS
+        .into_iter()
+        .chain(HOST_PROGRAMS)
+        .chain(PROXY_SOCK_PROGRAMS)
+    {
         let prog: &mut CgroupSockAddr = bpf.program_mut(name).context(name)?.try_into()?;
         prog.load().with_context(|| format!("verifying {name}"))?;
         processed.push((name, verified(name, prog.info()?)?));
@@ -48,7 +53,22 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         egress.load().with_context(|| format!("verifying {name}"))?;
         processed.push((name, verified(name, egress.info()?)?));
     }
-    for name in [PROG_MARK_GUARD, PROG_HOST_MARK_GUARD] {
+    let sockops: &mut SockOps = bpf
+        .program_mut(PROG_PROXY_SOCKOPS)
+        .context(PROG_PROXY_SOCKOPS)?
+        .try_into()?;
+    sockops
+        .load()
+        .with_context(|| format!("verifying {PROG_PROXY_SOCKOPS}"))?;
+    processed.push((
+        PROG_PROXY_SOCKOPS,
+        verified(PROG_PROXY_SOCKOPS, sockops.info()?)?,
+    ));
+    for name in [
+        PROG_MARK_GUARD,
+        PROG_HOST_MARK_GUARD,
+        PROG_PROXY_ORIGINAL_DST,
+    ] {
         let guard: &mut CgroupSockopt = bpf.program_mut(name).context(name)?.try_into()?;
         guard.load().with_context(|| format!("verifying {name}"))?;
         processed.push((name, verified(name, guard.info()?)?));

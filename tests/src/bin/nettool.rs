@@ -122,8 +122,27 @@ enum Cmd {
     UdpEchoServer { addr: SocketAddr },
     /// Send one DNS query for NAME (A, or AAAA to an IPv6 server) to
     /// SERVER and wait for its answer: prints `answer <address>` and
-    /// exits 0 if one came.
-    DnsQuery { server: SocketAddr, name: String },
+    /// exits 0 if one came. From a connected socket, whose peer must be
+    /// SERVER, or with `--unconnected` by `sendto` / `recvfrom`, where an
+    /// answer must come from SERVER itself (a resolver drops one from
+    /// elsewhere).
+    DnsQuery {
+        server: SocketAddr,
+        name: String,
+        #[arg(long)]
+        unconnected: bool,
+    },
+    /// COUNT requests one after the other, each a new TCP connection to
+    /// an echo server at TO that sends the payload, reads it back and
+    /// closes: prints `requests=<n> per_sec=<rate> p50_us=<µs> p99_us=<µs>
+    /// max_us=<µs>` (a measurement, not a check; exits non-zero on the
+    /// first failure).
+    TcpExchanges { to: SocketAddr, count: u32 },
+    /// Listen on ADDR (TCP; IPv6 only for an IPv6 address) and hold the
+    /// socket for the harness to take (`pidfd_getfd`): prints
+    /// `listening fd=<descriptor>`, then waits until stdin closes. The
+    /// socket, and what it accepts, belong to this process's cgroup.
+    HoldListener { addr: SocketAddr },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -191,7 +210,13 @@ fn main() -> ExitCode {
             report_accepted,
         } => return tcp_echo_server(addr, report_accepted),
         Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
-        Cmd::DnsQuery { server, name } => dns_query(server, &name),
+        Cmd::DnsQuery {
+            server,
+            name,
+            unconnected,
+        } => dns_query(server, &name, unconnected),
+        Cmd::HoldListener { addr } => return hold_listener(addr),
+        Cmd::TcpExchanges { to, count } => tcp_exchanges(to, count),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -239,7 +264,7 @@ fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcom
 }
 
 /// `nettool dns-query`.
-fn dns_query(server: SocketAddr, name: &str) -> traffic::Outcome {
+fn dns_query(server: SocketAddr, name: &str, unconnected: bool) -> traffic::Outcome {
     use enforcer_tests::{netfilter::Family, proxy};
     let family = match server {
         SocketAddr::V4(_) => Family::V4,
@@ -251,19 +276,33 @@ fn dns_query(server: SocketAddr, name: &str) -> traffic::Outcome {
     };
     let id = std::process::id() as u16;
     let asked = std::net::UdpSocket::bind(bind).and_then(|socket| {
-        socket.connect(server)?;
         socket.set_read_timeout(Some(traffic::UDP_ANSWER_WAIT))?;
-        socket.send(&proxy::dns_query(id, name, family))?;
+        let query = proxy::dns_query(id, name, family);
         let mut buf = [0u8; 1500];
-        let n = socket.recv(&mut buf)?;
-        Ok(proxy::parse_dns_answer(&buf[..n], id))
+        let (n, from) = match unconnected {
+            false => {
+                socket.connect(server)?;
+                socket.send(&query)?;
+                // The peer the socket names (`getpeername`) is where the
+                // answer comes from.
+                (socket.recv(&mut buf)?, socket.peer_addr()?)
+            }
+            true => {
+                socket.send_to(&query, server)?;
+                socket.recv_from(&mut buf)?
+            }
+        };
+        Ok((proxy::parse_dns_answer(&buf[..n], id), from))
     });
     match asked {
-        Ok(Some(addr)) => {
+        Ok((_, from)) if from != server => {
+            traffic::Outcome::Failed(format!("an answer from {from}, not from {server}"))
+        }
+        Ok((Some(addr), _)) => {
             println!("answer {addr}");
             traffic::Outcome::Exchanged
         }
-        Ok(None) => traffic::Outcome::Failed("a reply without the answer".into()),
+        Ok((None, _)) => traffic::Outcome::Failed("a reply without the answer".into()),
         Err(e) => traffic::Outcome::from_io(&e),
     }
 }
@@ -320,6 +359,50 @@ fn tcp_echo_server(addr: SocketAddr, report_accepted: bool) -> ExitCode {
         }
     });
     // The harness closes our stdin to say "stop now".
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    ExitCode::SUCCESS
+}
+
+/// `nettool tcp-exchanges`.
+fn tcp_exchanges(to: SocketAddr, count: u32) -> traffic::Outcome {
+    let mut took = Vec::with_capacity(count as usize);
+    let start = Instant::now();
+    for _ in 0..count {
+        let begun = Instant::now();
+        match traffic::tcp_exchange(to, b"ping") {
+            traffic::Outcome::Exchanged => took.push(begun.elapsed()),
+            failed => return failed,
+        }
+    }
+    let total = start.elapsed();
+    took.sort();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 * q).ceil() as usize).clamp(1, took.len().max(1)) - 1;
+        took.get(i).map_or(0, |d| d.as_micros())
+    };
+    println!(
+        "requests={} per_sec={:.0} p50_us={} p99_us={} max_us={}",
+        took.len(),
+        took.len() as f64 / total.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    traffic::Outcome::Exchanged
+}
+
+/// `nettool hold-listener`.
+fn hold_listener(addr: SocketAddr) -> ExitCode {
+    let listener = match enforcer_tests::proxy::bind_tcp(addr) {
+        Ok(listener) => listener,
+        Err(e) => {
+            println!("error={e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening fd={}", listener.as_raw_fd());
+    let _ = std::io::stdout().flush();
+    // The harness closes our stdin once it holds its own copy.
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     ExitCode::SUCCESS
 }

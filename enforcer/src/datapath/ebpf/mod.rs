@@ -49,6 +49,7 @@ mod flowlog;
 pub mod grace;
 mod links;
 mod netfilter;
+mod proxy;
 mod sockopt_link;
 
 /// How a uid PU's user name becomes its uid, for whoever else needs it
@@ -68,7 +69,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt,
-        SchedClassifier, SocketFilter, links::FdLink,
+        SchedClassifier, SockOps, SocketFilter, links::FdLink,
     },
 };
 use enforcer_common::maps::{
@@ -80,6 +81,10 @@ use enforcer_common::maps::{
     SCOPE_TARGET_UDP,
 };
 use enforcer_common::marks::Class;
+use enforcer_common::proxy::{
+    MAP_PROXY_PORTS, MAP_PROXY_SERVICES, PROG_PROXY_ORIGINAL_DST, PROG_PROXY_SOCKOPS,
+    PROXY_SOCK_PROGRAMS, ProxyPorts, ServiceEntry,
+};
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
@@ -111,6 +116,9 @@ struct Loaded {
     generation: Array<MapData, u32>,
     counts: PerCpuArray<MapData, PuCounts>,
     ports: HashMap<MapData, PortKey, u32>,
+    /// Dependent services and proxy ports ([`proxy`]).
+    proxy_services: LpmTrie<MapData, NetKey, ServiceEntry>,
+    proxy_ports: Array<MapData, ProxyPorts>,
     /// The flow-log ring, until a reader takes it.
     flow_events: Option<RingBuf<MapData>>,
     grace: GracePeriod,
@@ -141,6 +149,8 @@ struct PuState {
     /// descriptor per link would run out of descriptors at a few thousand
     /// PUs (five links each).
     links: Vec<PathBuf>,
+    /// Its proxy entries and programs ([`proxy`]).
+    proxy: proxy::PuProxy,
 }
 
 pub struct EbpfDatapath {
@@ -164,6 +174,10 @@ pub struct EbpfDatapath {
     /// Configured PUs that need the host scope. A count, not a look at
     /// `pus`: `configure_replacing` takes a PU out of `pus` for a moment.
     host_users: usize,
+    /// Pins of the host scope's proxy programs' links, while a PU has a
+    /// proxy configuration ([`proxy`]); how many do.
+    host_proxy_links: Vec<PathBuf>,
+    proxy_users: usize,
     /// Where flow records go, if the agent wants them.
     flow_log: Option<crate::flowlog::FlowSender>,
     /// Slot and policy names for the flow-log reader.
@@ -187,6 +201,8 @@ impl EbpfDatapath {
             watcher: None,
             host_links: Vec::new(),
             host_users: 0,
+            host_proxy_links: Vec::new(),
+            proxy_users: 0,
             flow_log: None,
             flow_names: Arc::default(),
             flow_reader: None,
@@ -236,7 +252,11 @@ impl EbpfDatapath {
             .override_global(enforcer_common::maps::GLOBAL_AGENT_TGID, &agent_tgid, true)
             .load(object)
             .context("loading the eBPF datapath object")?;
-        for name in PU_PROGRAMS.into_iter().chain(HOST_PROGRAMS) {
+        for name in PU_PROGRAMS
+            .into_iter()
+            .chain(HOST_PROGRAMS)
+            .chain(PROXY_SOCK_PROGRAMS)
+        {
             let prog: &mut CgroupSockAddr = bpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -271,7 +291,18 @@ impl EbpfDatapath {
                 .pin(&pin)
                 .with_context(|| format!("pinning {}", pin.display()))?;
         }
-        for name in [PROG_MARK_GUARD, PROG_HOST_MARK_GUARD] {
+        let sockops: &mut SockOps = bpf
+            .program_mut(PROG_PROXY_SOCKOPS)
+            .with_context(|| format!("program {PROG_PROXY_SOCKOPS} missing from the object"))?
+            .try_into()?;
+        sockops
+            .load()
+            .with_context(|| format!("loading program {PROG_PROXY_SOCKOPS}"))?;
+        for name in [
+            PROG_MARK_GUARD,
+            PROG_HOST_MARK_GUARD,
+            PROG_PROXY_ORIGINAL_DST,
+        ] {
             let guard: &mut CgroupSockopt = bpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -311,6 +342,8 @@ impl EbpfDatapath {
             generation: take(MAP_PU_GENERATION)?.try_into()?,
             counts: take(MAP_PU_COUNTS)?.try_into()?,
             ports: take(MAP_PU_PORTS)?.try_into()?,
+            proxy_services: take(MAP_PROXY_SERVICES)?.try_into()?,
+            proxy_ports: take(MAP_PROXY_PORTS)?.try_into()?,
             flow_events: Some(take(MAP_FLOW_EVENTS)?.try_into()?),
             grace: GracePeriod::new()?,
             bpf,
@@ -373,21 +406,22 @@ impl EbpfDatapath {
                 pu.id
             ));
         }
-        let not_yet = [
-            (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
-            (
-                pu.dns_proxy_port.is_some(),
-                "dns_proxy_port (proxy redirection)",
-            ),
-            (
-                !pu.dependent_services.is_empty(),
-                "dependent_services (proxy redirection)",
-            ),
-            (
-                !pu.exposed_services.is_empty(),
-                "exposed_services (proxy redirection)",
-            ),
-        ];
+        if proxy::redirects(pu)
+            && matches!(
+                pu.kind,
+                PuKind::Container | PuKind::Host | PuKind::HostService
+            )
+        {
+            // Their proxy would be one of their own tasks (the namespace's
+            // or the host's rest), which the mark guard refuses the proxy
+            // mark: its onward connections would be redirected again.
+            let kind = pu.kind.name();
+            return unsupported(&format!("PU {}: proxy redirection for a {kind} PU", pu.id));
+        }
+        let not_yet = [(
+            !pu.exposed_services.is_empty(),
+            "exposed_services (proxy redirection)",
+        )];
         if let Some((_, field)) = not_yet.iter().find(|(set, _)| *set) {
             return unsupported(&format!("PU {}: {field}", pu.id));
         }
@@ -462,22 +496,10 @@ impl EbpfDatapath {
                 detach(pinned);
                 return Err(injected(&format!("attaching {name}")));
             }
-            let prog: &mut CgroupSockAddr = loaded
-                .bpf
-                .program_mut(name)
-                .with_context(|| format!("program {name}"))?
-                .try_into()
-                .map_err(anyhow::Error::from)?;
-            // A bpf_link takes no attach flags (the kernel refuses
-            // ALLOW_MULTI with EINVAL); links on one cgroup coexist anyway.
-            let attached = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()));
-            let link = attached.and_then(|id| Ok(prog.take_link(id)?));
-            let link = link.and_then(|link| Ok(FdLink::try_from(link)?));
             let path = links_dir.join(format!("{pin}-{name}"));
-            // The pinned link's descriptor closes here; the pin keeps it.
-            match link.and_then(|link| Ok(link.pin(&path).map(drop)?)) {
+            let linked = link_sock_addr(&mut loaded.bpf, name, &dir, &path)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()));
+            match linked {
                 Ok(()) => pinned.push(path),
                 Err(e) => {
                     detach(pinned);
@@ -512,7 +534,9 @@ impl EbpfDatapath {
             .program(guard)
             .context(guard.to_owned())
             .and_then(|p| Ok(<&CgroupSockopt>::try_from(p)?))
-            .and_then(|prog| sockopt_link::attach_pinned(prog, &dir, &path))
+            .and_then(|prog| {
+                sockopt_link::attach_pinned(prog, &dir, &path, sockopt_link::Hook::Set)
+            })
             .with_context(|| format!("attaching {guard} to {}", cgroup.display()));
         match linked {
             Ok(()) => pinned.push(path),
@@ -715,6 +739,22 @@ fn netns_cookie() -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
+/// Links the loaded sock_addr program `name` to the cgroup `dir` and pins
+/// the link at `path`.
+fn link_sock_addr(bpf: &mut Ebpf, name: &str, dir: &File, path: &Path) -> anyhow::Result<()> {
+    let prog: &mut CgroupSockAddr = bpf
+        .program_mut(name)
+        .with_context(|| format!("program {name}"))?
+        .try_into()?;
+    // A bpf_link takes no attach flags (the kernel refuses ALLOW_MULTI
+    // with EINVAL); links on one cgroup coexist anyway.
+    let id = prog.attach(dir, CgroupAttachMode::Single)?;
+    let link = FdLink::try_from(prog.take_link(id)?)?;
+    // The pinned link's descriptor closes here; the pin keeps it.
+    link.pin(path)?;
+    Ok(())
+}
+
 /// Removes link pins; with the last reference gone, the kernel detaches
 /// the program.
 fn detach(links: Vec<PathBuf>) {
@@ -826,6 +866,20 @@ impl Datapath for EbpfDatapath {
             self.remove_acls(slot, generation, &prefixes);
             return Err(e);
         }
+        // The proxy configuration changes in place, before the switch, as
+        // the fallback's proxy sets do ([`proxy`]).
+        let state = self.pus.get_mut(&old.id).expect("checked above");
+        let (cgroup, mut proxy) = (
+            state.claim.cgroup().map(Path::to_path_buf),
+            std::mem::take(&mut state.proxy),
+        );
+        let set = self.set_proxy(slot, cgroup.as_deref(), new, &mut proxy);
+        self.pus.get_mut(&old.id).expect("checked above").proxy = proxy;
+        if let Err(e) = set {
+            self.remove_acls(slot, generation, &prefixes);
+            self.remove_ports(owner, &added_ports);
+            return Err(e);
+        }
         // The switch: one map write (with `fault`, test-only, it fails in
         // place of being done: the last write of an update).
         let flipped = match fault {
@@ -878,6 +932,7 @@ impl Datapath for EbpfDatapath {
             state.claim.unregister(l, state.slot);
         }
         detach(state.links);
+        self.drop_proxy(state.slot, state.proxy);
         if state.claim.in_host_scope() {
             self.host_users -= 1;
             self.release_host_scope();
@@ -912,9 +967,12 @@ impl Datapath for EbpfDatapath {
         self.flow_reader = None;
         for (_, state) in std::mem::take(&mut self.pus) {
             detach(state.links);
+            detach(state.proxy.into_links());
         }
         detach(std::mem::take(&mut self.host_links));
         self.host_users = 0;
+        detach(std::mem::take(&mut self.host_proxy_links));
+        self.proxy_users = 0;
         self.loaded = None;
         self.sets.clear();
         self.free_slots.clear();
@@ -1102,6 +1160,11 @@ impl EbpfDatapath {
             detach(pinned);
             this.release_host_scope();
         }));
+        let mut proxy = proxy::PuProxy::default();
+        if let Err(e) = self.set_proxy(slot, claim.cgroup(), pu, &mut proxy) {
+            self.drop_proxy(slot, proxy);
+            return rollback(self, undo, e);
+        }
         // With `fault` (test-only) a PU of the host scope fails here, its
         // last step; a linux-process PU's last attach failed above.
         let registered = match fault && claim.in_host_scope() {
@@ -1109,6 +1172,7 @@ impl EbpfDatapath {
             false => self.loaded().and_then(|l| Ok(claim.register(l, slot)?)),
         };
         if let Err(e) = registered {
+            self.drop_proxy(slot, proxy);
             return rollback(self, undo, e);
         }
         info!(pu = %pu.id, slot, claim = ?claim, "PU configured");
@@ -1127,6 +1191,7 @@ impl EbpfDatapath {
                 runtime: RuntimePorts::new(),
                 policy: pu.clone(),
                 links,
+                proxy,
             },
         );
         self.flow_names

@@ -1,4 +1,5 @@
-//! Linking the `cgroup/setsockopt` guard to a cgroup and pinning the link.
+//! Linking a cgroup sockopt program (the `cgroup/setsockopt` guard, the
+//! proxies' `cgroup/getsockopt`) to a cgroup and pinning the link.
 //!
 //! Every other cgroup program's link is pinned under the agent's bpffs
 //! directory, so it outlives a crash or restart of the agent and `run` /
@@ -22,17 +23,29 @@ use super::grace::bpf;
 /// linux/bpf.h commands and the attach type.
 const BPF_OBJ_PIN: libc::c_int = 6;
 const BPF_LINK_CREATE: libc::c_int = 28;
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
-/// Links the loaded `prog` to `cgroup` as a setsockopt hook and pins the
-/// link at `pin`. The link's descriptor closes on return; the pin keeps
+/// Which of the two sockopt hooks a program is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Get,
+    Set,
+}
+
+/// Links the loaded `prog` to `cgroup` as its `hook` and pins the link at
+/// `pin`. The link's descriptor closes on return; the pin keeps
 /// the link, and removing the pin detaches it.
-pub fn attach_pinned(prog: &CgroupSockopt, cgroup: &File, pin: &Path) -> Result<()> {
-    let prog_fd = prog.fd().context("the guard is not loaded")?;
+pub fn attach_pinned(prog: &CgroupSockopt, cgroup: &File, pin: &Path, hook: Hook) -> Result<()> {
+    let prog_fd = prog.fd().context("the program is not loaded")?;
+    let attach_type = match hook {
+        Hook::Get => BPF_CGROUP_GETSOCKOPT,
+        Hook::Set => BPF_CGROUP_SETSOCKOPT,
+    };
     let mut attr = [0u8; 64];
     attr[0..4].copy_from_slice(&(prog_fd.as_fd().as_raw_fd() as u32).to_ne_bytes());
     attr[4..8].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
-    attr[8..12].copy_from_slice(&BPF_CGROUP_SETSOCKOPT.to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
     // flags (12..16) 0: a link takes no attach flags; links on one cgroup
     // coexist anyway.
     let fd = bpf(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE")?;
