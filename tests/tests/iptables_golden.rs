@@ -244,6 +244,7 @@ fn global_summary(rule: &str) -> String {
             "-m" => module = next,
             "--mark" => parts.push(format!("{module} {next}")),
             "--dst-type" => parts.push(format!("dst-type {next}")),
+            "-i" => parts.push(format!("{}in {next}", not(i))),
             "--comment" => parts.push(format!("comment {next}")),
             "-p" => parts.push(format!("{}{next}", not(i))),
             "--tcp-flags" => {
@@ -423,6 +424,8 @@ struct Marks {
     trap_tcp: &'static str,
     /// The kind mask alone, as CONNMARK's save masks print it.
     mask: &'static str,
+    /// The agent's whole field (kind and class).
+    field: &'static str,
 }
 
 fn global_rules_with_the_default_mark_layout(backend: Backend, family: Family) -> Result<()> {
@@ -435,6 +438,7 @@ fn global_rules_with_the_default_mark_layout(backend: Backend, family: Family) -
         injected: "0x400/0x700",
         trap_tcp: "0x800/0x3800",
         mask: "0x700",
+        field: "0x3f00",
     };
     global_rules(backend, family, "", &marks)
 }
@@ -448,6 +452,7 @@ fn global_rules_with_a_moved_mark_layout(backend: Backend, family: Family) -> Re
         injected: "0x40000/0x70000",
         trap_tcp: "0x80000/0x380000",
         mask: "0x70000",
+        field: "0x3f0000",
     };
     global_rules(backend, family, "[marks]\nshift = 16\n", &marks)
 }
@@ -499,7 +504,14 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
     );
     let synack = "tcp flags SYN,ACK SYN,ACK";
     let steering = |side: &str| -> Vec<String> {
+        // A SYN starts a new connection: the agent's bits of a closed
+        // one whose conntrack entry it reuses are forgotten first.
+        let not_lo = if side == "Net" { "!in lo " } else { "" };
         let mut rules = vec![
+            format!(
+                "{not_lo}tcp flags FIN,SYN,RST,ACK SYN -> CONNMARK set 0x0/{}",
+                m.field
+            ),
             format!(
                 "mark {} -> CONNMARK save {}/{}",
                 m.authorised, m.mask, m.mask

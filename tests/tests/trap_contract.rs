@@ -19,6 +19,12 @@
 //!   signature goes to the net service range, to a port of no PU; one
 //!   without it does not, nor does one from an ACL peer (with or without).
 //!
+//! - A target peer reconnecting from the source port of a connection the
+//!   PU's server just aborted (conntrack keeps the closed entry, and its
+//!   connection mark, for 10 s and reuses it for the new SYN): the new
+//!   connection's SYN and SYN-ACK are queued again — the old connection's
+//!   authorisation is not the new one's.
+//!
 //! Host `a` runs the agent with one linux-process PU (TCP port 8080, UDP
 //! port 8053); host `b` speaks from one address per role
 //! ([`enforcer_tests::roles`]).
@@ -62,6 +68,7 @@ on_both_datapaths_and_families!(
     a_target_connecting_to_the_pu_queues_its_handshake_and_nothing_after,
     a_syn_with_option_34_from_a_target_network_is_queued_by_the_global_rule,
     a_datagram_with_the_signature_from_a_target_udp_network_is_queued,
+    a_connection_reopening_a_closed_ones_ports_is_trapped_again,
 );
 
 fn config(cgroup: &Cgroup) -> String {
@@ -255,5 +262,72 @@ fn a_datagram_with_the_signature_from_a_target_udp_network_is_queued(
         &stage,
         &[("net-service", 1)],
         "the signature from a target network",
+    )
+}
+
+/// The peer's port for [`a_connection_reopening_a_closed_ones_ports_is_trapped_again`].
+const REOPENED_PORT: u16 = 40123;
+
+fn a_connection_reopening_a_closed_ones_ports_is_trapped_again(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let Some((stage, agent)) = start(datapath, family, &[])? else {
+        return Ok(());
+    };
+    let server = SocketAddr::new(stage.server_ip(), PU_TCP_PORT);
+    // The PU's server echoes four bytes, then aborts the connection (a
+    // reset from its side: conntrack then reuses the closed entry for the
+    // next SYN on the same ports instead of making a new one).
+    let listener = stage
+        .hosts
+        .a
+        .run(|| std::net::TcpListener::bind(server))??;
+    let _server = std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(mut stream) = stream else { return };
+            let mut ping = [0u8; 4];
+            if stream.read_exact(&mut ping).is_ok() && stream.write_all(&ping).is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            }
+        }
+    });
+    let from = SocketAddr::new(source(family, TARGET), REOPENED_PORT);
+    let exchange = || -> Result<()> {
+        stage.hosts.b.run(|| -> Result<()> {
+            let mut stream = enforcer_tests::traffic::tcp_connect_bound(Some(from), server)?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            stream.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            stream.read_exact(&mut back)?;
+            ensure!(&back == b"ping", "echo mismatch");
+            // The server's reset ends it.
+            let mut rest = Vec::new();
+            ensure!(
+                stream.read_to_end(&mut rest).is_err(),
+                "the server aborts the connection"
+            );
+            Ok(())
+        })?
+    };
+    exchange().map_err(|e| e.context(agent.log()))?;
+    assert_queued(
+        &stage,
+        &[("app-synack", 1), ("net-ack", 1), ("net-syn", 1)],
+        "the peer's SYN, the PU's SYN-ACK, the peer's first ACK",
+    )?;
+    exchange()?;
+    // Its SYN and SYN-ACK reach user space again, where the handshake
+    // decides (identity verified at both). Its first ACK does not: the
+    // reused entry's packet count goes on from the old connection's, past
+    // the first-ACK rule's bound (datapath/handshake.rs), so the
+    // connection is not marked authorised and its later packets take the
+    // PU chains' path instead of the connection-mark one.
+    assert_queued(
+        &stage,
+        &[("app-synack", 2), ("net-ack", 1), ("net-syn", 2)],
+        "the connection reopened on the same ports: its SYN and SYN-ACK are trapped again",
     )
 }

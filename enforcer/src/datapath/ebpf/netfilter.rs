@@ -102,6 +102,7 @@ pub fn render(
         rules.extend([
             format!(":{chain} - [0:0]"),
             format!("-I {builtin} 1 -j {chain}"),
+            handshake::new_connection_forgets_marks(marks, chain, direction == Direction::Net),
             format!(
                 "-A {chain} -m mark --mark {authorised:#x}/{kind:#x} \
                  -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}"
@@ -286,6 +287,7 @@ mod tests {
             "*mangle\n\
              :TRI-App - [0:0]\n\
              -I OUTPUT 1 -j TRI-App\n\
+             -A TRI-App -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x3f00\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT\n\
@@ -300,6 +302,7 @@ mod tests {
              -A TRI-App -p udp -m conntrack --ctstate NEW -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_udp_trap -j NFQUEUE --queue-balance 12:15 --queue-bypass\n\
              :TRI-Net - [0:0]\n\
              -I INPUT 1 -j TRI-Net\n\
+             -A TRI-Net ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x3f00\n\
              -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net -p udp -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\

@@ -13,7 +13,9 @@ use enforcer_common::marks::{Class, Kind};
 
 use super::rules::{Ctx, Table, declare, section};
 use super::sets::SetSpec;
-use crate::datapath::handshake::{SYN_ACK, SYN_WITH_OPTION_34, udp_signature};
+use crate::datapath::handshake::{
+    SYN_ACK, SYN_WITH_OPTION_34, new_connection_forgets_marks, udp_signature,
+};
 use crate::datapath::queues::{Direction, Trapped};
 use crate::naming::{
     GlobalSet, HOST_CHAINS, HOST_SERVICE_CHAINS, MAIN_CHAINS, PROCESS_CHAINS, PROXY_CHAINS,
@@ -57,6 +59,7 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     // Outgoing.
     let target_tcp = ctx.set(GlobalSet::TargetTcp);
     let target_udp = ctx.set(GlobalSet::TargetUdp);
+    lines.push(new_connection_forgets_marks(ctx.marks, app, false));
     lines.extend(verdict_rules(ctx, app));
     lines.push(format!("-A {app} -j {}", PROXY_CHAINS.app));
     lines.push(format!(
@@ -85,6 +88,7 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     }
 
     // Incoming.
+    lines.push(new_connection_forgets_marks(ctx.marks, net, true));
     lines.extend(verdict_rules(ctx, net));
     lines.push(format!("-A {net} -j {}", PROXY_CHAINS.net));
     lines.push(format!(
@@ -206,6 +210,7 @@ mod tests {
 :TRI-Prx-Net - [0:0]
 -A TRI-Prx-App -m mark --mark 0x300/0x700 -j ACCEPT
 -A TRI-Prx-Net -m mark --mark 0x300/0x700 -j ACCEPT
+-A TRI-App -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x3f00
 -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700
 -A TRI-App -m mark --mark 0x100/0x700 -j ACCEPT
 -A TRI-App -j TRI-Prx-App
@@ -219,6 +224,7 @@ mod tests {
 -A TRI-App -j TRI-Pid-App
 -A TRI-App -j TRI-Svc-App
 -A TRI-App -j TRI-Hst-App
+-A TRI-Net ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x3f00
 -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700
 -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-Prx-Net
