@@ -133,6 +133,26 @@ fn bytecode(program: &[Insn]) -> String {
     text
 }
 
+/// The first rule of both datapaths' main chains: a SYN (without ACK)
+/// starts a new connection, so whatever the agent wrote into its
+/// connection's mark (kind and class; other bits kept) is forgotten
+/// before any rule reads it. Conntrack does not always make a new entry
+/// for a new connection: when a connection was closed by the responder's
+/// reset, a SYN on the same ports within the closed entry's 10 s reuses
+/// it — mark and all — and without this rule the old connection's
+/// `Authorised` kind would accept the new one past the trap (and past the
+/// identity handshake). Incoming, not on `lo`: a local connection's SYN
+/// was already cleared on its way out, and what the application side wrote
+/// into it then must stay.
+pub fn new_connection_forgets_marks(marks: MarkLayout, chain: &str, incoming: bool) -> String {
+    let mask = marks.kind_mask() | marks.class_mask();
+    let not_lo = if incoming { "! -i lo " } else { "" };
+    format!(
+        "-A {chain} {not_lo}-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN \
+         -j CONNMARK --set-xmark 0x0/{mask:#x}"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,24 +266,4 @@ mod tests {
         );
         assert!(first_ack(IpFamily::V6).ends_with("-m bpf --bytecode \"10,48 0 0 6,21 0 7 6,48 0 0 52,116 0 0 2,84 0 0 60,7 0 0 0,40 0 0 4,29 0 1 0,6 0 0 1,6 0 0 0\""));
     }
-}
-
-/// The first rule of both datapaths' main chains: a SYN (without ACK)
-/// starts a new connection, so whatever the agent wrote into its
-/// connection's mark (kind and class; other bits kept) is forgotten
-/// before any rule reads it. Conntrack does not always make a new entry
-/// for a new connection: when a connection was closed by the responder's
-/// reset, a SYN on the same ports within the closed entry's 10 s reuses
-/// it — mark and all — and without this rule the old connection's
-/// `Authorised` kind would accept the new one past the trap (and past the
-/// identity handshake). Incoming, not on `lo`: a local connection's SYN
-/// was already cleared on its way out, and what the application side wrote
-/// into it then must stay.
-pub fn new_connection_forgets_marks(marks: MarkLayout, chain: &str, incoming: bool) -> String {
-    let mask = marks.kind_mask() | marks.class_mask();
-    let not_lo = if incoming { "! -i lo " } else { "" };
-    format!(
-        "-A {chain} {not_lo}-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN \
-         -j CONNMARK --set-xmark 0x0/{mask:#x}"
-    )
 }
