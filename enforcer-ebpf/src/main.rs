@@ -21,6 +21,7 @@ mod mark_guard;
 mod packet;
 mod policy;
 mod target_peer;
+mod udp_flows;
 mod udp_trap;
 
 #[cfg(not(test))]

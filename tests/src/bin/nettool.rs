@@ -72,6 +72,9 @@ enum Cmd {
     /// server and wait for it back (every datagram of one flow).
     UdpExchange {
         to: SocketAddr,
+        /// Local port to bind to first (a PU's own UDP port, say).
+        #[arg(long)]
+        sport: Option<u16>,
         #[arg(long, default_value = "ping")]
         payload: String,
         #[arg(long, default_value_t = 1)]
@@ -124,6 +127,25 @@ enum Cmd {
     /// SERVER and wait for its answer: prints `answer <address>` and
     /// exits 0 if one came.
     DnsQuery { server: SocketAddr, name: String },
+    /// Send one packet the process builds itself through a raw socket
+    /// (`SOCK_RAW`): no connect or sendmsg hook sees it. KIND is
+    /// `tcp-syn` or `udp` (to TO's port), `echo-reply` or `unreachable`
+    /// (ICMP or ICMPv6, TO's port unused), each carrying PAYLOAD.
+    RawSend {
+        kind: RawKind,
+        to: SocketAddr,
+        /// The source address (the raw socket is bound to it).
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// Source port (TCP, UDP).
+        #[arg(long, default_value_t = 40_000)]
+        sport: u16,
+        /// Echo identifier (echo-reply).
+        #[arg(long, default_value_t = 0)]
+        id: u16,
+        #[arg(long, default_value = "raw")]
+        payload: String,
+    },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -162,9 +184,12 @@ fn main() -> ExitCode {
             mark: Some(mark),
             ..
         } => udp_send_marked(to, mark, payload.as_bytes()),
-        Cmd::UdpExchange { to, payload, count } => {
-            traffic::udp_exchanges(to, payload.as_bytes(), count)
-        }
+        Cmd::UdpExchange {
+            to,
+            sport,
+            payload,
+            count,
+        } => traffic::udp_exchanges(to, sport, payload.as_bytes(), count),
         Cmd::Ping { to, dgram } => traffic::ping(
             to,
             match dgram {
@@ -192,6 +217,14 @@ fn main() -> ExitCode {
         } => return tcp_echo_server(addr, report_accepted),
         Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::DnsQuery { server, name } => dns_query(server, &name),
+        Cmd::RawSend {
+            kind,
+            to,
+            from,
+            sport,
+            id,
+            payload,
+        } => raw_send(kind, to, from, sport, id, payload.as_bytes()),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
@@ -456,5 +489,52 @@ fn report_leftovers() -> ExitCode {
             eprintln!("leftovers: could not look: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `nettool raw-send` builds.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RawKind {
+    TcpSyn,
+    Udp,
+    EchoReply,
+    Unreachable,
+}
+
+/// `nettool raw-send`: the send's own outcome (a hook's EPERM, say);
+/// whether the packet arrived is for the peer's side to say.
+fn raw_send(
+    kind: RawKind,
+    to: SocketAddr,
+    from: std::net::IpAddr,
+    sport: u16,
+    id: u16,
+    payload: &[u8],
+) -> traffic::Outcome {
+    let v4 = to.is_ipv4();
+    let sent = match kind {
+        RawKind::TcpSyn => traffic::send_tcp_syn(from, sport, to, &[]),
+        RawKind::Udp => traffic::send_raw_udp(from, sport, to, payload),
+        RawKind::EchoReply => {
+            let mut body = id.to_be_bytes().to_vec();
+            body.extend_from_slice(&1u16.to_be_bytes()); // sequence
+            body.extend_from_slice(payload);
+            let reply = if v4 { 0 } else { 129 };
+            traffic::send_raw_icmp(from, to.ip(), reply, 0, &body)
+        }
+        RawKind::Unreachable => {
+            // Port unreachable, quoting a datagram that was never sent.
+            let (unreachable, code) = if v4 { (3, 3) } else { (1, 4) };
+            let mut body = vec![0; 4];
+            body.extend_from_slice(payload);
+            traffic::send_raw_icmp(from, to.ip(), unreachable, code, &body)
+        }
+    };
+    match sent {
+        Ok(()) => traffic::Outcome::Exchanged,
+        Err(e) => match e.root_cause().downcast_ref::<std::io::Error>() {
+            Some(io) => traffic::Outcome::from_io(io),
+            None => traffic::Outcome::Failed(format!("{e:#}")),
+        },
     }
 }

@@ -35,6 +35,8 @@ pub struct Pins {
 /// ACCEPT there lets a trapped packet bypass the queue), in SPEC's order
 /// ("Global steering", then the trap rules of "Order of evaluation inside
 /// a PU", which the programs' classes stand for):
+/// - outgoing, an ICMP packet conntrack knows (ESTABLISHED or RELATED)
+///   is classed `KnownFlow`, which the egress program lets out;
 /// - the consumer's verdict (kind `Authorised` in the packet mark, see
 ///   [`crate::datapath`]) is saved into the connection mark and the packet
 ///   accepted, so a repeated packet never reaches a trap again;
@@ -88,6 +90,11 @@ pub fn render(
     let authorised = marks.kind(Kind::Authorised);
     let trap_tcp = marks.class(Class::TrapTcp);
     let trap_udp = marks.class(Class::TrapUdp);
+    let known = marks.class(Class::KnownFlow);
+    let icmp = match family {
+        IpFamily::V4 => "icmp",
+        IpFamily::V6 => "icmpv6",
+    };
     let first_ack = handshake::first_ack(family);
     let syn = "-p tcp --tcp-flags SYN,ACK,FIN,RST SYN";
     let mut rules = vec!["*mangle".to_string()];
@@ -102,6 +109,18 @@ pub fn render(
         rules.extend([
             format!(":{chain} - [0:0]"),
             format!("-I {builtin} 1 -j {chain}"),
+        ]);
+        if direction == Direction::App {
+            // The egress program runs after netfilter and cannot see
+            // conntrack: it lets an ICMP packet out on this class, where
+            // the fallback's chain accepts ESTABLISHED and RELATED. First,
+            // so that no accept above it hides a packet from it.
+            rules.push(format!(
+                "-A {chain} -p {icmp} -m conntrack --ctstate ESTABLISHED,RELATED \
+                 -j MARK --set-xmark {known:#x}/{class:#x}"
+            ));
+        }
+        rules.extend([
             format!(
                 "-A {chain} -m mark --mark {authorised:#x}/{kind:#x} \
                  -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}"
