@@ -115,10 +115,19 @@ pub fn render(
             // conntrack: it lets an ICMP packet out on this class, where
             // the fallback's chain accepts ESTABLISHED and RELATED. First,
             // so that no accept above it hides a packet from it.
-            rules.push(format!(
-                "-A {chain} -p {icmp} -m conntrack --ctstate ESTABLISHED,RELATED \
-                 -j MARK --set-xmark {known:#x}/{class:#x}"
-            ));
+            // The class is conntrack's word only: one a packet brought
+            // from its socket's mark (set where the `SO_MARK` guard cannot
+            // see, README) is cleared.
+            rules.extend([
+                format!(
+                    "-A {chain} -p {icmp} -m conntrack --ctstate ESTABLISHED,RELATED \
+                     -j MARK --set-xmark {known:#x}/{class:#x}"
+                ),
+                format!(
+                    "-A {chain} -p {icmp} -m conntrack ! --ctstate ESTABLISHED,RELATED \
+                     -m mark --mark {known:#x}/{class:#x} -j MARK --set-xmark 0x0/{class:#x}"
+                ),
+            ]);
         }
         rules.extend([
             format!(
@@ -305,6 +314,8 @@ mod tests {
             "*mangle\n\
              :TRI-App - [0:0]\n\
              -I OUTPUT 1 -j TRI-App\n\
+             -A TRI-App -p icmp -m conntrack --ctstate ESTABLISHED,RELATED -j MARK --set-xmark 0x2800/0x3800\n\
+             -A TRI-App -p icmp -m conntrack ! --ctstate ESTABLISHED,RELATED -m mark --mark 0x2800/0x3800 -j MARK --set-xmark 0x0/0x3800\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT\n\
@@ -336,7 +347,8 @@ mod tests {
              COMMIT\n"
         );
         assert_eq!(text, expected);
-        // IPv6 differs only in the first ACK's payload check.
+        // IPv6 differs only in the first ACK's payload check and ICMP's
+        // protocol name.
         let v6 = render(
             MarkLayout::default(),
             &QueueSettings::default(),
@@ -344,7 +356,11 @@ mod tests {
             &pins(),
         )
         .unwrap();
-        assert_eq!(v6, text.replace(&ack, &handshake::first_ack(IpFamily::V6)));
+        assert_eq!(
+            v6,
+            text.replace(&ack, &handshake::first_ack(IpFamily::V6))
+                .replace("-p icmp ", "-p icmpv6 ")
+        );
         assert_ne!(v6, text);
     }
 
