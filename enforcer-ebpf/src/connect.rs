@@ -33,15 +33,19 @@
 //! service's port is judged as any datagram of the PU.
 //!
 //! A connection of a task no PU claims is left alone. A PU's socket that
-//! carries the agent's injected kind is judged like any other: the agent's
-//! injected packets never come from a PU's task, and a PU cannot set the
-//! kind itself (`mark_guard`).
+//! carries one of the agent's kinds (injected, authorised, …) is refused:
+//! the agent's injected packets never come from a PU's task, and a mark a
+//! PU set where `mark_guard` could not see it (before its host-service
+//! PU's bind, before joining a PU's cgroup, or on a socket passed in)
+//! would otherwise skip its ACLs and the trap in the fixed rules.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
+    helpers::generated::{
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -55,9 +59,9 @@ use enforcer_common::{
 
 use crate::maps::UDP_TRAPS;
 use crate::policy::{
-    AclVerdict, Count, Deferral, Scope, Side, acl_entry, allow_dns, count, current_cgroup_pu,
-    current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop, mark_layout,
-    port_pu,
+    AclVerdict, Count, Deferral, Scope, Side, acl_entry, agent_tgid, allow_dns, count,
+    current_cgroup_pu, current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop,
+    mark_layout, port_pu,
 };
 use crate::udp_flows;
 
@@ -204,6 +208,10 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], hook: Hook, scope: Scope) -> i
     let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
+    if carries_agent_kind(sa) {
+        count(slot, Count::Dropped);
+        return REFUSE;
+    }
     if proto == PROTO_UDP && answers(slot, local_port, addr, port) {
         return apply(sa, slot, AclVerdict::Accept, hook);
     }
@@ -320,6 +328,21 @@ fn open_for_answers(slot: u32, local: u16, peer: [u8; 16], peer_port: u16) {
     if local != 0 && port_pu(PortKey::new(PROTO_UDP, local)) == Some(slot) {
         udp_flows::open(Side::App, peer, peer_port, local);
     }
+}
+
+/// Does this PU socket carry one of the agent's mark kinds (injected,
+/// authorised, …), which the fixed netfilter rules trust? The agent sets
+/// none on a PU's sockets, and `mark_guard` refuses a PU task's own
+/// `SO_MARK` — where it can tell the socket is a PU's: not one marked
+/// before its host-service PU's bind, before its task joined a PU's
+/// cgroup, or passed in over `SCM_RIGHTS`. Such a socket is refused here,
+/// before its first packet. The agent's own sockets are left alone, as
+/// the guard leaves them.
+#[inline(always)]
+fn carries_agent_kind(sa: *mut bpf_sock_addr) -> bool {
+    socket_mark(sa) & mark_layout().kind_mask() != 0
+        // SAFETY: a helper without arguments; the high half is the tgid.
+        && (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32 != agent_tgid()
 }
 
 /// The socket's local port, 0 while it is not bound.

@@ -59,8 +59,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        AclEntry, DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
+        AclEntry, DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+        PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
     },
     marks::Class,
 };
@@ -278,7 +278,9 @@ fn decide(ctx: &SkBuffContext, l4: &L4, scope: Scope) -> i32 {
     if allow_dns() && l4.proto == PROTO_UDP && l4.dst_port == DNS_PORT {
         return PASS;
     }
-    if known_flow(ctx) {
+    // Only ICMP's class is the fixed rule's (and cleared when not):
+    // a raw TCP or UDP packet's could come from its socket's mark.
+    if (l4.proto == PROTO_ICMP || l4.proto == PROTO_ICMPV6) && known_flow(ctx) {
         return PASS;
     }
     let trapped = (l4.proto == PROTO_TCP && target_tcp)

@@ -67,6 +67,10 @@ enum Cmd {
         /// SO_MARK of the socket (the agent's injected kind, say).
         #[arg(long)]
         mark: Option<u32>,
+        /// With `--mark`: the local port to bind to *after* the mark is
+        /// set (a host service's, say).
+        #[arg(long)]
+        sport: Option<u16>,
     },
     /// From one UDP socket, COUNT times: send the payload to an echo
     /// server and wait for it back (every datagram of one flow).
@@ -177,13 +181,15 @@ fn main() -> ExitCode {
             from,
             count,
             mark: None,
+            ..
         } => traffic::udp_send_n(from, to, payload.as_bytes(), count),
         Cmd::UdpSend {
             to,
             payload,
             mark: Some(mark),
+            sport,
             ..
-        } => udp_send_marked(to, mark, payload.as_bytes()),
+        } => udp_send_marked(to, mark, sport, payload.as_bytes()),
         Cmd::UdpExchange {
             to,
             sport,
@@ -254,8 +260,14 @@ fn tcp_exchange_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Ou
     }
 }
 
-/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.
-fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcome {
+/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set
+/// (then bound to `sport`, if given).
+fn udp_send_marked(
+    to: SocketAddr,
+    mark: u32,
+    sport: Option<u16>,
+    payload: &[u8],
+) -> traffic::Outcome {
     let sent = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::DGRAM,
@@ -263,6 +275,13 @@ fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcom
     )
     .and_then(|socket| {
         socket.set_mark(mark)?;
+        if let Some(port) = sport {
+            let any: std::net::IpAddr = match to {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            socket.bind(&SocketAddr::new(any, port).into())?;
+        }
         socket.send_to(payload, &to.into())
     });
     match sent {
