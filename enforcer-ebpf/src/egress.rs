@@ -59,8 +59,8 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     maps::{
-        AclEntry, DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-        PROTO_UDP, SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
+        DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
     },
     marks::Class,
 };
@@ -158,10 +158,9 @@ fn from_raw_socket(ctx: &SkBuffContext) -> bool {
 /// A TCP segment with neither SYN nor payload (a bare ACK or RST): what
 /// the kernel's raw control socket sends (see the module doc). The IP
 /// header's length is read again here rather than carried by the parser,
-/// which TC ingress shares and whose every stack byte counts there (and
-/// in a subprogram of its own, for the same reason here); IPv6 behind
-/// extension headers is never bare.
-#[inline(never)]
+/// which TC ingress shares and whose every stack byte counts there; IPv6
+/// behind extension headers is never bare.
+#[inline(always)]
 fn bare_segment(ctx: &SkBuffContext, tcp_flags: u8) -> bool {
     if tcp_flags & TCP_SYN != 0 {
         return false;
@@ -191,11 +190,7 @@ fn known_flow(ctx: &SkBuffContext) -> bool {
 /// socket, now that its source is known: the first packet (a SYN, a
 /// datagram) carries the address the route picked and the port the bind
 /// did.
-///
-/// A subprogram of its own, not inlined: its temporaries then never add
-/// to the frame that [`decide`]'s ACL walk's callback stacks on, under
-/// the verifier's 512 bytes for a call chain.
-#[inline(never)]
+#[inline(always)]
 fn log_held_back(ctx: &SkBuffContext) {
     take_pending(
         // SAFETY: the program's own context; `skb->sk` is the sending
@@ -268,7 +263,14 @@ fn decide(ctx: &SkBuffContext, l4: &L4, scope: Scope) -> i32 {
     let target_tcp = in_set(SCOPE_TARGET_TCP, l4.dst);
     if !target_tcp
         && let Some(entry) = entry
-        && let Some(verdict) = walk(entry, 0, entry.specific, l4.dst_port, &flow)
+        && let Some(verdict) = evaluate(
+            entry,
+            0,
+            entry.specific,
+            l4.dst_port,
+            &flow,
+            &mut Deferral::none(),
+        )
     {
         return apply(slot, verdict);
     }
@@ -287,28 +289,20 @@ fn decide(ctx: &SkBuffContext, l4: &L4, scope: Scope) -> i32 {
         || (l4.proto == PROTO_UDP && in_set(SCOPE_TARGET_UDP, l4.dst));
     if !trapped
         && let Some(entry) = entry
-        && let Some(verdict) = walk(entry, entry.specific, entry.any, l4.dst_port, &flow)
+        && let Some(verdict) = evaluate(
+            entry,
+            entry.specific,
+            entry.any,
+            l4.dst_port,
+            &flow,
+            &mut Deferral::none(),
+        )
     {
         return apply(slot, verdict);
     }
     log_final_drop(&flow);
     count(slot, Count::Dropped);
     DROP
-}
-
-/// [`evaluate`], logging at once, as a subprogram of its own: the walk's
-/// state then stacks on the program's frame only once, not once per call
-/// site, under the verifier's 512 bytes for a call chain (the walk's
-/// callback included).
-#[inline(never)]
-fn walk(
-    entry: &AclEntry,
-    first: u32,
-    count: u32,
-    port: u16,
-    flow: &FlowEvent,
-) -> Option<AclVerdict> {
-    evaluate(entry, first, count, port, flow, &mut Deferral::none())
 }
 
 #[inline(always)]
