@@ -7,7 +7,9 @@
 //!
 //! On eBPF, a PU's process cannot set the agent's mark kinds on its own
 //! sockets, even as root (CAP_NET_ADMIN): the `cgroup/setsockopt` guard
-//! refuses the `SO_MARK` with EPERM, and kube-proxy's bits stay settable.
+//! refuses the `SO_MARK` with EPERM, and kube-proxy's bits stay settable;
+//! a socket marked where the guard cannot see it (a host service's, before
+//! its `bind`) is refused at `sendto` by the sendmsg hook.
 //! The iptables datapath has no such guard (README, "Not enforced yet").
 //!
 //! Kube-proxy-like rules are installed in host `a` before the agent: raw

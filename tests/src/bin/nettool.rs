@@ -91,6 +91,25 @@ enum Cmd {
         #[arg(long)]
         dgram: bool,
     },
+    /// Send one packet the process builds itself through a raw socket
+    /// (`SOCK_RAW`): no connect or sendmsg hook sees it. KIND is
+    /// `tcp-syn` or `udp` (to TO's port), `echo-reply` or `unreachable`
+    /// (ICMP or ICMPv6, TO's port unused), each carrying PAYLOAD.
+    RawSend {
+        kind: RawKind,
+        to: SocketAddr,
+        /// The source address (the raw socket is bound to it).
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// Source port (TCP, UDP).
+        #[arg(long, default_value_t = 40_000)]
+        sport: u16,
+        /// Echo identifier (echo-reply).
+        #[arg(long, default_value_t = 0)]
+        id: u16,
+        #[arg(long, default_value = "raw")]
+        payload: String,
+    },
     /// One connected UDP socket to TO: prints `connected <local address>`,
     /// then sends each line of stdin as a datagram (`send`, no address)
     /// and prints `sent` or `error=<io error kind>` for it; ends at EOF.
@@ -131,25 +150,6 @@ enum Cmd {
     /// SERVER and wait for its answer: prints `answer <address>` and
     /// exits 0 if one came.
     DnsQuery { server: SocketAddr, name: String },
-    /// Send one packet the process builds itself through a raw socket
-    /// (`SOCK_RAW`): no connect or sendmsg hook sees it. KIND is
-    /// `tcp-syn` or `udp` (to TO's port), `echo-reply` or `unreachable`
-    /// (ICMP or ICMPv6, TO's port unused), each carrying PAYLOAD.
-    RawSend {
-        kind: RawKind,
-        to: SocketAddr,
-        /// The source address (the raw socket is bound to it).
-        #[arg(long)]
-        from: std::net::IpAddr,
-        /// Source port (TCP, UDP).
-        #[arg(long, default_value_t = 40_000)]
-        sport: u16,
-        /// Echo identifier (echo-reply).
-        #[arg(long, default_value_t = 0)]
-        id: u16,
-        #[arg(long, default_value = "raw")]
-        payload: String,
-    },
     /// List what tests left behind: namespaces, cgroups, pins, control
     /// sockets, and `TRI-` chains or ipsets in this network namespace.
     Leftovers,
@@ -203,6 +203,14 @@ fn main() -> ExitCode {
                 false => traffic::PingSocket::Raw,
             },
         ),
+        Cmd::RawSend {
+            kind,
+            to,
+            from,
+            sport,
+            id,
+            payload,
+        } => raw_send(kind, to, from, sport, id, payload.as_bytes()),
         Cmd::UdpFlow { to } => return udp_flow(to),
         Cmd::TcpStream {
             to,
@@ -223,14 +231,6 @@ fn main() -> ExitCode {
         } => return tcp_echo_server(addr, report_accepted),
         Cmd::UdpEchoServer { addr } => return udp_echo_server(addr),
         Cmd::DnsQuery { server, name } => dns_query(server, &name),
-        Cmd::RawSend {
-            kind,
-            to,
-            from,
-            sport,
-            id,
-            payload,
-        } => raw_send(kind, to, from, sport, id, payload.as_bytes()),
         Cmd::Leftovers => return report_leftovers(),
     };
     if let traffic::Outcome::Failed(why) = &outcome {
