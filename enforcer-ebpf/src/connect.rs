@@ -33,7 +33,7 @@
 //! service's port is judged as any datagram of the PU.
 //!
 //! A connection of a task no PU claims is left alone. A PU's socket that
-//! carries one of the agent's kinds (injected, authorised, …) is refused:
+//! carries the agent's injected or authorised kind is refused:
 //! the agent's injected packets never come from a PU's task, and a mark a
 //! PU set where `mark_guard` could not see it (before its host-service
 //! PU's bind, before joining a PU's cgroup, or on a socket passed in)
@@ -54,7 +54,7 @@ use enforcer_common::{
         DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED,
         SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UdpTrapKey,
     },
-    marks::{Class, MarkLayout},
+    marks::{Class, Kind, MarkLayout},
 };
 
 use crate::maps::UDP_TRAPS;
@@ -330,17 +330,20 @@ fn open_for_answers(slot: u32, local: u16, peer: [u8; 16], peer_port: u16) {
     }
 }
 
-/// Does this PU socket carry one of the agent's mark kinds (injected,
-/// authorised, …), which the fixed netfilter rules trust? The agent sets
-/// none on a PU's sockets, and `mark_guard` refuses a PU task's own
-/// `SO_MARK` — where it can tell the socket is a PU's: not one marked
-/// before its host-service PU's bind, before its task joined a PU's
-/// cgroup, or passed in over `SCM_RIGHTS`. Such a socket is refused here,
-/// before its first packet. The agent's own sockets are left alone, as
-/// the guard leaves them.
+/// Does this PU socket carry a mark kind the fixed netfilter rules accept
+/// on — injected or authorised, which skip the ACLs and the trap? The
+/// agent sets neither on a PU's sockets, and `mark_guard` refuses a PU
+/// task's own `SO_MARK` — where it can tell the socket is a PU's: not one
+/// marked before its host-service PU's bind, before its task joined a
+/// PU's cgroup, or passed in over `SCM_RIGHTS`. Such a socket is refused
+/// here, before its first packet. (The proxy kind only keeps a socket
+/// from being redirected to a proxy; no rule accepts on it.) The agent's
+/// own sockets are left alone, as the guard leaves them.
 #[inline(always)]
 fn carries_agent_kind(sa: *mut bpf_sock_addr) -> bool {
-    socket_mark(sa) & mark_layout().kind_mask() != 0
+    let layout = mark_layout();
+    let kind = socket_mark(sa) & layout.kind_mask();
+    (kind == layout.kind(Kind::Injected) || kind == layout.kind(Kind::Authorised))
         // SAFETY: a helper without arguments; the high half is the tgid.
         && (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32 != agent_tgid()
 }
