@@ -105,11 +105,13 @@ pub const MAX_ACL_RULES: usize = 32;
 /// entry is needed only from the sendmsg hook to the netfilter rule, a few
 /// microseconds of the same system call, so the map can be small.
 pub const MAX_UDP_TRAPS: u32 = 16_384;
-/// Peers a PU's UDP service may answer ([`UdpAnswerKey`]): an LRU map,
-/// so flows that ended age out by themselves; one that was evicted while
-/// still alive is answered again after the peer's next datagram.
+/// UDP flows a PU's port may be answered on ([`UdpAnswerKey`]): an LRU
+/// map, so flows that ended age out by themselves; one that was evicted
+/// while still alive is answered again after the opening side's next
+/// datagram.
 pub const MAX_UDP_ANSWERS: u32 = 16_384;
-/// How long after a peer's last accepted datagram the PU may answer it:
+/// How long after the opening side's last accepted datagram the other
+/// side may answer it:
 /// conntrack's timeout for a UDP flow seen both ways
 /// (`nf_conntrack_udp_timeout_stream`, 120 s), which bounds the fallback's
 /// reverse ESTABLISHED accept the same way.
@@ -203,10 +205,19 @@ impl UdpTrapKey {
     }
 }
 
-/// A UDP datagram TC ingress let through to a PU's port because a network
-/// ACL accepts its source: the PU may answer from that port (SPEC: "UDP
-/// accepts add a reverse ESTABLISHED accept on the other side"). The value
-/// is the time (`bpf_ktime_get_ns`) of the peer's last such datagram.
+/// A UDP flow between a PU's port and a peer that one side of the PU's
+/// ACLs accepted lately, so that the other way is let through too (SPEC:
+/// "UDP accepts add a reverse ESTABLISHED accept on the other side"):
+/// - opened by the peer ([`DIRECTION_NET`]): TC ingress let a datagram
+///   through to the PU's port because a network ACL accepts its source;
+///   the PU may answer from that port (the sendmsg and connect hooks);
+/// - opened by the PU ([`DIRECTION_APP`]): a sendmsg or connect hook let a
+///   datagram out from the PU's port because an application ACL accepts
+///   its destination; the peer's answers may come in to that port (TC
+///   ingress).
+///
+/// The value is the time (`bpf_ktime_get_ns`) of the opening side's last
+/// such datagram.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UdpAnswerKey {
@@ -214,18 +225,21 @@ pub struct UdpAnswerKey {
     pub peer: [u8; 16],
     /// Host order, as the other ports here.
     pub peer_port: u16,
-    /// The PU's port the datagram came to.
+    /// The PU's port.
     pub local_port: u16,
-    pub pad: [u8; 4],
+    /// Which side opened the flow: [`DIRECTION_NET`] or [`DIRECTION_APP`].
+    pub opened_by: u8,
+    pub pad: [u8; 3],
 }
 
 impl UdpAnswerKey {
-    pub const fn new(peer: [u8; 16], peer_port: u16, local_port: u16) -> Self {
+    pub const fn new(peer: [u8; 16], peer_port: u16, local_port: u16, opened_by: u8) -> Self {
         Self {
             peer,
             peer_port,
             local_port,
-            pad: [0; 4],
+            opened_by,
+            pad: [0; 3],
         }
     }
 }

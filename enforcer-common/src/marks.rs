@@ -9,7 +9,7 @@
 //! | bits (shift 8) | mask   | field | values |
 //! |----------------|--------|-------|--------|
 //! | 8–10           | 0x0700 | kind: what the connection or socket *is* | 1 authorised by the handshake (seed 0xEEEE), 2 external flow accepted (seed 0xEEEF), 3 proxy traffic (seed 0x40), 4 injected by the agent (seed 0x40000062) |
-//! | 11–13          | 0x3800 | class: what eBPF decided for this packet | 1 trap TCP set-up, 2 trap UDP, 3 accepted by an ACL, 4 refused unless conntrack knows the flow |
+//! | 11–13          | 0x3800 | class: what eBPF decided for this packet | 1 trap TCP set-up, 2 trap UDP, 3 accepted by an ACL, 4 refused unless conntrack knows the flow, 5 a flow conntrack knows |
 //!
 //! This is the one table of the agent's mark values and masks; rules,
 //! programs, the trap consumer and the README refer to it. At the default
@@ -26,6 +26,7 @@
 //! | class: trap UDP | — | `0x1000/0x3800` | the same |
 //! | class: accepted by an ACL | — | `0x1800/0x3800` | the same |
 //! | class: refused unless the flow is established | — | `0x2000/0x3800` | packet mark (eBPF TC ingress, for a host or container PU); a fixed rule in INPUT drops it unless conntrack has the flow |
+//! | class: an ICMP packet of a flow conntrack knows | — | `0x2800/0x3800` | packet mark (a fixed rule in OUTPUT, ESTABLISHED or RELATED ICMP); read by eBPF cgroup_skb egress, which runs after netfilter |
 //!
 //! With shift `s` each value and mask is the one above shifted left by
 //! `s - 8` (shift 16: field `0x3f0000`, authorised `0x10000/0x70000`). The
@@ -87,6 +88,13 @@ pub enum Class {
     /// cannot tell, so a fixed rule in INPUT drops it when it is neither
     /// ESTABLISHED nor RELATED, as the fallback's PU chain does.
     RefuseNew = 4,
+    /// An outgoing ICMP packet conntrack calls ESTABLISHED or RELATED (an
+    /// echo reply, an error about a flow it knows): written by a fixed
+    /// rule in OUTPUT, read by the cgroup_skb egress program, which runs
+    /// after netfilter but cannot see conntrack itself. The fallback's PU
+    /// chain accepts such packets; egress lets them out on this class,
+    /// never on the ICMP type alone.
+    KnownFlow = 5,
 }
 
 /// The field's position. All values and masks derive from it.

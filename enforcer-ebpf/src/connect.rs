@@ -37,33 +37,37 @@
 //! service's port is judged as any datagram of the PU.
 //!
 //! A connection of a task no PU claims is left alone. A PU's socket that
-//! carries the agent's injected kind is judged like any other: the agent's
-//! injected packets never come from a PU's task, and a PU cannot set the
-//! kind itself (`mark_guard`).
+//! carries the agent's injected or authorised kind is refused:
+//! the agent's injected packets never come from a PU's task, and a mark a
+//! PU set where `mark_guard` could not see it (before its host-service
+//! PU's bind, before joining a PU's cgroup, or on a socket passed in)
+//! would otherwise skip its ACLs and the trap in the fixed rules.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::{bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt},
+    helpers::generated::{
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use enforcer_common::{
     maps::{
-        DIRECTION_APP, DIRECTION_NET, DNS_PORT, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey,
-        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_WINDOW_NS, UdpAnswerKey,
-        UdpTrapKey,
+        DIRECTION_APP, DNS_PORT, FlowEvent, PROTO_TCP, PROTO_UDP, PortKey, SCOPE_EXCLUDED,
+        SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UdpTrapKey,
     },
-    marks::{Class, MarkLayout},
+    marks::{Class, Kind, MarkLayout},
 };
 
-use crate::maps::{UDP_ANSWERS, UDP_TRAPS};
+use crate::maps::UDP_TRAPS;
 use crate::policy::{
-    AclVerdict, Count, Deferral, Scope, Side, acl_entry, allow_dns, count, current_cgroup_pu,
-    current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop, mark_layout,
-    port_pu,
+    AclVerdict, Count, Deferral, Scope, Side, acl_entry, agent_tgid, allow_dns, count,
+    current_cgroup_pu, current_uid, evaluate, in_agent_netns, in_set, judging_pu, log_final_drop,
+    mark_layout, port_pu,
 };
+use crate::udp_flows;
 
 const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
@@ -245,7 +249,11 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: S
     let Some(slot) = judging_pu(scope, current_cgroup_pu, current_uid, local) else {
         return PROCEED;
     };
-    if proto == PROTO_UDP && answers(sa, slot, addr, port) {
+    if carries_agent_kind(sa) {
+        count(slot, Count::Dropped);
+        return REFUSE;
+    }
+    if proto == PROTO_UDP && answers(slot, local_port, addr, port) {
         return apply(sa, slot, AclVerdict::Accept, hook);
     }
     if in_set(SCOPE_EXCLUDED, addr) {
@@ -291,6 +299,9 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: S
         && let Some(verdict) = evaluate(entry, 0, entry.specific, port, &flow, &mut defer)
     {
         let verdict = apply(sa, slot, verdict, hook);
+        if verdict != REFUSE && proto == PROTO_UDP {
+            open_for_answers(slot, local_port, addr, port);
+        }
         defer.finish(verdict == REFUSE);
         return verdict;
     }
@@ -319,6 +330,9 @@ fn decide(sa: *mut bpf_sock_addr, addr: [u8; 16], v6: bool, hook: Hook, scope: S
         && let Some(verdict) = evaluate(entry, entry.specific, entry.any, port, &flow, &mut defer)
     {
         let verdict = apply(sa, slot, verdict, hook);
+        if verdict != REFUSE && proto == PROTO_UDP {
+            open_for_answers(slot, local_port, addr, port);
+        }
         defer.finish(verdict == REFUSE);
         return verdict;
     }
@@ -345,56 +359,43 @@ fn apply(sa: *mut bpf_sock_addr, slot: u32, verdict: AclVerdict, hook: Hook) -> 
     }
 }
 
-/// Is this datagram (or UDP connect) an answer of the PU's UDP service
-/// to `peer`:`peer_port`? It is when the socket is bound to one of the
-/// PU's UDP ports, the peer sent to that port within
-/// [`UDP_ANSWER_WINDOW_NS`] and a network ACL accepted it then, and the
-/// network ACLs in force still accept it (a policy update that refuses
-/// the peer ends its answers at once). The re-check logs nothing: the
-/// datagram it answers was logged by TC ingress if its ACL logs.
+/// Is this datagram (or UDP connect) from one of the PU's UDP ports an
+/// answer to `peer`:`peer_port`, whose datagram to that port a network
+/// ACL accepted lately ([`udp_flows::is_open`])?
 #[inline(always)]
-fn answers(sa: *mut bpf_sock_addr, slot: u32, peer: [u8; 16], peer_port: u16) -> bool {
-    let local = bound_port(sa);
-    if local == 0 {
-        return false;
+fn answers(slot: u32, local: u16, peer: [u8; 16], peer_port: u16) -> bool {
+    local != 0
+        && port_pu(PortKey::new(PROTO_UDP, local)) == Some(slot)
+        && udp_flows::is_open(Side::Net, slot, &peer, peer_port, local)
+}
+
+/// A datagram (or UDP connect) an application ACL let out from one of the
+/// PU's UDP ports opens the flow for the peer's answers to that port
+/// ([`udp_flows::open`]), which TC ingress would otherwise judge as
+/// datagrams to the PU's service.
+#[inline(always)]
+fn open_for_answers(slot: u32, local: u16, peer: [u8; 16], peer_port: u16) {
+    if local != 0 && port_pu(PortKey::new(PROTO_UDP, local)) == Some(slot) {
+        udp_flows::open(Side::App, peer, peer_port, local);
     }
-    if port_pu(PortKey::new(PROTO_UDP, local)) != Some(slot) {
-        return false;
-    }
-    let key = UdpAnswerKey::new(peer, peer_port, local);
-    // SAFETY: as above.
-    let Some(&seen) = (unsafe { UDP_ANSWERS.get(key) }) else {
-        return false;
-    };
-    // SAFETY: a helper without arguments.
-    if unsafe { bpf_ktime_get_ns() }.saturating_sub(seen) > UDP_ANSWER_WINDOW_NS {
-        return false;
-    }
-    // TC ingress's order for the peer's datagrams: a peer in the target
-    // UDP networks is trapped, never accepted by an ACL.
-    if in_set(SCOPE_TARGET_UDP, peer) {
-        return false;
-    }
-    let Some(entry) = acl_entry(Side::Net, slot, peer) else {
-        return false;
-    };
-    let flow = FlowEvent {
-        slot,
-        src: peer,
-        src_port: peer_port,
-        dst_port: local,
-        proto: PROTO_UDP,
-        direction: DIRECTION_NET,
-        ..FlowEvent::default()
-    };
-    let mut silent = Deferral::silent();
-    let specific = match in_set(SCOPE_TARGET_TCP, peer) {
-        true => None,
-        false => evaluate(entry, 0, entry.specific, local, &flow, &mut silent),
-    };
-    let verdict =
-        specific.or_else(|| evaluate(entry, entry.specific, entry.any, local, &flow, &mut silent));
-    verdict == Some(AclVerdict::Accept)
+}
+
+/// Does this PU socket carry a mark kind the fixed netfilter rules accept
+/// on — injected or authorised, which skip the ACLs and the trap? The
+/// agent sets neither on a PU's sockets, and `mark_guard` refuses a PU
+/// task's own `SO_MARK` — where it can tell the socket is a PU's: not one
+/// marked before its host-service PU's bind, before its task joined a
+/// PU's cgroup, or passed in over `SCM_RIGHTS`. Such a socket is refused
+/// here, before its first packet. (The proxy kind only keeps a socket
+/// from being redirected to a proxy; no rule accepts on it.) The agent's
+/// own sockets are left alone, as the guard leaves them.
+#[inline(always)]
+fn carries_agent_kind(sa: *mut bpf_sock_addr) -> bool {
+    let layout = mark_layout();
+    let kind = socket_mark(sa) & layout.kind_mask();
+    (kind == layout.kind(Kind::Injected) || kind == layout.kind(Kind::Authorised))
+        // SAFETY: a helper without arguments; the high half is the tgid.
+        && (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32 != agent_tgid()
 }
 
 /// The socket's local port, 0 while it is not bound.

@@ -27,8 +27,11 @@
 //! conntrack knows its flow — see [`Refusal`].
 //!
 //! A UDP datagram a network ACL accepts also lets the PU answer its
-//! sender from that port for a while (`UDP_ANSWERS`, read by the sendmsg
-//! and connect hooks): the fallback's reverse ESTABLISHED accept.
+//! sender from that port for a while (`udp_flows`, read by the sendmsg
+//! and connect hooks): the fallback's reverse ESTABLISHED accept. The
+//! mirror: answers to a datagram the PU sent from one of its UDP ports to
+//! a peer an application ACL accepts come in to that port for a while
+//! (`udp_flows`, written by those hooks), whatever the network ACLs say.
 //!
 //! Fragments after the first carry no ports and pass: the first fragment
 //! carries them and is judged, and a datagram never reassembles without
@@ -39,26 +42,24 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use enforcer_common::{
     maps::{
         DIRECTION_NET, DNS_PORT, FlowEvent, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PortKey,
-        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, UDP_ANSWER_REFRESH_NS, UdpAnswerKey,
-        is_v4_mapped,
+        SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
     },
     marks::Class,
 };
 
 use crate::{
-    maps::UDP_ANSWERS,
     packet::{self, L4, Parsed},
     policy::{
         AclVerdict, Count, Deferral, Side, acl_entry, allow_dns, count, evaluate, fallback_pu,
         in_set, log_final_drop, mark_layout, port_pu,
     },
+    udp_flows,
 };
 
 const TCP_SYN: u8 = 0x02;
@@ -73,7 +74,13 @@ pub fn enforcer_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-#[inline(always)]
+/// Whose the packet is, and the checks before its ACLs. This, the check
+/// of an answer ([`udp_flows::is_open_outlined`]) and [`judge`] are
+/// subprograms of their own, not inlined: a frame stacks only on the
+/// frames of its callers under the verifier's 512-byte limit for a call
+/// chain (the ACL walk's callback included), so the answer check's and
+/// the judgement's never add up.
+#[inline(never)]
 fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     let ported = l4.proto == PROTO_TCP || l4.proto == PROTO_UDP;
     let by_port = match ported {
@@ -92,6 +99,23 @@ fn decide(ctx: &TcContext, l4: &L4) -> i32 {
     if in_set(SCOPE_EXCLUDED, l4.src) {
         return TC_ACT_OK;
     }
+    // An answer to what the PU sent from this port to an ACL-accepted
+    // peer: the fallback's reverse ESTABLISHED accept. (The namespace-wide
+    // PU's answers are conntrack's business, see `Refusal::UnlessKnown`.)
+    if l4.proto == PROTO_UDP
+        && refusal == Refusal::Drop
+        && udp_flows::is_open_outlined(Side::App, slot, &l4.src, l4.src_port, l4.dst_port)
+    {
+        set_class(ctx, Class::AclAccept);
+        count(slot, Count::Accepted);
+        return TC_ACT_OK;
+    }
+    judge(ctx, l4, slot, refusal)
+}
+
+/// The rest of [`decide`], SPEC's order from step 2 on.
+#[inline(never)]
+fn judge(ctx: &TcContext, l4: &L4, slot: u32, refusal: Refusal) -> i32 {
     if l4.proto == PROTO_TCP && l4.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return TC_ACT_OK;
     }
@@ -203,7 +227,7 @@ fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict, refusal: Refu
             // Only a port PU's service answers from its port; the
             // namespace-wide PU's answers are conntrack's business.
             if l4.proto == PROTO_UDP && refusal == Refusal::Drop {
-                allow_answers(l4);
+                udp_flows::open(Side::Net, l4.src, l4.src_port, l4.dst_port);
             }
             set_class(ctx, Class::AclAccept);
             count(slot, Count::Accepted);
@@ -216,24 +240,6 @@ fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict, refusal: Refu
             refuse(ctx, refusal)
         }
     }
-}
-
-/// Lets the PU answer the sender of this accepted datagram from the port
-/// it came to (`UdpAnswerKey`). The time is refreshed at most once per
-/// [`UDP_ANSWER_REFRESH_NS`], so a busy flow costs a lookup per datagram,
-/// not a write. A full map evicts its least recently used flow.
-#[inline(always)]
-fn allow_answers(l4: &L4) {
-    let key = UdpAnswerKey::new(l4.src, l4.src_port, l4.dst_port);
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a map lookup with a key on the stack.
-    if let Some(&seen) = unsafe { UDP_ANSWERS.get(key) }
-        && now.saturating_sub(seen) < UDP_ANSWER_REFRESH_NS
-    {
-        return;
-    }
-    let _ = UDP_ANSWERS.insert(key, now, 0);
 }
 
 /// Writes the class into `skb->mark`, keeping every other bit.

@@ -22,6 +22,7 @@ mod packet;
 mod policy;
 mod proxy;
 mod target_peer;
+mod udp_flows;
 mod udp_trap;
 
 #[cfg(not(test))]

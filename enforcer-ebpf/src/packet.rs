@@ -11,7 +11,7 @@ use aya_ebpf::{
     cty::c_long,
     programs::{SkBuffContext, TcContext},
 };
-use enforcer_common::maps::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use enforcer_common::maps::{PROTO_TCP, PROTO_UDP};
 
 /// A packet the parser reads: both contexts read through
 /// `bpf_skb_load_bytes`, from where their data starts.
@@ -72,29 +72,6 @@ pub struct L4 {
     pub dst_port: u16,
     /// TCP flags byte; 0 for other protocols.
     pub tcp_flags: u8,
-    /// ICMP or ICMPv6 type; [`ICMP_TYPE_UNKNOWN`] for other protocols, or
-    /// when it cannot be read.
-    pub icmp_type: u8,
-}
-
-/// [`L4::icmp_type`] when there is none to read.
-pub const ICMP_TYPE_UNKNOWN: u8 = 255;
-
-/// Is this ICMP or ICMPv6 type an answer to something sent — an echo or
-/// timestamp reply, or an error about a packet — rather than a request?
-/// Conntrack calls such a packet ESTABLISHED or RELATED (when it matches
-/// what was sent); the programs, which run without conntrack, take the
-/// type's word for it.
-#[inline(always)]
-pub fn is_icmp_answer(proto: u8, icmp_type: u8) -> bool {
-    match proto {
-        // Echo reply, destination unreachable, time exceeded, parameter
-        // problem, timestamp reply.
-        PROTO_ICMP => matches!(icmp_type, 0 | 3 | 11 | 12 | 14),
-        // The four error types, echo reply.
-        PROTO_ICMPV6 => matches!(icmp_type, 1..=4 | 129),
-        _ => false,
-    }
 }
 
 /// A frame at TC: Ethernet, then IP.
@@ -199,18 +176,13 @@ fn parse_v6<B: Bytes>(ctx: &B, ip: usize) -> Parsed {
 fn transport<B: Bytes>(ctx: &B, src: [u8; 16], dst: [u8; 16], proto: u8, off: usize) -> Parsed {
     // The destination port is the second 16-bit word of both headers; a
     // header that is not there whole is unreadable.
-    let (src_port, dst_port, tcp_flags, icmp_type) = match proto {
+    let (src_port, dst_port, tcp_flags) = match proto {
         PROTO_TCP => match (
             ctx.load::<u16>(off),
             ctx.load::<u16>(off + 2),
             ctx.load::<u8>(off + 13),
         ) {
-            (Ok(sport), Ok(port), Ok(flags)) => (
-                u16::from_be(sport),
-                u16::from_be(port),
-                flags,
-                ICMP_TYPE_UNKNOWN,
-            ),
+            (Ok(sport), Ok(port), Ok(flags)) => (u16::from_be(sport), u16::from_be(port), flags),
             _ => return Parsed::Malformed,
         },
         PROTO_UDP => match (
@@ -218,16 +190,10 @@ fn transport<B: Bytes>(ctx: &B, src: [u8; 16], dst: [u8; 16], proto: u8, off: us
             ctx.load::<u16>(off + 2),
             ctx.load::<u16>(off + 6),
         ) {
-            (Ok(sport), Ok(port), Ok(_checksum)) => (
-                u16::from_be(sport),
-                u16::from_be(port),
-                0,
-                ICMP_TYPE_UNKNOWN,
-            ),
+            (Ok(sport), Ok(port), Ok(_checksum)) => (u16::from_be(sport), u16::from_be(port), 0),
             _ => return Parsed::Malformed,
         },
-        PROTO_ICMP | PROTO_ICMPV6 => (0, 0, 0, ctx.load::<u8>(off).unwrap_or(ICMP_TYPE_UNKNOWN)),
-        _ => (0, 0, 0, ICMP_TYPE_UNKNOWN),
+        _ => (0, 0, 0),
     };
     Parsed::L4(L4 {
         src,
@@ -236,6 +202,5 @@ fn transport<B: Bytes>(ctx: &B, src: [u8; 16], dst: [u8; 16], proto: u8, off: us
         src_port,
         dst_port,
         tcp_flags,
-        icmp_type,
     })
 }

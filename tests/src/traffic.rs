@@ -40,6 +40,16 @@ pub struct UdpReceiver {
 
 impl UdpReceiver {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::spawn(ns, addr, false)
+    }
+
+    /// [`Self::start`], sending every datagram back to its sender too: a
+    /// peer's echo server.
+    pub fn echoing(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::spawn(ns, addr, true)
+    }
+
+    fn spawn(ns: &Netns, addr: SocketAddr, echo: bool) -> Result<Self> {
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -59,6 +69,9 @@ impl UdpReceiver {
             let mut buf = [0u8; 65536];
             while !stp.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if echo {
+                        let _ = sock.send_to(&buf[..n], from);
+                    }
                     g.lock()
                         .expect("receiver lock")
                         .push((from, buf[..n].to_vec()));
@@ -141,12 +154,15 @@ pub fn udp_exchange_from(from: Option<IpAddr>, to: SocketAddr, payload: &[u8]) -
     }
 }
 
-/// Sends `payload` `count` times from one unconnected socket, each time
-/// waiting up to [`UDP_ANSWER_WAIT`] for it to come back from `to` (an
-/// echo server): one UDP flow, `count` round trips.
-pub fn udp_exchanges(to: SocketAddr, payload: &[u8], count: u32) -> Outcome {
+/// Sends `payload` `count` times from one unconnected socket (bound to
+/// `sport` if given: a PU's own UDP port, say), each time waiting up to
+/// [`UDP_ANSWER_WAIT`] for it to come back from `to` (an echo server):
+/// one UDP flow, `count` round trips.
+pub fn udp_exchanges(to: SocketAddr, sport: Option<u16>, payload: &[u8], count: u32) -> Outcome {
     let exchanged = (|| -> std::io::Result<bool> {
-        let socket = UdpSocket::bind(bind_addr(None, to))?;
+        let mut bind = bind_addr(None, to);
+        bind.set_port(sport.unwrap_or(0));
+        let socket = UdpSocket::bind(bind)?;
         socket.set_read_timeout(Some(UDP_ANSWER_WAIT))?;
         let mut buf = [0u8; 2048];
         for _ in 0..count {
@@ -437,31 +453,96 @@ pub fn send_tcp_syn(from: IpAddr, src_port: u16, to: SocketAddr, options: &[u8])
     segment.extend_from_slice(&[0; 4]); // checksum, urgent pointer
     segment.extend_from_slice(options);
     segment.resize(header_len, 0);
-    let length = u16::try_from(header_len).context("TCP options too long")?;
+    send_raw_transport(from, to.ip(), Protocol::TCP, segment, 16)
+        .with_context(|| format!("raw SYN to {to}"))
+}
+
+/// Sends one UDP datagram from `from`:`src_port` to `to` through a raw UDP
+/// socket (`SOCK_RAW`, as a process with CAP_NET_RAW can): no `sendto` on
+/// a UDP socket, so no sendmsg hook sees it. Call it inside a namespace.
+pub fn send_raw_udp(from: IpAddr, src_port: u16, to: SocketAddr, payload: &[u8]) -> Result<()> {
+    let length = u16::try_from(8 + payload.len()).context("payload too long")?;
+    let mut datagram = Vec::with_capacity(usize::from(length));
+    datagram.extend_from_slice(&src_port.to_be_bytes());
+    datagram.extend_from_slice(&to.port().to_be_bytes());
+    datagram.extend_from_slice(&length.to_be_bytes());
+    datagram.extend_from_slice(&[0; 2]); // checksum
+    datagram.extend_from_slice(payload);
+    send_raw_transport(from, to.ip(), Protocol::UDP, datagram, 6)
+        .with_context(|| format!("raw UDP to {to}"))
+}
+
+/// Sends one ICMP (IPv4) or ICMPv6 message of `icmp_type` and `code` with
+/// `body` (what follows the checksum) from `from` to `to` through a raw
+/// socket: an answer no request asked for, say. Call it inside a
+/// namespace.
+pub fn send_raw_icmp(from: IpAddr, to: IpAddr, icmp_type: u8, code: u8, body: &[u8]) -> Result<()> {
+    let mut message = vec![icmp_type, code, 0, 0];
+    message.extend_from_slice(body);
+    let protocol = match to {
+        IpAddr::V4(_) => Protocol::ICMPV4,
+        IpAddr::V6(_) => Protocol::ICMPV6,
+    };
+    let sock = raw_socket(from, to, protocol)?;
+    if to.is_ipv4() {
+        // The kernel computes ICMPv6 checksums on raw sockets, not ICMP's.
+        let sum = internet_checksum(&message).to_be_bytes();
+        message[2..4].copy_from_slice(&sum);
+    }
+    sock.send_to(&message, &SocketAddr::new(to, 0).into())
+        .with_context(|| format!("raw ICMP type {icmp_type} to {to}"))?;
+    Ok(())
+}
+
+/// A raw socket of `protocol` for `to`'s family, bound to `from`.
+fn raw_socket(from: IpAddr, to: IpAddr, protocol: Protocol) -> Result<Socket> {
+    let domain = match to {
+        IpAddr::V4(_) => Domain::IPV4,
+        IpAddr::V6(_) => Domain::IPV6,
+    };
+    let sock = Socket::new(domain, Type::RAW, Some(protocol)).context("opening a raw socket")?;
+    sock.bind(&SocketAddr::new(from, 0).into())
+        .with_context(|| format!("binding a raw socket to {from}"))?;
+    Ok(sock)
+}
+
+/// Sends a TCP or UDP header and payload (`segment`, checksum zero at
+/// `checksum_at`) through a raw socket of `protocol`: the kernel builds
+/// the IP header, the checksum is computed here over the family's
+/// pseudo-header.
+fn send_raw_transport(
+    from: IpAddr,
+    to: IpAddr,
+    protocol: Protocol,
+    mut segment: Vec<u8>,
+    checksum_at: usize,
+) -> Result<()> {
+    let number = u8::try_from(i32::from(protocol)).context("protocol number")?;
+    let length = u16::try_from(segment.len()).context("segment too long")?;
     let mut pseudo = Vec::new();
-    match (from, to.ip()) {
+    match (from, to) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
             pseudo.extend_from_slice(&src.octets());
             pseudo.extend_from_slice(&dst.octets());
-            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&[0, number]);
             pseudo.extend_from_slice(&length.to_be_bytes());
         }
         (IpAddr::V6(src), IpAddr::V6(dst)) => {
             pseudo.extend_from_slice(&src.octets());
             pseudo.extend_from_slice(&dst.octets());
             pseudo.extend_from_slice(&u32::from(length).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&[0, 0, 0, number]);
         }
         _ => anyhow::bail!("{from} and {to} are of different families"),
     }
     pseudo.extend_from_slice(&segment);
-    let sum = internet_checksum(&pseudo).to_be_bytes();
-    segment[16..18].copy_from_slice(&sum);
-    let sock = Socket::new(Domain::for_address(to), Type::RAW, Some(Protocol::TCP))
-        .context("opening a raw TCP socket")?;
-    sock.bind(&SocketAddr::new(from, 0).into())
-        .with_context(|| format!("binding a raw TCP socket to {from}"))?;
-    sock.send_to(&segment, &SocketAddr::new(to.ip(), 0).into())
-        .with_context(|| format!("raw SYN to {to}"))?;
+    // UDP sends a computed zero as all ones (zero means "none").
+    let sum = match internet_checksum(&pseudo) {
+        0 if protocol == Protocol::UDP => u16::MAX,
+        sum => sum,
+    };
+    segment[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    let sock = raw_socket(from, to, protocol)?;
+    sock.send_to(&segment, &SocketAddr::new(to, 0).into())?;
     Ok(())
 }

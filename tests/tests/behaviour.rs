@@ -19,7 +19,7 @@
 //! a test exercises the peers of its own family only, so each family's
 //! run also proves that the other family's entries do not leak into it.
 
-use std::{ops::Deref, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, ops::Deref, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 use enforcer_tests::{
@@ -29,7 +29,8 @@ use enforcer_tests::{
     netfilter::{self, Backend, Family},
     netns::output_ok,
     nettool, privilege,
-    traffic::{Outcome, TcpEchoServer, UdpReceiver, run_nettool},
+    traffic::{Outcome, PingSocket, TcpEchoServer, UdpReceiver, ping, run_nettool},
+    two_agents::{Capture, is_syn},
     world::{ACL_PEER, EVERY_PEER, EXCLUDED, OTHER, PORT, Peer as Role, PuWorld, TARGET},
 };
 use nix::sys::signal::Signal;
@@ -69,6 +70,15 @@ enforcer_tests::on_datapaths_and_families!(
     ]
     ebpf_legacy EbpfLegacy
 );
+
+// What a PU's raw sockets (CAP_NET_RAW) send: hand-built TCP, UDP and
+// ICMP that no connect or sendmsg hook sees.
+mod raw {
+    enforcer_tests::on_both_datapaths_and_families!(
+        raw_tcp_and_udp_from_a_pu_follow_its_acls,
+        icmp_answers_from_a_pu_pass_only_for_flows_conntrack_knows,
+    );
+}
 
 /// The test world of one family: the shared [`PuWorld`] with every role
 /// on `b`, and a TCP echo server on each role's address.
@@ -671,5 +681,162 @@ fn run_after_sigkill_starts_clean(datapath: Datapath, family: Family) -> Result<
     assert_eq!(w.kernel_queued()?, HANDSHAKE);
     assert!(second.stop_with(Signal::SIGTERM)?.success());
     assert_nothing_left(&w, &env.bpffs, first.instance())?;
+    Ok(())
+}
+
+impl World {
+    /// `nettool raw-send KIND TO` from inside the PU or not, from `a`'s
+    /// veth address; the send's own outcome.
+    fn raw_send(&self, in_pu: bool, kind: &str, to: SocketAddr, extra: &[&str]) -> Result<Outcome> {
+        let from = self.hosts.a_end.ip(self.family).to_string();
+        let mut cmd = self.nettool(in_pu)?;
+        cmd.args(["raw-send", kind, &to.to_string(), "--from", &from]);
+        cmd.args(extra);
+        run_nettool(cmd)
+    }
+
+    /// A TCP SYN seen arriving on `b` from source port `sport`.
+    fn syn_arrives(capture: &Capture, sport: u16, within: Duration) -> bool {
+        capture
+            .wait_for(within, |from, _, flags, _| from == sport && is_syn(flags))
+            .is_some()
+    }
+}
+
+/// An IP packet seen on `b` carrying `marker` somewhere.
+fn carried(capture: &Capture, marker: &[u8], within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if capture
+            .packets()
+            .iter()
+            .any(|p| p.windows(marker.len()).any(|w| w == marker))
+        {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How long to wait for a packet that must come.
+const COMES: Duration = Duration::from_secs(2);
+/// How long to wait for a packet that must not.
+const STAYS_AWAY: Duration = Duration::from_millis(500);
+
+/// A PU's raw socket (CAP_NET_RAW) builds a TCP SYN or a UDP datagram
+/// itself: no connect or sendmsg hook sees it, and the fallback's chain
+/// judges it like any packet of the PU. So it reaches a peer an ACL
+/// accepts and no other; a process outside every PU is untouched.
+fn raw_tcp_and_udp_from_a_pu_follow_its_acls(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let acl_peer = UdpReceiver::start(&w.hosts.b, w.addr(ACL_PEER))?;
+    let other = UdpReceiver::start(&w.hosts.b, w.addr(OTHER))?;
+    let capture = Capture::start(&w.hosts.b, &w.hosts.b_end.ifname)?;
+    let agent = w.start(datapath, &web_config(&w))?;
+    w.raw_send(
+        true,
+        "udp",
+        w.addr(ACL_PEER),
+        &["--payload", "raw-to-acl-peer"],
+    )?;
+    assert!(
+        acl_peer.wait_for(b"raw-to-acl-peer", COMES).is_some(),
+        "a UDP accept ACL: the raw datagram arrives\n{}",
+        agent.log()
+    );
+    w.raw_send(true, "udp", w.addr(OTHER), &["--payload", "raw-to-other"])?;
+    w.raw_send(false, "udp", w.addr(OTHER), &["--payload", "raw-outsider"])?;
+    assert!(
+        other.wait_for(b"raw-outsider", COMES).is_some(),
+        "outside every PU: untouched"
+    );
+    assert!(
+        other.wait_for(b"raw-to-other", STAYS_AWAY).is_none(),
+        "no ACL: the PU's raw datagram must not arrive"
+    );
+    w.raw_send(true, "tcp-syn", w.addr(ACL_PEER), &["--sport", "41001"])?;
+    assert!(
+        World::syn_arrives(&capture, 41001, COMES),
+        "a TCP accept ACL: the raw SYN arrives"
+    );
+    w.raw_send(false, "tcp-syn", w.addr(OTHER), &["--sport", "41002"])?;
+    assert!(
+        World::syn_arrives(&capture, 41002, COMES),
+        "outside every PU: untouched"
+    );
+    w.raw_send(true, "tcp-syn", w.addr(OTHER), &["--sport", "41003"])?;
+    assert!(
+        !World::syn_arrives(&capture, 41003, STAYS_AWAY),
+        "no ACL: the PU's raw SYN must not arrive"
+    );
+    Ok(())
+}
+
+/// ICMP "answer" types (an echo reply, a destination unreachable) leave a
+/// PU only as the fallback lets them: when conntrack knows their flow
+/// (ESTABLISHED, RELATED), or an ACL accepts them — never by their type
+/// alone, which a raw socket writes as it likes. IPv6's ICMPv6 is
+/// accepted whatever (SPEC).
+fn icmp_answers_from_a_pu_pass_only_for_flows_conntrack_knows(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let capture = Capture::start(&w.hosts.b, &w.hosts.b_end.ifname)?;
+    let agent = w.start(datapath, &web_config(&w))?;
+    let answered = |kind: &str, to: Role, marker: &str, in_pu: bool| -> Result<bool> {
+        let to = SocketAddr::new(w.ip(to), 0);
+        w.raw_send(in_pu, kind, to, &["--payload", marker])?;
+        let within = match (in_pu, family) {
+            (true, Family::V4) => STAYS_AWAY,
+            _ => COMES,
+        };
+        Ok(carried(&capture, marker.as_bytes(), within))
+    };
+    let made_up = family == Family::V6;
+    assert_eq!(
+        answered("echo-reply", OTHER, "made-up-echo-reply", true)?,
+        made_up,
+        "an echo reply nobody asked for (ICMPv6: accepted)\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        answered("unreachable", OTHER, "made-up-unreachable", true)?,
+        made_up,
+        "an error about nothing the PU received (ICMPv6: accepted)"
+    );
+    assert!(
+        answered("echo-reply", OTHER, "outsider-echo-reply", false)?,
+        "outside every PU: untouched"
+    );
+    // `b` pings `a` (the kernel answers); conntrack now knows the echo
+    // flow, so the PU's own reply to that request is ESTABLISHED.
+    let a_ip = w.hosts.a_end.ip(family);
+    assert_eq!(
+        w.hosts.b.run(|| ping(a_ip, PingSocket::Raw))?,
+        Outcome::Exchanged,
+        "b pings a"
+    );
+    let id = (std::process::id() as u16).to_string();
+    let to = SocketAddr::new(w.hosts.b_end.ip(family), 0);
+    w.raw_send(
+        true,
+        "echo-reply",
+        to,
+        &["--id", &id, "--payload", "known-echo-reply"],
+    )?;
+    assert!(
+        carried(&capture, b"known-echo-reply", COMES),
+        "an echo reply to a request conntrack saw: ESTABLISHED"
+    );
     Ok(())
 }

@@ -18,19 +18,25 @@ use enforcer_tests::{
     nettool, on_both_datapaths_and_families,
     roles::{self, ACL_PEER, EXCLUDED, OTHER, TARGET, TARGET_NETS, source},
     traffic::{
-        Outcome, PuEchoServer, TcpEchoServer, Transport, tcp_exchange_from, udp_exchange_from,
+        Outcome, PuEchoServer, TcpEchoServer, Transport, UdpReceiver, run_nettool,
+        tcp_exchange_from, udp_exchange_from,
     },
     world::PuWorld,
 };
 
 const PU_PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
+/// A port the peers on `b` serve UDP on.
+const PEER_PORT: u16 = 7000;
 
 on_both_datapaths_and_families!(connections_to_a_pu_port_are_judged_by_their_source);
 
 mod udp {
     use super::*;
-    on_both_datapaths_and_families!(datagrams_to_a_pu_port_are_judged_by_their_source_and_answered);
+    on_both_datapaths_and_families!(
+        datagrams_to_a_pu_port_are_judged_by_their_source_and_answered,
+        answers_to_what_a_pu_port_sends_come_back_in,
+    );
 }
 
 fn config(cgroup: &Cgroup) -> String {
@@ -149,5 +155,49 @@ fn connections_to_a_pu_port_are_judged_by_their_source(
         "only the set-up with the target network reaches user space: \
          its SYN, the PU's SYN-ACK and its first ACK"
     );
+    Ok(())
+}
+
+/// The mirror of the case above: the PU's process sends from its own UDP
+/// port to a peer only an *application* ACL accepts, and the peer's
+/// answer to that port must come back in although no network ACL covers
+/// the peer (the fallback accepts it as ESTABLISHED); a peer no ACL
+/// accepts gets nothing out.
+fn answers_to_what_a_pu_port_sends_come_back_in(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(stage) = PuWorld::with_roles(family, &[ACL_PEER, OTHER])? else {
+        return Ok(());
+    };
+    let hosts = &stage.hosts;
+    let peer = |role: u8| SocketAddr::new(source(family, role), PEER_PORT);
+    let _echo = [ACL_PEER, OTHER]
+        .map(|role| UdpReceiver::echoing(&hosts.b, peer(role)))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let config = Config::local_server()
+        .target_tcp(TARGET_NETS)
+        .target_udp(TARGET_NETS)
+        .excluded(roles::networks(EXCLUDED))
+        .pu(Pu::process_of("dns", &stage.cgroup)
+            .udp_ports([PU_PORT])
+            .application_acl(
+                Acl::accept("to-acl-peer", roles::networks(ACL_PEER)).udp([PEER_PORT]),
+            ))
+        .to_toml();
+    let agent = stage.start(env!("CARGO_BIN_EXE_agent"), datapath, &config)?;
+    let exchange = |role: u8| -> Result<Outcome> {
+        let mut cmd = stage.cgroup.command_in(&hosts.a, nettool!())?;
+        let (to, sport) = (peer(role).to_string(), PU_PORT.to_string());
+        cmd.args(["udp-exchange", &to, "--sport", &sport, "--count", "2"]);
+        run_nettool(cmd)
+    };
+    assert_eq!(
+        exchange(ACL_PEER)?,
+        Outcome::Exchanged,
+        "an application ACL accepts the datagram from the PU's port, and \
+         the peer's answers come back to it\n{}",
+        agent.log()
+    );
+    let blocked = exchange(OTHER)?;
+    assert!(blocked.is_blocked(), "no ACL: blocked, got {blocked:?}");
     Ok(())
 }

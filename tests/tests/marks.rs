@@ -7,7 +7,9 @@
 //!
 //! On eBPF, a PU's process cannot set the agent's mark kinds on its own
 //! sockets, even as root (CAP_NET_ADMIN): the `cgroup/setsockopt` guard
-//! refuses the `SO_MARK` with EPERM, and kube-proxy's bits stay settable.
+//! refuses the `SO_MARK` with EPERM, and kube-proxy's bits stay settable;
+//! a socket marked where the guard cannot see it (a host service's, before
+//! its `bind`) is refused at `sendto` by the sendmsg hook.
 //! The iptables datapath has no such guard (README, "Not enforced yet").
 //!
 //! Kube-proxy-like rules are installed in host `a` before the agent: raw
@@ -43,9 +45,10 @@ enforcer_tests::on_both_datapaths!(
 );
 
 mod ebpf_guard {
-    enforcer_tests::matrix_tests!([a_pu_cannot_set_the_agents_mark_kinds](
-        enforcer_tests::agent::Datapath::Ebpf
-    ));
+    enforcer_tests::matrix_tests!([
+        a_pu_cannot_set_the_agents_mark_kinds,
+        a_mark_set_before_a_socket_is_a_pus_does_not_skip_the_trap
+    ](enforcer_tests::agent::Datapath::Ebpf));
 }
 
 /// One PU whose ACL accepts [`ACL_PEER`] (TCP and UDP, port 7000);
@@ -374,5 +377,53 @@ fn a_pu_cannot_set_the_agents_mark_kinds(datapath: Datapath) -> Result<()> {
     // And kube-proxy's bits on a TCP socket leave the agent's decisions.
     assert!(tcp(OTHER, KUBE_MASQ)?.is_blocked());
     assert_eq!(tcp(TARGET, KUBE_MASQ)?, Outcome::Exchanged);
+    Ok(())
+}
+
+/// A host-service PU's socket is the PU's from its `bind` on: an
+/// `SO_MARK` set before that is no PU's to the `cgroup/setsockopt` guard
+/// (README), as is a socket marked before its task joined a PU's cgroup
+/// or passed in over `SCM_RIGHTS`. The sendmsg and connect hooks close
+/// what that leaves: a PU's socket carrying one of the agent's kinds is
+/// refused, so the datagram neither skips the trap (the injected kind is
+/// accepted first in OUTPUT) nor leaves at all. eBPF only: on iptables a
+/// PU's `SO_MARK` is not guarded (README, "Not enforced yet").
+fn a_mark_set_before_a_socket_is_a_pus_does_not_skip_the_trap(datapath: Datapath) -> Result<()> {
+    const SERVICE_PORT: u16 = 8080;
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = PuWorld::new(&env, Family::V4, &[TARGET])?;
+    let target = UdpReceiver::start(&w.hosts.b, w.addr(TARGET))?;
+    let config = Config::local_server()
+        .target_tcp(TARGET.nets)
+        .target_udp(TARGET.nets)
+        .host_scope(&w.cgroup)
+        .pu(Pu::host_service("service").udp_ports([SERVICE_PORT]));
+    let agent = w.start(env!("CARGO_BIN_EXE_agent"), datapath, &config.to_toml())?;
+    let injected = MarkLayout::default().kind(Kind::Injected);
+    let queued = w.kernel_queued()?;
+    let mut cmd = w.cgroup.command_in(&w.hosts.a, nettool!())?;
+    cmd.args([
+        "udp-send",
+        &target.addr().to_string(),
+        "--payload",
+        "marked-before-bind",
+        "--mark",
+        &injected.to_string(),
+        "--sport",
+        &SERVICE_PORT.to_string(),
+    ]);
+    let outcome = run_nettool(cmd)?;
+    let arrived = target
+        .wait_for(b"marked-before-bind", Duration::from_secs(1))
+        .is_some();
+    let trapped = w.kernel_queued()? > queued;
+    assert!(
+        trapped || !arrived,
+        "the service's datagram to the target left untrapped \
+         (send: {outcome:?})\n{}",
+        agent.log()
+    );
     Ok(())
 }

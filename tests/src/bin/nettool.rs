@@ -67,11 +67,18 @@ enum Cmd {
         /// SO_MARK of the socket (the agent's injected kind, say).
         #[arg(long)]
         mark: Option<u32>,
+        /// With `--mark`: the local port to bind to *after* the mark is
+        /// set (a host service's, say).
+        #[arg(long)]
+        sport: Option<u16>,
     },
     /// From one UDP socket, COUNT times: send the payload to an echo
     /// server and wait for it back (every datagram of one flow).
     UdpExchange {
         to: SocketAddr,
+        /// Local port to bind to first (a PU's own UDP port, say).
+        #[arg(long)]
+        sport: Option<u16>,
         #[arg(long, default_value = "ping")]
         payload: String,
         #[arg(long, default_value_t = 1)]
@@ -83,6 +90,25 @@ enum Cmd {
         /// From a ping socket (SOCK_DGRAM) rather than a raw socket.
         #[arg(long)]
         dgram: bool,
+    },
+    /// Send one packet the process builds itself through a raw socket
+    /// (`SOCK_RAW`): no connect or sendmsg hook sees it. KIND is
+    /// `tcp-syn` or `udp` (to TO's port), `echo-reply` or `unreachable`
+    /// (ICMP or ICMPv6, TO's port unused), each carrying PAYLOAD.
+    RawSend {
+        kind: RawKind,
+        to: SocketAddr,
+        /// The source address (the raw socket is bound to it).
+        #[arg(long)]
+        from: std::net::IpAddr,
+        /// Source port (TCP, UDP).
+        #[arg(long, default_value_t = 40_000)]
+        sport: u16,
+        /// Echo identifier (echo-reply).
+        #[arg(long, default_value_t = 0)]
+        id: u16,
+        #[arg(long, default_value = "raw")]
+        payload: String,
     },
     /// One connected UDP socket to TO: prints `connected <local address>`,
     /// then sends each line of stdin as a datagram (`send`, no address)
@@ -174,16 +200,21 @@ fn main() -> ExitCode {
             from,
             count,
             mark: None,
+            ..
         } => traffic::udp_send_n(from, to, payload.as_bytes(), count),
         Cmd::UdpSend {
             to,
             payload,
             mark: Some(mark),
+            sport,
             ..
-        } => udp_send_marked(to, mark, payload.as_bytes()),
-        Cmd::UdpExchange { to, payload, count } => {
-            traffic::udp_exchanges(to, payload.as_bytes(), count)
-        }
+        } => udp_send_marked(to, mark, sport, payload.as_bytes()),
+        Cmd::UdpExchange {
+            to,
+            sport,
+            payload,
+            count,
+        } => traffic::udp_exchanges(to, sport, payload.as_bytes(), count),
         Cmd::Ping { to, dgram } => traffic::ping(
             to,
             match dgram {
@@ -191,6 +222,14 @@ fn main() -> ExitCode {
                 false => traffic::PingSocket::Raw,
             },
         ),
+        Cmd::RawSend {
+            kind,
+            to,
+            from,
+            sport,
+            id,
+            payload,
+        } => raw_send(kind, to, from, sport, id, payload.as_bytes()),
         Cmd::UdpFlow { to } => return udp_flow(to),
         Cmd::TcpStream {
             to,
@@ -246,8 +285,14 @@ fn tcp_exchange_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Ou
     }
 }
 
-/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set.
-fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcome {
+/// `nettool udp-send --mark`: one datagram from a socket with SO_MARK set
+/// (then bound to `sport`, if given).
+fn udp_send_marked(
+    to: SocketAddr,
+    mark: u32,
+    sport: Option<u16>,
+    payload: &[u8],
+) -> traffic::Outcome {
     let sent = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::DGRAM,
@@ -255,6 +300,13 @@ fn udp_send_marked(to: SocketAddr, mark: u32, payload: &[u8]) -> traffic::Outcom
     )
     .and_then(|socket| {
         socket.set_mark(mark)?;
+        if let Some(port) = sport {
+            let any: std::net::IpAddr = match to {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            };
+            socket.bind(&SocketAddr::new(any, port).into())?;
+        }
         socket.send_to(payload, &to.into())
     });
     match sent {
@@ -539,5 +591,52 @@ fn report_leftovers() -> ExitCode {
             eprintln!("leftovers: could not look: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `nettool raw-send` builds.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RawKind {
+    TcpSyn,
+    Udp,
+    EchoReply,
+    Unreachable,
+}
+
+/// `nettool raw-send`: the send's own outcome (a hook's EPERM, say);
+/// whether the packet arrived is for the peer's side to say.
+fn raw_send(
+    kind: RawKind,
+    to: SocketAddr,
+    from: std::net::IpAddr,
+    sport: u16,
+    id: u16,
+    payload: &[u8],
+) -> traffic::Outcome {
+    let v4 = to.is_ipv4();
+    let sent = match kind {
+        RawKind::TcpSyn => traffic::send_tcp_syn(from, sport, to, &[]),
+        RawKind::Udp => traffic::send_raw_udp(from, sport, to, payload),
+        RawKind::EchoReply => {
+            let mut body = id.to_be_bytes().to_vec();
+            body.extend_from_slice(&1u16.to_be_bytes()); // sequence
+            body.extend_from_slice(payload);
+            let reply = if v4 { 0 } else { 129 };
+            traffic::send_raw_icmp(from, to.ip(), reply, 0, &body)
+        }
+        RawKind::Unreachable => {
+            // Port unreachable, quoting a datagram that was never sent.
+            let (unreachable, code) = if v4 { (3, 3) } else { (1, 4) };
+            let mut body = vec![0; 4];
+            body.extend_from_slice(payload);
+            traffic::send_raw_icmp(from, to.ip(), unreachable, code, &body)
+        }
+    };
+    match sent {
+        Ok(()) => traffic::Outcome::Exchanged,
+        Err(e) => match e.root_cause().downcast_ref::<std::io::Error>() {
+            Some(io) => traffic::Outcome::from_io(io),
+            None => traffic::Outcome::Failed(format!("{e:#}")),
+        },
     }
 }

@@ -35,6 +35,8 @@ pub struct Pins {
 /// ACCEPT there lets a trapped packet bypass the queue), in SPEC's order
 /// ("Global steering", then the trap rules of "Order of evaluation inside
 /// a PU", which the programs' classes stand for):
+/// - outgoing, an ICMP packet conntrack knows (ESTABLISHED or RELATED)
+///   is classed `KnownFlow`, which the egress program lets out;
 /// - the consumer's verdict (kind `Authorised` in the packet mark, see
 ///   [`crate::datapath`]) is saved into the connection mark and the packet
 ///   accepted, so a repeated packet never reaches a trap again;
@@ -88,6 +90,11 @@ pub fn render(
     let authorised = marks.kind(Kind::Authorised);
     let trap_tcp = marks.class(Class::TrapTcp);
     let trap_udp = marks.class(Class::TrapUdp);
+    let known = marks.class(Class::KnownFlow);
+    let icmp = match family {
+        IpFamily::V4 => "icmp",
+        IpFamily::V6 => "icmpv6",
+    };
     let first_ack = handshake::first_ack(family);
     let syn = "-p tcp --tcp-flags SYN,ACK,FIN,RST SYN";
     let mut rules = vec!["*mangle".to_string()];
@@ -103,6 +110,27 @@ pub fn render(
             format!(":{chain} - [0:0]"),
             format!("-I {builtin} 1 -j {chain}"),
             handshake::new_connection_forgets_marks(marks, chain, direction == Direction::Net),
+        ]);
+        if direction == Direction::App {
+            // The egress program runs after netfilter and cannot see
+            // conntrack: it lets an ICMP packet out on this class, where
+            // the fallback's chain accepts ESTABLISHED and RELATED. First,
+            // so that no accept above it hides a packet from it.
+            // The class is conntrack's word only: one a packet brought
+            // from its socket's mark (set where the `SO_MARK` guard cannot
+            // see, README) is cleared.
+            rules.extend([
+                format!(
+                    "-A {chain} -p {icmp} -m conntrack --ctstate ESTABLISHED,RELATED \
+                     -j MARK --set-xmark {known:#x}/{class:#x}"
+                ),
+                format!(
+                    "-A {chain} -p {icmp} -m conntrack ! --ctstate ESTABLISHED,RELATED \
+                     -m mark --mark {known:#x}/{class:#x} -j MARK --set-xmark 0x0/{class:#x}"
+                ),
+            ]);
+        }
+        rules.extend([
             format!(
                 "-A {chain} -m mark --mark {authorised:#x}/{kind:#x} \
                  -j CONNMARK --save-mark --nfmask {kind:#x} --ctmask {kind:#x}"
@@ -288,6 +316,8 @@ mod tests {
              :TRI-App - [0:0]\n\
              -I OUTPUT 1 -j TRI-App\n\
              -A TRI-App -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x3f00\n\
+             -A TRI-App -p icmp -m conntrack --ctstate ESTABLISHED,RELATED -j MARK --set-xmark 0x2800/0x3800\n\
+             -A TRI-App -p icmp -m conntrack ! --ctstate ESTABLISHED,RELATED -m mark --mark 0x2800/0x3800 -j MARK --set-xmark 0x0/0x3800\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-App -m mark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-App -m mark --mark 0x400/0x700 -j ACCEPT\n\
@@ -320,7 +350,8 @@ mod tests {
              COMMIT\n"
         );
         assert_eq!(text, expected);
-        // IPv6 differs only in the first ACK's payload check.
+        // IPv6 differs only in the first ACK's payload check and ICMP's
+        // protocol name.
         let v6 = render(
             MarkLayout::default(),
             &QueueSettings::default(),
@@ -328,7 +359,11 @@ mod tests {
             &pins(),
         )
         .unwrap();
-        assert_eq!(v6, text.replace(&ack, &handshake::first_ack(IpFamily::V6)));
+        assert_eq!(
+            v6,
+            text.replace(&ack, &handshake::first_ack(IpFamily::V6))
+                .replace("-p icmp ", "-p icmpv6 ")
+        );
         assert_ne!(v6, text);
     }
 
