@@ -15,9 +15,11 @@
 //! plots beside it.
 //!
 //! The scenarios of the issue map onto the plan as follows: 1 and 3 are
-//! the base setup's probes; 2 is the scale setups' probes (PUs, ACLs,
-//! target networks); 4 is every setup's start-up and reloads; 5 is every
-//! setup's footprint, up to the largest PU count.
+//! the base setup's probes, 3 with the identity handshake the
+//! [`handshake`] setup's (the peer namespace runs a second agent for a PU
+//! of its own); 2 is the scale setups' probes (PUs, ACLs, target
+//! networks); 4 is every setup's start-up and reloads; 5 is every setup's
+//! footprint, up to the largest PU count.
 //!
 //! Everything the run makes is an RAII value removed on every path,
 //! errors and Ctrl-C included ([`progress::catch_signals`]), and named
@@ -26,6 +28,7 @@
 mod agent;
 mod client;
 mod footprint;
+mod handshake;
 mod machine;
 mod plan;
 mod progress;
@@ -186,6 +189,9 @@ impl Bench<'_> {
     /// taking turns at each repetition, then the reloads, the footprint,
     /// and stop the agents.
     fn setup(&mut self, setup: &Setup) -> Result<()> {
+        if setup.identity {
+            return self.identity_setup(setup);
+        }
         let extra = usize::from(setup.control.contains(&ControlOp::AddPu));
         let mut running = Vec::new();
         for &mode in &setup.modes {
@@ -411,6 +417,7 @@ impl Bench<'_> {
                     (Metric::ConnP99(peer), num(&v, "p99")?),
                 ]
             }
+            Probe::Handshake => bail!("the handshake probe runs in its own setup"),
             Probe::Incoming(peer) => {
                 // The server lives a little longer than the connectors,
                 // so that none of them finds it gone.
