@@ -252,9 +252,8 @@ impl TwoAgents {
     /// Host `a`'s agent config, signing with the key pair `key`: `web`
     /// and `batch`, each allowed to reach `app=db` on [`PORT`].
     pub fn config_a(&self, key: &str) -> Config {
-        let client = |id: &str, cgroup: &Cgroup| {
-            client_pu(Pu::process_of(id, cgroup), id, "db", PORT)
-        };
+        let client =
+            |id: &str, cgroup: &Cgroup| client_pu(Pu::process_of(id, cgroup), id, "db", PORT);
         identity_host(&self.keys, key, "b", LINK)
             .flow_log_file(&self.flows[0])
             .pu(client("web", &self.web))

@@ -170,7 +170,10 @@ impl Bench<'_> {
                 let outcome = match agent.stop() {
                     Ok(took) => Metric::Shutdown.unit().format(secs(took)),
                     Err(e) => {
-                        self.note(format!("stopping the {mode:?} agent on {}: {e:#}", host.name()));
+                        self.note(format!(
+                            "stopping the {mode:?} agent on {}: {e:#}",
+                            host.name()
+                        ));
                         "failed".into()
                     }
                 };
@@ -233,7 +236,11 @@ impl Bench<'_> {
             }
             Ok(s)
         });
-        let label = Self::label(setup, mode, &format!("start agent ({}, identity)", host.name()));
+        let label = Self::label(
+            setup,
+            mode,
+            &format!("start agent ({}, identity)", host.name()),
+        );
         let why = match started {
             Ok(Started::Ready(agent)) => {
                 if self.results.nofile.is_none() {

@@ -1182,12 +1182,12 @@ mod tests {
         add(Mode::Bare, Metric::ConnRate(Peer::Target), 40e3);
         add(Mode::Iptables, Metric::ConnRate(Peer::Target), 20e3);
         add(Mode::Ebpf, Metric::ConnRate(Peer::Target), 25e3);
-        add(Mode::Bare, Metric::ConnP99(Peer::Target), 0.001);
-        add(Mode::Iptables, Metric::ConnP99(Peer::Target), 0.002);
+        add(Mode::Bare, Metric::ConnP99(Peer::Target), 0.002);
+        add(Mode::Iptables, Metric::ConnP99(Peer::Target), 0.004);
         // Through the handshake.
         add(Mode::Iptables, Metric::HsConnRate, 8e3);
         add(Mode::Ebpf, Metric::HsConnRate, 6e3);
-        add(Mode::Iptables, Metric::HsConnP99, 0.01);
+        add(Mode::Iptables, Metric::HsConnP99, 0.02);
         add(Mode::Ebpf, Metric::HsRefused, 0.0);
         let machine = test_machine();
         let ctx = Context {
@@ -1206,12 +1206,12 @@ mod tests {
                     | 8.00 k conn/s (7.92–8.08) | 6.00 k conn/s (5.94–6.06) | 0.20× | 0.15× \
                     | 0.40× | 0.24× | 0.75× |";
         assert!(md.contains(rate), "{md}");
-        // Latency: iptables 10 ms against 1 ms bare and 2 ms without
+        // Latency: iptables 20 ms against 2 ms bare and 4 ms without
         // identity; eBPF measured nothing.
         assert!(
             md.contains(
-                "| identity handshake connect latency p99 | 1.00 ms (0.990–1.01) \
-                 | 10.0 ms (9.90–10.1) | – | 10.0× | – | 5.00× | – | – |"
+                "| identity handshake connect latency p99 | 2.00 ms (1.98–2.02) \
+                 | 20.0 ms (19.8–20.2) | – | 10.0× | – | 5.00× | – | – |"
             ),
             "{md}"
         );
