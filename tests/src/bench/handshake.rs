@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use enforcer::agent::InstanceName;
 use enforcer::datapath::DatapathKind;
+use enforcer::sandbox::netns::output_ok;
 use enforcer::sandbox::unique_name;
 
 use super::agent::{Agent, Launch, Started};
@@ -72,6 +73,16 @@ pub fn refusals(
 fn grew(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, reason: &str) -> u64 {
     let at = |m: &BTreeMap<String, u64>| m.get(reason).copied().unwrap_or(0);
     at(after).saturating_sub(at(before))
+}
+
+/// Every counter that grew between two readings, and by how much.
+fn show_growth(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    let grown: BTreeMap<String, u64> = after
+        .keys()
+        .map(|reason| (reason.clone(), grew(before, after, reason)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    show_refusals(&grown)
 }
 
 /// `table-full 12, replayed 1`, or `none`.
@@ -294,11 +305,23 @@ impl Bench<'_> {
                         run.last_error
                     ));
                 }
+                if run.bypassed > 0 {
+                    shown.push_str(&format!(", {} past the handshake", run.bypassed));
+                    self.note(format!(
+                        "{what} ({mode:?}), run {rep}: {} of {} connections the client completed \
+                         went past both agents' handshake (counted on host A: {}; host B: {}) — \
+                         a new SYN on the addresses and ports of a connection closed moments \
+                         earlier finds its conntrack entry (CLOSE, kept 10 s) still carrying the \
+                         Authorised connection mark, which the datapath accepts before the trap",
+                        run.bypassed, run.ok, run.growth[0], run.growth[1]
+                    ));
+                }
                 for (metric, value) in [
                     (Metric::HsConnRate, run.rate),
                     (Metric::HsConnP50, run.p50),
                     (Metric::HsConnP99, run.p99),
                     (Metric::HsRefused, refused as f64),
+                    (Metric::HsBypassed, run.bypassed as f64),
                 ] {
                     if value.is_finite() {
                         self.results.add(scale, mode, metric, value);
@@ -330,6 +353,15 @@ impl Bench<'_> {
             secs: secs + 1.0,
         }
         .serve_in(&self.exe, &world.peers, world.peer_pu())?;
+        // Each run starts without the last one's closed connections:
+        // their conntrack entries keep the Authorised mark for 10 s, and
+        // a new connection on the same addresses and ports would ride
+        // them past the handshake (see the bypass count below).
+        for ns in [&world.host, &world.peers] {
+            let mut cmd = ns.command("conntrack")?;
+            cmd.arg("-F");
+            output_ok(&mut cmd).context("flushing the conntrack table")?;
+        }
         let before = [counters(&pair.a)?, counters(&pair.b)?];
         let connected = Client::ConnectRate {
             to: World::addr(Peer::Target, PEER_PU_PORT),
@@ -362,21 +394,22 @@ impl Bench<'_> {
                 .as_f64()
                 .with_context(|| format!("no {field} in the client's result {v}"))
         };
-        let ok = num("connections")?;
-        // Every connection the client completed had its SYN-ACK verified
-        // by A's agent (counted before the verdict that let it on): fewer
-        // would mean the figure is not the handshake's.
-        let verified = grew(&before[0], &after[0], "allowed");
-        ensure!(
-            verified as f64 >= ok,
-            "{ok} connections completed but host A's agent verified only {verified} \
-             SYN-ACKs: not through the handshake"
-        );
+        let ok = num("connections")? as u64;
+        // A connection through the handshake had its SYN-ACK verified by
+        // A's agent (counted before the verdict that let it on). One the
+        // client completed without that went past both agents: counted
+        // apart, never in the rate.
+        let verified = grew(&before[0], &after[0], "allowed").min(ok);
         Ok(HandshakeRun {
-            rate: ok / num("secs")?,
+            rate: verified as f64 / num("secs")?,
+            bypassed: ok - verified,
+            growth: [
+                show_growth(&before[0], &after[0]),
+                show_growth(&before[1], &after[1]),
+            ],
             p50: num("p50")?,
             p99: num("p99")?,
-            ok: ok as u64,
+            ok,
             failed: num("failed")? as u64,
             last_error: v["last_error"].to_string(),
             refused,
@@ -386,7 +419,13 @@ impl Bench<'_> {
 
 /// What one probe saw.
 struct HandshakeRun {
+    /// Connections through the handshake per second.
     rate: f64,
+    /// Connections the client completed without A's agent verifying
+    /// their SYN-ACK.
+    bypassed: u64,
+    /// Every handshake counter that grew, on host A and on host B.
+    growth: [String; 2],
     p50: f64,
     p99: f64,
     ok: u64,

@@ -174,6 +174,9 @@ pub enum Metric {
     /// Handshakes the two agents refused during one probe (their
     /// `status` counters of refusals, summed).
     HsRefused,
+    /// Connections the client completed during one probe that host A's
+    /// agent never verified: they went past the handshake.
+    HsBypassed,
     /// Agent start to "enforcer ready" (every PU configured).
     Startup,
     /// SIGTERM to exit (everything removed).
@@ -214,6 +217,7 @@ impl Metric {
             Metric::HsConnP50 => "identity handshake connect latency p50".into(),
             Metric::HsConnP99 => "identity handshake connect latency p99".into(),
             Metric::HsRefused => "handshakes refused per probe (both agents)".into(),
+            Metric::HsBypassed => "connections past the handshake per probe".into(),
             Metric::Startup => "start-up to ready".into(),
             Metric::Shutdown => "shutdown (cleanup)".into(),
             Metric::Status => "status request".into(),
@@ -238,7 +242,9 @@ impl Metric {
                 Unit::ConnectionsPerSecond
             }
             Metric::Rss | Metric::KernelMemory => Unit::Bytes,
-            Metric::Rules | Metric::OpenFiles | Metric::HsRefused => Unit::Count,
+            Metric::Rules | Metric::OpenFiles | Metric::HsRefused | Metric::HsBypassed => {
+                Unit::Count
+            }
             _ => Unit::Seconds,
         }
     }
@@ -297,9 +303,11 @@ impl Setup {
             Metric::InConnRate(p) | Metric::InConnP50(p) | Metric::InConnP99(p) => {
                 probe(Probe::Incoming(p))
             }
-            Metric::HsConnRate | Metric::HsConnP50 | Metric::HsConnP99 | Metric::HsRefused => {
-                hs(Probe::Handshake)
-            }
+            Metric::HsConnRate
+            | Metric::HsConnP50
+            | Metric::HsConnP99
+            | Metric::HsRefused
+            | Metric::HsBypassed => hs(Probe::Handshake),
             Metric::Startup | Metric::Shutdown | Metric::Status => agent && !self.identity,
             Metric::AddPu | Metric::DeletePu => op(ControlOp::AddPu),
             Metric::UpdatePu => op(ControlOp::UpdatePu),

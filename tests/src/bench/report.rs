@@ -134,11 +134,12 @@ const CONNECTIONS: [Metric; 12] = [
 ];
 
 /// Scenario 3 through the identity handshake (its own setup).
-const HANDSHAKE: [Metric; 4] = [
+const HANDSHAKE: [Metric; 5] = [
     Metric::HsConnRate,
     Metric::HsConnP50,
     Metric::HsConnP99,
     Metric::HsRefused,
+    Metric::HsBypassed,
 ];
 
 const FOOTPRINT: [Metric; 4] = [
@@ -403,9 +404,18 @@ fn handshake_section(md: &mut String, ctx: &Context) -> std::fmt::Result {
          SYN-ACK signed there and verified back, and the server's first ACK authorises it: five \
          packets in user space, two on the client host and three on the server host. The bare kernel and \"without identity\" are \
          the trap figures above (no agent; the same datapath's agent accepting the trapped SYN \
-         without a token). Refused: the handshakes both agents' `status` counted as refused \
-         (`trap.handshake`, every reason but steps and successes) during one probe; a run that \
-         fills the bounded handshake table shows there and in the notes.\n"
+         without a token). The rate counts the connections whose SYN-ACK host A's agent \
+         verified (its `status` → `trap.handshake.allowed`, read before and after each run); \
+         latency is the client's, over every connection it completed. Refused: what both \
+         agents counted as refused (every reason but steps and successes) during one run; a run \
+         that fills the bounded handshake table shows there and in the notes. Past the \
+         handshake: connections the client completed that host A's agent never verified — a \
+         new SYN on the addresses and ports of a connection closed moments earlier (the client \
+         closes with a reset, so the kernel reuses ports at once) finds that connection's \
+         conntrack entry, closed but kept 10 s, still carrying the Authorised connection mark, \
+         which the datapaths accept before the trap; each run starts with both hosts' conntrack \
+         tables flushed, so only reuse within the run counts. The trap figures above have no \
+         such count: theirs include connections that went past the trap the same way.\n"
     )?;
     writeln!(
         md,
@@ -753,7 +763,11 @@ fn why(metric: Metric) -> &'static str {
              so it sets the rate and the latency alike for both; eBPF's cheaper classification \
              shows here only where the iptables walk grows long (many PUs or ACLs)."
         }
-        Metric::HsConnRate | Metric::HsConnP50 | Metric::HsConnP99 | Metric::HsRefused => {
+        Metric::HsConnRate
+        | Metric::HsConnP50
+        | Metric::HsConnP99
+        | Metric::HsRefused
+        | Metric::HsBypassed => {
             "Through the identity handshake five packets of each connection reach user space — \
              the SYN and the SYN-ACK on both hosts, copied whole, and the server's first ACK — \
              and each host's consumer signs one token and verifies the other's (Ed25519), judges \
@@ -840,7 +854,7 @@ fn findings(md: &mut String, ctx: &Context) -> std::fmt::Result {
     let metrics = ESTABLISHED
         .iter()
         .chain(&CONNECTIONS)
-        // Not the refusals: a count of failures, not a cost.
+        // Not the refusals and bypasses: counts of failures, not costs.
         .chain(&HANDSHAKE[..3])
         .copied()
         .chain([
@@ -1189,6 +1203,7 @@ mod tests {
         add(Mode::Ebpf, Metric::HsConnRate, 6e3);
         add(Mode::Iptables, Metric::HsConnP99, 0.02);
         add(Mode::Ebpf, Metric::HsRefused, 0.0);
+        add(Mode::Iptables, Metric::HsBypassed, 300.0);
         let machine = test_machine();
         let ctx = Context {
             plan: &plan,
@@ -1218,6 +1233,10 @@ mod tests {
         // Refusals have no reference without identity.
         assert!(
             md.contains("| handshakes refused per probe (both agents) | – | – | 0 (0–0) | – | – | – | – | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| connections past the handshake per probe | – | 300 (297–303) | – | – | – | – | – | – |"),
             "{md}"
         );
         // The headline's bare column is the trap's.
