@@ -49,7 +49,7 @@ use enforcer::sandbox::unique_name;
 
 use agent::{Agent, Launch, Started};
 use machine::Machine;
-use plan::{ControlOp, Metric, Mode, Plan, Probe, Setup};
+use plan::{ControlOp, Metric, Mode, Peer, Plan, Probe, Setup};
 use progress::{Progress, interrupted, pause};
 use results::Results;
 use servers::{ACCEPT_PORT, TCP_SINK_PORT, UDP_PORT};
@@ -394,12 +394,25 @@ impl Bench<'_> {
             Probe::Connect(peer) => {
                 let to = World::addr(peer, ACCEPT_PORT);
                 let threads = client::CONNECT_THREADS;
+                let trapped = peer == Peer::Target && mode != Mode::Bare;
+                let syns_before = match trapped {
+                    true => Some(syns_queued(&world.host)?),
+                    false => None,
+                };
                 let v = run(Client::ConnectRate {
                     to,
                     secs,
                     threads,
                     from: None,
                 })?;
+                let past = match syns_before {
+                    Some(before) => {
+                        let queued = syns_queued(&world.host)?.saturating_sub(before);
+                        let ok = num(&v, "connections")? as u64;
+                        vec![(Metric::PastTrap, ok.saturating_sub(queued) as f64)]
+                    }
+                    None => Vec::new(),
+                };
                 let (ok, failed) = (num(&v, "connections")?, num(&v, "failed")?);
                 if failed > 0.0 {
                     let total = ok + failed;
@@ -411,11 +424,13 @@ impl Bench<'_> {
                         setup.scale
                     ));
                 }
-                vec![
+                let mut values = vec![
                     (Metric::ConnRate(peer), ok / num(&v, "secs")?),
                     (Metric::ConnP50(peer), num(&v, "p50")?),
                     (Metric::ConnP99(peer), num(&v, "p99")?),
-                ]
+                ];
+                values.extend(past);
+                values
             }
             Probe::Handshake => bail!("the handshake probe runs in its own setup"),
             Probe::Incoming(peer) => {
@@ -581,6 +596,23 @@ impl Bench<'_> {
             }
         }
     }
+}
+
+/// SYNs the kernel ever queued to the agent from the PUs in `ns` (the
+/// `app-syn` queues of the default layout, which the bench's configs
+/// keep).
+fn syns_queued(ns: &enforcer::sandbox::netns::Netns) -> Result<u64> {
+    let stats = crate::netfilter::queue_stats(ns)?;
+    let ranges = enforcer::datapath::queues::ranges(&Default::default());
+    let syn = ranges
+        .iter()
+        .find(|r| r.name == "app-syn")
+        .context("no app-syn queue range in the default layout")?;
+    Ok(stats
+        .iter()
+        .filter(|q| syn.queues().contains(&q.queue))
+        .map(|q| u64::from(q.id_sequence))
+        .sum())
 }
 
 /// The agent runs the datapath asked for, with every PU in force;

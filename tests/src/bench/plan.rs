@@ -167,6 +167,10 @@ pub enum Metric {
     InConnRate(Peer),
     InConnP50(Peer),
     InConnP99(Peer),
+    /// Connections to the target peer the client completed during one
+    /// probe whose SYN the kernel never queued to the agent: they went
+    /// past the trap.
+    PastTrap,
     /// New TCP connections through both hosts' identity handshake.
     HsConnRate,
     HsConnP50,
@@ -213,6 +217,7 @@ impl Metric {
             Metric::InConnRate(p) => format!("new incoming TCP connections ← {}", p.name()),
             Metric::InConnP50(p) => format!("incoming connect latency p50 ← {}", p.name()),
             Metric::InConnP99(p) => format!("incoming connect latency p99 ← {}", p.name()),
+            Metric::PastTrap => "connections past the trap per probe → target peer".into(),
             Metric::HsConnRate => "new TCP connections through the identity handshake".into(),
             Metric::HsConnP50 => "identity handshake connect latency p50".into(),
             Metric::HsConnP99 => "identity handshake connect latency p99".into(),
@@ -242,9 +247,11 @@ impl Metric {
                 Unit::ConnectionsPerSecond
             }
             Metric::Rss | Metric::KernelMemory => Unit::Bytes,
-            Metric::Rules | Metric::OpenFiles | Metric::HsRefused | Metric::HsBypassed => {
-                Unit::Count
-            }
+            Metric::Rules
+            | Metric::OpenFiles
+            | Metric::PastTrap
+            | Metric::HsRefused
+            | Metric::HsBypassed => Unit::Count,
             _ => Unit::Seconds,
         }
     }
@@ -254,6 +261,15 @@ impl Metric {
         matches!(
             self.unit(),
             Unit::BitsPerSecond | Unit::PacketsPerSecond | Unit::ConnectionsPerSecond
+        )
+    }
+
+    /// A count of connections that failed or went past the agent: not a
+    /// cost, no datapath is ahead by it.
+    pub fn counts_failures(self) -> bool {
+        matches!(
+            self,
+            Metric::PastTrap | Metric::HsRefused | Metric::HsBypassed
         )
     }
 
@@ -303,6 +319,7 @@ impl Setup {
             Metric::InConnRate(p) | Metric::InConnP50(p) | Metric::InConnP99(p) => {
                 probe(Probe::Incoming(p))
             }
+            Metric::PastTrap => agent && probe(Probe::Connect(Peer::Target)),
             Metric::HsConnRate
             | Metric::HsConnP50
             | Metric::HsConnP99

@@ -118,10 +118,11 @@ const ESTABLISHED: [Metric; 8] = [
     Metric::UdpSendtoDelivered(Peer::Target),
 ];
 
-const CONNECTIONS: [Metric; 12] = [
+const CONNECTIONS: [Metric; 13] = [
     Metric::ConnRate(Peer::Target),
     Metric::ConnP50(Peer::Target),
     Metric::ConnP99(Peer::Target),
+    Metric::PastTrap,
     Metric::ConnRate(Peer::Acl),
     Metric::ConnP50(Peer::Acl),
     Metric::ConnP99(Peer::Acl),
@@ -324,7 +325,12 @@ fn write_markdown(
          connection is trapped. Incoming: the same from the peer's namespace (bound to the \
          peer's address) to a server inside the PU's cgroup on its listening port — from the \
          target peer every SYN is trapped on the network side, from the ACL peer a network \
-         ACL accepts it.\n"
+         ACL accepts it. Past the trap: connections to the target peer the client completed \
+         whose SYN the kernel never queued to the agent (the growth of the `app-syn` queues' \
+         counters, read before and after each run, subtracted from the connections) — they \
+         reused the addresses and ports of a connection closed moments earlier, whose \
+         conntrack entry kept its accepted connection mark (see the identity handshake below); \
+         the rate above includes them.\n"
     )?;
     mode_table(md, ctx, Scale::BASE, &CONNECTIONS)?;
     handshake_section(md, ctx)?;
@@ -755,7 +761,8 @@ fn why(metric: Metric) -> &'static str {
         }
         Metric::ConnRate(Peer::Target)
         | Metric::ConnP50(Peer::Target)
-        | Metric::ConnP99(Peer::Target) => {
+        | Metric::ConnP99(Peer::Target)
+        | Metric::PastTrap => {
             "Every new connection to a target network waits for the agent's verdict in user space \
              (NFQUEUE) in both datapaths, through the same consumer (one thread woken by \
              `poll(2)`, batch verdicts). That round trip is far above either datapath's \
@@ -854,9 +861,9 @@ fn findings(md: &mut String, ctx: &Context) -> std::fmt::Result {
     let metrics = ESTABLISHED
         .iter()
         .chain(&CONNECTIONS)
-        // Not the refusals and bypasses: counts of failures, not costs.
-        .chain(&HANDSHAKE[..3])
+        .chain(&HANDSHAKE)
         .copied()
+        .filter(|m| !m.counts_failures())
         .chain([
             Metric::Startup,
             Metric::Status,
