@@ -97,10 +97,11 @@ fn show_refusals(refused: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-/// The two agents' configs, host A's then host B's: A's measured PU may
-/// reach B's PU on [`PEER_PU_PORT`], which B's PU lets it in on.
-fn configs(world: &World, keys: &KeyPairs) -> (String, String) {
-    let client = Pu::process("pu0", &world.pu_cgroup_path(0));
+/// The two agents' configs, host A's then host B's: A's measured PU (the
+/// `measured`-th, its only one) may reach B's PU on [`PEER_PU_PORT`],
+/// which B's PU lets it in on.
+fn configs(world: &World, keys: &KeyPairs, measured: usize) -> (String, String) {
+    let client = Pu::process(&format!("pu{measured}"), &world.pu_cgroup_path(measured));
     let a = identity_host(keys, "a", "b", [LINK_NET]).pu(client_pu(
         client,
         CLIENT_APP,
@@ -197,7 +198,8 @@ impl Bench<'_> {
     /// Starts B's agent, then A's; `None` when either failed (a note, the
     /// mode's remaining steps skipped).
     fn start_pair(&mut self, setup: &Setup, mode: Mode, keys: &KeyPairs) -> Result<Option<Pair>> {
-        let (config_a, config_b) = configs(self.world(mode), keys);
+        let measured = setup.scale.pus - 1;
+        let (config_a, config_b) = configs(self.world(mode), keys, measured);
         let steps = setup.steps(mode, self.plan.reps);
         let b = match self.start_on(setup, mode, Host::B, &config_b)? {
             Some(agent) => agent,
