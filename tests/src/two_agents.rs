@@ -14,12 +14,16 @@
 //! socket, before netfilter), to take a real SYN off the wire and to see
 //! whether an answer came; and [`syn_with_token`], which re-addresses a
 //! captured SYN and attaches another token, for the raw-socket replays.
+//!
+//! The benchmark's handshake scenario (`bench::handshake`) builds its two
+//! agents' configs from the same pieces: [`KeyPairs`], [`identity_host`],
+//! [`client_pu`] and [`server_pu`].
 
 use std::{
     io::{BufRead as _, BufReader},
     net::SocketAddr,
     os::fd::AsRawFd as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
         Arc, Mutex,
@@ -57,9 +61,15 @@ pub struct KeyPairs {
 }
 
 impl KeyPairs {
-    /// A pair for each of `names`.
+    /// A pair for each of `names`, in the system's temporary directory.
     pub fn new(names: &[&str]) -> Result<Self> {
-        let dir = std::env::temp_dir().join(unique_name());
+        Self::new_in(&std::env::temp_dir(), names)
+    }
+
+    /// A pair for each of `names`, in a new directory under `parent`
+    /// (the benchmark's private one, removed with it).
+    pub fn new_in(parent: &Path, names: &[&str]) -> Result<Self> {
+        let dir = parent.join(unique_name());
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let pairs = Self { dir };
         for name in names {
@@ -242,15 +252,10 @@ impl TwoAgents {
     /// Host `a`'s agent config, signing with the key pair `key`: `web`
     /// and `batch`, each allowed to reach `app=db` on [`PORT`].
     pub fn config_a(&self, key: &str) -> Config {
-        let client = |id: &str, cgroup: &Cgroup| {
-            Pu::process_of(id, cgroup)
-                .label("app", id)
-                .application_policy("to-db", &["app=db"], [PORT])
-        };
-        Config::local_server()
-            .target_tcp(LINK)
+        let client =
+            |id: &str, cgroup: &Cgroup| client_pu(Pu::process_of(id, cgroup), id, "db", PORT);
+        identity_host(&self.keys, key, "b", LINK)
             .flow_log_file(&self.flows[0])
-            .identity(&self.keys.key(key), [self.keys.public("b")])
             .pu(client("web", &self.web))
             .pu(client("batch", &self.batch))
     }
@@ -262,19 +267,14 @@ impl TwoAgents {
 
     /// Host `b`'s agent config with `db` as given.
     pub fn config_b_with(&self, db: Pu) -> Config {
-        Config::local_server()
-            .target_tcp(LINK)
+        identity_host(&self.keys, "b", "a", LINK)
             .flow_log_file(&self.flows[1])
-            .identity(&self.keys.key("b"), [self.keys.public("a")])
             .pu(db)
     }
 
     /// The `db` PU as [`Self::config_b`] has it.
     pub fn db_pu(&self) -> Pu {
-        Pu::process_of("db", &self.db)
-            .label("app", "db")
-            .tcp_ports([PORT])
-            .network_policy("web-in", &["app=web"], [PORT])
+        server_pu(Pu::process_of("db", &self.db), "db", "web", PORT)
     }
 
     /// Starts an agent on `host` with `config`.
@@ -352,6 +352,43 @@ impl Drop for TwoAgents {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The agent config of one host of a handshake world (this suite's, and
+/// the benchmark's): local-server, `links` as target TCP networks (each
+/// host the other's), `[identity]` signing with the pair `own` of `keys`
+/// and trusting the public key of `trusts`.
+pub fn identity_host<S: Into<String>>(
+    keys: &KeyPairs,
+    own: &str,
+    trusts: &str,
+    links: impl IntoIterator<Item = S>,
+) -> Config {
+    Config::local_server()
+        .target_tcp(links)
+        .identity(&keys.key(own), [keys.public(trusts)])
+}
+
+/// A client PU of a handshake world: `pu` labelled `app=<app>`, its
+/// application policy `to-<server>` letting it reach `app=<server>` on
+/// `port`.
+pub fn client_pu(pu: Pu, app: &str, server: &str, port: u16) -> Pu {
+    pu.label("app", app).application_policy(
+        &format!("to-{server}"),
+        &[&format!("app={server}")],
+        [port],
+    )
+}
+
+/// A server PU of a handshake world: `pu` labelled `app=<app>`, listening
+/// on `port`, its network policy `<client>-in` letting `app=<client>` in
+/// there.
+pub fn server_pu(pu: Pu, app: &str, client: &str, port: u16) -> Pu {
+    pu.label("app", app).tcp_ports([port]).network_policy(
+        &format!("{client}-in"),
+        &[&format!("app={client}")],
+        [port],
+    )
 }
 
 /// The handshake counters of an agent's `status` (`trap.handshake`).

@@ -15,9 +15,11 @@
 //! plots beside it.
 //!
 //! The scenarios of the issue map onto the plan as follows: 1 and 3 are
-//! the base setup's probes; 2 is the scale setups' probes (PUs, ACLs,
-//! target networks); 4 is every setup's start-up and reloads; 5 is every
-//! setup's footprint, up to the largest PU count.
+//! the base setup's probes, 3 with the identity handshake the
+//! [`handshake`] setup's (the peer namespace runs a second agent for a PU
+//! of its own); 2 is the scale setups' probes (PUs, ACLs, target
+//! networks); 4 is every setup's start-up and reloads; 5 is every setup's
+//! footprint, up to the largest PU count.
 //!
 //! Everything the run makes is an RAII value removed on every path,
 //! errors and Ctrl-C included ([`progress::catch_signals`]), and named
@@ -26,6 +28,7 @@
 mod agent;
 mod client;
 mod footprint;
+mod handshake;
 mod machine;
 mod plan;
 mod progress;
@@ -46,7 +49,7 @@ use enforcer::sandbox::unique_name;
 
 use agent::{Agent, Launch, Started};
 use machine::Machine;
-use plan::{ControlOp, Metric, Mode, Plan, Probe, Setup};
+use plan::{ControlOp, Metric, Mode, Peer, Plan, Probe, Setup};
 use progress::{Progress, interrupted, pause};
 use results::Results;
 use servers::{ACCEPT_PORT, TCP_SINK_PORT, UDP_PORT};
@@ -186,6 +189,9 @@ impl Bench<'_> {
     /// taking turns at each repetition, then the reloads, the footprint,
     /// and stop the agents.
     fn setup(&mut self, setup: &Setup) -> Result<()> {
+        if setup.identity {
+            return self.identity_setup(setup);
+        }
         let extra = usize::from(setup.control.contains(&ControlOp::AddPu));
         let mut running = Vec::new();
         for &mode in &setup.modes {
@@ -388,12 +394,25 @@ impl Bench<'_> {
             Probe::Connect(peer) => {
                 let to = World::addr(peer, ACCEPT_PORT);
                 let threads = client::CONNECT_THREADS;
+                let trapped = peer == Peer::Target && mode != Mode::Bare;
+                let syns_before = match trapped {
+                    true => Some(syns_queued(&world.host)?),
+                    false => None,
+                };
                 let v = run(Client::ConnectRate {
                     to,
                     secs,
                     threads,
                     from: None,
                 })?;
+                let past = match syns_before {
+                    Some(before) => {
+                        let queued = syns_queued(&world.host)?.saturating_sub(before);
+                        let ok = num(&v, "connections")? as u64;
+                        vec![(Metric::PastTrap, ok.saturating_sub(queued) as f64)]
+                    }
+                    None => Vec::new(),
+                };
                 let (ok, failed) = (num(&v, "connections")?, num(&v, "failed")?);
                 if failed > 0.0 {
                     let total = ok + failed;
@@ -405,12 +424,15 @@ impl Bench<'_> {
                         setup.scale
                     ));
                 }
-                vec![
+                let mut values = vec![
                     (Metric::ConnRate(peer), ok / num(&v, "secs")?),
                     (Metric::ConnP50(peer), num(&v, "p50")?),
                     (Metric::ConnP99(peer), num(&v, "p99")?),
-                ]
+                ];
+                values.extend(past);
+                values
             }
+            Probe::Handshake => bail!("the handshake probe runs in its own setup"),
             Probe::Incoming(peer) => {
                 // The server lives a little longer than the connectors,
                 // so that none of them finds it gone.
@@ -574,6 +596,23 @@ impl Bench<'_> {
             }
         }
     }
+}
+
+/// SYNs the kernel ever queued to the agent from the PUs in `ns` (the
+/// `app-syn` queues of the default layout, which the bench's configs
+/// keep).
+fn syns_queued(ns: &enforcer::sandbox::netns::Netns) -> Result<u64> {
+    let stats = crate::netfilter::queue_stats(ns)?;
+    let ranges = enforcer::datapath::queues::ranges(&Default::default());
+    let syn = ranges
+        .iter()
+        .find(|r| r.name == "app-syn")
+        .context("no app-syn queue range in the default layout")?;
+    Ok(stats
+        .iter()
+        .filter(|q| syn.queues().contains(&q.queue))
+        .map(|q| u64::from(q.id_sequence))
+        .sum())
 }
 
 /// The agent runs the datapath asked for, with every PU in force;

@@ -22,6 +22,9 @@ pub enum Part {
     Targets,
     /// Scenario 5 (and 4's start-up) at the largest number of PUs.
     Footprint,
+    /// Scenario 3 through the identity handshake: the peer host runs an
+    /// agent too, both with `[identity]`.
+    Handshake,
 }
 
 /// How the PU's traffic is enforced.
@@ -107,6 +110,10 @@ pub enum Probe {
     /// New TCP connections from the peer to a server in the PU (its
     /// listening port), as many at a time: the network side.
     Incoming(Peer),
+    /// New TCP connections, as many at a time, to the identity peer: a
+    /// server in a PU on the peer host, both hosts' agents running the
+    /// identity handshake (a [`Setup::identity`] setup).
+    Handshake,
 }
 
 impl Probe {
@@ -117,6 +124,7 @@ impl Probe {
             Probe::UdpSendto(p) => format!("udp 64 B sendto → {}", p.name()),
             Probe::Connect(p) => format!("connect rate → {}", p.name()),
             Probe::Incoming(p) => format!("incoming connect rate ← {}", p.name()),
+            Probe::Handshake => "connect rate → identity peer".into(),
         }
     }
 }
@@ -159,6 +167,20 @@ pub enum Metric {
     InConnRate(Peer),
     InConnP50(Peer),
     InConnP99(Peer),
+    /// Connections to the target peer the client completed during one
+    /// probe whose SYN the kernel never queued to the agent: they went
+    /// past the trap.
+    PastTrap,
+    /// New TCP connections through both hosts' identity handshake.
+    HsConnRate,
+    HsConnP50,
+    HsConnP99,
+    /// Handshakes the two agents refused during one probe (their
+    /// `status` counters of refusals, summed).
+    HsRefused,
+    /// Connections the client completed during one probe that host A's
+    /// agent never verified: they went past the handshake.
+    HsBypassed,
     /// Agent start to "enforcer ready" (every PU configured).
     Startup,
     /// SIGTERM to exit (everything removed).
@@ -195,6 +217,12 @@ impl Metric {
             Metric::InConnRate(p) => format!("new incoming TCP connections ← {}", p.name()),
             Metric::InConnP50(p) => format!("incoming connect latency p50 ← {}", p.name()),
             Metric::InConnP99(p) => format!("incoming connect latency p99 ← {}", p.name()),
+            Metric::PastTrap => "connections past the trap per probe → target peer".into(),
+            Metric::HsConnRate => "new TCP connections through the identity handshake".into(),
+            Metric::HsConnP50 => "identity handshake connect latency p50".into(),
+            Metric::HsConnP99 => "identity handshake connect latency p99".into(),
+            Metric::HsRefused => "handshakes refused per probe (both agents)".into(),
+            Metric::HsBypassed => "connections past the handshake per probe".into(),
             Metric::Startup => "start-up to ready".into(),
             Metric::Shutdown => "shutdown (cleanup)".into(),
             Metric::Status => "status request".into(),
@@ -215,9 +243,15 @@ impl Metric {
             Metric::UdpDelivered(_) | Metric::UdpSent(_) | Metric::UdpSendtoDelivered(_) => {
                 Unit::PacketsPerSecond
             }
-            Metric::ConnRate(_) | Metric::InConnRate(_) => Unit::ConnectionsPerSecond,
+            Metric::ConnRate(_) | Metric::InConnRate(_) | Metric::HsConnRate => {
+                Unit::ConnectionsPerSecond
+            }
             Metric::Rss | Metric::KernelMemory => Unit::Bytes,
-            Metric::Rules | Metric::OpenFiles => Unit::Count,
+            Metric::Rules
+            | Metric::OpenFiles
+            | Metric::PastTrap
+            | Metric::HsRefused
+            | Metric::HsBypassed => Unit::Count,
             _ => Unit::Seconds,
         }
     }
@@ -228,6 +262,27 @@ impl Metric {
             self.unit(),
             Unit::BitsPerSecond | Unit::PacketsPerSecond | Unit::ConnectionsPerSecond
         )
+    }
+
+    /// A count of connections that failed or went past the agent: not a
+    /// cost, no datapath is ahead by it.
+    pub fn counts_failures(self) -> bool {
+        matches!(
+            self,
+            Metric::PastTrap | Metric::HsRefused | Metric::HsBypassed
+        )
+    }
+
+    /// The same figure through the trap without the identity handshake
+    /// (the base setup's, to the target peer): what a handshake figure is
+    /// compared with, under each mode and the bare kernel.
+    pub fn without_identity(self) -> Option<Metric> {
+        match self {
+            Metric::HsConnRate => Some(Metric::ConnRate(Peer::Target)),
+            Metric::HsConnP50 => Some(Metric::ConnP50(Peer::Target)),
+            Metric::HsConnP99 => Some(Metric::ConnP99(Peer::Target)),
+            _ => None,
+        }
     }
 }
 
@@ -241,6 +296,10 @@ pub struct Setup {
     pub control: Vec<ControlOp>,
     /// Read RSS, kernel memory and rules once the probes are done.
     pub footprint: bool,
+    /// Two hosts, two agents with `[identity]`: the peer namespace runs
+    /// an agent too, for a PU holding the server ([`super::handshake`]).
+    /// Its agents' start-up and shutdown are not the scale's figures.
+    pub identity: bool,
 }
 
 impl Setup {
@@ -248,6 +307,7 @@ impl Setup {
     pub fn yields(&self, mode: Mode, metric: Metric) -> bool {
         let agent = mode != Mode::Bare;
         let op = |op| agent && self.control.contains(&op);
+        let hs = |probe| agent && self.probes.contains(&probe);
         let probe = |probe| self.probes.contains(&probe);
         match metric {
             Metric::TcpThroughput(p) => probe(Probe::TcpThroughput(p)),
@@ -259,7 +319,13 @@ impl Setup {
             Metric::InConnRate(p) | Metric::InConnP50(p) | Metric::InConnP99(p) => {
                 probe(Probe::Incoming(p))
             }
-            Metric::Startup | Metric::Shutdown | Metric::Status => agent,
+            Metric::PastTrap => agent && probe(Probe::Connect(Peer::Target)),
+            Metric::HsConnRate
+            | Metric::HsConnP50
+            | Metric::HsConnP99
+            | Metric::HsRefused
+            | Metric::HsBypassed => hs(Probe::Handshake),
+            Metric::Startup | Metric::Shutdown | Metric::Status => agent && !self.identity,
             Metric::AddPu | Metric::DeletePu => op(ControlOp::AddPu),
             Metric::UpdatePu => op(ControlOp::UpdatePu),
             Metric::TargetChange => op(ControlOp::TargetChange),
@@ -269,14 +335,15 @@ impl Setup {
         }
     }
 
-    /// Progress steps of one mode: start, probe runs, reloads, footprint,
-    /// stop.
+    /// Progress steps of one mode: start (each agent), probe runs,
+    /// reloads, footprint, stop (each agent).
     pub fn steps(&self, mode: Mode, reps: usize) -> usize {
         let agent = usize::from(mode != Mode::Bare);
+        let agents = 1 + usize::from(self.identity);
         let probes = self.probes.len() * reps;
         let control: usize = self.control.iter().map(|op| op.reloads() * reps).sum();
         let footprint = usize::from(self.footprint);
-        probes + agent * (2 + control + footprint)
+        probes + agent * (2 * agents + control + footprint)
     }
 }
 
@@ -338,6 +405,7 @@ impl Plan {
             probes: SCALE_PROBES.to_vec(),
             control,
             footprint: true,
+            identity: false,
         };
         let mut setups = vec![Setup {
             part: Part::Base,
@@ -350,7 +418,19 @@ impl Plan {
                 ControlOp::TargetChange,
             ],
             footprint: true,
+            identity: false,
         }];
+        // Right after the base: its trap figures are what the handshake's
+        // are compared with.
+        setups.push(Setup {
+            part: Part::Handshake,
+            scale: Scale::BASE,
+            modes: datapaths.clone(),
+            probes: vec![Probe::Handshake],
+            control: Vec::new(),
+            footprint: false,
+            identity: true,
+        });
         let base = Scale::BASE;
         for &n in pus {
             let scale = Scale { pus: n, ..base };
@@ -378,6 +458,7 @@ impl Plan {
             probes: Vec::new(),
             control: Vec::new(),
             footprint: true,
+            identity: false,
         });
         setups.retain(|s| only.is_empty() || only.contains(&s.part));
         Self {
@@ -428,5 +509,22 @@ mod tests {
         // bare: 10 probes × 3; each datapath: start, 30 probe runs,
         // (2 + 1 + 2) reloads × 3, footprint, stop.
         assert_eq!(plan.steps(), 30 + 2 * (2 + 30 + 15 + 1));
+    }
+
+    #[test]
+    fn the_handshake_setup_runs_two_agents_per_datapath_after_the_base() {
+        let full = Plan::new(false, &[]);
+        assert_eq!(full.setups[1].part, Part::Handshake);
+        let plan = Plan::new(true, &[Part::Handshake]);
+        let [setup] = plan.setups.as_slice() else {
+            panic!("one setup: {:?}", plan.setups);
+        };
+        assert!(setup.identity && setup.modes == Mode::DATAPATHS);
+        // Each datapath: two agents started, 3 probe runs, two stopped.
+        assert_eq!(plan.steps(), 2 * (2 + 3 + 2));
+        // Its agents' start-up is not the base scale's.
+        assert!(!setup.yields(Mode::Ebpf, Metric::Startup));
+        assert!(setup.yields(Mode::Ebpf, Metric::HsRefused));
+        assert!(!setup.yields(Mode::Bare, Metric::HsConnRate));
     }
 }

@@ -1,7 +1,8 @@
 //! A benchmark world, made once per mode and run, removed on every path:
 //! a host namespace (the agent and the PUs' processes) and a peer
 //! namespace joined by a veth pair, the peers' servers, and a parent
-//! cgroup holding one cgroup per PU. Everything is named
+//! cgroup holding one cgroup per PU and one for the peer host's PU (the
+//! handshake scenario's server, [`super::handshake`]). Everything is named
 //! `enfbench<pid>…` so that strays are easy to find.
 //!
 //! Addresses (IPv4 only — see the report's N/A list):
@@ -37,12 +38,17 @@ pub const PREFIX: &str = "enfbench";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 /// The measured PU's listening port (the incoming probe's server).
 pub const PU_PORT: u16 = 5004;
+/// The listening port of the peer host's PU (the handshake probe's
+/// server, at the target peer's address).
+pub const PEER_PU_PORT: u16 = 5005;
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const ACL_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
 const TARGET_NET: &str = "10.1.0.0/24";
 const ACL_NET: &str = "10.2.0.0/16";
 /// Added to the last PU's ACL by an update.
 const UPDATE_NET: &str = "10.4.0.0/16";
+/// The target network of both hosts of the handshake scenario: the veth's.
+pub const LINK_NET: &str = TARGET_NET;
 /// Added to the target networks by a target change.
 const EXTRA_TARGET: &str = "10.63.0.0/24";
 
@@ -64,6 +70,7 @@ pub struct World {
     acl_servers: PeerServers,
     target_servers: PeerServers,
     cgroups: Vec<Cgroup>,
+    peer_pu: Cgroup,
     parent: Cgroup,
     parent_name: String,
     pub host: Netns,
@@ -85,10 +92,12 @@ impl World {
         host.ip(&["route", "add", ACL_NET, "dev", &host_end.ifname])?;
         let parent_name = unique_name(PREFIX);
         let parent = Cgroup::named(cgroup2, &parent_name)?;
+        let peer_pu = Cgroup::named(parent.path(), PEER_PU)?;
         Ok(Self {
             acl_servers: PeerServers::start(&peers, IpAddr::V4(ACL_IP))?,
             target_servers: PeerServers::start(&peers, IpAddr::V4(TARGET_IP))?,
             cgroups: Vec::new(),
+            peer_pu,
             parent,
             parent_name,
             host,
@@ -109,6 +118,22 @@ impl World {
     /// The cgroup of the measured PU at `scale`: the last one.
     pub fn measured(&self, scale: Scale) -> &Cgroup {
         &self.cgroups[scale.pus - 1]
+    }
+
+    /// The `i`-th PU's cgroup as a config names it (relative to the
+    /// cgroup v2 mount).
+    pub fn pu_cgroup_path(&self, i: usize) -> String {
+        format!("{}/pu{i}", self.parent_name)
+    }
+
+    /// The cgroup of the peer host's PU (processes in it run in `peers`).
+    pub fn peer_pu(&self) -> &Cgroup {
+        &self.peer_pu
+    }
+
+    /// The peer host's PU's cgroup as a config names it.
+    pub fn peer_pu_cgroup_path(&self) -> String {
+        format!("{}/{PEER_PU}", self.parent_name)
     }
 
     pub fn servers(&self, peer: Peer) -> &PeerServers {
@@ -139,6 +164,9 @@ impl World {
         render_config(&self.parent_name, scale, variant)
     }
 }
+
+/// The peer host's PU's cgroup, beside the `pu<i>` ones.
+const PEER_PU: &str = "peer-pu";
 
 /// The config for `scale` in `variant`, PU cgroups under `parent`.
 fn render_config(parent: &str, scale: Scale, variant: Variant) -> String {
