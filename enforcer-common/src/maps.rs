@@ -28,6 +28,7 @@ pub const MAP_UDP_TRAPS: &str = "UDP_TRAPS";
 pub const MAP_UDP_ANSWERS: &str = "UDP_ANSWERS";
 pub const MAP_PU_BY_UID: &str = "PU_BY_UID";
 pub const MAP_FALLBACK_PU: &str = "FALLBACK_PU";
+pub const MAP_EXPOSED: &str = "EXPOSED";
 
 /// Bytes of the flow-log ring buffer (a power of two, a multiple of the
 /// page size).
@@ -253,6 +254,34 @@ impl PendingFlowKey {
     }
 }
 
+/// Ports TCP listeners may expose to a proxy ([`ExposedService`]): one
+/// entry per port at most, and a port is one PU's.
+pub const MAX_EXPOSED_PORTS: u32 = 65_536;
+
+/// An exposed service (issue 6): TC ingress hands an incoming TCP
+/// connection to this port (the map's key, host order) to the proxy
+/// listening on `proxy_port` at the same address, in place of the nat
+/// `REDIRECT` of the fallback (`enforcer-ebpf/src/exposed.rs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExposedService {
+    /// The PU's slot, for its counters.
+    pub slot: u32,
+    /// Host order.
+    pub proxy_port: u16,
+    pub pad: u16,
+}
+
+impl ExposedService {
+    pub const fn new(slot: u32, proxy_port: u16) -> Self {
+        Self {
+            slot,
+            proxy_port,
+            pad: 0,
+        }
+    }
+}
+
 /// Trie key data: scope, then the address (IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,4 +443,6 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     // SAFETY: #[repr(C)], 8+16+2+6 bytes, the pad always written as 0.
     unsafe impl aya::Pod for super::UdpTrapKey {}
+    // SAFETY: #[repr(C)], 4+2+2 bytes, the pad always written as 0.
+    unsafe impl aya::Pod for super::ExposedService {}
 }

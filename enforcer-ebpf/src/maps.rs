@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::maps::{
-    AclEntry, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_NETS, MAX_PENDING_FLOWS, MAX_PUS,
-    MAX_UDP_ANSWERS, MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpAnswerKey,
-    UdpTrapKey,
+    AclEntry, ExposedService, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_EXPOSED_PORTS,
+    MAX_NETS, MAX_PENDING_FLOWS, MAX_PUS, MAX_UDP_ANSWERS, MAX_UDP_TRAPS, NetKey, PendingFlowKey,
+    PortKey, PuCounts, UdpAnswerKey, UdpTrapKey,
 };
 
 /// Global sets (target TCP, target UDP, excluded), by scope.
@@ -77,3 +77,8 @@ pub static PENDING_FLOWS: LruHashMap<PendingFlowKey, FlowEvent> =
 /// cost of an overcount is that lookup per packet, never a lost line.
 #[map(name = "PENDING_COUNT")]
 pub static PENDING_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// A PU's exposed TCP port → the proxy incoming connections to it go to
+/// (`exposed`).
+#[map(name = "EXPOSED")]
+pub static EXPOSED: HashMap<u16, ExposedService> = HashMap::with_max_entries(MAX_EXPOSED_PORTS, 0);

@@ -45,6 +45,7 @@
 
 mod claim;
 mod entries;
+mod exposed;
 mod flowlog;
 pub mod grace;
 mod links;
@@ -72,7 +73,7 @@ use aya::{
     },
 };
 use enforcer_common::maps::{
-    AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
+    AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_EXPOSED, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
     MAP_PU_BY_CGROUP, MAP_PU_BY_UID, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
     MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS,
     PROG_HOST_MARK_GUARD, PROG_INGRESS, PROG_MARK_GUARD, PROG_TARGET_DST, PROG_TARGET_SRC,
@@ -111,6 +112,7 @@ struct Loaded {
     generation: Array<MapData, u32>,
     counts: PerCpuArray<MapData, PuCounts>,
     ports: HashMap<MapData, PortKey, u32>,
+    exposed: exposed::Exposed,
     /// The flow-log ring, until a reader takes it.
     flow_events: Option<RingBuf<MapData>>,
     grace: GracePeriod,
@@ -311,6 +313,7 @@ impl EbpfDatapath {
             generation: take(MAP_PU_GENERATION)?.try_into()?,
             counts: take(MAP_PU_COUNTS)?.try_into()?,
             ports: take(MAP_PU_PORTS)?.try_into()?,
+            exposed: exposed::Exposed::new(take(MAP_EXPOSED)?.try_into()?),
             flow_events: Some(take(MAP_FLOW_EVENTS)?.try_into()?),
             grace: GracePeriod::new()?,
             bpf,
@@ -374,7 +377,6 @@ impl EbpfDatapath {
             ));
         }
         let not_yet = [
-            (pu.proxy_port.is_some(), "proxy_port (proxy redirection)"),
             (
                 pu.dns_proxy_port.is_some(),
                 "dns_proxy_port (proxy redirection)",
@@ -382,10 +384,6 @@ impl EbpfDatapath {
             (
                 !pu.dependent_services.is_empty(),
                 "dependent_services (proxy redirection)",
-            ),
-            (
-                !pu.exposed_services.is_empty(),
-                "exposed_services (proxy redirection)",
             ),
         ];
         if let Some((_, field)) = not_yet.iter().find(|(set, _)| *set) {
@@ -826,6 +824,18 @@ impl Datapath for EbpfDatapath {
             self.remove_acls(slot, generation, &prefixes);
             return Err(e);
         }
+        // Exposed ports are rewritten in place before the switch (they
+        // are no generation's): on a failure the old ones are put back.
+        let others = self.pus.values().map(|s| &s.policy);
+        let exposing = exposed::check_free(new, others).and_then(|()| {
+            let entries = exposed::entries(new, slot);
+            self.loaded()?.exposed.write(slot, entries)
+        });
+        if let Err(e) = exposing {
+            self.remove_acls(slot, generation, &prefixes);
+            self.remove_ports(owner, &added_ports);
+            return Err(e.into());
+        }
         // The switch: one map write (with `fault`, test-only, it fails in
         // place of being done: the last write of an update).
         let flipped = match fault {
@@ -840,6 +850,13 @@ impl Datapath for EbpfDatapath {
             // No hook can have read the new generation: its entries go now.
             self.remove_acls(slot, generation, &prefixes);
             self.remove_ports(owner, &added_ports);
+            let entries = exposed::entries(old, slot);
+            if let Err(e) = self
+                .loaded()
+                .and_then(|l| Ok(l.exposed.write(slot, entries)?))
+            {
+                warn!(pu = %old.id, "putting the old exposed services back: {e:#}");
+            }
             return Err(e);
         }
         let removed_ports: BTreeSet<PortKey> = old_ports.difference(&ports).copied().collect();
@@ -883,6 +900,9 @@ impl Datapath for EbpfDatapath {
             self.release_host_scope();
         }
         self.remove_ports(state.claim.port_owner(state.slot), &state.ports);
+        if let Ok(l) = self.loaded() {
+            l.exposed.clear(state.slot);
+        }
         let mut waited = Err(anyhow!("the datapath is not running"));
         if let Ok(l) = self.loaded() {
             // A hook that found the slot before the detach may still be
@@ -1041,6 +1061,7 @@ impl EbpfDatapath {
             return Err(anyhow!("PU {} is already configured", pu.id).into());
         }
         let claim = Claim::of(pu, &self.settings.cgroup2)?;
+        exposed::check_free(pu, self.pus.values().map(|s| &s.policy))?;
         let entries = self.entries_for(pu)?;
         let generation = u32::from(version & 1);
         let fault = self.faults.strikes(Operation::Configure);
@@ -1079,6 +1100,18 @@ impl EbpfDatapath {
         }
         let added = ports.clone();
         undo.push(Box::new(move |this| this.remove_ports(owner, &added)));
+        let exposing = exposed::entries(pu, slot);
+        if let Err(e) = self
+            .loaded()
+            .and_then(|l| Ok(l.exposed.write(slot, exposing)?))
+        {
+            return rollback(self, undo, e);
+        }
+        undo.push(Box::new(move |this| {
+            if let Ok(l) = this.loaded() {
+                l.exposed.clear(slot);
+            }
+        }));
         let links = match claim.cgroup() {
             Some(cgroup) => {
                 let pin = format!("pu{slot}");
@@ -1430,6 +1463,7 @@ impl EbpfDatapath {
                     for key in &state.ports {
                         let _ = l.ports.insert(key, old_owner, BPF_NOEXIST);
                     }
+                    l.exposed.restore(state.slot);
                 }
                 self.pus.insert(old.id.clone(), state);
                 Err(e)

@@ -1,0 +1,201 @@
+//! Exposed services (issue 6) without NAT: at TC ingress, an incoming TCP
+//! connection to a PU's exposed port is handed to the proxy listening on
+//! the PU's proxy port, at the same address (`EXPOSED`: port → proxy
+//! port), with `bpf_sk_assign` — TPROXY without a rule.
+//!
+//! Why this and not the other ways (ARCHITECTURE.md, "nat REDIRECT for
+//! exposed services"):
+//! - no per-PU netfilter rule, and no NAT: the proxy's listener gets the
+//!   SYN as it is, so the accepted socket's local address *is* the
+//!   original destination. A proxy written for iptables `REDIRECT` still
+//!   asks `getsockopt(SO_ORIGINAL_DST)`: conntrack (which the fixed rules
+//!   keep on in the namespace) finds the connection by the socket's own
+//!   tuple and answers its original destination — the same address and
+//!   port. The proxy needs no `IP_TRANSPARENT`: the destination is one of
+//!   the host's own addresses, so its answers pass the source check;
+//! - an `sk_lookup` program with a SOCKMAP would need the agent to hold
+//!   the proxy's listening socket (found by inode, taken with
+//!   `pidfd_getfd`) and to refresh it whenever the proxy restarts; here
+//!   the listener is looked up per connection (`bpf_skc_lookup_tcp`), so
+//!   a restarted proxy is found as it comes back.
+//!
+//! The steps, for a TCP packet to an exposed port (SPEC's order of the
+//! fallback, where nat PREROUTING redirects before mangle INPUT and the
+//! PU's proxy chain accepts what reaches the proxy port before any ACL or
+//! trap):
+//! 1. a source in the excluded networks is never touched: the PU's own
+//!    listener gets it, as the fallback's redirect skips excluded sources;
+//! 2. a packet of a connection that has its own socket (established, or
+//!    half open: the final ACK of a handshake the proxy answered) goes on
+//!    to it — the kernel finds it by its tuple. Only a packet for which the
+//!    lookup finds the PU's listener (or nothing, or a TIME_WAIT socket
+//!    for a new SYN) is steered: a SYN, or the ACK of a SYN cookie;
+//! 3. the proxy's listener at (destination address, proxy port) gets the
+//!    packet; with no proxy listening there the packet is dropped — never
+//!    left to the PU's own listener, which the proxy is there to front
+//!    (the fallback's redirect to a closed port is refused too).
+//!
+//! A steered connection is accepted before the PU's network ACLs and the
+//! trap, as the fallback's proxy chain accepts it. The proxy's own
+//! connection onward to the PU's service carries the proxy mark, which TC
+//! ingress passes first (`ingress`), so it is neither steered again nor
+//! judged.
+//!
+//! The lookups cost one socket lookup per packet to an exposed port
+//! (two for a new connection); other ports pay one hash lookup.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
+        bpf_sock_tuple,
+    },
+    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+use enforcer_common::maps::{ExposedService, SCOPE_EXCLUDED, is_v4_mapped};
+
+use crate::{
+    maps::EXPOSED,
+    packet::L4,
+    policy::{Count, count, in_set},
+};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The exposed service of a TCP destination port, if any.
+#[inline(always)]
+pub fn service(port: u16) -> Option<ExposedService> {
+    // SAFETY: a map lookup with a key on the stack; the value is copied.
+    unsafe { EXPOSED.get(port) }.copied()
+}
+
+/// The verdict for the TCP packet `l4`, to an exposed port of `service`.
+/// A source in the excluded networks passes untouched, as it would on
+/// the PU's own path (its listener gets the connection).
+///
+/// A subprogram of its own, not inlined, and called last: its socket
+/// tuple lives in its own stack frame, not in TC ingress's, which the
+/// verifier adds to the ACL walk's callback's against the 512-byte limit
+/// (as `packet::parse`).
+#[inline(never)]
+pub fn steer(ctx: &TcContext, l4: &L4, service: ExposedService) -> i32 {
+    if in_set(SCOPE_EXCLUDED, l4.src) {
+        return TC_ACT_OK;
+    }
+    let (slot, proxy_port) = (service.slot, service.proxy_port);
+    let new = l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut tuple = Tuple::of(l4);
+    let sk = tuple.lookup(ctx);
+    if !sk.is_null() {
+        // SAFETY: a non-null socket the lookup returned; read before the
+        // release, which every socket a lookup returns gets once.
+        let state = unsafe { (*sk).state };
+        unsafe { bpf_sk_release(sk.cast::<c_void>()) };
+        if state != BPF_TCP_LISTEN && !(new && state == BPF_TCP_TIME_WAIT) {
+            return TC_ACT_OK;
+        }
+    }
+    tuple.set_dport(proxy_port);
+    let assigned = assign_listener(ctx, tuple.lookup(ctx));
+    if new {
+        count(
+            slot,
+            if assigned {
+                Count::Accepted
+            } else {
+                Count::Dropped
+            },
+        );
+    }
+    if assigned { TC_ACT_OK } else { TC_ACT_SHOT }
+}
+
+/// Hands the packet to `sk` if it is a listener; false when it is none
+/// (null, another socket, or the kernel refuses).
+#[inline(always)]
+fn assign_listener(ctx: &TcContext, sk: *mut bpf_sock) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null socket the lookup returned.
+    let listening = unsafe { (*sk).state } == BPF_TCP_LISTEN;
+    // SAFETY: the program's own skb, a socket from a lookup, no flags.
+    let assigned = listening
+        && unsafe { bpf_sk_assign(ctx.skb.skb.cast::<c_void>(), sk.cast::<c_void>(), 0) } == 0;
+    // SAFETY: every socket a lookup returns is released once (the skb
+    // holds its own reference after an assignment).
+    unsafe { bpf_sk_release(sk.cast::<c_void>()) };
+    assigned
+}
+
+/// A packet's socket tuple, as `bpf_skc_lookup_tcp` takes it.
+struct Tuple {
+    tuple: bpf_sock_tuple,
+    v4: bool,
+}
+
+impl Tuple {
+    /// The packet's addresses and ports, in network order.
+    #[inline(always)]
+    fn of(l4: &L4) -> Self {
+        // SAFETY: plain data; zero is a valid value of every field.
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let v4 = is_v4_mapped(&l4.dst);
+        let base = (&raw mut tuple).cast::<u8>();
+        // SAFETY: byte copies into the tuple's own storage, within its
+        // size: IPv4's saddr and daddr are its first 8 bytes, IPv6's its
+        // first 32.
+        unsafe {
+            if v4 {
+                core::ptr::copy_nonoverlapping(l4.src.as_ptr().add(12), base, 4);
+                core::ptr::copy_nonoverlapping(l4.dst.as_ptr().add(12), base.add(4), 4);
+                tuple.__bindgen_anon_1.ipv4.sport = l4.src_port.to_be();
+                tuple.__bindgen_anon_1.ipv4.dport = l4.dst_port.to_be();
+            } else {
+                core::ptr::copy_nonoverlapping(l4.src.as_ptr(), base, 16);
+                core::ptr::copy_nonoverlapping(l4.dst.as_ptr(), base.add(16), 16);
+                tuple.__bindgen_anon_1.ipv6.sport = l4.src_port.to_be();
+                tuple.__bindgen_anon_1.ipv6.dport = l4.dst_port.to_be();
+            }
+        }
+        Self { tuple, v4 }
+    }
+
+    /// The destination port to look up (host order).
+    #[inline(always)]
+    fn set_dport(&mut self, port: u16) {
+        // The member of the family the tuple holds.
+        match self.v4 {
+            true => self.tuple.__bindgen_anon_1.ipv4.dport = port.to_be(),
+            false => self.tuple.__bindgen_anon_1.ipv6.dport = port.to_be(),
+        }
+    }
+
+    /// `bpf_skc_lookup_tcp` in the packet's network namespace:
+    /// established, request and TIME_WAIT sockets by the whole tuple, then
+    /// a listener by the destination. Null when none.
+    #[inline(always)]
+    fn lookup(&mut self, ctx: &TcContext) -> *mut bpf_sock {
+        // SAFETY: sizes of the union's members.
+        let size = unsafe {
+            match self.v4 {
+                true => size_of_val(&self.tuple.__bindgen_anon_1.ipv4),
+                false => size_of_val(&self.tuple.__bindgen_anon_1.ipv6),
+            }
+        };
+        // SAFETY: the program's own skb and a tuple on the stack of
+        // `size` bytes; every caller checks the result for null.
+        unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.skb.skb.cast::<c_void>(),
+                &mut self.tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    }
+}
