@@ -10,8 +10,10 @@
 //! service (port 7000) — a peer no ACL of its accepts, so only the proxy
 //! can complete the request — and exposes port 8443.
 //!
-//! On eBPF, proxies are not implemented yet: its variants assert that the
-//! agent refuses a proxied PU with its named error (SPEC: a field the
+//! The exposed-service case runs for real on both datapaths, with a PU
+//! that has only what it needs ([`exposing`]). For the rest, proxies are
+//! not implemented on eBPF yet: its variants assert that the agent
+//! refuses a proxied PU with its named error (SPEC: a field the
 //! datapath cannot enforce is refused, never ignored), so that they turn
 //! red the day that changes without these tests being rewritten.
 
@@ -39,6 +41,8 @@ enforcer_tests::on_both_datapaths_and_families!(
 const PROXY_PORT: u16 = 15001;
 const DNS_PROXY_PORT: u16 = 15053;
 const EXPOSED: u16 = 8443;
+/// A port `exposing` listens on and does not expose.
+const NOT_EXPOSED: u16 = 8080;
 
 /// The world of one family: peers on `b` with an echo server each, the
 /// test proxy in `a`.
@@ -92,6 +96,18 @@ fn web(w: &World) -> Pu {
         .dependent_service(w.world.net(OTHER), [PORT])
         .exposed_services([EXPOSED])
         .dns_proxy_port(DNS_PROXY_PORT)
+}
+
+/// `web` with only an exposed service: the proxy port and [`EXPOSED`],
+/// listened on beside [`NOT_EXPOSED`], which a network ACL accepts from
+/// host `b`; nothing accepts `b` on [`EXPOSED`], so only the proxy can
+/// complete a request there.
+fn exposing(w: &World) -> Pu {
+    Pu::process_of("web", &w.world.cgroup)
+        .tcp_ports([EXPOSED, NOT_EXPOSED])
+        .network_acl(Acl::accept("from-b", TARGET.nets).tcp([NOT_EXPOSED]))
+        .proxy_port(PROXY_PORT)
+        .exposed_services([EXPOSED])
 }
 
 fn config(pus: &[Pu]) -> String {
@@ -163,30 +179,44 @@ fn an_exposed_service_connection_lands_on_the_proxy(
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w)])? else {
-        return Ok(());
-    };
+    let _agent = w.start(datapath, &config(&[exposing(&w)]))?;
     let a = w.world.hosts.a_end.ip(family);
     let any: IpAddr = match family {
         Family::V4 => "0.0.0.0".parse()?,
         Family::V6 => "::".parse()?,
     };
-    let _server = PuEchoServer::start(
-        nettool!(),
-        Transport::Tcp,
-        &w.world.cgroup,
-        &w.world.hosts.a,
-        SocketAddr::new(any, EXPOSED),
-    )?;
+    let _servers = [EXPOSED, NOT_EXPOSED]
+        .map(|port| {
+            PuEchoServer::start(
+                nettool!(),
+                Transport::Tcp,
+                &w.world.cgroup,
+                &w.world.hosts.a,
+                SocketAddr::new(any, port),
+            )
+        })
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let from_b = |to: SocketAddr| -> Result<Outcome> {
+        let mut cmd = w.world.hosts.b.command(nettool!())?;
+        cmd.args(["tcp-exchange", &to.to_string()]);
+        run_nettool(cmd)
+    };
+    // `b` (a target network, and no ACL accepts it on EXPOSED) to the
+    // exposed port: through the proxy, which learns the original
+    // destination and forwards to the PU's server (the proxy mark takes
+    // it past the PU's ACLs).
     let exposed = SocketAddr::new(a, EXPOSED);
-    let mut cmd = w.world.hosts.b.command(nettool!())?;
-    cmd.args(["tcp-exchange", &exposed.to_string()]);
-    assert_eq!(run_nettool(cmd)?, Outcome::Exchanged);
+    assert_eq!(from_b(exposed)?, Outcome::Exchanged);
     let seen = w.proxy.seen();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_eq!(seen[0].original, exposed, "{seen:#?}");
     assert_eq!(seen[0].peer.ip(), w.world.hosts.b_end.ip(family));
     assert!(seen[0].forwarded, "and on to the PU's service: {seen:#?}");
+    // Its other port is not redirected: the PU's server answers, as its
+    // ACL allows, and the proxy sees nothing more.
+    assert_eq!(from_b(SocketAddr::new(a, NOT_EXPOSED))?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
     Ok(())
 }
 
