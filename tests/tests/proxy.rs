@@ -100,14 +100,26 @@ fn web(w: &World) -> Pu {
 
 /// `web` with only an exposed service: the proxy port and [`EXPOSED`],
 /// listened on beside [`NOT_EXPOSED`], which a network ACL accepts from
-/// host `b`; nothing accepts `b` on [`EXPOSED`], so only the proxy can
-/// complete a request there.
+/// host `b` (its address is [`TARGET`]'s, which [`exposing_config`] does
+/// not make a target network); nothing accepts `b` on [`EXPOSED`], so only
+/// the proxy can complete a request there.
 fn exposing(w: &World) -> Pu {
     Pu::process_of("web", &w.world.cgroup)
         .tcp_ports([EXPOSED, NOT_EXPOSED])
         .network_acl(Acl::accept("from-b", TARGET.nets).tcp([NOT_EXPOSED]))
         .proxy_port(PROXY_PORT)
         .exposed_services([EXPOSED])
+}
+
+/// [`exposing`] alone, with host `b` outside the target networks: its
+/// connections are judged by the PU's network ACLs, not by the trap.
+fn exposing_config(w: &World) -> String {
+    Config::local_server()
+        .target_tcp(OTHER.nets)
+        .target_udp(OTHER.nets)
+        .excluded(EXCLUDED.nets)
+        .pu(exposing(w))
+        .to_toml()
 }
 
 fn config(pus: &[Pu]) -> String {
@@ -179,7 +191,7 @@ fn an_exposed_service_connection_lands_on_the_proxy(
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let _agent = w.start(datapath, &config(&[exposing(&w)]))?;
+    let _agent = w.start(datapath, &exposing_config(&w))?;
     let a = w.world.hosts.a_end.ip(family);
     let any: IpAddr = match family {
         Family::V4 => "0.0.0.0".parse()?,
@@ -202,10 +214,9 @@ fn an_exposed_service_connection_lands_on_the_proxy(
         cmd.args(["tcp-exchange", &to.to_string()]);
         run_nettool(cmd)
     };
-    // `b` (a target network, and no ACL accepts it on EXPOSED) to the
-    // exposed port: through the proxy, which learns the original
-    // destination and forwards to the PU's server (the proxy mark takes
-    // it past the PU's ACLs).
+    // `b` to the exposed port, where no ACL accepts it: through the
+    // proxy, which learns the original destination and forwards to the
+    // PU's server (the proxy mark takes it past the PU's ACLs).
     let exposed = SocketAddr::new(a, EXPOSED);
     assert_eq!(from_b(exposed)?, Outcome::Exchanged);
     let seen = w.proxy.seen();
