@@ -48,13 +48,14 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT, bpf_sock,
-        bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup, bpf_sock, bpf_sock_tuple,
     },
-    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::generated::{bpf_fib_lookup, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use enforcer_common::maps::{ExposedService, SCOPE_EXCLUDED, is_v4_mapped};
+use enforcer_common::maps::{ExposedService, PROTO_TCP, SCOPE_EXCLUDED, is_v4_mapped};
 
 use crate::{
     maps::EXPOSED,
@@ -82,7 +83,7 @@ pub fn service(port: u16) -> Option<ExposedService> {
 /// (as `packet::parse`).
 #[inline(never)]
 pub fn steer(ctx: &TcContext, l4: &L4, service: ExposedService) -> i32 {
-    if in_set(SCOPE_EXCLUDED, l4.src) {
+    if in_set(SCOPE_EXCLUDED, l4.src) || forwarded(ctx, l4) {
         return TC_ACT_OK;
     }
     let (slot, proxy_port) = (service.slot, service.proxy_port);
@@ -112,6 +113,72 @@ pub fn steer(ctx: &TcContext, l4: &L4, service: ExposedService) -> i32 {
     }
     if assigned { TC_ACT_OK } else { TC_ACT_SHOT }
 }
+
+/// Would the host forward this packet rather than take it in? A FIB
+/// lookup from the interface it came in on says so (`SUCCESS`, and the
+/// answers that come with a next hop: no neighbour yet, fragmentation
+/// needed). The fallback redirects only what goes to a local address
+/// (`--dst-type LOCAL`), and judges forwarded traffic by no PU's rules:
+/// such a packet passes untouched. Every other answer steers: a local
+/// address (`NOT_FWDED`), forwarding off on the interface
+/// (`FWD_DISABLED`: what is not local is dropped anyway), a route that
+/// drops, or an error.
+#[inline(always)]
+fn forwarded(ctx: &TcContext, l4: &L4) -> bool {
+    // SAFETY: plain data; zero is a valid value of every field.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = PROTO_TCP;
+    fib.sport = l4.src_port.to_be();
+    fib.dport = l4.dst_port.to_be();
+    // SAFETY: reading a field of the program's own context.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (src, dst, len) = match is_v4_mapped(&l4.dst) {
+        true => {
+            fib.family = AF_INET;
+            (&l4.src[12..], &l4.dst[12..], 4)
+        }
+        false => {
+            fib.family = AF_INET6;
+            (&l4.src[..], &l4.dst[..], 16)
+        }
+    };
+    // SAFETY: byte copies of `len` (4 or 16) bytes into the address
+    // unions, which are 16 bytes each.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            src.as_ptr(),
+            (&raw mut fib.__bindgen_anon_3).cast::<u8>(),
+            len,
+        );
+        core::ptr::copy_nonoverlapping(
+            dst.as_ptr(),
+            (&raw mut fib.__bindgen_anon_4).cast::<u8>(),
+            len,
+        );
+    }
+    // SAFETY: the program's own skb and a parameter block on the stack of
+    // the size given.
+    let answer = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast::<c_void>(),
+            &mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    matches!(
+        answer,
+        ANSWER_SUCCESS | ANSWER_NO_NEIGH | ANSWER_FRAG_NEEDED
+    )
+}
+
+/// `bpf_fib_lookup`'s answers that mean "forwarded".
+const ANSWER_SUCCESS: i64 = BPF_FIB_LKUP_RET_SUCCESS as i64;
+const ANSWER_NO_NEIGH: i64 = BPF_FIB_LKUP_RET_NO_NEIGH as i64;
+const ANSWER_FRAG_NEEDED: i64 = BPF_FIB_LKUP_RET_FRAG_NEEDED as i64;
+/// Address families (linux/socket.h).
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Hands the packet to `sk` if it is a listener; false when it is none
 /// (null, another socket, or the kernel refuses).

@@ -25,6 +25,7 @@ use enforcer_tests::{
     cgroup::Cgroup,
     config::{Acl, Config, Pu},
     netfilter::Family,
+    netns::output_ok,
     nettool, privilege,
     proxy::{DnsProxy, TestProxy, proxy_mark},
     traffic::{Outcome, PuEchoServer, TcpEchoServer, Transport, run_nettool},
@@ -224,10 +225,19 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     assert_eq!(seen[0].original, exposed, "{seen:#?}");
     assert_eq!(seen[0].peer.ip(), w.world.hosts.b_end.ip(family));
     assert!(seen[0].forwarded, "and on to the PU's service: {seen:#?}");
+    // With forwarding on, a route lookup is what tells a local
+    // destination from one the host forwards (eBPF asks the kernel's
+    // FIB, the fallback's redirect matches `--dst-type LOCAL`): still the
+    // proxy's.
+    for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        output_ok(w.world.hosts.a.command("sysctl")?.args(["-qw", setting]))?;
+    }
+    assert_eq!(from_b(exposed)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
     // Its other port is not redirected: the PU's server answers, as its
     // ACL allows, and the proxy sees nothing more.
     assert_eq!(from_b(SocketAddr::new(a, NOT_EXPOSED))?, Outcome::Exchanged);
-    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
     Ok(())
 }
 
