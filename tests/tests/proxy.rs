@@ -35,6 +35,7 @@ use enforcer_tests::{
 enforcer_tests::on_both_datapaths_and_families!(
     a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again,
     an_exposed_service_connection_lands_on_the_proxy,
+    exposed_services_follow_an_update,
     a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
     a_pu_without_proxy_configuration_is_unaffected,
 );
@@ -99,28 +100,57 @@ fn web(w: &World) -> Pu {
         .dns_proxy_port(DNS_PROXY_PORT)
 }
 
-/// `web` with only an exposed service: the proxy port and [`EXPOSED`],
-/// listened on beside [`NOT_EXPOSED`], which a network ACL accepts from
-/// host `b` (its address is [`TARGET`]'s, which [`exposing_config`] does
-/// not make a target network); nothing accepts `b` on [`EXPOSED`], so only
-/// the proxy can complete a request there.
-fn exposing(w: &World) -> Pu {
+/// `web` with only an exposed service: the proxy port and `exposed`,
+/// listened on beside `other`, which a network ACL accepts from host `b`
+/// (its address is [`TARGET`]'s, which [`exposing_config`] does not make
+/// a target network); nothing accepts `b` on `exposed`, so only the proxy
+/// can complete a request there.
+fn exposing(w: &World, exposed: u16, other: u16) -> Pu {
     Pu::process_of("web", &w.world.cgroup)
-        .tcp_ports([EXPOSED, NOT_EXPOSED])
-        .network_acl(Acl::accept("from-b", TARGET.nets).tcp([NOT_EXPOSED]))
+        .tcp_ports([exposed, other])
+        .network_acl(Acl::accept("from-b", TARGET.nets).tcp([other]))
         .proxy_port(PROXY_PORT)
-        .exposed_services([EXPOSED])
+        .exposed_services([exposed])
 }
 
 /// [`exposing`] alone, with host `b` outside the target networks: its
 /// connections are judged by the PU's network ACLs, not by the trap.
-fn exposing_config(w: &World) -> String {
+fn exposing_config(w: &World, exposed: u16, other: u16) -> String {
     Config::local_server()
         .target_tcp(OTHER.nets)
         .target_udp(OTHER.nets)
         .excluded(EXCLUDED.nets)
-        .pu(exposing(w))
+        .pu(exposing(w, exposed, other))
         .to_toml()
+}
+
+/// The PU's echo servers on [`EXPOSED`] and [`NOT_EXPOSED`], in its cgroup
+/// on host `a`, on the family's wildcard address.
+fn pu_servers(w: &World) -> Result<Vec<PuEchoServer>> {
+    let any: IpAddr = match w.world.family {
+        Family::V4 => "0.0.0.0".parse()?,
+        Family::V6 => "::".parse()?,
+    };
+    [EXPOSED, NOT_EXPOSED]
+        .map(|port| {
+            PuEchoServer::start(
+                nettool!(),
+                Transport::Tcp,
+                &w.world.cgroup,
+                &w.world.hosts.a,
+                SocketAddr::new(any, port),
+            )
+        })
+        .into_iter()
+        .collect()
+}
+
+/// A TCP exchange from host `b` with `port` of host `a`.
+fn from_b(w: &World, port: u16) -> Result<Outcome> {
+    let a = w.world.hosts.a_end.ip(w.world.family);
+    let mut cmd = w.world.hosts.b.command(nettool!())?;
+    cmd.args(["tcp-exchange", &SocketAddr::new(a, port).to_string()]);
+    run_nettool(cmd)
 }
 
 fn config(pus: &[Pu]) -> String {
@@ -192,34 +222,13 @@ fn an_exposed_service_connection_lands_on_the_proxy(
         return Ok(());
     };
     let w = World::new(&env, family)?;
-    let _agent = w.start(datapath, &exposing_config(&w))?;
-    let a = w.world.hosts.a_end.ip(family);
-    let any: IpAddr = match family {
-        Family::V4 => "0.0.0.0".parse()?,
-        Family::V6 => "::".parse()?,
-    };
-    let _servers = [EXPOSED, NOT_EXPOSED]
-        .map(|port| {
-            PuEchoServer::start(
-                nettool!(),
-                Transport::Tcp,
-                &w.world.cgroup,
-                &w.world.hosts.a,
-                SocketAddr::new(any, port),
-            )
-        })
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
-    let from_b = |to: SocketAddr| -> Result<Outcome> {
-        let mut cmd = w.world.hosts.b.command(nettool!())?;
-        cmd.args(["tcp-exchange", &to.to_string()]);
-        run_nettool(cmd)
-    };
+    let _agent = w.start(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    let exposed = SocketAddr::new(w.world.hosts.a_end.ip(family), EXPOSED);
     // `b` to the exposed port, where no ACL accepts it: through the
     // proxy, which learns the original destination and forwards to the
     // PU's server (the proxy mark takes it past the PU's ACLs).
-    let exposed = SocketAddr::new(a, EXPOSED);
-    assert_eq!(from_b(exposed)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
     let seen = w.proxy.seen();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_eq!(seen[0].original, exposed, "{seen:#?}");
@@ -232,12 +241,39 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         output_ok(w.world.hosts.a.command("sysctl")?.args(["-qw", setting]))?;
     }
-    assert_eq!(from_b(exposed)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
     // Its other port is not redirected: the PU's server answers, as its
     // ACL allows, and the proxy sees nothing more.
-    assert_eq!(from_b(SocketAddr::new(a, NOT_EXPOSED))?, Outcome::Exchanged);
+    assert_eq!(from_b(&w, NOT_EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    Ok(())
+}
+
+/// An update swaps which port is exposed (and which one the ACL accepts):
+/// each connection goes where the policy in force says.
+fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let agent = w.start(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    let applied = agent.reloads()?.applied;
+    agent.reload(&exposing_config(&w, NOT_EXPOSED, EXPOSED))?;
+    let reloads = agent.reloads()?;
+    assert_eq!(reloads.applied, applied + 1, "{reloads:?}");
+    // EXPOSED is the PU's own now (its ACL accepts b there), NOT_EXPOSED
+    // the proxy's.
+    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    assert_eq!(from_b(&w, NOT_EXPOSED)?, Outcome::Exchanged);
+    let seen = w.proxy.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    let a = w.world.hosts.a_end.ip(family);
+    assert_eq!(seen[1].original, SocketAddr::new(a, NOT_EXPOSED));
     Ok(())
 }
 
