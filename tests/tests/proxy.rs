@@ -146,9 +146,9 @@ fn pu_servers(w: &World) -> Result<Vec<PuEchoServer>> {
 }
 
 /// A TCP exchange from host `b` with `port` of host `a`.
-fn from_b(w: &World, port: u16) -> Result<Outcome> {
-    let a = w.world.hosts.a_end.ip(w.world.family);
-    let mut cmd = w.world.hosts.b.command(nettool!())?;
+fn from_b(world: &PuWorld, port: u16) -> Result<Outcome> {
+    let a = world.hosts.a_end.ip(world.family);
+    let mut cmd = world.hosts.b.command(nettool!())?;
     cmd.args(["tcp-exchange", &SocketAddr::new(a, port).to_string()]);
     run_nettool(cmd)
 }
@@ -228,7 +228,7 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     // `b` to the exposed port, where no ACL accepts it: through the
     // proxy, which learns the original destination and forwards to the
     // PU's server (the proxy mark takes it past the PU's ACLs).
-    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
     let seen = w.proxy.seen();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_eq!(seen[0].original, exposed, "{seen:#?}");
@@ -241,12 +241,18 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         output_ok(w.world.hosts.a.command("sysctl")?.args(["-qw", setting]))?;
     }
-    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
     // Its other port is not redirected: the PU's server answers, as its
     // ACL allows, and the proxy sees nothing more.
-    assert_eq!(from_b(&w, NOT_EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, NOT_EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    // With no proxy listening the exposed port is closed — refused by a
+    // RST after the fallback's redirect, the SYN dropped on eBPF — and
+    // never left to the PU's own server.
+    drop(w.proxy);
+    let closed = from_b(&w.world, EXPOSED)?;
+    assert_ne!(closed, Outcome::Exchanged);
     Ok(())
 }
 
@@ -259,7 +265,7 @@ fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Resu
     let w = World::new(&env, family)?;
     let agent = w.start(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
     let _servers = pu_servers(&w)?;
-    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
     let applied = agent.reloads()?.applied;
     agent.reload(&exposing_config(&w, NOT_EXPOSED, EXPOSED))?;
@@ -267,9 +273,9 @@ fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Resu
     assert_eq!(reloads.applied, applied + 1, "{reloads:?}");
     // EXPOSED is the PU's own now (its ACL accepts b there), NOT_EXPOSED
     // the proxy's.
-    assert_eq!(from_b(&w, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
-    assert_eq!(from_b(&w, NOT_EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(from_b(&w.world, NOT_EXPOSED)?, Outcome::Exchanged);
     let seen = w.proxy.seen();
     assert_eq!(seen.len(), 2, "{seen:#?}");
     let a = w.world.hosts.a_end.ip(family);
