@@ -17,7 +17,11 @@
 //! datapath cannot enforce is refused, never ignored), so that they turn
 //! red the day that changes without these tests being rewritten.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use enforcer_tests::{
@@ -247,6 +251,14 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     // ACL allows, and the proxy sees nothing more.
     assert_eq!(from_b(&w.world, NOT_EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    // Nor is a connection from the excluded networks, which the PU's own
+    // server gets though no ACL accepts it.
+    let excluded = w.world.ip(EXCLUDED);
+    assert_eq!(
+        from_b_address(&w.world, excluded, EXPOSED)?,
+        Outcome::Exchanged
+    );
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
     // With no proxy listening the exposed port is closed — refused by a
     // RST after the fallback's redirect, the SYN dropped on eBPF — and
     // never left to the PU's own server.
@@ -258,6 +270,37 @@ fn an_exposed_service_connection_lands_on_the_proxy(
 
 /// An update swaps which port is exposed (and which one the ACL accepts):
 /// each connection goes where the policy in force says.
+/// A TCP exchange with `port` of host `a` from `from`, an address of host
+/// `b` (nettool binds no source address): in a thread in `b`.
+fn from_b_address(world: &PuWorld, from: IpAddr, port: u16) -> Result<Outcome> {
+    let to = SocketAddr::new(world.hosts.a_end.ip(world.family), port);
+    let exchange = move || -> std::io::Result<()> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.bind(&SocketAddr::new(from, 0).into())?;
+        socket.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"ping")?;
+        let mut echoed = [0u8; 4];
+        stream.read_exact(&mut echoed)?;
+        match &echoed {
+            b"ping" => Ok(()),
+            _ => Err(std::io::Error::other("a wrong echo")),
+        }
+    };
+    let done = world.hosts.b.spawn(exchange)?.join();
+    Ok(
+        match done.map_err(|_| anyhow::anyhow!("client thread panicked"))?? {
+            Ok(()) => Outcome::Exchanged,
+            Err(e) => Outcome::Failed(e.to_string()),
+        },
+    )
+}
+
 fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
