@@ -68,21 +68,25 @@
 //! share is lost in the noise, the proxy's accept and onward connect
 //! dominate.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_TCP_LISTEN, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
         bpf_fib_lookup, bpf_sock, bpf_sock_tuple,
+        sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::generated::{bpf_fib_lookup, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
-    programs::TcContext,
+    helpers::generated::{
+        bpf_fib_lookup, bpf_map_update_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
+    macros::sk_lookup,
+    programs::{SkLookupContext, TcContext},
 };
-use enforcer_common::maps::{ExposedService, PROTO_TCP, SCOPE_EXCLUDED, is_v4_mapped};
+use enforcer_common::maps::{ExposedService, PROTO_TCP, ReusedTuple, SCOPE_EXCLUDED, is_v4_mapped};
 
 use crate::{
-    maps::EXPOSED,
+    maps::{EXPOSED, PROXY_LISTENERS, REUSED_TUPLES},
     packet::L4,
     policy::{Count, count, in_set},
 };
@@ -121,7 +125,10 @@ pub fn steer(ctx: &TcContext, l4: &L4, service: ExposedService) -> i32 {
     if forwarded(ctx, l4) {
         return TC_ACT_OK;
     }
-    let assigned = !reused && assign_listener(ctx, l4, service.proxy_port);
+    let assigned = match reused {
+        true => park(ctx, l4, service.proxy_port),
+        false => assign_listener(ctx, l4, service.proxy_port),
+    };
     if new {
         let counted = if assigned {
             Count::Accepted
@@ -237,6 +244,115 @@ fn assign_listener(ctx: &TcContext, l4: &L4, port: u16) -> bool {
     // holds its own reference after an assignment).
     unsafe { bpf_sk_release(sk.cast::<c_void>()) };
     assigned
+}
+
+/// A SYN reusing the tuple of a TIME_WAIT socket: the proxy's listener on
+/// `port` (at the SYN's destination) goes into `PROXY_LISTENERS` and the
+/// tuple into `REUSED_TUPLES`, and the SYN goes on unassigned — the kernel
+/// ends the TIME_WAIT and looks a listener up, which runs
+/// [`enforcer_exposed_lookup`]. False when there is no proxy listening
+/// (or a write fails): the SYN is dropped, never left to the PU's own
+/// listener.
+#[inline(never)]
+fn park(ctx: &TcContext, l4: &L4, port: u16) -> bool {
+    let sk = Tuple::of(l4, port).lookup(ctx);
+    if sk.is_null() {
+        return false;
+    }
+    let key = u32::from(port);
+    // SAFETY: a non-null socket the lookup returned; a SOCKHASH takes a
+    // socket as its value (the verifier checks it is one).
+    let stored = unsafe { (*sk).state } == BPF_TCP_LISTEN
+        && unsafe {
+            bpf_map_update_elem(
+                (&raw const PROXY_LISTENERS).cast_mut().cast::<c_void>(),
+                (&raw const key).cast::<c_void>(),
+                sk.cast::<c_void>().cast_const(),
+                u64::from(BPF_ANY),
+            )
+        } == 0;
+    // SAFETY: every socket a lookup returns is released once (the map
+    // holds its own reference).
+    unsafe { bpf_sk_release(sk.cast::<c_void>()) };
+    let tuple = ReusedTuple::new(l4.src, l4.dst, l4.src_port, l4.dst_port);
+    stored && REUSED_TUPLES.insert(tuple, port, 0).is_ok()
+}
+
+/// The sk_lookup program of the agent's network namespace: a listener
+/// lookup for a tuple TC ingress parked ([`park`]) gets the proxy's
+/// listener; with none there (the proxy closed in between) the SYN is
+/// dropped. Every other lookup goes on as usual.
+#[sk_lookup]
+pub fn enforcer_exposed_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: reading fields of the program's own context.
+    let protocol = unsafe { read_volatile(&raw const (*l).protocol) };
+    if protocol != u32::from(PROTO_TCP) {
+        return SK_PASS;
+    }
+    // Every field read, each at its own fixed offset (volatile), before
+    // the family picks among them: the verifier refuses a context pointer
+    // that the compiler chose between two offsets and then dereferenced.
+    // SAFETY: as above.
+    let (family, remote4, local4, remote6, local6, remote_port, local_port) = unsafe {
+        (
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).remote_ip4),
+            read_volatile(&raw const (*l).local_ip4),
+            [
+                read_volatile(&raw const (*l).remote_ip6[0]),
+                read_volatile(&raw const (*l).remote_ip6[1]),
+                read_volatile(&raw const (*l).remote_ip6[2]),
+                read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*l).local_ip6[0]),
+                read_volatile(&raw const (*l).local_ip6[1]),
+                read_volatile(&raw const (*l).local_ip6[2]),
+                read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*l).remote_port),
+            read_volatile(&raw const (*l).local_port),
+        )
+    };
+    let (remote, local) = match family {
+        AF_INET_CTX => (mapped(remote4), mapped(local4)),
+        AF_INET6_CTX => (bytes(remote6), bytes(local6)),
+        _ => return SK_PASS,
+    };
+    let tuple = ReusedTuple::new(remote, local, u16::from_be(remote_port), local_port as u16);
+    // SAFETY: a map lookup with a key on the stack; the value is copied.
+    let Some(port) = unsafe { REUSED_TUPLES.get(tuple) }.copied() else {
+        return SK_PASS;
+    };
+    let _ = REUSED_TUPLES.remove(tuple);
+    match PROXY_LISTENERS.redirect_sk_lookup(&ctx, u32::from(port), 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
+    }
+}
+
+/// `bpf_sk_lookup::family` values.
+const AF_INET_CTX: u32 = AF_INET as u32;
+const AF_INET6_CTX: u32 = AF_INET6 as u32;
+
+/// An IPv4 address as the context holds it (network order), IPv4-mapped.
+#[inline(always)]
+fn mapped(addr: u32) -> [u8; 16] {
+    let b = addr.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+/// An IPv6 address as the context holds it (four network-order words).
+#[inline(always)]
+fn bytes(words: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 /// A packet's socket tuple, as `bpf_skc_lookup_tcp` takes it.

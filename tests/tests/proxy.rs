@@ -19,7 +19,11 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -40,6 +44,7 @@ enforcer_tests::on_both_datapaths_and_families!(
     a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again,
     an_exposed_service_connection_lands_on_the_proxy,
     exposed_services_follow_an_update,
+    a_connection_reusing_a_time_wait_tuple_lands_on_the_proxy,
     a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
     a_pu_without_proxy_configuration_is_unaffected,
 );
@@ -273,6 +278,17 @@ fn an_exposed_service_connection_lands_on_the_proxy(
 /// A TCP exchange with `port` of host `a` from `from`, an address of host
 /// `b` (nettool binds no source address): in a thread in `b`.
 fn from_b_address(world: &PuWorld, from: IpAddr, port: u16) -> Result<Outcome> {
+    exchange_from(world, SocketAddr::new(from, 0), port, false)
+}
+
+/// [`from_b_address`] from `from`'s port too (0: any); with
+/// `until_closed`, it then waits for the other side to close first.
+fn exchange_from(
+    world: &PuWorld,
+    from: SocketAddr,
+    port: u16,
+    until_closed: bool,
+) -> Result<Outcome> {
     let to = SocketAddr::new(world.hosts.a_end.ip(world.family), port);
     let exchange = move || -> std::io::Result<()> {
         let socket = socket2::Socket::new(
@@ -280,17 +296,21 @@ fn from_b_address(world: &PuWorld, from: IpAddr, port: u16) -> Result<Outcome> {
             socket2::Type::STREAM,
             Some(socket2::Protocol::TCP),
         )?;
-        socket.bind(&SocketAddr::new(from, 0).into())?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&from.into())?;
         socket.connect_timeout(&to.into(), Duration::from_secs(3))?;
         let mut stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.write_all(b"ping")?;
         let mut echoed = [0u8; 4];
         stream.read_exact(&mut echoed)?;
-        match &echoed {
-            b"ping" => Ok(()),
-            _ => Err(std::io::Error::other("a wrong echo")),
+        if &echoed != b"ping" {
+            return Err(std::io::Error::other("a wrong echo"));
         }
+        if until_closed && stream.read(&mut echoed)? != 0 {
+            return Err(std::io::Error::other("more than the echo"));
+        }
+        Ok(())
     };
     let done = world.hosts.b.spawn(exchange)?.join();
     Ok(
@@ -323,6 +343,113 @@ fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Resu
     assert_eq!(seen.len(), 2, "{seen:#?}");
     let a = w.world.hosts.a_end.ip(family);
     assert_eq!(seen[1].original, SocketAddr::new(a, NOT_EXPOSED));
+    Ok(())
+}
+
+/// A proxy on [`PROXY_PORT`] of `ns` that closes each connection first,
+/// which leaves the TIME_WAIT on its side: per connection it learns the
+/// original destination, relays one 4-byte exchange to it from a socket
+/// carrying the proxy mark, and closes. The originals it saw; it stops
+/// when dropped.
+struct ClosingProxy {
+    originals: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ClosingProxy {
+    fn start(ns: &enforcer_tests::netns::Netns, family: Family) -> Result<Self> {
+        let any: IpAddr = match family {
+            Family::V4 => "0.0.0.0".parse()?,
+            Family::V6 => "::".parse()?,
+        };
+        let bind = SocketAddr::new(any, PROXY_PORT);
+        let listener = ns.spawn(move || TcpListener::bind(bind))?.join().ok();
+        let listener = listener.context("proxy thread")???;
+        listener.set_nonblocking(true)?;
+        let (originals, stop) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let (seen, stopped) = (Arc::clone(&originals), Arc::clone(&stop));
+        ns.spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = relay_once(client, &seen);
+            }
+        })?;
+        Ok(Self { originals, stop })
+    }
+}
+
+impl Drop for ClosingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn relay_once(client: TcpStream, seen: &Mutex<Vec<SocketAddr>>) -> std::io::Result<()> {
+    let mut client = client;
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let original = enforcer_tests::proxy::original_dst(&client)?;
+    seen.lock().expect("proxy log").push(original);
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(original),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_mark(proxy_mark())?;
+    socket.connect_timeout(&original.into(), Duration::from_secs(3))?;
+    let mut server: TcpStream = socket.into();
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf)?;
+    server.write_all(&buf)?;
+    server.read_exact(&mut buf)?;
+    client.write_all(&buf)?;
+    // The client's side first: its TIME_WAIT stays here.
+    drop(client);
+    Ok(())
+}
+
+/// A peer reconnecting from the same address and port to an exposed port
+/// while the proxy's side of its last connection is in TIME_WAIT (the
+/// proxy closed first): the kernel reuses the tuple, and the connection
+/// lands on the proxy again — never on the PU's own server.
+fn a_connection_reusing_a_time_wait_tuple_lands_on_the_proxy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let _agent = w.start(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    drop(w.proxy);
+    let proxy = ClosingProxy::start(&w.world.hosts.a, family)?;
+    let from = SocketAddr::new(w.world.hosts.b_end.ip(family), 40_123);
+    assert_eq!(
+        exchange_from(&w.world, from, EXPOSED, true)?,
+        Outcome::Exchanged
+    );
+    // The proxy's side of it waits in TIME_WAIT.
+    let waiting = output_ok(
+        w.world
+            .hosts
+            .a
+            .command("ss")?
+            .args(["-Htn", "state", "time-wait"]),
+    )?;
+    let waiting = String::from_utf8_lossy(&waiting.stdout).into_owned();
+    assert!(waiting.contains(":40123"), "no TIME_WAIT for it: {waiting}");
+    assert_eq!(
+        exchange_from(&w.world, from, EXPOSED, true)?,
+        Outcome::Exchanged
+    );
+    let exposed = SocketAddr::new(w.world.hosts.a_end.ip(family), EXPOSED);
+    let originals = proxy.originals.lock().expect("proxy log").clone();
+    assert_eq!(originals, [exposed, exposed]);
     Ok(())
 }
 

@@ -4,17 +4,23 @@
 //! (`enforcer-ebpf/src/exposed.rs` says how, and why without NAT).
 //!
 //! Building the entries is pure ([`entries`], [`check_free`]); [`Exposed`]
-//! writes them and remembers what each slot wrote. As in the fallback, a
+//! writes them and remembers what each slot wrote. [`attach_lookup`]
+//! attaches the sk_lookup program that completes TC ingress's steering
+//! for a SYN reusing a TIME_WAIT tuple, to the agent's network namespace. As in the fallback, a
 //! PU without a `proxy_port` exposes nothing. Unlike the fallback, where
 //! two PUs' redirect rules for one port would both be installed and the
 //! first would win, a port is one PU's: a second PU exposing it is
 //! refused before anything changes.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fs::File, path::Path};
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, MapData};
-use enforcer_common::maps::ExposedService;
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{SkLookup, links::FdLink},
+};
+use enforcer_common::maps::{ExposedService, PROG_EXPOSED_LOOKUP};
 use tracing::debug;
 
 use crate::policy::Pu;
@@ -52,6 +58,35 @@ pub fn check_free<'a>(pu: &Pu, others: impl IntoIterator<Item = &'a Pu>) -> Resu
             ));
         }
     }
+    Ok(())
+}
+
+/// Loads the sk_lookup program (`run`, with the rest of the object).
+pub fn load_lookup(bpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut SkLookup = bpf
+        .program_mut(PROG_EXPOSED_LOOKUP)
+        .with_context(|| format!("program {PROG_EXPOSED_LOOKUP} missing from the object"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("loading program {PROG_EXPOSED_LOOKUP}"))
+}
+
+/// Attaches the loaded sk_lookup program to the calling thread's network
+/// namespace (the agent's) and pins the link in `links_dir`, so it
+/// outlives a crashed agent as TC ingress does.
+pub fn attach_lookup(bpf: &mut Ebpf, links_dir: &Path) -> Result<()> {
+    let netns = File::open("/proc/thread-self/ns/net").context("opening the network namespace")?;
+    let prog: &mut SkLookup = bpf
+        .program_mut(PROG_EXPOSED_LOOKUP)
+        .with_context(|| format!("program {PROG_EXPOSED_LOOKUP} missing from the object"))?
+        .try_into()?;
+    let id = prog
+        .attach(&netns)
+        .with_context(|| format!("attaching {PROG_EXPOSED_LOOKUP} to the network namespace"))?;
+    let link = FdLink::from(prog.take_link(id)?);
+    let pin = links_dir.join(PROG_EXPOSED_LOOKUP);
+    link.pin(&pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }
 

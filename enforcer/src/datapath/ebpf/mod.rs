@@ -260,6 +260,7 @@ impl EbpfDatapath {
         ingress
             .pin(&ingress_pin)
             .with_context(|| format!("pinning {}", ingress_pin.display()))?;
+        exposed::load_lookup(&mut bpf)?;
         for name in RULE_FILTERS {
             let pin = self.filter_pin(name);
             let filter: &mut SocketFilter = bpf
@@ -744,6 +745,7 @@ impl Datapath for EbpfDatapath {
                 sender.clone(),
             )?);
         }
+        exposed::attach_lookup(&mut loaded.bpf, &self.links_dir())?;
         self.loaded = Some(loaded);
         let pins = netfilter::Pins {
             udp_trap: self.filter_pin(PROG_UDP_TRAP),
