@@ -13,11 +13,14 @@
 //!   tuple and answers its original destination — the same address and
 //!   port. The proxy needs no `IP_TRANSPARENT`: the destination is one of
 //!   the host's own addresses, so its answers pass the source check;
-//! - an `sk_lookup` program with a SOCKMAP would need the agent to hold
-//!   the proxy's listening socket (found by inode, taken with
-//!   `pidfd_getfd`) and to refresh it whenever the proxy restarts; here
-//!   the listener is looked up per connection (`bpf_skc_lookup_tcp`), so
-//!   a restarted proxy is found as it comes back.
+//! - an `sk_lookup` program alone would need the proxy's listening socket
+//!   in a SOCKMAP, and the agent to hold it (found by inode, taken with
+//!   `pidfd_getfd`) and to refresh it whenever the proxy restarts; and it
+//!   cannot see the packet mark that tells the proxy's own connection
+//!   onward apart. Here the listener is looked up per connection
+//!   (`bpf_skc_lookup_tcp`), so a restarted proxy is found as it comes
+//!   back; sk_lookup only completes the TIME_WAIT case below, with the
+//!   socket TC found.
 //!
 //! The steps, for a TCP packet to an exposed port (SPEC's order of the
 //! fallback, where nat PREROUTING redirects before mangle INPUT and the
@@ -36,21 +39,24 @@
 //!    left to the PU's own listener, which the proxy is there to front
 //!    (the fallback's redirect to a closed port is refused too).
 //!
-//! One case is dropped that the fallback lets through: a SYN reusing the
-//! tuple of a TIME_WAIT socket the proxy left (the same client address
-//! and port within 60 s of a connection the proxy closed first). The
-//! kernel would end the TIME_WAIT and hand the SYN to the listener of the
-//! packet's port — the PU's own, bypassing the proxy — and the proxy's
-//! listener cannot take it while the TIME_WAIT socket holds the tuple (its
-//! request socket would clash with it). After `REDIRECT` the TIME_WAIT
-//! socket's port is the proxy's, so the kernel's own reuse works. The SYN
-//! is dropped here; the client's retransmissions get through once the
-//! TIME_WAIT ends. Measured with a proxy that closes first, one client
-//! at about 1000 connections/s reusing its ports: about 2 % of the
-//! connections failed a 2 s connect timeout so (none with the client
-//! closing first, which leaves the TIME_WAIT on the client's side). An
-//! `sk_lookup` program would close this gap — the kernel's TIME_WAIT path
-//! runs it — at the price of the descriptor plumbing above.
+//! One case needs more than TC: a SYN reusing the tuple of a TIME_WAIT
+//! socket the proxy left (the same client address and port within 60 s
+//! of a connection the proxy closed first). The proxy's listener cannot
+//! take it while the TIME_WAIT socket holds the tuple (its request socket
+//! would clash with it), and the kernel, which ends the TIME_WAIT and
+//! looks a listener up by the packet's port, would find the PU's own — the
+//! fallback has no such case, as after `REDIRECT` the TIME_WAIT socket's
+//! port is the proxy's. So TC *parks* that SYN ([`park`]): it puts the
+//! proxy's listener into `PROXY_LISTENERS` (a SOCKHASH, which TC may write
+//! with a socket it looked up) and the tuple into `REUSED_TUPLES`, and
+//! lets the SYN on unassigned; the kernel's listener lookup on the
+//! TIME_WAIT path then runs [`enforcer_exposed_lookup`] (sk_lookup,
+//! attached to the namespace), which assigns the proxy's listener. No
+//! descriptor plumbing: TC found the socket. Without it, one client at
+//! about 1000 connections/s to a proxy closing first lost about 2 % of
+//! its connections (dropped until the TIME_WAIT ended);
+//! `tests/tests/proxy.rs` checks the reuse lands on the proxy with no SYN
+//! sent again.
 //!
 //! A steered connection is accepted before the PU's network ACLs and the
 //! trap, as the fallback's proxy chain accepts it. The proxy's own

@@ -32,7 +32,9 @@
 //!   ACLs, written beside its application ACLs under the same generation.
 //!   A refusal of the namespace-wide PU is carried out by a fixed rule in
 //!   INPUT, which knows the conntrack state TC cannot see (an answer to
-//!   what the PU sent passes).
+//!   what the PU sent passes). TC ingress also hands connections to a
+//!   PU's exposed ports to its proxy ([`exposed`]), with an sk_lookup
+//!   program on the namespace for a reused TIME_WAIT tuple.
 //! - `delete` unmaps the claim (the host scope judges the PU's tasks from
 //!   then on, if it is attached), detaches the hooks, waits for a grace
 //!   period, then removes the entries and frees the slot for reuse.
