@@ -111,10 +111,11 @@ pub fn service(port: u16) -> Option<ExposedService> {
 /// A source in the excluded networks passes untouched, as it would on
 /// the PU's own path (its listener gets the connection).
 ///
-/// A subprogram of its own, not inlined, and called last: its socket
-/// tuple lives in its own stack frame, not in TC ingress's, which the
-/// verifier adds to the ACL walk's callback's against the 512-byte limit
-/// (as `packet::parse`).
+/// A subprogram of its own, not inlined, and called last (TC ingress
+/// keeps nothing across the call): what it needs lives in its own stack
+/// frame and its callees', not in TC ingress's, which the verifier adds to
+/// the ACL walk's callback's against the 512-byte limit (as
+/// `packet::parse`).
 #[inline(never)]
 pub fn steer(ctx: &TcContext, l4: &L4, service: ExposedService) -> i32 {
     if in_set(SCOPE_EXCLUDED, l4.src) {

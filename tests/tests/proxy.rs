@@ -378,6 +378,7 @@ fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Resu
 struct ClosingProxy {
     originals: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl ClosingProxy {
@@ -392,7 +393,7 @@ impl ClosingProxy {
         listener.set_nonblocking(true)?;
         let (originals, stop) = (Arc::default(), Arc::new(AtomicBool::new(false)));
         let (seen, stopped) = (Arc::clone(&originals), Arc::clone(&stop));
-        ns.spawn(move || {
+        let thread = ns.spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(5));
@@ -401,13 +402,20 @@ impl ClosingProxy {
                 let _ = relay_once(client, &seen);
             }
         })?;
-        Ok(Self { originals, stop })
+        Ok(Self {
+            originals,
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
 impl Drop for ClosingProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
