@@ -197,6 +197,15 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_has_no_hidden_padding() {
+        // The kernel and the agent agree on 4 + 2 + 2 bytes (its Pod
+        // impl relies on there being no padding the pad field does not
+        // cover).
+        assert_eq!(size_of::<ExposedService>(), 8);
+        assert_eq!(ExposedService::new(3, 15001).pad, 0);
+    }
+
+    #[test]
     fn without_a_proxy_port_nothing_is_exposed() {
         // Validation refuses it; the entries would be none anyway, as the
         // fallback installs no proxy rule without a proxy port.
