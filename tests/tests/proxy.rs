@@ -10,8 +10,10 @@
 //! service (port 7000) — a peer no ACL of its accepts, so only the proxy
 //! can complete the request — and exposes port 8443.
 //!
-//! The exposed-service case runs for real on both datapaths, with a PU
-//! that has only what it needs ([`exposing`]). For the rest, proxies are
+//! The exposed-service cases run for real on both datapaths, with a PU
+//! that has only what it needs ([`exposing`]); one of them uses a proxy
+//! that closes first ([`ClosingProxy`]), to leave a TIME_WAIT on its side
+//! that a reconnecting peer's tuple reuses. For the rest, proxies are
 //! not implemented on eBPF yet: its variants assert that the agent
 //! refuses a proxied PU with its named error (SPEC: a field the
 //! datapath cannot enforce is refused, never ignored), so that they turn
