@@ -28,6 +28,9 @@ pub const MAP_UDP_TRAPS: &str = "UDP_TRAPS";
 pub const MAP_UDP_ANSWERS: &str = "UDP_ANSWERS";
 pub const MAP_PU_BY_UID: &str = "PU_BY_UID";
 pub const MAP_FALLBACK_PU: &str = "FALLBACK_PU";
+pub const MAP_EXPOSED: &str = "EXPOSED";
+pub const MAP_PROXY_LISTENERS: &str = "PROXY_LISTENERS";
+pub const MAP_REUSED_TUPLES: &str = "REUSED_TUPLES";
 
 /// Bytes of the flow-log ring buffer (a power of two, a multiple of the
 /// page size).
@@ -43,6 +46,10 @@ pub const PROG_SENDMSG6: &str = "enforcer_sendmsg6";
 pub const PROG_INGRESS: &str = "enforcer_ingress";
 /// Every cgroup/sock_addr program, attached to each PU's cgroup.
 pub const PU_PROGRAMS: [&str; 4] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6];
+/// The sk_lookup program, attached to the agent's network namespace: hands
+/// a SYN that reuses a TIME_WAIT tuple of an exposed port to the proxy
+/// (`enforcer-ebpf/src/exposed.rs`).
+pub const PROG_EXPOSED_LOOKUP: &str = "enforcer_exposed_lookup";
 /// The cgroup_skb egress program, attached to each PU's cgroup: judges
 /// what the sock_addr hooks never see (ICMP from ping and raw sockets).
 pub const PROG_EGRESS: &str = "enforcer_egress";
@@ -267,6 +274,72 @@ impl PendingFlowKey {
     }
 }
 
+/// Ports TCP listeners may expose to a proxy ([`ExposedService`]): one
+/// entry per port at most, and a port is one PU's.
+pub const MAX_EXPOSED_PORTS: u32 = 65_536;
+
+/// An exposed service (issue 6): TC ingress hands an incoming TCP
+/// connection to this port (the map's key, host order) to the proxy
+/// listening on `proxy_port` at the same address, in place of the nat
+/// `REDIRECT` of the fallback (`enforcer-ebpf/src/exposed.rs`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExposedService {
+    /// The PU's slot, for its counters.
+    pub slot: u32,
+    /// Host order.
+    pub proxy_port: u16,
+    pub pad: u16,
+}
+
+impl ExposedService {
+    pub const fn new(slot: u32, proxy_port: u16) -> Self {
+        Self {
+            slot,
+            proxy_port,
+            pad: 0,
+        }
+    }
+}
+
+/// Proxy listeners TC ingress found (a SOCKHASH keyed by the proxy port)
+/// for the sk_lookup program: one per PU with a proxy port at most.
+pub const MAX_PROXY_LISTENERS: u32 = MAX_PUS;
+/// SYNs reusing a TIME_WAIT tuple, parked by TC ingress for the sk_lookup
+/// program a moment later: an LRU map (an entry is used within the same
+/// packet's processing).
+pub const MAX_REUSED_TUPLES: u32 = 4096;
+
+/// A SYN to an exposed port that reuses the tuple of a TIME_WAIT socket:
+/// TC ingress lets the kernel end the TIME_WAIT and parks the tuple here
+/// with the proxy port (the value); the sk_lookup program, which the
+/// kernel then runs to find a listener, hands it to the proxy.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReusedTuple {
+    /// The peer (IPv4-mapped for IPv4).
+    pub remote: [u8; 16],
+    /// The local address the SYN is for (IPv4-mapped for IPv4).
+    pub local: [u8; 16],
+    /// Host order.
+    pub remote_port: u16,
+    /// Host order: the exposed port.
+    pub local_port: u16,
+    pub pad: u32,
+}
+
+impl ReusedTuple {
+    pub const fn new(remote: [u8; 16], local: [u8; 16], remote_port: u16, local_port: u16) -> Self {
+        Self {
+            remote,
+            local,
+            remote_port,
+            local_port,
+            pad: 0,
+        }
+    }
+}
+
 /// Trie key data: scope, then the address (IPv4-mapped for IPv4).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,4 +501,6 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     // SAFETY: #[repr(C)], 8+16+2+6 bytes, the pad always written as 0.
     unsafe impl aya::Pod for super::UdpTrapKey {}
+    // SAFETY: #[repr(C)], 4+2+2 bytes, the pad always written as 0.
+    unsafe impl aya::Pod for super::ExposedService {}
 }

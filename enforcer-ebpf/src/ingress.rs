@@ -20,6 +20,10 @@
 //! 5. the protocol-any network ACLs;
 //! 6. anything else is dropped, and logged (policy `default`).
 //!
+//! Before all of it, a packet carrying the proxy mark (the proxy's own
+//! connection, on `lo`) passes, and a TCP packet to an exposed port goes
+//! to the PU's proxy ([`crate::exposed`]).
+//!
 //! Before 4, ICMPv6 is let in (neighbour discovery), and a sidecar lets DNS
 //! answers (UDP from port 53) in, as the seed does. A refusal for a port
 //! PU drops the packet here; one for the namespace-wide PU is left to a
@@ -50,10 +54,11 @@ use enforcer_common::{
         DIRECTION_NET, DNS_PORT, FlowEvent, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PortKey,
         SCOPE_EXCLUDED, SCOPE_TARGET_TCP, SCOPE_TARGET_UDP, is_v4_mapped,
     },
-    marks::Class,
+    marks::{Class, Kind},
 };
 
 use crate::{
+    exposed,
     packet::{self, L4, Parsed},
     policy::{
         AclVerdict, Count, Deferral, Side, acl_entry, allow_dns, count, evaluate, fallback_pu,
@@ -82,6 +87,17 @@ pub fn enforcer_ingress(ctx: TcContext) -> i32 {
 /// the judgement's never add up.
 #[inline(never)]
 fn decide(ctx: &TcContext, l4: &L4) -> i32 {
+    if is_proxy(ctx) {
+        // SPEC, "Global steering": the proxy's own traffic first, never
+        // redirected again nor judged (on `lo`, the proxy's socket mark
+        // is still the packet's).
+        return TC_ACT_OK;
+    }
+    if l4.proto == PROTO_TCP
+        && let Some(service) = exposed::service(l4.dst_port)
+    {
+        return exposed::steer(ctx, l4, service);
+    }
     let ported = l4.proto == PROTO_TCP || l4.proto == PROTO_UDP;
     let by_port = match ported {
         true => port_pu(PortKey::new(l4.proto, l4.dst_port)),
@@ -240,6 +256,15 @@ fn apply(ctx: &TcContext, l4: &L4, slot: u32, verdict: AclVerdict, refusal: Refu
             refuse(ctx, refusal)
         }
     }
+}
+
+/// Does the packet carry the proxy kind (`Kind::Proxy`)?
+#[inline(always)]
+fn is_proxy(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the program's own context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let layout = mark_layout();
+    mark & layout.kind_mask() == layout.kind(Kind::Proxy)
 }
 
 /// Writes the class into `skb->mark`, keeping every other bit.

@@ -15,6 +15,7 @@
 
 mod connect;
 mod egress;
+mod exposed;
 mod ingress;
 mod maps;
 mod mark_guard;

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use enforcer_common::maps::{
-    AclEntry, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_NETS, MAX_PENDING_FLOWS, MAX_PUS,
-    MAX_UDP_ANSWERS, MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, UdpAnswerKey,
+    AclEntry, ExposedService, FLOW_EVENTS_BYTES, FlowEvent, MAX_ACL_PREFIXES, MAX_EXPOSED_PORTS,
+    MAX_NETS, MAX_PENDING_FLOWS, MAX_PROXY_LISTENERS, MAX_PUS, MAX_REUSED_TUPLES, MAX_UDP_ANSWERS,
+    MAX_UDP_TRAPS, NetKey, PendingFlowKey, PortKey, PuCounts, ReusedTuple, UdpAnswerKey,
     UdpTrapKey,
 };
 use enforcer_common::proxy::{
@@ -100,3 +101,19 @@ pub static REDIRECTS: LruHashMap<u64, Redirect> = LruHashMap::with_max_entries(M
 #[map(name = "REDIRECTS_BY_PEER")]
 pub static REDIRECTS_BY_PEER: LruHashMap<PeerKey, Redirect> =
     LruHashMap::with_max_entries(MAX_REDIRECTS, 0);
+
+/// A PU's exposed TCP port → the proxy incoming connections to it go to
+/// (`exposed`).
+#[map(name = "EXPOSED")]
+pub static EXPOSED: HashMap<u16, ExposedService> = HashMap::with_max_entries(MAX_EXPOSED_PORTS, 0);
+
+/// Proxy listeners by proxy port (a SOCKHASH), written by TC ingress when it
+/// parks a tuple in `REUSED_TUPLES`, read by the sk_lookup program.
+#[map(name = "PROXY_LISTENERS")]
+pub static PROXY_LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_PROXY_LISTENERS, 0);
+
+/// SYNs reusing a TIME_WAIT tuple of an exposed port → the proxy port
+/// (`exposed`).
+#[map(name = "REUSED_TUPLES")]
+pub static REUSED_TUPLES: LruHashMap<ReusedTuple, u16> =
+    LruHashMap::with_max_entries(MAX_REUSED_TUPLES, 0);

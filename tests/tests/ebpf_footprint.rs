@@ -1,6 +1,7 @@
 //! In eBPF mode what stays in netfilter is small and fixed: the rule set
 //! (as the backend itself saves it) is the same for 1 PU and for 100 PUs
-//! with ACLs, and no ipset exists at all (SPEC, "The two datapaths").
+//! with ACLs and exposed services, and no ipset exists at all (SPEC, "The
+//! two datapaths").
 
 use anyhow::Result;
 use enforcer_tests::{
@@ -19,11 +20,13 @@ fn pus(cgroups: &[Cgroup]) -> String {
             let rel = cg.path().file_name().unwrap().to_string_lossy();
             format!(
                 "[[pus]]\nid = \"pu-{i}\"\nkind = \"linux-process\"\ncgroup = \"{rel}\"\n\
+                 proxy_port = 15001\nexposed_services = [{}]\n\
                  [[pus.application_acls]]\nnetworks = [\"10.{}.0.0/16\", \"fd00:{i:x}::/64\"]\n\
                  protocols = [\"tcp\", \"udp\"]\nports = [80, \"8000:8100\"]\naction = \"accept\"\n\
                  policy_id = \"p{i}\"\n\
                  [[pus.application_acls]]\nnetworks = [\"10.{}.1.0/24\"]\nprotocols = [\"any\"]\n\
                  action = \"reject\"\nlog = true\npolicy_id = \"r{i}\"\n",
+                20_000 + i,
                 i % 250,
                 i % 250
             )

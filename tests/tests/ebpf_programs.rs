@@ -6,11 +6,12 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{
-    CgroupSkb, CgroupSockAddr, CgroupSockopt, ProgramInfo, SchedClassifier, SockOps, SocketFilter,
+    CgroupSkb, CgroupSockAddr, CgroupSockopt, ProgramInfo, SchedClassifier, SkLookup, SockOps,
+    SocketFilter,
 };
 use enforcer_common::maps::{
-    HOST_PROGRAMS, PROG_EGRESS, PROG_HOST_EGRESS, PROG_HOST_MARK_GUARD, PROG_INGRESS,
-    PROG_MARK_GUARD, PU_PROGRAMS, RULE_FILTERS,
+    HOST_PROGRAMS, PROG_EGRESS, PROG_EXPOSED_LOOKUP, PROG_HOST_EGRESS, PROG_HOST_MARK_GUARD,
+    PROG_INGRESS, PROG_MARK_GUARD, PU_PROGRAMS, RULE_FILTERS,
 };
 use enforcer_common::proxy::{PROG_PROXY_ORIGINAL_DST, PROG_PROXY_SOCKOPS, PROXY_SOCK_PROGRAMS};
 use enforcer_tests::privilege;
@@ -48,6 +49,17 @@ fn every_datapath_program_passes_the_verifier() -> Result<()> {
         .load()
         .with_context(|| format!("verifying {PROG_INGRESS}"))?;
     processed.push((PROG_INGRESS, verified(PROG_INGRESS, ingress.info()?)?));
+    let lookup: &mut SkLookup = bpf
+        .program_mut(PROG_EXPOSED_LOOKUP)
+        .context(PROG_EXPOSED_LOOKUP)?
+        .try_into()?;
+    lookup
+        .load()
+        .with_context(|| format!("verifying {PROG_EXPOSED_LOOKUP}"))?;
+    processed.push((
+        PROG_EXPOSED_LOOKUP,
+        verified(PROG_EXPOSED_LOOKUP, lookup.info()?)?,
+    ));
     for name in [PROG_EGRESS, PROG_HOST_EGRESS] {
         let egress: &mut CgroupSkb = bpf.program_mut(name).context(name)?.try_into()?;
         egress.load().with_context(|| format!("verifying {name}"))?;

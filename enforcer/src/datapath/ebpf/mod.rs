@@ -32,7 +32,9 @@
 //!   ACLs, written beside its application ACLs under the same generation.
 //!   A refusal of the namespace-wide PU is carried out by a fixed rule in
 //!   INPUT, which knows the conntrack state TC cannot see (an answer to
-//!   what the PU sent passes).
+//!   what the PU sent passes). TC ingress also hands connections to a
+//!   PU's exposed ports to its proxy ([`exposed`]), with an sk_lookup
+//!   program on the namespace for a reused TIME_WAIT tuple.
 //! - `delete` unmaps the claim (the host scope judges the PU's tasks from
 //!   then on, if it is attached), detaches the hooks, waits for a grace
 //!   period, then removes the entries and frees the slot for reuse.
@@ -45,6 +47,7 @@
 
 mod claim;
 mod entries;
+mod exposed;
 mod flowlog;
 pub mod grace;
 mod links;
@@ -73,7 +76,7 @@ use aya::{
     },
 };
 use enforcer_common::maps::{
-    AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
+    AclEntry, HOST_PROGRAMS, MAP_ACLS, MAP_EXPOSED, MAP_FALLBACK_PU, MAP_FLOW_EVENTS, MAP_NETS,
     MAP_PU_BY_CGROUP, MAP_PU_BY_UID, MAP_PU_COUNTS, MAP_PU_GENERATION, MAP_PU_PORTS,
     MAX_ACL_PREFIXES, MAX_NETS, MAX_PUS, NetKey, PROG_EGRESS, PROG_HOST_EGRESS,
     PROG_HOST_MARK_GUARD, PROG_INGRESS, PROG_MARK_GUARD, PROG_TARGET_DST, PROG_TARGET_SRC,
@@ -119,6 +122,7 @@ struct Loaded {
     /// Dependent services and proxy ports ([`proxy`]).
     proxy_services: LpmTrie<MapData, NetKey, ServiceEntry>,
     proxy_ports: Array<MapData, ProxyPorts>,
+    exposed: exposed::Exposed,
     /// The flow-log ring, until a reader takes it.
     flow_events: Option<RingBuf<MapData>>,
     grace: GracePeriod,
@@ -278,6 +282,7 @@ impl EbpfDatapath {
         ingress
             .pin(&ingress_pin)
             .with_context(|| format!("pinning {}", ingress_pin.display()))?;
+        exposed::load_lookup(&mut bpf)?;
         for name in RULE_FILTERS {
             let pin = self.filter_pin(name);
             let filter: &mut SocketFilter = bpf
@@ -344,6 +349,7 @@ impl EbpfDatapath {
             ports: take(MAP_PU_PORTS)?.try_into()?,
             proxy_services: take(MAP_PROXY_SERVICES)?.try_into()?,
             proxy_ports: take(MAP_PROXY_PORTS)?.try_into()?,
+            exposed: exposed::Exposed::new(take(MAP_EXPOSED)?.try_into()?),
             flow_events: Some(take(MAP_FLOW_EVENTS)?.try_into()?),
             grace: GracePeriod::new()?,
             bpf,
@@ -417,13 +423,6 @@ impl EbpfDatapath {
             // mark: its onward connections would be redirected again.
             let kind = pu.kind.name();
             return unsupported(&format!("PU {}: proxy redirection for a {kind} PU", pu.id));
-        }
-        let not_yet = [(
-            !pu.exposed_services.is_empty(),
-            "exposed_services (proxy redirection)",
-        )];
-        if let Some((_, field)) = not_yet.iter().find(|(set, _)| *set) {
-            return unsupported(&format!("PU {}: {field}", pu.id));
         }
         Ok(())
     }
@@ -786,6 +785,7 @@ impl Datapath for EbpfDatapath {
                 sender.clone(),
             )?);
         }
+        exposed::attach_lookup(&mut loaded.bpf, &self.links_dir())?;
         self.loaded = Some(loaded);
         let pins = netfilter::Pins {
             udp_trap: self.filter_pin(PROG_UDP_TRAP),
@@ -866,6 +866,18 @@ impl Datapath for EbpfDatapath {
             self.remove_acls(slot, generation, &prefixes);
             return Err(e);
         }
+        // Exposed ports are rewritten in place before the switch (they
+        // are no generation's): on a failure the old ones are put back.
+        let others = self.pus.values().map(|s| &s.policy);
+        let exposing = exposed::check_free(new, others).and_then(|()| {
+            let entries = exposed::entries(new, slot);
+            self.loaded()?.exposed.write(slot, entries)
+        });
+        if let Err(e) = exposing {
+            self.remove_acls(slot, generation, &prefixes);
+            self.remove_ports(owner, &added_ports);
+            return Err(e.into());
+        }
         // The proxy configuration changes in place, before the switch, as
         // the fallback's proxy sets do ([`proxy`]).
         let state = self.pus.get_mut(&old.id).expect("checked above");
@@ -878,6 +890,10 @@ impl Datapath for EbpfDatapath {
         if let Err(e) = set {
             self.remove_acls(slot, generation, &prefixes);
             self.remove_ports(owner, &added_ports);
+            // Put the old exposed ports back.
+            let _ = self
+                .loaded()
+                .and_then(|l| Ok(l.exposed.write(slot, exposed::entries(old, slot))?));
             return Err(e);
         }
         // The switch: one map write (with `fault`, test-only, it fails in
@@ -894,6 +910,13 @@ impl Datapath for EbpfDatapath {
             // No hook can have read the new generation: its entries go now.
             self.remove_acls(slot, generation, &prefixes);
             self.remove_ports(owner, &added_ports);
+            let entries = exposed::entries(old, slot);
+            if let Err(e) = self
+                .loaded()
+                .and_then(|l| Ok(l.exposed.write(slot, entries)?))
+            {
+                warn!(pu = %old.id, "putting the old exposed services back: {e:#}");
+            }
             return Err(e);
         }
         let removed_ports: BTreeSet<PortKey> = old_ports.difference(&ports).copied().collect();
@@ -938,6 +961,9 @@ impl Datapath for EbpfDatapath {
             self.release_host_scope();
         }
         self.remove_ports(state.claim.port_owner(state.slot), &state.ports);
+        if let Ok(l) = self.loaded() {
+            l.exposed.clear(state.slot);
+        }
         let mut waited = Err(anyhow!("the datapath is not running"));
         if let Ok(l) = self.loaded() {
             // A hook that found the slot before the detach may still be
@@ -1099,6 +1125,7 @@ impl EbpfDatapath {
             return Err(anyhow!("PU {} is already configured", pu.id).into());
         }
         let claim = Claim::of(pu, &self.settings.cgroup2)?;
+        exposed::check_free(pu, self.pus.values().map(|s| &s.policy))?;
         let entries = self.entries_for(pu)?;
         let generation = u32::from(version & 1);
         let fault = self.faults.strikes(Operation::Configure);
@@ -1137,6 +1164,18 @@ impl EbpfDatapath {
         }
         let added = ports.clone();
         undo.push(Box::new(move |this| this.remove_ports(owner, &added)));
+        let exposing = exposed::entries(pu, slot);
+        if let Err(e) = self
+            .loaded()
+            .and_then(|l| Ok(l.exposed.write(slot, exposing)?))
+        {
+            return rollback(self, undo, e);
+        }
+        undo.push(Box::new(move |this| {
+            if let Ok(l) = this.loaded() {
+                l.exposed.clear(slot);
+            }
+        }));
         let links = match claim.cgroup() {
             Some(cgroup) => {
                 let pin = format!("pu{slot}");
@@ -1495,6 +1534,7 @@ impl EbpfDatapath {
                     for key in &state.ports {
                         let _ = l.ports.insert(key, old_owner, BPF_NOEXIST);
                     }
+                    l.exposed.restore(state.slot);
                 }
                 self.pus.insert(old.id.clone(), state);
                 Err(e)
