@@ -1,7 +1,8 @@
 //! The handshake's steps as the trap consumer takes them, each a pure
 //! function of the token bytes, the PU's labels and policy, and the
 //! clock: mint the SYN token, judge a SYN and answer it, judge the
-//! SYN-ACK, and (UDP) the closing ACK. The consumer keeps the per-
+//! SYN-ACK, and (UDP) the closing ACK and the responder's signed
+//! refusal. The consumer keeps the per-
 //! connection state (the nonce it sent) and does the packet I/O with
 //! [`super::wire`].
 
@@ -140,6 +141,28 @@ impl Handshaker {
     /// The id of the key this agent signs with.
     pub fn key_id(&self) -> super::keys::KeyId {
         self.key.id()
+    }
+
+    /// Responder (UDP): a signed refusal of the SYN whose nonce is `syn`,
+    /// sent when the SYN's token verified but the policy refuses the
+    /// identity — so the initiator knows the peer has an agent that said
+    /// no, and does not fall back to judging it as one without.
+    pub fn refusal(&self, labels: &Labels, syn: &Nonce, now_ms: u64) -> Result<Sent, NoRandomness> {
+        self.mint(Kind::Refusal, labels, Some(*syn), now_ms)
+    }
+
+    /// Initiator (UDP): judges a refusal's token against the nonce of the
+    /// SYN it sent. A refusal that verifies is the decision
+    /// [`Reason::RefusedByPeer`] (with the peer's claims); one that does
+    /// not is refused with its own reason, as any token.
+    pub fn on_refusal(&mut self, token: Option<&[u8]>, sent: &Nonce, now_ms: u64) -> Step {
+        let expect = Expect {
+            kind: Kind::Refusal,
+            answering: Some(*sent),
+        };
+        self.judge(token, expect, now_ms, |_| {
+            Decision::refuse(Reason::RefusedByPeer)
+        })
     }
 
     /// Initiator (UDP): the closing ACK, answering the SYN-ACK's nonce.
