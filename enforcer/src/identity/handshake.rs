@@ -349,6 +349,35 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_refusal_is_bound_to_the_syn_it_refuses() {
+        let (mut a, b) = (agent(1, &[2]), agent(2, &[1]));
+        let anyone = IdentityPolicy {
+            network: vec![allow("app", "any-app")],
+            application: vec![allow("app", "any-app")],
+        };
+        let syn = a.syn(&labels("batch"), NOW).unwrap();
+        // Not for another SYN, and neither a SYN-ACK for a refusal nor a
+        // refusal for a SYN-ACK.
+        let refusal = b.refusal(&labels("dns"), &syn.nonce, NOW).unwrap();
+        let other = a.on_refusal(Some(&refusal.token), &[0; 16], NOW);
+        assert_eq!(other.decision.reason, Reason::WrongHandshake);
+        assert_eq!(other.peer, None);
+        let syn_ack = b.syn_ack(&labels("dns"), &syn.nonce, NOW).unwrap();
+        let step = a.on_refusal(Some(&syn_ack.token), &syn.nonce, NOW);
+        assert_eq!(step.decision.reason, Reason::WrongHandshake);
+        let step = a.on_syn_ack(Some(&refusal.token), &syn.nonce, &anyone, 53, NOW);
+        assert_eq!(step.decision.reason, Reason::WrongHandshake);
+        // The right one verifies, refuses, and names the refusing PU.
+        let step = a.on_refusal(Some(&refusal.token), &syn.nonce, NOW + 1);
+        assert_eq!(step.decision.reason, Reason::RefusedByPeer);
+        assert!(!step.decision.is_allowed());
+        assert_eq!(step.peer.unwrap().labels, labels("dns"));
+        // Once.
+        let again = a.on_refusal(Some(&refusal.token), &syn.nonce, NOW + 2);
+        assert_eq!(again.decision.reason, Reason::Replayed);
+    }
+
+    #[test]
     fn a_udp_handshake_closes_with_a_bound_ack() {
         let (mut a, mut b) = (agent(1, &[2]), agent(2, &[1]));
         let anyone = IdentityPolicy {
