@@ -436,7 +436,14 @@ impl Recent {
         while self.order.front().is_some_and(|&(at, _)| at <= now) {
             self.forget_one();
         }
-        while self.order.len() >= self.capacity {
+        // A key remembered again leaves its old record behind: drop the
+        // stale ones before they crowd out live keys (one flow refreshed
+        // by every datagram must not make the others forgotten).
+        if self.order.len() >= 2 * self.capacity {
+            let keys = &self.keys;
+            self.order.retain(|(at, key)| keys.get(key) == Some(at));
+        }
+        while self.keys.len() >= self.capacity && !self.keys.contains_key(&key) {
             self.forget_one();
         }
         let expires = now.saturating_add(self.ttl);

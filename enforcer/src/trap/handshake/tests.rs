@@ -569,6 +569,34 @@ fn the_table_is_bounded_and_forgets_by_age() {
     assert_eq!(b.decide(Direction::Net, &ack, later), Action::Drop);
 }
 
+#[test]
+fn recent_keys_are_bounded_and_a_refreshed_one_crowds_out_no_other() {
+    let mut r = Recent::new(100, 4);
+    let k = |port: u16| ConnKey {
+        local: SocketAddr::new(addr(CLIENT).ip(), port),
+        remote: addr(SERVER),
+    };
+    r.insert(k(1), 0);
+    // One key remembered again and again (a refused flow's datagrams).
+    for t in 0..50 {
+        r.insert(k(2), t);
+    }
+    assert!(r.contains(&k(1), 50));
+    assert!(r.contains(&k(2), 148));
+    assert!(!r.contains(&k(2), 149));
+    // Full: the oldest goes first.
+    r.insert(k(3), 60);
+    r.insert(k(4), 61);
+    r.insert(k(5), 62);
+    assert!(!r.contains(&k(1), 62));
+    for port in 2..=5 {
+        assert!(r.contains(&k(port), 62), "{port}");
+    }
+    r.remove(&k(3));
+    assert!(!r.contains(&k(3), 63));
+    assert!(!r.contains(&k(5), 162));
+}
+
 /// An ordinary datagram (no signature) from `src` to `dst`.
 fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let mut p = wire::udp_handshake(src, dst, payload).unwrap();
