@@ -1060,8 +1060,8 @@ impl Engine {
                 let token = token.to_vec();
                 // On a flow waiting for its answer, any handshake datagram
                 // is judged as the answer (a peer echoing our own SYN
-                // token back is refused as the wrong step, never taken
-                // as a SYN to answer).
+                // token back is dropped as the wrong step, never taken
+                // as a SYN to answer, and the wait goes on).
                 let kind = token::parse(&token).map(|t| t.claims.kind);
                 let answer = matches!(kind, Ok(token::Kind::SynAck | token::Kind::Refusal));
                 if self.udp_waits.contains_key(&p.key) || answer {
