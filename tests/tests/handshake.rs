@@ -616,8 +616,11 @@ fn refused_identity_with_accepting_acls(
 /// Once a flow is authorised its datagrams are data, whatever they
 /// carry: the signature in the middle, the signature at the start, a
 /// 6 KiB datagram (beyond the trap's 4 KiB copy range) with the signature
-/// inside — none is trapped again (b queued the handshake only) and all
-/// arrive, also after the 10 s a decided flow is remembered.
+/// inside — all arrive, also after the 10 s the engine remembers a
+/// decided flow. SPEC's global rule traps each of them (the signature,
+/// anywhere, before the accepts of decided flows); b's consumer knows
+/// the flow by its connection mark and lets each on unchanged
+/// (`decided-flow-data`), without reading it as a handshake.
 fn udp_an_authorised_flow_carries_the_signature_as_data(
     datapath: Datapath,
     family: Family,
@@ -652,8 +655,11 @@ fn udp_an_authorised_flow_carries_the_signature_as_data(
     let late = format!("late {sig} in the middle");
     assert_eq!(flow.send(&late)?, None);
     assert!(sink.wait_for(late.as_bytes(), COMES).is_some(), "{late}");
-    assert_eq!(w.queued_by_range(Host::B)?, [("net-service", 1)]);
+    // The handshake, then the four datagrams carrying the signature.
+    assert_eq!(w.queued_by_range(Host::B)?, [("net-service", 5)]);
+    assert_eq!(handshake_count(&b, "decided-flow-data")?, 4);
     assert_eq!(handshake_count(&b, "bad-packet")?, 0);
+    assert_eq!(handshake_count(&b, "allowed")?, 1);
     Ok(())
 }
 

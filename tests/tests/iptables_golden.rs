@@ -252,7 +252,6 @@ fn global_summary(rule: &str) -> String {
             }
             "--tcp-option" => parts.push(format!("option {next}")),
             "--string" => parts.push(format!("string {next}")),
-            "--bytecode" => parts.push(format!("bytecode {next}")),
             "--match-set" => {
                 let not = if w[i - 1] == "!" { "!" } else { "" };
                 let dir = w.get(i + 2).map(String::as_str).unwrap_or("?");
@@ -490,30 +489,15 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
     // handshake mark, the UID chain, a SYN-ACK to a target TCP network
     // classed and trapped, and the process, host-service and host chains
     // in that priority. Incoming mirrors it, without the injected mark,
-    // with the UDP signature trapped after the connection accepts (a
-    // datagram from a target UDP network whose payload starts with it:
-    // a classic BPF program, compared word by word), and a SYN-ACK and a
-    // SYN with TCP option 34 from a target TCP network trapped. Default queues: app SYN-ACK 8-11; net SYN 16-19, SYN-ACK
+    // with the UDP signature trapped before the connection accepts, and
+    // a SYN-ACK and a SYN with TCP option 34 from a target TCP network
+    // trapped. Default queues: app SYN-ACK 8-11; net SYN 16-19, SYN-ACK
     // 24-27, service 28-31.
     let (target_tcp, target_udp) = (
         format!("TRI-{}-TargetTCP", tag(family)),
         format!("TRI-{}-TargetUDP", tag(family)),
     );
     let synack = "tcp flags SYN,ACK SYN,ACK";
-    // "n30n" "jxq7" "bmiw" "r6dt" "xq" after the UDP header: IPv4 past
-    // its header's length (X), IPv6 at 48 once the next header is UDP.
-    let signature = match family {
-        Family::V4 => {
-            "13,177 0 0 0,64 0 0 8,21 0 9 1848848494,64 0 0 12,21 0 7 1786278199,\
-             64 0 0 16,21 0 5 1651337591,64 0 0 20,21 0 3 1916167284,72 0 0 24,21 0 1 30833,\
-             6 0 0 1,6 0 0 0"
-        }
-        Family::V6 => {
-            "14,48 0 0 6,21 0 11 17,32 0 0 48,21 0 9 1848848494,32 0 0 52,21 0 7 1786278199,\
-             32 0 0 56,21 0 5 1651337591,32 0 0 60,21 0 3 1916167284,40 0 0 64,21 0 1 30833,\
-             6 0 0 1,6 0 0 0"
-        }
-    };
     let steering = |side: &str| -> Vec<String> {
         let mut rules = vec![
             format!(
@@ -525,6 +509,10 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
         ];
         if side == "App" {
             rules.push(format!("mark {} -> ACCEPT", m.injected));
+        } else {
+            rules.push(format!(
+                "udp {target_udp} src string n30njxq7bmiwr6dtxq -> NFQUEUE 28:31 bypass"
+            ));
         }
         rules.extend([
             format!("connmark {} -> ACCEPT", m.external),
@@ -533,13 +521,8 @@ fn global_rules(backend: Backend, family: Family, settings: &str, m: &Marks) -> 
                 m.authorised
             ),
             format!("!tcp connmark {} -> ACCEPT", m.authorised),
+            format!("-> TRI-UID-{side}"),
         ]);
-        if side == "Net" {
-            rules.push(format!(
-                "udp {target_udp} src bytecode {signature} -> NFQUEUE 28:31 bypass"
-            ));
-        }
-        rules.push(format!("-> TRI-UID-{side}"));
         if side == "App" {
             rules.extend([
                 format!("{synack} {target_tcp} dst -> MARK set {}", m.trap_tcp),

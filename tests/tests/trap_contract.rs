@@ -15,10 +15,10 @@
 //! - A SYN carrying TCP option 34 from a target network goes to the net
 //!   SYN range by the global rule, to a port of no PU; without the option,
 //!   or from outside the target networks, it does not.
-//! - A UDP datagram from a target UDP network whose payload starts with
-//!   the handshake signature goes to the net service range, to a port of
-//!   no PU; one without it, or with it elsewhere in the payload, does
-//!   not, nor does one from an ACL peer (with or without).
+//! - A UDP datagram from a target UDP network carrying the handshake
+//!   signature, anywhere in its payload, goes to the net service range,
+//!   to a port of no PU; one without it does not, nor does one from an
+//!   ACL peer (with or without).
 //!
 //! Host `a` runs the agent with one linux-process PU (TCP port 8080, UDP
 //! port 8053); host `b` speaks from one address per role
@@ -244,20 +244,26 @@ fn a_datagram_with_the_signature_from_a_target_udp_network_is_queued(
     assert!(arrives(&pu_port, &signed_by_acl_peer));
     assert_queued(&stage, &[], "an ACL peer is not a target")?;
 
-    // From a target network to a port of no PU: only the signature at
-    // the start of the payload is trapped (and accepted).
+    // From a target network to a port of no PU: only the signature is
+    // trapped (and accepted), anywhere in the payload (SPEC, "Global
+    // steering").
     send(TARGET, &other_port, "target-plain")?;
     assert!(arrives(&other_port, "target-plain"));
+    assert_queued(&stage, &[], "no signature")?;
     let inside = format!("data {SIGNATURE} inside");
     send(TARGET, &other_port, &inside)?;
-    assert!(arrives(&other_port, &inside));
-    assert_queued(&stage, &[], "no signature at the payload start")?;
+    assert!(arrives(&other_port, &inside), "{}", agent.log());
+    assert_queued(
+        &stage,
+        &[("net-service", 1)],
+        "the signature mid-payload from a target network",
+    )?;
     let signed = format!("{SIGNATURE} handshake");
     send(TARGET, &other_port, &signed)?;
     assert!(arrives(&other_port, &signed), "{}", agent.log());
     assert_queued(
         &stage,
-        &[("net-service", 1)],
-        "the signature from a target network",
+        &[("net-service", 2)],
+        "the signature at the payload start from a target network",
     )
 }

@@ -9,17 +9,12 @@
 //! connection authorised at that ACK — the handshake's last packet — so
 //! the main chains accept every later packet before any trap rule sees it.
 //! Besides, a SYN carrying TCP option 34 and a UDP packet carrying the
-//! handshake signature, both from a target network, are trapped whatever
-//! their port.
-//!
-//! "Carrying the signature" means: its UDP payload *starts* with it, as
-//! every handshake datagram's does ([`udp_signature`], a classic-BPF
-//! program like the first ACK's). The seed searched the whole packet, so
-//! a flow's data containing the signature anywhere — or a datagram too
-//! large for the trap's copy range — was trapped and dropped. And the
-//! rules put the match after the accepts of authorised connections: once
-//! a flow is decided, a datagram of it that starts with the signature is
-//! its application's data too.
+//! handshake signature (anywhere in it), both from a target network, are
+//! trapped whatever their port — the UDP one before the accepts of
+//! decided connections, as SPEC orders it, so a decided flow's datagram
+//! whose data happens to contain the signature is trapped too: the
+//! consumer knows it by its connection mark (looked up in conntrack) and
+//! lets it on unchanged ([`crate::trap`]).
 //!
 //! Which packet is "the first ACK" needs care: conntrack counts the packet
 //! before mangle sees it, so the handshake's ACK is the initiator's packet
@@ -51,13 +46,11 @@ pub const SYN_ACK: &str = "-p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK";
 /// A SYN (without ACK) carrying TCP option 34.
 pub const SYN_WITH_OPTION_34: &str = "-p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN";
 
-/// A UDP datagram whose payload starts with [`UDP_SIGNATURE`]; the rules
-/// put it after their cheaper `-p udp` and target matches.
-pub fn udp_signature(family: IpFamily) -> String {
-    format!(
-        "-m bpf --bytecode \"{}\"",
-        bytecode(&signature_at_payload_start(family))
-    )
+/// A packet carrying [`UDP_SIGNATURE`] anywhere (Boyer-Moore over the
+/// whole packet, as the seed searches it); the rules put it after their
+/// cheaper `-p udp` and target matches.
+pub fn udp_signature() -> String {
+    format!("-m string --string {UDP_SIGNATURE} --algo bm --to 65535")
 }
 
 /// The first ACK of a connection: the initiator's (original direction)
@@ -80,10 +73,7 @@ pub fn first_ack(family: IpFamily) -> String {
 type Insn = (u16, u8, u8, u32);
 
 // Classic BPF opcodes (linux/filter.h), as `-m bpf --bytecode` takes them.
-const LD_W_ABS: u16 = 0x20;
 const LD_H_ABS: u16 = 0x28;
-const LD_W_IND: u16 = 0x40;
-const LD_H_IND: u16 = 0x48;
 const LD_B_ABS: u16 = 0x30;
 const LD_B_IND: u16 = 0x50;
 const LDX_B_MSH: u16 = 0xb1;
@@ -98,8 +88,6 @@ const JEQ_X: u16 = 0x1d;
 const RET_K: u16 = 0x06;
 
 const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
-const UDP_HEADER_LEN: u32 = 8;
 
 /// Whether a TCP packet (netfilter hands xt_bpf the packet from its IP
 /// header) has an empty payload: the IP length equals the IP and TCP
@@ -138,62 +126,6 @@ fn no_tcp_payload(family: IpFamily) -> &'static [Insn] {
     }
 }
 
-/// Whether a UDP datagram's payload (netfilter hands xt_bpf the packet
-/// from its IP header) starts with [`UDP_SIGNATURE`]: compared a word
-/// (then a half-word, a byte) at a time, any difference — or a load past
-/// the end, which ends a classic BPF program with 0 — is no match. IPv4
-/// finds the payload after its header's own length; IPv6 only right
-/// after the fixed header (with extension headers before UDP, no match:
-/// the agents' handshake datagrams have none).
-fn signature_at_payload_start(family: IpFamily) -> Vec<Insn> {
-    let signature = UDP_SIGNATURE.as_bytes();
-    let (mut program, load_w, load_h, load_b, base) = match family {
-        IpFamily::V4 => (
-            // X = IP header length; loads relative to it.
-            vec![(LDX_B_MSH, 0, 0, 0)],
-            LD_W_IND,
-            LD_H_IND,
-            LD_B_IND,
-            UDP_HEADER_LEN,
-        ),
-        IpFamily::V6 => (
-            vec![
-                (LD_B_ABS, 0, 0, 6),        // A = next header
-                (JEQ_K, 0, 0, IPPROTO_UDP), // UDP right after the fixed header? (jf set below)
-            ],
-            LD_W_ABS,
-            LD_H_ABS,
-            LD_B_ABS,
-            40 + UDP_HEADER_LEN,
-        ),
-    };
-    let mut at = 0;
-    while at < signature.len() {
-        let rest = &signature[at..];
-        let (load, width) = match rest.len() {
-            4.. => (load_w, 4),
-            2..=3 => (load_h, 2),
-            _ => (load_b, 1),
-        };
-        let k = rest[..width]
-            .iter()
-            .fold(0u32, |k, &b| (k << 8) | u32::from(b));
-        program.push((load, 0, 0, base + at as u32));
-        program.push((JEQ_K, 0, 0, k));
-        at += width;
-    }
-    program.push((RET_K, 0, 0, 1)); // match
-    program.push((RET_K, 0, 0, 0)); // no match
-    // Every comparison's false branch goes to the last instruction.
-    let last = program.len() - 1;
-    for (i, insn) in program.iter_mut().enumerate() {
-        if insn.0 == JEQ_K {
-            insn.2 = u8::try_from(last - i - 1).expect("a short program");
-        }
-    }
-    program
-}
-
 /// `--bytecode` text: the count, then `code jt jf k` per instruction.
 fn bytecode(program: &[Insn]) -> String {
     let mut text = program.len().to_string();
@@ -214,24 +146,11 @@ mod tests {
         let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
         let byte = |at: usize| packet.get(at).map(|&b| u32::from(b));
         let half = |at: usize| Some(byte(at)? << 8 | byte(at + 1)?);
-        let word = |at: usize| Some(half(at)? << 16 | half(at + 2)?);
         loop {
             let (code, jt, jf, k) = program[pc];
             pc += 1;
             match code {
                 LD_H_ABS => match half(k as usize) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                LD_W_ABS => match word(k as usize) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                LD_W_IND => match word((x + k) as usize) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                LD_H_IND => match half((x + k) as usize) {
                     Some(v) => a = v,
                     None => return 0,
                 },
@@ -314,59 +233,6 @@ mod tests {
         assert_eq!(run(v6_prog, &[0x60, 0, 0, 0, 0, 20, 6]), 0);
     }
 
-    /// A UDP datagram with `payload`, IPv4 with `options` bytes of IP
-    /// options.
-    fn udp4(options: usize, payload: &[u8]) -> Vec<u8> {
-        let mut udp = vec![0u8; 8];
-        udp[4..6].copy_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
-        udp.extend_from_slice(payload);
-        let mut p = v4(options, &udp);
-        p[9] = 17;
-        p
-    }
-
-    fn udp6(payload: &[u8]) -> Vec<u8> {
-        let mut udp = vec![0u8; 8];
-        udp.extend_from_slice(payload);
-        v6(17, &udp)
-    }
-
-    #[test]
-    fn the_signature_matches_only_at_the_payload_start() {
-        let v4_prog = signature_at_payload_start(IpFamily::V4);
-        let v6_prog = signature_at_payload_start(IpFamily::V6);
-        let sig = UDP_SIGNATURE.as_bytes();
-        let with = |before: &[u8], after: &[u8]| [before, sig, after].concat();
-        let (none, x, data): (&[u8], &[u8], &[u8]) = (b"", b"x", b"data");
-        let token = vec![0x5a; 200];
-        for options in [0, 4, 40] {
-            assert_eq!(run(&v4_prog, &udp4(options, &with(none, &token))), 1);
-            assert_eq!(run(&v4_prog, &udp4(options, sig)), 1);
-        }
-        assert_eq!(run(&v6_prog, &udp6(&with(none, &token))), 1);
-        assert_eq!(run(&v6_prog, &udp6(sig)), 1);
-        // Anywhere else, or any byte changed, or cut short: no match.
-        for payload in [
-            with(x, &token),
-            with(&[0x5a; 3000][..], data),
-            sig[..sig.len() - 1].to_vec(),
-            Vec::new(),
-        ] {
-            assert_eq!(run(&v4_prog, &udp4(0, &payload)), 0);
-            assert_eq!(run(&v6_prog, &udp6(&payload)), 0);
-        }
-        for i in 0..sig.len() {
-            let mut changed = with(none, &token);
-            changed[i] ^= 0x20;
-            assert_eq!(run(&v4_prog, &udp4(0, &changed)), 0, "byte {i}");
-            assert_eq!(run(&v6_prog, &udp6(&changed)), 0, "byte {i}");
-        }
-        // IPv6: not UDP right after the fixed header.
-        let mut behind = vec![17, 0, 1, 4, 0, 0, 0, 0];
-        behind.extend(udp6(sig)[40..].to_vec());
-        assert_eq!(run(&v6_prog, &v6(60, &behind)), 0);
-    }
-
     #[test]
     fn rendered_as_iptables_takes_it() {
         // Seen accepted by iptables-restore and saved back verbatim.
@@ -378,12 +244,6 @@ mod tests {
         assert_eq!(
             bytecode(no_tcp_payload(IpFamily::V6)),
             "10,48 0 0 6,21 0 7 6,48 0 0 52,116 0 0 2,84 0 0 60,7 0 0 0,40 0 0 4,29 0 1 0,\
-             6 0 0 1,6 0 0 0"
-        );
-        assert_eq!(
-            bytecode(&signature_at_payload_start(IpFamily::V4)),
-            "13,177 0 0 0,64 0 0 8,21 0 9 1848848494,64 0 0 12,21 0 7 1786278199,\
-             64 0 0 16,21 0 5 1651337591,64 0 0 20,21 0 3 1916167284,72 0 0 24,21 0 1 30833,\
              6 0 0 1,6 0 0 0"
         );
         assert!(first_ack(IpFamily::V6).ends_with("-m bpf --bytecode \"10,48 0 0 6,21 0 7 6,48 0 0 52,116 0 0 2,84 0 0 60,7 0 0 0,40 0 0 4,29 0 1 0,6 0 0 1,6 0 0 0\""));

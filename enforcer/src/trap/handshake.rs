@@ -27,7 +27,26 @@
 //! | handshake datagram, SYN token, incoming | responder | token verified, the receiving PU's network policy for its port; allowed: the answer (signature + SYN-ACK token bound to the nonce) injected with the `Authorised` mark, which the datapath saves into the flow's connection mark; a verified identity refused: a signed refusal (bound to the nonce) injected with `Injected`, its conntrack entry deleted after it, and the flow remembered as refused; the datagram itself dropped |
 //! | handshake datagram, SYN-ACK or refusal token, incoming | initiator | verified against the nonce sent; a token that does not verify is dropped and counted and the wait goes on; a SYN-ACK: the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; a refusal or a refused SYN-ACK: dropped, the flow remembered as refused and its conntrack entry deleted ([`Engine::take_refused`]); the answer itself dropped |
 //! | no answer within [`UDP_ANSWER_WAIT_MS`] | initiator | a peer without an agent: the held datagrams judged by the PU's application ACLs (accepted: injected with `Authorised`) |
-//! | an ordinary datagram, incoming | responder | a flow refused lately: dropped; else a peer without an agent: the PU's network ACLs |
+//! | an ordinary datagram, incoming (also one carrying the signature elsewhere than at the payload start) | responder | a flow refused lately: dropped; else a peer without an agent: the PU's network ACLs |
+//!
+//! Which incoming datagrams get here: the global rule traps every one
+//! from a target UDP network that carries the signature *anywhere*, and
+//! before the accepts of decided connections (SPEC, "Global steering");
+//! the PU chains trap an undecided flow's first ones. A trapped datagram
+//! of a decided flow (its connection mark `Authorised` or
+//! `ExternalAccepted`, looked up in conntrack by the consumer) is its
+//! application's data: the consumer lets it on unchanged before this
+//! engine reads it (`decided-flow-data`, [`super::decided`]).
+//! An undecided flow's datagram is a handshake step only when its payload
+//! *starts* with the signature ([`wire::udp_token`]); with the signature
+//! elsewhere it is no handshake, and it is decided as the flow's
+//! ordinary datagram (the last row): dropped while the flow is refused or
+//! its own handshake waits, else judged by the receiving PU's network
+//! ACLs; to a port of no PU, dropped (`unknown-pu`); copied short (longer
+//! than the copy range), dropped (`bad-packet`). Never let on as it is:
+//! NF_ACCEPT skips the rest of the chain, the PU's rules with it, so a
+//! peer without an identity could carry any datagram past a PU's policy
+//! by putting the signature in it.
 //!
 //! A refused identity never falls back to the ACLs: the responder's
 //! signed refusal tells the initiator the peer has an agent that said no
@@ -184,10 +203,14 @@ pub enum Counted {
     /// UDP datagrams of a flow refused lately, dropped without a new
     /// handshake (initiator) or without the ACLs (responder).
     RefusedFlow,
+    /// Incoming datagrams of a decided flow (connection mark `Authorised`
+    /// or `ExternalAccepted`) that the signature rule trapped because
+    /// their data carries the signature: let on unchanged, unread.
+    DecidedFlowData,
 }
 
 impl Counted {
-    pub const ALL: [Counted; 24] = [
+    pub const ALL: [Counted; 25] = [
         Counted::Allowed,
         Counted::NotAllowedByPolicy,
         Counted::ExternalAllowed,
@@ -212,6 +235,7 @@ impl Counted {
         Counted::HoldFull,
         Counted::RefusedByPeer,
         Counted::RefusedFlow,
+        Counted::DecidedFlowData,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -240,6 +264,7 @@ impl Counted {
             Counted::HoldFull => "hold-full",
             Counted::RefusedByPeer => "refused-by-peer",
             Counted::RefusedFlow => "refused-flow",
+            Counted::DecidedFlowData => "decided-flow-data",
         }
     }
 
@@ -651,6 +676,12 @@ impl Engine {
     /// progress are kept.
     pub fn set_keys(&mut self, keys: Keys, window: Window) {
         self.handshaker.set_keys(keys, window);
+    }
+
+    /// Counts a datagram the consumer let on as a decided flow's data
+    /// without asking the engine ([`super::decided`]).
+    pub fn count_decided_flow_data(&self) {
+        self.counters.add(Counted::DecidedFlowData);
     }
 
     /// Handshakes in progress.

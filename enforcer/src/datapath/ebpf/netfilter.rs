@@ -39,12 +39,12 @@ pub struct Pins {
 ///   [`crate::datapath`]) is saved into the connection mark and the packet
 ///   accepted, so a repeated packet never reaches a trap again;
 /// - outgoing, a packet the agent injects (kind `Injected`) is accepted;
+/// - incoming, a UDP packet from a target UDP network carrying the
+///   handshake signature (anywhere) is queued to the service range —
+///   before the accepts below, so a decided flow's datagram too, which
+///   the consumer lets on unchanged by its connection mark;
 /// - every packet of an authorised connection is accepted, but for a
 ///   SYN-ACK;
-/// - incoming, a UDP datagram from a target UDP network whose payload
-///   starts with the handshake signature is queued to the service range
-///   (after the accepts: a decided flow's datagram is data, whatever it
-///   starts with);
 /// - a SYN-ACK to (outgoing: classed `TrapTcp` first, as the fallback
 ///   does) or from a target TCP network is queued to the direction's
 ///   SYN-ACK range; incoming, so is a SYN from one carrying TCP option 34,
@@ -110,26 +110,26 @@ pub fn render(
             ),
             format!("-A {chain} -m mark --mark {authorised:#x}/{kind:#x} -j ACCEPT"),
         ]);
-        if direction == Direction::App {
-            // What the agent injects itself is never trapped (SPEC,
-            // "Global steering"), whatever class a hook gave its socket.
-            let injected = marks.kind(Kind::Injected);
-            rules.push(format!(
-                "-A {chain} -m mark --mark {injected:#x}/{kind:#x} -j ACCEPT"
-            ));
+        match direction {
+            Direction::App => {
+                // What the agent injects itself is never trapped (SPEC,
+                // "Global steering"), whatever class a hook gave its socket.
+                let injected = marks.kind(Kind::Injected);
+                rules.push(format!(
+                    "-A {chain} -m mark --mark {injected:#x}/{kind:#x} -j ACCEPT"
+                ));
+            }
+            Direction::Net => rules.push(format!(
+                "-A {chain} -p udp {target_src} {} -j {}",
+                handshake::udp_signature(),
+                range(Trapped::Service)
+            )),
         }
         let connection = format!("-m connmark --mark {authorised:#x}/{kind:#x}");
         rules.extend([
             format!("-A {chain} -p tcp ! --tcp-flags SYN,ACK SYN,ACK {connection} -j ACCEPT"),
             format!("-A {chain} ! -p tcp {connection} -j ACCEPT"),
         ]);
-        if direction == Direction::Net {
-            rules.push(format!(
-                "-A {chain} -p udp {target_src} {} -j {}",
-                handshake::udp_signature(family),
-                range(Trapped::Service)
-            ));
-        }
         match direction {
             Direction::App => rules.extend([
                 format!(
@@ -284,7 +284,6 @@ mod tests {
         )
         .unwrap();
         let ack = handshake::first_ack(IpFamily::V4);
-        let signature = handshake::udp_signature(IpFamily::V4);
         let expected = format!(
             "*mangle\n\
              :TRI-App - [0:0]\n\
@@ -305,9 +304,9 @@ mod tests {
              -I INPUT 1 -j TRI-Net\n\
              -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700\n\
              -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT\n\
+             -A TRI-Net -p udp -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              -A TRI-Net -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT\n\
              -A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT\n\
-             -A TRI-Net -p udp -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src {signature} -j NFQUEUE --queue-balance 28:31 --queue-bypass\n\
              -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 24:27 --queue-bypass\n\
              -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -m mark --mark 0x800/0x3800 -j CONNMARK --save-mark --nfmask 0x3800 --ctmask 0x3800\n\
              -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m bpf --object-pinned /sys/fs/bpf/enforcer/a/progs/enforcer_target_src -j NFQUEUE --queue-balance 16:19 --queue-bypass\n\
@@ -328,11 +327,7 @@ mod tests {
             &pins(),
         )
         .unwrap();
-        assert_eq!(
-            v6,
-            text.replace(&ack, &handshake::first_ack(IpFamily::V6))
-                .replace(&signature, &handshake::udp_signature(IpFamily::V6))
-        );
+        assert_eq!(v6, text.replace(&ack, &handshake::first_ack(IpFamily::V6)));
         assert_ne!(v6, text);
     }
 

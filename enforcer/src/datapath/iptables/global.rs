@@ -5,11 +5,12 @@
 //! The global traps of the identity handshake ([`crate::datapath::handshake`])
 //! are here: a SYN-ACK to or from a target TCP network, a SYN from one
 //! carrying TCP option 34, a UDP packet from a target UDP network carrying
-//! the handshake signature at the start of its payload. A connection the
-//! consumer authorised (at its first ACK, or a UDP flow at its handshake)
-//! is accepted whole, before any of these traps — but for a SYN-ACK,
+//! the handshake signature (anywhere). A connection the consumer
+//! authorised (at its first ACK) is accepted whole — but for a SYN-ACK,
 //! which is trapped again should it come (a retransmission after a lost
-//! ACK).
+//! ACK). The UDP signature rule comes before those accepts (SPEC's
+//! order): a decided flow's datagram carrying it is trapped, and the
+//! consumer accepts it unchanged by its connection mark ([`crate::trap`]).
 
 use enforcer_common::marks::{Class, Kind};
 
@@ -89,14 +90,12 @@ fn mangle(ctx: &Ctx) -> Vec<String> {
     // Incoming.
     lines.extend(verdict_rules(ctx, net));
     lines.push(format!("-A {net} -j {}", PROXY_CHAINS.net));
-    lines.extend(connection_accepts(ctx, net));
-    // After the accepts: a decided flow's datagram that starts with the
-    // signature is its application's data, not a handshake.
     lines.push(format!(
         "-A {net} -p udp -m set --match-set {target_udp} src {} -j {}",
-        udp_signature(ctx.family),
+        udp_signature(),
         ctx.queue(Direction::Net, Trapped::Service)
     ));
+    lines.extend(connection_accepts(ctx, net));
     if local_server {
         lines.push(format!("-A {net} -j {}", UID_CHAINS.net));
     }
@@ -226,10 +225,10 @@ mod tests {
 -A TRI-Net -m mark --mark 0x100/0x700 -j CONNMARK --save-mark --nfmask 0x700 --ctmask 0x700
 -A TRI-Net -m mark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net -j TRI-Prx-Net
+-A TRI-Net -p udp -m set --match-set TRI-v4-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-balance 28:31 --queue-bypass
 -A TRI-Net -m connmark --mark 0x200/0x700 -j ACCEPT
 -A TRI-Net -p tcp ! --tcp-flags SYN,ACK SYN,ACK -m connmark --mark 0x100/0x700 -j ACCEPT
 -A TRI-Net ! -p tcp -m connmark --mark 0x100/0x700 -j ACCEPT
--A TRI-Net -p udp -m set --match-set TRI-v4-TargetUDP src -m bpf --bytecode "13,177 0 0 0,64 0 0 8,21 0 9 1848848494,64 0 0 12,21 0 7 1786278199,64 0 0 16,21 0 5 1651337591,64 0 0 20,21 0 3 1916167284,72 0 0 24,21 0 1 30833,6 0 0 1,6 0 0 0" -j NFQUEUE --queue-balance 28:31 --queue-bypass
 -A TRI-Net -j TRI-UID-Net
 -A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 24:27 --queue-bypass
 -A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v4-TargetTCP src -j NFQUEUE --queue-balance 16:19 --queue-bypass
@@ -288,7 +287,7 @@ COMMIT
             with("NFQUEUE"),
             [
                 "-A TRI-App -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP dst -j NFQUEUE --queue-num 102",
-                "-A TRI-Net -p udp -m set --match-set TRI-v6-TargetUDP src -m bpf --bytecode \"14,48 0 0 6,21 0 11 17,32 0 0 48,21 0 9 1848848494,32 0 0 52,21 0 7 1786278199,32 0 0 56,21 0 5 1651337591,32 0 0 60,21 0 3 1916167284,40 0 0 64,21 0 1 30833,6 0 0 1,6 0 0 0\" -j NFQUEUE --queue-num 107",
+                "-A TRI-Net -p udp -m set --match-set TRI-v6-TargetUDP src -m string --string n30njxq7bmiwr6dtxq --algo bm --to 65535 -j NFQUEUE --queue-num 107",
                 "-A TRI-Net -p tcp -m tcp --tcp-flags SYN,ACK SYN,ACK -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 106",
                 "-A TRI-Net -p tcp -m tcp --tcp-option 34 --tcp-flags SYN,ACK SYN -m set --match-set TRI-v6-TargetTCP src -j NFQUEUE --queue-num 104",
             ],

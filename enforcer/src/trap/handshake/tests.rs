@@ -630,6 +630,42 @@ policy_id = "dns-in"
     assert_eq!(protocols, ["udp", "udp"]);
 }
 
+/// An undecided flow's datagram with the signature elsewhere than at its
+/// payload's start (SPEC's rule traps it: the signature anywhere) is no
+/// handshake: judged as the flow's ordinary datagram by the PU's network
+/// ACLs, never answered nor let on as it is; to a port of no PU, dropped.
+#[test]
+fn the_signature_inside_an_undecided_flows_datagram_is_no_handshake() {
+    let acl = r#"
+[[pus.network_acls]]
+networks = ["10.0.0.0/24"]
+protocols = ["udp"]
+ports = [53]
+action = "accept"
+policy_id = "dns-in"
+"#;
+    let mut b = host_b(acl, MAX_CONNECTIONS);
+    let payload = [&b"data "[..], wire::UDP_SIGNATURE, b" more"].concat();
+    let from = |src: &str, dst: &str| datagram(addr(src), addr(dst), &payload);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.0.1:5000", "10.0.0.2:53"), NOW),
+        Action::Authorise
+    );
+    assert_eq!(b.count(Counted::ExternalAllowed), 1);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.1.1:5000", "10.0.0.2:53"), NOW),
+        Action::Drop
+    );
+    assert_eq!(b.count(Counted::NoToken), 1);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.0.1:5001", "10.0.0.2:9999"), NOW),
+        Action::Drop
+    );
+    assert_eq!(b.count(Counted::UnknownPu), 1);
+    assert!(b.engine.take_outgoing().is_empty(), "nothing answered");
+    assert_eq!(b.count(Counted::BadToken) + b.count(Counted::BadPacket), 0);
+}
+
 /// Host A's `web` with a rule for `app=db` on UDP 53 too.
 fn host_a_udp(seed: u8) -> Agent {
     let pus = r#"
