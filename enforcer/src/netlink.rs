@@ -208,6 +208,17 @@ impl Socket {
     /// messages arriving meanwhile (a packet logged to a group bound a
     /// moment ago) are skipped.
     pub fn request(&self, message: &mut [u8]) -> io::Result<()> {
+        self.request_with(message, |_| {})
+    }
+
+    /// [`Self::request`] for a request the kernel answers with messages
+    /// before its acknowledgement (a get): each message of the request's
+    /// sequence number but the acknowledgement goes to `answer`.
+    pub fn request_with(
+        &self,
+        message: &mut [u8],
+        mut answer: impl FnMut(&Message),
+    ) -> io::Result<()> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         message
             .get_mut(8..12)
@@ -233,10 +244,12 @@ impl Socket {
                 Err(e) => return Err(e),
             };
             for msg in messages(&buf[..n]).map_while(Result::ok) {
-                if msg.seq == seq
-                    && let Some(errno) = msg.error()
-                {
-                    return errno_result(errno);
+                if msg.seq != seq {
+                    continue;
+                }
+                match msg.error() {
+                    Some(errno) => return errno_result(errno),
+                    None => answer(&msg),
                 }
             }
         }

@@ -338,10 +338,18 @@ impl TwoAgents {
 
     /// Sends a whole IP packet from host `a` through a raw socket.
     pub fn send_raw_from_a(&self, packet: &[u8]) -> Result<()> {
-        let dst = self.server_addr().ip();
+        self.send_raw(Host::A, packet)
+    }
+
+    /// Sends a whole IP packet from `host` to the other host through a
+    /// raw socket.
+    pub fn send_raw(&self, from: Host, packet: &[u8]) -> Result<()> {
+        let dst = match from {
+            Host::A => self.server_addr().ip(),
+            Host::B => self.hosts.a_end.ip(self.family),
+        };
         let packet = packet.to_vec();
-        self.hosts
-            .a
+        self.ns(from)
             .run(move || crate::traffic::send_raw_ip(dst, &packet))?
     }
 }
@@ -449,6 +457,22 @@ pub fn tcp_of(packet: &[u8]) -> Option<(u16, u16, u8)> {
     Some((port(l4)?, port(l4 + 2)?, *packet.get(l4 + 13)?))
 }
 
+/// The UDP ports and payload of an IP packet (no IPv6 extension
+/// headers).
+pub fn udp_of(packet: &[u8]) -> Option<(u16, u16, &[u8])> {
+    let protocol = match packet.first()? >> 4 {
+        4 => *packet.get(9)?,
+        6 => *packet.get(6)?,
+        _ => return None,
+    };
+    if protocol != 17 {
+        return None;
+    }
+    let l4 = l4_offset(packet).ok()?;
+    let port = |at: usize| Some(u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]));
+    Some((port(l4)?, port(l4 + 2)?, packet.get(l4 + 8..)?))
+}
+
 /// The IP packets a veth end sees, in both directions, from an
 /// `AF_PACKET` socket on it (before netfilter on the way in, after it on
 /// the way out). Stops when dropped.
@@ -539,6 +563,27 @@ impl Capture {
         loop {
             let found = self.packets().into_iter().find(|p| {
                 tcp_of(p).is_some_and(|(sport, dport, flags)| pick(sport, dport, flags, p))
+            });
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Capture {
+    /// Waits up to `within` for a UDP datagram that `pick` accepts (given
+    /// its source port, destination port and payload).
+    pub fn wait_for_udp(
+        &self,
+        within: Duration,
+        pick: impl Fn(u16, u16, &[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self.packets().into_iter().find(|p| {
+                udp_of(p).is_some_and(|(sport, dport, payload)| pick(sport, dport, payload))
             });
             if found.is_some() || Instant::now() > deadline {
                 return found;

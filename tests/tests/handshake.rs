@@ -24,7 +24,7 @@ use enforcer_tests::{
     traffic::{Outcome, PuEchoServer, Transport, UdpReceiver, run_nettool},
     two_agents::{
         Capture, Host, LINK, PORT, TwoAgents, handshake_count, is_syn, is_syn_ack, syn_with_token,
-        wait_for_count,
+        udp_of, wait_for_count,
     },
     world::UdpFlow,
 };
@@ -40,6 +40,10 @@ enforcer_tests::on_both_datapaths_and_families!(
     udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space,
     udp_a_disallowed_identity_never_arrives,
     udp_an_answer_the_application_policy_refuses_lets_nothing_through,
+    udp_a_refused_identity_stays_refused_where_the_acls_accept_the_peer,
+    udp_a_refused_identity_stays_refused_when_the_refusal_cannot_be_verified,
+    udp_an_authorised_flow_carries_the_signature_as_data,
+    udp_an_answer_that_does_not_verify_does_not_end_the_wait,
     a_replayed_syn_is_refused,
     a_tampered_token_is_refused,
 );
@@ -450,9 +454,9 @@ fn udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space(
     Ok(())
 }
 
-/// `batch` is not `app=web`: b's agent refuses its handshake and sends no
-/// answer; a's agent, at the timeout, finds no ACL for the peer: nothing
-/// of batch's ever reaches db's socket.
+/// `batch` is not `app=web`: b's agent refuses its handshake with a
+/// signed refusal, which a's agent verifies: nothing of batch's ever
+/// reaches db's socket, and no ACL is asked.
 fn udp_a_disallowed_identity_never_arrives(datapath: Datapath, family: Family) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
@@ -466,7 +470,8 @@ fn udp_a_disallowed_identity_never_arrives(datapath: Datapath, family: Family) -
     assert!(sink.wait_for(b"from-batch", STAYS_AWAY).is_none());
     assert_eq!(sink.received(), 0, "not even the handshake datagram");
     assert_eq!(handshake_count(&b, "not-allowed-by-policy")?, 1);
-    assert_eq!(handshake_count(&a, "no-token")?, 1);
+    assert_eq!(wait_for_count(&a, "refused-by-peer", 1, COMES)?, 1);
+    assert_eq!(handshake_count(&a, "no-token")?, 0);
     assert_eq!(handshake_count(&a, "allowed")?, 0);
     Ok(())
 }
@@ -519,6 +524,202 @@ fn udp_an_answer_the_application_policy_refuses_lets_nothing_through(
         Some(("app-service", 3)),
         "web's three datagrams trapped"
     );
+    Ok(())
+}
+
+/// `batch`'s identity is refused by b's agent while both hosts' ACLs
+/// accept the peer (a's application ACL, b's network ACL, on the sink's
+/// port). A refused identity is not a peer without an agent: b answers a
+/// signed refusal, a drops the held datagrams and the flow's later ones,
+/// and nothing of batch's arrives however long it sends. (Before the fix,
+/// a's wait ended at 1 s as if b had no agent, a's ACL released the
+/// datagrams and b's ACL took them as an external peer's.)
+fn udp_a_refused_identity_stays_refused_where_the_acls_accept_the_peer(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    refused_identity_with_accepting_acls(datapath, family, true)
+}
+
+/// As above, but a's agent trusts no key of b's, so it cannot verify b's
+/// refusal: its wait ends at the timeout and its ACL releases the flow;
+/// b's agent remembers the flow it refused and drops what follows rather
+/// than judging it by its ACLs as a peer without an agent.
+fn udp_a_refused_identity_stays_refused_when_the_refusal_cannot_be_verified(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    refused_identity_with_accepting_acls(datapath, family, false)
+}
+
+fn refused_identity_with_accepting_acls(
+    datapath: Datapath,
+    family: Family,
+    a_trusts_b: bool,
+) -> Result<()> {
+    use enforcer_tests::config::{Config, Pu};
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let db = Pu::process_of("db", &w.db)
+        .label("app", "db")
+        .tcp_ports([PORT])
+        .udp_ports([UDP_PORT, UDP_SINK])
+        .network_policy("web-in", &["app=web"], [UDP_SINK])
+        .network_acl(Acl::accept("link-in", LINK).udp([UDP_SINK]));
+    let b = w.config_b_with(db).target_udp(LINK);
+    let batch = Pu::process_of("batch", &w.batch)
+        .label("app", "batch")
+        .application_policy("to-db", &["app=db"], [UDP_SINK])
+        .application_acl(Acl::accept("link-out", LINK).udp([UDP_SINK]));
+    let trusted = if a_trusts_b {
+        vec![w.keys.public("b")]
+    } else {
+        vec![w.keys.public("stranger")]
+    };
+    let a = Config::local_server()
+        .target_tcp(LINK)
+        .target_udp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), trusted)
+        .pu(batch);
+    let b = w.start(Host::B, AGENT, datapath, &b.to_toml())?;
+    let a = w.start(Host::A, AGENT, datapath, &a.to_toml())?;
+    let mut flow = UdpFlow::start(nettool!(), &w.batch, &w.hosts.a, sink.addr())?;
+    // 3.6 s of sending: well past a's 1 s wait.
+    for i in 0..12 {
+        assert_eq!(flow.send(&format!("from-batch-{i}"))?, None);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(STAYS_AWAY);
+    assert_eq!(
+        sink.received(),
+        0,
+        "batch's datagrams arrived (a: {}, b: {})",
+        a.status()?["trap"]["handshake"],
+        b.status()?["trap"]["handshake"]
+    );
+    assert!(handshake_count(&b, "not-allowed-by-policy")? >= 1);
+    assert_eq!(handshake_count(&b, "external-allowed")?, 0);
+    if a_trusts_b {
+        assert!(handshake_count(&a, "refused-by-peer")? >= 1);
+        assert_eq!(handshake_count(&a, "external-allowed")?, 0);
+    } else {
+        assert!(handshake_count(&b, "refused-flow")? >= 1);
+    }
+    Ok(())
+}
+
+/// Once a flow is authorised its datagrams are data, whatever they
+/// carry: the signature in the middle, the signature at the start, a
+/// 6 KiB datagram (beyond the trap's 4 KiB copy range) with the signature
+/// inside — all arrive, also after the 10 s the engine remembers a
+/// decided flow. SPEC's global rule traps each of them (the signature,
+/// anywhere, before the accepts of decided flows); b's consumer knows
+/// the flow by its connection mark and lets each on unchanged
+/// (`decided-flow-data`), without reading it as a handshake.
+fn udp_an_authorised_flow_carries_the_signature_as_data(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let ip = w.server_addr().ip();
+    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let (_a, b) = both_udp(&w, datapath)?;
+    let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, sink.addr())?;
+    assert_eq!(flow.send("first")?, None);
+    assert!(sink.wait_for(b"first", COMES).is_some(), "the handshake");
+    let sig = std::str::from_utf8(wire::UDP_SIGNATURE)?;
+    let payloads = [
+        format!("data {sig} in the middle"),
+        format!("{sig}-not-a-token"),
+        format!("{}{sig}{}", "x".repeat(3000), "y".repeat(3000)),
+    ];
+    for payload in &payloads {
+        assert_eq!(flow.send(payload)?, None);
+        assert!(
+            sink.wait_for(payload.as_bytes(), COMES).is_some(),
+            "{} bytes ({}…) did not arrive",
+            payload.len(),
+            &payload[..24]
+        );
+    }
+    // Past the time a decided flow is remembered (10 s).
+    std::thread::sleep(Duration::from_millis(10_500));
+    let late = format!("late {sig} in the middle");
+    assert_eq!(flow.send(&late)?, None);
+    assert!(sink.wait_for(late.as_bytes(), COMES).is_some(), "{late}");
+    // The handshake, then the four datagrams carrying the signature.
+    assert_eq!(w.queued_by_range(Host::B)?, [("net-service", 5)]);
+    assert_eq!(handshake_count(&b, "decided-flow-data")?, 4);
+    assert_eq!(handshake_count(&b, "bad-packet")?, 0);
+    assert_eq!(handshake_count(&b, "allowed")?, 1);
+    Ok(())
+}
+
+/// A spoofed answer — a datagram with the signature, from the peer's
+/// address and port to the waiting flow's, whose token does not verify
+/// (a stranger's, garbage) — is dropped and counted and does not end
+/// the wait: b runs no agent, so web's flow is still decided at the
+/// timeout by a's ACL, as without the spoof. (Before the fix, the first
+/// spoof ended the wait and dropped the held datagram.)
+fn udp_an_answer_that_does_not_verify_does_not_end_the_wait(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = TwoAgents::new(&env, family, nettool!())?;
+    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
+        .label("app", "web")
+        .application_acl(Acl::accept("dns-out", LINK).udp([7001]));
+    let config = enforcer_tests::config::Config::local_server()
+        .target_tcp(LINK)
+        .target_udp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), [w.keys.public("b")])
+        .pu(web)
+        .to_toml();
+    let a = w.start(Host::A, AGENT, datapath, &config)?;
+    let to = SocketAddr::new(w.server_addr().ip(), 7001);
+    let receiver = UdpReceiver::start(&w.hosts.b, to)?;
+    let on_b = Capture::start(&w.hosts.b, &w.hosts.b_end.ifname)?;
+    let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, to)?;
+    assert_eq!(flow.send("to-7001")?, None);
+    let handshake = on_b
+        .wait_for_udp(COMES, |_, dport, payload| {
+            dport == 7001 && payload.starts_with(wire::UDP_SIGNATURE)
+        })
+        .context("no handshake datagram seen on b's veth")?;
+    let (sport, _, _) = udp_of(&handshake).context("a UDP datagram")?;
+    let web_addr = SocketAddr::new(w.hosts.a_end.ip(family), sport);
+    let stranger = keys::load(&KeyFiles {
+        key: w.keys.key("stranger"),
+        trusted: vec![],
+    })?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+    let strangers = Handshaker::new(stranger, Window::default())
+        .syn_ack(&Labels::new([("app", "db")])?, &[0; 16], now)?
+        .token;
+    for token in [strangers, b"garbage-token".to_vec()] {
+        w.send_raw(Host::B, &wire::udp_handshake(to, web_addr, &token)?)?;
+    }
+    assert!(
+        receiver.wait_for(b"to-7001", COMES).is_some(),
+        "web's datagram, let through by the ACL at the timeout (a: {})",
+        a.status()?["trap"]["handshake"]
+    );
+    assert_eq!(handshake_count(&a, "untrusted-key")?, 1);
+    assert_eq!(handshake_count(&a, "bad-token")?, 1);
+    assert_eq!(handshake_count(&a, "external-allowed")?, 1);
+    drop(flow);
     Ok(())
 }
 

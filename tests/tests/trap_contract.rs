@@ -16,8 +16,9 @@
 //!   SYN range by the global rule, to a port of no PU; without the option,
 //!   or from outside the target networks, it does not.
 //! - A UDP datagram from a target UDP network carrying the handshake
-//!   signature goes to the net service range, to a port of no PU; one
-//!   without it does not, nor does one from an ACL peer (with or without).
+//!   signature, anywhere in its payload, goes to the net service range,
+//!   to a port of no PU; one without it does not, nor does one from an
+//!   ACL peer (with or without).
 //!
 //! - A target peer reconnecting from the source port of a connection the
 //!   PU's server just aborted (conntrack keeps the closed entry, and its
@@ -251,17 +252,26 @@ fn a_datagram_with_the_signature_from_a_target_udp_network_is_queued(
     assert_queued(&stage, &[], "an ACL peer is not a target")?;
 
     // From a target network to a port of no PU: only the signature is
-    // trapped (and accepted), anywhere in the payload.
+    // trapped (and accepted), anywhere in the payload (SPEC, "Global
+    // steering").
     send(TARGET, &other_port, "target-plain")?;
     assert!(arrives(&other_port, "target-plain"));
     assert_queued(&stage, &[], "no signature")?;
-    let signed = format!("handshake {SIGNATURE} inside");
+    let inside = format!("data {SIGNATURE} inside");
+    send(TARGET, &other_port, &inside)?;
+    assert!(arrives(&other_port, &inside), "{}", agent.log());
+    assert_queued(
+        &stage,
+        &[("net-service", 1)],
+        "the signature mid-payload from a target network",
+    )?;
+    let signed = format!("{SIGNATURE} handshake");
     send(TARGET, &other_port, &signed)?;
     assert!(arrives(&other_port, &signed), "{}", agent.log());
     assert_queued(
         &stage,
-        &[("net-service", 1)],
-        "the signature from a target network",
+        &[("net-service", 2)],
+        "the signature at the payload start from a target network",
     )
 }
 

@@ -9,8 +9,12 @@
 //! connection authorised at that ACK — the handshake's last packet — so
 //! the main chains accept every later packet before any trap rule sees it.
 //! Besides, a SYN carrying TCP option 34 and a UDP packet carrying the
-//! handshake signature, both from a target network, are trapped whatever
-//! their port.
+//! handshake signature (anywhere in it), both from a target network, are
+//! trapped whatever their port — the UDP one before the accepts of
+//! decided connections, as SPEC orders it, so a decided flow's datagram
+//! whose data happens to contain the signature is trapped too: the
+//! consumer knows it by its connection mark (looked up in conntrack) and
+//! lets it on unchanged ([`crate::trap`]).
 //!
 //! Which packet is "the first ACK" needs care: conntrack counts the packet
 //! before mangle sees it, so the handshake's ACK is the initiator's packet

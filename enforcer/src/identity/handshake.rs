@@ -1,7 +1,8 @@
 //! The handshake's steps as the trap consumer takes them, each a pure
 //! function of the token bytes, the PU's labels and policy, and the
 //! clock: mint the SYN token, judge a SYN and answer it, judge the
-//! SYN-ACK, and (UDP) the closing ACK. The consumer keeps the per-
+//! SYN-ACK, and (UDP) the closing ACK and the responder's signed
+//! refusal. The consumer keeps the per-
 //! connection state (the nonce it sent) and does the packet I/O with
 //! [`super::wire`].
 
@@ -140,6 +141,28 @@ impl Handshaker {
     /// The id of the key this agent signs with.
     pub fn key_id(&self) -> super::keys::KeyId {
         self.key.id()
+    }
+
+    /// Responder (UDP): a signed refusal of the SYN whose nonce is `syn`,
+    /// sent when the SYN's token verified but the policy refuses the
+    /// identity — so the initiator knows the peer has an agent that said
+    /// no, and does not fall back to judging it as one without.
+    pub fn refusal(&self, labels: &Labels, syn: &Nonce, now_ms: u64) -> Result<Sent, NoRandomness> {
+        self.mint(Kind::Refusal, labels, Some(*syn), now_ms)
+    }
+
+    /// Initiator (UDP): judges a refusal's token against the nonce of the
+    /// SYN it sent. A refusal that verifies is the decision
+    /// [`Reason::RefusedByPeer`] (with the peer's claims); one that does
+    /// not is refused with its own reason, as any token.
+    pub fn on_refusal(&mut self, token: Option<&[u8]>, sent: &Nonce, now_ms: u64) -> Step {
+        let expect = Expect {
+            kind: Kind::Refusal,
+            answering: Some(*sent),
+        };
+        self.judge(token, expect, now_ms, |_| {
+            Decision::refuse(Reason::RefusedByPeer)
+        })
     }
 
     /// Initiator (UDP): the closing ACK, answering the SYN-ACK's nonce.
@@ -323,6 +346,35 @@ mod tests {
             assert_eq!(step.decision.reason, reason);
             assert_eq!(step.reply, None, "{reason}");
         }
+    }
+
+    #[test]
+    fn a_udp_refusal_is_bound_to_the_syn_it_refuses() {
+        let (mut a, b) = (agent(1, &[2]), agent(2, &[1]));
+        let anyone = IdentityPolicy {
+            network: vec![allow("app", "any-app")],
+            application: vec![allow("app", "any-app")],
+        };
+        let syn = a.syn(&labels("batch"), NOW).unwrap();
+        // Not for another SYN, and neither a SYN-ACK for a refusal nor a
+        // refusal for a SYN-ACK.
+        let refusal = b.refusal(&labels("dns"), &syn.nonce, NOW).unwrap();
+        let other = a.on_refusal(Some(&refusal.token), &[0; 16], NOW);
+        assert_eq!(other.decision.reason, Reason::WrongHandshake);
+        assert_eq!(other.peer, None);
+        let syn_ack = b.syn_ack(&labels("dns"), &syn.nonce, NOW).unwrap();
+        let step = a.on_refusal(Some(&syn_ack.token), &syn.nonce, NOW);
+        assert_eq!(step.decision.reason, Reason::WrongHandshake);
+        let step = a.on_syn_ack(Some(&refusal.token), &syn.nonce, &anyone, 53, NOW);
+        assert_eq!(step.decision.reason, Reason::WrongHandshake);
+        // The right one verifies, refuses, and names the refusing PU.
+        let step = a.on_refusal(Some(&refusal.token), &syn.nonce, NOW + 1);
+        assert_eq!(step.decision.reason, Reason::RefusedByPeer);
+        assert!(!step.decision.is_allowed());
+        assert_eq!(step.peer.unwrap().labels, labels("dns"));
+        // Once.
+        let again = a.on_refusal(Some(&refusal.token), &syn.nonce, NOW + 2);
+        assert_eq!(again.decision.reason, Reason::Replayed);
     }
 
     #[test]

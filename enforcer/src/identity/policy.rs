@@ -124,6 +124,9 @@ pub enum Reason {
     /// The replay cache is full: refused rather than forgetting a nonce
     /// that could then be replayed.
     ReplayCacheFull,
+    /// The peer's agent refused this side's identity, in a signed
+    /// refusal bound to the nonce sent (UDP).
+    RefusedByPeer,
 }
 
 impl Reason {
@@ -140,6 +143,7 @@ impl Reason {
             Reason::FromTheFuture => "from-the-future",
             Reason::WrongHandshake => "wrong-handshake",
             Reason::ReplayCacheFull => "replay-cache-full",
+            Reason::RefusedByPeer => "refused-by-peer",
         }
     }
 }

@@ -6,11 +6,12 @@
 //! Wire format, version 1 (integers big-endian):
 //! ```text
 //! version   1 byte   = 1
-//! kind      1 byte   1 SYN, 2 SYN-ACK, 3 ACK
+//! kind      1 byte   1 SYN, 2 SYN-ACK, 3 ACK, 4 refusal (UDP)
 //! key id    8 bytes  first 8 bytes of SHA-256(signer's public key)
 //! time      8 bytes  milliseconds since the Unix epoch
 //! nonce    16 bytes  random, fresh for every token
-//! peer     16 bytes  the nonce this token answers (SYN-ACK, ACK only)
+//! peer     16 bytes  the nonce this token answers (SYN-ACK, ACK and
+//!                    refusal only)
 //! labels    1 byte count n <= 32, then n x (1 byte key length, key,
 //!                    1 byte value length, value), keys strictly ascending
 //! signature 64 bytes Ed25519 over "enforcer-token-v1\0" || every byte above
@@ -52,6 +53,10 @@ pub enum Kind {
     Syn = 1,
     SynAck = 2,
     Ack = 3,
+    /// A responder's signed "no" to a UDP handshake whose token verified
+    /// but whose identity its policy refuses: the initiator then drops
+    /// the flow rather than judging the peer as one without an agent.
+    Refusal = 4,
 }
 
 impl Kind {
@@ -60,6 +65,7 @@ impl Kind {
             1 => Some(Kind::Syn),
             2 => Some(Kind::SynAck),
             3 => Some(Kind::Ack),
+            4 => Some(Kind::Refusal),
             _ => None,
         }
     }
@@ -78,7 +84,7 @@ pub struct Claims {
     /// Milliseconds since the Unix epoch, by the signer's clock.
     pub timestamp_ms: u64,
     pub nonce: Nonce,
-    /// The nonce answered: `Some` exactly for SYN-ACK and ACK.
+    /// The nonce answered: `Some` exactly for SYN-ACK, ACK and refusal.
     pub peer_nonce: Option<Nonce>,
     /// The identity of the PU the signer speaks for.
     pub labels: Labels,
@@ -92,7 +98,7 @@ pub enum TokenError {
     BadLength(usize),
     #[error("version {0} is not supported")]
     UnknownVersion(u8),
-    #[error("kind {0} is not SYN, SYN-ACK or ACK")]
+    #[error("kind {0} is not SYN, SYN-ACK, ACK or refusal")]
     UnknownKind(u8),
     #[error("truncated")]
     Truncated,
@@ -337,6 +343,7 @@ impl fmt::Display for Kind {
             Kind::Syn => "SYN",
             Kind::SynAck => "SYN-ACK",
             Kind::Ack => "ACK",
+            Kind::Refusal => "refusal",
         })
     }
 }
@@ -472,7 +479,7 @@ pub(crate) mod tests {
         };
         assert_eq!(err(&with(0, 2)), TokenError::UnknownVersion(2));
         assert_eq!(err(&with(1, 0)), TokenError::UnknownKind(0));
-        assert_eq!(err(&with(1, 4)), TokenError::UnknownKind(4));
+        assert_eq!(err(&with(1, 5)), TokenError::UnknownKind(5));
         // Label count above the maximum, a key length above 63, a bad
         // character, and keys out of order.
         let labels_at = FIXED_LEN;

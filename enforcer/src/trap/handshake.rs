@@ -24,10 +24,39 @@
 //! | packet | side | step |
 //! |---|---|---|
 //! | a flow's first datagram, outgoing | initiator | held in user space (the original dropped); a handshake datagram (signature + SYN token, same addresses and ports) injected with the `Injected` mark |
-//! | handshake datagram, SYN token, incoming | responder | token verified, the receiving PU's network policy for its port; allowed: the answer (signature + SYN-ACK token bound to the nonce) injected with the `Authorised` mark, which the datapath saves into the flow's connection mark; the datagram itself dropped |
-//! | handshake datagram, SYN-ACK token, incoming | initiator | verified against the nonce sent, the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; else dropped, and the flow's conntrack entry deleted ([`Engine::take_refused`]); the answer itself dropped |
+//! | handshake datagram, SYN token, incoming | responder | token verified, the receiving PU's network policy for its port; allowed: the answer (signature + SYN-ACK token bound to the nonce) injected with the `Authorised` mark, which the datapath saves into the flow's connection mark; a verified identity refused: a signed refusal (bound to the nonce) injected with `Injected`, its conntrack entry deleted after it, and the flow remembered as refused; the datagram itself dropped |
+//! | handshake datagram, SYN-ACK or refusal token, incoming | initiator | verified against the nonce sent; a token that does not verify is dropped and counted and the wait goes on; a SYN-ACK: the PU's application policy for the peer's port; allowed: the held datagrams injected with the `Authorised` mark; a refusal or a refused SYN-ACK: dropped, the flow remembered as refused and its conntrack entry deleted ([`Engine::take_refused`]); the answer itself dropped |
 //! | no answer within [`UDP_ANSWER_WAIT_MS`] | initiator | a peer without an agent: the held datagrams judged by the PU's application ACLs (accepted: injected with `Authorised`) |
-//! | an ordinary datagram, incoming | responder | a peer without an agent: the PU's network ACLs |
+//! | an ordinary datagram, incoming (also one carrying the signature elsewhere than at the payload start) | responder | a flow refused lately: dropped; else a peer without an agent: the PU's network ACLs |
+//!
+//! Which incoming datagrams get here: the global rule traps every one
+//! from a target UDP network that carries the signature *anywhere*, and
+//! before the accepts of decided connections (SPEC, "Global steering");
+//! the PU chains trap an undecided flow's first ones. A trapped datagram
+//! of a decided flow (its connection mark `Authorised` or
+//! `ExternalAccepted`, looked up in conntrack by the consumer) is its
+//! application's data: the consumer lets it on unchanged before this
+//! engine reads it (`decided-flow-data`, [`super::decided`]).
+//! An undecided flow's datagram is a handshake step only when its payload
+//! *starts* with the signature ([`wire::udp_token`]); with the signature
+//! elsewhere it is no handshake, and it is decided as the flow's
+//! ordinary datagram (the last row): dropped while the flow is refused or
+//! its own handshake waits, else judged by the receiving PU's network
+//! ACLs; to a port of no PU, dropped (`unknown-pu`); copied short (longer
+//! than the copy range), dropped (`bad-packet`). Never let on as it is:
+//! NF_ACCEPT skips the rest of the chain, the PU's rules with it, so a
+//! peer without an identity could carry any datagram past a PU's policy
+//! by putting the signature in it.
+//!
+//! A refused identity never falls back to the ACLs: the responder's
+//! signed refusal tells the initiator the peer has an agent that said no
+//! (without it the initiator's wait would end as if the peer had none,
+//! and the ACLs judge); should the initiator not get or not verify it,
+//! the responder still drops the flow's later datagrams, for as long as
+//! they keep coming ([`REFUSED_IN_MS`] after the last). Only a token that
+//! verified makes the responder answer or remember: a stranger's or a
+//! forged one costs it no state and gets no answer — such an initiator is,
+//! to the responder, a peer without an agent.
 //!
 //! Why the held datagram is copied and dropped rather than left in the
 //! kernel queue until the answer: a batch verdict covers every lower id of
@@ -68,12 +97,22 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 60_000;
 /// SYN nonces remembered per connection: a SYN-ACK may answer an earlier
 /// transmission than the last.
 const MAX_SENT: usize = 4;
-/// Decided connections remembered, and for how long: see [`Decided`].
+/// Decided connections remembered, and for how long: see [`Recent`].
 const DECIDED_CAPACITY: usize = 1 << 16;
 const DECIDED_MS: u64 = 10_000;
 /// How long an initiator waits for the answer to its UDP handshake
 /// before judging the peer as one without an agent.
 pub const UDP_ANSWER_WAIT_MS: u64 = 1_000;
+/// How long an initiator drops a refused UDP flow's datagrams before its
+/// next datagram tries a new handshake.
+const REFUSED_OUT_MS: u64 = 10_000;
+/// How long a responder drops the datagrams of a UDP flow whose identity
+/// it refused, after the last one: conntrack's UDP stream timeout, the
+/// longest an initiator that fell back to its ACLs keeps the flow
+/// authorised between two datagrams.
+pub const REFUSED_IN_MS: u64 = 120_000;
+/// Refused UDP flows remembered, per side.
+const REFUSED_CAPACITY: usize = 4096;
 /// UDP flows waiting for an answer at most.
 const MAX_UDP_WAITS: usize = 4096;
 /// Datagrams held per waiting flow, and in all (each at most the copy
@@ -159,10 +198,19 @@ pub enum Counted {
     Held,
     /// UDP datagrams refused because the hold is full.
     HoldFull,
+    /// UDP handshakes the peer's agent refused, in a signed refusal.
+    RefusedByPeer,
+    /// UDP datagrams of a flow refused lately, dropped without a new
+    /// handshake (initiator) or without the ACLs (responder).
+    RefusedFlow,
+    /// Incoming datagrams of a decided flow (connection mark `Authorised`
+    /// or `ExternalAccepted`) that the signature rule trapped because
+    /// their data carries the signature: let on unchanged, unread.
+    DecidedFlowData,
 }
 
 impl Counted {
-    pub const ALL: [Counted; 22] = [
+    pub const ALL: [Counted; 25] = [
         Counted::Allowed,
         Counted::NotAllowedByPolicy,
         Counted::ExternalAllowed,
@@ -185,6 +233,9 @@ impl Counted {
         Counted::NoRandomness,
         Counted::Held,
         Counted::HoldFull,
+        Counted::RefusedByPeer,
+        Counted::RefusedFlow,
+        Counted::DecidedFlowData,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -211,6 +262,9 @@ impl Counted {
             Counted::NoRandomness => "no-randomness",
             Counted::Held => "held",
             Counted::HoldFull => "hold-full",
+            Counted::RefusedByPeer => "refused-by-peer",
+            Counted::RefusedFlow => "refused-flow",
+            Counted::DecidedFlowData => "decided-flow-data",
         }
     }
 
@@ -228,6 +282,7 @@ impl Counted {
             Reason::FromTheFuture => Counted::FromTheFuture,
             Reason::WrongHandshake => Counted::WrongHandshake,
             Reason::ReplayCacheFull => Counted::ReplayCacheFull,
+            Reason::RefusedByPeer => Counted::RefusedByPeer,
         }
     }
 }
@@ -362,20 +417,37 @@ impl Table {
     }
 }
 
-/// Connections decided lately. A packet of one that the datapath trapped
-/// before the connection mark took effect — a second ACK racing the
-/// verdict on the first, a SYN-ACK retransmitted because the ACK was lost
-/// — is authorised again, not dropped as a packet of an unknown
-/// handshake. Forgetting one early only costs such a packet a drop (TCP
-/// sends it again), so when full the oldest is forgotten; no entry ever
-/// lets a connection through that was not decided.
-#[derive(Debug, Default)]
-struct Decided {
+/// Connections remembered for a while, bounded: when full, the oldest
+/// is forgotten. Two uses:
+/// - connections decided lately: a packet of one that the datapath
+///   trapped before the connection mark took effect — a second ACK racing
+///   the verdict on the first, a SYN-ACK retransmitted because the ACK was
+///   lost — is authorised again, not dropped as a packet of an unknown
+///   handshake. Forgetting one early only costs such a packet a drop (TCP
+///   sends it again); no entry ever lets a connection through that was
+///   not decided.
+/// - UDP flows refused lately (each side its own): their datagrams are
+///   dropped. Forgetting one early lets the next datagram be judged
+///   again: a new handshake (initiator), or the ACLs (responder, which
+///   refreshes an entry with every datagram it drops).
+#[derive(Debug)]
+struct Recent {
+    ttl: u64,
+    capacity: usize,
     keys: HashMap<ConnKey, u64>,
     order: VecDeque<(u64, ConnKey)>,
 }
 
-impl Decided {
+impl Recent {
+    fn new(ttl: u64, capacity: usize) -> Self {
+        Self {
+            ttl,
+            capacity,
+            keys: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
     fn forget_one(&mut self) {
         if let Some((at, key)) = self.order.pop_front()
             && self.keys.get(&key) == Some(&at)
@@ -384,20 +456,33 @@ impl Decided {
         }
     }
 
+    /// Remembers `key` (again: its time starts anew).
     fn insert(&mut self, key: ConnKey, now: u64) {
         while self.order.front().is_some_and(|&(at, _)| at <= now) {
             self.forget_one();
         }
-        while self.order.len() >= DECIDED_CAPACITY {
+        // A key remembered again leaves its old record behind: drop the
+        // stale ones before they crowd out live keys (one flow refreshed
+        // by every datagram must not make the others forgotten).
+        if self.order.len() >= 2 * self.capacity {
+            let keys = &self.keys;
+            self.order.retain(|(at, key)| keys.get(key) == Some(at));
+        }
+        while self.keys.len() >= self.capacity && !self.keys.contains_key(&key) {
             self.forget_one();
         }
-        let expires = now.saturating_add(DECIDED_MS);
+        let expires = now.saturating_add(self.ttl);
         self.keys.insert(key, expires);
         self.order.push_back((expires, key));
     }
 
     fn contains(&self, key: &ConnKey, now: u64) -> bool {
         self.keys.get(key).is_some_and(|&at| at > now)
+    }
+
+    /// Forgets `key` (its record in the order is then skipped).
+    fn remove(&mut self, key: &ConnKey) {
+        self.keys.remove(key);
     }
 }
 
@@ -406,7 +491,13 @@ impl Decided {
 pub struct Engine {
     handshaker: Handshaker,
     table: Table,
-    decided: Decided,
+    decided: Recent,
+    /// UDP flows of this side's PUs that the peer refused (or whose
+    /// answer this side refused): dropped without a new handshake.
+    refused_out: Recent,
+    /// UDP flows to this side's PUs whose identity this side refused:
+    /// dropped rather than judged by the ACLs.
+    refused_in: Recent,
     /// Cgroups found in no PU's tree, for the index of this generation.
     outside: (u64, HashSet<u64>),
     counters: Arc<HandshakeCounters>,
@@ -503,7 +594,9 @@ impl Engine {
         Self {
             handshaker: Handshaker::new(setup.keys, setup.window),
             table: Table::new(capacity),
-            decided: Decided::default(),
+            decided: Recent::new(DECIDED_MS, DECIDED_CAPACITY),
+            refused_out: Recent::new(REFUSED_OUT_MS, REFUSED_CAPACITY),
+            refused_in: Recent::new(REFUSED_IN_MS, REFUSED_CAPACITY),
             outside: (0, HashSet::new()),
             counters,
             flow_log: setup.flow_log,
@@ -583,6 +676,12 @@ impl Engine {
     /// progress are kept.
     pub fn set_keys(&mut self, keys: Keys, window: Window) {
         self.handshaker.set_keys(keys, window);
+    }
+
+    /// Counts a datagram the consumer let on as a decided flow's data
+    /// without asking the engine ([`super::decided`]).
+    pub fn count_decided_flow_data(&self) {
+        self.counters.add(Counted::DecidedFlowData);
     }
 
     /// Handshakes in progress.
@@ -992,10 +1091,11 @@ impl Engine {
                 let token = token.to_vec();
                 // On a flow waiting for its answer, any handshake datagram
                 // is judged as the answer (a peer echoing our own SYN
-                // token back is refused as the wrong step, never taken
-                // as a SYN to answer).
+                // token back is dropped as the wrong step, never taken
+                // as a SYN to answer, and the wait goes on).
                 let kind = token::parse(&token).map(|t| t.claims.kind);
-                if self.udp_waits.contains_key(&p.key) || kind == Ok(token::Kind::SynAck) {
+                let answer = matches!(kind, Ok(token::Kind::SynAck | token::Kind::Refusal));
+                if self.udp_waits.contains_key(&p.key) || answer {
                     self.udp_complete(p, pus, &token, now_ms)
                 } else {
                     self.udp_respond(p, pus, &token, now_ms, sockets)
@@ -1005,6 +1105,20 @@ impl Engine {
                 // A flow decided already, whose datagram raced the mark.
                 if self.decided.contains(&p.key, now_ms) {
                     return Action::Authorise;
+                }
+                // This side's own handshake on the flow waits for its
+                // answer: the peer has not seen the application's data,
+                // and taking its datagram by the ACLs would authorise
+                // the flow before the handshake decided it.
+                if self.udp_waits.contains_key(&p.key) {
+                    return self.count(Counted::WrongHandshake, Action::Drop);
+                }
+                // The identity of the flow's sender was refused: it has an
+                // agent, so it is not judged as a peer without one. Each
+                // datagram keeps the refusal alive.
+                if self.refused_in.contains(&p.key, now_ms) {
+                    self.refused_in.insert(p.key, now_ms);
+                    return self.count(Counted::RefusedFlow, Action::Drop);
                 }
                 let Some(pu) = self.net_pu(p, UDP, pus, sockets) else {
                     return self.count(Counted::UnknownPu, Action::Drop);
@@ -1034,6 +1148,9 @@ impl Engine {
     ) -> Action {
         if self.decided.contains(&p.key, now_ms) {
             return Action::Authorise;
+        }
+        if self.refused_out.contains(&p.key, now_ms) {
+            return self.count(Counted::RefusedFlow, Action::Drop);
         }
         // Re-sent whole later: a datagram copied short cannot be.
         let whole = match wire::udp_whole(p.bytes) {
@@ -1086,7 +1203,8 @@ impl Engine {
 
     /// Responder, an incoming handshake datagram: verify and judge; when
     /// allowed, answer with the `Authorised` mark (the flow is decided
-    /// here). The datagram itself never reaches the application.
+    /// here); a verified identity refused gets a signed refusal. The
+    /// datagram itself never reaches the application.
     fn udp_respond(
         &mut self,
         p: &Trapped,
@@ -1104,6 +1222,9 @@ impl Engine {
             Err(action) => return action,
         };
         let (true, Some(reply)) = (step.decision.is_allowed(), step.reply) else {
+            if let Some(peer) = step.peer {
+                self.refuse_udp(p, &identity, &peer.nonce, now_ms);
+            }
             return Action::Drop;
         };
         match wire::udp_handshake(p.key.local, p.key.remote, &reply.token) {
@@ -1113,6 +1234,7 @@ impl Engine {
                     authorise: true,
                 });
                 self.counters.add(Counted::TokensSent);
+                self.refused_in.remove(&p.key);
                 self.decided.insert(p.key, now_ms);
                 self.count(Counted::Authorised, Action::Drop)
             }
@@ -1120,35 +1242,74 @@ impl Engine {
         }
     }
 
-    /// Initiator, the answer: verify it against the nonce sent and judge
-    /// the application policy; allowed, the held datagrams go out.
+    /// Responder: the flow of a verified identity its policy refused is
+    /// remembered as refused, and the initiator gets a signed refusal
+    /// bound to its SYN's `nonce`. The refusal goes out with `Injected`
+    /// (nothing saved into the connection), and the conntrack entry it
+    /// makes is deleted after it ([`Self::take_refused`]): on a datapath
+    /// that traps only a flow's new datagrams (eBPF) the initiator's next
+    /// ones would otherwise pass as the entry's replies, unjudged.
+    fn refuse_udp(&mut self, p: &Trapped, identity: &PuIdentity, nonce: &Nonce, now_ms: u64) {
+        self.refused_in.insert(p.key, now_ms);
+        let Ok(sent) = self.handshaker.refusal(&identity.labels, nonce, now_ms) else {
+            self.counters.add(Counted::NoRandomness);
+            return;
+        };
+        match wire::udp_handshake(p.key.local, p.key.remote, &sent.token) {
+            Ok(packet) => {
+                self.outbox.push(Outgoing {
+                    packet,
+                    authorise: false,
+                });
+                self.counters.add(Counted::TokensSent);
+                self.refused.push((p.key.local, p.key.remote));
+            }
+            Err(_) => self.counters.add(Counted::BadPacket),
+        }
+    }
+
+    /// Initiator, the answer: verify it against the nonce sent; a SYN-ACK
+    /// is judged by the application policy (allowed, the held datagrams
+    /// go out), a refusal refuses. Only an answer that verifies ends the
+    /// wait.
     fn udp_complete(&mut self, p: &Trapped, pus: &PuIndex, token: &[u8], now_ms: u64) -> Action {
         // The flow is the initiator's (its log line says `app`).
         let p = &Trapped {
             side: Direction::App,
             ..*p
         };
-        let Some(wait) = self.udp_waits.remove(&p.key) else {
+        let Some(wait) = self.udp_waits.get(&p.key) else {
             tracing::debug!(src = %p.src, dst = %p.dst, "handshake: a UDP answer to no wait dropped");
             return self.count(Counted::UnknownConnection, Action::Drop);
         };
-        self.held -= wait.held.len();
-        let identity = identity_of(pus, &wait.pu);
-        let port = p.key.remote.port();
-        let step =
+        let (pu, nonce) = (wait.pu.clone(), wait.nonce);
+        let identity = identity_of(pus, &pu);
+        let refusal = token::parse(token).is_ok_and(|t| t.claims.kind == token::Kind::Refusal);
+        let step = if refusal {
+            self.handshaker.on_refusal(Some(token), &nonce, now_ms)
+        } else {
+            let port = p.key.remote.port();
             self.handshaker
-                .on_syn_ack(Some(token), &wait.nonce, &identity.policy, port, now_ms);
-        self.log_step(
-            p,
-            &wait.pu,
-            &identity,
-            UDP,
-            &step.decision,
-            step.peer.as_ref(),
-        );
+                .on_syn_ack(Some(token), &nonce, &identity.policy, port, now_ms)
+        };
+        self.log_step(p, &pu, &identity, UDP, &step.decision, step.peer.as_ref());
+        if step.peer.is_none() {
+            // Not the peer's agent speaking for this handshake (a
+            // stranger's token, a forged or replayed one, an answer to
+            // another nonce, our own SYN echoed back): anyone who can
+            // send from the peer's address could, so it decides nothing.
+            // The wait goes on until an answer that verifies, or the
+            // timeout.
+            return Action::Drop;
+        }
+        let Some(wait) = self.udp_waits.remove(&p.key) else {
+            return Action::Drop;
+        };
+        self.held -= wait.held.len();
         if step.decision.is_allowed() {
             self.release(p.key, wait.held, now_ms);
         } else {
+            self.refused_out.insert(p.key, now_ms);
             self.refused.push((p.key.local, p.key.remote));
         }
         Action::Drop

@@ -15,7 +15,9 @@
 //! (`CAP_NET_RAW` and, for the mark, `CAP_NET_ADMIN`: the agent's).
 //!
 //! Also here: [`Conntrack`], which deletes the conntrack entries of UDP
-//! flows the handshake refused (see `Engine::take_refused`).
+//! flows the handshake refused (see `Engine::take_refused`) and reads the
+//! connection mark of a trapped datagram's flow (see
+//! `super::decided`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -74,9 +76,12 @@ fn open(v6: bool, mark: u32) -> Result<Socket> {
 }
 
 /// ctnetlink (linux/netfilter/nfnetlink_conntrack.h): the subsystem, the
-/// delete message, and the attributes of an original-direction tuple.
+/// get and delete messages, the attributes of an original-direction
+/// tuple, and the connection mark.
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const CTA_MARK: u16 = 8;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -88,12 +93,14 @@ const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
-/// Deletes the conntrack entries of UDP flows the handshake refused (see
-/// `Engine::take_refused`), through ctnetlink: one acknowledged message
-/// of a few dozen bytes, microseconds, so the trap thread does it itself
-/// before the refused answer's verdict — the `conntrack` tool the
-/// datapaths' cut runs would hold the trap up for milliseconds, and a
-/// thread of its own would leave the flow open meanwhile.
+/// The conntrack entries of UDP flows, through ctnetlink: the trap
+/// thread deletes those of flows the handshake refused (see
+/// `Engine::take_refused`) and reads the connection mark of an incoming
+/// datagram's flow. One acknowledged message of a few dozen bytes each,
+/// microseconds, so the trap thread does it itself before the packet's
+/// verdict — the `conntrack` tool the datapaths' cut runs would hold the
+/// trap up for milliseconds, and a thread of its own would leave a
+/// refused flow open meanwhile.
 #[derive(Debug, Default)]
 pub struct Conntrack(Option<crate::netlink::Socket>);
 
@@ -101,27 +108,65 @@ impl Conntrack {
     /// Deletes the UDP entry whose original direction is `local` to
     /// `remote`; `Ok(false)` if there was none.
     pub fn forget_udp(&mut self, local: SocketAddr, remote: SocketAddr) -> Result<bool> {
+        match self.request(IPCTNL_MSG_CT_DELETE, local, remote, |_| {}) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e).context("deleting a conntrack entry (ctnetlink)"),
+        }
+    }
+
+    /// The connection mark of the UDP entry that has `src` to `dst` as
+    /// either of its directions (the kernel looks the tuple up in both);
+    /// `Ok(None)` if there is none — a flow's first datagram, whose entry
+    /// is not confirmed while it waits in the queue, has none yet.
+    pub fn udp_mark(&mut self, src: SocketAddr, dst: SocketAddr) -> Result<Option<u32>> {
+        let mut mark = None;
+        let result = self.request(IPCTNL_MSG_CT_GET, src, dst, |msg| {
+            let Some((_, attrs)) = msg.netfilter() else {
+                return;
+            };
+            // An entry without the mark attribute has mark 0.
+            let found = attrs
+                .map_while(Result::ok)
+                .find(|a| a.kind == CTA_MARK)
+                .map_or(Some(0), |a| a.be32());
+            mark = mark.or(found);
+        });
+        match result {
+            Ok(()) => Ok(mark),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("reading a conntrack entry (ctnetlink)"),
+        }
+    }
+
+    /// One acknowledged ctnetlink request `kind` about the UDP tuple `src`
+    /// to `dst`; its answers go to `answer`.
+    fn request(
+        &mut self,
+        kind: u16,
+        src: SocketAddr,
+        dst: SocketAddr,
+        answer: impl FnMut(&crate::netlink::Message),
+    ) -> std::io::Result<()> {
         use crate::netlink::{Builder, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST, nfnl_type};
         if self.0.is_none() {
-            let socket = crate::netlink::Socket::open(NETLINK_NETFILTER, true)
-                .context("opening a ctnetlink socket")?;
-            self.0 = Some(socket);
+            self.0 = Some(crate::netlink::Socket::open(NETLINK_NETFILTER, true)?);
         }
         let socket = self.0.as_ref().expect("opened above");
-        let family = match local {
+        let family = match src {
             SocketAddr::V4(_) => libc::AF_INET,
             SocketAddr::V6(_) => libc::AF_INET6,
         };
         let mut msg = Vec::new();
         let mut b = Builder::new(
             &mut msg,
-            nfnl_type(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_DELETE),
+            nfnl_type(NFNL_SUBSYS_CTNETLINK, kind),
             NLM_F_REQUEST | NLM_F_ACK,
         );
         // nfgenmsg: the family, NFNETLINK_V0, resource 0.
         b.bytes(&[family as u8, 0, 0, 0]);
         b.nested(CTA_TUPLE_ORIG, |t| {
-            t.nested(CTA_TUPLE_IP, |ip| match (local.ip(), remote.ip()) {
+            t.nested(CTA_TUPLE_IP, |ip| match (src.ip(), dst.ip()) {
                 (IpAddr::V4(s), IpAddr::V4(d)) => {
                     ip.attr(CTA_IP_V4_SRC, &s.octets())
                         .attr(CTA_IP_V4_DST, &d.octets());
@@ -136,19 +181,18 @@ impl Conntrack {
             });
             t.nested(CTA_TUPLE_PROTO, |p| {
                 p.attr(CTA_PROTO_NUM, &[17])
-                    .attr(CTA_PROTO_SRC_PORT, &local.port().to_be_bytes())
-                    .attr(CTA_PROTO_DST_PORT, &remote.port().to_be_bytes());
+                    .attr(CTA_PROTO_SRC_PORT, &src.port().to_be_bytes())
+                    .attr(CTA_PROTO_DST_PORT, &dst.port().to_be_bytes());
             });
         });
         b.finish();
-        match socket.request(&mut msg) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-            Err(e) => {
-                // A fresh socket next time: this one may hold a late answer.
-                self.0 = None;
-                Err(e).context("deleting a conntrack entry (ctnetlink)")
-            }
+        let result = socket.request_with(&mut msg, answer);
+        if let Err(e) = &result
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            // A fresh socket next time: this one may hold a late answer.
+            self.0 = None;
         }
+        result
     }
 }

@@ -30,6 +30,18 @@
 //! ([`HANDSHAKE_COPY_RANGE`]). While UDP handshakes wait for answers the
 //! thread wakes every `TICK_MS` to end those past their time.
 //!
+//! SPEC's global rule traps an incoming datagram carrying the UDP
+//! signature anywhere, before the accepts of decided flows, so a decided
+//! flow whose data happens to contain it has datagrams trapped. With the
+//! handshake, the consumer looks up the connection mark of each incoming
+//! datagram of the service range ([`signature_trap_candidate`]) and lets
+//! a decided flow's ([`decided`]) on unchanged, before the handshake
+//! reads it. The mark is asked of conntrack (ctnetlink, one get of the
+//! datagram's tuple, microseconds): NFQUEUE could hand it over with each
+//! packet (`NFQA_CFG_F_CONNTRACK`), but only on kernels built with
+//! `CONFIG_NETFILTER_NETLINK_GLUE_CT`, and the kernels this runs on are
+//! not (binding a queue with the flag fails with EOPNOTSUPP).
+//!
 //! How it keeps up (the benchmark's trap step):
 //! - one thread serves every queue of the layout (every range, both
 //!   directions) through one non-blocking netlink socket, and *blocks* in
@@ -603,8 +615,28 @@ impl Server {
         if let Some(q) = counted {
             q.received.fetch_add(1, Ordering::Relaxed);
         }
+        let located = queues::locate(&self.settings, p.queue);
+        if self.engine.is_some()
+            && let Some((src, dst)) = signature_trap_candidate(located, p.payload)
+            && self.decided_flow(src, dst)
+        {
+            if let Some(engine) = &self.engine {
+                engine.count_decided_flow_data();
+            }
+            tracing::debug!(
+                queue = p.queue,
+                packet = %describe(p.payload),
+                "trapped datagram of a decided flow let on"
+            );
+            if !self.batcher.has_room_for_one_more() {
+                self.send();
+            }
+            let slot = self.counters.index(p.queue);
+            self.batcher.add(slot, p.queue, p.id, Verdict::Accept, None);
+            return;
+        }
         if let Some(engine) = self.engine.as_mut() {
-            let direction = queues::locate(&self.settings, p.queue).map(|l| l.direction);
+            let direction = located.map(|l| l.direction);
             let action = engine.decide(
                 direction,
                 p.payload,
@@ -649,6 +681,21 @@ impl Server {
         }
         let slot = self.counters.index(p.queue);
         self.batcher.add(slot, p.queue, p.id, verdict, mark);
+    }
+
+    /// Whether the UDP flow of a datagram from `src` to `dst` is decided
+    /// ([`decided`]), by its conntrack entry. A lookup that fails is
+    /// logged and taken as "not known to be decided": the handshake then
+    /// judges the datagram, which may refuse a decided flow's datagram
+    /// but never lets an undecided one past the PU's policy.
+    fn decided_flow(&mut self, src: SocketAddr, dst: SocketAddr) -> bool {
+        match self.conntrack.udp_mark(src, dst) {
+            Ok(mark) => mark.is_some_and(|mark| decided(mark, self.marks)),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), %src, %dst, "reading a UDP flow's connection mark failed");
+                false
+            }
+        }
     }
 
     /// Gives `p` the handshake's verdict.
@@ -763,6 +810,47 @@ fn verdict(
         ),
         None => (Verdict::Accept, None),
     }
+}
+
+/// A trapped packet that may be a datagram of a flow decided already,
+/// which SPEC's global UDP-signature rule trapped only because its data
+/// carries the signature (the rule matches it anywhere in the packet,
+/// before the accepts of decided connections): an incoming UDP datagram
+/// in the service range (or the shared network range). Its addresses and
+/// ports, for the lookup of its flow's connection mark ([`decided`]); a
+/// datagram of a decided flow is its application's data, let on unchanged
+/// (NF_ACCEPT, no payload, so one longer than the copy range stays whole)
+/// before the handshake reads anything of it. Nothing else trapped
+/// incoming belongs to a decided connection but a retransmitted SYN-ACK
+/// (TCP), which the handshake decides.
+fn signature_trap_candidate(
+    located: Option<queues::Located>,
+    payload: &[u8],
+) -> Option<(SocketAddr, SocketAddr)> {
+    let located = located?;
+    let service = matches!(located.trapped, None | Some(Trapped::Service));
+    if located.direction != queues::Direction::Net || !service {
+        return None;
+    }
+    let headers = packet::parse(payload).ok()?;
+    match headers.l4 {
+        packet::L4::Udp { src, dst } => Some((
+            SocketAddr::new(headers.src, src),
+            SocketAddr::new(headers.dst, dst),
+        )),
+        _ => None,
+    }
+}
+
+/// Whether a connection mark says its flow is decided: the kind
+/// `Authorised` (the handshake's, or an ACL's through the trap) or
+/// `ExternalAccepted` (an ACL's in the rules), under the configured
+/// layout.
+fn decided(connection_mark: u32, marks: MarkLayout) -> bool {
+    let kind = connection_mark & marks.kind_mask();
+    [Kind::Authorised, Kind::ExternalAccepted]
+        .iter()
+        .any(|&k| kind == marks.kind(k))
 }
 
 /// What the packet tells the PU lookup.
@@ -1109,6 +1197,65 @@ mod tests {
         let udp = headers(packet::L4::Udp { src: 5000, dst: 53 });
         assert_eq!(verdict(Some(&udp), foreign, marks), authorised);
         assert_eq!(verdict(None, foreign, marks), (Verdict::Accept, None));
+    }
+
+    /// Only an incoming UDP datagram in the service (or shared network)
+    /// range is looked up, by its own addresses and ports.
+    #[test]
+    fn only_an_incoming_datagram_in_the_service_range_may_be_a_decided_flows() {
+        let separated = settings(true, 1, 0);
+        let shared = settings(false, 1, 0);
+        let at = |q: &QueueSettings, direction, trapped| {
+            queues::locate(q, queues::range(q, direction, trapped).first)
+        };
+        let net_service = at(&separated, queues::Direction::Net, Trapped::Service);
+        let mut udp = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0];
+        udp.extend([10, 0, 0, 1, 10, 0, 0, 2, 0x13, 0x88, 0, 53, 0, 8, 0, 0]);
+        let mut tcp = udp.clone();
+        tcp[9] = 6;
+        tcp.extend([0; 12]);
+        tcp[32] = 0x50;
+        let tuple: Option<(SocketAddr, SocketAddr)> = Some((
+            "10.0.0.1:5000".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap(),
+        ));
+        assert_eq!(signature_trap_candidate(net_service, &udp), tuple);
+        let shared_net = at(&shared, queues::Direction::Net, Trapped::Service);
+        assert_eq!(signature_trap_candidate(shared_net, &udp), tuple);
+        // Not TCP (a retransmitted SYN-ACK of an authorised connection),
+        // not outgoing, not another range, not unlocated, not unreadable.
+        assert_eq!(signature_trap_candidate(net_service, &tcp), None);
+        let app_service = at(&separated, queues::Direction::App, Trapped::Service);
+        assert_eq!(signature_trap_candidate(app_service, &udp), None);
+        let shared_app = at(&shared, queues::Direction::App, Trapped::Service);
+        assert_eq!(signature_trap_candidate(shared_app, &udp), None);
+        let net_synack = at(&separated, queues::Direction::Net, Trapped::SynAck);
+        assert_eq!(signature_trap_candidate(net_synack, &udp), None);
+        assert_eq!(signature_trap_candidate(None, &udp), None);
+        assert_eq!(signature_trap_candidate(net_service, &udp[..20]), None);
+    }
+
+    /// `Authorised` and `ExternalAccepted` are decided, under the
+    /// configured shift and whatever other bits the mark has; no other
+    /// kind is.
+    #[test]
+    fn a_decided_flow_is_known_by_its_connection_mark() {
+        let marks = MarkLayout::default();
+        let shifted = MarkLayout::new(16).unwrap();
+        let foreign = 0x4000_0000 | 0x0800;
+        for kind in [Kind::Authorised, Kind::ExternalAccepted] {
+            assert!(decided(marks.with_kind(foreign, kind), marks));
+            assert!(decided(shifted.with_kind(foreign, kind), shifted));
+            assert!(!decided(marks.with_kind(0, kind), shifted));
+        }
+        for mark in [
+            0,
+            foreign,
+            marks.kind(Kind::Injected),
+            marks.kind(Kind::Proxy),
+        ] {
+            assert!(!decided(mark, marks));
+        }
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub struct Pins {
 ///   accepted, so a repeated packet never reaches a trap again;
 /// - outgoing, a packet the agent injects (kind `Injected`) is accepted;
 /// - incoming, a UDP packet from a target UDP network carrying the
-///   handshake signature is queued to the service range;
+///   handshake signature (anywhere) is queued to the service range —
+///   before the accepts below, so a decided flow's datagram too, which
+///   the consumer lets on unchanged by its connection mark;
 /// - every packet of an authorised connection is accepted, but for a
 ///   SYN-ACK;
 /// - a SYN-ACK to (outgoing: classed `TrapTcp` first, as the fallback

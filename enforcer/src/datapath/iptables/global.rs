@@ -5,9 +5,12 @@
 //! The global traps of the identity handshake ([`crate::datapath::handshake`])
 //! are here: a SYN-ACK to or from a target TCP network, a SYN from one
 //! carrying TCP option 34, a UDP packet from a target UDP network carrying
-//! the handshake signature. A connection the consumer authorised (at its
-//! first ACK) is accepted whole — but for a SYN-ACK, which is trapped
-//! again should it come (a retransmission after a lost ACK).
+//! the handshake signature (anywhere). A connection the consumer
+//! authorised (at its first ACK) is accepted whole — but for a SYN-ACK,
+//! which is trapped again should it come (a retransmission after a lost
+//! ACK). The UDP signature rule comes before those accepts (SPEC's
+//! order): a decided flow's datagram carrying it is trapped, and the
+//! consumer accepts it unchanged by its connection mark ([`crate::trap`]).
 
 use enforcer_common::marks::{Class, Kind};
 

@@ -569,6 +569,34 @@ fn the_table_is_bounded_and_forgets_by_age() {
     assert_eq!(b.decide(Direction::Net, &ack, later), Action::Drop);
 }
 
+#[test]
+fn recent_keys_are_bounded_and_a_refreshed_one_crowds_out_no_other() {
+    let mut r = Recent::new(100, 4);
+    let k = |port: u16| ConnKey {
+        local: SocketAddr::new(addr(CLIENT).ip(), port),
+        remote: addr(SERVER),
+    };
+    r.insert(k(1), 0);
+    // One key remembered again and again (a refused flow's datagrams).
+    for t in 0..50 {
+        r.insert(k(2), t);
+    }
+    assert!(r.contains(&k(1), 50));
+    assert!(r.contains(&k(2), 148));
+    assert!(!r.contains(&k(2), 149));
+    // Full: the oldest goes first.
+    r.insert(k(3), 60);
+    r.insert(k(4), 61);
+    r.insert(k(5), 62);
+    assert!(!r.contains(&k(1), 62));
+    for port in 2..=5 {
+        assert!(r.contains(&k(port), 62), "{port}");
+    }
+    r.remove(&k(3));
+    assert!(!r.contains(&k(3), 63));
+    assert!(!r.contains(&k(5), 162));
+}
+
 /// An ordinary datagram (no signature) from `src` to `dst`.
 fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let mut p = wire::udp_handshake(src, dst, payload).unwrap();
@@ -600,6 +628,42 @@ policy_id = "dns-in"
     );
     let protocols: Vec<String> = b.flows().into_iter().map(|f| f.protocol).collect();
     assert_eq!(protocols, ["udp", "udp"]);
+}
+
+/// An undecided flow's datagram with the signature elsewhere than at its
+/// payload's start (SPEC's rule traps it: the signature anywhere) is no
+/// handshake: judged as the flow's ordinary datagram by the PU's network
+/// ACLs, never answered nor let on as it is; to a port of no PU, dropped.
+#[test]
+fn the_signature_inside_an_undecided_flows_datagram_is_no_handshake() {
+    let acl = r#"
+[[pus.network_acls]]
+networks = ["10.0.0.0/24"]
+protocols = ["udp"]
+ports = [53]
+action = "accept"
+policy_id = "dns-in"
+"#;
+    let mut b = host_b(acl, MAX_CONNECTIONS);
+    let payload = [&b"data "[..], wire::UDP_SIGNATURE, b" more"].concat();
+    let from = |src: &str, dst: &str| datagram(addr(src), addr(dst), &payload);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.0.1:5000", "10.0.0.2:53"), NOW),
+        Action::Authorise
+    );
+    assert_eq!(b.count(Counted::ExternalAllowed), 1);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.1.1:5000", "10.0.0.2:53"), NOW),
+        Action::Drop
+    );
+    assert_eq!(b.count(Counted::NoToken), 1);
+    assert_eq!(
+        b.decide(Direction::Net, &from("10.0.0.1:5001", "10.0.0.2:9999"), NOW),
+        Action::Drop
+    );
+    assert_eq!(b.count(Counted::UnknownPu), 1);
+    assert!(b.engine.take_outgoing().is_empty(), "nothing answered");
+    assert_eq!(b.count(Counted::BadToken) + b.count(Counted::BadPacket), 0);
 }
 
 /// Host A's `web` with a rule for `app=db` on UDP 53 too.
@@ -684,10 +748,22 @@ fn a_udp_flow_is_held_until_the_peer_answers_its_handshake() {
     }
 }
 
+/// Network ACLs of `db` accepting UDP 53 from 10.0.0.0/24.
+const DNS_IN: &str = r#"
+[[pus.network_acls]]
+networks = ["10.0.0.0/24"]
+protocols = ["udp"]
+ports = [53]
+action = "accept"
+policy_id = "dns-in"
+"#;
+
 #[test]
-fn a_refused_udp_handshake_gets_no_answer_and_the_acls_judge_at_the_timeout() {
+fn a_refused_udp_identity_gets_a_signed_refusal_and_stays_refused() {
     let mut a = host_a(r#"app = "batch""#, 1);
-    let mut b = host_b("", MAX_CONNECTIONS);
+    // b's ACLs accept a's address: a refused identity must not fall back
+    // to them.
+    let mut b = host_b(DNS_IN, MAX_CONNECTIONS);
     let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
     let first = datagram(client, server, b"query");
     assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
@@ -696,17 +772,59 @@ fn a_refused_udp_handshake_gets_no_answer_and_the_acls_judge_at_the_timeout() {
         b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW),
         Action::Drop
     );
-    assert!(b.engine.take_outgoing().is_empty());
     assert_eq!(b.count(Counted::NotAllowedByPolicy), 1);
-    // No answer: at the timeout a's ACLs (none) refuse the held datagram.
-    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS - 1);
-    assert!(a.engine.waiting());
-    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS);
+    // The refusal goes out unauthorised, and the conntrack entry it makes
+    // is to go after it.
+    let (refusal, authorised) = one_out(&mut b);
+    assert!(!authorised);
+    assert_eq!(b.engine.take_refused(), [(server, client)]);
+    // The flow's plain datagrams (an initiator that fell back to its
+    // ACLs) are dropped, not judged by b's ACLs, as long as they come.
+    let plain = datagram(client, server, b"plain");
+    let mut at = NOW;
+    for _ in 0..3 {
+        at += REFUSED_IN_MS - 1;
+        assert_eq!(
+            b.decide_from(Direction::Net, &plain, Some(DB_CGROUP), at),
+            Action::Drop
+        );
+    }
+    assert_eq!(b.count(Counted::RefusedFlow), 3);
+    assert_eq!(b.count(Counted::ExternalAllowed), 0);
+    // Once they stop, the memory ends: a new flow on the same ports is a
+    // peer without an agent's.
+    assert_eq!(
+        b.decide_from(Direction::Net, &plain, Some(DB_CGROUP), at + REFUSED_IN_MS),
+        Action::Authorise
+    );
+
+    // a verifies the refusal: nothing released, no ACL asked, the flow's
+    // entry to go and the flow remembered.
+    a.flows();
+    assert_eq!(a.decide(Direction::Net, &refusal, NOW + 1), Action::Drop);
     assert!(!a.engine.waiting());
     assert!(a.engine.take_outgoing().is_empty());
-    assert_eq!(a.count(Counted::NoToken), 1);
-    // Its conntrack entry is to go: the next datagram is judged anew.
+    assert_eq!(a.count(Counted::RefusedByPeer), 1);
+    assert_eq!(a.count(Counted::ExternalAllowed), 0);
     assert_eq!(a.engine.take_refused(), [(client, server)]);
+    let line = a.flows().pop().unwrap();
+    assert_eq!(line.action, FlowAction::Reject);
+    let handshake = line.handshake.unwrap();
+    assert_eq!(handshake.reason, "refused-by-peer");
+    assert_eq!(handshake.peer_labels.as_deref(), Some("app=db"));
+    // The timeout passes: nothing to judge.
+    a.engine.tick(&a.pus, NOW + UDP_ANSWER_WAIT_MS);
+    assert!(a.engine.take_outgoing().is_empty());
+    // Later datagrams of the flow are dropped without a new handshake,
+    // until the memory ends.
+    assert_eq!(a.decide(Direction::App, &first, NOW + 2), Action::Drop);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.count(Counted::RefusedFlow), 1);
+    assert_eq!(
+        a.decide(Direction::App, &first, NOW + 1 + REFUSED_OUT_MS),
+        Action::Drop
+    );
+    let _again = one_out(&mut a);
 }
 
 #[test]
@@ -718,14 +836,6 @@ fn an_answer_the_application_policy_refuses_releases_nothing() {
     let first = datagram(client, server, b"query");
     assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
     let (hello, _) = one_out(&mut a);
-    // A peer echoing the handshake back: the wrong step, refused.
-    assert_eq!(a.decide(Direction::Net, &echo(&hello), NOW), Action::Drop);
-    assert_eq!(a.count(Counted::WrongHandshake), 1);
-    assert!(a.engine.take_outgoing().is_empty());
-    assert_eq!(a.engine.take_refused(), [(client, server)]);
-    // Again, and b's real answer, which web's policy refuses.
-    assert_eq!(a.decide(Direction::App, &first, NOW + 1), Action::Drop);
-    let (hello, _) = one_out(&mut a);
     assert_eq!(
         b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW + 1),
         Action::Drop
@@ -733,8 +843,81 @@ fn an_answer_the_application_policy_refuses_releases_nothing() {
     let (answer, _) = one_out(&mut b);
     assert_eq!(a.decide(Direction::Net, &answer, NOW + 2), Action::Drop);
     assert!(a.engine.take_outgoing().is_empty());
+    assert!(!a.engine.waiting());
     assert_eq!(a.count(Counted::NotAllowedByPolicy), 1);
     assert_eq!(a.engine.take_refused(), [(client, server)]);
+    // The flow's next datagram is dropped, no new handshake.
+    assert_eq!(a.decide(Direction::App, &first, NOW + 3), Action::Drop);
+    assert!(a.engine.take_outgoing().is_empty());
+    assert_eq!(a.count(Counted::RefusedFlow), 1);
+}
+
+/// A spoofed answer — from the peer's address and port, with a token
+/// that does not verify for this handshake — is dropped and counted and
+/// ends nothing: the held datagrams wait for the real answer (or the
+/// timeout).
+#[test]
+fn an_answer_that_does_not_verify_leaves_the_wait_alone() {
+    let mut a = host_a_udp(1);
+    let mut b = host_b("", MAX_CONNECTIONS);
+    let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
+    let first = datagram(client, server, b"query");
+    assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
+    let (hello, _) = one_out(&mut a);
+    let labels = crate::identity::Labels::new([("app", "db")]).unwrap();
+    let stranger = crate::identity::Handshaker::new(
+        Keys {
+            agent: key(9),
+            trust: TrustStore::default(),
+        },
+        Window::default(),
+    );
+    let nonce = wire::udp_token(&hello)
+        .ok()
+        .flatten()
+        .and_then(|t| token::parse(t).ok())
+        .map(|t| t.claims.nonce)
+        .unwrap();
+    // b's own key, answering another nonce (a replay of an old answer).
+    let other = b.engine.handshaker.syn_ack(&labels, &[7; 16], NOW).unwrap();
+    let spoofs: Vec<(Vec<u8>, Counted)> = vec![
+        (
+            stranger.syn_ack(&labels, &nonce, NOW).unwrap().token,
+            Counted::UntrustedKey,
+        ),
+        (
+            stranger.refusal(&labels, &nonce, NOW).unwrap().token,
+            Counted::UntrustedKey,
+        ),
+        (b"garbage".to_vec(), Counted::BadToken),
+        (other.token, Counted::WrongHandshake),
+    ];
+    for (i, (token, counted)) in spoofs.into_iter().enumerate() {
+        let spoof = wire::udp_handshake(server, client, &token).unwrap();
+        assert_eq!(a.decide(Direction::Net, &spoof, NOW + 1), Action::Drop);
+        assert!(a.count(counted) >= 1, "spoof {i}: {counted:?}");
+        assert!(a.engine.waiting(), "spoof {i} ended the wait");
+        assert!(a.engine.take_outgoing().is_empty());
+        assert!(a.engine.take_refused().is_empty());
+    }
+    // Our own handshake echoed back, and a plain datagram on the flow.
+    assert_eq!(
+        a.decide(Direction::Net, &echo(&hello), NOW + 1),
+        Action::Drop
+    );
+    let plain = datagram(server, client, b"plain");
+    assert_eq!(a.decide(Direction::Net, &plain, NOW + 1), Action::Drop);
+    assert!(a.engine.waiting());
+    assert_eq!(a.count(Counted::ExternalAllowed), 0);
+    // The real answer still releases the held datagram.
+    assert_eq!(
+        b.decide_from(Direction::Net, &hello, Some(DB_CGROUP), NOW + 2),
+        Action::Drop
+    );
+    let (answer, _) = one_out(&mut b);
+    assert_eq!(a.decide(Direction::Net, &answer, NOW + 3), Action::Drop);
+    assert_eq!(one_out(&mut a), (first, true));
+    assert_eq!(a.count(Counted::Allowed), 1);
 }
 
 /// `packet` sent back: addresses and ports swapped, payload kept.
