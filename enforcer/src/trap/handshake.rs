@@ -104,8 +104,13 @@ const DECIDED_MS: u64 = 10_000;
 /// before judging the peer as one without an agent.
 pub const UDP_ANSWER_WAIT_MS: u64 = 1_000;
 /// How long an initiator drops a refused UDP flow's datagrams before its
-/// next datagram tries a new handshake.
-const REFUSED_OUT_MS: u64 = 10_000;
+/// next datagram tries a new handshake: as long as the responder's
+/// conntrack entry of the flow may live ([`REFUSED_IN_MS`], conntrack's
+/// UDP stream timeout). A refused SYN-ACK leaves that entry authorised on
+/// the responder's host; a new handshake while it lives would reach the
+/// responder's application as the flow's data, go unanswered, and end the
+/// initiator's wait as if the peer had no agent — its ACLs judging.
+const REFUSED_OUT_MS: u64 = REFUSED_IN_MS;
 /// How long a responder drops the datagrams of a UDP flow whose identity
 /// it refused, after the last one: conntrack's UDP stream timeout, the
 /// longest an initiator that fell back to its ACLs keeps the flow
