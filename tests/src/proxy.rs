@@ -151,7 +151,8 @@ impl IntoFlat for JoinHandle<Result<Result<()>>> {
     }
 }
 
-fn wildcard(family: Family) -> IpAddr {
+/// The family's wildcard address (`0.0.0.0`, `::`).
+pub fn wildcard(family: Family) -> IpAddr {
     match family {
         Family::V4 => Ipv4Addr::UNSPECIFIED.into(),
         Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
@@ -279,7 +280,9 @@ fn getsockopt<T>(fd: libc::c_int, level: libc::c_int, out: &mut T) -> std::io::R
     }
 }
 
-fn connect_marked(to: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+/// A TCP connection to `to` from a socket carrying `mark` (`SO_MARK`),
+/// as a proxy connects onward.
+pub fn connect_marked(to: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,

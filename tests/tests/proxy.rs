@@ -1,56 +1,69 @@
 //! Proxy and DNS-proxy redirection (issue 6), the shared suite: what a
-//! PU, its peers and a proxy written for iptables `REDIRECT` observe.
+//! PU, its peers and a proxy written for iptables `REDIRECT` observe, on
+//! both datapaths and families.
 //!
 //! The world: host `a` runs the agent (`local-server`) with the
 //! linux-process PU `web` (a test cgroup) and the harness's test proxy
 //! ([`TestProxy`]: a thread in `a`, outside every PU, learning each
 //! connection's original destination with `getsockopt(SO_ORIGINAL_DST)`
 //! and forwarding it with the proxy mark) on `web`'s proxy port; host `b`
-//! holds the peers of `tests/src/world.rs`. `web` depends on [`OTHER`]'s
-//! service (port 7000) — a peer no ACL of its accepts, so only the proxy
-//! can complete the request — and exposes port 8443. The proxy's
-//! listening socket belongs to the agent's host scope (a test cgroup),
-//! where the eBPF datapath answers `SO_ORIGINAL_DST`.
+//! holds the peers of `tests/src/world.rs`. The proxy's listening socket
+//! belongs to the agent's host scope (a test cgroup), where the eBPF
+//! datapath answers `SO_ORIGINAL_DST` for redirected connections.
 //!
-//! On eBPF, exposed services are not implemented yet: that variant
-//! asserts that the agent refuses a PU exposing services with its named
-//! error (SPEC: a field the datapath cannot enforce is refused, never
-//! ignored), so that it turns red the day that changes without this test
-//! being rewritten. The other cases use `web` without its exposed
-//! services ([`proxied`]) and run for real on both datapaths.
+//! Dependent services and the DNS proxy: `web` depends on [`OTHER`]'s
+//! service (port 7000) — a peer no ACL of its accepts, so only the proxy
+//! can complete the request — and has a DNS proxy port ([`proxied`]).
+//!
+//! Exposed services: `web` has only what they need ([`exposing`]): an
+//! exposed port, which nothing accepts from host `b` but the proxy, beside
+//! a port its network ACL accepts. One case uses a proxy that closes
+//! first ([`ClosingProxy`]), to leave a TIME_WAIT on its side that a
+//! reconnecting peer's tuple reuses.
 //!
 //! Also here: in eBPF mode proxies add no netfilter rule
-//! ([`netfilter_rules_do_not_grow_with_proxied_pus`]), and a measurement
-//! of a request through the proxy on both datapaths (ignored by default;
-//! [`measure_requests_through_the_proxy`]).
+//! ([`netfilter_rules_do_not_grow_with_proxied_pus`]). What a request
+//! through the proxy costs is measured by `cargo xtask bench --only proxy`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use enforcer_tests::{
     agent::{Agent, Datapath},
     cgroup::Cgroup,
     config::{Acl, Config, Pu},
     netfilter::{self, Family},
-    netns::Netns,
+    netns::{Netns, output_ok},
     nettool, privilege,
-    proxy::{DnsProxy, TestProxy, proxy_mark},
+    proxy::{DnsProxy, TestProxy, connect_marked, listener_in, original_dst, proxy_mark, wildcard},
     traffic::{Outcome, PuEchoServer, TcpEchoServer, Transport, run_nettool},
-    world::{ACL_PEER, EXCLUDED, OTHER, PORT, PuWorld, TARGET},
+    world::{ACL_PEER, EXCLUDED, OTHER, PORT, Peer, PuWorld, TARGET},
 };
 
 enforcer_tests::on_both_datapaths_and_families!(
     a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again,
-    an_exposed_service_connection_lands_on_the_proxy,
     a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back,
     a_pu_without_proxy_configuration_is_unaffected,
     an_update_gives_and_takes_the_proxy,
     a_dependent_service_in_the_excluded_networks_is_not_redirected,
+    an_exposed_service_connection_lands_on_the_proxy,
+    exposed_services_follow_an_update,
+    a_connection_reusing_a_time_wait_tuple_lands_on_the_proxy,
 );
 
 const PROXY_PORT: u16 = 15001;
 const DNS_PROXY_PORT: u16 = 15053;
 const EXPOSED: u16 = 8443;
+/// A port [`exposing`] listens on and does not expose.
+const NOT_EXPOSED: u16 = 8080;
 
 /// The world of one family: peers on `b` with an echo server each, the
 /// test proxy in `a`, listening from the agent's host scope.
@@ -86,12 +99,14 @@ impl World {
         })
     }
 
+    /// The agent on `datapath` with `pus` ([`config`]).
     fn start(&self, datapath: Datapath, pus: &[Pu]) -> Result<Agent> {
-        self.world.start(
-            env!("CARGO_BIN_EXE_agent"),
-            datapath,
-            &config(&self.scope, pus),
-        )
+        self.start_config(datapath, &config(&self.scope, pus))
+    }
+
+    fn start_config(&self, datapath: Datapath, config: &str) -> Result<Agent> {
+        self.world
+            .start(env!("CARGO_BIN_EXE_agent"), datapath, config)
     }
 
     /// A TCP exchange with `to` from a process in `cgroup`, or from one of
@@ -106,7 +121,7 @@ impl World {
     }
 }
 
-/// `web` but for its exposed services: the proxy port, [`OTHER`]'s
+/// `web` for the dependent-service cases: the proxy port, [`OTHER`]'s
 /// service as a dependent service, the DNS proxy port; an accept ACL for
 /// [`ACL_PEER`] only.
 fn proxied(w: &World) -> Pu {
@@ -117,39 +132,22 @@ fn proxied(w: &World) -> Pu {
         .dns_proxy_port(DNS_PROXY_PORT)
 }
 
-/// `web`: [`proxied`], and [`EXPOSED`] listened on and exposed.
-fn web(w: &World) -> Pu {
-    proxied(w).tcp_ports([EXPOSED]).exposed_services([EXPOSED])
+/// The config of the dependent-service cases: [`TARGET`] the target
+/// networks ([`config_targeting`]).
+fn config(scope: &Cgroup, pus: &[Pu]) -> String {
+    config_targeting(scope, TARGET, pus)
 }
 
-/// The config of these tests, with the host scope at `scope` (where the
-/// proxy listens).
-fn config(scope: &Cgroup, pus: &[Pu]) -> String {
+/// The config of these tests: `pus`, with `targets`' networks as the
+/// target networks, [`EXCLUDED`]'s excluded, and the host scope at
+/// `scope` (where the proxy listens).
+fn config_targeting(scope: &Cgroup, targets: Peer, pus: &[Pu]) -> String {
     let config = Config::local_server()
-        .target_tcp(TARGET.nets)
-        .target_udp(TARGET.nets)
+        .target_tcp(targets.nets)
+        .target_udp(targets.nets)
         .excluded(EXCLUDED.nets)
         .host_scope(scope);
     pus.iter().fold(config, |c, pu| c.pu(pu.clone())).to_toml()
-}
-
-/// The agent on `datapath` with `pus`; on eBPF, which has no exposed
-/// services yet, asserts that it refuses them naming the feature, and
-/// gives `None`.
-fn start_or_refused(w: &World, datapath: Datapath, pus: &[Pu]) -> Result<Option<Agent>> {
-    let started = w.start(datapath, pus);
-    if datapath != Datapath::Ebpf {
-        return started.map(Some);
-    }
-    let Err(e) = started else {
-        panic!("the eBPF datapath has no exposed services yet: it must refuse them, not start");
-    };
-    let message = format!("{e:#}");
-    ensure!(
-        message.contains("proxy redirection") && message.contains("not supported by the ebpf"),
-        "the refusal must name the feature and the datapath: {message}"
-    );
-    Ok(None)
 }
 
 fn a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again(
@@ -182,41 +180,6 @@ fn a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again
     );
     assert_eq!(w.exchange(None, service)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
-    Ok(())
-}
-
-fn an_exposed_service_connection_lands_on_the_proxy(
-    datapath: Datapath,
-    family: Family,
-) -> Result<()> {
-    let Some(env) = privilege::require() else {
-        return Ok(());
-    };
-    let w = World::new(&env, family)?;
-    let Some(_agent) = start_or_refused(&w, datapath, &[web(&w)])? else {
-        return Ok(());
-    };
-    let a = w.world.hosts.a_end.ip(family);
-    let any: IpAddr = match family {
-        Family::V4 => "0.0.0.0".parse()?,
-        Family::V6 => "::".parse()?,
-    };
-    let _server = PuEchoServer::start(
-        nettool!(),
-        Transport::Tcp,
-        &w.world.cgroup,
-        &w.world.hosts.a,
-        SocketAddr::new(any, EXPOSED),
-    )?;
-    let exposed = SocketAddr::new(a, EXPOSED);
-    let mut cmd = w.world.hosts.b.command(nettool!())?;
-    cmd.args(["tcp-exchange", &exposed.to_string()]);
-    assert_eq!(run_nettool(cmd)?, Outcome::Exchanged);
-    let seen = w.proxy.seen();
-    assert_eq!(seen.len(), 1, "{seen:#?}");
-    assert_eq!(seen[0].original, exposed, "{seen:#?}");
-    assert_eq!(seen[0].peer.ip(), w.world.hosts.b_end.ip(family));
-    assert!(seen[0].forwarded, "and on to the PU's service: {seen:#?}");
     Ok(())
 }
 
@@ -453,54 +416,298 @@ fn netfilter_rules_do_not_grow_with_proxied_pus() -> Result<()> {
     Ok(())
 }
 
-/// Not a check: how fast requests through the proxy go on each datapath,
-/// beside the same requests accepted by an ACL without a proxy. Each
-/// request is a new connection (`nettool tcp-exchanges`: connect, send,
-/// read the echo, close) from a process in the PU, one after the other,
-/// to echo servers that block in `accept` (the suite's own poll every
-/// 10 ms). Run by hand (the numbers are in README's proxy section):
-/// `cargo test -p enforcer-tests --test proxy measure -- --ignored --nocapture`.
-#[test]
-#[ignore = "a measurement, run by hand"]
-fn measure_requests_through_the_proxy() -> Result<()> {
+/// `web` for the exposed-service cases, with only an exposed service: the
+/// proxy port and `exposed`, listened on beside `other`, which a network
+/// ACL accepts from host `b` (its address is [`TARGET`]'s, which
+/// [`exposing_config`] does not make a target network); nothing accepts
+/// `b` on `exposed`, so only the proxy can complete a request there.
+fn exposing(w: &World, exposed: u16, other: u16) -> Pu {
+    Pu::process_of("web", &w.world.cgroup)
+        .tcp_ports([exposed, other])
+        .network_acl(Acl::accept("from-b", TARGET.nets).tcp([other]))
+        .proxy_port(PROXY_PORT)
+        .exposed_services([exposed])
+}
+
+/// [`exposing`] alone, with host `b` outside the target networks: its
+/// connections are judged by the PU's network ACLs, not by the trap.
+fn exposing_config(w: &World, exposed: u16, other: u16) -> String {
+    config_targeting(&w.scope, OTHER, &[exposing(w, exposed, other)])
+}
+
+/// The PU's echo servers on [`EXPOSED`] and [`NOT_EXPOSED`], in its cgroup
+/// on host `a`, on the family's wildcard address.
+fn pu_servers(w: &World) -> Result<Vec<PuEchoServer>> {
+    [EXPOSED, NOT_EXPOSED]
+        .map(|port| {
+            PuEchoServer::start(
+                nettool!(),
+                Transport::Tcp,
+                &w.world.cgroup,
+                &w.world.hosts.a,
+                SocketAddr::new(wildcard(w.world.family), port),
+            )
+        })
+        .into_iter()
+        .collect()
+}
+
+/// A TCP exchange from host `b` with `port` of host `a`.
+fn from_b(world: &PuWorld, port: u16) -> Result<Outcome> {
+    let a = world.hosts.a_end.ip(world.family);
+    let mut cmd = world.hosts.b.command(nettool!())?;
+    cmd.args(["tcp-exchange", &SocketAddr::new(a, port).to_string()]);
+    run_nettool(cmd)
+}
+
+fn an_exposed_service_connection_lands_on_the_proxy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
     let Some(env) = privilege::require() else {
         return Ok(());
     };
-    const REQUESTS: &str = "3000";
-    const MEASURED: u16 = 7001;
-    for datapath in [Datapath::Iptables, Datapath::Ebpf] {
-        let w = World::new(&env, Family::V4)?;
-        let servers = Cgroup::new(&env.cgroup2)?;
-        let [service, direct] =
-            [OTHER, ACL_PEER].map(|peer| SocketAddr::new(w.world.ip(peer), MEASURED));
-        let _echo = [service, direct]
-            .into_iter()
-            .map(|addr| {
-                PuEchoServer::start(nettool!(), Transport::Tcp, &servers, &w.world.hosts.b, addr)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let pu = Pu::process_of("web", &w.world.cgroup)
-            .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([MEASURED]))
-            .proxy_port(PROXY_PORT)
-            .dependent_service(w.world.net(OTHER), [MEASURED]);
-        let _agent = w.start(datapath, &[pu])?;
-        for (what, to) in [
-            ("through the proxy", service),
-            ("direct, ACL accept", direct),
-        ] {
-            let mut cmd = w.world.cgroup.command_in(&w.world.hosts.a, nettool!())?;
-            cmd.args(["tcp-exchanges", &to.to_string(), REQUESTS]);
-            let out = cmd.output().context("nettool tcp-exchanges")?;
-            ensure!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            eprintln!(
-                "{datapath:?}, {what}: {}",
-                String::from_utf8_lossy(&out.stdout).trim()
-            );
+    let w = World::new(&env, family)?;
+    let _agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    let exposed = SocketAddr::new(w.world.hosts.a_end.ip(family), EXPOSED);
+    // `b` to the exposed port, where no ACL accepts it: through the
+    // proxy, which learns the original destination and forwards to the
+    // PU's server (the proxy mark takes it past the PU's ACLs).
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
+    let seen = w.proxy.seen();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(seen[0].original, exposed, "{seen:#?}");
+    assert_eq!(seen[0].peer.ip(), w.world.hosts.b_end.ip(family));
+    assert!(seen[0].forwarded, "and on to the PU's service: {seen:#?}");
+    // With forwarding on, a route lookup is what tells a local
+    // destination from one the host forwards (eBPF asks the kernel's
+    // FIB, the fallback's redirect matches `--dst-type LOCAL`): still the
+    // proxy's.
+    for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        output_ok(w.world.hosts.a.command("sysctl")?.args(["-qw", setting]))?;
+    }
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    // Its other port is not redirected: the PU's server answers, as its
+    // ACL allows, and the proxy sees nothing more.
+    assert_eq!(from_b(&w.world, NOT_EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    // Nor is a connection from the excluded networks, which the PU's own
+    // server gets though no ACL accepts it.
+    let excluded = w.world.ip(EXCLUDED);
+    assert_eq!(
+        from_b_address(&w.world, excluded, EXPOSED)?,
+        Outcome::Exchanged
+    );
+    assert_eq!(w.proxy.seen().len(), 2, "{:#?}", w.proxy.seen());
+    // With no proxy listening the exposed port is closed — refused by a
+    // RST after the fallback's redirect, the SYN dropped on eBPF — and
+    // never left to the PU's own server.
+    drop(w.proxy);
+    let closed = from_b(&w.world, EXPOSED)?;
+    assert_ne!(closed, Outcome::Exchanged);
+    Ok(())
+}
+
+/// A TCP exchange with `port` of host `a` from `from`, an address of host
+/// `b` (nettool binds no source address): in a thread in `b`.
+fn from_b_address(world: &PuWorld, from: IpAddr, port: u16) -> Result<Outcome> {
+    Ok(exchange_from(world, SocketAddr::new(from, 0), port, false)?.0)
+}
+
+/// [`from_b_address`] from `from`'s port too (0: any); with
+/// `until_closed`, it then waits for the other side to close first. With
+/// the outcome, how many segments the client sent again (its SYN
+/// included: `tcpi_total_retrans`).
+fn exchange_from(
+    world: &PuWorld,
+    from: SocketAddr,
+    port: u16,
+    until_closed: bool,
+) -> Result<(Outcome, u32)> {
+    let to = SocketAddr::new(world.hosts.a_end.ip(world.family), port);
+    let exchange = move || -> std::io::Result<u32> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&from.into())?;
+        socket.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"ping")?;
+        let mut echoed = [0u8; 4];
+        stream.read_exact(&mut echoed)?;
+        if &echoed != b"ping" {
+            return Err(std::io::Error::other("a wrong echo"));
+        }
+        if until_closed && stream.read(&mut echoed)? != 0 {
+            return Err(std::io::Error::other("more than the echo"));
+        }
+        retransmitted(&stream)
+    };
+    let done = world.hosts.b.spawn(exchange)?.join();
+    Ok(
+        match done.map_err(|_| anyhow::anyhow!("client thread panicked"))?? {
+            Ok(again) => (Outcome::Exchanged, again),
+            Err(e) => (Outcome::Failed(e.to_string()), 0),
+        },
+    )
+}
+
+/// `tcpi_total_retrans` of a connected socket.
+fn retransmitted(stream: &TcpStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    match rc {
+        0 => Ok(info.tcpi_total_retrans),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// An update swaps which port is exposed (and which one the ACL accepts):
+/// each connection goes where the policy in force says.
+fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    let applied = agent.reloads()?.applied;
+    agent.reload(&exposing_config(&w, NOT_EXPOSED, EXPOSED))?;
+    let reloads = agent.reloads()?;
+    assert_eq!(reloads.applied, applied + 1, "{reloads:?}");
+    // EXPOSED is the PU's own now (its ACL accepts b there), NOT_EXPOSED
+    // the proxy's.
+    assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
+    assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
+    assert_eq!(from_b(&w.world, NOT_EXPOSED)?, Outcome::Exchanged);
+    let seen = w.proxy.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    let a = w.world.hosts.a_end.ip(family);
+    assert_eq!(seen[1].original, SocketAddr::new(a, NOT_EXPOSED));
+    Ok(())
+}
+
+/// A proxy on [`PROXY_PORT`] of `ns`, listening from `scope` as
+/// [`TestProxy`] does, that closes each connection first, which leaves
+/// the TIME_WAIT on its side: per connection it learns the original
+/// destination, relays one 4-byte exchange to it from a socket carrying
+/// the proxy mark, and closes. The originals it saw; it stops when
+/// dropped.
+struct ClosingProxy {
+    originals: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl ClosingProxy {
+    fn start(scope: &Cgroup, ns: &Netns, family: Family) -> Result<Self> {
+        let bind = SocketAddr::new(wildcard(family), PROXY_PORT);
+        let listener = listener_in(nettool!(), scope, ns, bind)?;
+        listener.set_nonblocking(true)?;
+        let (originals, stop) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let (seen, stopped) = (Arc::clone(&originals), Arc::clone(&stop));
+        let thread = ns.spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = relay_once(client, &seen);
+            }
+        })?;
+        Ok(Self {
+            originals,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ClosingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
+}
+
+/// One connection of [`ClosingProxy`]: learn, record, one exchange
+/// onward, close.
+fn relay_once(client: TcpStream, seen: &Mutex<Vec<SocketAddr>>) -> std::io::Result<()> {
+    let mut client = client;
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let original = original_dst(&client)?;
+    seen.lock().expect("proxy log").push(original);
+    let mut server = connect_marked(original, proxy_mark())?;
+    server.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf)?;
+    server.write_all(&buf)?;
+    server.read_exact(&mut buf)?;
+    client.write_all(&buf)?;
+    // The client's side first: its TIME_WAIT stays here.
+    drop(client);
+    Ok(())
+}
+
+/// A peer reconnecting from the same address and port to an exposed port
+/// while the proxy's side of its last connection is in TIME_WAIT (the
+/// proxy closed first): the kernel reuses the tuple, and the connection
+/// lands on the proxy again — never on the PU's own server.
+fn a_connection_reusing_a_time_wait_tuple_lands_on_the_proxy(
+    datapath: Datapath,
+    family: Family,
+) -> Result<()> {
+    let Some(env) = privilege::require() else {
+        return Ok(());
+    };
+    let w = World::new(&env, family)?;
+    let _agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let _servers = pu_servers(&w)?;
+    drop(w.proxy);
+    let proxy = ClosingProxy::start(&w.scope, &w.world.hosts.a, family)?;
+    let from = SocketAddr::new(w.world.hosts.b_end.ip(family), 40_123);
+    let (first, _) = exchange_from(&w.world, from, EXPOSED, true)?;
+    assert_eq!(first, Outcome::Exchanged);
+    // The proxy's side of it waits in TIME_WAIT.
+    let waiting = output_ok(
+        w.world
+            .hosts
+            .a
+            .command("ss")?
+            .args(["-Htn", "state", "time-wait"]),
+    )?;
+    let waiting = String::from_utf8_lossy(&waiting.stdout).into_owned();
+    assert!(waiting.contains(":40123"), "no TIME_WAIT for it: {waiting}");
+    // Taken at once: no SYN sent again (the kernel's answer to a SYN the
+    // TIME_WAIT refuses would make the client reset it and retry).
+    let (second, again) = exchange_from(&w.world, from, EXPOSED, true)?;
+    assert_eq!(second, Outcome::Exchanged);
+    assert_eq!(again, 0, "segments sent again");
+    let exposed = SocketAddr::new(w.world.hosts.a_end.ip(family), EXPOSED);
+    let originals = proxy.originals.lock().expect("proxy log").clone();
+    assert_eq!(originals, [exposed, exposed]);
     Ok(())
 }
