@@ -80,7 +80,7 @@ pub struct World {
     acl_servers: PeerServers,
     target_servers: PeerServers,
     /// The proxy scenario's: the ACL peer's, the dependent service's.
-    echo: [EchoServer; 2],
+    _echo: [EchoServer; 2],
     cgroups: Vec<Cgroup>,
     peer_pu: Cgroup,
     scope: Cgroup,
@@ -109,7 +109,7 @@ impl World {
         Ok(Self {
             acl_servers: PeerServers::start(&peers, IpAddr::V4(ACL_IP))?,
             target_servers: PeerServers::start(&peers, IpAddr::V4(TARGET_IP))?,
-            echo: [direct?, service?],
+            _echo: [direct?, service?],
             cgroups: Vec::new(),
             peer_pu,
             scope,
