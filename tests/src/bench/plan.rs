@@ -152,7 +152,9 @@ impl Probe {
             Probe::Connect(p) => format!("connect rate → {}", p.name()),
             Probe::Incoming(p) => format!("incoming connect rate ← {}", p.name()),
             Probe::Handshake => "connect rate → identity peer".into(),
-            Probe::Request(r) => format!("requests {}", r.name()),
+            // Short: the progress lines' column is 30 wide.
+            Probe::Request(Route::Direct) => "requests direct → ACL peer".into(),
+            Probe::Request(Route::Proxy) => "requests via proxy → service".into(),
         }
     }
 }

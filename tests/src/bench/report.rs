@@ -467,21 +467,27 @@ fn handshake_section(md: &mut String, ctx: &Context) -> std::fmt::Result {
 /// Issue 6: requests through the PU's proxy against its direct requests,
 /// under each mode, and the proxy's cost as a ratio per mode.
 fn proxy_section(md: &mut String, ctx: &Context) -> std::fmt::Result {
-    writeln!(
-        md,
-        "### Through the PU's proxy
-"
-    )?;
+    writeln!(md, "### Through the PU's proxy\n")?;
     if !ctx.plan.setups.iter().any(|s| s.part == Part::Proxy) {
-        return writeln!(
-            md,
-            "Not part of this run.
-"
-        );
+        return writeln!(md, "Not part of this run.\n");
     }
     writeln!(
         md,
-        "Requests from {CONNECT_THREADS} threads inside the PU, each a new connection: connect,          {REQUEST_BYTES} bytes, their echo read back, close with a reset (the echo server on the          peer host answers and closes first); latency is connect() to the echo's last byte.          Direct: to the ACL peer, accepted by the PU's ACL. Through the proxy: to the PU's          dependent service (an address no ACL accepts), which the datapath redirects to the          PU's proxy port on loopback — iptables with a nat `REDIRECT` rule, eBPF by rewriting          the destination in its connect hook — where the harness's test proxy (written for          iptables: a thread per connection, `getsockopt(SO_ORIGINAL_DST)`, onward from a socket          carrying the proxy mark) connects on to the service and relays. Under the bare kernel          nothing redirects: its figure through the proxy is the same proxy reached at its          loopback address by the client itself and forwarding to the service without asking,          so iptables ÷ bare and eBPF ÷ bare on those rows are what the redirection (and the          agent's policy) add to the proxy's own cost. The proxy's count of accepted          connections is read around each run: requests that completed without it, or direct          ones that reached it, are named in the notes.\n"
+        "Requests from {CONNECT_THREADS} threads inside the PU, each a new connection: connect, \
+         {REQUEST_BYTES} bytes, their echo read back, close with a reset (the echo server on the \
+         peer host answers and closes first); latency is connect() to the echo's last byte. \
+         Direct: to the ACL peer, accepted by the PU's ACL. Through the proxy: to the PU's \
+         dependent service (an address no ACL accepts), which the datapath redirects to the \
+         PU's proxy port on loopback — iptables with a nat `REDIRECT` rule, eBPF by rewriting \
+         the destination in its connect hook — where the harness's test proxy (written for \
+         iptables: a thread per connection, `getsockopt(SO_ORIGINAL_DST)`, onward from a socket \
+         carrying the proxy mark) connects on to the service and relays. Under the bare kernel \
+         nothing redirects: its figure through the proxy is the same proxy reached at its \
+         loopback address by the client itself and forwarding to the service without asking, \
+         so iptables ÷ bare and eBPF ÷ bare on those rows are what the redirection (and the \
+         agent's policy) add to the proxy's own cost. The proxy's count of accepted \
+         connections is read around each run: requests that completed without it, or direct \
+         ones that reached it, are named in the notes.\n"
     )?;
     mode_table(md, ctx, Scale::BASE, &PROXY)?;
     writeln!(
