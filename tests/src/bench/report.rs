@@ -874,12 +874,12 @@ fn why(metric: Metric) -> &'static str {
              which sets up conntrack NAT) and then translates every packet of the connection both \
              ways, and the proxy's `SO_ORIGINAL_DST` reads the conntrack entry; eBPF rewrites the \
              destination once in the connect hook (one trie lookup), files the original by \
-             socket cookie and again by client address in sock_ops, answers the proxy's \
-             `getsockopt` from that map, and runs recvmsg/getpeername programs on the PU's \
-             socket — no NAT, no per-packet work. Either is small beside what the path costs \
+             socket cookie and again by client address in sock_ops, and answers the \
+             proxy's `getsockopt` from that map — no NAT, no per-packet work. Either is small beside what the path costs \
              itself: a second connection (proxy to service), the proxy's accept, its thread per \
-             connection and the relaying copies, all on the same two CPUs, so the two datapaths \
-             come out on par through the proxy, as they do on the direct path."
+             connection and the relaying copies, all on the same two CPUs — the same under both \
+             datapaths, and it sets the rate and the latency (the bare kernel's proxy reached by \
+             its address shows that cost alone)."
         }
         Metric::ConnRate(Peer::Acl)
         | Metric::ConnP50(Peer::Acl)
