@@ -221,9 +221,15 @@ impl Config {
     /// `[host] cgroup`: the eBPF datapath's host scope, a test's own
     /// cgroup (relative to the cgroup v2 mount) so that its programs never
     /// sit on the machine's root cgroup.
-    pub fn host_scope(mut self, cgroup: &Cgroup) -> Self {
+    pub fn host_scope(self, cgroup: &Cgroup) -> Self {
+        self.host_scope_at(&relative_cgroup(cgroup))
+    }
+
+    /// `[host] cgroup` at `cgroup`, relative to the cgroup v2 mount (a
+    /// cgroup not named by the harness: the benchmark's).
+    pub fn host_scope_at(mut self, cgroup: &str) -> Self {
         self.host = Some(Host {
-            cgroup: relative_cgroup(cgroup),
+            cgroup: cgroup.into(),
         });
         self
     }

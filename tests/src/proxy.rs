@@ -79,6 +79,37 @@ impl TestProxy {
         port: u16,
         mark: u32,
     ) -> Result<Self> {
+        Self::start_with(nettool, scope, ns, family, port, mark, None)
+    }
+
+    /// The same proxy, but every connection goes on to `to` without
+    /// asking where it was going: a proxy reached by its own address,
+    /// with nothing redirecting (the benchmark's bare-kernel reference,
+    /// where `SO_ORIGINAL_DST` has no answer, or would name the proxy).
+    pub fn start_forwarding_to(
+        nettool: &str,
+        scope: &Cgroup,
+        ns: &Netns,
+        port: u16,
+        mark: u32,
+        to: SocketAddr,
+    ) -> Result<Self> {
+        let family = match to {
+            SocketAddr::V4(_) => Family::V4,
+            SocketAddr::V6(_) => Family::V6,
+        };
+        Self::start_with(nettool, scope, ns, family, port, mark, Some(to))
+    }
+
+    fn start_with(
+        nettool: &str,
+        scope: &Cgroup,
+        ns: &Netns,
+        family: Family,
+        port: u16,
+        mark: u32,
+        fixed: Option<SocketAddr>,
+    ) -> Result<Self> {
         let listener = listener_in(nettool, scope, ns, SocketAddr::new(wildcard(family), port))
             .with_context(|| format!("binding the test proxy on port {port}"))?;
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -91,7 +122,7 @@ impl TestProxy {
                     Ok((client, peer)) => {
                         client.set_nonblocking(false)?;
                         let log = log.clone();
-                        std::thread::spawn(move || serve(client, peer, mark, &log));
+                        std::thread::spawn(move || serve(client, peer, mark, fixed, &log));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         wait_readable(&listener, POLL)
@@ -228,9 +259,16 @@ pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// One accepted connection: learn, record, forward, relay.
-fn serve(client: TcpStream, peer: SocketAddr, mark: u32, log: &Mutex<Vec<Seen>>) {
-    let Ok(original) = original_dst(&client) else {
+/// One accepted connection: learn (unless `fixed` says where to),
+/// record, forward, relay.
+fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    mark: u32,
+    fixed: Option<SocketAddr>,
+    log: &Mutex<Vec<Seen>>,
+) {
+    let Some(original) = fixed.or_else(|| original_dst(&client).ok()) else {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };

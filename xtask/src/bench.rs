@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Where the report and its plots go [default: bench/results]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Only these parts (repeatable): base, handshake, pus, acls, targets, footprint
+    /// Only these parts (repeatable): base, handshake, proxy, pus, acls, targets, footprint
     #[arg(long, value_name = "PART")]
     pub only: Vec<String>,
 }

@@ -23,6 +23,10 @@ use super::stats::percentile;
 pub const CONNECT_THREADS: usize = 4;
 /// Payload of the small-datagram probe.
 pub const UDP_PAYLOAD: usize = 64;
+/// A request of the proxy scenario, and its echo.
+pub const REQUEST_BYTES: usize = 64;
+/// The largest request: one the echo server reads in one go.
+const MAX_REQUEST: usize = 1024;
 
 /// How long any one socket call may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +62,11 @@ pub enum Client {
         /// Bind this source address first (a peer with several).
         #[arg(long)]
         from: Option<IpAddr>,
+        /// Make each connection a request: send BYTES, read their echo,
+        /// then close; the latency is then connect() to the echo's last
+        /// byte.
+        #[arg(long, value_name = "BYTES")]
+        request: Option<usize>,
     },
     /// A server on PORT (every address) that accepts and drops
     /// connections for SECS: the PU's side of the incoming probe. Prints
@@ -94,6 +103,7 @@ impl Client {
                 secs,
                 threads,
                 from,
+                request,
             } => {
                 let mut args = vec![
                     "connect-rate".into(),
@@ -103,6 +113,9 @@ impl Client {
                 ];
                 if let Some(from) = from {
                     args.extend(["--from".into(), from.to_string()]);
+                }
+                if let Some(bytes) = request {
+                    args.extend(["--request".into(), bytes.to_string()]);
                 }
                 args
             }
@@ -138,8 +151,18 @@ impl Client {
                 ..
             } => udp_flood(to, duration, size.clamp(1, 1472), !unconnected),
             Client::ConnectRate {
-                to, threads, from, ..
-            } => connect_rate(to, from, duration, threads.clamp(1, 64)),
+                to,
+                threads,
+                from,
+                request,
+                ..
+            } => connect_rate(
+                to,
+                from,
+                request.map(|b| b.clamp(1, MAX_REQUEST)),
+                duration,
+                threads.clamp(1, 64),
+            ),
             Client::Accept { port, .. } => accept(port, duration),
         }
     }
@@ -365,6 +388,7 @@ fn accept(port: u16, duration: Duration) -> Result<Value> {
 fn connect_rate(
     to: SocketAddr,
     from: Option<IpAddr>,
+    request: Option<usize>,
     duration: Duration,
     threads: usize,
 ) -> Result<Value> {
@@ -377,7 +401,11 @@ fn connect_rate(
                 let mut last_error = None;
                 while start.elapsed() < duration {
                     let t0 = Instant::now();
-                    match connect_from(from, to) {
+                    let done = connect_from(from, to).and_then(|stream| match request {
+                        Some(bytes) => exchange(stream, bytes),
+                        None => Ok(stream),
+                    });
+                    match done {
                         Ok(stream) => {
                             latencies.push(t0.elapsed().as_secs_f64());
                             // Linger 0: close with a reset, leaving no
@@ -421,6 +449,21 @@ fn connect_rate(
         "p50": percentile(&latencies, 50.0),
         "p99": percentile(&latencies, 99.0),
     }))
+}
+
+/// One request on a new connection: `bytes` sent, their echo read back
+/// whole (the server answers once; a request fits one segment).
+fn exchange(mut stream: TcpStream, bytes: usize) -> std::io::Result<TcpStream> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let request = vec![0x5au8; bytes];
+    stream.write_all(&request)?;
+    let mut echo = vec![0u8; bytes];
+    stream.read_exact(&mut echo)?;
+    if echo != request {
+        return Err(std::io::Error::other("the echo differs from the request"));
+    }
+    Ok(stream)
 }
 
 /// A TCP connection to `to`, from `from` when given.
@@ -490,12 +533,14 @@ mod tests {
                 secs: 1.0,
                 threads: 4,
                 from: None,
+                request: None,
             },
             Client::ConnectRate {
                 to,
                 secs: 1.0,
                 threads: 4,
                 from: Some("10.2.0.2".parse().unwrap()),
+                request: Some(64),
             },
             Client::Accept {
                 port: 5004,

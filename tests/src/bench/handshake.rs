@@ -370,6 +370,7 @@ impl Bench<'_> {
             secs,
             threads: client::CONNECT_THREADS,
             from: None,
+            request: None,
         }
         .run_in(&self.exe, &world.host, world.measured(setup.scale));
         // Read whatever the client's outcome: when no connection got

@@ -19,7 +19,8 @@
 //! [`handshake`] setup's (the peer namespace runs a second agent for a PU
 //! of its own); 2 is the scale setups' probes (PUs, ACLs, target
 //! networks); 4 is every setup's start-up and reloads; 5 is every setup's
-//! footprint, up to the largest PU count.
+//! footprint, up to the largest PU count. Issue 6's measurement of the
+//! proxy redirection against the direct path is the [`proxy`] setup.
 //!
 //! Everything the run makes is an RAII value removed on every path,
 //! errors and Ctrl-C included ([`progress::catch_signals`]), and named
@@ -32,6 +33,7 @@ mod handshake;
 mod machine;
 mod plan;
 mod progress;
+mod proxy;
 mod report;
 mod results;
 mod servers;
@@ -191,6 +193,9 @@ impl Bench<'_> {
     fn setup(&mut self, setup: &Setup) -> Result<()> {
         if setup.identity {
             return self.identity_setup(setup);
+        }
+        if setup.proxy {
+            return self.proxy_setup(setup);
         }
         let extra = usize::from(setup.control.contains(&ControlOp::AddPu));
         let mut running = Vec::new();
@@ -404,6 +409,7 @@ impl Bench<'_> {
                     secs,
                     threads,
                     from: None,
+                    request: None,
                 })?;
                 let past = match syns_before {
                     Some(before) => {
@@ -433,6 +439,7 @@ impl Bench<'_> {
                 values
             }
             Probe::Handshake => bail!("the handshake probe runs in its own setup"),
+            Probe::Request(_) => bail!("the request probes run in the proxy setup"),
             Probe::Incoming(peer) => {
                 // The server lives a little longer than the connectors,
                 // so that none of them finds it gone.
@@ -446,6 +453,7 @@ impl Bench<'_> {
                     secs,
                     threads: client::CONNECT_THREADS,
                     from: Some(World::ip(peer)),
+                    request: None,
                 }
                 .run_in_netns(&self.exe, &world.peers)?;
                 let accepted = num(&server.finish()?, "accepted")?;

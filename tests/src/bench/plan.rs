@@ -25,6 +25,9 @@ pub enum Part {
     /// Scenario 3 through the identity handshake: the peer host runs an
     /// agent too, both with `[identity]`.
     Handshake,
+    /// Requests from the PU through its proxy (a dependent service, issue
+    /// 6) against the same PU's direct requests to an ACL peer.
+    Proxy,
 }
 
 /// How the PU's traffic is enforced.
@@ -96,6 +99,26 @@ impl Peer {
     }
 }
 
+/// How the proxy scenario's requests travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Route {
+    /// Straight to the ACL peer, accepted by the PU's ACL.
+    Direct,
+    /// To the PU's dependent service, redirected to its proxy, which
+    /// connects onward; under the bare kernel (nothing redirects) the
+    /// client connects to the proxy's address itself.
+    Proxy,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct → ACL peer",
+            Route::Proxy => "through the proxy → dependent service",
+        }
+    }
+}
+
 /// One traffic measurement from a process inside the measured PU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
@@ -114,6 +137,10 @@ pub enum Probe {
     /// server in a PU on the peer host, both hosts' agents running the
     /// identity handshake (a [`Setup::identity`] setup).
     Handshake,
+    /// Requests (a new connection each: connect, a small request, its
+    /// echo, close), as many at a time, by `route` (a [`Setup::proxy`]
+    /// setup).
+    Request(Route),
 }
 
 impl Probe {
@@ -125,6 +152,9 @@ impl Probe {
             Probe::Connect(p) => format!("connect rate → {}", p.name()),
             Probe::Incoming(p) => format!("incoming connect rate ← {}", p.name()),
             Probe::Handshake => "connect rate → identity peer".into(),
+            // Short: the progress lines' column is 30 wide.
+            Probe::Request(Route::Direct) => "requests direct → ACL peer".into(),
+            Probe::Request(Route::Proxy) => "requests via proxy → service".into(),
         }
     }
 }
@@ -181,6 +211,10 @@ pub enum Metric {
     /// Connections the client completed during one probe that host A's
     /// agent never verified: they went past the handshake.
     HsBypassed,
+    /// Requests (new connection, request, echo, close) by route.
+    ReqRate(Route),
+    ReqP50(Route),
+    ReqP99(Route),
     /// Agent start to "enforcer ready" (every PU configured).
     Startup,
     /// SIGTERM to exit (everything removed).
@@ -223,6 +257,9 @@ impl Metric {
             Metric::HsConnP99 => "identity handshake connect latency p99".into(),
             Metric::HsRefused => "handshakes refused per probe (both agents)".into(),
             Metric::HsBypassed => "connections past the handshake per probe".into(),
+            Metric::ReqRate(r) => format!("requests {}", r.name()),
+            Metric::ReqP50(r) => format!("request latency p50 {}", r.name()),
+            Metric::ReqP99(r) => format!("request latency p99 {}", r.name()),
             Metric::Startup => "start-up to ready".into(),
             Metric::Shutdown => "shutdown (cleanup)".into(),
             Metric::Status => "status request".into(),
@@ -243,9 +280,10 @@ impl Metric {
             Metric::UdpDelivered(_) | Metric::UdpSent(_) | Metric::UdpSendtoDelivered(_) => {
                 Unit::PacketsPerSecond
             }
-            Metric::ConnRate(_) | Metric::InConnRate(_) | Metric::HsConnRate => {
-                Unit::ConnectionsPerSecond
-            }
+            Metric::ConnRate(_)
+            | Metric::InConnRate(_)
+            | Metric::HsConnRate
+            | Metric::ReqRate(_) => Unit::ConnectionsPerSecond,
             Metric::Rss | Metric::KernelMemory => Unit::Bytes,
             Metric::Rules
             | Metric::OpenFiles
@@ -300,6 +338,10 @@ pub struct Setup {
     /// an agent too, for a PU holding the server ([`super::handshake`]).
     /// Its agents' start-up and shutdown are not the scale's figures.
     pub identity: bool,
+    /// The PU with a proxy port and a dependent service, the test proxy
+    /// beside it ([`super::proxy`]); its agent's start-up and shutdown
+    /// are not the scale's figures either.
+    pub proxy: bool,
 }
 
 impl Setup {
@@ -325,7 +367,10 @@ impl Setup {
             | Metric::HsConnP99
             | Metric::HsRefused
             | Metric::HsBypassed => hs(Probe::Handshake),
-            Metric::Startup | Metric::Shutdown | Metric::Status => agent && !self.identity,
+            Metric::ReqRate(r) | Metric::ReqP50(r) | Metric::ReqP99(r) => probe(Probe::Request(r)),
+            Metric::Startup | Metric::Shutdown | Metric::Status => {
+                agent && !self.identity && !self.proxy
+            }
             Metric::AddPu | Metric::DeletePu => op(ControlOp::AddPu),
             Metric::UpdatePu => op(ControlOp::UpdatePu),
             Metric::TargetChange => op(ControlOp::TargetChange),
@@ -406,6 +451,7 @@ impl Plan {
             control,
             footprint: true,
             identity: false,
+            proxy: false,
         };
         let mut setups = vec![Setup {
             part: Part::Base,
@@ -419,6 +465,7 @@ impl Plan {
             ],
             footprint: true,
             identity: false,
+            proxy: false,
         }];
         // Right after the base: its trap figures are what the handshake's
         // are compared with.
@@ -430,6 +477,19 @@ impl Plan {
             control: Vec::new(),
             footprint: false,
             identity: true,
+            proxy: false,
+        });
+        // Every mode: the bare kernel's direct requests are the reference,
+        // and its proxy reached by address is the proxy's own cost.
+        setups.push(Setup {
+            part: Part::Proxy,
+            scale: Scale::BASE,
+            modes: Mode::ALL.to_vec(),
+            probes: vec![Probe::Request(Route::Direct), Probe::Request(Route::Proxy)],
+            control: Vec::new(),
+            footprint: false,
+            identity: false,
+            proxy: true,
         });
         let base = Scale::BASE;
         for &n in pus {
@@ -459,6 +519,7 @@ impl Plan {
             control: Vec::new(),
             footprint: true,
             identity: false,
+            proxy: false,
         });
         setups.retain(|s| only.is_empty() || only.contains(&s.part));
         Self {
@@ -526,5 +587,25 @@ mod tests {
         assert!(!setup.yields(Mode::Ebpf, Metric::Startup));
         assert!(setup.yields(Mode::Ebpf, Metric::HsRefused));
         assert!(!setup.yields(Mode::Bare, Metric::HsConnRate));
+    }
+
+    #[test]
+    fn the_proxy_setup_runs_every_mode_and_keeps_the_base_start_up() {
+        let full = Plan::new(false, &[]);
+        assert!(full.setups.iter().any(|s| s.part == Part::Proxy));
+        let plan = Plan::new(true, &[Part::Proxy]);
+        let [setup] = plan.setups.as_slice() else {
+            panic!("one setup: {:?}", plan.setups);
+        };
+        assert!(setup.proxy && setup.modes == Mode::ALL && setup.scale == Scale::BASE);
+        // bare: 2 probes × 3; each datapath: start, 6 probe runs, stop.
+        assert_eq!(plan.steps(), 6 + 2 * (1 + 6 + 1));
+        for route in [Route::Direct, Route::Proxy] {
+            assert!(setup.yields(Mode::Bare, Metric::ReqRate(route)));
+            assert!(setup.yields(Mode::Ebpf, Metric::ReqP99(route)));
+        }
+        // Its agents' start-up is not the base scale's.
+        assert!(!setup.yields(Mode::Iptables, Metric::Startup));
+        assert!(!setup.yields(Mode::Ebpf, Metric::Rss));
     }
 }

@@ -5,12 +5,15 @@
 //!   client closes, then closes (the client times the flow to that close);
 //! - a UDP counter ([`UDP_PORT`]) that counts the datagrams it receives;
 //! - a TCP acceptor ([`ACCEPT_PORT`]) that accepts and drops connections,
-//!   for the connection-rate probe.
+//!   for the connection-rate probe;
+//! - a TCP echo server ([`ECHO_PORT`], [`EchoServer`], only where the
+//!   proxy scenario sends requests) that answers one request per
+//!   connection and closes, as an HTTP/1.0 server does.
 //!
 //! Every loop wakes at least every [`POLL`] to look for a stop; dropping a
 //! server stops and joins its thread.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
@@ -25,6 +28,14 @@ use socket2::{Domain, Socket, Type};
 pub const TCP_SINK_PORT: u16 = 5001;
 pub const UDP_PORT: u16 = 5002;
 pub const ACCEPT_PORT: u16 = 5003;
+pub const ECHO_PORT: u16 = 5006;
+
+/// Threads of an echo server, each accepting and answering in turn: as
+/// many as the client has connectors, so that none waits for another's
+/// request.
+const ECHO_THREADS: usize = 4;
+/// How long an echo connection may wait for its request.
+const ECHO_IDLE: Duration = Duration::from_secs(5);
 
 /// How often a blocked server thread looks for a stop.
 const POLL: Duration = Duration::from_millis(50);
@@ -105,6 +116,72 @@ impl Drop for PeerServers {
             }
         }
     }
+}
+
+/// A TCP echo server on one address: each connection gets back what its
+/// first read returned, then the server closes — first, so that its
+/// side keeps the TIME_WAIT, not the client's or a proxy's onward
+/// socket, whose ports would run out at thousands of requests a second.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<()>>>,
+}
+
+impl EchoServer {
+    /// Starts the server on `addr` inside `ns`; returns once it listens.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (tx, stp) = (ready_tx, stop.clone());
+        // One listener, bound in the namespace, shared by the threads.
+        let first = flatten(ns.spawn(move || {
+            let listener = bound(&tx, listener(addr))?;
+            let mut threads = Vec::new();
+            for _ in 1..ECHO_THREADS {
+                let (listener, stp) = (listener.try_clone()?, stp.clone());
+                threads.push(std::thread::spawn(move || echo_loop(&listener, &stp)));
+            }
+            let mine = echo_loop(&listener, &stp);
+            for t in threads {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("an echo thread panicked"))??;
+            }
+            mine
+        })?);
+        ready_rx
+            .recv()
+            .context("the echo server died before listening")?
+            .with_context(|| format!("starting the echo server on {addr}"))?;
+        Ok(Self {
+            stop,
+            threads: vec![first],
+        })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("warning: a benchmark echo server failed: {e:#}"),
+                Err(_) => eprintln!("warning: a benchmark echo server panicked"),
+            }
+        }
+    }
+}
+
+/// Accepts and answers connections one at a time until `stop`.
+fn echo_loop(listener: &TcpListener, stop: &AtomicBool) -> Result<()> {
+    accept_loop(listener, stop, |mut stream| {
+        let _ = stream.set_read_timeout(Some(ECHO_IDLE));
+        let mut buf = [0u8; 2048];
+        if let Ok(n @ 1..) = stream.read(&mut buf) {
+            let _ = stream.write_all(&buf[..n]);
+        }
+        // Dropped: closed, the server first.
+    })
 }
 
 /// A spawned server's two layers of result as one.

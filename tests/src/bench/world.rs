@@ -1,15 +1,20 @@
 //! A benchmark world, made once per mode and run, removed on every path:
 //! a host namespace (the agent and the PUs' processes) and a peer
 //! namespace joined by a veth pair, the peers' servers, and a parent
-//! cgroup holding one cgroup per PU and one for the peer host's PU (the
-//! handshake scenario's server, [`super::handshake`]). Everything is named
-//! `enfbench<pid>…` so that strays are easy to find.
+//! cgroup holding one cgroup per PU, one for the peer host's PU (the
+//! handshake scenario's server, [`super::handshake`]) and one for the
+//! agent's host scope (where the proxy scenario's proxy listens,
+//! [`super::proxy`]). Everything is named `enfbench<pid>…` so that strays
+//! are easy to find.
 //!
 //! Addresses (IPv4 only — see the report's N/A list):
 //! - `10.1.0.1`: the host end of the veth;
 //! - `10.1.0.2`: the target peer, in the target network `10.1.0.0/24`;
 //! - `10.2.0.2`: the ACL peer, covered by the PU's accept ACL for
-//!   `10.2.0.0/16`, not a target network.
+//!   `10.2.0.0/16`, not a target network;
+//! - `10.3.0.2`: the dependent service of the proxy scenario, neither a
+//!   target network nor covered by any ACL (reached through the proxy or
+//!   not at all).
 //!
 //! It also renders the agent's config for a [`Scale`]: filler ACLs and
 //! target networks are distinct prefixes no traffic goes to (ACLs
@@ -28,8 +33,9 @@ use enforcer::sandbox::{
     unique_name,
 };
 
-use super::plan::{Peer, Scale};
-use super::servers::PeerServers;
+use super::plan::{Peer, Route, Scale};
+use super::servers::{ECHO_PORT, EchoServer, PeerServers};
+use crate::config::{Acl, Config, Pu};
 
 /// The prefix of every object a run makes.
 pub const PREFIX: &str = "enfbench";
@@ -45,6 +51,10 @@ const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const ACL_IP: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
 const TARGET_NET: &str = "10.1.0.0/24";
 const ACL_NET: &str = "10.2.0.0/16";
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 3, 0, 2);
+const SERVICE_NET: &str = "10.3.0.0/16";
+/// The measured PU's proxy port in the proxy scenario.
+pub const PROXY_PORT: u16 = 15001;
 /// Added to the last PU's ACL by an update.
 const UPDATE_NET: &str = "10.4.0.0/16";
 /// The target network of both hosts of the handshake scenario: the veth's.
@@ -69,8 +79,11 @@ pub struct World {
     // the PU cgroups, their parent, then the namespaces.
     acl_servers: PeerServers,
     target_servers: PeerServers,
+    /// The proxy scenario's: the ACL peer's, the dependent service's.
+    _echo: [EchoServer; 2],
     cgroups: Vec<Cgroup>,
     peer_pu: Cgroup,
+    scope: Cgroup,
     parent: Cgroup,
     parent_name: String,
     pub host: Netns,
@@ -82,22 +95,24 @@ impl World {
         let host = Netns::named(unique_name(PREFIX))?;
         let peers = Netns::named(unique_name(PREFIX))?;
         let (host_end, peer_end) = veth_pair(&host, &peers, 1)?;
-        peers.ip(&[
-            "addr",
-            "add",
-            &format!("{ACL_IP}/32"),
-            "dev",
-            &peer_end.ifname,
-        ])?;
-        host.ip(&["route", "add", ACL_NET, "dev", &host_end.ifname])?;
+        for (ip, net) in [(ACL_IP, ACL_NET), (SERVICE_IP, SERVICE_NET)] {
+            peers.ip(&["addr", "add", &format!("{ip}/32"), "dev", &peer_end.ifname])?;
+            host.ip(&["route", "add", net, "dev", &host_end.ifname])?;
+        }
         let parent_name = unique_name(PREFIX);
         let parent = Cgroup::named(cgroup2, &parent_name)?;
         let peer_pu = Cgroup::named(parent.path(), PEER_PU)?;
+        let scope = Cgroup::named(parent.path(), SCOPE)?;
+        let echo =
+            [Route::Direct, Route::Proxy].map(|r| EchoServer::start(&peers, Self::echo_addr(r)));
+        let [direct, service] = echo;
         Ok(Self {
             acl_servers: PeerServers::start(&peers, IpAddr::V4(ACL_IP))?,
             target_servers: PeerServers::start(&peers, IpAddr::V4(TARGET_IP))?,
+            _echo: [direct?, service?],
             cgroups: Vec::new(),
             peer_pu,
+            scope,
             parent,
             parent_name,
             host,
@@ -136,6 +151,30 @@ impl World {
         format!("{}/{PEER_PU}", self.parent_name)
     }
 
+    /// The agent's host scope in the proxy scenario: where the proxy's
+    /// listening socket is made.
+    pub fn scope(&self) -> &Cgroup {
+        &self.scope
+    }
+
+    /// Where the echo server of `route` listens: the ACL peer's address,
+    /// or the dependent service's (which the proxy connects onward to).
+    pub fn echo_addr(route: Route) -> SocketAddr {
+        let ip = match route {
+            Route::Direct => ACL_IP,
+            Route::Proxy => SERVICE_IP,
+        };
+        SocketAddr::new(IpAddr::V4(ip), ECHO_PORT)
+    }
+
+    /// The proxy scenario's config: the measured PU (the first) accepts
+    /// TCP to the ACL peer by an ACL, and has [`PROXY_PORT`] for its proxy
+    /// and the dependent service's echo port as its dependent service;
+    /// the host scope is [`World::scope`].
+    pub fn proxy_config(&self) -> String {
+        render_proxy_config(&self.parent_name)
+    }
+
     pub fn servers(&self, peer: Peer) -> &PeerServers {
         match peer {
             Peer::Acl => &self.acl_servers,
@@ -167,6 +206,8 @@ impl World {
 
 /// The peer host's PU's cgroup, beside the `pu<i>` ones.
 const PEER_PU: &str = "peer-pu";
+/// The agent's host scope in the proxy scenario, beside them too.
+const SCOPE: &str = "host-scope";
 
 /// The config for `scale` in `variant`, PU cgroups under `parent`.
 fn render_config(parent: &str, scale: Scale, variant: Variant) -> String {
@@ -231,6 +272,20 @@ fn render_config(parent: &str, scale: Scale, variant: Variant) -> String {
     text
 }
 
+/// The proxy scenario's config, cgroups under `parent`.
+fn render_proxy_config(parent: &str) -> String {
+    let pu = Pu::process("pu0", &format!("{parent}/pu0"))
+        .application_acl(Acl::accept("to-peer", [ACL_NET]).tcp([ECHO_PORT]))
+        .proxy_port(PROXY_PORT)
+        .dependent_service(SERVICE_NET, [ECHO_PORT]);
+    Config::local_server()
+        .target_tcp([TARGET_NET])
+        .target_udp([TARGET_NET])
+        .host_scope_at(&format!("{parent}/{SCOPE}"))
+        .pu(pu)
+        .to_toml()
+}
+
 /// The `j`-th filler ACL network: a /32 in 10.200.0.0/14.
 fn filler_acl(j: usize) -> String {
     format!("10.{}.{}.{}/32", 200 + j / 65_536, (j / 256) % 256, j % 256)
@@ -269,6 +324,24 @@ mod tests {
             .checked_shl(32 - len.parse::<u32>().unwrap())
             .unwrap_or(0);
         u32::from(addr) & mask == u32::from(ip) & mask
+    }
+
+    #[test]
+    fn the_proxy_config_parses_and_proxies_only_the_service() {
+        use enforcer::policy::Configuration;
+        let config = Configuration::from_toml_str(&render_proxy_config("p")).unwrap();
+        let [pu] = config.pus.as_slice() else {
+            panic!("one PU: {config:?}");
+        };
+        assert_eq!(pu.proxy_port.map(|p| p.get()), Some(PROXY_PORT));
+        assert_eq!(pu.dependent_services.len(), 1);
+        assert_eq!(pu.application_acls.len(), 1);
+        // The service is neither a target nor covered by the ACL.
+        for net in [TARGET_NET, ACL_NET] {
+            assert!(!contains(net, SERVICE_IP), "{net}");
+        }
+        assert!(contains(SERVICE_NET, SERVICE_IP));
+        assert!(render_proxy_config("p").contains("p/host-scope"));
     }
 
     #[test]
