@@ -337,10 +337,11 @@ fn write_markdown(
          target peer every SYN is trapped on the network side, from the ACL peer a network \
          ACL accepts it. Past the trap: connections to the target peer the client completed \
          whose SYN the kernel never queued to the agent (the growth of the `app-syn` queues' \
-         counters, read before and after each run, subtracted from the connections) — they \
-         reused the addresses and ports of a connection closed moments earlier, whose \
-         conntrack entry kept its accepted connection mark (see the identity handshake below); \
-         the rate above includes them.\n"
+         counters, read before and after each run, subtracted from the connections): a check \
+         that no connection skips the trap — one reusing the addresses and ports of a \
+         connection closed moments earlier finds its conntrack entry, whose mark the \
+         datapaths' first rule forgets at the new SYN (datapath/handshake.rs); should that \
+         fail, the rate above would include them.\n"
     )?;
     mode_table(md, ctx, Scale::BASE, &CONNECTIONS)?;
     handshake_section(md, ctx)?;
@@ -426,13 +427,10 @@ fn handshake_section(md: &mut String, ctx: &Context) -> std::fmt::Result {
          latency is the client's, over every connection it completed. Refused: what both \
          agents counted as refused (every reason but steps and successes) during one run; a run \
          that fills the bounded handshake table shows there and in the notes. Past the \
-         handshake: connections the client completed that host A's agent never verified — a \
-         new SYN on the addresses and ports of a connection closed moments earlier (the client \
-         closes with a reset, so the kernel reuses ports at once) finds that connection's \
-         conntrack entry, closed but kept 10 s, still carrying the Authorised connection mark, \
-         which the datapaths accept before the trap; each run starts with both hosts' conntrack \
-         tables flushed, so only reuse within the run counts. The trap figures above have no \
-         such count: theirs include connections that went past the trap the same way.\n"
+         handshake: connections the client completed that host A's agent never verified, a \
+         check as the trap's \"past the trap\" (the client closes with a reset, so the kernel \
+         reuses ports at once, and a new SYN may find a closed connection's conntrack entry); \
+         each run starts with both hosts' conntrack tables flushed.\n"
     )?;
     writeln!(
         md,
