@@ -754,10 +754,14 @@ fn link_sock_addr(bpf: &mut Ebpf, name: &str, dir: &File, path: &Path) -> anyhow
     Ok(())
 }
 
-/// Removes link pins; with the last reference gone, the kernel detaches
-/// the program.
+/// Detaches the pinned links at once ([`sockopt_link::detach_now`]), then
+/// removes their pins (the pin's release alone detaches only when the
+/// kernel gets round to freeing the link).
 fn detach(links: Vec<PathBuf>) {
     for pin in links {
+        if let Err(e) = sockopt_link::detach_now(&pin) {
+            warn!("detaching the link pinned at {}: {e:#}", pin.display());
+        }
         if let Err(e) = std::fs::remove_file(&pin) {
             warn!("removing the link pin {}: {e}", pin.display());
         }

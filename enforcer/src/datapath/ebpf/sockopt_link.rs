@@ -1,5 +1,6 @@
 //! Linking a cgroup sockopt program (the `cgroup/setsockopt` guard, the
-//! proxies' `cgroup/getsockopt`) to a cgroup and pinning the link.
+//! proxies' `cgroup/getsockopt`) to a cgroup and pinning the link; and
+//! detaching any pinned link at once ([`detach_now`]).
 //!
 //! Every other cgroup program's link is pinned under the agent's bpffs
 //! directory, so it outlives a crash or restart of the agent and `run` /
@@ -22,7 +23,9 @@ use super::grace::bpf;
 
 /// linux/bpf.h commands and the attach type.
 const BPF_OBJ_PIN: libc::c_int = 6;
+const BPF_OBJ_GET: libc::c_int = 7;
 const BPF_LINK_CREATE: libc::c_int = 28;
+const BPF_LINK_DETACH: libc::c_int = 34;
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 
@@ -57,5 +60,24 @@ pub fn attach_pinned(prog: &CgroupSockopt, cgroup: &File, pin: &Path, hook: Hook
     attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
     attr[8..12].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Detaches the link pinned at `pin` now (`BPF_LINK_DETACH`), whoever
+/// else still holds it. Removing the pin alone detaches it only when the
+/// kernel frees the link, which it defers to a workqueue when the pin was
+/// the last reference: under load a connection made just after the agent
+/// stopped could still meet its programs.
+pub fn detach_now(pin: &Path) -> Result<()> {
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {}", pin.display()))?;
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", pin.display()))?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor nobody else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_LINK_DETACH, &mut attr).with_context(|| format!("detaching {}", pin.display()))?;
     Ok(())
 }
