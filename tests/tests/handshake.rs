@@ -54,12 +54,9 @@ const STAYS_AWAY: Duration = Duration::from_millis(1500);
 const COMES: Duration = Duration::from_secs(3);
 
 /// The two hosts of each test, or `None` where privileged tests are
-/// skipped on purpose ([`privilege::require`]).
+/// skipped on purpose ([`privilege::require_then`]).
 fn two_agents(family: Family) -> Result<Option<TwoAgents>> {
-    let Some(env) = privilege::require() else {
-        return Ok(None);
-    };
-    TwoAgents::new(&env, family, nettool!()).map(Some)
+    privilege::require_then(|env| TwoAgents::new(env, family, nettool!()))
 }
 
 /// Both agents, with the usual configs; `a` signs with `a_key`.

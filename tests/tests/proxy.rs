@@ -100,12 +100,9 @@ impl World {
     }
 
     /// [`World::new`], or `None` where privileged tests are skipped on
-    /// purpose ([`privilege::require`]).
+    /// purpose ([`privilege::require_then`]).
     fn require(family: Family) -> Result<Option<Self>> {
-        let Some(env) = privilege::require() else {
-            return Ok(None);
-        };
-        Self::new(&env, family).map(Some)
+        privilege::require_then(|env| Self::new(env, family))
     }
 
     /// The agent on `datapath` with `pus` ([`config`]).
