@@ -1,7 +1,8 @@
 //! What a privileged test needs, checked once per test.
 //!
 //! A privileged test starts with
-//! `let Some(_env) = enforcer_tests::privilege::require() else { return };`.
+//! `let Some(_env) = enforcer_tests::privilege::require() else { return };`
+//! (or builds its world with [`require_then`]).
 //! When something is missing it panics with a message listing exactly
 //! what — unless `ENFORCER_SKIP_PRIVILEGED=1` is set, in which case it
 //! prints a loud `SKIPPED` line and returns `None`. CI never sets it.
@@ -62,6 +63,13 @@ pub fn require() -> Option<Env> {
             }
         }
     }
+}
+
+/// [`require`], then what `make` builds from its [`Env`] (a test's world):
+/// `None` where privileged tests are skipped on purpose. For tests whose
+/// world is all they need of the environment.
+pub fn require_then<T>(make: impl FnOnce(&Env) -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    require().map(|env| make(&env)).transpose()
 }
 
 fn check() -> Result<Env, Vec<String>> {

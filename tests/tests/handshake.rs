@@ -53,6 +53,12 @@ const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const STAYS_AWAY: Duration = Duration::from_millis(1500);
 const COMES: Duration = Duration::from_secs(3);
 
+/// The two hosts of each test, or `None` where privileged tests are
+/// skipped on purpose ([`privilege::require_then`]).
+fn two_agents(family: Family) -> Result<Option<TwoAgents>> {
+    privilege::require_then(|env| TwoAgents::new(env, family, nettool!()))
+}
+
 /// Both agents, with the usual configs; `a` signs with `a_key`.
 fn both(w: &TwoAgents, datapath: Datapath, a_key: &str) -> Result<(Agent, Agent)> {
     let b = w.start(Host::B, AGENT, datapath, &w.config_b().to_toml())?;
@@ -64,10 +70,9 @@ fn an_allowed_identity_connects_and_only_its_handshake_reaches_user_space(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let (a, b) = both(&w, datapath, "a")?;
     assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
     assert_eq!(w.accepted(1), 1, "the server saw the connection");
@@ -133,10 +138,9 @@ fn an_allowed_identity_connects_and_only_its_handshake_reaches_user_space(
 }
 
 fn a_disallowed_identity_is_refused(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let (_a, b) = both(&w, datapath, "a")?;
     let refused = w.connect(nettool!(), &w.batch, "hello")?;
     assert!(refused.is_blocked(), "app=batch got {refused:?}");
@@ -155,10 +159,9 @@ fn a_disallowed_identity_is_refused(datapath: Datapath, family: Family) -> Resul
 }
 
 fn a_token_of_an_untrusted_key_is_refused(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     // Host a's agent signs with a key b does not trust.
     let (_a, b) = both(&w, datapath, "stranger")?;
     let refused = w.connect(nettool!(), &w.web, "hello")?;
@@ -174,10 +177,9 @@ fn a_key_removed_from_the_trust_store_by_a_reload_is_refused(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let (_a, b) = both(&w, datapath, "a")?;
     assert_eq!(w.connect(nettool!(), &w.web, "hello")?, Outcome::Exchanged);
     let revoked = enforcer_tests::config::Config::local_server()
@@ -198,10 +200,9 @@ fn a_key_removed_from_the_trust_store_by_a_reload_is_refused(
 }
 
 fn a_peer_without_an_agent_is_judged_by_the_acls(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     // Only b runs an agent: a's SYNs carry no token.
     let b = w.start(Host::B, AGENT, datapath, &w.config_b().to_toml())?;
     let refused = w.connect(nettool!(), &w.web, "hello")?;
@@ -233,10 +234,9 @@ fn a_server_without_an_agent_is_judged_by_the_application_acls(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     // Only a runs an agent: its SYNs carry a token b's kernel ignores (a
     // SYN's payload is not accepted without a Fast Open cookie), b's
     // SYN-ACK carries none.
@@ -282,21 +282,10 @@ fn a_server_without_an_agent_is_judged_by_the_application_acls(
 /// answer comes (b runs no agent), so at the timeout its application ACLs
 /// judge it, as an external peer's — the PU found by its socket's cgroup.
 fn udp_with_a_target_is_judged_by_the_acls(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
-        .label("app", "web")
-        .application_acl(Acl::accept("dns-out", LINK).udp([7001]));
-    let config = enforcer_tests::config::Config::local_server()
-        .target_tcp(LINK)
-        .target_udp(LINK)
-        .flow_log_file(&w.flows[0])
-        .identity(&w.keys.key("a"), [w.keys.public("b")])
-        .pu(web)
-        .to_toml();
-    let a = w.start(Host::A, AGENT, datapath, &config)?;
+    let a = a_alone_web_to_udp_7001(&w, datapath)?;
     let ip = w.server_addr().ip();
     let receivers =
         [7001, 7002].map(|port| UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, port)));
@@ -364,6 +353,28 @@ fn both_udp_to(w: &TwoAgents, datapath: Datapath, to: &[&str]) -> Result<(Agent,
     Ok((a, b))
 }
 
+/// A receiver (no echo) on db's [`UDP_SINK`], on b.
+fn udp_sink(w: &TwoAgents) -> Result<UdpReceiver> {
+    UdpReceiver::start(&w.hosts.b, SocketAddr::new(w.server_addr().ip(), UDP_SINK))
+}
+
+/// Only a's agent (b runs none), with `target_udp` and web's application
+/// ACL accepting UDP to the link on port 7001: whatever b does not
+/// answer is judged by that ACL.
+fn a_alone_web_to_udp_7001(w: &TwoAgents, datapath: Datapath) -> Result<Agent> {
+    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
+        .label("app", "web")
+        .application_acl(Acl::accept("dns-out", LINK).udp([7001]));
+    let config = enforcer_tests::config::Config::local_server()
+        .target_tcp(LINK)
+        .target_udp(LINK)
+        .flow_log_file(&w.flows[0])
+        .identity(&w.keys.key("a"), [w.keys.public("b")])
+        .pu(web)
+        .to_toml();
+    w.start(Host::A, AGENT, datapath, &config)
+}
+
 /// `count` UDP round trips of one flow from a process in `cgroup` on a
 /// to `to`.
 fn udp_exchanges(
@@ -393,10 +404,9 @@ fn udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let ip = w.server_addr().ip();
     let to = SocketAddr::new(ip, UDP_PORT);
     let _echo = PuEchoServer::start(nettool!(), Transport::Udp, &w.db, &w.hosts.b, to)?;
@@ -425,7 +435,7 @@ fn udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space(
 
     // The application never sees the handshake: a receiver gets exactly
     // what web sent.
-    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let sink = udp_sink(&w)?;
     let _ = udp_exchanges(&w, &w.web, sink.addr(), "to-the-sink", 1)?;
     assert!(
         sink.wait_for(b"to-the-sink", COMES).is_some(),
@@ -458,12 +468,10 @@ fn udp_an_allowed_identity_exchanges_and_only_its_handshake_reaches_user_space(
 /// signed refusal, which a's agent verifies: nothing of batch's ever
 /// reaches db's socket, and no ACL is asked.
 fn udp_a_disallowed_identity_never_arrives(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let ip = w.server_addr().ip();
-    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let sink = udp_sink(&w)?;
     let (a, b) = both_udp(&w, datapath)?;
     let outcome = udp_exchanges(&w, &w.batch, sink.addr(), "from-batch", 1)?;
     assert_ne!(outcome, Outcome::Exchanged);
@@ -484,12 +492,10 @@ fn udp_an_answer_the_application_policy_refuses_lets_nothing_through(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let ip = w.server_addr().ip();
-    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let sink = udp_sink(&w)?;
     let (a, b) = both_udp_to(&w, datapath, &["app=cache"])?;
     let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, sink.addr())?;
     assert_eq!(flow.send("one")?, None);
@@ -558,12 +564,10 @@ fn refused_identity_with_accepting_acls(
     a_trusts_b: bool,
 ) -> Result<()> {
     use enforcer_tests::config::{Config, Pu};
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let ip = w.server_addr().ip();
-    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let sink = udp_sink(&w)?;
     let db = Pu::process_of("db", &w.db)
         .label("app", "db")
         .tcp_ports([PORT])
@@ -625,12 +629,10 @@ fn udp_an_authorised_flow_carries_the_signature_as_data(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let ip = w.server_addr().ip();
-    let sink = UdpReceiver::start(&w.hosts.b, SocketAddr::new(ip, UDP_SINK))?;
+    let sink = udp_sink(&w)?;
     let (_a, b) = both_udp(&w, datapath)?;
     let mut flow = UdpFlow::start(nettool!(), &w.web, &w.hosts.a, sink.addr())?;
     assert_eq!(flow.send("first")?, None);
@@ -673,21 +675,10 @@ fn udp_an_answer_that_does_not_verify_does_not_end_the_wait(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
-    let web = enforcer_tests::config::Pu::process_of("web", &w.web)
-        .label("app", "web")
-        .application_acl(Acl::accept("dns-out", LINK).udp([7001]));
-    let config = enforcer_tests::config::Config::local_server()
-        .target_tcp(LINK)
-        .target_udp(LINK)
-        .flow_log_file(&w.flows[0])
-        .identity(&w.keys.key("a"), [w.keys.public("b")])
-        .pu(web)
-        .to_toml();
-    let a = w.start(Host::A, AGENT, datapath, &config)?;
+    let a = a_alone_web_to_udp_7001(&w, datapath)?;
     let to = SocketAddr::new(w.server_addr().ip(), 7001);
     let receiver = UdpReceiver::start(&w.hosts.b, to)?;
     let on_b = Capture::start(&w.hosts.b, &w.hosts.b_end.ifname)?;
@@ -762,10 +753,9 @@ fn fresh_token(w: &TwoAgents, key: &str) -> Result<Vec<u8>> {
 }
 
 fn a_replayed_syn_is_refused(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let (_a, b) = both(&w, datapath, "a")?;
     let syn = captured_syn(&w)?;
     let token = wire::take_token(&syn)?.context("a token")?.token;
@@ -793,10 +783,9 @@ fn a_replayed_syn_is_refused(datapath: Datapath, family: Family) -> Result<()> {
 }
 
 fn a_tampered_token_is_refused(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = two_agents(family)? else {
         return Ok(());
     };
-    let w = TwoAgents::new(&env, family, nettool!())?;
     let (_a, b) = both(&w, datapath, "a")?;
     let syn = captured_syn(&w)?;
     let on_a = Capture::start(&w.hosts.a, &w.hosts.a_end.ifname)?;

@@ -99,6 +99,12 @@ impl World {
         })
     }
 
+    /// [`World::new`], or `None` where privileged tests are skipped on
+    /// purpose ([`privilege::require_then`]).
+    fn require(family: Family) -> Result<Option<Self>> {
+        privilege::require_then(|env| Self::new(env, family))
+    }
+
     /// The agent on `datapath` with `pus` ([`config`]).
     fn start(&self, datapath: Datapath, pus: &[Pu]) -> Result<Agent> {
         self.start_config(datapath, &config(&self.scope, pus))
@@ -154,10 +160,9 @@ fn a_dependent_service_connection_lands_on_the_proxy_and_is_not_redirected_again
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = World::require(family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
     let _agent = w.start(datapath, &[proxied(&w)])?;
     let service = w.world.addr(OTHER);
     // No ACL accepts OTHER: the request completes through the proxy only.
@@ -187,10 +192,9 @@ fn a_dns_query_reaches_the_dns_proxy_and_its_answer_gets_back(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = World::require(family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
     let answer: IpAddr = match family {
         Family::V4 => "192.0.2.53".parse()?,
         Family::V6 => "2001:db8::53".parse()?,
@@ -281,10 +285,9 @@ fn a_dependent_service_in_the_excluded_networks_is_not_redirected(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = World::require(family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
     let pu = proxied(&w).dependent_service(w.world.net(EXCLUDED), [PORT]);
     let _agent = w.start(datapath, &[pu])?;
     assert_eq!(
@@ -304,10 +307,9 @@ fn a_dependent_service_in_the_excluded_networks_is_not_redirected(
 /// it again: its dependent service goes through the proxy only while it
 /// has it, and is its policy's (here: refused) otherwise.
 fn an_update_gives_and_takes_the_proxy(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some(w) = World::require(family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
     let plain = Pu::process_of("web", &w.world.cgroup)
         .application_acl(Acl::accept("to-acl-peer", ACL_PEER.nets).tcp([PORT]));
     let agent = w.start(datapath, std::slice::from_ref(&plain))?;
@@ -452,6 +454,22 @@ fn pu_servers(w: &World) -> Result<Vec<PuEchoServer>> {
         .collect()
 }
 
+/// The exposed-service tests' start: the world, its agent with
+/// [`EXPOSED`] exposed ([`exposing_config`]) and the PU's servers
+/// ([`pu_servers`]), in the order they drop in reverse; `None` where
+/// privileged tests are skipped on purpose.
+fn exposing_world(
+    datapath: Datapath,
+    family: Family,
+) -> Result<Option<(World, Agent, Vec<PuEchoServer>)>> {
+    let Some(w) = World::require(family)? else {
+        return Ok(None);
+    };
+    let agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
+    let servers = pu_servers(&w)?;
+    Ok(Some((w, agent, servers)))
+}
+
 /// A TCP exchange from host `b` with `port` of host `a`.
 fn from_b(world: &PuWorld, port: u16) -> Result<Outcome> {
     let a = world.hosts.a_end.ip(world.family);
@@ -464,12 +482,9 @@ fn an_exposed_service_connection_lands_on_the_proxy(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some((w, _agent, _servers)) = exposing_world(datapath, family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
-    let _agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
-    let _servers = pu_servers(&w)?;
     let exposed = SocketAddr::new(w.world.hosts.a_end.ip(family), EXPOSED);
     // `b` to the exposed port, where no ACL accepts it: through the
     // proxy, which learns the original destination and forwards to the
@@ -583,12 +598,9 @@ fn retransmitted(stream: &TcpStream) -> std::io::Result<u32> {
 /// An update swaps which port is exposed (and which one the ACL accepts):
 /// each connection goes where the policy in force says.
 fn exposed_services_follow_an_update(datapath: Datapath, family: Family) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some((w, agent, _servers)) = exposing_world(datapath, family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
-    let agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
-    let _servers = pu_servers(&w)?;
     assert_eq!(from_b(&w.world, EXPOSED)?, Outcome::Exchanged);
     assert_eq!(w.proxy.seen().len(), 1, "{:#?}", w.proxy.seen());
     let applied = agent.reloads()?.applied;
@@ -680,12 +692,9 @@ fn a_connection_reusing_a_time_wait_tuple_lands_on_the_proxy(
     datapath: Datapath,
     family: Family,
 ) -> Result<()> {
-    let Some(env) = privilege::require() else {
+    let Some((w, _agent, _servers)) = exposing_world(datapath, family)? else {
         return Ok(());
     };
-    let w = World::new(&env, family)?;
-    let _agent = w.start_config(datapath, &exposing_config(&w, EXPOSED, NOT_EXPOSED))?;
-    let _servers = pu_servers(&w)?;
     drop(w.proxy);
     let proxy = ClosingProxy::start(&w.scope, &w.world.hosts.a, family)?;
     let from = SocketAddr::new(w.world.hosts.b_end.ip(family), 40_123);

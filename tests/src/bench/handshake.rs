@@ -24,16 +24,14 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use enforcer::agent::InstanceName;
+use anyhow::{Context as _, Result, bail, ensure};
 use enforcer::datapath::DatapathKind;
 use enforcer::sandbox::netns::output_ok;
-use enforcer::sandbox::unique_name;
 
-use super::agent::{Agent, Launch, Started};
+use super::agent::Agent;
 use super::client::{self, Client};
 use super::plan::{Metric, Mode, Peer, Setup};
-use super::world::{LINK_NET, PEER_PU_PORT, PREFIX, World};
+use super::world::{LINK_NET, PEER_PU_PORT, World};
 use super::{Bench, secs};
 use crate::config::Pu;
 use crate::two_agents::{KeyPairs, client_pu, identity_host, server_pu};
@@ -229,50 +227,29 @@ impl Bench<'_> {
         host: Host,
         config: &str,
     ) -> Result<Option<Agent>> {
-        let instance: InstanceName = unique_name(PREFIX)
-            .parse()
-            .map_err(|e: String| anyhow!(e))?;
-        let world = self.world(mode);
-        let launch = Launch {
-            exe: &self.agent,
-            netns: match host {
-                Host::A => &world.host,
-                Host::B => &world.peers,
-            },
+        let started = self.launch(
             mode,
-            dir: &self.tmp,
-            instance: &instance,
-        };
-        let started = Agent::start(&launch, config, self.plan.start_budget).and_then(|s| {
-            if let Started::Ready(agent) = &s {
-                check_identity(agent, mode)?;
-            }
-            Ok(s)
-        });
+            |w| match host {
+                Host::A => &w.host,
+                Host::B => &w.peers,
+            },
+            config,
+            |agent| check_identity(agent, mode),
+        )?;
         let label = Self::label(
             setup,
             mode,
             &format!("start agent ({}, identity)", host.name()),
         );
-        let why = match started {
-            Ok(Started::Ready(agent)) => {
+        let why = match self.ready_or_why(&label, started)? {
+            Ok(agent) => {
                 if self.results.nofile.is_none() {
                     self.results.nofile = agent.open_files_limit().ok();
                 }
-                let took = Metric::Startup.unit().format(secs(agent.startup));
-                self.progress.step(&label, &format!("ready in {took}"));
                 return Ok(Some(agent));
             }
-            Ok(Started::TimedOut { after, .. }) => format!(
-                "did not get ready within {}",
-                Metric::Startup.unit().format(secs(after))
-            ),
-            Err(e) => {
-                super::progress::interrupted()?;
-                format!("failed: {e:#}")
-            }
+            Err(why) => why,
         };
-        self.progress.step(&label, "failed");
         // A note, not the scale's N/A: the base setup's figures stand.
         self.note(format!(
             "the identity handshake ({mode:?}): the agent on {} {why}",

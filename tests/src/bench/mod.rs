@@ -47,6 +47,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use enforcer::agent::InstanceName;
 use enforcer::datapath::DatapathKind;
+use enforcer::sandbox::netns::Netns;
 use enforcer::sandbox::unique_name;
 
 use agent::{Agent, Launch, Started};
@@ -263,31 +264,79 @@ impl Bench<'_> {
         self.results.notes.push(text);
     }
 
+    /// Starts an agent of `mode` with `config` in the namespace `netns`
+    /// picks of the mode's world, under a fresh instance name, and runs
+    /// `check` on it once it is ready: what every scenario's start-up
+    /// shares. The outer error (no instance name) ends the bench; the
+    /// inner one is the agent's.
+    fn launch<T>(
+        &self,
+        mode: Mode,
+        netns: impl FnOnce(&World) -> &Netns,
+        config: &str,
+        check: impl FnOnce(&Agent) -> Result<T>,
+    ) -> Result<Result<(Started, Option<T>)>> {
+        let instance: InstanceName = unique_name(PREFIX)
+            .parse()
+            .map_err(|e: String| anyhow!(e))?;
+        let launch = Launch {
+            exe: &self.agent,
+            netns: netns(self.world(mode)),
+            mode,
+            dir: &self.tmp,
+            instance: &instance,
+        };
+        Ok(
+            Agent::start(&launch, config, self.plan.start_budget).and_then(|s| {
+                let checked = match &s {
+                    Started::Ready(agent) => Some(check(agent)?),
+                    Started::TimedOut { .. } => None,
+                };
+                Ok((s, checked))
+            }),
+        )
+    }
+
+    /// A scenario's started agent, its progress line `label` saying how
+    /// soon it was ready; else why not (the line says it failed), for the
+    /// scenario's note.
+    fn ready_or_why(
+        &mut self,
+        label: &str,
+        started: Result<(Started, Option<()>)>,
+    ) -> Result<std::result::Result<Agent, String>> {
+        let why = match started {
+            Ok((Started::Ready(agent), _)) => {
+                let took = Metric::Startup.unit().format(secs(agent.startup));
+                self.progress.step(label, &format!("ready in {took}"));
+                return Ok(Ok(agent));
+            }
+            Ok((Started::TimedOut { after, .. }, _)) => format!(
+                "did not get ready within {}",
+                Metric::Startup.unit().format(secs(after))
+            ),
+            Err(e) => {
+                interrupted()?;
+                format!("failed: {e:#}")
+            }
+        };
+        self.progress.step(label, "failed");
+        Ok(Err(why))
+    }
+
     /// Starts the agent; `None` when it did not get ready within the
     /// budget (a finding) or failed — its steps are then skipped.
     fn start(&mut self, setup: &Setup, mode: Mode) -> Result<Option<Agent>> {
         let scale = setup.scale;
         let steps = setup.steps(mode, self.plan.reps);
-        let instance: InstanceName = unique_name(PREFIX)
-            .parse()
-            .map_err(|e: String| anyhow!(e))?;
-        let world = self.world(mode);
-        let launch = Launch {
-            exe: &self.agent,
-            netns: &world.host,
-            mode,
-            dir: &self.tmp,
-            instance: &instance,
-        };
-        let config = world.config(scale, Variant::default());
+        let config = self.world(mode).config(scale, Variant::default());
         let label = Self::label(setup, mode, "start agent");
-        let started = Agent::start(&launch, &config, self.plan.start_budget).and_then(|s| {
-            let status = match &s {
-                Started::Ready(agent) => Some(check_status(agent, setup, mode)?),
-                Started::TimedOut { .. } => None,
-            };
-            Ok((s, status))
-        });
+        let started = self.launch(
+            mode,
+            |w| &w.host,
+            &config,
+            |agent| check_status(agent, setup, mode),
+        )?;
         match started {
             Ok((Started::Ready(agent), status)) => {
                 if self.results.nofile.is_none() {
@@ -609,7 +658,7 @@ impl Bench<'_> {
 /// SYNs the kernel ever queued to the agent from the PUs in `ns` (the
 /// `app-syn` queues of the default layout, which the bench's configs
 /// keep).
-fn syns_queued(ns: &enforcer::sandbox::netns::Netns) -> Result<u64> {
+fn syns_queued(ns: &Netns) -> Result<u64> {
     let stats = crate::netfilter::queue_stats(ns)?;
     let ranges = enforcer::datapath::queues::ranges(&Default::default());
     let syn = ranges

@@ -22,15 +22,13 @@
 //! PU's connection), forwarding to the service without asking: the
 //! proxy's own cost, against which each datapath's adds the redirection.
 
-use anyhow::{Context as _, Result, anyhow};
-use enforcer::agent::InstanceName;
-use enforcer::sandbox::unique_name;
+use anyhow::{Context as _, Result};
 
-use super::agent::{Agent, Launch, Started};
+use super::agent::Agent;
 use super::client::{self, Client};
 use super::plan::{Metric, Mode, Probe, Route, Setup};
 use super::progress::interrupted;
-use super::world::{PREFIX, PROXY_PORT, World};
+use super::world::{PROXY_PORT, World};
 use super::{Bench, check_status, secs};
 use crate::netfilter::Family;
 use crate::proxy::{TestProxy, proxy_mark};
@@ -172,41 +170,18 @@ impl Bench<'_> {
     /// Starts the agent with the proxy config; `None` when it failed (a
     /// note, the mode's remaining steps skipped).
     fn start_proxied(&mut self, setup: &Setup, mode: Mode) -> Result<Option<Agent>> {
-        let instance: InstanceName = unique_name(PREFIX)
-            .parse()
-            .map_err(|e: String| anyhow!(e))?;
-        let world = self.world(mode);
-        let launch = Launch {
-            exe: &self.agent,
-            netns: &world.host,
+        let config = self.world(mode).proxy_config();
+        let started = self.launch(
             mode,
-            dir: &self.tmp,
-            instance: &instance,
-        };
-        let config = world.proxy_config();
-        let started = Agent::start(&launch, &config, self.plan.start_budget).and_then(|s| {
-            if let Started::Ready(agent) = &s {
-                check_status(agent, setup, mode)?;
-            }
-            Ok(s)
-        });
+            |w| &w.host,
+            &config,
+            |agent| check_status(agent, setup, mode).map(drop),
+        )?;
         let label = Self::label(setup, mode, "start agent (proxy)");
-        let why = match started {
-            Ok(Started::Ready(agent)) => {
-                let took = Metric::Startup.unit().format(secs(agent.startup));
-                self.progress.step(&label, &format!("ready in {took}"));
-                return Ok(Some(agent));
-            }
-            Ok(Started::TimedOut { after, .. }) => format!(
-                "did not get ready within {}",
-                Metric::Startup.unit().format(secs(after))
-            ),
-            Err(e) => {
-                interrupted()?;
-                format!("failed: {e:#}")
-            }
+        let why = match self.ready_or_why(&label, started)? {
+            Ok(agent) => return Ok(Some(agent)),
+            Err(why) => why,
         };
-        self.progress.step(&label, "failed");
         let steps = setup.steps(mode, self.plan.reps);
         self.progress
             .skip(steps - 1, &Self::label(setup, mode, "not measurable"));

@@ -1288,16 +1288,39 @@ mod tests {
         }
     }
 
+    /// Three runs of `metric` in `mode` at the base scale, 1 % either side
+    /// of `v`.
+    fn three_runs(results: &mut Results, mode: Mode, metric: Metric, v: f64) {
+        for x in [v * 0.99, v, v * 1.01] {
+            results.add(Scale::BASE, mode, metric, x);
+        }
+    }
+
+    /// A report's context, without interference, for `command` that took
+    /// `secs` seconds.
+    fn test_context<'a>(
+        plan: &'a Plan,
+        machine: &'a Machine,
+        results: &'a Results,
+        secs: u64,
+        command: &str,
+    ) -> Context<'a> {
+        Context {
+            plan,
+            machine,
+            results,
+            elapsed: Duration::from_secs(secs),
+            interference: None,
+            command: command.into(),
+        }
+    }
+
     #[test]
     fn the_handshake_is_compared_with_the_bare_kernel_and_the_trap_without_identity() {
         let plan = Plan::new(true, &[Part::Base, Part::Handshake]);
         let base = Scale::BASE;
         let mut results = Results::default();
-        let mut add = |mode, metric, v: f64| {
-            for x in [v * 0.99, v, v * 1.01] {
-                results.add(base, mode, metric, x);
-            }
-        };
+        let mut add = |mode, metric, v| three_runs(&mut results, mode, metric, v);
         // The trap without identity (the base setup's figures).
         add(Mode::Bare, Metric::ConnRate(Peer::Target), 40e3);
         add(Mode::Iptables, Metric::ConnRate(Peer::Target), 20e3);
@@ -1311,14 +1334,13 @@ mod tests {
         add(Mode::Ebpf, Metric::HsRefused, 0.0);
         add(Mode::Iptables, Metric::HsBypassed, 300.0);
         let machine = test_machine();
-        let ctx = Context {
-            plan: &plan,
-            machine: &machine,
-            results: &results,
-            elapsed: Duration::from_secs(61),
-            interference: None,
-            command: "cargo xtask bench --quick --only handshake".into(),
-        };
+        let ctx = test_context(
+            &plan,
+            &machine,
+            &results,
+            61,
+            "cargo xtask bench --quick --only handshake",
+        );
         let md = markdown(&ctx, &[], "x.json");
         // Bare 40 k, iptables 8 k (0.2× bare, 0.4× its 20 k without
         // identity), eBPF 6 k (0.15× bare, 0.24× its 25 k), eBPF ÷
@@ -1361,13 +1383,8 @@ mod tests {
     #[test]
     fn the_proxy_is_compared_with_the_direct_path_per_mode_and_across_datapaths() {
         let plan = Plan::new(true, &[Part::Proxy]);
-        let base = Scale::BASE;
         let mut results = Results::default();
-        let mut add = |mode, metric, v: f64| {
-            for x in [v * 0.99, v, v * 1.01] {
-                results.add(base, mode, metric, x);
-            }
-        };
+        let mut add = |mode, metric, v| three_runs(&mut results, mode, metric, v);
         for (mode, direct, proxied) in [
             (Mode::Bare, 10e3, 5e3),
             (Mode::Iptables, 9e3, 4e3),
@@ -1379,14 +1396,13 @@ mod tests {
         add(Mode::Iptables, Metric::ReqP50(Route::Direct), 0.0001);
         add(Mode::Iptables, Metric::ReqP50(Route::Proxy), 0.0003);
         let machine = test_machine();
-        let ctx = Context {
-            plan: &plan,
-            machine: &machine,
-            results: &results,
-            elapsed: Duration::from_secs(30),
-            interference: None,
-            command: "cargo xtask bench --quick --only proxy".into(),
-        };
+        let ctx = test_context(
+            &plan,
+            &machine,
+            &results,
+            30,
+            "cargo xtask bench --quick --only proxy",
+        );
         let md = markdown(&ctx, &[], "x.json");
         assert!(md.contains("### Through the PU's proxy"), "{md}");
         // Through the proxy: iptables 0.80× the bare proxy by address,
@@ -1438,9 +1454,7 @@ mod tests {
             (Mode::Iptables, 20e3),
             (Mode::Ebpf, 25e3),
         ] {
-            for v in [rate * 0.99, rate, rate * 1.01] {
-                results.add(base, mode, Metric::ConnRate(Peer::Acl), v);
-            }
+            three_runs(&mut results, mode, Metric::ConnRate(Peer::Acl), rate);
         }
         results.add(base, Mode::Ebpf, Metric::Startup, 0.5);
         results.add(base, Mode::Iptables, Metric::Startup, 0.1);
@@ -1448,14 +1462,13 @@ mod tests {
         results.set_unmeasured(big, Mode::Iptables, "it was too slow".into());
         results.add(big, Mode::Ebpf, Metric::Startup, 0.7);
         let machine = test_machine();
-        let ctx = Context {
-            plan: &plan,
-            machine: &machine,
-            results: &results,
-            elapsed: Duration::from_secs(61),
-            interference: None,
-            command: "sudo -E cargo xtask bench --quick".into(),
-        };
+        let ctx = test_context(
+            &plan,
+            &machine,
+            &results,
+            61,
+            "sudo -E cargo xtask bench --quick",
+        );
         let figures = figures_of(&ctx);
         let names: Vec<(&str, String)> = figures
             .iter()

@@ -104,6 +104,26 @@ policy_id = "web-in"
     agent(2, &[1], &pus, capacity)
 }
 
+/// A network ACL of `db` accepting `protocol` on `port` from
+/// 10.0.0.0/24, as `policy_id`.
+fn accept_from_lan(protocol: &str, port: u16, policy_id: &str) -> String {
+    format!(
+        r#"
+[[pus.network_acls]]
+networks = ["10.0.0.0/24"]
+protocols = ["{protocol}"]
+ports = [{port}]
+action = "accept"
+policy_id = "{policy_id}"
+"#
+    )
+}
+
+/// Network ACLs of `db` accepting UDP 53 from 10.0.0.0/24.
+fn dns_in() -> String {
+    accept_from_lan("udp", 53, "dns-in")
+}
+
 /// The cgroup of every socket asked about.
 struct Cgroup(Option<u64>);
 
@@ -365,15 +385,7 @@ fn refused_syns_are_dropped_with_their_reason() {
 
 #[test]
 fn a_peer_without_an_agent_is_judged_by_the_acls() {
-    let acl = r#"
-[[pus.network_acls]]
-networks = ["10.0.0.0/24"]
-protocols = ["tcp"]
-ports = [443]
-action = "accept"
-policy_id = "lan-in"
-"#;
-    let mut b = host_b(acl, MAX_CONNECTIONS);
+    let mut b = host_b(&accept_from_lan("tcp", 443, "lan-in"), MAX_CONNECTIONS);
     let (client, server) = (addr(CLIENT), addr(SERVER));
     let syn = segment(client, server, SYN);
     assert_eq!(b.decide(Direction::Net, &syn, NOW), Action::Pass);
@@ -608,15 +620,7 @@ fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
 
 #[test]
 fn an_ordinary_incoming_datagram_is_judged_by_the_acls() {
-    let acl = r#"
-[[pus.network_acls]]
-networks = ["10.0.0.0/24"]
-protocols = ["udp"]
-ports = [53]
-action = "accept"
-policy_id = "dns-in"
-"#;
-    let mut b = host_b(acl, MAX_CONNECTIONS);
+    let mut b = host_b(&dns_in(), MAX_CONNECTIONS);
     let from = |src: &str| datagram(addr(src), addr("10.0.0.2:53"), b"query");
     assert_eq!(
         b.decide(Direction::Net, &from("10.0.0.1:5000"), NOW),
@@ -636,15 +640,7 @@ policy_id = "dns-in"
 /// ACLs, never answered nor let on as it is; to a port of no PU, dropped.
 #[test]
 fn the_signature_inside_an_undecided_flows_datagram_is_no_handshake() {
-    let acl = r#"
-[[pus.network_acls]]
-networks = ["10.0.0.0/24"]
-protocols = ["udp"]
-ports = [53]
-action = "accept"
-policy_id = "dns-in"
-"#;
-    let mut b = host_b(acl, MAX_CONNECTIONS);
+    let mut b = host_b(&dns_in(), MAX_CONNECTIONS);
     let payload = [&b"data "[..], wire::UDP_SIGNATURE, b" more"].concat();
     let from = |src: &str, dst: &str| datagram(addr(src), addr(dst), &payload);
     assert_eq!(
@@ -748,22 +744,12 @@ fn a_udp_flow_is_held_until_the_peer_answers_its_handshake() {
     }
 }
 
-/// Network ACLs of `db` accepting UDP 53 from 10.0.0.0/24.
-const DNS_IN: &str = r#"
-[[pus.network_acls]]
-networks = ["10.0.0.0/24"]
-protocols = ["udp"]
-ports = [53]
-action = "accept"
-policy_id = "dns-in"
-"#;
-
 #[test]
 fn a_refused_udp_identity_gets_a_signed_refusal_and_stays_refused() {
     let mut a = host_a(r#"app = "batch""#, 1);
     // b's ACLs accept a's address: a refused identity must not fall back
     // to them.
-    let mut b = host_b(DNS_IN, MAX_CONNECTIONS);
+    let mut b = host_b(&dns_in(), MAX_CONNECTIONS);
     let (client, server) = (addr("10.0.0.1:5000"), addr("10.0.0.2:53"));
     let first = datagram(client, server, b"query");
     assert_eq!(a.decide(Direction::App, &first, NOW), Action::Drop);
