@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use enforcer_common::marks::{Kind, MarkLayout};
 
 use crate::cgroup::Cgroup;
@@ -63,8 +63,7 @@ pub struct Seen {
 /// A TCP proxy on `port` of one family in a namespace; stops on drop.
 pub struct TestProxy {
     seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
+    _thread: Stopping,
 }
 
 impl TestProxy {
@@ -134,8 +133,10 @@ impl TestProxy {
         })?;
         Ok(Self {
             seen,
-            stop,
-            thread: Some(thread.into_flat()),
+            _thread: Stopping {
+                stop,
+                thread: Some(thread),
+            },
         })
     }
 
@@ -143,15 +144,6 @@ impl TestProxy {
     /// as its onward connection was tried).
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("proxy log").clone()
-    }
-}
-
-impl Drop for TestProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -168,17 +160,19 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) {
     unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
-/// A `JoinHandle<Result<Result<T>>>` (from [`Netns::spawn`]) as one result.
-trait IntoFlat {
-    fn into_flat(self) -> JoinHandle<Result<()>>;
+/// A proxy's thread (from [`Netns::spawn`]): told to stop and joined on
+/// drop.
+struct Stopping {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<Result<()>>>>,
 }
 
-impl IntoFlat for JoinHandle<Result<Result<()>>> {
-    fn into_flat(self) -> JoinHandle<Result<()>> {
-        std::thread::spawn(move || match self.join() {
-            Ok(r) => r.and_then(|r| r),
-            Err(_) => bail!("proxy thread panicked"),
-        })
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -359,8 +353,7 @@ fn relay(client: TcpStream, server: TcpStream) {
 /// who asked.
 pub struct DnsProxy {
     asked: Arc<Mutex<Vec<SocketAddr>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
+    _thread: Stopping,
 }
 
 impl DnsProxy {
@@ -408,23 +401,16 @@ impl DnsProxy {
             .with_context(|| format!("binding the DNS proxy on port {port}"))?;
         Ok(Self {
             asked,
-            stop,
-            thread: Some(thread.into_flat()),
+            _thread: Stopping {
+                stop,
+                thread: Some(thread),
+            },
         })
     }
 
     /// Who asked so far (the source of each query, as the proxy saw it).
     pub fn asked(&self) -> Vec<SocketAddr> {
         self.asked.lock().expect("dns log").clone()
-    }
-}
-
-impl Drop for DnsProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
